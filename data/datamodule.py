@@ -1,0 +1,265 @@
+"""LightningDataModule over shards: global batch arithmetic, tokenizer, rank-synchronised epochs.
+
+The config states the global batch; the per-device batch is ``global / (world x accumulation)``.
+Images arrive as uint8 and are normalised on the device (``on_after_batch_transfer``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from data.pipeline import SKIP_REASONS, Filters, ShardDataset
+from data.shards import expand_shards, group_samples, open_shard, read_tar
+from data.transforms import Normalize
+from train.parallel import per_device_batch_size
+
+log = logging.getLogger(__name__)
+
+
+class RankSyncedLoader:
+    """Wraps a DataLoader so that all ranks end an epoch at the same step.
+
+    In epoch mode ranks can hold different numbers of samples (shards of different sizes, more
+    shards than ranks). DDP would hang when one rank leaves the epoch while the others enter the
+    next gradient all-reduce. Before yielding each batch, every rank contributes "I have a batch" to
+    an all-reduce(MIN) on a gloo group (a CPU tensor: no device sync, works beside NCCL); when any
+    rank is dry, all stop together and the rest is counted as ``epoch_tail_dropped``.
+
+    Also the keeper of the data position: the latest ``__state__`` of each worker (see
+    data/pipeline.py), and skip counters summed over this rank's workers.
+    """
+
+    def __init__(self, loader: DataLoader, group: Any | None = None) -> None:
+        self.loader = loader
+        self.group = group
+        self.worker_states: dict[int, dict] = {}
+        self.tail_dropped = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        self.worker_states = {}
+        iterator = iter(self.loader)
+        while True:
+            batch = next(iterator, None)
+            while batch is not None and not batch["__key__"]:  # state-only record from a finished worker
+                self._record(batch["__state__"])
+                batch = next(iterator, None)
+            if self._any_rank_dry(batch is None):
+                if batch is not None:  # another rank is dry: drain ours, counting what the epoch leaves out
+                    for rest in [batch, *iterator]:
+                        self.tail_dropped += len(rest["__key__"])
+                        self._record(rest["__state__"])
+                return
+            self._record(batch.pop("__state__"))
+            yield batch
+
+    def _record(self, state: dict) -> None:
+        self.worker_states[state["worker"]] = state
+
+    def _any_rank_dry(self, dry: bool) -> bool:
+        if self.group is None:
+            return dry
+        flag = torch.tensor([0 if dry else 1], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)  # collective: every rank, every batch
+        return flag.item() == 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def skip_counts(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for state in self.worker_states.values():
+            for reason, n in state["skips"].items():
+                totals[reason] = totals.get(reason, 0) + n
+        totals["epoch_tail_dropped"] = self.tail_dropped
+        return totals
+
+
+class ShardDataModule(pl.LightningDataModule):
+    """Image-text (or embedding) shards -> batches. See data/pipeline.py for the stages.
+
+    Every argument is a config key under ``data.`` (conf/data/*.yaml documents them).
+    """
+
+    def __init__(
+        self,
+        *,
+        train_shards: str | Sequence[str],
+        val_shards: str | Sequence[str] | None = None,
+        global_batch_size: int = 64,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        mode: str = "epoch",
+        image_size: int | None = 64,
+        crop_size: int | None = None,
+        normalize: str = "clip",
+        tokenizer: Mapping[str, Any] | None = None,
+        filters: Mapping[str, Any] | None = None,
+        npy_fields: Sequence[str] = (),
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        train_num_samples: int | None = None,
+        synthetic: Mapping[str, Any] | None = None,
+        keep_val_json: bool = True,
+        prefetch_factor: int = 4,
+        pin_memory: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self.train_shards, self.val_shards = train_shards, val_shards
+        self.global_batch_size = global_batch_size
+        self.val_batch_size = val_batch_size
+        self.num_workers = num_workers
+        self.mode = mode
+        self.image_size, self.crop_size = image_size, crop_size
+        self.normalize = Normalize(normalize)
+        self.tokenizer_cfg = dict(tokenizer or {})
+        self.filters = Filters(**dict(filters or {}))
+        self.npy_fields = list(npy_fields)
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.train_num_samples = train_num_samples
+        self.synthetic = dict(synthetic) if synthetic else None
+        self.keep_val_json = keep_val_json
+        self.prefetch_factor = prefetch_factor
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.tokenizer = None
+        self.batch_size: int | None = None
+        self._train_loader: RankSyncedLoader | None = None
+        self._group = None
+
+    # ---- preparation ----------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Write the synthetic shards if this dataset is the embedded default and they are missing."""
+        if self.synthetic:
+            ensure_synthetic(self.train_shards, self.val_shards, **self.synthetic)
+
+    def build_tokenizer(self):
+        """Load the tokenizer, or train it on the training captions and save it (config data.tokenizer)."""
+        if self.tokenizer is None and self.tokenizer_cfg:
+            from data.tokenizer import build_tokenizer
+
+            cfg = dict(self.tokenizer_cfg)
+            max_captions = cfg.pop("train_captions", 20000)
+            captions = None
+            if cfg.get("kind") == "bpe" and not (cfg.get("path") and Path(cfg["path"]).exists()):
+                self.prepare_data()
+                captions = list(iter_captions(self.train_shards, max_captions))
+            self.tokenizer = build_tokenizer(**cfg, captions=captions)
+        return self.tokenizer
+
+    def setup(self, stage: str | None = None) -> None:
+        world = self.trainer.world_size if self.trainer else 1
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer else 1
+        self.batch_size = per_device_batch_size(self.global_batch_size, world, accumulate)
+        self.build_tokenizer()
+        if world > 1 and dist.is_available() and dist.is_initialized() and self._group is None:
+            # A gloo side group for the per-batch "have data" vote: CPU tensors even under NCCL.
+            self._group = dist.new_group(backend="gloo")
+        log.info("data: global batch %d = %d per device x %d ranks x %d accumulation",
+                 self.global_batch_size, self.batch_size, world, accumulate)
+
+    def _dataset(self, shards, *, train: bool) -> ShardDataset:
+        ds = ShardDataset(
+            shards,
+            batch_size=self.batch_size if train else (self.val_batch_size or self.batch_size),
+            mode=self.mode if train else "epoch",
+            image_size=self.image_size,
+            crop_size=self.crop_size,
+            crop="random" if train else "center",
+            tokenizer=self.tokenizer,
+            filters=self.filters,
+            npy_fields=self.npy_fields,
+            keep_json=not train and self.keep_val_json,
+            shuffle_buffer=self.shuffle_buffer if train else 0,
+            shuffle_shards=train,
+            seed=self.seed,
+            num_samples=self.train_num_samples if train else None,
+        )
+        if self.trainer is not None:
+            ds.rank, ds.world_size = self.trainer.global_rank, self.trainer.world_size
+            ds.epoch = self.trainer.current_epoch
+        return ds
+
+    def _loader(self, ds: ShardDataset) -> RankSyncedLoader:
+        workers = self.num_workers
+        if workers > len(ds.urls) // ds.world_size:
+            log.warning("data: %d shards for %d ranks x %d workers: some workers get no shard; use at least as "
+                        "many shards as ranks x workers", len(ds.urls), ds.world_size, workers)
+        loader = DataLoader(
+            ds,
+            batch_size=None,  # the dataset batches (tokenising a whole batch at once)
+            num_workers=workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if workers > 0 else None,
+            persistent_workers=False,  # workers re-created each epoch so they see the new epoch number
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+        return RankSyncedLoader(loader, self._group)
+
+    def train_dataloader(self) -> RankSyncedLoader:
+        self._train_loader = self._loader(self._dataset(self.train_shards, train=True))
+        return self._train_loader
+
+    def val_dataloader(self) -> RankSyncedLoader | list:
+        if not self.val_shards:
+            return []
+        return self._loader(self._dataset(self.val_shards, train=False))
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if "image" in batch and batch["image"].dtype == torch.uint8:
+            batch["image"] = self.normalize(batch["image"])  # (B, 3, H, W) float on the device
+        return batch
+
+    def skip_counts(self) -> dict[str, int]:
+        """Skipped samples by reason on this rank so far this epoch (zeros included: a fixed key set)."""
+        keys = [*SKIP_REASONS, *self.filters.reasons, "epoch_tail_dropped"]  # identical on every rank
+        counts = self._train_loader.skip_counts() if self._train_loader else {}
+        return {k: counts.get(k, 0) for k in keys}
+
+
+def iter_captions(shards: str | Sequence[str], limit: int) -> Iterator[str]:
+    """Captions of the first ``limit`` samples, reading only the txt members' bytes."""
+    n = 0
+    for url in expand_shards(shards):
+        try:
+            with open_shard(url) as stream:
+                members = read_tar(stream, skip_data_of=frozenset(("jpg", "jpeg", "png", "webp", "npy")))
+                for sample in group_samples(members):
+                    if "txt" in sample:
+                        yield sample["txt"].decode("utf-8", "replace").strip()
+                        n += 1
+                        if n >= limit:
+                            return
+        except Exception as e:  # noqa: BLE001 - a bad shard only shortens the tokenizer corpus
+            log.warning("tokenizer corpus: shard %s: %s", url, e)
+
+
+def ensure_synthetic(train_shards, val_shards, *, train_samples: int, val_samples: int, image_size: int = 64,
+                     shard_size: int = 1000, train_seed: int = 0, val_seed: int = 1) -> None:
+    """Generate the embedded default dataset (data/synthetic.py) into the configured directories."""
+    from data.synthetic import write_shards
+
+    for spec, samples, seed in ((train_shards, train_samples, train_seed), (val_shards, val_samples, val_seed)):
+        if not spec or not isinstance(spec, str | os.PathLike):
+            continue
+        out = Path(spec)
+        if (out / "sizes.json").exists():
+            continue
+        log.info("writing %d synthetic samples (seed %d, %d px) to %s", samples, seed, image_size, out)
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        write_shards(tmp, samples, seed=seed, image_size=image_size, shard_size=shard_size)
+        try:
+            os.replace(tmp, out)  # atomic: a half-written dataset is never picked up
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (out / "sizes.json").exists():  # not a concurrent writer that finished first
+                raise

@@ -1,0 +1,423 @@
+"""The streaming pipeline: image-text (or embedding) shards -> batches, split across ranks and workers.
+
+Stages, in order (each a small generator, all in the loader worker):
+
+    shard spec --expand--> shard list --epoch shuffle (seed, epoch)--> split by rank --> split by worker
+      --> read tar (own reader: detects truncation) --> group members by key
+      --> shuffle buffer (seed, epoch, rank, worker) --> completeness check --> metadata filters
+      --> decode (PIL) --> resize + crop (crop offsets seeded by (seed, epoch, key))
+      --> batch (uint8 images, tokens from one batched tokeniser call) --> DataLoader (batch_size=None)
+
+Modes
+- ``epoch``: every sample exactly once per epoch across all ranks and workers (the shard list is
+  partitioned, not sampled). Ranks may get different numbers of samples: :class:`RankSyncedLoader`
+  stops every rank at the step where the first rank runs dry, so DDP never deadlocks; the samples a
+  longer rank still held are counted as ``data/epoch_tail_dropped``.
+- ``resampled``: every worker draws shards with replacement forever (seeded); the epoch length is
+  ``num_samples`` (from config, or the sidecar ``sizes.json``), never from reading the data.
+
+Bad data never stops training: every dropped sample is counted by reason (``SKIP_REASONS`` and one
+``filter_<name>`` per configured filter); the counts travel with each batch and are logged by the
+DataModule as ``data/skipped_<reason>``.
+
+Data position (design for exact mid-epoch resume)
+- Everything random is seeded from (seed, epoch, rank, worker) or (seed, epoch, key): the shard
+  order, the shuffle buffer, the crops. Nothing depends on pid or time.
+- A worker's position is the number of raw samples it has drawn from its shuffle buffer this epoch
+  (``position``); each batch carries its worker's ``position`` and skip counters after the batch, and
+  :class:`RankSyncedLoader` keeps the latest per worker, per rank (``state_dict``).
+- Restoring sets ``start_positions``: each worker replays its raw stream (tar reading + shuffle
+  buffer, no decoding) and discards that many samples, then continues bit-identically. Since
+  crops are keyed by sample, not by position, the resumed batches equal the uninterrupted ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import operator
+import os
+import random
+import re
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from data.shards import ShardError, expand_shards, group_samples, open_shard, read_tar
+from data.transforms import Crop, decode_image, resize_crop
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+SKIP_REASONS = (
+    "missing_image",
+    "missing_caption",
+    "bad_json",
+    "decode_error",
+    "bad_field",
+    "truncated_shard",
+    "corrupt_shard",
+    "unreadable_shard",
+    "empty_shard",
+)
+_OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq, "!=": operator.ne}
+_THRESHOLD = re.compile(r"^\s*(<=|>=|==|!=|<|>)\s*(-?[0-9.eE+-]+)\s*$")
+
+
+@dataclass
+class Filters:
+    """Metadata filters. Each drop is counted as ``filter_<name>``.
+
+    Sizes come from the json (``width``/``height``, as img2dataset writes them) when present, else
+    from the image header. ``fields`` maps a numeric json field to a condition that KEEPS the sample,
+    e.g. ``{"punsafe": "< 0.1", "pwatermark": "< 0.8"}``; a sample whose json lacks the field is kept
+    (LAION subsets often lack them) unless ``drop_missing_fields`` is set.
+    """
+
+    min_width: int = 0
+    min_height: int = 0
+    max_aspect_ratio: float | None = None
+    min_caption_chars: int = 1
+    max_caption_chars: int | None = None
+    fields: Mapping[str, str] = field(default_factory=dict)
+    drop_missing_fields: bool = False
+
+    def __post_init__(self) -> None:
+        self._conditions = {}
+        for name, cond in dict(self.fields).items():
+            m = _THRESHOLD.match(str(cond))
+            if not m:
+                raise ValueError(
+                    f"data.filters.fields.{name}={cond!r}: expected a comparison like '< 0.1' or '>= 0.3'"
+                )
+            self._conditions[name] = (_OPS[m.group(1)], float(m.group(2)))
+        if self.max_aspect_ratio is not None and self.max_aspect_ratio < 1:
+            raise ValueError(f"data.filters.max_aspect_ratio={self.max_aspect_ratio}: must be >= 1")
+
+    @property
+    def reasons(self) -> list[str]:
+        names = ["filter_min_size", "filter_aspect_ratio", "filter_caption_length"]
+        return names + [f"filter_{name}" for name in self._conditions]
+
+    def check_meta(self, meta: Mapping, caption: str | None) -> str | None:
+        """Filters that need no pixels. Returns the failing reason or None."""
+        if caption is not None:
+            n = len(caption.strip())
+            if n < self.min_caption_chars or (self.max_caption_chars is not None and n > self.max_caption_chars):
+                return "filter_caption_length"
+        for name, (op, threshold) in self._conditions.items():
+            value = meta.get(name)
+            if value is None:
+                if self.drop_missing_fields:
+                    return f"filter_{name}"
+                continue
+            try:
+                if not op(float(value), threshold):
+                    return f"filter_{name}"
+            except (TypeError, ValueError):
+                return f"filter_{name}"
+        return None
+
+    def check_size(self, width: int, height: int) -> str | None:
+        if width < self.min_width or height < self.min_height:
+            return "filter_min_size"
+        if self.max_aspect_ratio is not None and max(width, height) > self.max_aspect_ratio * min(width, height):
+            return "filter_aspect_ratio"
+        return None
+
+
+def _seed(*parts: int | str) -> int:
+    """A stable 64-bit seed from ints/strings (Python's hash() of str is salted per process)."""
+    return zlib.crc32(repr(parts).encode()) | (zlib.adler32(repr(parts).encode()) << 32)
+
+
+def shards_for(urls: Sequence[str], *, rank: int, world_size: int, worker: int, num_workers: int,
+               seed: int, epoch: int, shuffle: bool) -> list[str]:
+    """Epoch-mode partition: this (rank, worker)'s shards. The union over all ranks and workers is
+    every shard exactly once."""
+    order = list(urls)
+    if shuffle:
+        random.Random(_seed(seed, epoch, "shards")).shuffle(order)
+    return order[rank::world_size][worker::num_workers]
+
+
+class ShardDataset(IterableDataset):
+    """Yields ready batches (dicts) from shards; use with ``DataLoader(batch_size=None)``.
+
+    Batch keys: ``image`` uint8 (B, 3, crop, crop) when ``image_size`` is set, ``tokens`` long (B, L)
+    when a tokenizer is given, ``caption`` list[str], ``__key__`` list[str], ``json`` list[dict] when
+    ``keep_json``, one float tensor (B, ...) per entry of ``npy_fields`` (embedding shards), and
+    ``__state__`` (the worker's data position and skip counts after this batch).
+    """
+
+    def __init__(
+        self,
+        shards: str | Sequence[str],
+        *,
+        batch_size: int,
+        mode: str = "epoch",
+        image_size: int | None = 64,
+        crop_size: int | None = None,
+        crop: str = "random",
+        tokenizer=None,
+        filters: Filters | None = None,
+        npy_fields: Sequence[str] = (),
+        require_caption: bool = True,
+        keep_json: bool = False,
+        shuffle_buffer: int = 1000,
+        shuffle_shards: bool = True,
+        seed: int = 0,
+        num_samples: int | None = None,
+        drop_last: bool = False,
+    ) -> None:
+        if mode not in ("epoch", "resampled"):
+            raise ValueError(f"data mode={mode!r}: expected 'epoch' or 'resampled'")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be >= 1")
+        self.spec = shards
+        self.urls = expand_shards(shards)
+        self.batch_size = batch_size
+        self.mode = mode
+        self.image_size = image_size
+        self.crop_size = crop_size or image_size
+        self.crop = Crop(crop)
+        self.tokenizer = tokenizer
+        self.filters = filters or Filters()
+        self.npy_fields = tuple(npy_fields)
+        self.require_caption = require_caption
+        self.keep_json = keep_json
+        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_shards = shuffle_shards
+        self.seed = seed
+        self.num_samples = num_samples
+        self.drop_last = drop_last
+        # Set by the DataModule (or by hand) before iterating:
+        self.rank, self.world_size = 0, 1
+        self.epoch = 0
+        self.start_positions: dict[int, int] = {}  # worker -> raw samples to skip (resume)
+        self.start_skips: dict[int, dict[str, int]] = {}
+        self.reasons = list(SKIP_REASONS) + self.filters.reasons
+        if mode == "resampled" and num_samples is None:
+            self.num_samples = dataset_size(self.urls)
+            if self.num_samples is None:
+                raise ValueError(
+                    f"resampled mode over {shards!r} needs an epoch length: set data.train_num_samples "
+                    "or put a sizes.json (shard name -> sample count) next to the shards"
+                )
+
+    # ---- epoch length -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        """Batches per epoch for this rank in resampled mode (from num_samples).
+
+        Epoch mode declares no length: filters, bad samples and uneven shards make any figure an
+        estimate, and Lightning would end the epoch at that estimate, silently dropping samples.
+        """
+        if self.mode != "resampled":
+            raise TypeError("epoch mode has no declared length")
+        per_rank = self.num_samples / self.world_size
+        return math.floor(per_rank / self.batch_size) if self.drop_last else math.ceil(per_rank / self.batch_size)
+
+    # ---- the pipeline ---------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        skips = Counter(self.start_skips.get(worker, {}))
+        state = {"rank": self.rank, "worker": worker, "epoch": self.epoch, "position": 0}
+        raw = self._raw_samples(worker, num_workers, skips)
+        raw = self._shuffled(raw, worker)
+        skip_to = self.start_positions.get(worker, 0)
+        batch: list[dict] = []
+        saved_skips = dict(skips)
+        reported = -1 if skips else 0
+        for position, sample in enumerate(raw, start=1):
+            if position <= skip_to:  # resume: replay the raw stream without decoding
+                if position == skip_to:  # shard-level skips seen during the replay are already counted
+                    skips.clear()
+                    skips.update(saved_skips)
+                continue
+            state["position"] = position
+            item = self._process(sample, skips)
+            if item is None:
+                continue
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                yield self._collate(batch, state, skips)
+                reported, batch = sum(skips.values()), []
+        if batch and not self.drop_last:
+            yield self._collate(batch, state, skips)
+        elif sum(skips.values()) != reported:
+            # A state-only record (no samples), so skips after the last batch - or in a worker that
+            # never filled a batch - still reach the main process. Consumers skip it (no "__key__"s).
+            yield {"__key__": [], "__state__": {**state, "skips": {r: skips.get(r, 0) for r in self.reasons}}}
+
+    def _raw_samples(self, worker: int, num_workers: int, skips: Counter) -> Iterator[dict]:
+        if self.mode == "epoch":
+            mine = shards_for(self.urls, rank=self.rank, world_size=self.world_size, worker=worker,
+                              num_workers=num_workers, seed=self.seed, epoch=self.epoch,
+                              shuffle=self.shuffle_shards)
+            for url in mine:
+                yield from self._read_shard(url, skips)
+        else:
+            rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, "resample"))
+            while True:
+                yield from self._read_shard(rng.choice(self.urls), skips)
+
+    def _read_shard(self, url: str, skips: Counter) -> Iterator[dict]:
+        n = 0
+        try:
+            with open_shard(url) as stream:
+                for sample in group_samples(read_tar(stream)):
+                    n += 1
+                    sample["__url__"] = url
+                    yield sample
+        except ShardError as e:
+            skips[e.reason] += 1
+            log.warning("shard %s: %s (after %d samples); rest of the shard skipped", url, e, n)
+            return
+        except OSError as e:  # missing file, permission, failed pipe command
+            skips["unreadable_shard"] += 1
+            log.warning("shard %s unreadable: %s", url, e)
+            return
+        if n == 0:
+            skips["empty_shard"] += 1
+
+    def _shuffled(self, samples: Iterator[dict], worker: int) -> Iterator[dict]:
+        if self.shuffle_buffer <= 1:
+            yield from samples
+            return
+        rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, "buffer"))
+        buffer: list[dict] = []
+        for sample in samples:
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(sample)
+                continue
+            i = rng.randrange(len(buffer))
+            buffer[i], sample = sample, buffer[i]
+            yield sample
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _process(self, sample: dict, skips: Counter) -> dict | None:
+        """Validate, filter, decode, transform one raw sample; None (and a counted reason) to drop it."""
+        reason, item = check_sample(sample, self.filters, need_image=self.image_size is not None,
+                                    need_caption=self.require_caption, npy_fields=self.npy_fields)
+        if reason is None and self.image_size is not None:
+            reason = self._decode_into(sample, item)
+        if reason is not None:
+            skips[reason] += 1
+            return None
+        if not self.keep_json:
+            item.pop("json", None)
+        return item
+
+    def _decode_into(self, sample: dict, item: dict) -> str | None:
+        try:
+            img, stored_size = decode_image(sample[item.pop("image_ext")], min_side=self.image_size)
+        except Exception:  # noqa: BLE001 - any decoder failure is a bad sample, never a crash
+            return "decode_error"
+        if "width" not in item["json"] or "height" not in item["json"]:
+            size_reason = self.filters.check_size(*stored_size)
+            if size_reason:
+                return size_reason
+        rng = random.Random(_seed(self.seed, self.epoch, item["__key__"])) if self.crop == Crop.RANDOM else None
+        item["image"] = resize_crop(img, self.image_size, self.crop_size, crop=self.crop, rng=rng)
+        return None
+
+    def _collate(self, items: list[dict], state: dict, skips: Counter) -> dict:
+        batch: dict = {"__key__": [it["__key__"] for it in items], "caption": [it.get("caption") for it in items]}
+        if self.image_size is not None:
+            batch["image"] = torch.stack([it["image"] for it in items])  # (B, 3, H, W) uint8
+        if self.tokenizer is not None:
+            batch["tokens"] = self.tokenizer(batch["caption"])  # (B, L) long
+        for name in self.npy_fields:
+            batch[name] = torch.from_numpy(np.stack([it[name] for it in items]).astype(np.float32))
+        if self.keep_json:
+            batch["json"] = [it["json"] for it in items]
+        batch["__state__"] = {**state, "skips": {r: skips.get(r, 0) for r in self.reasons}}
+        return batch
+
+
+def check_sample(sample: Mapping, filters: Filters, *, need_image: bool = True, need_caption: bool = True,
+                 npy_fields: Sequence[str] = ()) -> tuple[str | None, dict]:
+    """Completeness + metadata checks shared by the pipeline and ``data.inspect``.
+
+    Returns (reason, item): reason is None when the sample is kept; item holds ``__key__``,
+    ``caption``, ``json`` (dict), ``image_ext`` and decoded npy fields.
+    """
+    item: dict = {"__key__": sample["__key__"], "json": {}}
+    if need_image:
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        if ext is None or not sample[ext]:
+            return "missing_image", item
+        item["image_ext"] = ext
+    caption = None
+    if "txt" in sample:
+        try:
+            caption = sample["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError:
+            return "bad_field", item
+    if need_caption and caption is None:
+        return "missing_caption", item
+    item["caption"] = caption
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return "bad_json", item
+        if not isinstance(meta, dict):
+            return "bad_json", item
+        item["json"] = meta
+    reason = filters.check_meta(item["json"], caption)
+    if reason:
+        return reason, item
+    meta = item["json"]
+    if "width" in meta and "height" in meta:
+        try:
+            reason = filters.check_size(int(meta["width"]), int(meta["height"]))
+        except (TypeError, ValueError):
+            return "bad_json", item
+        if reason:
+            return reason, item
+    for name in npy_fields:
+        if name not in sample:
+            return "bad_field", item
+        try:
+            item[name] = _load_npy(sample[name])
+        except ValueError:
+            return "bad_field", item
+    return None, item
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    import io
+
+    return np.load(io.BytesIO(data), allow_pickle=False)  # never unpickle shard contents
+
+
+def dataset_size(urls: Iterable[str]) -> int | None:
+    """Total samples from ``sizes.json`` sidecars next to the shards (webdataset/open_clip convention);
+    None when any shard's directory lacks one. Reads one small file per directory, never the shards."""
+    cache: dict[str, dict | None] = {}
+    total = 0
+    for url in urls:
+        if url.startswith("pipe:"):
+            return None
+        directory, name = os.path.split(url)
+        if directory not in cache:
+            path = os.path.join(directory, "sizes.json")
+            try:
+                with open(path) as f:
+                    cache[directory] = json.load(f)
+            except (OSError, json.JSONDecodeError):
+                cache[directory] = None
+        sizes = cache[directory]
+        if sizes is None or name not in sizes:
+            return None
+        total += int(sizes[name])
+    return total

@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny shards written on the fly into tmp_path."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+# Tests must never reach W&B's servers.
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def image_bytes(width: int = 32, height: int = 32, color=(200, 30, 30), fmt: str = "JPEG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_tar(path: Path, samples: list[dict[str, bytes | str | dict]]) -> Path:
+    """Write samples {"__key__": key, ext: payload} in img2dataset's layout (members in dict order)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            key = sample["__key__"]
+            for ext, payload in sample.items():
+                if ext == "__key__":
+                    continue
+                if isinstance(payload, dict):
+                    payload = json.dumps(payload)
+                if isinstance(payload, str):
+                    payload = payload.encode()
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                info.mtime = 0
+                tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def simple_sample(key: str, caption: str = "a red square", size=(32, 32), **meta) -> dict:
+    return {
+        "__key__": key,
+        "jpg": image_bytes(*size),
+        "txt": caption,
+        "json": {"key": key, "caption": caption, "width": size[0], "height": size[1], **meta},
+    }
+
+
+@pytest.fixture
+def make_shards(tmp_path):
+    """make_shards(sizes=[3, 5, 0]) -> (directory, list of all keys). Keys are globally unique."""
+
+    def make(sizes: list[int], name: str = "shards", image_size=(32, 32)) -> tuple[Path, list[str]]:
+        out = tmp_path / name
+        keys: list[str] = []
+        for s, n in enumerate(sizes):
+            samples = [simple_sample(f"{s:05d}{i:04d}", size=image_size) for i in range(n)]
+            keys += [x["__key__"] for x in samples]
+            write_tar(out / f"{s:05d}.tar", samples)
+        return out, keys
+
+    return make

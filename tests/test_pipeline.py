@@ -1,0 +1,299 @@
+"""The streaming pipeline: partitioning, modes, bad data, filters, determinism, resume positions."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections import Counter
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from data.pipeline import Filters, ShardDataset, dataset_size
+from data.shards import ShardSpecError, expand_shards, read_tar
+from tests.conftest import image_bytes, simple_sample, write_tar
+
+
+def run_epoch(ds: ShardDataset, workers: int) -> tuple[list[str], dict[str, int]]:
+    """All keys one rank sees in an epoch, and its skip counts summed over workers."""
+    keys: list[str] = []
+    last: dict[int, dict] = {}
+    for batch in DataLoader(ds, batch_size=None, num_workers=workers):
+        keys += batch["__key__"]
+        last[batch["__state__"]["worker"]] = batch["__state__"]["skips"]
+    skips = Counter()
+    for s in last.values():
+        skips.update(s)
+    return keys, {k: v for k, v in skips.items() if v}
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("workers", [0, 1, 2, 3])
+def test_epoch_mode_every_key_exactly_once_across_ranks(make_shards, world_size, workers):
+    # Uneven shards, including an empty one, and more shard slots than shards for 3 ranks x 3 workers.
+    directory, keys = make_shards([5, 3, 0, 7, 2, 4, 1])
+    seen: list[str] = []
+    for rank in range(world_size):
+        ds = ShardDataset(str(directory), batch_size=3, image_size=8, shuffle_buffer=4, seed=7)
+        ds.rank, ds.world_size = rank, world_size
+        rank_keys, _ = run_epoch(ds, workers)
+        seen += rank_keys
+    assert Counter(seen) == Counter(keys)
+
+
+def test_epoch_shuffle_is_seeded_and_changes_with_epoch(make_shards):
+    directory, keys = make_shards([6, 6, 6, 6])
+    ds = ShardDataset(str(directory), batch_size=4, image_size=8, shuffle_buffer=5, seed=3)
+    first, _ = run_epoch(ds, 0)
+    again, _ = run_epoch(ds, 0)
+    assert first == again
+    assert sorted(first) == sorted(keys) and first != sorted(keys)
+    ds.epoch = 1
+    other_epoch, _ = run_epoch(ds, 0)
+    assert sorted(other_epoch) == sorted(keys) and other_epoch != first
+
+
+def test_random_crop_depends_on_key_not_on_worker_layout(make_shards, tmp_path):
+    out = tmp_path / "big"
+    for s in range(2):  # images with horizontal gradients so crops differ
+        samples = []
+        for i in range(4):
+            img = Image.linear_gradient("L").resize((64, 32)).convert("RGB")
+            buf = io.BytesIO()
+            img.save(buf, "PNG")
+            samples.append({"__key__": f"{s}{i}", "png": buf.getvalue(), "txt": "x"})
+        write_tar(out / f"{s}.tar", samples)
+
+    def crops(workers):
+        ds = ShardDataset(str(out), batch_size=2, image_size=32, crop_size=16, shuffle_buffer=0, seed=1)
+        result = {}
+        for b in DataLoader(ds, batch_size=None, num_workers=workers):
+            result.update(zip(b["__key__"], b["image"], strict=True))
+        return result
+
+    a, b = crops(0), crops(2)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len({tuple(v[0, 0].tolist()) for v in a.values()}) > 1  # crops really differ between samples
+
+
+def test_resampled_mode_is_infinite_with_declared_length(make_shards):
+    directory, keys = make_shards([4, 4])
+    ds = ShardDataset(str(directory), batch_size=3, image_size=8, mode="resampled", num_samples=12, seed=0)
+    assert len(ds) == 4
+    it = iter(DataLoader(ds, batch_size=None, num_workers=0))
+    got = [k for _ in range(10) for k in next(it)["__key__"]]  # more than one epoch's worth: never ends
+    assert len(got) == 30 and set(got) <= set(keys)
+
+
+def test_resampled_mode_reads_length_from_sizes_json(make_shards):
+    directory, _ = make_shards([4, 6])
+    with pytest.raises(ValueError, match="train_num_samples"):
+        ShardDataset(str(directory), batch_size=2, mode="resampled")
+    (directory / "sizes.json").write_text('{"00000.tar": 4, "00001.tar": 6}')
+    assert dataset_size(expand_shards(str(directory))) == 10
+    assert len(ShardDataset(str(directory), batch_size=2, mode="resampled")) == 5
+
+
+# ---- shard specs --------------------------------------------------------------------------------
+
+
+def test_shard_spec_forms(make_shards):
+    directory, _ = make_shards([1, 1, 1])
+    brace = expand_shards(f"{directory}/{{00000..00002}}.tar")
+    assert brace == expand_shards(str(directory)) == expand_shards(f"{directory}/*.tar")
+    assert expand_shards([brace[0], brace[1]]) == brace[:2]
+    assert expand_shards(f"{brace[0]}::{brace[2]}") == [brace[0], brace[2]]
+    assert expand_shards("pipe:cat /x/{0..2}.tar") == [f"pipe:cat /x/{i}.tar" for i in range(3)]
+
+
+def test_brace_pattern_expands_without_touching_files(make_shards):
+    directory, _ = make_shards([1])
+    urls = expand_shards(f"{directory}/{{00000..99999}}.tar")  # 100,000 shards, only the first exists
+    assert len(urls) == 100_000
+
+
+@pytest.mark.parametrize("spec", ["/nonexistent/{000..009}.tar", "/nonexistent/*.tar", ""])
+def test_spec_matching_nothing_is_an_error_naming_it(spec):
+    with pytest.raises(ShardSpecError) as err:
+        expand_shards(spec)
+    assert repr(spec) in str(err.value)
+
+
+def test_empty_directory_is_an_error(tmp_path):
+    with pytest.raises(ShardSpecError, match="no \\*.tar"):
+        expand_shards(str(tmp_path))
+
+
+def test_pipe_shards_are_read(make_shards):
+    directory, keys = make_shards([3, 2])
+    ds = ShardDataset(f"pipe:cat {directory}/{{00000..00001}}.tar", batch_size=2, image_size=8, shuffle_buffer=0)
+    got, skips = run_epoch(ds, 0)
+    assert sorted(got) == sorted(keys) and not skips
+
+
+# ---- what img2dataset writes --------------------------------------------------------------------
+
+
+def test_reads_png_webp_unsorted_keys_and_gaps(tmp_path):
+    samples = [
+        {"__key__": "000000017", "png": image_bytes(fmt="PNG"), "txt": "png one", "json": {"status": "success"}},
+        {"__key__": "000000003", "webp": image_bytes(fmt="WEBP"), "txt": "webp one"},
+        {"__key__": "000000009", "jpg": image_bytes(), "txt": "jpg one"},
+    ]
+    write_tar(tmp_path / "00000.tar", samples)
+    ds = ShardDataset(str(tmp_path), batch_size=8, image_size=16, shuffle_buffer=0, keep_json=True)
+    (batch,) = list(DataLoader(ds, batch_size=None))
+    assert batch["__key__"] == ["000000017", "000000003", "000000009"]
+    assert batch["image"].shape == (3, 3, 16, 16) and batch["image"].dtype == torch.uint8
+    assert batch["json"][0] == {"status": "success"} and batch["json"][1] == {}
+
+
+def test_long_member_names_pax_and_gnu(tmp_path):
+    key = "d/" + "k" * 150
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+        path = tmp_path / f"{fmt}.tar"
+        with tarfile.open(path, "w", format=fmt) as tar:
+            for ext, data in (("jpg", image_bytes()), ("txt", b"caption")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        with open(path, "rb") as f:
+            names = [m.name for m in read_tar(f)]
+        assert names == [f"{key}.jpg", f"{key}.txt"]
+
+
+# ---- bad data: skipped, counted by reason, never a crash ----------------------------------------
+
+
+def _dataset(path, **kw) -> ShardDataset:
+    spec = path if isinstance(path, list) else str(path)
+    return ShardDataset(spec, batch_size=4, image_size=8, shuffle_buffer=0, **kw)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_samples_are_skipped_and_counted(tmp_path, workers):
+    good = [simple_sample(f"g{i}") for i in range(5)]
+    bad = [
+        {"__key__": "b0", "jpg": b"\xff\xd8 this is not a jpeg", "txt": "x"},  # undecodable
+        {"__key__": "b1", "jpg": image_bytes()},  # caption missing
+        {"__key__": "b2", "txt": "no image"},  # image missing
+        {"__key__": "b3", "jpg": image_bytes(), "txt": "x", "json": "{not json"},
+        {"__key__": "b4", "jpg": image_bytes(), "txt": b"\xff\xfe bad utf8"},
+    ]
+    write_tar(tmp_path / "0.tar", good[:2] + bad + good[2:])
+    write_tar(tmp_path / "1.tar", [])  # empty shard
+    keys, skips = run_epoch(_dataset(tmp_path), workers)
+    assert sorted(keys) == sorted(s["__key__"] for s in good)
+    assert skips == {"decode_error": 1, "missing_caption": 1, "missing_image": 1, "bad_json": 1, "bad_field": 1,
+                     "empty_shard": 1}
+
+
+def _truncate(path, keep_bytes):
+    data = path.read_bytes()[:keep_bytes]
+    path.write_bytes(data)
+
+
+def test_truncated_shard_mid_member_keeps_complete_samples(tmp_path):
+    samples = [simple_sample(f"k{i}", size=(64, 64)) for i in range(4)]
+    path = write_tar(tmp_path / "0.tar", samples)
+    with tarfile.open(path) as tar:
+        jpg = tar.getmember("k2.jpg")
+    _truncate(path, jpg.offset_data + jpg.size // 2)  # inside the third sample's image
+    write_tar(tmp_path / "1.tar", [simple_sample("other")])
+    keys, skips = run_epoch(_dataset(tmp_path), 0)
+    assert sorted(keys) == ["k0", "k1", "other"]
+    assert skips == {"truncated_shard": 1}
+
+
+def test_truncated_at_member_boundary_is_detected_and_incomplete_sample_dropped(tmp_path):
+    samples = [simple_sample(f"k{i}") for i in range(3)]
+    path = write_tar(tmp_path / "0.tar", samples)
+    # Cut right after the last sample's jpg member: tarfile/webdataset would read this as complete.
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    jpg = next(m for m in members if m.name == "k2.jpg")
+    _truncate(path, jpg.offset_data + (jpg.size + 511) // 512 * 512)
+    keys, skips = run_epoch(_dataset(tmp_path), 0)
+    assert keys == ["k0", "k1"]
+    assert skips == {"truncated_shard": 1, "missing_caption": 1}
+
+
+def test_corrupt_and_unreadable_shards(tmp_path):
+    write_tar(tmp_path / "0.tar", [simple_sample("good")])
+    (tmp_path / "1.tar").write_bytes(b"garbage" * 200)  # not a tar at all
+    urls = [str(tmp_path / "0.tar"), str(tmp_path / "1.tar"), str(tmp_path / "missing.tar")]
+    keys, skips = run_epoch(_dataset(urls), 0)
+    assert keys == ["good"]
+    assert skips == {"corrupt_shard": 1, "unreadable_shard": 1}
+
+
+def test_failing_pipe_is_an_unreadable_shard(make_shards):
+    directory, keys = make_shards([2])
+    ds = _dataset([f"{directory}/00000.tar", "pipe:false"])
+    got, skips = run_epoch(ds, 0)
+    assert sorted(got) == sorted(keys)
+    assert skips in ({"unreadable_shard": 1}, {"truncated_shard": 1})
+
+
+# ---- filters ------------------------------------------------------------------------------------
+
+
+def test_metadata_filters_drop_and_count(tmp_path):
+    samples = [
+        simple_sample("ok", punsafe=0.01, pwatermark=0.1),
+        simple_sample("small", size=(8, 8)),
+        simple_sample("wide", size=(96, 16)),
+        simple_sample("short", caption=""),
+        simple_sample("unsafe", punsafe=0.9),
+        simple_sample("watermark", pwatermark=0.95),
+        simple_sample("nofield"),  # kept: the field is absent
+    ]
+    write_tar(tmp_path / "0.tar", samples)
+    filters = Filters(min_width=16, min_height=16, max_aspect_ratio=3.0, min_caption_chars=1,
+                      fields={"punsafe": "< 0.1", "pwatermark": "<0.8"})
+    keys, skips = run_epoch(_dataset(tmp_path, filters=filters), 0)
+    assert sorted(keys) == ["nofield", "ok"]
+    assert skips == {"filter_min_size": 1, "filter_aspect_ratio": 1, "filter_caption_length": 1,
+                     "filter_punsafe": 1, "filter_pwatermark": 1}
+
+
+def test_size_filter_uses_image_when_json_has_no_size(tmp_path):
+    write_tar(tmp_path / "0.tar", [{"__key__": "a", "jpg": image_bytes(8, 8), "txt": "x"},
+                                   {"__key__": "b", "jpg": image_bytes(40, 40), "txt": "x"}])
+    keys, skips = run_epoch(_dataset(tmp_path, filters=Filters(min_width=16)), 0)
+    assert keys == ["b"] and skips == {"filter_min_size": 1}
+
+
+def test_bad_filter_config_names_the_option():
+    with pytest.raises(ValueError, match="data.filters.fields.punsafe"):
+        Filters(fields={"punsafe": "less than 0.1"})
+
+
+# ---- data position ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_restoring_worker_positions_continues_exactly(make_shards, workers):
+    directory, keys = make_shards([5, 4, 6, 3])
+
+    def make():
+        return ShardDataset(str(directory), batch_size=2, image_size=8, shuffle_buffer=3, seed=5)
+
+    full = list(DataLoader(make(), batch_size=None, num_workers=workers))
+    cut = len(full) // 2
+    positions = {}
+    for b in full[:cut]:
+        positions[b["__state__"]["worker"]] = b["__state__"]["position"]
+    resumed = make()
+    resumed.start_positions = positions
+    rest = list(DataLoader(resumed, batch_size=None, num_workers=workers))
+    # Per worker, the resumed stream is exactly the remainder of the uninterrupted one.
+    for w in range(max(workers, 1)):
+        expect = [b["__key__"] for b in full[cut:] if b["__state__"]["worker"] == w]
+        got = [b["__key__"] for b in rest if b["__state__"]["worker"] == w]
+        assert got == expect
+    done = [k for b in full[:cut] for k in b["__key__"]] + [k for b in rest for k in b["__key__"]]
+    assert sorted(done) == sorted(keys)
