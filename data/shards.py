@@ -63,16 +63,16 @@ def expand_shards(spec: str | Sequence[str], *, check_exists: bool = True) -> li
     if not parts:
         raise ShardSpecError(f"empty shard spec {spec!r}: expected a path, brace pattern, glob, directory or pipe:")
     urls: list[str] = []
-    missing: list[ShardSpecError] = []
+    missing: list[str] = []
     for part in parts:
-        try:
-            urls.extend(_expand_one(part, check_exists=check_exists))
-        except ShardSpecError as e:
-            missing.append(e)
-    if missing and (not urls or len(parts) == 1):
-        raise missing[0] if len(parts) == 1 else ShardSpecError(f"shard spec {spec!r} matches no file")
-    for e in missing:  # a multi-part spec with some parts present: the others count as unreadable later
-        log.warning("%s; continuing with the other parts of the spec", e)
+        expanded = _expand_one(part)
+        if check_exists and not part.startswith("pipe:") and not os.path.exists(expanded[0]):
+            missing.append(f"{part!r} (first path {expanded[0]!r} does not exist)")
+        urls.extend(expanded)
+    if missing and len(missing) == len(parts):
+        raise ShardSpecError(f"shard spec {spec!r} matches no file: " + "; ".join(missing))
+    for m in missing:  # other parts exist: these shards are counted as unreadable while training
+        log.warning("shard spec part %s; continuing with the rest", m)
     return urls
 
 
@@ -84,7 +84,7 @@ def _split_spec(spec: str | Sequence[str]) -> list[str]:
     return parts
 
 
-def _expand_one(part: str, *, check_exists: bool) -> list[str]:
+def _expand_one(part: str) -> list[str]:
     if part.startswith("pipe:"):
         return list(braceexpand.braceexpand(part))
     expanded = list(braceexpand.braceexpand(os.path.expanduser(part)))
@@ -98,10 +98,6 @@ def _expand_one(part: str, *, check_exists: bool) -> list[str]:
         if not found:
             raise ShardSpecError(f"shard spec {part!r} matches no file")
         return found
-    if check_exists and not os.path.exists(expanded[0]):
-        raise ShardSpecError(
-            f"shard spec {part!r} matches no file (first expanded path {expanded[0]!r} does not exist)"
-        )
     return expanded
 
 

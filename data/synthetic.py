@@ -240,13 +240,14 @@ def caption_for(scene: dict, seed: int, index: int) -> str:
 # -------------------------------------------------------------------------------------------- render
 
 
+_SIN = [math.sin(k * math.pi / 5) for k in range(10)]
+_COS = [math.cos(k * math.pi / 5) for k in range(10)]
+
+
 def _star(cx: float, cy: float, h: float) -> list[tuple[float, float]]:
     cy += 0.095 * h  # a 5-point star spans [-h, 0.81h] vertically: centre it in its box
-    return [
-        (cx + r * math.sin(k * math.pi / 5), cy - r * math.cos(k * math.pi / 5))
-        for k in range(10)
-        for r in ((h if k % 2 == 0 else 0.45 * h),)
-    ]
+    radii = [h if k % 2 == 0 else 0.45 * h for k in range(10)]  # outer tips, inner corners
+    return [(cx + r * _SIN[k], cy - r * _COS[k]) for k, r in enumerate(radii)]
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, h: float, fill: tuple) -> None:

@@ -1,0 +1,268 @@
+"""Tests for data/synthetic.py: determinism, shard layout, scene invariants, rendering and the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from data.synthetic import (
+    COLOURS,
+    COUNT_WORDS,
+    PLURALS,
+    RELATIONS,
+    SHAPES,
+    caption_for,
+    main,
+    make_sample,
+    make_scene,
+    render,
+    write_shards,
+)
+
+N = 500  # scenes checked by the invariant tests (about 25 ms of scene generation)
+
+
+def _members(tar_path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(tar_path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def _samples(out: Path) -> dict[str, dict[str, bytes]]:
+    """key -> {ext: bytes} over every shard in ``out``."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for tar_path in sorted(out.glob("*.tar")):
+        for name, data in _members(tar_path):
+            key, ext = name.split(".", 1)
+            samples.setdefault(key, {})[ext] = data
+    return samples
+
+
+def _boxes_apart(a: dict, b: dict) -> bool:
+    gap = (a["size"] + b["size"]) / 2
+    return abs(a["x"] - b["x"]) > gap or abs(a["y"] - b["y"]) > gap
+
+
+# ------------------------------------------------------------------------------------------ determinism
+
+
+def test_same_seed_gives_byte_identical_tars(tmp_path):
+    a = write_shards(tmp_path / "a", 7, seed=3, shard_size=4)
+    b = write_shards(tmp_path / "b", 7, seed=3, shard_size=4)
+    assert [p.name for p in a] == ["00000.tar", "00001.tar"]
+    for pa, pb in zip(a, b):
+        assert pa.read_bytes() == pb.read_bytes()
+
+
+def test_samples_do_not_depend_on_shard_size_or_workers(tmp_path):
+    one = _samples(tmp_path / "one") if write_shards(tmp_path / "one", 9, shard_size=9) else None
+    three = _samples(tmp_path / "three") if write_shards(tmp_path / "three", 9, shard_size=3) else None
+    par = _samples(tmp_path / "par") if write_shards(tmp_path / "par", 9, shard_size=2, workers=2) else None
+    assert one == three == par
+    assert len(one) == 9
+
+
+def test_start_index_continues_the_same_dataset(tmp_path):
+    write_shards(tmp_path / "whole", 6, shard_size=3)
+    write_shards(tmp_path / "parts", 3, shard_size=3)
+    write_shards(tmp_path / "parts", 3, shard_size=3, start_index=3)
+    assert _samples(tmp_path / "whole") == _samples(tmp_path / "parts")
+    assert json.loads((tmp_path / "parts" / "sizes.json").read_text()) == {"00000.tar": 3, "00001.tar": 3}
+    with pytest.raises(ValueError, match="start_index"):
+        write_shards(tmp_path / "bad", 3, shard_size=3, start_index=2)
+
+
+def test_different_seeds_give_different_samples():
+    for i in range(20):
+        assert make_sample(0, i, 32) == make_sample(0, i, 32)
+    assert sum(make_scene(0, i) != make_scene(1, i) for i in range(20)) == 20
+
+
+# --------------------------------------------------------------------------------------------- layout
+
+
+def test_shard_layout_stats_and_sizes(tmp_path):
+    paths = write_shards(tmp_path, 5, shard_size=2, seed=4, image_size=16)
+    assert [p.name for p in paths] == ["00000.tar", "00001.tar", "00002.tar"]
+    names = [name for p in paths for name, _ in _members(p)]
+    expected = [f"{i:09d}.{ext}" for i in range(5) for ext in ("jpg", "txt", "json")]
+    assert names == expected  # contiguous, in order jpg, txt, json
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {"00000.tar": 2, "00001.tar": 2, "00002.tar": 1}
+    stats = json.loads((tmp_path / "00002_stats.json").read_text())
+    assert stats["count"] == stats["successes"] == 1
+    assert stats["failed_to_download"] == stats["failed_to_resize"] == 0
+    assert stats["seed"] == 4 and stats["image_size"] == 16
+    assert {"start_time", "end_time", "duration"} <= stats.keys()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_json_schema_and_image(tmp_path):
+    write_shards(tmp_path, 3, seed=2, image_size=24, fmt="png")
+    for key, sample in _samples(tmp_path).items():
+        assert set(sample) == {"png", "txt", "json"}
+        meta = json.loads(sample["json"])
+        assert meta["key"] == key and meta["index"] == int(key) and meta["seed"] == 2
+        assert meta["caption"] == sample["txt"].decode("utf-8")
+        assert meta["status"] == "success" and meta["url"] is None
+        assert meta["width"] == meta["height"] == meta["original_width"] == meta["original_height"] == 24
+        scene = meta["scene"]
+        assert set(scene) >= {"background", "objects", "groups", "relation"}
+        for o in scene["objects"]:
+            assert {"shape", "colour", "rgb", "x", "y", "size"} <= o.keys()
+            assert o["rgb"] == list(COLOURS[o["colour"]])
+        assert Image.open(io.BytesIO(sample["png"])).size == (24, 24)
+
+
+# --------------------------------------------------------------------------------------- scene invariants
+
+
+def test_caption_states_every_group():
+    for i in range(N):
+        scene = make_scene(0, i)
+        caption = caption_for(scene, 0, i)
+        for g in scene["groups"]:
+            noun = g["shape"] if g["count"] == 1 else PLURALS[g["shape"]]
+            word = ("an" if g["colour"] == "orange" else "a") if g["count"] == 1 else COUNT_WORDS[g["count"]]
+            assert f"{word} {g['colour']} {noun}" in caption, (caption, g)
+        rel = scene["relation"]
+        if len(scene["groups"]) == 2:
+            assert (" and " in caption) == (rel is None), caption
+        if rel is not None:
+            assert rel["relation"] in RELATIONS and f" {rel['relation']} " in caption
+
+
+def test_groups_and_counts():
+    for i in range(N):
+        scene = make_scene(0, i)
+        groups = scene["groups"]
+        assert 1 <= len(groups) <= 2 and 1 <= len(scene["objects"]) <= 4
+        assert sum(g["count"] for g in groups) == len(scene["objects"])
+        if len(groups) == 2:
+            assert (groups[0]["colour"], groups[0]["shape"]) != (groups[1]["colour"], groups[1]["shape"])
+        for o in scene["objects"]:
+            g = groups[o["group"]]
+            assert (o["colour"], o["shape"]) == (g["colour"], g["shape"])
+
+
+def test_stated_relation_holds_for_every_cross_group_pair():
+    stated = 0
+    for i in range(N):
+        scene = make_scene(0, i)
+        rel = scene["relation"]
+        if rel is None:
+            continue
+        stated += 1
+        subs = [o for o in scene["objects"] if o["group"] == rel["subject"]]
+        objs = [o for o in scene["objects"] if o["group"] == rel["object"]]
+        for a in subs:
+            for b in objs:
+                holds = {
+                    "left of": a["x"] < b["x"],
+                    "right of": a["x"] > b["x"],
+                    "above": a["y"] < b["y"],  # y grows downwards, as in the image
+                    "below": a["y"] > b["y"],
+                }[rel["relation"]]
+                assert holds, (i, rel, a, b)
+    assert stated > N // 5  # relations are common, not a corner case
+
+
+def test_objects_do_not_overlap_and_stay_inside():
+    for i in range(N):
+        objects = make_scene(0, i)["objects"]
+        for k, a in enumerate(objects):
+            assert 0.14 <= a["size"] and (len(objects) > 1 or a["size"] >= 0.18)
+            for c in (a["x"], a["y"]):
+                assert a["size"] / 2 <= c <= 1 - a["size"] / 2
+            for b in objects[k + 1 :]:
+                assert _boxes_apart(a, b), (i, a, b)
+
+
+def test_variety_over_many_samples():
+    scenes = [make_scene(0, i) for i in range(N)]
+    objects = [o for s in scenes for o in s["objects"]]
+    counts = [len(s["objects"]) for s in scenes]
+    assert set(counts) == {1, 2, 3, 4}
+    assert 0.25 < counts.count(1) / N < 0.45  # single-object scenes for zero-shot eval
+    assert len({o["shape"] for o in objects}) >= 6 == len(SHAPES)
+    assert len({o["colour"] for o in objects}) >= 8 <= len(COLOURS)
+    assert len({s["background"][0] for s in scenes}) > 10
+    assert {s["relation"]["relation"] for s in scenes if s["relation"]} == set(RELATIONS)
+
+
+def test_background_never_collides_with_object_colours():
+    for i in range(N):
+        bg = make_scene(0, i)["background"]
+        assert bg[0] == bg[1] == bg[2]
+        assert all(max(abs(c - g) for c, g in zip(rgb, bg)) > 60 for rgb in COLOURS.values())
+
+
+# -------------------------------------------------------------------------------------------- rendering
+
+
+def test_centre_pixel_is_object_colour_png():
+    for i in range(100):
+        meta = json.loads(make_sample(0, i, 64, fmt="png")["json"])
+        img = Image.open(io.BytesIO(make_sample(0, i, 64, fmt="png")["png"])).convert("RGB")
+        bg = tuple(meta["scene"]["background"])
+        assert img.getpixel((0, 0)) == bg or any(
+            o["x"] - o["size"] / 2 < 0.02 and o["y"] - o["size"] / 2 < 0.02 for o in meta["scene"]["objects"]
+        )
+        for o in meta["scene"]["objects"]:
+            assert img.getpixel((int(o["x"] * 64), int(o["y"] * 64))) == tuple(o["rgb"]), (i, o)
+
+
+def test_render_is_exact_flat_colours():
+    scene = make_scene(0, 3)
+    img = render(scene, 48)
+    allowed = {tuple(scene["background"])} | {tuple(o["rgb"]) for o in scene["objects"]}
+    assert {c for _, c in img.getcolors(48 * 48)} == allowed  # no anti-aliasing, every object visible
+
+
+def test_jpg_centre_is_close_to_rgb():
+    sample = make_sample(0, 5, 64)
+    img = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+    for o in json.loads(sample["json"])["scene"]["objects"]:
+        pixel = img.getpixel((int(o["x"] * 64), int(o["y"] * 64)))
+        assert max(abs(p - c) for p, c in zip(pixel, o["rgb"])) < 24
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_writes_shards_and_prints_summary(tmp_path, capsys):
+    out = tmp_path / "shapes"
+    assert main(["--out", str(out), "--samples", "5", "--shard-size", "2", "--image-size", "16"]) == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]
+    line = capsys.readouterr().out.strip()
+    assert "\n" not in line and "5 samples" in line and "3 shards" in line and "samples/s" in line
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["--samples", "0"], "--samples"),
+        (["--samples", "2", "--image-size", "4"], "--image-size"),
+        (["--samples", "2", "--format", "gif"], "--format"),
+        (["--samples", "2", "--shard-size", "0"], "--shard-size"),
+        (["--samples", "2", "--quality", "101"], "--quality"),
+    ],
+)
+def test_cli_rejects_bad_arguments(tmp_path, capsys, args, option):
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "x"), *args])
+    assert exc.value.code == 2
+    assert option in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_library_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="samples"):
+        write_shards(tmp_path, 0)
+    with pytest.raises(ValueError, match="image_size"):
+        write_shards(tmp_path, 1, image_size=4)
+    with pytest.raises(ValueError, match="format"):
+        make_sample(0, 0, 16, fmt="gif")

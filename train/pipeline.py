@@ -1,0 +1,86 @@
+"""Train the cascade stage after stage on the embedded default (the README's main job).
+
+    python -m train.pipeline [stages=[clip]] [clip.trainer.max_steps=100] [out_dir=DIR]
+
+Each stage is a ``train.run`` config (conf/train.yaml) with ``stage=<name>`` plus the overrides under
+``<name>:`` in conf/pipeline.yaml, and writes into ``<out_dir>/<name>/``. A stage with a ``done.json``
+is skipped on rerun; an interrupted one resumes from its ``checkpoints/last.ckpt``. At the end,
+``report.json`` and ``report.md`` in ``out_dir`` hold every stage's metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra import compose
+from omegaconf import DictConfig, OmegaConf
+
+from train.run import train
+
+log = logging.getLogger(__name__)
+
+
+def flatten(overrides: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """{"trainer": {"max_steps": 5}, "net": "clip_tiny"} -> ["trainer.max_steps=5", "net=clip_tiny"]."""
+    out = []
+    for key, value in overrides.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out += flatten(value, prefix=f"{name}.")
+        elif isinstance(value, list | tuple):
+            out.append(f"{name}=[{','.join(map(str, value))}]")
+        else:
+            out.append(f"{name}={'null' if value is None else value}")
+    return out
+
+
+def run_stage(name: str, stage_overrides: Mapping[str, Any], out_dir: Path) -> dict[str, float]:
+    stage_dir = out_dir / name
+    done = stage_dir / "done.json"
+    if done.exists():
+        log.info("stage %s: already finished (%s), skipping", name, done)
+        return json.loads(done.read_text())["metrics"]
+    overrides = [f"stage={name}", f"paths.output_dir={stage_dir.resolve()}", "resume=auto", *flatten(stage_overrides)]
+    log.info("stage %s: python -m train.run %s", name, " ".join(overrides))
+    cfg = compose(config_name="train", overrides=overrides)
+    start = time.time()
+    metrics = train(cfg)
+    done.write_text(json.dumps({"metrics": metrics, "seconds": time.time() - start}, indent=2))
+    return metrics
+
+
+def write_report(out_dir: Path, results: dict[str, dict[str, float]]) -> None:
+    (out_dir / "report.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    lines = ["# Cascade report", ""]
+    for stage, metrics in results.items():
+        lines += [f"## {stage}", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())]
+        lines += [f"", f"checkpoints: `{out_dir / stage / 'checkpoints'}`", ""]
+    (out_dir / "report.md").write_text("\n".join(lines))
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="pipeline")
+def main(cfg: DictConfig) -> None:
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in cfg.stages:
+        stage_overrides = OmegaConf.to_container(cfg.get(name) or {}, resolve=True)
+        results[name] = run_stage(name, stage_overrides, out_dir)
+    write_report(out_dir, results)
+    print(f"\npipeline finished: {', '.join(cfg.stages)}")
+    for name, metrics in results.items():
+        shown = {k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith(("val/zeroshot", "val/i2t_r1",
+                                                                                      "val/t2i_r1", "train/loss"))}
+        print(f"  {name}: {shown}  ->  {out_dir / name}")
+    print(f"  report: {out_dir / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()
