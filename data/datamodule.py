@@ -46,7 +46,7 @@ class RankSyncedLoader:
         self.tail_dropped = 0
 
     def __iter__(self) -> Iterator[dict]:
-        self.worker_states = {}
+        self.worker_states, self.tail_dropped = {}, 0  # counts are per epoch
         iterator = iter(self.loader)
         while True:
             batch = next(iterator, None)
@@ -183,13 +183,14 @@ class ShardDataModule(pl.LightningDataModule):
             shuffle_shards=train,
             seed=self.seed,
             num_samples=self.train_num_samples if train else None,
+            drop_last=train,  # every rank steps with the same per-device batch (all-gathered losses)
         )
         if self.trainer is not None:
             ds.rank, ds.world_size = self.trainer.global_rank, self.trainer.world_size
             ds.epoch = self.trainer.current_epoch
         return ds
 
-    def _loader(self, ds: ShardDataset) -> RankSyncedLoader:
+    def _loader(self, ds: ShardDataset, *, sync: bool) -> RankSyncedLoader:
         workers = self.num_workers
         if workers > len(ds.urls) // ds.world_size:
             log.warning("data: %d shards for %d ranks x %d workers: some workers get no shard; use at least as "
@@ -203,16 +204,18 @@ class ShardDataModule(pl.LightningDataModule):
             persistent_workers=False,  # workers re-created each epoch so they see the new epoch number
             generator=torch.Generator().manual_seed(self.seed),
         )
-        return RankSyncedLoader(loader, self._group)
+        return RankSyncedLoader(loader, self._group if sync else None)
 
     def train_dataloader(self) -> RankSyncedLoader:
-        self._train_loader = self._loader(self._dataset(self.train_shards, train=True))
+        self._train_loader = self._loader(self._dataset(self.train_shards, train=True), sync=True)
         return self._train_loader
 
     def val_dataloader(self) -> RankSyncedLoader | list:
         if not self.val_shards:
             return []
-        return self._loader(self._dataset(self.val_shards, train=False))
+        # Not rank-synchronised: validation runs no collective per step, so every rank evaluates all of
+        # its shards (nothing dropped) and the module gathers the results at the end.
+        return self._loader(self._dataset(self.val_shards, train=False), sync=False)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if "image" in batch and batch["image"].dtype == torch.uint8:
@@ -221,8 +224,8 @@ class ShardDataModule(pl.LightningDataModule):
 
     def skip_counts(self) -> dict[str, int]:
         """Skipped samples by reason on this rank so far this epoch (zeros included: a fixed key set)."""
-        keys = [*SKIP_REASONS, *self.filters.reasons, "epoch_tail_dropped"]  # identical on every rank
-        counts = self._train_loader.skip_counts() if self._train_loader else {}
+        keys = [*SKIP_REASONS, *self.filters.reasons, "partial_batch_dropped", "epoch_tail_dropped"]  # identical on every rank
+        counts = self._train_loader.skip_counts() if self._train_loader is not None else {}
         return {k: counts.get(k, 0) for k in keys}
 
 

@@ -202,7 +202,7 @@ class ShardDataset(IterableDataset):
         self.epoch = 0
         self.start_positions: dict[int, int] = {}  # worker -> raw samples to skip (resume)
         self.start_skips: dict[int, dict[str, int]] = {}
-        self.reasons = list(SKIP_REASONS) + self.filters.reasons
+        self.reasons = list(SKIP_REASONS) + self.filters.reasons + ["partial_batch_dropped"]
         if mode == "resampled" and num_samples is None:
             self.num_samples = dataset_size(self.urls)
             if self.num_samples is None:
@@ -251,7 +251,9 @@ class ShardDataset(IterableDataset):
                 reported, batch = sum(skips.values()), []
         if batch and not self.drop_last:
             yield self._collate(batch, state, skips)
-        elif sum(skips.values()) != reported:
+        elif batch:  # drop_last: a short batch would break equal-size collectives (the global-batch loss)
+            skips["partial_batch_dropped"] += len(batch)
+        if not (batch and not self.drop_last) and sum(skips.values()) != reported:
             # A state-only record (no samples), so skips after the last batch - or in a worker that
             # never filled a batch - still reach the main process. Consumers skip it (no "__key__"s).
             yield {"__key__": [], "__state__": {**state, "skips": {r: skips.get(r, 0) for r in self.reasons}}}

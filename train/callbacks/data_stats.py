@@ -1,13 +1,17 @@
 """Data-path metrics: skipped samples by reason, throughput, and the fraction of time spent waiting
-for data. Logged once, from here, as ``data/skipped_<reason>``, ``perf/samples_per_sec`` (global, all
-ranks) and ``perf/data_wait_frac``.
+for data. Logged once, from here, as ``data/skipped_<reason>`` (summed over ranks, this epoch so far),
+``perf/samples_per_sec`` (all ranks), ``perf/samples_per_sec_per_device`` and ``perf/data_wait_frac``;
+the skip counts also go to the text log at every epoch end.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytorch_lightning as pl
+
+log = logging.getLogger(__name__)
 
 
 class DataStats(pl.Callback):
@@ -34,8 +38,10 @@ class DataStats(pl.Callback):
         if (trainer.global_step % max(trainer.log_every_n_steps, 1)) != 0:
             return
         elapsed = now - self._window_start
+        per_device = self._samples / max(elapsed, 1e-9)
         metrics = {
-            "perf/samples_per_sec": self._samples * trainer.world_size / max(elapsed, 1e-9),
+            "perf/samples_per_sec": per_device * trainer.world_size,
+            "perf/samples_per_sec_per_device": per_device,
             "perf/data_wait_frac": self._wait / max(self._wait + self._busy, 1e-9),
         }
         datamodule = trainer.datamodule
@@ -47,3 +53,10 @@ class DataStats(pl.Callback):
         self._wait = self._busy = 0.0
         self._samples = 0
         self._window_start = now
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        datamodule = trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "skip_counts"):
+            skipped = {k: v for k, v in datamodule.skip_counts().items() if v}
+            log.info("epoch %d, rank %d: skipped samples by reason: %s", trainer.current_epoch, trainer.global_rank,
+                     skipped or "none")

@@ -1,0 +1,98 @@
+"""DataModule: global batch arithmetic, normalisation on the device, rank-synchronised epochs."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from data.datamodule import RankSyncedLoader, ShardDataModule
+from data.pipeline import ShardDataset
+from train.parallel import per_device_batch_size
+
+
+@pytest.mark.parametrize(("global_batch", "world", "accumulate", "expected"),
+                         [(128, 1, 1, 128), (128, 2, 1, 64), (128, 4, 2, 16), (96, 3, 1, 32)])
+def test_per_device_batch_divides(global_batch, world, accumulate, expected):
+    assert per_device_batch_size(global_batch, world, accumulate) == expected
+
+
+def test_per_device_batch_that_does_not_divide_is_an_error_naming_the_options():
+    with pytest.raises(ValueError, match=r"data.global_batch_size=100 is not divisible by world size 3 x "
+                                         r"trainer.accumulate_grad_batches=1 = 3"):
+        per_device_batch_size(100, 3, 1)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        per_device_batch_size(0, 1, 1)
+
+
+def test_datamodule_batches_are_normalised_on_transfer(make_shards):
+    shards, keys = make_shards([6, 5])
+    dm = ShardDataModule(train_shards=str(shards), val_shards=str(shards), global_batch_size=4, num_workers=0,
+                         image_size=32, normalize="minus_one_one", tokenizer=None, shuffle_buffer=4)
+    dm.setup("fit")
+    assert dm.batch_size == 4
+    batches = list(dm.train_dataloader())
+    # drop_last in training: 11 samples -> 2 full batches of 4, 3 counted as partial_batch_dropped
+    assert [len(b["__key__"]) for b in batches] == [4, 4]
+    assert dm.skip_counts()["partial_batch_dropped"] == 3
+    batch = dm.on_after_batch_transfer(batches[0], 0)
+    assert batch["image"].dtype == torch.float32 and batch["image"].shape == (4, 3, 32, 32)
+    # the fixture's images are uniform (200, 30, 30): [-1, 1] scaling of those values
+    torch.testing.assert_close(batch["image"][:, 0].mean(), torch.tensor(200 / 127.5 - 1), atol=0.03, rtol=0)
+    # validation keeps every sample (no drop_last, no rank sync)
+    val = list(dm.val_dataloader())
+    assert sorted(k for b in val for k in b["__key__"]) == sorted(keys)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, shards: str, workers: int, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        ds = ShardDataset(shards, batch_size=2, image_size=None, tokenizer=None, shuffle_buffer=0,
+                          require_caption=True, seed=3, drop_last=True)
+        ds.rank, ds.world_size = rank, world
+        loader = RankSyncedLoader(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers),
+                                  dist.new_group(backend="gloo"))
+        for _ in range(2):  # two epochs: the vote must not leave a collective dangling between epochs
+            keys = [k for batch in loader for k in batch["__key__"]]
+            dist.barrier()
+        counts = loader.skip_counts()
+        out[rank] = {"keys": keys, "dropped": counts["epoch_tail_dropped"] + counts["partial_batch_dropped"]}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("workers", [0, 2])
+def test_uneven_shards_end_the_epoch_together_without_deadlock(make_shards, workers):
+    # Rank 0 gets far more data than rank 1 (shard order is seeded; sizes chosen so the split is uneven).
+    shards, keys = make_shards([9, 1, 7, 0, 2, 0])
+    world = 2
+    with mp.Manager() as manager:
+        out = manager.dict()
+        ctx = mp.start_processes(_rank_main, args=(world, _free_port(), str(shards), workers, out),
+                                 nprocs=world, join=False, start_method="spawn")
+        for p in ctx.processes:
+            p.join(timeout=120)
+        alive = [p for p in ctx.processes if p.is_alive()]
+        for p in alive:
+            p.kill()
+        assert not alive, "a rank hung: uneven shards deadlocked the epoch"
+        assert all(p.exitcode == 0 for p in ctx.processes), [p.exitcode for p in ctx.processes]
+        result = dict(out)
+    seen = result[0]["keys"] + result[1]["keys"]
+    assert len(result[0]["keys"]) == len(result[1]["keys"]), "ranks must take the same number of steps"
+    assert len(seen) == len(set(seen)), "no sample twice in an epoch"
+    dropped = result[0]["dropped"] + result[1]["dropped"]
+    assert dropped > 0, "the test data must actually be uneven"
+    assert len(seen) + dropped == len(keys), "every sample is either seen or counted as dropped"
