@@ -1,0 +1,110 @@
+"""train.run / train.pipeline as a user runs them: config composition, a short real run, resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+
+from train.run import train
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = str(REPO / "conf")
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "UNCLIP_DATA_DIR": str(tmp_path / "datasets"), "UNCLIP_LOG_DIR": str(tmp_path / "outputs"),
+            "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+
+
+def _python(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *args], cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
+                            timeout=timeout)
+    return result
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path):
+    result = _python(["-m", "train.run", "--cfg", "job"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    cfg = yaml.safe_load(result.stdout)
+    assert cfg["stage_name"] == "clip"
+    assert cfg["net"]["_target_"] == "train.models.clip.CLIP"
+    assert cfg["data"]["_target_"] == "data.datamodule.ShardDataModule"
+    assert cfg["data"]["global_batch_size"] == 128
+    assert cfg["trainer"]["_target_"] == "pytorch_lightning.Trainer"
+
+
+def test_overrides_and_named_architectures_compose(tmp_path):
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        cfg = compose("train", overrides=["net=clip_vit_b16", "data.global_batch_size=256", "strategy=ddp"])
+    assert cfg.net.vision.patch_size == 16 and cfg.net.vision.width == 768
+    assert cfg.data.image_size == 224, "the data resolution follows the architecture"
+    assert cfg.data.tokenizer.context_length == 77
+    assert cfg.strategy._target_.endswith("DDPStrategy")
+
+
+def test_global_batch_that_does_not_divide_fails_before_training(tmp_path):
+    result = _python(["-m", "train.run", "debug=fast", "data.global_batch_size=15", "trainer.devices=2",
+                      "trainer.accelerator=cpu", "strategy=ddp", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert result.returncode != 0
+    assert "data.global_batch_size=15 is not divisible by world size 2" in result.stderr
+
+
+def _fast_cfg(tmp_path: Path, out: Path, *extra: str):
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        return compose("train", overrides=[
+            "debug=fast", f"paths.data_dir={tmp_path / 'datasets'}", f"paths.output_dir={out}", *extra])
+
+
+@pytest.mark.slow
+def test_fast_run_trains_checkpoints_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    metrics = train(_fast_cfg(tmp_path, out, "callbacks.checkpoint.every_n_train_steps=5"))
+    assert metrics["trainer/global_step"] == 5
+    assert (out / "config.yaml").exists() and (out / "tokenizer.json").exists()
+    assert (out / "checkpoints" / "last.ckpt").exists()
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in ("train/loss", "train/logit_scale", "val/loss", "val/zeroshot_colour_top1", "val/i2t_r1",
+                "data/skipped_decode_error"):
+        assert key in saved, key
+    assert saved["data/skipped_decode_error"] == 0
+    # resume=auto: a second run in the same directory continues from last.ckpt to the new max_steps
+    metrics = train(_fast_cfg(tmp_path, out, "trainer.max_steps=8", "callbacks.checkpoint.every_n_train_steps=5"))
+    assert metrics["trainer/global_step"] == 8
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 8
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_process_ddp_run_over_gloo(tmp_path):
+    run_dir = tmp_path / "run"
+    result = _python(["-m", "train.run", "debug=fast", "trainer.devices=2", "trainer.accelerator=cpu", "strategy=ddp",
+                      f"hydra.run.dir={run_dir}"], tmp_path, timeout=400)
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["trainer/global_step"] == 5
+    assert "val/zeroshot_shape_top1" in metrics
+    assert "global batch 16 = 8 per device x 2 ranks" in result.stderr + result.stdout
+
+
+@pytest.mark.slow
+def test_pipeline_runs_stages_writes_a_report_and_skips_finished_stages(tmp_path):
+    out = tmp_path / "pipeline"
+    args = ["-m", "train.pipeline", f"out_dir={out}", "+clip.debug=fast", "clip.trainer.max_steps=5"]
+    first = _python(args, tmp_path)
+    assert first.returncode == 0, first.stderr[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["clip"]["trainer/global_step"] == 5
+    assert (out / "clip" / "checkpoints" / "last.ckpt").exists()
+    assert "| val/zeroshot_colour_top1 |" in (out / "report.md").read_text()
+    second = _python(args, tmp_path)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "already finished" in second.stderr + second.stdout
