@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         shards = root / f"shapes{size}"
         if not (shards / "sizes.json").exists():
             write_shards(shards, args.samples, seed=0, image_size=size, shard_size=max(1, args.samples // 8))
-        tokenizer = train_bpe(iter_captions(str(shards), 2000), vocab_size=512, context_length=32)
+        tokenizer = train_bpe(iter_captions(str(shards), 2000), vocab_size=1024, context_length=32)
         for workers in args.workers:
             ds = ShardDataset(str(shards), batch_size=args.batch, image_size=size, tokenizer=tokenizer,
                               shuffle_buffer=1000)

@@ -9,10 +9,17 @@ circle", "a red square", …), the same prompt-ensembling open_clip applies with
 
 Retrieval recall@k in both directions; a retrieved caption counts as correct when it is the query's
 own caption or an identical string (synthetic captions repeat: "a red circle" describes many images).
+
+Standalone, on a trained run (evaluated every ``trainer.val_check_interval`` steps during training too)::
+
+    python -m eval.zeroshot RUN_DIR_OR_CKPT [--shards SPEC] [--batch 256] [--json]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
@@ -97,3 +104,66 @@ def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor, 
         out[f"i2t_r{k}"] = same.gather(1, top_t).any(1).float().mean().item()
         out[f"t2i_r{k}"] = same.gather(1, top_i).any(1).float().mean().item()
     return out
+
+
+@torch.no_grad()
+def evaluate_run(path: str, shards: str | None = None, batch_size: int = 256,
+                 device: str = "cpu") -> dict[str, float]:
+    """Retrieval (and zero-shot where the shards carry synthetic scenes) of a CLIP run on held-out shards."""
+    from data.pipeline import ShardDataset
+    from data.transforms import Normalize
+    from train.checkpoint import load_stage
+
+    stage = load_stage(path, map_location=device)
+    shards = shards or stage.cfg.data.get("val_shards")
+    if not shards:
+        raise ValueError(f"{path}: the run has no data.val_shards; pass --shards")
+    normalize = Normalize(stage.cfg.data.normalize)
+    ds = ShardDataset(shards, batch_size=batch_size, mode="epoch", image_size=stage.cfg.data.image_size,
+                      crop="center", tokenizer=stage.tokenizer, keep_json=True, shuffle_buffer=0,
+                      shuffle_shards=False, seed=0)
+    net = stage.net.to(device)
+    img, txt, captions, scenes = [], [], [], []
+    for batch in ds:
+        if not batch["__key__"]:
+            continue
+        out = net(normalize(batch["image"].to(device)), batch["tokens"].to(device))
+        img.append(out["image_features"].float().cpu())
+        txt.append(out["text_features"].float().cpu())
+        captions += batch["caption"]
+        scenes += [j.get("scene") for j in batch["json"]]
+    if not img:
+        raise ValueError(f"shards {shards!r}: no usable sample to evaluate")
+    img_t, txt_t = torch.cat(img), torch.cat(txt)
+    metrics = {"n": float(len(img_t)), "step": float(stage.global_step)}
+    metrics.update(retrieval_recall(img_t, txt_t, captions))
+    if stage.tokenizer is not None and all(s is not None for s in scenes):
+        metrics.update(zeroshot_synthetic(img_t, scenes, net.encode_text, stage.tokenizer, device=device))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval.zeroshot", description="Zero-shot and retrieval of a CLIP run")
+    p.add_argument("run", help="run directory (outputs/clip/<time>) or a checkpoint inside its checkpoints/")
+    p.add_argument("--shards", default=None, help="held-out shards (default: the run's data.val_shards)")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    args = p.parse_args(argv)
+    try:
+        metrics = evaluate_run(args.run, args.shards, args.batch, args.device)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(metrics, indent=2, sort_keys=True))
+    else:
+        print(f"{'metric':<24} {'value':>8}")
+        for key, value in sorted(metrics.items()):
+            count = key in ("n", "step") or key.endswith("_n")
+            print(f"{key:<24} {value:>8.0f}" if count else f"{key:<24} {value:>8.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -85,7 +85,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     tokenizer = datamodule.build_tokenizer()
     net = build_net(cfg, tokenizer)
-    module = instantiate(cfg.module, net=net, tokenizer=tokenizer)
+    module = instantiate(cfg.module, net=net, tokenizer=tokenizer, _convert_="all")  # plain hparams in ckpts
     n_params = sum(p.numel() for p in net.parameters())
     log.info("stage %s: %s with %.2fM parameters", cfg.stage_name, type(net).__name__, n_params / 1e6)
 

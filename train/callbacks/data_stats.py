@@ -35,7 +35,8 @@ class DataStats(pl.Callback):
         self._busy += now - self._step_start
         self._batch_end = now
         self._samples += len(batch["__key__"]) if "__key__" in batch else 0
-        if (trainer.global_step % max(trainer.log_every_n_steps, 1)) != 0:
+        last = trainer.is_last_batch or 0 < trainer.max_steps <= trainer.global_step
+        if trainer.global_step % max(trainer.log_every_n_steps, 1) and not last:
             return
         elapsed = now - self._window_start
         per_device = self._samples / max(elapsed, 1e-9)

@@ -4,7 +4,7 @@ The net (train/models/clip.py) is injected; this module wires the global-batch c
 (train/losses.py), AdamW with decay only on matrices, warm-up + cosine schedule, and evaluation:
 zero-shot accuracy and retrieval recall on the held-out shards (eval/zeroshot.py).
 
-Logged: ``train/loss``, ``train/logit_scale``, ``val/loss``, ``val/zeroshot_{colour,shape,count}_top1``,
+Logged: ``train/loss``, ``train/logit_scale``, ``train/lr``, ``val/loss``, ``val/zeroshot_{colour,shape,count}_top1``,
 ``val/zeroshot_top1``, ``val/{i2t,t2i}_r{1,5,10}``; learning rate and throughput come from callbacks.
 """
 
@@ -54,6 +54,7 @@ class ClipModule(pl.LightningModule):
         loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"])
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/logit_scale", out["logit_scale"].detach())
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
     # ---- evaluation -------------------------------------------------------------------------------

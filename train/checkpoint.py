@@ -1,0 +1,72 @@
+"""Load a trained stage back from its run directory, for evaluation, embedding export and sampling.
+
+A run directory (written by train/run.py) holds ``config.yaml`` (resolved), ``tokenizer.json`` and
+``checkpoints/*.ckpt``. Given the directory or one checkpoint inside ``<run>/checkpoints/``, this
+rebuilds the net from the config, loads the weights and the tokenizer. No Lightning module is built,
+so no optimizer or data pipeline is touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from data.tokenizer import Tokenizer
+
+
+@dataclass
+class LoadedStage:
+    cfg: DictConfig
+    net: torch.nn.Module
+    tokenizer: Tokenizer | None
+    checkpoint: Path
+    global_step: int
+
+
+def resolve_run(path: str | Path) -> tuple[Path, Path]:
+    """(run directory, checkpoint file) from either of them; clear errors for anything else."""
+    path = Path(path)
+    if path.is_dir():
+        ckpt = path / "checkpoints" / "last.ckpt"
+        if not ckpt.exists():
+            found = sorted((path / "checkpoints").glob("*.ckpt")) if (path / "checkpoints").is_dir() else []
+            if not found:
+                raise FileNotFoundError(f"{path}: no checkpoints/last.ckpt or checkpoints/*.ckpt in this run directory")
+            ckpt = found[-1]
+        return path, ckpt
+    if path.is_file():
+        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return run, path
+    raise FileNotFoundError(f"{path}: expected a run directory or a .ckpt file inside <run>/checkpoints/")
+
+
+def load_stage(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedStage:
+    run, ckpt_path = resolve_run(path)
+    cfg_path = run / "config.yaml"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{cfg_path}: the run's resolved config is missing (written by train.run at start)")
+    cfg = OmegaConf.load(cfg_path)
+    tok_path = run / "tokenizer.json"
+    tokenizer = Tokenizer.load(tok_path) if tok_path.exists() else None
+    net_cfg = cfg.net.copy()
+    if tokenizer is not None and "eot_id" in net_cfg:
+        with open_dict(net_cfg):
+            net_cfg.eot_id = tokenizer.eot_id
+    net = instantiate(net_cfg)
+    ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=False)
+    state = ckpt.get("state_dict", ckpt)
+    prefix = "net."
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not weights:
+        raise KeyError(f"{ckpt_path}: no 'net.*' tensors in the checkpoint's state_dict")
+    missing, unexpected = net.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise KeyError(f"{ckpt_path}: checkpoint does not match config.yaml's net: missing {missing[:5]}, "
+                       f"unexpected {unexpected[:5]}")
+    net.eval()
+    return LoadedStage(cfg=cfg, net=net, tokenizer=tokenizer, checkpoint=ckpt_path,
+                       global_step=int(ckpt.get("global_step", 0)))

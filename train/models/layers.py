@@ -1,0 +1,110 @@
+"""Transformer building blocks shared by CLIP and the diffusion prior.
+
+Parameter names follow open_clip (``resblocks.N.ln_1``, ``attn.in_proj_weight``, ``attn.out_proj``,
+``mlp.c_fc``, ``mlp.c_proj``) so that its state dicts map onto ours by name. Attention runs through
+``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU); the
+causal mask of the text tower is ``is_causal=True``, never a materialised (L, L) tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 and cast back (stable under bf16/fp16 autocast and half weights)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(dtype)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with nn.MultiheadAttention's parameter layout, computed with SDPA."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"attention width {width} is not divisible by heads={heads}")
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor, *, causal: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, w = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, N, 3W)
+        q, k, v = qkv.view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, W/H)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, w))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(width, hidden)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class ResidualBlock(nn.Module):
+    """Pre-norm block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.ln_1 = LayerNorm(width)
+        self.attn = SelfAttention(width, heads)
+        self.ln_2 = LayerNorm(width)
+        self.mlp = MLP(width, int(width * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, causal: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal=causal, attn_mask=attn_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of residual blocks on (B, N, W) tensors, with optional per-block activation checkpointing."""
+
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, *, causal: bool = False,
+                 grad_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.width, self.layers, self.causal = width, layers, causal
+        self.grad_checkpointing = grad_checkpointing
+        self.resblocks = nn.ModuleList([ResidualBlock(width, heads, mlp_ratio) for _ in range(layers)])
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        for block in self.resblocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, self.causal, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, self.causal, attn_mask)
+        return x
+
+    def init_weights(self) -> None:
+        """CLIP's scheme: attention and MLP input std width^-0.5, output projections scaled by depth."""
+        proj_std = self.width**-0.5 * (2 * self.layers) ** -0.5
+        attn_std = self.width**-0.5
+        fc_std = (2 * self.width) ** -0.5
+        for block in self.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+
+
+def transformer_flops(width: int, layers: int, tokens: int, mlp_ratio: float = 4.0, causal: bool = False) -> float:
+    """Forward FLOPs (multiply-add = 2) of a transformer stack on one sequence of ``tokens``."""
+    hidden = int(width * mlp_ratio)
+    dense = 2 * tokens * (3 * width * width + width * width + 2 * width * hidden)
+    attn = 2 * 2 * tokens * tokens * width * (0.5 if causal else 1.0)  # QK^T and AV
+    return layers * (dense + attn)
