@@ -198,6 +198,7 @@ class Tokenizer:
             if context_length < 2:
                 raise ValueError(f"context_length must be >= 2 (sot + eot), got {context_length}")
             engine = HFTokenizer.from_str(self._hf.to_str())
+            engine.encode_special_tokens = True  # not serialised: typed "<|endoftext|>" stays text
             # With a post-processor, HF truncates the text to context_length - 2 and then adds sot/eot.
             engine.enable_truncation(max_length=context_length, strategy="longest_first", direction="right")
             engine.enable_padding(
