@@ -1,4 +1,4 @@
-"""CLIP model: shapes, pooling, causality, checkpointing, named architectures, attention layout."""
+"""CLIP model: shapes, pooling, causality, checkpointing, named architectures, attention layout, FLOPs."""
 
 from __future__ import annotations
 
@@ -9,18 +9,21 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
-from train.models.clip import CLIP
-from train.models.layers import SelfAttention
+from train.models.clip import CLIP, flops_per_sample, from_open_clip_state_dict
+from train.models.layers import SelfAttention, Transformer
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "net"
 EOT = 2
+VISION = dict(image_size=16, patch_size=4, width=32, layers=2, heads=4)
+TEXT = dict(context_length=8, vocab_size=50, width=32, layers=2, heads=4)
 
 
 def tiny(**kw) -> CLIP:
     torch.manual_seed(0)
-    return CLIP(embed_dim=16, vision=dict(image_size=16, patch_size=4, width=32, layers=2, heads=4),
-                text=dict(context_length=8, vocab_size=50, width=32, layers=2, heads=4), eot_id=EOT, **kw)
+    return CLIP(embed_dim=16, vision=VISION, text=TEXT, eot_id=EOT, **kw)
 
 
 def tokens(batch: int = 3) -> torch.Tensor:
@@ -38,9 +41,34 @@ def test_forward_shapes_unit_norm_and_logit_scale():
     torch.testing.assert_close(out["image_features"].norm(dim=-1), torch.ones(3))
     torch.testing.assert_close(out["text_features"].norm(dim=-1), torch.ones(3))
     assert out["logit_scale"].item() == pytest.approx(1 / 0.07, rel=1e-5)
+    out["logit_scale"].backward()
+    assert net.logit_scale.grad.item() == pytest.approx(1 / 0.07, rel=1e-5), (
+        "d exp(s)/ds = exp(s) below the clamp"
+    )
     with torch.no_grad():
         net.logit_scale.fill_(math.log(500))
-    assert net(torch.randn(1, 3, 16, 16), tokens(1))["logit_scale"].item() == pytest.approx(100)
+    net.logit_scale.grad = None
+    scale = net(torch.randn(1, 3, 16, 16), tokens(1))["logit_scale"]
+    assert scale.item() == pytest.approx(100)
+    scale.backward()
+    assert net.logit_scale.grad.item() == 0, "clamped: no gradient pushes the scale further"
+    unnormalised = net.encode_image(torch.randn(2, 3, 16, 16), normalize=False)
+    assert not torch.allclose(unnormalised.norm(dim=-1), torch.ones(2))
+
+
+def test_clip_initialisation_scales():
+    torch.manual_seed(0)
+    net = CLIP(
+        embed_dim=64, vision=dict(VISION, width=256), text=dict(TEXT, vocab_size=4000, width=256), eot_id=3
+    )
+    std = lambda p: p.detach().std().item()  # noqa: E731
+    assert std(net.text.token_embedding.weight) == pytest.approx(0.02, rel=0.05)
+    assert std(net.text.positional_embedding) == pytest.approx(0.01, rel=0.15)
+    assert std(net.text.text_projection) == pytest.approx(256**-0.5, rel=0.05)
+    assert std(net.visual.proj) == pytest.approx(256**-0.5, rel=0.05)
+    block = net.text.transformer.resblocks[0]
+    assert std(block.attn.in_proj_weight) == pytest.approx(256**-0.5, rel=0.05)
+    assert std(block.mlp.c_proj.weight) == pytest.approx(256**-0.5 * 4**-0.5, rel=0.05)  # 2 x 2 layers
 
 
 def test_text_pools_at_first_eot_and_ignores_what_follows():
@@ -52,66 +80,138 @@ def test_text_pools_at_first_eot_and_ignores_what_follows():
     after[:, 7] = EOT  # a second eot does not move the pooling position
     torch.testing.assert_close(net.encode_text(after), base)
     before = t.clone()
-    before[:, 3] = 9 if before[0, 3] != 9 else 10
-    assert not torch.allclose(net.encode_text(before)[0], base[0])
+    before[:, 3] = torch.where(before[:, 3] == 9, 10, 9)
+    changed = net.encode_text(before)
+    assert all(not torch.allclose(changed[i], base[i]) for i in range(3))
     no_eot = t.clone()
     no_eot[no_eot == EOT] = 5
     assert (net.text.pool_index(no_eot) == 7).all(), "a row without eot pools its last position"
+    mixed = torch.tensor([[1, EOT, 4, 4, 4, 4, 4, 4], [1, 4, 4, 4, 4, 4, 4, 49], [EOT] * 8])
+    assert net.text.pool_index(mixed).tolist() == [1, 7, 0], "eot need not be the largest id"
+
+
+def test_eot_defaults_to_the_last_vocabulary_id():
+    net = CLIP(embed_dim=8, vision=VISION, text=TEXT)
+    assert net.text.eot_id == TEXT["vocab_size"] - 1
 
 
 def test_text_transformer_is_causal():
     net = tiny().eval()
     t = tokens(1)
     h = net.text.hidden_states(t)
-    t2 = t.clone()
-    t2[0, 4] = 11 if t[0, 4] != 11 else 12
-    h2 = net.text.hidden_states(t2)
-    torch.testing.assert_close(h2[0, :4], h[0, :4])
-    assert not torch.allclose(h2[0, 4:], h[0, 4:])
+    for i in range(1, 8):
+        t2 = t.clone()
+        t2[0, i] = 11 if t[0, i] != 11 else 12
+        h2 = net.text.hidden_states(t2)
+        torch.testing.assert_close(h2[0, :i], h[0, :i], rtol=0, atol=1e-6)
+        assert not torch.allclose(h2[0, i:], h[0, i:])
+
+
+def test_vision_transformer_is_not_causal():
+    net = tiny().eval()
+    x = torch.randn(1, 3, 16, 16)
+    y = x.clone()
+    y[..., -4:, -4:] += 1  # only the last patch
+    assert not torch.allclose(net.encode_image(x), net.encode_image(y)), "the class token sees every patch"
 
 
 def test_grad_checkpointing_gives_identical_loss_and_gradients():
     images, toks = torch.randn(4, 3, 16, 16), tokens(4)
-    grads = []
+    results = []
     for ckpt in (False, True):
         net = tiny(grad_checkpointing=ckpt).train()
         out = net(images, toks)
         loss = (out["logit_scale"] * out["image_features"] @ out["text_features"].T).logsumexp(-1).mean()
         loss.backward()
-        grads.append((loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}))
-    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
-    for name, g in grads[0][1].items():
-        torch.testing.assert_close(grads[1][1][name], g, rtol=1e-6, atol=1e-7, msg=name)
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}))
+    (loss0, grads0), (loss1, grads1) = results
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads1[name], g, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_grad_checkpointing_recomputes_blocks_only_in_training(monkeypatch):
+    import train.models.layers as layers
+
+    calls = []
+    real = layers.checkpoint
+    monkeypatch.setattr(layers, "checkpoint", lambda *a, **k: calls.append(k) or real(*a, **k))
+    net = tiny()
+    net.set_grad_checkpointing(True)
+    net(torch.randn(2, 3, 16, 16), tokens(2))
+    assert len(calls) == 4 and all(k == {"use_reentrant": False} for k in calls)  # 2 + 2 blocks
+    net.eval()
+    net(torch.randn(2, 3, 16, 16), tokens(2))
+    net.train()
+    with torch.no_grad():
+        net(torch.randn(2, 3, 16, 16), tokens(2))
+    net.set_grad_checkpointing(False)
+    net(torch.randn(2, 3, 16, 16), tokens(2))
+    assert len(calls) == 4
 
 
 def test_wrong_inputs_name_the_option():
     net = tiny()
-    with pytest.raises(ValueError, match=r"net.vision.image_size=16: expected images \(B, 3, 16, 16\), got \(2, 3, 32, 32\)"):
+    with pytest.raises(ValueError, match=r"net.vision.image_size=16 but images are 32x32 \(data.image_size"):
         net.encode_image(torch.randn(2, 3, 32, 32))
-    with pytest.raises(ValueError, match=r"net.text.context_length=8.*data.tokenizer.context_length"):
+    with pytest.raises(ValueError, match=r"expected images \(B, 3, 16, 16\), got \(2, 1, 16, 16\)"):
+        net.encode_image(torch.randn(2, 1, 16, 16))
+    with pytest.raises(
+        ValueError, match=r"net.text.context_length=8 but tokens have length 9.*data.tokenizer"
+    ):
         net.encode_text(torch.zeros(2, 9, dtype=torch.long))
-    with pytest.raises(ValueError, match="not divisible by net.vision.patch_size"):
-        CLIP(8, dict(image_size=30, patch_size=4, width=8, layers=1, heads=1),
-             dict(context_length=4, vocab_size=10, width=8, layers=1, heads=1))
+    with pytest.raises(
+        ValueError, match="net.vision.image_size=30 is not divisible by net.vision.patch_size=4"
+    ):
+        CLIP(8, dict(VISION, image_size=30), TEXT)
     with pytest.raises(ValueError, match="net.eot_id=99 is outside the vocabulary"):
-        CLIP(8, dict(image_size=8, patch_size=4, width=8, layers=1, heads=1),
-             dict(context_length=4, vocab_size=10, width=8, layers=1, heads=1), eot_id=99)
+        CLIP(8, VISION, TEXT, eot_id=99)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) net.text.ctx_len"):
+        CLIP(8, VISION, dict(TEXT, ctx_len=3))
+    with pytest.raises(ValueError, match=r"missing option\(s\) net.vision.heads"):
+        CLIP(8, {k: v for k, v in VISION.items() if k != "heads"}, TEXT)
+    with pytest.raises(ValueError, match="not divisible by heads=3"):
+        CLIP(8, dict(VISION, heads=3), TEXT)
 
 
-@pytest.mark.parametrize(("name", "params"), [("clip_vit_b32", 151_277_313), ("clip_vit_b16", 149_620_737),
-                                              ("clip_vit_l14", 427_616_513), ("clip_vit_h16_256", 986_339_841)])
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("clip_vit_b32", 151_277_313),  # open_clip ViT-B-32
+        ("clip_vit_b16", 149_620_737),  # open_clip ViT-B-16
+        ("clip_vit_l14", 427_616_513),  # open_clip ViT-L-14
+        ("clip_vit_h16_256", 986_339_841),  # DALL-E 2's CLIP: ViT-H/16 at 256 px (pinned, no open_clip twin)
+    ],
+)
 def test_named_architectures_match_open_clip_parameter_counts(name, params):
     cfg = OmegaConf.load(CONF / f"{name}.yaml")
-    with torch.device("meta"):
+    assert cfg.eot_id is None
+    with torch.device("meta"):  # no memory, no initialisation cost
         net = instantiate(cfg)
     assert sum(p.numel() for p in net.parameters()) == params
     assert net.text.eot_id == 49407, "CLIP's vocabulary: eot is the last id when the config leaves it null"
+    cfg.eot_id = 49407
+    with torch.device("meta"):
+        assert instantiate(cfg).text.eot_id == 49407
+
+
+def test_h16_256_is_the_dalle2_clip():
+    cfg = OmegaConf.load(CONF / "clip_vit_h16_256.yaml")
+    assert (cfg.embed_dim, cfg.vision.image_size, cfg.vision.patch_size) == (1024, 256, 16)
+    assert (cfg.vision.width, cfg.vision.layers, cfg.vision.heads) == (1280, 32, 16)
+    assert (cfg.text.width, cfg.text.layers, cfg.text.heads) == (1024, 24, 16)
 
 
 def test_tiny_config_instantiates_and_runs():
-    net = instantiate(OmegaConf.load(CONF / "clip_tiny.yaml"), eot_id=2)
+    cfg = OmegaConf.load(CONF / "clip_tiny.yaml")
+    cfg.eot_id = 2  # what train/run.py sets from the tokenizer
+    net = instantiate(cfg)
+    assert net.text.eot_id == 2 and isinstance(net.vision_cfg, dict)
     out = net(torch.randn(2, 3, 64, 64), torch.full((2, 32), 2))
     assert out["image_features"].shape == (2, 128)
+    assert sum(p.numel() for p in net.parameters()) < 2_000_000, (
+        "clip_tiny must train in minutes on 2 CPU cores"
+    )
 
 
 def test_sdpa_attention_equals_torch_multihead_attention_with_the_same_weights():
@@ -119,8 +219,57 @@ def test_sdpa_attention_equals_torch_multihead_attention_with_the_same_weights()
     ours = SelfAttention(32, 4)
     ref = torch.nn.MultiheadAttention(32, 4, batch_first=True)
     ref.load_state_dict(ours.state_dict(), strict=True)  # identical parameter names and shapes
+    with torch.no_grad():
+        ref.in_proj_bias.normal_()  # non-zero biases, copied into ours
+        ours.in_proj_bias.copy_(ref.in_proj_bias)
     x = torch.randn(2, 7, 32)
     torch.testing.assert_close(ours(x), ref(x, x, x, need_weights=False)[0], rtol=1e-5, atol=1e-6)
     mask = torch.triu(torch.full((7, 7), float("-inf")), diagonal=1)
-    torch.testing.assert_close(ours(x, causal=True), ref(x, x, x, attn_mask=mask, need_weights=False)[0],
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        ours(x, causal=True), ref(x, x, x, attn_mask=mask, need_weights=False)[0], rtol=1e-5, atol=1e-6
+    )
+
+
+def test_state_dict_names_follow_open_clip():
+    net = tiny()
+    keys = set(net.state_dict())
+    assert {
+        "visual.conv1.weight",
+        "visual.class_embedding",
+        "visual.positional_embedding",
+        "visual.proj",
+        "visual.transformer.resblocks.1.attn.in_proj_weight",
+        "visual.transformer.resblocks.1.mlp.c_fc.weight",
+        "text.token_embedding.weight",
+        "text.text_projection",
+        "text.ln_final.weight",
+        "text.transformer.resblocks.0.ln_1.weight",
+        "logit_scale",
+    } <= keys
+    # open_clip's CLIP keeps the text tower at the top level: strip our prefix, map back, load strictly.
+    theirs = {k.removeprefix("text."): v for k, v in net.state_dict().items()}
+    assert "token_embedding.weight" in theirs and "visual.conv1.weight" in theirs
+    other = tiny()
+    other.load_state_dict(from_open_clip_state_dict({**theirs, "attn_mask": torch.zeros(8, 8)}), strict=True)
+
+
+def test_flops_per_sample_matches_torch_flop_counter():
+    """The matmul FLOPs counted by torch (SDPA in its math form, which computes the full causal square)."""
+    net = tiny()
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        net(torch.randn(1, 3, 16, 16), tokens(1))
+    text_attention = TEXT["layers"] * 4 * TEXT["context_length"] ** 2 * TEXT["width"]  # full square
+    assert flops_per_sample(net) == counter.get_total_flops() - text_attention / 2  # we count the causal half
+    assert flops_per_sample(net) == net.flops_per_sample()
+    cfg = OmegaConf.load(CONF / "clip_vit_b16.yaml")
+    # open_clip's model profile for ViT-B-16: 17.58 image + 2.91 text GMACs per sample (1 MAC = 2 FLOPs)
+    assert flops_per_sample(cfg) == pytest.approx(2 * (17.58e9 + 2.91e9), rel=0.02)
+
+
+def test_transformer_rejects_mask_and_causal_together():
+    block = Transformer(8, 1, 2, causal=True)
+    x = torch.randn(1, 3, 8)
+    mask = torch.zeros(3, 3)
+    assert block(x, attn_mask=mask).shape == x.shape  # an explicit mask replaces is_causal
+    with pytest.raises(ValueError, match="either causal=True or an explicit attn_mask"):
+        block.resblocks[0].attn(x, causal=True, attn_mask=mask)

@@ -1,21 +1,37 @@
-"""Contrastive loss over the global batch ("local loss, gather with grad").
+"""Symmetric contrastive (InfoNCE) loss over the GLOBAL batch, for CLIP pretraining.
 
-Each rank holds B image and B text features. They are all-gathered so every rank sees the global
-batch of N = world x B pairs. With ``local_loss`` a rank computes only its own B rows of the logits
-against all N columns (labels ``rank * B + arange(B)``): O(B x N) memory instead of O(N x N).
+Each of ``world`` ranks holds B image and B text features (L2-normalised, same B on every rank). They
+are all-gathered so every rank sees the global batch of N = world x B pairs, ranks in order. The loss is
+``(CE(logits, labels) + CE(logits^T, labels)) / 2`` with ``logits = logit_scale * img @ txt^T``.
 
-Gradient scaling (why it is exact). The single-process loss over the global batch is
-``L = (1/N) sum_i l_i`` (image and text directions averaged). Rank r's local loss is
-``L_r = (1/B) sum_{i in r} l_i``, so ``L = (1/world) sum_r L_r``. ``dL_r/df`` reaches features of every
-rank through the gather; the gather's backward sums, over ranks, the gradients with respect to each
-gathered slice (all_reduce SUM, then each rank keeps its slice), so rank r's features receive
-``sum_s dL_s/df_r``. DDP then averages parameter gradients over ranks: ``(1/world) sum_s dL_s/dtheta``
-= ``dL/dtheta``. Loss and gradients therefore equal the single-process run exactly (up to float
-summation order). Without ``local_loss`` each rank computes the full N x N logits and its loss is L
-itself; the gather backward sums ``world`` identical copies of dL/df_r and DDP's mean divides by
-``world``: exact again, at O(N x N) memory per rank. ``gather_with_grad=False`` treats other ranks'
-features as constants: cheaper, but rank r's features then get only its own loss's gradient, so the
-gradients differ from the global loss (the 2-process test checks both facts).
+- ``local_loss=True``: rank r computes only its own B rows against all N columns, for images
+  (``img_r @ txt_all^T``) and for texts (``txt_r @ img_all^T``), labels ``r * B + arange(B)``:
+  O(B x N) memory per rank instead of O(N x N).
+- ``local_loss=False``: every rank computes the full N x N logits (the same loss value on every rank).
+- ``gather_with_grad=True``: the gather is differentiable (``_GatherWithGrad``): its backward sums the
+  gradient of the gathered tensor over ranks (all_reduce SUM; gloo has no reduce_scatter) and each rank
+  keeps its own slice. With False, other ranks' features are constants.
+
+Gradient scaling, derived. Let l_i be pair i's loss (its image row and text row, averaged) so the
+single-process loss over the concatenated batch is ``L = (1/N) sum_i l_i``. Lightning/DDP backpropagates
+each rank's loss and then AVERAGES parameter gradients over ranks.
+
+* local loss, with grad: ``L_r = (1/B) sum_{i in r} l_i``, so ``L = (1/world) sum_r L_r`` (the logged
+  mean of the rank losses equals L). ``L_r`` depends on rank s's features through the gather; the gather
+  backward hands rank s ``sum_r dL_r/df_s``, so rank s's parameter gradient is ``sum_r dL_r/dtheta``
+  restricted to the path through f_s. DDP's mean gives
+  ``(1/world) sum_s sum_r dL_r/dtheta|f_s = (1/world) sum_r dL_r/dtheta = dL/dtheta``. ``logit_scale``
+  is used directly on every rank: ``(1/world) sum_r dL_r/ds = dL/ds``. Exact, no extra factor.
+* full loss, with grad: every rank's loss IS L; rank s receives ``sum_r dL/df_s = world x dL/df_s``
+  and DDP's mean divides by world: exact again (``logit_scale``: mean of world equal copies of dL/ds).
+* without grad, the loss value is unchanged but rank r's features receive only the gradient of its own
+  loss. Local loss: ``(1/world) sum_r dL_r/dtheta|f_r`` loses every cross-rank term (how rank r's
+  features act as negatives for other ranks' rows): a different, not just rescaled, gradient. Full loss:
+  rank r gets ``dL/df_r`` exactly, so after DDP's mean the tower gradients are exactly ``1/world`` of
+  the global-batch gradient while ``logit_scale``'s is exact (tests/test_losses.py checks all four).
+
+Exact means up to float32 summation order; tests/test_losses.py compares 2 gloo processes under DDP
+with one process over the concatenated batch. A single process (or world size 1) needs no gathering.
 """
 
 from __future__ import annotations
@@ -27,7 +43,7 @@ from torch import nn
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0 whose backward returns this rank's slice of the summed gradients."""
+    """all_gather along dim 0 whose backward returns this rank's slice of the gradients summed over ranks."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
@@ -39,23 +55,34 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
+        # A copy: the all_reduce is in place and autograd's incoming gradient must not be modified.
+        grad = grad.clone(memory_format=torch.contiguous_format)
         # all_reduce + slice rather than reduce_scatter: gloo (CPU) has no reduce_scatter.
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         return grad.chunk(ctx.world, dim=0)[ctx.rank], None
 
 
 def gather_features(x: torch.Tensor, *, with_grad: bool, group=None) -> torch.Tensor:
-    """(B, D) per rank -> (world x B, D), ranks in order; with_grad keeps this rank's slice differentiable."""
+    """(B, D) per rank -> (world x B, D), ranks in order.
+
+    ``with_grad``: differentiable through every rank (``_GatherWithGrad``); otherwise only this rank's
+    own slice (the input tensor itself) carries a gradient.
+    """
     if with_grad:
         return _GatherWithGrad.apply(x, group)
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.detach().contiguous(), group=group)
-    parts[dist.get_rank(group)] = x  # own features keep their gradient
+    parts[dist.get_rank(group)] = x
     return torch.cat(parts, dim=0)
 
 
+def _symmetric_ce(logits_img: torch.Tensor, logits_txt: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return (F.cross_entropy(logits_img, labels) + F.cross_entropy(logits_txt, labels)) / 2
+
+
 class ClipLoss(nn.Module):
+    """CLIP's symmetric cross-entropy over the global batch; see the module docstring for the scaling."""
+
     def __init__(self, local_loss: bool = True, gather_with_grad: bool = True) -> None:
         super().__init__()
         self.local_loss = local_loss
@@ -63,34 +90,44 @@ class ClipLoss(nn.Module):
         self._labels: dict[tuple[torch.device, int, int], torch.Tensor] = {}
 
     def _targets(self, device: torch.device, n: int, offset: int) -> torch.Tensor:
+        """arange(offset, offset + n), cached per (device, size, offset)."""
         key = (device, n, offset)
         if key not in self._labels:
             self._labels[key] = torch.arange(offset, offset + n, device=device)
         return self._labels[key]
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
-                logit_scale: torch.Tensor) -> torch.Tensor:
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if world == 1:
-            logits = logit_scale * image_features @ text_features.T
-            labels = self._targets(logits.device, logits.shape[0], 0)
-            return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-
-        size = torch.tensor([image_features.shape[0]], device=image_features.device)
+    def _check_equal_batches(self, b: int, device: torch.device, world: int) -> None:
+        size = torch.tensor([b], device=device)
         sizes = [torch.empty_like(size) for _ in range(world)]
         dist.all_gather(sizes, size)
-        if any(int(s) != image_features.shape[0] for s in sizes):
-            raise ValueError(f"ClipLoss needs the same per-device batch on every rank, got {[int(s) for s in sizes]} "
-                             "(the training loader drops short batches: keep drop_last)")
-        rank = dist.get_rank()
+        sizes_list = [int(s) for s in sizes]
+        if any(s != b for s in sizes_list):
+            raise ValueError(
+                f"ClipLoss needs the same per-device batch size on every rank, got {sizes_list} "
+                "(keep drop_last=True for training so no rank sees a short final batch)"
+            )
+
+    def forward(
+        self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+    ) -> torch.Tensor:
+        if image_features.shape != text_features.shape:
+            raise ValueError(
+                f"image features {tuple(image_features.shape)} and text features "
+                f"{tuple(text_features.shape)} must have the same shape (B, D)"
+            )
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        b = image_features.shape[0]
+        if world == 1:
+            logits = logit_scale * image_features @ text_features.T
+            return _symmetric_ce(logits, logits.T, self._targets(logits.device, b, 0))
+
+        self._check_equal_batches(b, image_features.device, world)
         all_img = gather_features(image_features, with_grad=self.gather_with_grad)
         all_txt = gather_features(text_features, with_grad=self.gather_with_grad)
-        b = image_features.shape[0]
         if self.local_loss:
-            logits_i = logit_scale * image_features @ all_txt.T  # (B, N): my images vs every text
-            logits_t = logit_scale * text_features @ all_img.T  # (B, N): my texts vs every image
-            labels = self._targets(logits_i.device, b, rank * b)
-            return (F.cross_entropy(logits_i, labels) + F.cross_entropy(logits_t, labels)) / 2
+            logits_img = logit_scale * image_features @ all_txt.T  # (B, N): my images vs every text
+            logits_txt = logit_scale * text_features @ all_img.T  # (B, N): my texts vs every image
+            labels = self._targets(logits_img.device, b, dist.get_rank() * b)
+            return _symmetric_ce(logits_img, logits_txt, labels)
         logits = logit_scale * all_img @ all_txt.T  # (N, N)
-        labels = self._targets(logits.device, logits.shape[0], 0)
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        return _symmetric_ce(logits, logits.T, self._targets(logits.device, logits.shape[0], 0))

@@ -10,10 +10,15 @@
   the first end-of-text token (``eot_id``, set from the tokenizer; a row without one pools its last
   position) -> ``text_projection``. open_clip pools at ``argmax(token id)``, the same position when
   eot has the largest id, as in CLIP's vocabulary; a BPE trained on our captions puts eot elsewhere.
-- ``logit_scale`` is learned in log space, initialised to log(1/0.07) and clamped at 100 after exp.
+- ``logit_scale`` is learned in log space, initialised to log(1/0.07); ``forward`` returns its exp
+  clamped at ``max_logit_scale`` (100).
+- Initialisation follows CLIP: token embedding std 0.02, text positions 0.01, transformer weights scaled
+  by width and depth (``Transformer.init_weights``), projections width^-0.5.
 
-Names follow open_clip (``visual.*`` = its ``visual.*``; ``text.*`` = its top-level text tower), so its
-state dicts map onto ours by a fixed rename (train/models/openclip_import.py).
+Names and shapes follow open_clip: our ``visual.*`` and ``logit_scale`` are its keys verbatim, our
+``text.*`` is its top-level text tower (``token_embedding``, ``positional_embedding``, ``transformer``,
+``ln_final``, ``text_projection``), so its state dicts load after ``from_open_clip_state_dict``.
+``flops_per_sample`` gives the forward FLOPs of one image-text pair, for MFU.
 """
 
 from __future__ import annotations
@@ -28,20 +33,54 @@ from torch import nn
 
 from train.models.layers import LayerNorm, Transformer, transformer_flops
 
+VISION_KEYS = {"image_size", "patch_size", "width", "layers", "heads", "mlp_ratio"}
+TEXT_KEYS = {"context_length", "vocab_size", "width", "layers", "heads", "mlp_ratio"}
+TEXT_TOWER = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 
-def _plain(cfg: Mapping[str, Any] | Any) -> dict[str, Any]:
-    """A plain dict from a dict or an omegaconf DictConfig (Hydra passes nested configs as DictConfig)."""
-    if hasattr(cfg, "items"):
-        return {k: v for k, v in cfg.items()}
-    raise TypeError(f"expected a mapping, got {type(cfg).__name__}")
+
+def _plain(cfg: Mapping[str, Any] | Any, option: str, allowed: set[str]) -> dict[str, Any]:
+    """A plain dict from a dict or an omegaconf DictConfig (Hydra passes nested configs as DictConfig),
+    with unknown or missing keys reported by their config path."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency, but the model does not need it
+        pass
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"{option} must be a mapping, got {type(cfg).__name__}")
+    cfg = dict(cfg)
+    unknown = sorted(set(cfg) - allowed)
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(f'{option}.{k}' for k in unknown)}; "
+            f"valid: {', '.join(sorted(allowed))}"
+        )
+    missing = sorted(allowed - {"mlp_ratio"} - set(cfg))
+    if missing:
+        raise ValueError(f"missing option(s) {', '.join(f'{option}.{k}' for k in missing)}")
+    return cfg
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, *, image_size: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int,
-                 mlp_ratio: float = 4.0, grad_checkpointing: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        patch_size: int,
+        width: int,
+        layers: int,
+        heads: int,
+        output_dim: int,
+        mlp_ratio: float = 4.0,
+        grad_checkpointing: bool = False,
+    ) -> None:
         super().__init__()
         if image_size % patch_size:
-            raise ValueError(f"net.vision.image_size={image_size} is not divisible by net.vision.patch_size={patch_size}")
+            raise ValueError(
+                f"net.vision.image_size={image_size} is not divisible by net.vision.patch_size={patch_size}"
+            )
         self.image_size, self.patch_size, self.width = image_size, patch_size, width
         self.grid = image_size // patch_size
         scale = width**-0.5
@@ -55,9 +94,13 @@ class VisionTransformer(nn.Module):
         self.transformer.init_weights()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"net.vision.image_size={self.image_size}: expected images (B, 3, {self.image_size}, "
-                             f"{self.image_size}), got {tuple(images.shape)}")
+        """(B, 3, H, W) normalised images -> (B, D) unnormalised embeddings."""
+        s = self.image_size
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images (B, 3, {s}, {s}), got {tuple(images.shape)}")
+        if tuple(images.shape[-2:]) != (s, s):
+            h, w = images.shape[-2:]
+            raise ValueError(f"net.vision.image_size={s} but images are {h}x{w} (data.image_size must match)")
         x = self.conv1(images.to(self.conv1.weight.dtype))  # (B, W, g, g)
         x = x.flatten(2).transpose(1, 2)  # (B, g*g, W)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
@@ -67,16 +110,30 @@ class VisionTransformer(nn.Module):
 
 
 class TextTransformer(nn.Module):
-    def __init__(self, *, context_length: int, vocab_size: int, width: int, layers: int, heads: int, output_dim: int,
-                 eot_id: int, mlp_ratio: float = 4.0, grad_checkpointing: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        context_length: int,
+        vocab_size: int,
+        width: int,
+        layers: int,
+        heads: int,
+        output_dim: int,
+        eot_id: int,
+        mlp_ratio: float = 4.0,
+        grad_checkpointing: bool = False,
+    ) -> None:
         super().__init__()
         if not 0 <= eot_id < vocab_size:
-            raise ValueError(f"net.eot_id={eot_id} is outside the vocabulary (net.text.vocab_size={vocab_size})")
+            raise ValueError(
+                f"net.eot_id={eot_id} is outside the vocabulary (net.text.vocab_size={vocab_size})"
+            )
         self.context_length, self.vocab_size, self.eot_id = context_length, vocab_size, eot_id
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
-        self.transformer = Transformer(width, layers, heads, mlp_ratio, causal=True,
-                                       grad_checkpointing=grad_checkpointing)
+        self.transformer = Transformer(
+            width, layers, heads, mlp_ratio, causal=True, grad_checkpointing=grad_checkpointing
+        )
         self.ln_final = LayerNorm(width)
         self.text_projection = nn.Parameter(torch.empty(width, output_dim))
         nn.init.normal_(self.token_embedding.weight, std=0.02)
@@ -87,35 +144,50 @@ class TextTransformer(nn.Module):
     def pool_index(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B,) position of the first eot token per row; the last position where a row has none."""
         is_eot = tokens == self.eot_id
-        first = is_eot.int().argmax(dim=1)
+        first = is_eot.int().argmax(dim=1)  # argmax returns the first maximal index
         return torch.where(is_eot.any(dim=1), first, torch.full_like(first, tokens.shape[1] - 1))
 
     def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L, W) per-token features after ``ln_final`` (the prior and decoder consume these)."""
-        if tokens.ndim != 2 or tokens.shape[1] != self.context_length:
-            raise ValueError(f"net.text.context_length={self.context_length}: expected tokens (B, "
-                             f"{self.context_length}), got {tuple(tokens.shape)} (set data.tokenizer.context_length)")
+        if tokens.ndim != 2:
+            raise ValueError(f"expected tokens (B, {self.context_length}), got {tuple(tokens.shape)}")
+        if tokens.shape[1] != self.context_length:
+            raise ValueError(
+                f"net.text.context_length={self.context_length} but tokens have length {tokens.shape[1]} "
+                "(data.tokenizer.context_length must match)"
+            )
         x = self.token_embedding(tokens) + self.positional_embedding.to(self.token_embedding.weight.dtype)
         return self.ln_final(self.transformer(x))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids -> (B, D) unnormalised embeddings."""
         x = self.hidden_states(tokens)
         pooled = x[torch.arange(x.shape[0], device=x.device), self.pool_index(tokens)]  # (B, W)
         return pooled @ self.text_projection  # (B, D)
 
 
 class CLIP(nn.Module):
-    def __init__(self, embed_dim: int, vision: Mapping[str, Any], text: Mapping[str, Any], eot_id: int | None = None,
-                 grad_checkpointing: bool = False, init_logit_scale: float = math.log(1 / 0.07),
-                 max_logit_scale: float = 100.0) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        vision: Mapping[str, Any],
+        text: Mapping[str, Any],
+        eot_id: int | None = None,
+        grad_checkpointing: bool = False,
+        init_logit_scale: float = math.log(1 / 0.07),
+        max_logit_scale: float = 100.0,
+    ) -> None:
         super().__init__()
-        vision, text = _plain(vision), _plain(text)
+        vision = _plain(vision, "net.vision", VISION_KEYS)
+        text = _plain(text, "net.text", TEXT_KEYS)
         self.embed_dim = embed_dim
         self.vision_cfg, self.text_cfg = vision, text
         if eot_id is None:
             eot_id = text["vocab_size"] - 1  # CLIP's vocabulary: <|endoftext|> is the last id
         self.visual = VisionTransformer(**vision, output_dim=embed_dim, grad_checkpointing=grad_checkpointing)
-        self.text = TextTransformer(**text, output_dim=embed_dim, eot_id=eot_id, grad_checkpointing=grad_checkpointing)
+        self.text = TextTransformer(
+            **text, output_dim=embed_dim, eot_id=int(eot_id), grad_checkpointing=grad_checkpointing
+        )
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.max_logit_scale = max_logit_scale
 
@@ -139,12 +211,47 @@ class CLIP(nn.Module):
         }
 
     def flops_per_sample(self) -> float:
-        """Forward FLOPs for one image-text pair (matmuls and attention; x3 for a training step)."""
-        v, t = self.vision_cfg, self.text_cfg
-        patches = (v["image_size"] // v["patch_size"]) ** 2
-        vision = (2 * patches * 3 * v["patch_size"] ** 2 * v["width"]
-                  + transformer_flops(v["width"], v["layers"], patches + 1, v.get("mlp_ratio", 4.0))
-                  + 2 * v["width"] * self.embed_dim)
-        text = (transformer_flops(t["width"], t["layers"], t["context_length"], t.get("mlp_ratio", 4.0), causal=True)
-                + 2 * t["width"] * self.embed_dim)
-        return float(vision + text)
+        """Forward FLOPs for one image-text pair (see the module-level ``flops_per_sample``)."""
+        return flops_per_sample(
+            {"embed_dim": self.embed_dim, "vision": self.vision_cfg, "text": self.text_cfg}
+        )
+
+
+def flops_per_sample(net: CLIP | Mapping[str, Any]) -> float:
+    """Approximate forward FLOPs (multiply-add = 2) of one image-text pair, from a CLIP or its config.
+
+    Counts the patch embedding, every matmul of both towers (``transformer_flops``: dense layers plus
+    attention, the text tower's causal attention halved) and the two output projections; not norms,
+    softmax, GELU, or the B x B logits of the loss. A training step costs about 3x this (forward +
+    backward), plus one more forward per checkpointed block with ``grad_checkpointing``. For MFU:
+    ``3 * flops_per_sample(cfg) * samples_per_second / peak_flops``.
+    """
+    if isinstance(net, CLIP):
+        return net.flops_per_sample()
+    embed_dim = net["embed_dim"]
+    v = _plain(net["vision"], "net.vision", VISION_KEYS)
+    t = _plain(net["text"], "net.text", TEXT_KEYS)
+    patches = (v["image_size"] // v["patch_size"]) ** 2
+    vision = (
+        2 * patches * 3 * v["patch_size"] ** 2 * v["width"]
+        + transformer_flops(v["width"], v["layers"], patches + 1, v.get("mlp_ratio", 4.0))
+        + 2 * v["width"] * embed_dim
+    )
+    text = (
+        transformer_flops(t["width"], t["layers"], t["context_length"], t.get("mlp_ratio", 4.0), causal=True)
+        + 2 * t["width"] * embed_dim
+    )
+    return float(vision + text)
+
+
+def from_open_clip_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an open_clip ``CLIP`` state dict (ViT towers without layer scale) to ours: its top-level
+    text-tower keys gain the ``text.`` prefix; ``visual.*`` and ``logit_scale`` are unchanged. Load the
+    result with ``net.load_state_dict(..., strict=True)`` to check shapes and completeness. The text
+    pooling position differs only if the tokenizer's eot id is not its largest id (see the module doc)."""
+    out = {}
+    for key, value in state_dict.items():
+        if key == "attn_mask":  # a buffer in older open_clip versions; we use is_causal instead
+            continue
+        out[f"text.{key}" if key.startswith(TEXT_TOWER) else key] = value
+    return out

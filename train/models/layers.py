@@ -1,9 +1,17 @@
 """Transformer building blocks shared by CLIP and the diffusion prior.
 
-Parameter names follow open_clip (``resblocks.N.ln_1``, ``attn.in_proj_weight``, ``attn.out_proj``,
-``mlp.c_fc``, ``mlp.c_proj``) so that its state dicts map onto ours by name. Attention runs through
-``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU); the
-causal mask of the text tower is ``is_causal=True``, never a materialised (L, L) tensor.
+Design:
+
+- Pre-norm residual blocks, ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``, as in CLIP / open_clip.
+- Parameter names and shapes follow open_clip (``resblocks.N.ln_1``, ``attn.in_proj_weight`` (3W, W),
+  ``attn.in_proj_bias``, ``attn.out_proj``, ``ln_2``, ``mlp.c_fc``, ``mlp.c_proj``). ``SelfAttention`` has
+  exactly ``nn.MultiheadAttention``'s state-dict layout, so open_clip checkpoints load by name, but it
+  computes with ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels on
+  GPU). The text tower's causal mask is ``is_causal=True``, never a materialised (L, L) tensor.
+- ``LayerNorm`` computes in float32 and casts back, so half-precision weights or activations do not lose
+  precision in the normalisation statistics.
+- ``Transformer(grad_checkpointing=True)`` recomputes each block in backward
+  (``torch.utils.checkpoint.checkpoint(use_reentrant=False)``), only in training mode with grad enabled.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 and cast back (stable under bf16/fp16 autocast and half weights)."""
+    """LayerNorm computed in float32 and cast back to the input dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -25,7 +33,10 @@ class LayerNorm(nn.LayerNorm):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with nn.MultiheadAttention's parameter layout, computed with SDPA."""
+    """Multi-head self-attention with ``nn.MultiheadAttention``'s parameters, computed with SDPA.
+
+    Input and output are batch-first (B, N, W). ``causal=True`` lets position i attend to 0..i only.
+    """
 
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
@@ -35,18 +46,25 @@ class SelfAttention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
+        # nn.MultiheadAttention's own initialisation (CLIP re-initialises the weights, see Transformer).
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: torch.Tensor, *, causal: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *, causal: bool = False, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         b, n, w = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, N, 3W)
         q, k, v = qkv.view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, W/H)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None)
+        if causal and attn_mask is not None:
+            raise ValueError("pass either causal=True or an explicit attn_mask, not both")
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, w))
 
 
 class MLP(nn.Module):
+    """Linear -> GELU -> Linear (open_clip's ``c_fc`` / ``c_proj``)."""
+
     def __init__(self, width: int, hidden: int) -> None:
         super().__init__()
         self.c_fc = nn.Linear(width, hidden)
@@ -67,31 +85,43 @@ class ResidualBlock(nn.Module):
         self.ln_2 = LayerNorm(width)
         self.mlp = MLP(width, int(width * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, causal: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, causal: bool = False, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), causal=causal, attn_mask=attn_mask)
         return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
-    """A stack of residual blocks on (B, N, W) tensors, with optional per-block activation checkpointing."""
+    """A stack of ``layers`` residual blocks on (B, N, W) tensors (``resblocks``, as in open_clip)."""
 
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, *, causal: bool = False,
-                 grad_checkpointing: bool = False) -> None:
+    def __init__(
+        self,
+        width: int,
+        layers: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        *,
+        causal: bool = False,
+        grad_checkpointing: bool = False,
+    ) -> None:
         super().__init__()
         self.width, self.layers, self.causal = width, layers, causal
         self.grad_checkpointing = grad_checkpointing
         self.resblocks = nn.ModuleList([ResidualBlock(width, heads, mlp_ratio) for _ in range(layers)])
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        causal = self.causal and attn_mask is None
         for block in self.resblocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, self.causal, attn_mask, use_reentrant=False)
+                x = checkpoint(block, x, causal, attn_mask, use_reentrant=False)
             else:
-                x = block(x, self.causal, attn_mask)
+                x = block(x, causal, attn_mask)
         return x
 
     def init_weights(self) -> None:
-        """CLIP's scheme: attention and MLP input std width^-0.5, output projections scaled by depth."""
+        """CLIP's scheme: attention input std width^-0.5, MLP input (2 width)^-0.5, and the two output
+        projections (which write into the residual stream) width^-0.5 x (2 layers)^-0.5."""
         proj_std = self.width**-0.5 * (2 * self.layers) ** -0.5
         attn_std = self.width**-0.5
         fc_std = (2 * self.width) ** -0.5
@@ -102,9 +132,16 @@ class Transformer(nn.Module):
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
 
 
-def transformer_flops(width: int, layers: int, tokens: int, mlp_ratio: float = 4.0, causal: bool = False) -> float:
-    """Forward FLOPs (multiply-add = 2) of a transformer stack on one sequence of ``tokens``."""
+def transformer_flops(
+    width: int, layers: int, tokens: int, mlp_ratio: float = 4.0, causal: bool = False
+) -> float:
+    """Forward FLOPs (a multiply-add counts 2) of a ``Transformer`` on one sequence of ``tokens``.
+
+    Dense: qkv (3W^2), out_proj (W^2) and the MLP (2 W hidden) per token. Attention: QK^T and AV,
+    2 x 2 x N^2 x W per layer, halved when causal (the causal kernels skip the masked half).
+    Norms, GELU and softmax are not counted (as usual for MFU).
+    """
     hidden = int(width * mlp_ratio)
     dense = 2 * tokens * (3 * width * width + width * width + 2 * width * hidden)
-    attn = 2 * 2 * tokens * tokens * width * (0.5 if causal else 1.0)  # QK^T and AV
-    return layers * (dense + attn)
+    attn = 2 * 2 * tokens * tokens * width * (0.5 if causal else 1.0)
+    return float(layers * (dense + attn))
