@@ -164,8 +164,13 @@ class ShardDataModule(pl.LightningDataModule):
         if world > 1 and dist.is_available() and dist.is_initialized() and self._group is None:
             # A gloo side group for the per-batch "have data" vote: CPU tensors even under NCCL.
             self._group = dist.new_group(backend="gloo")
-        log.info("data: global batch %d = %d per device x %d ranks x %d accumulation",
-                 self.global_batch_size, self.batch_size, world, accumulate)
+        log.info(
+            "data: global batch %d = %d per device x %d ranks x %d accumulation",
+            self.global_batch_size,
+            self.batch_size,
+            world,
+            accumulate,
+        )
 
     def _dataset(self, shards, *, train: bool) -> ShardDataset:
         ds = ShardDataset(
@@ -193,8 +198,13 @@ class ShardDataModule(pl.LightningDataModule):
     def _loader(self, ds: ShardDataset, *, sync: bool) -> RankSyncedLoader:
         workers = self.num_workers
         if workers > len(ds.urls) // ds.world_size:
-            log.warning("data: %d shards for %d ranks x %d workers: some workers get no shard; use at least as "
-                        "many shards as ranks x workers", len(ds.urls), ds.world_size, workers)
+            log.warning(
+                "data: %d shards for %d ranks x %d workers: some workers get no shard; use at least as "
+                "many shards as ranks x workers",
+                len(ds.urls),
+                ds.world_size,
+                workers,
+            )
         loader = DataLoader(
             ds,
             batch_size=None,  # the dataset batches (tokenising a whole batch at once)
@@ -224,7 +234,12 @@ class ShardDataModule(pl.LightningDataModule):
 
     def skip_counts(self) -> dict[str, int]:
         """Skipped samples by reason on this rank so far this epoch (zeros included: a fixed key set)."""
-        keys = [*SKIP_REASONS, *self.filters.reasons, "partial_batch_dropped", "epoch_tail_dropped"]  # identical on every rank
+        keys = [
+            *SKIP_REASONS,
+            *self.filters.reasons,
+            "partial_batch_dropped",
+            "epoch_tail_dropped",
+        ]  # identical on every rank
         counts = self._train_loader.skip_counts() if self._train_loader is not None else {}
         return {k: counts.get(k, 0) for k in keys}
 
@@ -246,12 +261,24 @@ def iter_captions(shards: str | Sequence[str], limit: int) -> Iterator[str]:
             log.warning("tokenizer corpus: shard %s: %s", url, e)
 
 
-def ensure_synthetic(train_shards, val_shards, *, train_samples: int, val_samples: int, image_size: int = 64,
-                     shard_size: int = 1000, train_seed: int = 0, val_seed: int = 1) -> None:
+def ensure_synthetic(
+    train_shards,
+    val_shards,
+    *,
+    train_samples: int,
+    val_samples: int,
+    image_size: int = 64,
+    shard_size: int = 1000,
+    train_seed: int = 0,
+    val_seed: int = 1,
+) -> None:
     """Generate the embedded default dataset (data/synthetic.py) into the configured directories."""
     from data.synthetic import write_shards
 
-    for spec, samples, seed in ((train_shards, train_samples, train_seed), (val_shards, val_samples, val_seed)):
+    for spec, samples, seed in (
+        (train_shards, train_samples, train_seed),
+        (val_shards, val_samples, val_seed),
+    ):
         if not spec or not isinstance(spec, str | os.PathLike):
             continue
         out = Path(spec)

@@ -31,8 +31,9 @@ def _bucket(side: int) -> str:
     return f">{SIZE_BUCKETS[-1]}"
 
 
-def inspect_shards(spec: str, *, filters: Filters | None = None, limit: int | None = None,
-                   decode: bool = True) -> dict[str, Any]:
+def inspect_shards(
+    spec: str, *, filters: Filters | None = None, limit: int | None = None, decode: bool = True
+) -> dict[str, Any]:
     """Scan shards and return the report as a dict (what the CLI prints)."""
     filters = filters or Filters()
     urls = expand_shards(spec)
@@ -49,8 +50,9 @@ def inspect_shards(spec: str, *, filters: Filters | None = None, limit: int | No
             with open_shard(url) as stream:
                 for sample in group_samples(read_tar(stream)):
                     n += 1
-                    reason = _inspect_sample(sample, filters, decode, sizes, fields, json_fields,
-                                             caption_chars, caption_words)
+                    reason = _inspect_sample(
+                        sample, filters, decode, sizes, fields, json_fields, caption_chars, caption_words
+                    )
                     if reason:
                         skips[reason] += 1
         except ShardError as e:
@@ -65,8 +67,9 @@ def inspect_shards(spec: str, *, filters: Filters | None = None, limit: int | No
     sample_skips = sum(v for k, v in skips.items() if not k.endswith("_shard"))
     report["kept"] = report["samples"] - sample_skips
     report["skipped"] = dict(sorted(skips.items()))
-    report["image_size_hist"] = {b: sizes[b] for b in [f"<={e}" for e in SIZE_BUCKETS] + [f">{SIZE_BUCKETS[-1]}"]
-                                 if sizes[b]}
+    report["image_size_hist"] = {
+        b: sizes[b] for b in [f"<={e}" for e in SIZE_BUCKETS] + [f">{SIZE_BUCKETS[-1]}"] if sizes[b]
+    }
     report["caption_chars"] = _stats(caption_chars)
     report["caption_words"] = _stats(caption_words)
     report["fields"] = dict(fields.most_common())
@@ -96,8 +99,12 @@ def _inspect_sample(sample, filters, decode, sizes, fields, json_fields, caption
 def _stats(values: list[int]) -> dict[str, float]:
     if not values:
         return {}
-    return {"min": min(values), "mean": round(statistics.fmean(values), 2), "median": statistics.median(values),
-            "max": max(values)}
+    return {
+        "min": min(values),
+        "mean": round(statistics.fmean(values), 2),
+        "median": statistics.median(values),
+        "max": max(values),
+    }
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -124,13 +131,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-width", type=int, default=0)
     p.add_argument("--min-height", type=int, default=0)
     p.add_argument("--max-aspect-ratio", type=float, default=None)
-    p.add_argument("--field", action="append", default=[], metavar="NAME<COND",
-                   help="json threshold that keeps a sample, e.g. 'punsafe<0.1' (repeatable)")
+    p.add_argument(
+        "--field",
+        action="append",
+        default=[],
+        metavar="NAME<COND",
+        help="json threshold that keeps a sample, e.g. 'punsafe<0.1' (repeatable)",
+    )
     args = p.parse_args(argv)
     try:
         conditions = dict(_split_field(f) for f in args.field)
-        filters = Filters(min_width=args.min_width, min_height=args.min_height,
-                          max_aspect_ratio=args.max_aspect_ratio, fields=conditions)
+        filters = Filters(
+            min_width=args.min_width,
+            min_height=args.min_height,
+            max_aspect_ratio=args.max_aspect_ratio,
+            fields=conditions,
+        )
         report = inspect_shards(args.shards, filters=filters, limit=args.limit, decode=not args.no_decode)
     except (ShardSpecError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -66,7 +66,14 @@ SKIP_REASONS = (
     "unreadable_shard",
     "empty_shard",
 )
-_OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq, "!=": operator.ne}
+_OPS = {
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+    "==": operator.eq,
+    "!=": operator.ne,
+}
 _THRESHOLD = re.compile(r"^\s*(<=|>=|==|!=|<|>)\s*(-?[0-9.eE+-]+)\s*$")
 
 
@@ -109,7 +116,9 @@ class Filters:
         """Filters that need no pixels. Returns the failing reason or None."""
         if caption is not None:
             n = len(caption.strip())
-            if n < self.min_caption_chars or (self.max_caption_chars is not None and n > self.max_caption_chars):
+            if n < self.min_caption_chars or (
+                self.max_caption_chars is not None and n > self.max_caption_chars
+            ):
                 return "filter_caption_length"
         for name, (op, threshold) in self._conditions.items():
             value = meta.get(name)
@@ -127,7 +136,9 @@ class Filters:
     def check_size(self, width: int, height: int) -> str | None:
         if width < self.min_width or height < self.min_height:
             return "filter_min_size"
-        if self.max_aspect_ratio is not None and max(width, height) > self.max_aspect_ratio * min(width, height):
+        if self.max_aspect_ratio is not None and max(width, height) > self.max_aspect_ratio * min(
+            width, height
+        ):
             return "filter_aspect_ratio"
         return None
 
@@ -137,8 +148,17 @@ def _seed(*parts: int | str) -> int:
     return zlib.crc32(repr(parts).encode()) | (zlib.adler32(repr(parts).encode()) << 32)
 
 
-def shards_for(urls: Sequence[str], *, rank: int, world_size: int, worker: int, num_workers: int,
-               seed: int, epoch: int, shuffle: bool) -> list[str]:
+def shards_for(
+    urls: Sequence[str],
+    *,
+    rank: int,
+    world_size: int,
+    worker: int,
+    num_workers: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+) -> list[str]:
     """Epoch-mode partition: this (rank, worker)'s shards. The union over all ranks and workers is
     every shard exactly once."""
     order = list(urls)
@@ -221,7 +241,11 @@ class ShardDataset(IterableDataset):
         if self.mode != "resampled":
             raise TypeError("epoch mode has no declared length")
         per_rank = self.num_samples / self.world_size
-        return math.floor(per_rank / self.batch_size) if self.drop_last else math.ceil(per_rank / self.batch_size)
+        return (
+            math.floor(per_rank / self.batch_size)
+            if self.drop_last
+            else math.ceil(per_rank / self.batch_size)
+        )
 
     # ---- the pipeline ---------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
@@ -260,9 +284,16 @@ class ShardDataset(IterableDataset):
 
     def _raw_samples(self, worker: int, num_workers: int, skips: Counter) -> Iterator[dict]:
         if self.mode == "epoch":
-            mine = shards_for(self.urls, rank=self.rank, world_size=self.world_size, worker=worker,
-                              num_workers=num_workers, seed=self.seed, epoch=self.epoch,
-                              shuffle=self.shuffle_shards)
+            mine = shards_for(
+                self.urls,
+                rank=self.rank,
+                world_size=self.world_size,
+                worker=worker,
+                num_workers=num_workers,
+                seed=self.seed,
+                epoch=self.epoch,
+                shuffle=self.shuffle_shards,
+            )
             for url in mine:
                 yield from self._read_shard(url, skips)
         else:
@@ -307,8 +338,13 @@ class ShardDataset(IterableDataset):
 
     def _process(self, sample: dict, skips: Counter) -> dict | None:
         """Validate, filter, decode, transform one raw sample; None (and a counted reason) to drop it."""
-        reason, item = check_sample(sample, self.filters, need_image=self.image_size is not None,
-                                    need_caption=self.require_caption, npy_fields=self.npy_fields)
+        reason, item = check_sample(
+            sample,
+            self.filters,
+            need_image=self.image_size is not None,
+            need_caption=self.require_caption,
+            npy_fields=self.npy_fields,
+        )
         if reason is None and self.image_size is not None:
             reason = self._decode_into(sample, item)
         if reason is not None:
@@ -327,12 +363,17 @@ class ShardDataset(IterableDataset):
             size_reason = self.filters.check_size(*stored_size)
             if size_reason:
                 return size_reason
-        rng = random.Random(_seed(self.seed, self.epoch, item["__key__"])) if self.crop == Crop.RANDOM else None
+        rng = (
+            random.Random(_seed(self.seed, self.epoch, item["__key__"])) if self.crop == Crop.RANDOM else None
+        )
         item["image"] = resize_crop(img, self.image_size, self.crop_size, crop=self.crop, rng=rng)
         return None
 
     def _collate(self, items: list[dict], state: dict, skips: Counter) -> dict:
-        batch: dict = {"__key__": [it["__key__"] for it in items], "caption": [it.get("caption") for it in items]}
+        batch: dict = {
+            "__key__": [it["__key__"] for it in items],
+            "caption": [it.get("caption") for it in items],
+        }
         if self.image_size is not None:
             batch["image"] = torch.stack([it["image"] for it in items])  # (B, 3, H, W) uint8
         if self.tokenizer is not None:
@@ -345,8 +386,14 @@ class ShardDataset(IterableDataset):
         return batch
 
 
-def check_sample(sample: Mapping, filters: Filters, *, need_image: bool = True, need_caption: bool = True,
-                 npy_fields: Sequence[str] = ()) -> tuple[str | None, dict]:
+def check_sample(
+    sample: Mapping,
+    filters: Filters,
+    *,
+    need_image: bool = True,
+    need_caption: bool = True,
+    npy_fields: Sequence[str] = (),
+) -> tuple[str | None, dict]:
     """Completeness + metadata checks shared by the pipeline and ``data.inspect``.
 
     Returns (reason, item): reason is None when the sample is kept; item holds ``__key__``,

@@ -61,7 +61,9 @@ def expand_shards(spec: str | Sequence[str], *, check_exists: bool = True) -> li
     """
     parts = _split_spec(spec)
     if not parts:
-        raise ShardSpecError(f"empty shard spec {spec!r}: expected a path, brace pattern, glob, directory or pipe:")
+        raise ShardSpecError(
+            f"empty shard spec {spec!r}: expected a path, brace pattern, glob, directory or pipe:"
+        )
     urls: list[str] = []
     missing: list[str] = []
     for part in parts:

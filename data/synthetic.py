@@ -155,9 +155,7 @@ def relation_holds(scene: dict, subject: int, relation: str, obj: int) -> bool:
     objs = [o for o in scene["objects"] if o["group"] == obj]
     axis = "x" if relation in ("left of", "right of") else "y"
     sign = 1 if relation in ("left of", "above") else -1
-    return all(
-        sign * (b[axis] - a[axis]) > (a["size"] + b["size"]) / 2 for a in subs for b in objs
-    )
+    return all(sign * (b[axis] - a[axis]) > (a["size"] + b["size"]) / 2 for a in subs for b in objs)
 
 
 def make_scene(seed: int, index: int) -> dict:
@@ -319,9 +317,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_shard(
-    path: Path, indices: range, seed: int, image_size: int, fmt: str, quality: int
-) -> dict:
+def _write_shard(path: Path, indices: range, seed: int, image_size: int, fmt: str, quality: int) -> dict:
     """Write one tar (atomically, via a temporary name) and its img2dataset-style stats file."""
     start = time.time()
     tmp = path.with_name(path.name + ".tmp")

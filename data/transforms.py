@@ -47,8 +47,14 @@ def decode_image(data: bytes, min_side: int | None = None) -> tuple[Image.Image,
     return img, (w, h)
 
 
-def resize_crop(img: Image.Image, size: int, crop_size: int | None = None, *, crop: Crop = Crop.CENTER,
-                rng: random.Random | None = None) -> torch.Tensor:
+def resize_crop(
+    img: Image.Image,
+    size: int,
+    crop_size: int | None = None,
+    *,
+    crop: Crop = Crop.CENTER,
+    rng: random.Random | None = None,
+) -> torch.Tensor:
     """Resize the shorter side to ``size`` (bicubic) and crop ``crop_size`` (default ``size``) square.
 
     Returns a uint8 tensor (3, crop_size, crop_size).

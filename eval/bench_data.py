@@ -49,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
             write_shards(shards, args.samples, seed=0, image_size=size, shard_size=max(1, args.samples // 8))
         tokenizer = train_bpe(iter_captions(str(shards), 2000), vocab_size=1024, context_length=32)
         for workers in args.workers:
-            ds = ShardDataset(str(shards), batch_size=args.batch, image_size=size, tokenizer=tokenizer,
-                              shuffle_buffer=1000)
+            ds = ShardDataset(
+                str(shards), batch_size=args.batch, image_size=size, tokenizer=tokenizer, shuffle_buffer=1000
+            )
             n, seconds = time_pass(ds, workers)
             rows.append((size, workers, n, seconds, n / seconds))
     print(f"\n{'image px':>8} {'workers':>7} {'samples':>8} {'seconds':>8} {'samples/s':>10}")

@@ -48,14 +48,17 @@ def synthetic_prompts() -> dict[str, dict[str, list[str]]]:
     return {
         "colour": {c: [one({"colour": c, "shape": s, "count": 1}) for s in shapes] for c in colours},
         "shape": {s: [one({"colour": c, "shape": s, "count": 1}) for c in colours] for s in shapes},
-        "count": {str(n): [one({"colour": c, "shape": s, "count": n}) for c in colours for s in shapes]
-                  for n in synthetic.COUNT_WORDS},
+        "count": {
+            str(n): [one({"colour": c, "shape": s, "count": n}) for c in colours for s in shapes]
+            for n in synthetic.COUNT_WORDS
+        },
     }
 
 
 @torch.no_grad()
-def build_classifier(encode_text: EncodeText, tokenizer, prompts: dict[str, list[str]],
-                     device: torch.device | str = "cpu") -> tuple[list[str], torch.Tensor]:
+def build_classifier(
+    encode_text: EncodeText, tokenizer, prompts: dict[str, list[str]], device: torch.device | str = "cpu"
+) -> tuple[list[str], torch.Tensor]:
     """Class names and a (C, D) matrix of L2-normalised mean prompt embeddings."""
     names, rows = [], []
     for name, texts in prompts.items():
@@ -66,8 +69,13 @@ def build_classifier(encode_text: EncodeText, tokenizer, prompts: dict[str, list
 
 
 @torch.no_grad()
-def zeroshot_synthetic(image_features: torch.Tensor, scenes: Sequence[dict], encode_text: EncodeText,
-                       tokenizer, device: torch.device | str = "cpu") -> dict[str, float]:
+def zeroshot_synthetic(
+    image_features: torch.Tensor,
+    scenes: Sequence[dict],
+    encode_text: EncodeText,
+    tokenizer,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
     """Top-1 accuracy per task; ``zeroshot_top1`` is the mean of colour and shape."""
     image_features = F.normalize(image_features.float(), dim=-1)
     labels = [scene_labels(s) for s in scenes]
@@ -87,8 +95,12 @@ def zeroshot_synthetic(image_features: torch.Tensor, scenes: Sequence[dict], enc
 
 
 @torch.no_grad()
-def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor, captions: Sequence[str],
-                     ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def retrieval_recall(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    captions: Sequence[str],
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
     """i2t_r{k} and t2i_r{k}: fraction of queries with a correct match among the top k."""
     img = F.normalize(image_features.float(), dim=-1)
     txt = F.normalize(text_features.float(), dim=-1)
@@ -107,8 +119,9 @@ def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor, 
 
 
 @torch.no_grad()
-def evaluate_run(path: str, shards: str | None = None, batch_size: int = 256,
-                 device: str = "cpu") -> dict[str, float]:
+def evaluate_run(
+    path: str, shards: str | None = None, batch_size: int = 256, device: str = "cpu"
+) -> dict[str, float]:
     """Retrieval (and zero-shot where the shards carry synthetic scenes) of a CLIP run on held-out shards."""
     from data.pipeline import ShardDataset
     from data.transforms import Normalize
@@ -119,9 +132,18 @@ def evaluate_run(path: str, shards: str | None = None, batch_size: int = 256,
     if not shards:
         raise ValueError(f"{path}: the run has no data.val_shards; pass --shards")
     normalize = Normalize(stage.cfg.data.normalize)
-    ds = ShardDataset(shards, batch_size=batch_size, mode="epoch", image_size=stage.cfg.data.image_size,
-                      crop="center", tokenizer=stage.tokenizer, keep_json=True, shuffle_buffer=0,
-                      shuffle_shards=False, seed=0)
+    ds = ShardDataset(
+        shards,
+        batch_size=batch_size,
+        mode="epoch",
+        image_size=stage.cfg.data.image_size,
+        crop="center",
+        tokenizer=stage.tokenizer,
+        keep_json=True,
+        shuffle_buffer=0,
+        shuffle_shards=False,
+        seed=0,
+    )
     net = stage.net.to(device)
     img, txt, captions, scenes = [], [], [], []
     for batch in ds:
@@ -143,7 +165,9 @@ def evaluate_run(path: str, shards: str | None = None, batch_size: int = 256,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.zeroshot", description="Zero-shot and retrieval of a CLIP run")
+    p = argparse.ArgumentParser(
+        prog="python -m eval.zeroshot", description="Zero-shot and retrieval of a CLIP run"
+    )
     p.add_argument("run", help="run directory (outputs/clip/<time>) or a checkpoint inside its checkpoints/")
     p.add_argument("--shards", default=None, help="held-out shards (default: the run's data.val_shards)")
     p.add_argument("--batch", type=int, default=256)

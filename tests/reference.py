@@ -42,13 +42,25 @@ def ensure_reference_env(packages: tuple[str, ...] = TOKENIZER_PACKAGES) -> Path
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile", "--target", str(tmp),
-           *packages]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-deps",
+        "--no-compile",
+        "--target",
+        str(tmp),
+        *packages,
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        pytest.skip(f"could not install the open_clip reference environment ({' '.join(packages)}): "
-                    f"{result.stderr.strip()[-500:]}")
+        pytest.skip(
+            f"could not install the open_clip reference environment ({' '.join(packages)}): "
+            f"{result.stderr.strip()[-500:]}"
+        )
     (tmp / ".complete").write_text("\n".join(packages))
     try:
         os.replace(tmp, target)
@@ -70,15 +82,25 @@ def run_reference(env: Path, script: str, inputs: dict[str, Any], timeout: int =
     with tempfile.TemporaryDirectory() as tmp:
         in_path, out_path = Path(tmp) / "in.pt", Path(tmp) / "out.pt"
         torch.save(inputs, in_path)
-        program = textwrap.dedent(f"""
+        program = (
+            textwrap.dedent(f"""
             import torch
             ENV = {str(env)!r}
             inputs = torch.load({str(in_path)!r}, weights_only=False)
             outputs = {{}}
-        """) + textwrap.dedent(script) + f"\ntorch.save(outputs, {str(out_path)!r})\n"
+        """)
+            + textwrap.dedent(script)
+            + f"\ntorch.save(outputs, {str(out_path)!r})\n"
+        )
         run_env = {**os.environ, "PYTHONPATH": str(env)}
-        result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=timeout,
-                                env=run_env, cwd=tmp)
+        result = subprocess.run(
+            [sys.executable, "-c", program],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=run_env,
+            cwd=tmp,
+        )
         if result.returncode != 0:
             raise RuntimeError(f"reference subprocess failed:\n{result.stderr[-3000:]}")
         return torch.load(out_path, weights_only=False)

@@ -15,15 +15,20 @@ from data.pipeline import ShardDataset
 from train.parallel import per_device_batch_size
 
 
-@pytest.mark.parametrize(("global_batch", "world", "accumulate", "expected"),
-                         [(128, 1, 1, 128), (128, 2, 1, 64), (128, 4, 2, 16), (96, 3, 1, 32)])
+@pytest.mark.parametrize(
+    ("global_batch", "world", "accumulate", "expected"),
+    [(128, 1, 1, 128), (128, 2, 1, 64), (128, 4, 2, 16), (96, 3, 1, 32)],
+)
 def test_per_device_batch_divides(global_batch, world, accumulate, expected):
     assert per_device_batch_size(global_batch, world, accumulate) == expected
 
 
 def test_per_device_batch_that_does_not_divide_is_an_error_naming_the_options():
-    with pytest.raises(ValueError, match=r"data.global_batch_size=100 is not divisible by world size 3 x "
-                                         r"trainer.accumulate_grad_batches=1 = 3"):
+    with pytest.raises(
+        ValueError,
+        match=r"data.global_batch_size=100 is not divisible by world size 3 x "
+        r"trainer.accumulate_grad_batches=1 = 3",
+    ):
         per_device_batch_size(100, 3, 1)
     with pytest.raises(ValueError, match="must be >= 1"):
         per_device_batch_size(0, 1, 1)
@@ -31,8 +36,16 @@ def test_per_device_batch_that_does_not_divide_is_an_error_naming_the_options():
 
 def test_datamodule_batches_are_normalised_on_transfer(make_shards):
     shards, keys = make_shards([6, 5])
-    dm = ShardDataModule(train_shards=str(shards), val_shards=str(shards), global_batch_size=4, num_workers=0,
-                         image_size=32, normalize="minus_one_one", tokenizer=None, shuffle_buffer=4)
+    dm = ShardDataModule(
+        train_shards=str(shards),
+        val_shards=str(shards),
+        global_batch_size=4,
+        num_workers=0,
+        image_size=32,
+        normalize="minus_one_one",
+        tokenizer=None,
+        shuffle_buffer=4,
+    )
     dm.setup("fit")
     assert dm.batch_size == 4
     batches = list(dm.train_dataloader())
@@ -58,11 +71,21 @@ def _rank_main(rank: int, world: int, port: int, shards: str, workers: int, out:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        ds = ShardDataset(shards, batch_size=2, image_size=None, tokenizer=None, shuffle_buffer=0,
-                          require_caption=True, seed=3, drop_last=True)
+        ds = ShardDataset(
+            shards,
+            batch_size=2,
+            image_size=None,
+            tokenizer=None,
+            shuffle_buffer=0,
+            require_caption=True,
+            seed=3,
+            drop_last=True,
+        )
         ds.rank, ds.world_size = rank, world
-        loader = RankSyncedLoader(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers),
-                                  dist.new_group(backend="gloo"))
+        loader = RankSyncedLoader(
+            torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers),
+            dist.new_group(backend="gloo"),
+        )
         for _ in range(2):  # two epochs: the vote must not leave a collective dangling between epochs
             keys = [k for batch in loader for k in batch["__key__"]]
             dist.barrier()
@@ -80,8 +103,13 @@ def test_uneven_shards_end_the_epoch_together_without_deadlock(make_shards, work
     world = 2
     with mp.Manager() as manager:
         out = manager.dict()
-        ctx = mp.start_processes(_rank_main, args=(world, _free_port(), str(shards), workers, out),
-                                 nprocs=world, join=False, start_method="spawn")
+        ctx = mp.start_processes(
+            _rank_main,
+            args=(world, _free_port(), str(shards), workers, out),
+            nprocs=world,
+            join=False,
+            start_method="spawn",
+        )
         for p in ctx.processes:
             p.join(timeout=120)
         alive = [p for p in ctx.processes if p.is_alive()]

@@ -16,8 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _shards(tmp_path: Path) -> Path:
     out = tmp_path / "shards"
-    good = [simple_sample(f"a{i}", caption="a red square " * (i + 1), size=(64, 48), punsafe=0.01 * i)
-            for i in range(5)]
+    good = [
+        simple_sample(f"a{i}", caption="a red square " * (i + 1), size=(64, 48), punsafe=0.01 * i)
+        for i in range(5)
+    ]
     bad = [
         {"__key__": "b0", "jpg": b"not a jpeg", "txt": "broken image"},
         {"__key__": "b1", "txt": "no image at all"},
@@ -33,13 +35,22 @@ def _shards(tmp_path: Path) -> Path:
 
 def test_inspect_reports_counts_skips_sizes_captions_and_fields(tmp_path, capsys):
     shards = _shards(tmp_path)
-    assert main([str(shards / "{00000..00002}.tar"), "--min-width", "20", "--field", "punsafe<0.5", "--json"]) == 0
+    assert (
+        main([str(shards / "{00000..00002}.tar"), "--min-width", "20", "--field", "punsafe<0.5", "--json"])
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["shards"] == 3
     assert report["samples"] == 10
     assert report["kept"] == 5
-    assert report["skipped"] == {"decode_error": 1, "missing_image": 1, "missing_caption": 1, "filter_min_size": 1,
-                                 "filter_punsafe": 1, "empty_shard": 1}
+    assert report["skipped"] == {
+        "decode_error": 1,
+        "missing_image": 1,
+        "missing_caption": 1,
+        "filter_min_size": 1,
+        "filter_punsafe": 1,
+        "empty_shard": 1,
+    }
     assert report["image_size_hist"] == {"<=64": 5}  # the shorter side of 64x48 images
     assert report["caption_words"]["min"] == 2 and report["caption_words"]["max"] == 15
     assert report["fields"]["txt"] == 9 and report["fields"]["jpg"] == 9 and report["fields"]["json"] == 7
@@ -48,14 +59,20 @@ def test_inspect_reports_counts_skips_sizes_captions_and_fields(tmp_path, capsys
 
 def test_inspect_cli_text_output_and_no_match_exit_status(tmp_path):
     shards = _shards(tmp_path)
-    ok = subprocess.run([sys.executable, "-m", "data.inspect", str(shards)], cwd=REPO, capture_output=True,
-                        text=True, timeout=120)
+    ok = subprocess.run(
+        [sys.executable, "-m", "data.inspect", str(shards)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "samples       10  (kept 7)" in ok.stdout
     assert "decode_error=1" in ok.stdout and "empty_shard=1" in ok.stdout
     missing = str(tmp_path / "nothing-{000..009}.tar")
-    bad = subprocess.run([sys.executable, "-m", "data.inspect", missing], cwd=REPO, capture_output=True, text=True,
-                         timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "data.inspect", missing], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert bad.returncode == 2
     assert "matches no file" in bad.stderr and "nothing-{000..009}.tar" in bad.stderr
     assert "Traceback" not in bad.stderr

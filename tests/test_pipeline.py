@@ -129,7 +129,9 @@ def test_empty_directory_is_an_error(tmp_path):
 
 def test_pipe_shards_are_read(make_shards):
     directory, keys = make_shards([3, 2])
-    ds = ShardDataset(f"pipe:cat {directory}/{{00000..00001}}.tar", batch_size=2, image_size=8, shuffle_buffer=0)
+    ds = ShardDataset(
+        f"pipe:cat {directory}/{{00000..00001}}.tar", batch_size=2, image_size=8, shuffle_buffer=0
+    )
     got, skips = run_epoch(ds, 0)
     assert sorted(got) == sorted(keys) and not skips
 
@@ -139,7 +141,12 @@ def test_pipe_shards_are_read(make_shards):
 
 def test_reads_png_webp_unsorted_keys_and_gaps(tmp_path):
     samples = [
-        {"__key__": "000000017", "png": image_bytes(fmt="PNG"), "txt": "png one", "json": {"status": "success"}},
+        {
+            "__key__": "000000017",
+            "png": image_bytes(fmt="PNG"),
+            "txt": "png one",
+            "json": {"status": "success"},
+        },
         {"__key__": "000000003", "webp": image_bytes(fmt="WEBP"), "txt": "webp one"},
         {"__key__": "000000009", "jpg": image_bytes(), "txt": "jpg one"},
     ]
@@ -187,8 +194,14 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, workers):
     write_tar(tmp_path / "1.tar", [])  # empty shard
     keys, skips = run_epoch(_dataset(tmp_path), workers)
     assert sorted(keys) == sorted(s["__key__"] for s in good)
-    assert skips == {"decode_error": 1, "missing_caption": 1, "missing_image": 1, "bad_json": 1, "bad_field": 1,
-                     "empty_shard": 1}
+    assert skips == {
+        "decode_error": 1,
+        "missing_caption": 1,
+        "missing_image": 1,
+        "bad_json": 1,
+        "bad_field": 1,
+        "empty_shard": 1,
+    }
 
 
 def _truncate(path, keep_bytes):
@@ -252,17 +265,32 @@ def test_metadata_filters_drop_and_count(tmp_path):
         simple_sample("nofield"),  # kept: the field is absent
     ]
     write_tar(tmp_path / "0.tar", samples)
-    filters = Filters(min_width=16, min_height=16, max_aspect_ratio=3.0, min_caption_chars=1,
-                      fields={"punsafe": "< 0.1", "pwatermark": "<0.8"})
+    filters = Filters(
+        min_width=16,
+        min_height=16,
+        max_aspect_ratio=3.0,
+        min_caption_chars=1,
+        fields={"punsafe": "< 0.1", "pwatermark": "<0.8"},
+    )
     keys, skips = run_epoch(_dataset(tmp_path, filters=filters), 0)
     assert sorted(keys) == ["nofield", "ok"]
-    assert skips == {"filter_min_size": 1, "filter_aspect_ratio": 1, "filter_caption_length": 1,
-                     "filter_punsafe": 1, "filter_pwatermark": 1}
+    assert skips == {
+        "filter_min_size": 1,
+        "filter_aspect_ratio": 1,
+        "filter_caption_length": 1,
+        "filter_punsafe": 1,
+        "filter_pwatermark": 1,
+    }
 
 
 def test_size_filter_uses_image_when_json_has_no_size(tmp_path):
-    write_tar(tmp_path / "0.tar", [{"__key__": "a", "jpg": image_bytes(8, 8), "txt": "x"},
-                                   {"__key__": "b", "jpg": image_bytes(40, 40), "txt": "x"}])
+    write_tar(
+        tmp_path / "0.tar",
+        [
+            {"__key__": "a", "jpg": image_bytes(8, 8), "txt": "x"},
+            {"__key__": "b", "jpg": image_bytes(40, 40), "txt": "x"},
+        ],
+    )
     keys, skips = run_epoch(_dataset(tmp_path, filters=Filters(min_width=16)), 0)
     assert keys == ["b"] and skips == {"filter_min_size": 1}
 

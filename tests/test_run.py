@@ -20,13 +20,24 @@ CONF = str(REPO / "conf")
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    return {**os.environ, "UNCLIP_DATA_DIR": str(tmp_path / "datasets"), "UNCLIP_LOG_DIR": str(tmp_path / "outputs"),
-            "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+    return {
+        **os.environ,
+        "UNCLIP_DATA_DIR": str(tmp_path / "datasets"),
+        "UNCLIP_LOG_DIR": str(tmp_path / "outputs"),
+        "WANDB_MODE": "offline",
+        "PYTHONPATH": str(REPO),
+    }
 
 
 def _python(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, *args], cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, *args],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return result
 
 
@@ -51,16 +62,34 @@ def test_overrides_and_named_architectures_compose(tmp_path):
 
 
 def test_global_batch_that_does_not_divide_fails_before_training(tmp_path):
-    result = _python(["-m", "train.run", "debug=fast", "data.global_batch_size=15", "trainer.devices=2",
-                      "trainer.accelerator=cpu", "strategy=ddp", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    result = _python(
+        [
+            "-m",
+            "train.run",
+            "debug=fast",
+            "data.global_batch_size=15",
+            "trainer.devices=2",
+            "trainer.accelerator=cpu",
+            "strategy=ddp",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        tmp_path,
+    )
     assert result.returncode != 0
     assert "data.global_batch_size=15 is not divisible by world size 2" in result.stderr
 
 
 def _fast_cfg(tmp_path: Path, out: Path, *extra: str):
     with initialize_config_dir(config_dir=CONF, version_base=None):
-        return compose("train", overrides=[
-            "debug=fast", f"paths.data_dir={tmp_path / 'datasets'}", f"paths.output_dir={out}", *extra])
+        return compose(
+            "train",
+            overrides=[
+                "debug=fast",
+                f"paths.data_dir={tmp_path / 'datasets'}",
+                f"paths.output_dir={out}",
+                *extra,
+            ],
+        )
 
 
 @pytest.mark.slow
@@ -71,12 +100,20 @@ def test_fast_run_trains_checkpoints_and_resumes(tmp_path):
     assert (out / "config.yaml").exists() and (out / "tokenizer.json").exists()
     assert (out / "checkpoints" / "last.ckpt").exists()
     saved = json.loads((out / "metrics.json").read_text())
-    for key in ("train/loss", "train/logit_scale", "val/loss", "val/zeroshot_colour_top1", "val/i2t_r1",
-                "data/skipped_decode_error"):
+    for key in (
+        "train/loss",
+        "train/logit_scale",
+        "val/loss",
+        "val/zeroshot_colour_top1",
+        "val/i2t_r1",
+        "data/skipped_decode_error",
+    ):
         assert key in saved, key
     assert saved["data/skipped_decode_error"] == 0
     # resume=auto: a second run in the same directory continues from last.ckpt to the new max_steps
-    metrics = train(_fast_cfg(tmp_path, out, "trainer.max_steps=8", "callbacks.checkpoint.every_n_train_steps=5"))
+    metrics = train(
+        _fast_cfg(tmp_path, out, "trainer.max_steps=8", "callbacks.checkpoint.every_n_train_steps=5")
+    )
     assert metrics["trainer/global_step"] == 8
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 8
@@ -86,8 +123,19 @@ def test_fast_run_trains_checkpoints_and_resumes(tmp_path):
 @pytest.mark.multiprocess
 def test_two_process_ddp_run_over_gloo(tmp_path):
     run_dir = tmp_path / "run"
-    result = _python(["-m", "train.run", "debug=fast", "trainer.devices=2", "trainer.accelerator=cpu", "strategy=ddp",
-                      f"hydra.run.dir={run_dir}"], tmp_path, timeout=400)
+    result = _python(
+        [
+            "-m",
+            "train.run",
+            "debug=fast",
+            "trainer.devices=2",
+            "trainer.accelerator=cpu",
+            "strategy=ddp",
+            f"hydra.run.dir={run_dir}",
+        ],
+        tmp_path,
+        timeout=400,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["trainer/global_step"] == 5

@@ -91,7 +91,11 @@ def test_shard_layout_stats_and_sizes(tmp_path):
     names = [name for p in paths for name, _ in _members(p)]
     expected = [f"{i:09d}.{ext}" for i in range(5) for ext in ("jpg", "txt", "json")]
     assert names == expected  # contiguous, in order jpg, txt, json
-    assert json.loads((tmp_path / "sizes.json").read_text()) == {"00000.tar": 2, "00001.tar": 2, "00002.tar": 1}
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {
+        "00000.tar": 2,
+        "00001.tar": 2,
+        "00002.tar": 1,
+    }
     stats = json.loads((tmp_path / "00002_stats.json").read_text())
     assert stats["count"] == stats["successes"] == 1
     assert stats["failed_to_download"] == stats["failed_to_resize"] == 0

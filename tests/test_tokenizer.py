@@ -7,10 +7,10 @@ import pickle
 
 import pytest
 import torch
+from reference import ensure_reference_env, openclip_file, run_reference
 
 from data.synthetic import caption_for, make_scene
 from data.tokenizer import Tokenizer, build_tokenizer, bytes_to_unicode, clip_tokenizer, train_bpe
-from reference import ensure_reference_env, openclip_file, run_reference
 
 SYMBOLS = bytes_to_unicode()
 
@@ -106,12 +106,30 @@ def test_build_tokenizer_trains_saves_and_reloads_a_bpe(tmp_path):
 # ---- against open_clip's own tokenizer (reference environment in a subprocess) ---------------------
 
 REFERENCE_TEXTS = [
-    "a diagram", "A photo of a CAT.", "two red circles left of a blue square", "", " ", "don't stop: it's 3.14!",
-    "We'll see; they've gone, I'm here, you'd know", "naïve café résumé", "日本語のテキスト", "emoji 🦓🔥 ok",
-    "tom &amp; jerry &lt;3", "multiple    spaces\tand\nnewlines", "hyphen-ated words and under_scores",
-    "numbers 1234567890 and 1,000,000", "ALL CAPS SHOUTING", "mixed123abc456", "punctuation!!! ??? ...",
-    "url https://example.com/a?b=c", "quotes \"double\" and 'single'", "a " + "very " * 100 + "long caption",
-    "Ünïcödé façade naïveté", "tab\tseparated", "<|endoftext|> literal", "x" * 300,
+    "a diagram",
+    "A photo of a CAT.",
+    "two red circles left of a blue square",
+    "",
+    " ",
+    "don't stop: it's 3.14!",
+    "We'll see; they've gone, I'm here, you'd know",
+    "naïve café résumé",
+    "日本語のテキスト",
+    "emoji 🦓🔥 ok",
+    "tom &amp; jerry &lt;3",
+    "multiple    spaces\tand\nnewlines",
+    "hyphen-ated words and under_scores",
+    "numbers 1234567890 and 1,000,000",
+    "ALL CAPS SHOUTING",
+    "mixed123abc456",
+    "punctuation!!! ??? ...",
+    "url https://example.com/a?b=c",
+    "quotes \"double\" and 'single'",
+    "a " + "very " * 100 + "long caption",
+    "Ünïcödé façade naïveté",
+    "tab\tseparated",
+    "<|endoftext|> literal",
+    "x" * 300,
 ] + [caption_for(make_scene(7, i), 7, i) for i in range(200)]
 
 
@@ -122,14 +140,21 @@ def test_clip_ids_equal_open_clip_on_the_real_vocabulary():
     ours = clip_tokenizer(vocab, context_length=77)
     assert ours.vocab_size == 49408
     assert ours("a diagram")[0, :5].tolist() == [49406, 320, 22697, 49407, 0]
-    theirs = run_reference(env, """
+    theirs = run_reference(
+        env,
+        """
         import importlib.util, os
         spec = importlib.util.spec_from_file_location("oc_tokenizer", os.path.join(ENV, "open_clip", "tokenizer.py"))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)  # open_clip's tokenizer module alone: no torchvision needed
         outputs["ids"] = module.tokenize(inputs["texts"], context_length=77)
-    """, {"texts": REFERENCE_TEXTS})["ids"]
+    """,
+        {"texts": REFERENCE_TEXTS},
+    )["ids"]
     # ftfy.fix_text (which open_clip applies and we do not) leaves these texts unchanged.
-    mismatched = [t for t, a, b in zip(REFERENCE_TEXTS, ours(REFERENCE_TEXTS), theirs, strict=True)
-                  if not torch.equal(a, b)]
+    mismatched = [
+        t
+        for t, a, b in zip(REFERENCE_TEXTS, ours(REFERENCE_TEXTS), theirs, strict=True)
+        if not torch.equal(a, b)
+    ]
     assert not mismatched, mismatched[:5]

@@ -35,7 +35,9 @@ def resolve_run(path: str | Path) -> tuple[Path, Path]:
         if not ckpt.exists():
             found = sorted((path / "checkpoints").glob("*.ckpt")) if (path / "checkpoints").is_dir() else []
             if not found:
-                raise FileNotFoundError(f"{path}: no checkpoints/last.ckpt or checkpoints/*.ckpt in this run directory")
+                raise FileNotFoundError(
+                    f"{path}: no checkpoints/last.ckpt or checkpoints/*.ckpt in this run directory"
+                )
             ckpt = found[-1]
         return path, ckpt
     if path.is_file():
@@ -48,7 +50,9 @@ def load_stage(path: str | Path, map_location: str | torch.device = "cpu") -> Lo
     run, ckpt_path = resolve_run(path)
     cfg_path = run / "config.yaml"
     if not cfg_path.exists():
-        raise FileNotFoundError(f"{cfg_path}: the run's resolved config is missing (written by train.run at start)")
+        raise FileNotFoundError(
+            f"{cfg_path}: the run's resolved config is missing (written by train.run at start)"
+        )
     cfg = OmegaConf.load(cfg_path)
     tok_path = run / "tokenizer.json"
     tokenizer = Tokenizer.load(tok_path) if tok_path.exists() else None
@@ -60,13 +64,20 @@ def load_stage(path: str | Path, map_location: str | torch.device = "cpu") -> Lo
     ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=False)
     state = ckpt.get("state_dict", ckpt)
     prefix = "net."
-    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not weights:
         raise KeyError(f"{ckpt_path}: no 'net.*' tensors in the checkpoint's state_dict")
     missing, unexpected = net.load_state_dict(weights, strict=False)
     if missing or unexpected:
-        raise KeyError(f"{ckpt_path}: checkpoint does not match config.yaml's net: missing {missing[:5]}, "
-                       f"unexpected {unexpected[:5]}")
+        raise KeyError(
+            f"{ckpt_path}: checkpoint does not match config.yaml's net: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
     net.eval()
-    return LoadedStage(cfg=cfg, net=net, tokenizer=tokenizer, checkpoint=ckpt_path,
-                       global_step=int(ckpt.get("global_step", 0)))
+    return LoadedStage(
+        cfg=cfg,
+        net=net,
+        tokenizer=tokenizer,
+        checkpoint=ckpt_path,
+        global_step=int(ckpt.get("global_step", 0)),
+    )

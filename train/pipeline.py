@@ -46,7 +46,12 @@ def run_stage(name: str, stage_overrides: Mapping[str, Any], out_dir: Path) -> d
     if done.exists():
         log.info("stage %s: already finished (%s), skipping", name, done)
         return json.loads(done.read_text())["metrics"]
-    overrides = [f"stage={name}", f"paths.output_dir={stage_dir.resolve()}", "resume=auto", *flatten(stage_overrides)]
+    overrides = [
+        f"stage={name}",
+        f"paths.output_dir={stage_dir.resolve()}",
+        "resume=auto",
+        *flatten(stage_overrides),
+    ]
     log.info("stage %s: python -m train.run %s", name, " ".join(overrides))
     cfg = compose(config_name="train", overrides=overrides)
     start = time.time()
@@ -61,7 +66,7 @@ def write_report(out_dir: Path, results: dict[str, dict[str, float]]) -> None:
     for stage, metrics in results.items():
         lines += [f"## {stage}", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())]
-        lines += [f"", f"checkpoints: `{out_dir / stage / 'checkpoints'}`", ""]
+        lines += ["", f"checkpoints: `{out_dir / stage / 'checkpoints'}`", ""]
     (out_dir / "report.md").write_text("\n".join(lines))
 
 
@@ -76,8 +81,11 @@ def main(cfg: DictConfig) -> None:
     write_report(out_dir, results)
     print(f"\npipeline finished: {', '.join(cfg.stages)}")
     for name, metrics in results.items():
-        shown = {k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith(("val/zeroshot", "val/i2t_r1",
-                                                                                      "val/t2i_r1", "train/loss"))}
+        shown = {
+            k: round(v, 4)
+            for k, v in sorted(metrics.items())
+            if k.startswith(("val/zeroshot", "val/i2t_r1", "val/t2i_r1", "train/loss"))
+        }
         print(f"  {name}: {shown}  ->  {out_dir / name}")
     print(f"  report: {out_dir / 'report.md'}")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def resolve_precision(precision: str | int) -> str | int:
-    """"auto": bf16 mixed precision on a GPU that supports it, else full float32."""
+    """ "auto": bf16 mixed precision on a GPU that supports it, else full float32."""
     if precision != "auto":
         return precision
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
@@ -72,8 +71,13 @@ def build_loggers(cfg: DictConfig) -> list:
 def build_trainer(cfg: DictConfig, callbacks, loggers) -> pl.Trainer:
     strategy_cfg = cfg.strategy
     strategy = instantiate(strategy_cfg) if "_target_" in strategy_cfg else strategy_cfg.get("name", "auto")
-    return instantiate(cfg.trainer, strategy=strategy, precision=resolve_precision(cfg.trainer.precision),
-                       callbacks=callbacks, logger=loggers or False)
+    return instantiate(
+        cfg.trainer,
+        strategy=strategy,
+        precision=resolve_precision(cfg.trainer.precision),
+        callbacks=callbacks,
+        logger=loggers or False,
+    )
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -99,7 +103,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("resuming from %s", ckpt)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    metrics = {
+        k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1
+    }
     metrics["trainer/global_step"] = trainer.global_step
     if trainer.is_global_zero:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))

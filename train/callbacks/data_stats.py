@@ -59,5 +59,9 @@ class DataStats(pl.Callback):
         datamodule = trainer.datamodule
         if datamodule is not None and hasattr(datamodule, "skip_counts"):
             skipped = {k: v for k, v in datamodule.skip_counts().items() if v}
-            log.info("epoch %d, rank %d: skipped samples by reason: %s", trainer.current_epoch, trainer.global_rank,
-                     skipped or "none")
+            log.info(
+                "epoch %d, rank %d: skipped samples by reason: %s",
+                trainer.current_epoch,
+                trainer.global_rank,
+                skipped or "none",
+            )

@@ -35,10 +35,21 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: 
 
 
 class ClipModule(pl.LightningModule):
-    def __init__(self, net: torch.nn.Module, *, tokenizer=None, lr: float = 5e-4, weight_decay: float = 0.1,
-                 betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6, warmup_steps: int = 1000,
-                 min_lr_ratio: float = 0.0, zeroshot: bool = True, local_loss: bool = True,
-                 gather_with_grad: bool = True) -> None:
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        *,
+        tokenizer=None,
+        lr: float = 5e-4,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        warmup_steps: int = 1000,
+        min_lr_ratio: float = 0.0,
+        zeroshot: bool = True,
+        local_loss: bool = True,
+        gather_with_grad: bool = True,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "tokenizer"])
         self.net = net
@@ -63,12 +74,14 @@ class ClipModule(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out = self.net(batch["image"], batch["tokens"])
-        self._val.append({
-            "image": out["image_features"].float().cpu(),  # (B, D) normalised
-            "text": out["text_features"].float().cpu(),
-            "caption": batch["caption"],
-            "scene": [j.get("scene") for j in batch.get("json", [{}] * len(batch["caption"]))],
-        })
+        self._val.append(
+            {
+                "image": out["image_features"].float().cpu(),  # (B, D) normalised
+                "text": out["text_features"].float().cpu(),
+                "caption": batch["caption"],
+                "scene": [j.get("scene") for j in batch.get("json", [{}] * len(batch["caption"]))],
+            }
+        )
 
     def on_validation_epoch_end(self) -> None:
         parts = self._val
@@ -87,8 +100,10 @@ class ClipModule(pl.LightningModule):
         scale = self.net.logit_scale.exp().clamp(max=100).item() if hasattr(self.net, "logit_scale") else 1.0
         logits = scale * img @ txt.T
         target = torch.arange(len(img))
-        loss = (torch.nn.functional.cross_entropy(logits, target)
-                + torch.nn.functional.cross_entropy(logits.T, target)) / 2
+        loss = (
+            torch.nn.functional.cross_entropy(logits, target)
+            + torch.nn.functional.cross_entropy(logits.T, target)
+        ) / 2
         metrics = {"val/loss": loss.item(), "val/n": float(len(img))}
         metrics.update({f"val/{k}": v for k, v in retrieval_recall(img, txt, captions).items()})
         if self.hparams.zeroshot and self.tokenizer is not None and all(s is not None for s in scenes):
@@ -103,12 +118,30 @@ class ClipModule(pl.LightningModule):
         for name, param in self.net.named_parameters():
             if param.requires_grad:
                 (skip if no_decay(name, param) else decay).append(param)
-        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay},
-                  {"params": skip, "weight_decay": 0.0}]
+        groups = [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": skip, "weight_decay": 0.0},
+        ]
         fused = torch.cuda.is_available() and all(p.is_cuda for p in self.net.parameters())
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas),
-                                      eps=self.hparams.eps, fused=fused or None)
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(
-            step, warmup_steps=self.hparams.warmup_steps, total_steps=total, min_ratio=self.hparams.min_lr_ratio))
+        optimizer = torch.optim.AdamW(
+            groups,
+            lr=self.hparams.lr,
+            betas=tuple(self.hparams.betas),
+            eps=self.hparams.eps,
+            fused=fused or None,
+        )
+        total = (
+            self.trainer.max_steps
+            if self.trainer.max_steps > 0
+            else int(self.trainer.estimated_stepping_batches)
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: warmup_cosine(
+                step,
+                warmup_steps=self.hparams.warmup_steps,
+                total_steps=total,
+                min_ratio=self.hparams.min_lr_ratio,
+            ),
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
