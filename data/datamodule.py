@@ -286,7 +286,10 @@ def ensure_synthetic(
             continue
         log.info("writing %d synthetic samples (seed %d, %d px) to %s", samples, seed, image_size, out)
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        write_shards(tmp, samples, seed=seed, image_size=image_size, shard_size=shard_size)
+        # At least 4 shards (a small held-out split still feeds every loader worker); the samples do not
+        # depend on the sharding.
+        size = min(shard_size, max(1, -(-samples // 4)))
+        write_shards(tmp, samples, seed=seed, image_size=image_size, shard_size=size)
         try:
             os.replace(tmp, out)  # atomic: a half-written dataset is never picked up
         except OSError:

@@ -273,3 +273,18 @@ def test_transformer_rejects_mask_and_causal_together():
     assert block(x, attn_mask=mask).shape == x.shape  # an explicit mask replaces is_causal
     with pytest.raises(ValueError, match="either causal=True or an explicit attn_mask"):
         block.resblocks[0].attn(x, causal=True, attn_mask=mask)
+
+
+def test_conv_stem_keeps_the_token_grid_and_counts_its_flops():
+    torch.manual_seed(0)
+    net = CLIP(embed_dim=16, vision={**VISION, "stem": "conv"}, text=TEXT, eot_id=EOT)
+    assert [m.out_channels for m in net.visual.conv1 if isinstance(m, torch.nn.Conv2d)] == [16, 32, 32]
+    assert net.visual.conv1(torch.randn(2, 3, 16, 16)).shape == (2, 32, 4, 4)  # same grid as 4x4 patches
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        net(torch.randn(1, 3, 16, 16), tokens(1))
+    text_attention = TEXT["layers"] * 4 * TEXT["context_length"] ** 2 * TEXT["width"]
+    assert flops_per_sample(net) == counter.get_total_flops() - text_attention / 2
+    with pytest.raises(ValueError, match="net.vision.stem=conv needs a power-of-two net.vision.patch_size"):
+        CLIP(8, {**VISION, "patch_size": 3, "image_size": 15, "stem": "conv"}, TEXT, eot_id=EOT)
+    with pytest.raises(ValueError, match="net.vision.stem='cnn'"):
+        CLIP(8, {**VISION, "stem": "cnn"}, TEXT, eot_id=EOT)

@@ -13,6 +13,7 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 
+from eval.zeroshot import evaluate_run
 from train.run import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,6 +111,10 @@ def test_fast_run_trains_checkpoints_and_resumes(tmp_path):
     ):
         assert key in saved, key
     assert saved["data/skipped_decode_error"] == 0
+    # the standalone evaluation of the checkpoint reproduces the in-training validation
+    evaluated = evaluate_run(str(out))
+    for key in ("zeroshot_colour_top1", "zeroshot_shape_top1", "i2t_r1", "t2i_r5"):
+        assert evaluated[key] == pytest.approx(saved[f"val/{key}"], abs=1e-6), key
     # resume=auto: a second run in the same directory continues from last.ckpt to the new max_steps
     metrics = train(
         _fast_cfg(tmp_path, out, "trainer.max_steps=8", "callbacks.checkpoint.every_n_train_steps=5")

@@ -33,7 +33,7 @@ from torch import nn
 
 from train.models.layers import LayerNorm, Transformer, transformer_flops
 
-VISION_KEYS = {"image_size", "patch_size", "width", "layers", "heads", "mlp_ratio"}
+VISION_KEYS = {"image_size", "patch_size", "width", "layers", "heads", "mlp_ratio", "stem"}
 TEXT_KEYS = {"context_length", "vocab_size", "width", "layers", "heads", "mlp_ratio"}
 TEXT_TOWER = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 
@@ -57,10 +57,37 @@ def _plain(cfg: Mapping[str, Any] | Any, option: str, allowed: set[str]) -> dict
             f"unknown option(s) {', '.join(f'{option}.{k}' for k in unknown)}; "
             f"valid: {', '.join(sorted(allowed))}"
         )
-    missing = sorted(allowed - {"mlp_ratio"} - set(cfg))
+    missing = sorted(allowed - {"mlp_ratio", "stem"} - set(cfg))
     if missing:
         raise ValueError(f"missing option(s) {', '.join(f'{option}.{k}' for k in missing)}")
     return cfg
+
+
+def conv_stem_channels(patch_size: int, width: int) -> list[int]:
+    """Output channels of the conv stem's stride-2 layers: doubling up to ``width`` (e.g. 8 -> 32, 64, 128)."""
+    steps = patch_size.bit_length() - 1
+    if patch_size < 2 or 2**steps != patch_size:
+        raise ValueError(f"net.vision.stem=conv needs a power-of-two net.vision.patch_size, got {patch_size}")
+    return [max(width // 2 ** (steps - 1 - i), 8) for i in range(steps)]
+
+
+class ConvStem(nn.Sequential):
+    """Patchify with stride-2 3x3 convolutions (+ GroupNorm, GELU) and a 1x1 projection to ``width``.
+
+    The same token grid as a ``patch_size`` patch embedding, but with a small convolutional receptive
+    field before the transformer: "early convolutions help transformers see better" (Xiao et al.,
+    2021). Much faster to learn shape on small data than a linear patch embedding; the named
+    open_clip architectures keep the linear one (``stem: patch``) so their weights load.
+    """
+
+    def __init__(self, patch_size: int, width: int) -> None:
+        layers: list[nn.Module] = []
+        c_in = 3
+        for c_out in conv_stem_channels(patch_size, width):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GroupNorm(1, c_out), nn.GELU()]
+            c_in = c_out
+        layers.append(nn.Conv2d(c_in, width, 1))
+        super().__init__(*layers)
 
 
 class VisionTransformer(nn.Module):
@@ -74,9 +101,12 @@ class VisionTransformer(nn.Module):
         heads: int,
         output_dim: int,
         mlp_ratio: float = 4.0,
+        stem: str = "patch",
         grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        if stem not in ("patch", "conv"):
+            raise ValueError(f"net.vision.stem={stem!r}: expected 'patch' (linear, open_clip) or 'conv'")
         if image_size % patch_size:
             raise ValueError(
                 f"net.vision.image_size={image_size} is not divisible by net.vision.patch_size={patch_size}"
@@ -84,7 +114,11 @@ class VisionTransformer(nn.Module):
         self.image_size, self.patch_size, self.width = image_size, patch_size, width
         self.grid = image_size // patch_size
         scale = width**-0.5
-        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.stem = stem
+        if stem == "patch":
+            self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        else:
+            self.conv1 = ConvStem(patch_size, width)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid**2 + 1, width))
         self.ln_pre = LayerNorm(width)
@@ -101,7 +135,7 @@ class VisionTransformer(nn.Module):
         if tuple(images.shape[-2:]) != (s, s):
             h, w = images.shape[-2:]
             raise ValueError(f"net.vision.image_size={s} but images are {h}x{w} (data.image_size must match)")
-        x = self.conv1(images.to(self.conv1.weight.dtype))  # (B, W, g, g)
+        x = self.conv1(images.to(self.class_embedding.dtype))  # (B, W, g, g)
         x = x.flatten(2).transpose(1, 2)  # (B, g*g, W)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1+g*g, W)
@@ -232,8 +266,17 @@ def flops_per_sample(net: CLIP | Mapping[str, Any]) -> float:
     v = _plain(net["vision"], "net.vision", VISION_KEYS)
     t = _plain(net["text"], "net.text", TEXT_KEYS)
     patches = (v["image_size"] // v["patch_size"]) ** 2
+    if v.get("stem", "patch") == "conv":
+        stem, c_in, side = 0, 3, v["image_size"]
+        for c_out in conv_stem_channels(v["patch_size"], v["width"]):
+            side //= 2
+            stem += 2 * side * side * 9 * c_in * c_out
+            c_in = c_out
+        stem += 2 * patches * c_in * v["width"]
+    else:
+        stem = 2 * patches * 3 * v["patch_size"] ** 2 * v["width"]
     vision = (
-        2 * patches * 3 * v["patch_size"] ** 2 * v["width"]
+        stem
         + transformer_flops(v["width"], v["layers"], patches + 1, v.get("mlp_ratio", 4.0))
         + 2 * v["width"] * embed_dim
     )
