@@ -104,3 +104,15 @@ def run_reference(env: Path, script: str, inputs: dict[str, Any], timeout: int =
         if result.returncode != 0:
             raise RuntimeError(f"reference subprocess failed:\n{result.stderr[-3000:]}")
         return torch.load(out_path, weights_only=False)
+
+
+# open_clip models (weight-import tests) also need torchvision, whose only build for torch 2.13.0 is a
+# CUDA one: with --no-deps only its own 7.7 MB wheel is installed, and the subprocess defines the two
+# operator schemas its missing C++ library would have registered (TORCHVISION_SHIM) before importing it.
+MODEL_PACKAGES = (*TOKENIZER_PACKAGES, "torchvision==0.28.0")
+TORCHVISION_SHIM = """
+import torch
+_lib = torch.library.Library("torchvision", "DEF")
+_lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+_lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+"""
