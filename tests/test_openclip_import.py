@@ -91,3 +91,30 @@ def test_unsupported_or_missing_files_fail_clearly(tmp_path):
     torch.save([torch.zeros(1)], notdict)
     with pytest.raises(ValueError, match="expected a state dict of tensors"):
         load_open_clip(notdict)
+
+
+def test_train_run_initialises_the_net_from_an_open_clip_file(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from train.run import CONF_DIR, build_net
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose("train", overrides=["net.text.vocab_size=300"])
+    source = build_net(cfg, None)
+    # written the way open_clip names it: the text tower at the top level
+    open_clip_state = {k.removeprefix("text."): v for k, v in source.state_dict().items()}
+    torch.save(open_clip_state, tmp_path / "ckpt.pt")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose(
+            "train", overrides=["net.text.vocab_size=300", f"init_from_open_clip={tmp_path / 'ckpt.pt'}"]
+        )
+    torch.manual_seed(123)  # a different random init, overwritten by the file
+    loaded = build_net(cfg, None)
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose("train", overrides=[f"init_from_open_clip={tmp_path / 'ckpt.pt'}"])
+    with pytest.raises(
+        ValueError, match=r"does not fit the configured net.*text.token_embedding.weight \(300, 128\)"
+    ):
+        build_net(cfg, None)

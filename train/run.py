@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def resolve_precision(precision: str | int) -> str | int:
@@ -57,7 +58,32 @@ def build_net(cfg: DictConfig, tokenizer) -> torch.nn.Module:
                 f"net.text.vocab_size={vocab} is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size}); "
                 f"set net.text.vocab_size>={tokenizer.vocab_size}"
             )
-    return instantiate(net_cfg)
+    net = instantiate(net_cfg)
+    if cfg.get("init_from_open_clip"):
+        load_open_clip_weights(net, cfg.init_from_open_clip)
+    return net
+
+
+def load_open_clip_weights(net: torch.nn.Module, path: str) -> None:
+    """init_from_open_clip=PATH: start from an open_clip checkpoint whose shapes match ``net``."""
+    from train.models.clip import from_open_clip_state_dict
+    from train.models.openclip_import import read_state_dict
+
+    state = from_open_clip_state_dict(read_state_dict(path))
+    ours = net.state_dict()
+    wrong = [
+        f"{k} {tuple(v.shape)} vs net {tuple(ours[k].shape)}"
+        for k, v in state.items()
+        if k in ours and ours[k].shape != v.shape
+    ]
+    missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
+    if wrong or missing or unexpected:
+        raise ValueError(
+            f"init_from_open_clip={path} does not fit the configured net (pick the matching net=...): "
+            f"shape mismatches {wrong[:4]}, missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
+    net.load_state_dict(state)
+    log.info("initialised %s from the open_clip checkpoint %s", type(net).__name__, path)
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
