@@ -1,0 +1,224 @@
+"""Embedding export: a frozen CLIP over image-text shards -> embedding shards for the prior and decoder.
+
+    python -m data.embed ckpt=outputs/clip/RUN shards='data/{00000..00099}.tar' out=embeddings/ [batch=256]
+    torchrun --nproc_per_node=8 -m data.embed ckpt=... shards=... out=...     # each rank its own shards
+
+``ckpt`` is a CLIP run directory (or a checkpoint inside its ``checkpoints/``). For every input shard
+``NAME.tar`` the output directory gets ``NAME.tar`` with, per sample (same key)::
+
+    key.img_emb.npy    (D,)   float16, L2-normalised CLIP image embedding
+    key.txt_emb.npy    (D,)   float16, L2-normalised CLIP text embedding
+    key.txt_feat.npy   (L, W) float16, per-token text features (after ln_final), what the decoder attends to
+    key.tokens.npy     (L,)   int32, the caption's token ids (sot ... eot, padding)
+    key.txt            the caption;  key.json  the input json (when present)
+
+and ``sizes.json`` (shard -> samples) plus ``embed_info.json``: the CLIP checkpoint, its step, the
+image normalisation, resolution, tokenizer and dimensions. Images are centre-cropped (deterministic).
+Shards are split over ranks (``RANK``/``WORLD_SIZE`` from torchrun or SLURM), never within one, so no
+sample is written twice; each output tar is written to a temporary name and renamed when complete.
+Skipped samples are counted by reason as in training.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import sys
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data.pipeline import ShardDataset
+from data.shards import expand_shards
+from data.transforms import Normalize
+
+log = logging.getLogger(__name__)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime = len(payload), 0
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def rank_and_world() -> tuple[int, int]:
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+    return rank, world
+
+
+@torch.no_grad()
+def embed_shards(
+    ckpt: str,
+    shards: str,
+    out: str | Path,
+    *,
+    batch_size: int = 256,
+    device: str = "cpu",
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> dict[str, Any]:
+    """Embed this rank's share of ``shards`` into ``out``; returns counts (samples, skips, shards)."""
+    from train.checkpoint import load_stage
+
+    env_rank, env_world = rank_and_world()
+    rank = env_rank if rank is None else rank
+    world = env_world if world_size is None else world_size
+    stage = load_stage(ckpt, map_location=device)
+    net, tokenizer, data_cfg = stage.net.to(device), stage.tokenizer, stage.cfg.data
+    if tokenizer is None or not hasattr(net, "encode_image"):
+        raise ValueError(f"ckpt={ckpt}: expected a CLIP run directory with tokenizer.json")
+    normalize = Normalize(data_cfg.normalize)
+    urls = expand_shards(shards)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    totals: Counter = Counter()
+    sizes: dict[str, int] = {}
+    start = time.time()
+    for index in range(rank, len(urls), world):
+        url = urls[index]
+        name = f"{index:05d}.tar" if url.startswith("pipe:") else Path(url).name
+        name = name if name.endswith(".tar") else name + ".tar"
+        ds = ShardDataset(
+            url,
+            batch_size=batch_size,
+            image_size=data_cfg.image_size,
+            crop="center",
+            tokenizer=tokenizer,
+            keep_json=True,
+            shuffle_buffer=0,
+            shuffle_shards=False,
+            seed=0,
+        )
+        tmp = out / f".{name}.tmp{os.getpid()}"
+        n, skips = 0, {}
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+            for batch in ds:
+                skips = batch["__state__"]["skips"]  # cumulative for this shard
+                if not batch["__key__"]:
+                    continue
+                tokens = batch["tokens"].to(device)
+                img = (
+                    net.encode_image(normalize(batch["image"].to(device)))
+                    .float()
+                    .cpu()
+                    .numpy()
+                    .astype(np.float16)
+                )
+                txt = net.encode_text(tokens).float().cpu().numpy().astype(np.float16)
+                feats = net.text.hidden_states(tokens).float().cpu().numpy().astype(np.float16)  # (B, L, W)
+                toks = batch["tokens"].numpy().astype(np.int32)
+                for i, key in enumerate(batch["__key__"]):
+                    _add(tar, f"{key}.img_emb.npy", _npy(img[i]))
+                    _add(tar, f"{key}.txt_emb.npy", _npy(txt[i]))
+                    _add(tar, f"{key}.txt_feat.npy", _npy(feats[i]))
+                    _add(tar, f"{key}.tokens.npy", _npy(toks[i]))
+                    _add(tar, f"{key}.txt", batch["caption"][i].encode())
+                    if batch["json"][i]:
+                        _add(tar, f"{key}.json", json.dumps(batch["json"][i]).encode())
+                n += len(batch["__key__"])
+        os.replace(tmp, out / name)  # complete shards only
+        totals.update({f"skipped_{k}": v for k, v in skips.items() if v})
+        totals["samples"] += n
+        totals["shards"] += 1
+        sizes[name] = n
+        log.info("rank %d: %s -> %s (%d samples)", rank, url, out / name, n)
+    _merge_sizes(out / "sizes.json", sizes)
+    if rank == 0:
+        info = {
+            "checkpoint": str(stage.checkpoint.resolve()),
+            "global_step": stage.global_step,
+            "normalize": data_cfg.normalize,
+            "image_size": data_cfg.image_size,
+            "crop": "center",
+            "embed_dim": int(net.embed_dim),
+            "text_width": int(net.text.token_embedding.weight.shape[1]),
+            "context_length": tokenizer.context_length,
+            "tokenizer": repr(tokenizer),
+            "dtype": "float16",
+            "l2_normalised": ["img_emb", "txt_emb"],
+            "source_shards": shards,
+            "world_size": world,
+        }
+        (out / "embed_info.json").write_text(json.dumps(info, indent=2))
+        tokenizer.save(out / "tokenizer.json")
+    result = {"rank": rank, "shards": 0, "samples": 0, **totals, "seconds": round(time.time() - start, 2)}
+    log.info("embedding export, rank %d: %s", rank, result)
+    return result
+
+
+def _merge_sizes(path: Path, sizes: dict[str, int]) -> None:
+    """Each rank adds its shards to sizes.json (read-modify-write under an exclusive lock file)."""
+    lock = path.with_suffix(".lock")
+    for _ in range(600):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            time.sleep(0.05)
+    else:
+        raise TimeoutError(f"{lock}: could not take the lock (remove it if no export is running)")
+    try:
+        merged = json.loads(path.read_text()) if path.exists() else {}
+        merged.update(sizes)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(dict(sorted(merged.items())), indent=1))
+        os.replace(tmp, path)
+    finally:
+        os.close(fd)
+        os.unlink(lock)
+
+
+def parse_args(argv: list[str]) -> dict[str, str]:
+    args: dict[str, str] = {}
+    for arg in argv:
+        key, sep, value = arg.lstrip("-").partition("=")
+        if not sep:
+            raise ValueError(
+                f"argument {arg!r}: expected key=value (ckpt=..., shards=..., out=..., batch=..., device=...)"
+            )
+        args[key] = value
+    unknown = set(args) - {"ckpt", "shards", "out", "batch", "device"}
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)}; valid: ckpt, shards, out, batch, device")
+    missing = {"ckpt", "shards", "out"} - set(args)
+    if missing:
+        raise ValueError(
+            f"missing option(s) {sorted(missing)}: python -m data.embed ckpt=RUN shards=SPEC out=DIR"
+        )
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        result = embed_shards(
+            args["ckpt"],
+            args["shards"],
+            args["out"],
+            batch_size=int(args.get("batch", 256)),
+            device=args.get("device", "cuda" if torch.cuda.is_available() else "cpu"),
+        )
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,129 @@
+"""python -m data.embed: embedding shards from a trained CLIP run, split over ranks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from data.embed import embed_shards, main
+from data.pipeline import ShardDataset
+from data.transforms import Normalize
+from train.checkpoint import load_stage
+from train.run import CONF_DIR, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def clip_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clip")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose(
+            "train",
+            overrides=[
+                "debug=fast",
+                f"paths.data_dir={root / 'datasets'}",
+                f"paths.output_dir={root / 'run'}",
+                "trainer.max_steps=2",
+            ],
+        )
+    train(cfg)
+    return root / "run", cfg.data.val_shards
+
+
+def _read(out: Path) -> list[dict]:
+    ds = ShardDataset(
+        str(out),
+        batch_size=1000,
+        image_size=None,
+        npy_fields=["img_emb.npy", "txt_emb.npy", "txt_feat.npy", "tokens.npy"],
+        shuffle_buffer=0,
+        shuffle_shards=False,
+        keep_json=True,
+    )
+    return [b for b in ds if b["__key__"]]
+
+
+def test_embedding_shards_match_the_model_and_ranks_split_the_shards(clip_run, tmp_path):
+    run, val = clip_run
+    out = tmp_path / "emb"
+    results = [embed_shards(str(run), val, out, batch_size=16, rank=r, world_size=2) for r in (0, 1)]
+    assert all(r["shards"] == 2 for r in results), "4 val shards over 2 ranks"
+    batches = _read(out)
+    keys = [k for b in batches for k in b["__key__"]]
+    assert len(keys) == len(set(keys)) == 64 == sum(r["samples"] for r in results)
+    sizes = json.loads((out / "sizes.json").read_text())
+    assert sum(sizes.values()) == 64 and len(sizes) == 4
+    info = json.loads((out / "embed_info.json").read_text())
+    assert info["normalize"] == "clip" and info["embed_dim"] == 128 and info["dtype"] == "float16"
+    assert info["global_step"] == 2
+    batch = batches[0]
+    assert batch["img_emb.npy"].shape[1:] == (128,) and batch["txt_feat.npy"].shape[1:] == (32, 128)
+    torch.testing.assert_close(
+        batch["img_emb.npy"].norm(dim=-1), torch.ones(len(batch["__key__"])), atol=2e-3, rtol=0
+    )
+    # the stored embeddings are the model's, up to float16 rounding
+    stage = load_stage(run)
+    raw = ShardDataset(
+        val,
+        batch_size=1000,
+        image_size=64,
+        crop="center",
+        tokenizer=stage.tokenizer,
+        shuffle_buffer=0,
+        shuffle_shards=False,
+    )
+    by_key = {}
+    for b in raw:
+        if b["__key__"]:
+            with torch.no_grad():
+                img = stage.net.encode_image(Normalize("clip")(b["image"]))
+                txt = stage.net.encode_text(b["tokens"])
+            by_key.update({k: (img[i], txt[i], b["tokens"][i]) for i, k in enumerate(b["__key__"])})
+    for b in batches:
+        for i, key in enumerate(b["__key__"]):
+            torch.testing.assert_close(b["img_emb.npy"][i], by_key[key][0], atol=2e-3, rtol=0)
+            torch.testing.assert_close(b["txt_emb.npy"][i], by_key[key][1], atol=2e-3, rtol=0)
+            assert torch.equal(b["tokens.npy"][i].long(), by_key[key][2])
+    assert all("scene" in j for b in batches for j in b["json"]), "the input json travels along"
+
+
+def test_cli_and_its_errors(clip_run, tmp_path, capsys):
+    run, val = clip_run
+    assert main([f"ckpt={run}", f"shards={val}", f"out={tmp_path / 'e'}", "batch=32"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["samples"] == 64
+    assert main([f"ckpt={run}", "shards=x"]) == 2
+    assert "missing option(s) ['out']" in capsys.readouterr().err
+    assert main([f"ckpt={tmp_path / 'nope'}", f"shards={val}", f"out={tmp_path}"]) == 2
+    assert "expected a run directory" in capsys.readouterr().err
+
+
+@pytest.mark.multiprocess
+def test_torchrun_two_ranks_write_each_shard_once(clip_run, tmp_path):
+    run, val = clip_run
+    out = tmp_path / "emb"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "data.embed",
+        f"ckpt={run}",
+        f"shards={val}",
+        f"out={out}",
+        "batch=16",
+    ]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    keys = [k for b in _read(out) for k in b["__key__"]]
+    assert len(keys) == len(set(keys)) == 64
+    assert not list(out.glob(".*tmp*")), "no temporary files left"
