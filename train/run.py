@@ -26,7 +26,7 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def resolve_precision(precision: str | int) -> str | int:
-    """ "auto": bf16 mixed precision on a GPU that supports it, else full float32."""
+    """Precision "auto" means bf16 mixed precision on a GPU that supports it, else full float32."""
     if precision != "auto":
         return precision
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
