@@ -101,7 +101,8 @@ class ShardDataModule(pl.LightningDataModule):
         mode: str = "epoch",
         image_size: int | None = 64,
         crop_size: int | None = None,
-        normalize: str = "clip",
+        normalize: str | None = "clip",
+        train_crop: str = "random",
         tokenizer: Mapping[str, Any] | None = None,
         filters: Mapping[str, Any] | None = None,
         npy_fields: Sequence[str] = (),
@@ -120,7 +121,9 @@ class ShardDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.mode = mode
         self.image_size, self.crop_size = image_size, crop_size
-        self.normalize = Normalize(normalize)
+        # "none": uint8 images reach the module (stages that embed them with a frozen CLIP normalise there)
+        self.normalize = None if normalize in (None, "none") else Normalize(normalize)
+        self.train_crop = train_crop
         self.tokenizer_cfg = dict(tokenizer or {})
         self.filters = Filters(**dict(filters or {}))
         self.npy_fields = list(npy_fields)
@@ -179,7 +182,7 @@ class ShardDataModule(pl.LightningDataModule):
             mode=self.mode if train else "epoch",
             image_size=self.image_size,
             crop_size=self.crop_size,
-            crop="random" if train else "center",
+            crop=self.train_crop if train else "center",
             tokenizer=self.tokenizer,
             filters=self.filters,
             npy_fields=self.npy_fields,
@@ -228,7 +231,7 @@ class ShardDataModule(pl.LightningDataModule):
         return self._loader(self._dataset(self.val_shards, train=False), sync=False)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        if "image" in batch and batch["image"].dtype == torch.uint8:
+        if self.normalize is not None and "image" in batch and batch["image"].dtype == torch.uint8:
             batch["image"] = self.normalize(batch["image"])  # (B, 3, H, W) float on the device
         return batch
 

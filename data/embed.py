@@ -37,7 +37,6 @@ import torch
 
 from data.pipeline import ShardDataset
 from data.shards import expand_shards
-from data.transforms import Normalize
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +71,13 @@ def embed_shards(
     world_size: int | None = None,
 ) -> dict[str, Any]:
     """Embed this rank's share of ``shards`` into ``out``; returns counts (samples, skips, shards)."""
-    from train.checkpoint import load_stage
+    from train.frozen_clip import FrozenClip
 
     env_rank, env_world = rank_and_world()
     rank = env_rank if rank is None else rank
     world = env_world if world_size is None else world_size
-    stage = load_stage(ckpt, map_location=device)
-    net, tokenizer, data_cfg = stage.net.to(device), stage.tokenizer, stage.cfg.data
-    if tokenizer is None or not hasattr(net, "encode_image"):
-        raise ValueError(f"ckpt={ckpt}: expected a CLIP run directory with tokenizer.json")
-    normalize = Normalize(data_cfg.normalize)
+    clip = FrozenClip(ckpt, map_location=device)
+    tokenizer = clip.tokenizer
     urls = expand_shards(shards)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,7 +91,7 @@ def embed_shards(
         ds = ShardDataset(
             url,
             batch_size=batch_size,
-            image_size=data_cfg.image_size,
+            image_size=clip.image_size,
             crop="center",
             tokenizer=tokenizer,
             keep_json=True,
@@ -110,16 +106,10 @@ def embed_shards(
                 skips = batch["__state__"]["skips"]  # cumulative for this shard
                 if not batch["__key__"]:
                     continue
-                tokens = batch["tokens"].to(device)
-                img = (
-                    net.encode_image(normalize(batch["image"].to(device)))
-                    .float()
-                    .cpu()
-                    .numpy()
-                    .astype(np.float16)
-                )
-                txt = net.encode_text(tokens).float().cpu().numpy().astype(np.float16)
-                feats = net.text.hidden_states(tokens).float().cpu().numpy().astype(np.float16)  # (B, L, W)
+                emb = clip.embed(batch["image"], batch["tokens"])
+                img = emb["img_emb"].cpu().numpy().astype(np.float16)
+                txt = emb["txt_emb"].cpu().numpy().astype(np.float16)
+                feats = emb["txt_feat"].cpu().numpy().astype(np.float16)  # (B, L, W)
                 toks = batch["tokens"].numpy().astype(np.int32)
                 for i, key in enumerate(batch["__key__"]):
                     _add(tar, f"{key}.img_emb.npy", _npy(img[i]))
@@ -139,13 +129,13 @@ def embed_shards(
     _merge_sizes(out / "sizes.json", sizes)
     if rank == 0:
         info = {
-            "checkpoint": str(stage.checkpoint.resolve()),
-            "global_step": stage.global_step,
-            "normalize": data_cfg.normalize,
-            "image_size": data_cfg.image_size,
+            "checkpoint": str(clip.checkpoint.resolve()),
+            "global_step": clip.global_step,
+            "normalize": clip.normalize.kind,
+            "image_size": clip.image_size,
             "crop": "center",
-            "embed_dim": int(net.embed_dim),
-            "text_width": int(net.text.token_embedding.weight.shape[1]),
+            "embed_dim": clip.embed_dim,
+            "text_width": clip.text_width,
             "context_length": tokenizer.context_length,
             "tokenizer": repr(tokenizer),
             "dtype": "float16",

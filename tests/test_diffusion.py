@@ -226,6 +226,8 @@ def test_dynamic_threshold_and_clip_options():
     assert torch.allclose(out[1], x[1] / 4.0)
     static = GaussianDiffusion(make_betas("linear", 100), clip="static")
     assert static.clip_x0(torch.tensor([3.0, -3.0, 0.5])).tolist() == [1.0, -1.0, 0.5]
+    l2 = GaussianDiffusion(make_betas("linear", 100), clip="l2").clip_x0(torch.randn(5, 16) * 7)
+    assert torch.allclose(l2.norm(dim=1), torch.full((5,), 4.0))
     with pytest.raises(ValueError, match="clip='soft'"):
         GaussianDiffusion(make_betas("linear", 100), clip="soft")
     with pytest.raises(ValueError, match="must output 6 channels"):

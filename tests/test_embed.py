@@ -9,32 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from data.embed import embed_shards, main
 from data.pipeline import ShardDataset
 from data.transforms import Normalize
 from train.checkpoint import load_stage
-from train.run import CONF_DIR, train
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def clip_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("clip")
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        cfg = compose(
-            "train",
-            overrides=[
-                "debug=fast",
-                f"paths.data_dir={root / 'datasets'}",
-                f"paths.output_dir={root / 'run'}",
-                "trainer.max_steps=2",
-            ],
-        )
-    train(cfg)
-    return root / "run", cfg.data.val_shards
 
 
 def _read(out: Path) -> list[dict]:

@@ -46,7 +46,9 @@ def resolve_run(path: str | Path) -> tuple[Path, Path]:
     raise FileNotFoundError(f"{path}: expected a run directory or a .ckpt file inside <run>/checkpoints/")
 
 
-def load_stage(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedStage:
+def load_stage(
+    path: str | Path, map_location: str | torch.device = "cpu", use_ema: bool = True
+) -> LoadedStage:
     run, ckpt_path = resolve_run(path)
     cfg_path = run / "config.yaml"
     if not cfg_path.exists():
@@ -63,10 +65,11 @@ def load_stage(path: str | Path, map_location: str | torch.device = "cpu") -> Lo
     net = instantiate(net_cfg)
     ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=False)
     state = ckpt.get("state_dict", ckpt)
-    prefix = "net."
+    # Stages with an EMA (prior, decoder, upsamplers) are evaluated and exported with its weights.
+    prefix = "ema.shadow." if use_ema and any(k.startswith("ema.shadow.") for k in state) else "net."
     weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not weights:
-        raise KeyError(f"{ckpt_path}: no 'net.*' tensors in the checkpoint's state_dict")
+        raise KeyError(f"{ckpt_path}: no '{prefix}*' tensors in the checkpoint's state_dict")
     missing, unexpected = net.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise KeyError(

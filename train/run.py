@@ -86,6 +86,68 @@ def load_open_clip_weights(net: torch.nn.Module, path: str) -> None:
     log.info("initialised %s from the open_clip checkpoint %s", type(net).__name__, path)
 
 
+def _embedding_dir(cfg: DictConfig) -> Path | None:
+    """The directory of the first training shard when the data is embedding shards (data=embeddings)."""
+    if "img_emb.npy" not in (cfg.data.get("npy_fields") or []):
+        return None
+    from data.shards import expand_shards
+
+    urls = expand_shards(cfg.data.train_shards)
+    return Path(urls[0]).parent if urls and not urls[0].startswith("pipe:") else None
+
+
+def wire_clip(cfg: DictConfig):
+    """Stages after CLIP (prior, decoder): fill the net's CLIP-dependent sizes, the CLIP's image size and
+    the tokenizer from ``clip_ckpt`` (a CLIP run) or the embedding shards' ``embed_info.json``.
+
+    Returns the CLIP's tokenizer, or None for stages without ``clip_ckpt``. Edits ``cfg`` in place.
+    """
+    if "clip_ckpt" not in cfg:
+        return None
+    from data.tokenizer import Tokenizer
+    from train.checkpoint import resolve_run
+
+    emb_dir = _embedding_dir(cfg)
+    info = None
+    if emb_dir is not None:
+        info_path = emb_dir / "embed_info.json"
+        if not info_path.exists():
+            raise FileNotFoundError(
+                f"{info_path}: data=embeddings expects the directory written by `python -m data.embed` "
+                "(embed_info.json, tokenizer.json next to the shards)"
+            )
+        info = json.loads(info_path.read_text())
+        if not cfg.clip_ckpt and Path(info["checkpoint"]).exists():
+            with open_dict(cfg):
+                cfg.clip_ckpt = info["checkpoint"]
+    if cfg.clip_ckpt:
+        run, _ = resolve_run(cfg.clip_ckpt)
+        clip_cfg = OmegaConf.load(run / "config.yaml")
+        tokenizer = Tokenizer.load(run / "tokenizer.json")
+        sizes = {
+            "embed_dim": clip_cfg.net.embed_dim,
+            "text_width": clip_cfg.net.text.width,
+            "context_length": tokenizer.context_length,
+        }
+        image_size = clip_cfg.data.image_size
+    elif info is not None:
+        tokenizer = Tokenizer.load(emb_dir / "tokenizer.json")
+        sizes = {k: info[k] for k in ("embed_dim", "text_width", "context_length")}
+        image_size = info["image_size"]
+    else:
+        raise ValueError(
+            f"stage={cfg.stage_name} needs a CLIP: set clip_ckpt=<CLIP run directory> (image-text shards are "
+            "embedded on the fly) or train on embedding shards (data=embeddings data.train_shards=...)"
+        )
+    with open_dict(cfg):
+        for key, value in sizes.items():
+            if key in cfg.net and cfg.net[key] is None:
+                cfg.net[key] = int(value)
+        if emb_dir is None and cfg.data.get("image_size") is None:
+            cfg.data.image_size = int(image_size)  # the frozen CLIP embeds the shards at its own size
+    return tokenizer
+
+
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
 
@@ -112,7 +174,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
 
+    clip_tokenizer = wire_clip(cfg)
     datamodule = instantiate(cfg.data)
+    if clip_tokenizer is not None:
+        datamodule.tokenizer = clip_tokenizer  # captions are tokenised as the CLIP did
     tokenizer = datamodule.build_tokenizer()
     net = build_net(cfg, tokenizer)
     module = instantiate(cfg.module, net=net, tokenizer=tokenizer, _convert_="all")  # plain hparams in ckpts

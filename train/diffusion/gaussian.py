@@ -30,7 +30,7 @@ from train.diffusion.schedules import make_betas, space_timesteps
 Model = Callable[..., torch.Tensor]
 PREDICTIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned")
-CLIPS = ("none", "static", "dynamic")
+CLIPS = ("none", "static", "dynamic", "l2")
 
 
 def dynamic_threshold(x0: torch.Tensor, quantile: float = 0.995) -> torch.Tensor:
@@ -220,6 +220,11 @@ class GaussianDiffusion:
             return x0.clamp(-1, 1)
         if self.clip == "dynamic":
             return dynamic_threshold(x0, self.dynamic_quantile)
+        if self.clip == "l2":  # each sample rescaled to norm sqrt(numel): unit vectors x sqrt(D) (the prior)
+            flat = x0.reshape(x0.shape[0], -1)
+            return (flat * (flat.shape[1] ** 0.5 / flat.norm(dim=1, keepdim=True).clamp(min=1e-12))).view_as(
+                x0
+            )
         return x0
 
     # ---- the model's reverse step ---------------------------------------------------------------

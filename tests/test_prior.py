@@ -1,0 +1,186 @@
+"""Stage 2: the diffusion prior (net, module, the two data paths, the stage end to end)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from data.embed import embed_shards
+from data.pipeline import ShardDataset
+from train.checkpoint import load_stage
+from train.ema import EMA
+from train.models.prior import DiffusionPrior
+from train.modules.prior import PriorModule
+from train.run import CONF_DIR, train
+
+D, W, L = 16, 24, 8
+
+
+def tiny_prior(**kw) -> DiffusionPrior:
+    torch.manual_seed(0)
+    return DiffusionPrior(embed_dim=D, text_width=W, context_length=L, width=32, layers=2, heads=4, **kw)
+
+
+def inputs(b=3):
+    g = torch.Generator().manual_seed(1)
+    mask = torch.arange(L)[None] <= torch.tensor([2, 5, 7])[:, None]  # caption lengths 3, 6, 8 tokens
+    return {
+        "x": torch.randn(b, D, generator=g),
+        "t": torch.tensor([0, 500, 999]),
+        "text_emb": torch.randn(b, D, generator=g),
+        "text_feat": torch.randn(b, L, W, generator=g),
+        "text_mask": mask,
+    }
+
+
+def test_prior_shapes_padding_and_dropout():
+    net = tiny_prior().eval()
+    a = inputs()
+    out = net(a["x"], a["t"], text_emb=a["text_emb"], text_feat=a["text_feat"], text_mask=a["text_mask"])
+    assert out.shape == (3, D)
+    # padding (tokens past the caption's end) does not reach the output
+    feat = a["text_feat"].clone()
+    feat[~a["text_mask"]] = 100.0
+    padded = net(a["x"], a["t"], text_emb=a["text_emb"], text_feat=feat, text_mask=a["text_mask"])
+    torch.testing.assert_close(padded, out)
+    feat[0, 1] += 1.0  # a real token does
+    assert not torch.allclose(
+        net(a["x"], a["t"], text_emb=a["text_emb"], text_feat=feat, text_mask=a["text_mask"]), out
+    )
+    # dropped conditioning: the output ignores the text entirely
+    drop = torch.ones(3, dtype=torch.bool)
+    d1 = net(
+        a["x"], a["t"], text_emb=a["text_emb"], text_feat=a["text_feat"], text_mask=a["text_mask"], drop=drop
+    )
+    d2 = net(a["x"], a["t"], text_emb=-a["text_emb"], text_feat=feat * 3, text_mask=a["text_mask"], drop=drop)
+    torch.testing.assert_close(d1, d2)
+    assert not torch.allclose(d1, out)
+    with pytest.raises(ValueError, match=r"text_feat must be \(B, 8, 24\)"):
+        net(a["x"], a["t"], text_emb=a["text_emb"], text_feat=a["text_feat"][:, :4])
+
+
+def test_prior_grad_checkpointing_matches():
+    a = inputs()
+    net = tiny_prior().train()
+    kw = dict(text_emb=a["text_emb"], text_feat=a["text_feat"], text_mask=a["text_mask"])
+    ref = net(a["x"], a["t"], **kw)
+    ref.square().sum().backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    net.set_grad_checkpointing(True)
+    out = net(a["x"], a["t"], **kw)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, ref)
+    for g, p in zip(grads, net.parameters()):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_paper_prior_has_one_billion_parameters():
+    cfg = OmegaConf.load(f"{CONF_DIR}/net/prior_paper.yaml")
+    cfg.embed_dim, cfg.text_width, cfg.context_length = 1024, 1024, 256  # CLIP ViT-H/16, 256 text tokens
+    args = {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "_target_"}
+    with torch.device("meta"):
+        net = DiffusionPrior(**args)
+    n = sum(p.numel() for p in net.parameters())
+    assert 0.95e9 <= n <= 1.05e9, n
+
+
+def test_ema_tracks_with_warmup_and_is_not_trained():
+    net = torch.nn.Linear(2, 2)
+    ema = EMA(net, decay=0.9)
+    assert not any(p.requires_grad for p in ema.parameters())
+    w0 = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    ema.update(net)  # first update: decay min(0.9, 1/10) = 0.1
+    torch.testing.assert_close(ema.shadow.weight, 0.1 * w0 + 0.9)
+    assert int(ema.num_updates) == 1
+    for _ in range(200):
+        ema.update(net)
+    assert ema.current_decay() == 0.9
+    torch.testing.assert_close(ema.shadow.weight, torch.ones(2, 2), atol=1e-6, rtol=0)
+
+
+def test_both_data_paths_give_the_same_batches(clip_run, tmp_path):
+    """Embedding shards (data.embed) and on-the-fly embedding with the frozen CLIP: identical tensors."""
+    run, val = clip_run
+    out = tmp_path / "emb"
+    embed_shards(str(run), val, out, batch_size=16)
+    module = PriorModule(tiny_prior(), diffusion={"num_timesteps": 100}, clip_ckpt=str(run))
+    tok = module.tokenizer
+    common = dict(batch_size=16, shuffle_buffer=0, shuffle_shards=False)
+    shards = ShardDataset(
+        str(out),
+        image_size=None,
+        npy_fields=["img_emb.npy", "txt_emb.npy", "txt_feat.npy", "tokens.npy"],
+        **common,
+    )
+    images = ShardDataset(val, image_size=64, crop="center", tokenizer=tok, **common)
+    n = 0
+    for a, b in zip(shards, images):
+        if not a["__key__"]:
+            continue
+        assert a["__key__"] == b["__key__"]
+        ea, eb = module.embeddings(a), module.embeddings(b)
+        for k in ("img_emb", "txt_emb", "txt_feat", "tokens"):
+            assert torch.equal(ea[k], eb[k]), k
+        n += len(a["__key__"])
+    assert n == 64
+
+
+def _prior_cfg(overrides):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return compose("train", overrides=["stage=prior", "logger=none", *overrides])
+
+
+def test_prior_stage_trains_on_embedding_shards_and_exports_ema(clip_run, tmp_path):
+    run, val = clip_run
+    emb = tmp_path / "emb"
+    embed_shards(str(run), val, emb, batch_size=32)
+    cfg = _prior_cfg(
+        [
+            "data=embeddings",
+            f"data.train_shards={emb}",
+            f"data.val_shards={emb}",
+            "data.num_workers=0",
+            "data.global_batch_size=16",
+            "module.warmup_steps=2",
+            "module.lr=1e-3",
+            "module.sample_steps=4",
+            "module.val_max_samples=32",
+            "trainer.max_steps=6",
+            "trainer.val_check_interval=6",
+            "trainer.enable_progress_bar=false",
+            f"paths.output_dir={tmp_path / 'prior'}",
+        ]
+    )
+    metrics = train(cfg)
+    # clip_ckpt came from embed_info.json; the net's sizes from the CLIP
+    saved = OmegaConf.load(tmp_path / "prior" / "config.yaml")
+    assert saved.clip_ckpt == json.loads((emb / "embed_info.json").read_text())["checkpoint"]
+    assert (saved.net.embed_dim, saved.net.text_width, saved.net.context_length) == (128, 128, 32)
+    for key in (
+        "train/loss",
+        "val/loss",
+        "val/cos_pred_image",
+        "val/cos_text_image",
+        "val/zeroshot_top1_pred",
+    ):
+        assert key in metrics and metrics[key] == metrics[key], key  # present and not NaN
+    assert -1 <= metrics["val/cos_pred_image"] <= 1 and metrics["val/n"] == 32
+    stage = load_stage(tmp_path / "prior")
+    ckpt = torch.load(tmp_path / "prior" / "checkpoints" / "last.ckpt", weights_only=False)
+    ema = {k[len("ema.shadow.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.shadow.")}
+    for k, v in stage.net.state_dict().items():
+        assert torch.equal(v, ema[k]), k
+    assert stage.tokenizer is not None and stage.tokenizer.eot_id == load_stage(run).tokenizer.eot_id
+
+
+def test_prior_stage_needs_a_clip(tmp_path):
+    cfg = _prior_cfg([f"paths.data_dir={tmp_path}", f"paths.output_dir={tmp_path / 'run'}", "debug=fast"])
+    with pytest.raises(ValueError, match="needs a CLIP: set clip_ckpt"):
+        train(cfg)

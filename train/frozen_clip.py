@@ -1,0 +1,88 @@
+"""A frozen CLIP for the later stages: embeddings on the fly, and the text classifier for evaluation.
+
+The prior and decoder read precomputed embedding shards (``python -m data.embed``) or compute the
+same tensors here from image-text batches. Both paths go through :meth:`FrozenClip.embed` and round
+to float16 as the shards store them, so a batch is identical whichever path produced it (tested).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from data.transforms import Normalize
+
+
+class FrozenClip:
+    """CLIP from a run directory (or checkpoint), in eval mode, without gradients.
+
+    Deliberately not an ``nn.Module``: a stage that holds one does not save it in its checkpoints nor
+    hand it to DDP/DeepSpeed (it is inference-only and identical on every rank); call :meth:`to`.
+    """
+
+    def __init__(self, run: str | Path, map_location: str | torch.device = "cpu") -> None:
+        from train.checkpoint import load_stage
+
+        stage = load_stage(run, map_location=map_location)
+        if not hasattr(stage.net, "encode_image") or stage.tokenizer is None:
+            raise ValueError(f"clip_ckpt={run}: expected a CLIP run directory (with tokenizer.json)")
+        self.run, self.checkpoint, self.global_step = Path(run), stage.checkpoint, stage.global_step
+        self.net = stage.net.eval().requires_grad_(False)
+        self.tokenizer = stage.tokenizer
+        self.normalize = Normalize(stage.cfg.data.normalize)
+        self.image_size = int(stage.cfg.data.image_size)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.net.embed_dim)
+
+    @property
+    def text_width(self) -> int:
+        return int(self.net.text.token_embedding.weight.shape[1])
+
+    @property
+    def context_length(self) -> int:
+        return int(self.tokenizer.context_length)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def to(self, device: torch.device | str) -> FrozenClip:
+        self.net.to(device)
+        return self
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor | None, tokens: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """uint8 images (B, 3, H, W) and/or tokens (B, L) -> ``img_emb`` (B, D), ``txt_emb`` (B, D),
+        ``txt_feat`` (B, L, W): L2-normalised embeddings and per-token features, float16-rounded,
+        returned as float32 on the CLIP's device. Images of another size are resized (bicubic)."""
+        out: dict[str, torch.Tensor] = {}
+        device = self.device
+        if images is not None:
+            if images.dtype != torch.uint8:
+                raise TypeError("FrozenClip.embed expects uint8 images (set data.normalize=none)")
+            x = self.normalize(images.to(device))
+            if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+                x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True)
+            out["img_emb"] = self.net.encode_image(x).float().half().float()
+        if tokens is not None:
+            tokens = tokens.to(device).long()
+            out["txt_emb"] = self.net.encode_text(tokens).float().half().float()
+            out["txt_feat"] = self.net.text.hidden_states(tokens).float().half().float()
+        return out
+
+    @torch.no_grad()
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.net.encode_text(tokens.to(self.device))
+
+
+def text_mask(tokens: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """(B, L) bool: True up to and including each caption's first end-of-text token (the rest is padding)."""
+    is_eot = tokens == eot_id
+    first = torch.where(
+        is_eot.any(1), is_eot.int().argmax(1), torch.full_like(tokens[:, 0], tokens.shape[1] - 1)
+    )
+    return torch.arange(tokens.shape[1], device=tokens.device)[None] <= first[:, None]

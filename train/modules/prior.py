@@ -1,0 +1,238 @@
+"""Stage 2: the diffusion prior as a LightningModule.
+
+Batches come from embedding shards (``img_emb.npy``, ``txt_emb.npy``, ``txt_feat.npy``,
+``tokens.npy``: ``data=embeddings``) or from image-text shards, embedded on the fly by a frozen CLIP
+(``clip_ckpt``); :meth:`PriorModule.embeddings` turns either into the same tensors.
+
+Scaling: embeddings are L2-normalised and multiplied by sqrt(D) (unit mean square per entry, like the
+diffusion noise) before the net sees them; predictions are divided by sqrt(D) again. Loss: MSE on the
+clean image embedding (x0 prediction, the paper's choice), text conditioning dropped with probability
+``cond_drop_prob`` for classifier-free guidance. Evaluation uses the EMA weights: DDIM with
+``sample_steps`` of the T steps, guidance, best-of-``best_of`` by dot product with the text embedding.
+
+Logged: ``train/loss``, ``train/lr``, ``val/loss`` (EMA, fixed timesteps), ``val/cos_pred_image`` (mean
+cosine between the sampled and the true image embedding), ``val/cos_text_image`` (the baseline: text
+embedding vs image embedding), ``val/zeroshot_*_top1_pred`` (the CLIP text classifier applied to the
+predicted embeddings; synthetic scenes) next to ``val/zeroshot_*_top1_image`` (applied to the true ones).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from eval.zeroshot import zeroshot_synthetic
+from train.diffusion import GaussianDiffusion
+from train.ema import EMA
+from train.frozen_clip import FrozenClip, text_mask
+from train.modules.clip import no_decay, warmup_cosine
+
+
+class PriorModule(pl.LightningModule):
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        *,
+        diffusion: Mapping[str, Any],
+        tokenizer=None,
+        clip_ckpt: str | None = None,
+        lr: float = 1.1e-4,
+        weight_decay: float = 6.0e-2,
+        betas: tuple[float, float] = (0.9, 0.96),
+        eps: float = 1e-6,
+        warmup_steps: int = 500,
+        min_lr_ratio: float = 0.0,
+        ema_decay: float = 0.9999,
+        cond_drop_prob: float = 0.1,
+        sample_steps: int = 64,
+        guidance_scale: float = 1.0,
+        best_of: int = 2,
+        val_max_samples: int | None = 1000,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "tokenizer"])
+        self.net = net
+        self.ema = EMA(net, decay=ema_decay)
+        self.tokenizer = tokenizer
+        self.diffusion = GaussianDiffusion.from_config(**diffusion)
+        self.sampler = self.diffusion.respace(sample_steps)
+        self.scale = math.sqrt(net.embed_dim)
+        self._clip: FrozenClip | None = FrozenClip(clip_ckpt) if clip_ckpt else None
+        if tokenizer is None and self._clip is not None:
+            self.tokenizer = self._clip.tokenizer
+        self._val: list[dict] = []
+
+    # ---- inputs -----------------------------------------------------------------------------------
+    def clip(self) -> FrozenClip:
+        if self._clip is None:
+            raise ValueError(
+                "this batch has no embeddings (img_emb.npy, txt_emb.npy, ...): set clip_ckpt=<CLIP run> to "
+                "compute them on the fly, or train on embedding shards (data=embeddings)"
+            )
+        if self._clip.device != self.device:
+            self._clip.to(self.device)
+        return self._clip
+
+    def embeddings(self, batch: dict) -> dict[str, torch.Tensor]:
+        """img_emb, txt_emb (B, D) and txt_feat (B, L, W) float32 + tokens (B, L) long, from either path."""
+        if "img_emb.npy" in batch:
+            out = {
+                "img_emb": batch["img_emb.npy"].float(),
+                "txt_emb": batch["txt_emb.npy"].float(),
+                "txt_feat": batch["txt_feat.npy"].float(),
+                "tokens": batch["tokens.npy"].long(),
+            }
+        else:
+            out = dict(self.clip().embed(batch["image"], batch["tokens"]))
+            out["tokens"] = batch["tokens"].long()
+        return out
+
+    def conditioning(self, emb: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The net's keyword arguments (scaled text embedding, token features, mask)."""
+        return {
+            "text_emb": F.normalize(emb["txt_emb"], dim=-1) * self.scale,
+            "text_feat": emb["txt_feat"],
+            "text_mask": text_mask(emb["tokens"], self.tokenizer.eot_id),
+        }
+
+    # ---- training ---------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        emb = self.embeddings(batch)
+        x0 = F.normalize(emb["img_emb"], dim=-1) * self.scale
+        cond = self.conditioning(emb)
+        cond["drop"] = torch.rand(x0.shape[0], device=self.device) < self.hparams.cond_drop_prob
+        loss = self.diffusion.training_losses(self.net, x0, model_kwargs=cond)["loss"].mean()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.ema.update(self.net)
+
+    # ---- sampling ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        emb: Mapping[str, torch.Tensor],
+        *,
+        guidance_scale: float | None = None,
+        best_of: int | None = None,
+        generator: torch.Generator | None = None,
+        use_ema: bool = True,
+    ) -> torch.Tensor:
+        """L2-normalised predicted image embeddings (B, D) for text embeddings ``emb`` (see embeddings())."""
+        scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
+        n = self.hparams.best_of if best_of is None else best_of
+        net = self.ema.shadow if use_ema else self.net
+        cond = {k: v.repeat_interleave(n, 0) for k, v in self.conditioning(emb).items()}
+        b = cond["text_emb"].shape[0]
+        cond["drop"] = torch.zeros(b, dtype=torch.bool, device=self.device)
+        uncond = {"drop": torch.ones(b, dtype=torch.bool, device=self.device)}
+        x = self.sampler.ddim_sample_loop(
+            net,
+            (b, net.embed_dim),
+            device=self.device,
+            generator=generator,
+            model_kwargs=cond,
+            guidance_scale=scale,
+            uncond_kwargs=uncond,
+        )
+        x = F.normalize(x.float(), dim=-1).view(-1, n, x.shape[-1])  # (B, n, D)
+        score = (x * F.normalize(emb["txt_emb"], dim=-1)[:, None]).sum(-1)  # (B, n)
+        return x[torch.arange(x.shape[0], device=x.device), score.argmax(1)]
+
+    # ---- evaluation -------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val = []
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        seen = sum(len(p["img"]) for p in self._val)
+        limit = self.hparams.val_max_samples
+        if limit is not None and seen >= limit:
+            return
+        emb = self.embeddings(batch)
+        if limit is not None:
+            emb = {k: v[: limit - seen] for k, v in emb.items()}
+        b = emb["img_emb"].shape[0]
+        x0 = F.normalize(emb["img_emb"], dim=-1) * self.scale
+        cond = self.conditioning(emb)
+        g = torch.Generator(self.device).manual_seed(1000 + batch_idx)
+        t = torch.randint(0, self.diffusion.num_timesteps, (b,), device=self.device, generator=g)
+        noise = torch.randn(x0.shape, device=self.device, generator=g)
+        loss = self.diffusion.training_losses(self.ema.shadow, x0, t, noise, model_kwargs=cond)["loss"]
+        pred = self.sample(emb, generator=g)
+        img, txt = F.normalize(emb["img_emb"], dim=-1), F.normalize(emb["txt_emb"], dim=-1)
+        n = len(batch.get("json", []))
+        self._val.append(
+            {
+                "loss": loss.float().cpu(),
+                "pred": pred.float().cpu(),
+                "img": img.float().cpu(),
+                "cos_pred": (pred * img).sum(-1).float().cpu(),
+                "cos_text": (txt * img).sum(-1).float().cpu(),
+                "scene": [j.get("scene") for j in batch["json"][:b]] if n else [None] * b,
+            }
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        parts = self._val
+        self._val = []
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, parts)
+            parts = [p for rank_parts in gathered for p in rank_parts]
+        if not parts:
+            return
+        cat = {k: torch.cat([p[k] for p in parts]) for k in ("loss", "pred", "img", "cos_pred", "cos_text")}
+        metrics = {
+            "val/loss": cat["loss"].mean().item(),
+            "val/cos_pred_image": cat["cos_pred"].mean().item(),
+            "val/cos_text_image": cat["cos_text"].mean().item(),
+            "val/n": float(len(cat["loss"])),
+        }
+        scenes = [s for p in parts for s in p["scene"]]
+        if self._clip is not None and scenes and all(s is not None for s in scenes):
+            clip = self.clip()
+            for name, feats in (("pred", cat["pred"]), ("image", cat["img"])):
+                zs = zeroshot_synthetic(feats, scenes, clip.encode_text, clip.tokenizer, device=self.device)
+                metrics.update({f"val/{k}_{name}": v for k, v in zs.items() if k.endswith("top1")})
+        self.log_dict(metrics, sync_dist=False)
+
+    # ---- optimisation -----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        decay, skip = [], []
+        for name, param in self.net.named_parameters():
+            if param.requires_grad:
+                (skip if no_decay(name, param) or "null_" in name or "query" in name else decay).append(param)
+        fused = torch.cuda.is_available() and all(p.is_cuda for p in self.net.parameters())
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": skip, "weight_decay": 0.0},
+            ],
+            lr=self.hparams.lr,
+            betas=tuple(self.hparams.betas),
+            eps=self.hparams.eps,
+            fused=fused or None,
+        )
+        total = (
+            self.trainer.max_steps
+            if self.trainer.max_steps > 0
+            else int(self.trainer.estimated_stepping_batches)
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: warmup_cosine(
+                step,
+                warmup_steps=self.hparams.warmup_steps,
+                total_steps=total,
+                min_ratio=self.hparams.min_lr_ratio,
+            ),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
