@@ -151,11 +151,24 @@ def test_two_process_ddp_run_over_gloo(tmp_path):
 @pytest.mark.slow
 def test_pipeline_runs_stages_writes_a_report_and_skips_finished_stages(tmp_path):
     out = tmp_path / "pipeline"
-    args = ["-m", "train.pipeline", f"out_dir={out}", "+clip.debug=fast", "clip.trainer.max_steps=5"]
+    args = [
+        "-m",
+        "train.pipeline",
+        f"out_dir={out}",
+        "+clip.debug=fast",
+        "clip.trainer.max_steps=5",
+        "+prior.data.global_batch_size=16",
+        "+prior.data.num_workers=0",
+        "prior.trainer.max_steps=4",
+        "prior.trainer.val_check_interval=4",
+        "+prior.module.sample_steps=4",
+    ]
     first = _python(args, tmp_path)
     assert first.returncode == 0, first.stderr[-4000:]
     report = json.loads((out / "report.json").read_text())
     assert report["clip"]["trainer/global_step"] == 5
+    assert report["embed"]["embed/train_samples"] == 256 and report["embed"]["embed/val_samples"] == 64
+    assert report["prior"]["trainer/global_step"] == 4 and "val/cos_pred_image" in report["prior"]
     assert (out / "clip" / "checkpoints" / "last.ckpt").exists()
     assert "| val/zeroshot_colour_top1 |" in (out / "report.md").read_text()
     second = _python(args, tmp_path)

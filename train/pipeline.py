@@ -1,9 +1,11 @@
 """Train the cascade stage after stage on the embedded default (the README's main job).
 
-    python -m train.pipeline [stages=[clip]] [clip.trainer.max_steps=100] [out_dir=DIR]
+    python -m train.pipeline [stages=[clip,embed,prior]] [clip.trainer.max_steps=100] [out_dir=DIR]
 
-Each stage is a ``train.run`` config (conf/train.yaml) with ``stage=<name>`` plus the overrides under
-``<name>:`` in conf/pipeline.yaml, and writes into ``<out_dir>/<name>/``. A stage with a ``done.json``
+Each training stage is a ``train.run`` config (conf/train.yaml) with ``stage=<name>`` plus the overrides
+under ``<name>:`` in conf/pipeline.yaml, and writes into ``<out_dir>/<name>/``. ``embed`` runs
+``data.embed`` with the CLIP of ``<out_dir>/clip`` over its train and val shards into
+``<out_dir>/embed/{train,val}``; the prior trains on those (``data=embeddings``). A stage with a ``done.json``
 is skipped on rerun; an interrupted one resumes from its ``checkpoints/last.ckpt``. At the end,
 ``report.json`` and ``report.md`` in ``out_dir`` hold every stage's metrics.
 """
@@ -40,7 +42,50 @@ def flatten(overrides: Mapping[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
+def wiring(name: str, out_dir: Path) -> list[str]:
+    """Overrides that connect a stage to the outputs of earlier ones."""
+    if name == "prior":
+        emb = (out_dir / "embed").resolve()
+        return [
+            "data=embeddings",
+            f"data.train_shards={emb / 'train'}",
+            f"data.val_shards={emb / 'val'}",
+            f"clip_ckpt={(out_dir / 'clip').resolve()}",
+        ]
+    return []
+
+
+def run_embed(options: Mapping[str, Any], out_dir: Path) -> dict[str, float]:
+    """Embedding shards of the CLIP stage's train and val shards (with its trained weights)."""
+    from data.embed import embed_shards
+
+    stage_dir = out_dir / "embed"
+    done = stage_dir / "done.json"
+    if done.exists():
+        log.info("stage embed: already finished (%s), skipping", done)
+        return json.loads(done.read_text())["metrics"]
+    clip_dir = out_dir / "clip"
+    if not (clip_dir / "done.json").exists():
+        raise FileNotFoundError(
+            f"stage embed needs a finished CLIP stage in {clip_dir} (stages=[clip,embed,...])"
+        )
+    clip_cfg = OmegaConf.load(clip_dir / "config.yaml")
+    start, metrics = time.time(), {}
+    for split in ("train", "val"):
+        shards = clip_cfg.data.get(f"{split}_shards")
+        if shards:
+            result = embed_shards(
+                str(clip_dir), shards, stage_dir / split, batch_size=int(options.get("batch", 256))
+            )
+            metrics[f"embed/{split}_samples"] = float(result["samples"])
+    metrics["embed/seconds"] = time.time() - start
+    done.write_text(json.dumps({"metrics": metrics, "seconds": metrics["embed/seconds"]}, indent=2))
+    return metrics
+
+
 def run_stage(name: str, stage_overrides: Mapping[str, Any], out_dir: Path) -> dict[str, float]:
+    if name == "embed":
+        return run_embed(stage_overrides, out_dir)
     stage_dir = out_dir / name
     done = stage_dir / "done.json"
     if done.exists():
@@ -50,6 +95,7 @@ def run_stage(name: str, stage_overrides: Mapping[str, Any], out_dir: Path) -> d
         f"stage={name}",
         f"paths.output_dir={stage_dir.resolve()}",
         "resume=auto",
+        *wiring(name, out_dir),
         *flatten(stage_overrides),
     ]
     log.info("stage %s: python -m train.run %s", name, " ".join(overrides))
@@ -84,7 +130,7 @@ def main(cfg: DictConfig) -> None:
         shown = {
             k: round(v, 4)
             for k, v in sorted(metrics.items())
-            if k.startswith(("val/zeroshot", "val/i2t_r1", "val/t2i_r1", "train/loss"))
+            if k.startswith(("val/zeroshot", "val/i2t_r1", "val/t2i_r1", "val/cos_", "train/loss", "embed/"))
         }
         print(f"  {name}: {shown}  ->  {out_dir / name}")
     print(f"  report: {out_dir / 'report.md'}")

@@ -33,7 +33,7 @@ from torch import nn
 
 from train.models.layers import LayerNorm, Transformer, transformer_flops
 
-VISION_KEYS = {"image_size", "patch_size", "width", "layers", "heads", "mlp_ratio", "stem"}
+VISION_KEYS = {"image_size", "patch_size", "width", "layers", "heads", "mlp_ratio", "stem", "pool"}
 TEXT_KEYS = {"context_length", "vocab_size", "width", "layers", "heads", "mlp_ratio"}
 TEXT_TOWER = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 
@@ -57,7 +57,7 @@ def _plain(cfg: Mapping[str, Any] | Any, option: str, allowed: set[str]) -> dict
             f"unknown option(s) {', '.join(f'{option}.{k}' for k in unknown)}; "
             f"valid: {', '.join(sorted(allowed))}"
         )
-    missing = sorted(allowed - {"mlp_ratio", "stem"} - set(cfg))
+    missing = sorted(allowed - {"mlp_ratio", "stem", "pool"} - set(cfg))
     if missing:
         raise ValueError(f"missing option(s) {', '.join(f'{option}.{k}' for k in missing)}")
     return cfg
@@ -102,9 +102,13 @@ class VisionTransformer(nn.Module):
         output_dim: int,
         mlp_ratio: float = 4.0,
         stem: str = "patch",
+        pool: str = "tok",
         grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        if pool not in ("tok", "avg"):
+            raise ValueError(f"net.vision.pool={pool!r}: expected 'tok' (class token, OpenAI/open_clip) or 'avg'")
+        self.pool = pool
         if stem not in ("patch", "conv"):
             raise ValueError(f"net.vision.stem={stem!r}: expected 'patch' (linear, open_clip) or 'conv'")
         if image_size % patch_size:
@@ -140,7 +144,8 @@ class VisionTransformer(nn.Module):
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1+g*g, W)
         x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x[:, 0]) @ self.proj  # (B, D)
+        pooled = x[:, 0] if self.pool == "tok" else x[:, 1:].mean(dim=1)  # class token | mean of patch tokens
+        return self.ln_post(pooled) @ self.proj  # (B, D)
 
 
 class TextTransformer(nn.Module):
