@@ -184,3 +184,9 @@ def test_prior_stage_needs_a_clip(tmp_path):
     cfg = _prior_cfg([f"paths.data_dir={tmp_path}", f"paths.output_dir={tmp_path / 'run'}", "debug=fast"])
     with pytest.raises(ValueError, match="needs a CLIP: set clip_ckpt"):
         train(cfg)
+
+
+def test_paper_experiment_composes():
+    cfg = _prior_cfg(["experiment=prior_paper"])
+    assert cfg.net.width == 2048 and cfg.net.layers == 24 and cfg.net.heads == 32
+    assert cfg.module.lr == 1.1e-4 and cfg.data.global_batch_size == 4096
