@@ -1,0 +1,156 @@
+"""The diffusion UNet family (train/models/unet.py): decoder and upsampler configurations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from train.models.unet import UNet
+
+
+def decoder(**kw) -> UNet:
+    torch.manual_seed(0)
+    args = dict(
+        image_size=16,
+        model_channels=32,
+        channel_mult=[1, 2],
+        num_res_blocks=1,
+        attention_resolutions=[8],
+        head_channels=16,
+        cond_dim=12,
+        text_encoder="clip",
+        text_dim=20,
+        learned_variance=True,
+    )
+    return UNet(**{**args, **kw})
+
+
+def randomise(net: torch.nn.Module) -> torch.nn.Module:
+    """Zero-initialised output layers make a fresh UNet output 0: perturb every weight to test routing."""
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return net
+
+
+def cond(b=3):
+    g = torch.Generator().manual_seed(0)
+    return {
+        "image_emb": torch.randn(b, 12, generator=g),
+        "text_feat": torch.randn(b, 6, 20, generator=g),
+        "text_mask": torch.arange(6)[None] <= torch.tensor([1, 3, 5])[:, None],
+    }
+
+
+def test_decoder_output_shape_and_zero_init():
+    net = decoder()
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([0, 10, 999])
+    out = net(x, t, **cond())
+    assert out.shape == (3, 6, 16, 16)  # prediction + variance interpolation
+    assert out.abs().max().item() == 0.0  # zero-initialised output conv
+
+
+def test_decoder_conditioning_routes_and_dropout_removes_it():
+    net = randomise(decoder()).eval()
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([5, 500, 900])
+    c = cond()
+    ref = net(x, t, **c)
+    other_img = {**c, "image_emb": c["image_emb"] + 1.0}
+    assert not torch.allclose(net(x, t, **other_img), ref)
+    padded = {**c, "text_feat": torch.where(c["text_mask"][..., None], c["text_feat"], 50.0)}
+    torch.testing.assert_close(net(x, t, **padded), ref, atol=1e-5, rtol=1e-5)  # padding is masked
+    ones = torch.ones(3, dtype=torch.bool)
+    a = net(x, t, **c, drop_image=ones, drop_text=ones)
+    b = net(
+        x,
+        t,
+        image_emb=-c["image_emb"],
+        text_feat=c["text_feat"] * 2,
+        text_mask=c["text_mask"],
+        drop_image=ones,
+        drop_text=ones,
+    )
+    torch.testing.assert_close(a, b)
+    # dropping only the caption keeps the image embedding's influence
+    a = net(x, t, **c, drop_text=ones)
+    assert not torch.allclose(a, net(x, t, **other_img, drop_text=ones))
+
+
+def test_trainable_text_encoder_and_grad_checkpointing():
+    net = randomise(
+        decoder(
+            text_encoder="trainable",
+            text_dim=None,
+            text_vocab_size=50,
+            text_context_length=6,
+            text_width=32,
+            text_layers=2,
+            text_heads=4,
+            text_eot_id=2,
+        )
+    ).train()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    tokens = torch.tensor([[1, 7, 8, 2, 0, 0], [1, 9, 2, 0, 0, 0]])
+    emb = torch.randn(2, 12)
+    ref = net(x, t, image_emb=emb, tokens=tokens)
+    ref.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    assert any(n.startswith("text_transformer") for n in grads)
+    net.zero_grad()
+    net.set_grad_checkpointing(True)
+    out = net(x, t, image_emb=emb, tokens=tokens)
+    out.square().mean().backward()
+    torch.testing.assert_close(out, ref)
+    for n, p in net.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], atol=1e-6, rtol=1e-4)
+
+
+def test_upsampler_is_fully_convolutional_on_crops():
+    torch.manual_seed(0)
+    net = randomise(
+        UNet(image_size=32, model_channels=16, channel_mult=[1, 2, 2], num_res_blocks=1, low_res_channels=3)
+    )
+    for size in (8, 16, 32):  # trained on quarter-size crops, sampled at full size
+        x = torch.randn(2, 3, size, size)
+        low = torch.randn(2, 3, size // 2, size // 2)
+        assert net(x, torch.tensor([1, 2]), low_res=low).shape == (2, 3, size, size)
+    with pytest.raises(ValueError, match="pass low_res"):
+        net(torch.randn(1, 3, 8, 8), torch.tensor([1]))
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [("decoder", 3.5e9), ("upsampler_256", 700e6)],
+)
+def test_paper_sizes(name, expected):
+    configs = {
+        "decoder": dict(
+            image_size=64,
+            model_channels=512,
+            channel_mult=[1, 2, 3, 4],
+            num_res_blocks=3,
+            attention_resolutions=[32, 16, 8],
+            head_channels=64,
+            learned_variance=True,
+            cond_dim=1024,
+            text_encoder="trainable",
+            text_vocab_size=49408,
+            text_context_length=256,
+            text_width=2048,
+            text_layers=24,
+            text_heads=32,
+            text_eot_id=49407,
+        ),
+        "upsampler_256": dict(
+            image_size=256,
+            model_channels=320,
+            channel_mult=[1, 2, 3, 4],
+            num_res_blocks=3,
+            low_res_channels=3,
+        ),
+    }
+    with torch.device("meta"):
+        net = UNet(**configs[name])
+    n = sum(p.numel() for p in net.parameters())
+    assert abs(n / expected - 1) <= 0.05, n

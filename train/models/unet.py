@@ -1,0 +1,382 @@
+"""The ADM / GLIDE-style diffusion UNet: the 64 px decoder and the two upsamplers (one class, by config).
+
+Residual blocks with scale-shift normalisation (the timestep embedding modulates GroupNorm), residual
+up/down-sampling blocks, self-attention at chosen resolutions with a fixed head width, dropout, and
+zero-initialised output layers (every residual branch starts as the identity).
+
+Conditioning, all optional:
+- ``cond_dim``: a CLIP image embedding (the decoder). Projected and added to the timestep embedding,
+  and projected into ``num_cond_tokens`` extra context tokens that every attention layer attends to
+  (DALL-E 2 section 2.1).
+- ``text_encoder``: the caption. ``clip``: frozen CLIP per-token features (B, L, text_dim) are
+  projected to context tokens (Karlo's choice); ``trainable``: token ids go through the net's own
+  causal transformer (GLIDE, the paper), whose end-of-text feature is also added to the time embedding.
+- ``low_res_channels``: a low-resolution image, upsampled to the output size and concatenated to the
+  input channels (the upsamplers).
+- Classifier-free guidance: ``drop_image`` / ``drop_text`` (B,) bool replace that conditioning by learned
+  null tokens (and no embedding added), so the dropped model is the unconditional one.
+
+Attention layers attend over [spatial tokens; context tokens] (GLIDE's encoder key/values). Plain
+nn.Module, single device, no trainer imports; ``grad_checkpointing`` recomputes each block in backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from train.models.layers import LayerNorm, Transformer
+from train.models.prior import timestep_embedding
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    groups = 32 if channels % 32 == 0 else next(g for g in (16, 8, 4, 2, 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
+
+
+def zero(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, then the embedding as scale and shift of the second norm, SiLU, dropout,
+    zero-initialised conv; optionally resampling (``up``/``down``) inside the block (BigGAN style)."""
+
+    def __init__(
+        self,
+        channels: int,
+        emb_dim: int,
+        out_channels: int,
+        dropout: float,
+        up: bool = False,
+        down: bool = False,
+    ) -> None:
+        super().__init__()
+        self.in_norm = group_norm(channels)
+        self.in_conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+        self.up, self.down = up, down
+        self.emb = nn.Linear(emb_dim, 2 * out_channels)
+        self.out_norm = group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.out_conv = zero(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+
+    def _resample(self, x: torch.Tensor) -> torch.Tensor:
+        if self.up:
+            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        if self.down:
+            return F.avg_pool2d(x, 2)
+        return x
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.in_norm(x))
+        h = self.in_conv(self._resample(h))
+        x = self._resample(x)
+        scale, shift = self.emb(F.silu(emb)).to(h.dtype)[:, :, None, None].chunk(2, dim=1)
+        h = self.out_norm(h) * (1 + scale) + shift
+        h = self.out_conv(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the H*W positions, keys/values extended with context tokens."""
+
+    def __init__(self, channels: int, head_channels: int, context_dim: int | None) -> None:
+        super().__init__()
+        if channels % head_channels:
+            raise ValueError(
+                f"attention: {channels} channels are not a multiple of head_channels={head_channels}"
+            )
+        self.heads = channels // head_channels
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.context_kv = nn.Linear(context_dim, 2 * channels) if context_dim else None
+        self.proj = zero(nn.Conv1d(channels, channels, 1))
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        b, c, hgt, wid = x.shape
+        q, k, v = self.qkv(self.norm(x).flatten(2)).chunk(3, dim=1)  # (B, C, N) each
+        mask = None
+        if context is not None and self.context_kv is not None:
+            ck, cv = self.context_kv(context.to(q.dtype)).transpose(1, 2).chunk(2, dim=1)  # (B, C, M)
+            k, v = torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)
+            if context_mask is not None:  # spatial keys always visible: no empty attention rows
+                visible = torch.ones(b, hgt * wid, dtype=torch.bool, device=x.device)
+                mask = torch.cat([visible, context_mask.bool()], dim=1)[:, None, None, :]  # (B, 1, 1, N+M)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, C, N) -> (B, heads, N, C/heads)
+            return t.reshape(b, self.heads, c // self.heads, -1).transpose(2, 3)
+
+        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask)
+        out = out.transpose(2, 3).reshape(b, c, -1)
+        return x + self.proj(out).reshape(b, c, hgt, wid)
+
+
+class Block(nn.Module):
+    """A resblock (or resampling block) optionally followed by attention: one unit of the UNet."""
+
+    def __init__(self, res: nn.Module, attn: AttentionBlock | None = None) -> None:
+        super().__init__()
+        self.res, self.attn = res, attn
+
+    def forward(self, x, emb, context=None, context_mask=None):
+        x = self.res(x, emb) if isinstance(self.res, ResBlock) else self.res(x)
+        return self.attn(x, context, context_mask) if self.attn is not None else x
+
+
+class UNet(nn.Module):
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        model_channels: int,
+        channel_mult: Sequence[int],
+        num_res_blocks: int,
+        attention_resolutions: Sequence[int] = (),
+        head_channels: int = 64,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        learned_variance: bool = False,
+        dropout: float = 0.0,
+        resblock_updown: bool = True,
+        cond_dim: int | None = None,
+        num_cond_tokens: int = 4,
+        text_encoder: str | None = None,
+        text_dim: int | None = None,
+        text_vocab_size: int | None = None,
+        text_context_length: int | None = None,
+        text_width: int | None = None,
+        text_layers: int = 0,
+        text_heads: int = 8,
+        text_eot_id: int | None = None,
+        low_res_channels: int = 0,
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if text_encoder not in (None, "clip", "trainable"):
+            raise ValueError(f"net.text_encoder={text_encoder!r}: expected null, 'clip' or 'trainable'")
+        self.image_size, self.in_channels = image_size, in_channels
+        self.out_channels = out_channels * (2 if learned_variance else 1)
+        self.learned_variance = learned_variance
+        self.model_channels, self.channel_mult = model_channels, tuple(channel_mult)
+        self.cond_dim, self.num_cond_tokens = cond_dim, num_cond_tokens
+        self.text_encoder, self.low_res_channels = text_encoder, low_res_channels
+        self.grad_checkpointing = grad_checkpointing
+        emb_dim = 4 * model_channels
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
+
+        # ---- conditioning -> embedding additions and context tokens (width ctx_dim)
+        ctx_dim = None
+        if text_encoder == "trainable":
+            if not (
+                text_vocab_size
+                and text_context_length
+                and text_width
+                and text_layers
+                and text_eot_id is not None
+            ):
+                raise ValueError(
+                    "net.text_encoder=trainable needs text_vocab_size, text_context_length, text_width, "
+                    "text_layers and text_eot_id"
+                )
+            self.token_embedding = nn.Embedding(text_vocab_size, text_width)
+            self.text_positional = nn.Parameter(torch.randn(text_context_length, text_width) * 0.01)
+            self.text_transformer = Transformer(text_width, text_layers, text_heads, causal=True)
+            self.text_transformer.init_weights()
+            self.text_ln = LayerNorm(text_width)
+            self.text_to_emb = nn.Linear(text_width, emb_dim)
+            self.text_eot_id = int(text_eot_id)
+            text_dim = text_width
+        elif text_encoder == "clip" and not text_dim:
+            raise ValueError("net.text_encoder=clip needs text_dim (the CLIP text width)")
+        if text_encoder is not None:
+            ctx_dim = text_dim
+            self.null_text = nn.Parameter(torch.randn(text_dim) * 0.02)
+        if cond_dim:
+            self.image_to_emb = nn.Linear(cond_dim, emb_dim)
+            ctx_dim = ctx_dim or model_channels * 4
+            self.image_to_tokens = nn.Linear(cond_dim, num_cond_tokens * ctx_dim)
+            self.null_image_tokens = nn.Parameter(torch.randn(num_cond_tokens, ctx_dim) * 0.02)
+        self.context_dim = ctx_dim
+        if ctx_dim:
+            self.context_norm = LayerNorm(ctx_dim)
+
+        # ---- the UNet
+        attn_at = set(attention_resolutions)
+
+        def attention(ch: int, resolution: int) -> AttentionBlock | None:
+            return AttentionBlock(ch, head_channels, ctx_dim) if resolution in attn_at else None
+
+        ch = model_channels
+        self.input_conv = nn.Conv2d(in_channels + low_res_channels, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        skips, resolution = [ch], image_size
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                self.down.append(Block(ResBlock(ch, emb_dim, model_channels * mult, dropout), None))
+                ch = model_channels * mult
+                self.down[-1].attn = attention(ch, resolution)
+                skips.append(ch)
+            if level != len(channel_mult) - 1:
+                res = ResBlock(ch, emb_dim, ch, dropout, down=True) if resblock_updown else Downsample(ch)
+                self.down.append(Block(res))
+                skips.append(ch)
+                resolution //= 2
+        self.middle = nn.ModuleList(
+            [
+                Block(
+                    ResBlock(ch, emb_dim, ch, dropout),
+                    AttentionBlock(ch, head_channels, ctx_dim) if attn_at else None,
+                ),
+                Block(ResBlock(ch, emb_dim, ch, dropout)),
+            ]
+        )
+        self.up = nn.ModuleList()
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            for i in range(num_res_blocks + 1):
+                out = model_channels * mult
+                block = Block(ResBlock(ch + skips.pop(), emb_dim, out, dropout), attention(out, resolution))
+                ch = out
+                self.up.append(block)
+                if level and i == num_res_blocks:
+                    res = ResBlock(ch, emb_dim, ch, dropout, up=True) if resblock_updown else Upsample(ch)
+                    self.up.append(Block(res))
+                    resolution *= 2
+        self.out = nn.Sequential(
+            group_norm(ch), nn.SiLU(), zero(nn.Conv2d(ch, self.out_channels, 3, padding=1))
+        )
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    # ---- conditioning ---------------------------------------------------------------------------
+    def _conditioning(self, emb, b, device, image_emb, text_feat, tokens, text_mask, drop_image, drop_text):
+        context, masks = [], []
+        if self.text_encoder is not None:
+            drop_text = (
+                torch.zeros(b, dtype=torch.bool, device=device) if drop_text is None else drop_text.bool()
+            )
+            if self.text_encoder == "trainable":
+                if tokens is None:
+                    raise ValueError("net.text_encoder=trainable: pass tokens (B, L)")
+                h = self.token_embedding(tokens) + self.text_positional.to(emb.dtype)
+                h = self.text_ln(self.text_transformer(h))
+                is_eot = tokens == self.text_eot_id
+                last = torch.where(
+                    is_eot.any(1), is_eot.int().argmax(1), torch.full_like(tokens[:, 0], tokens.shape[1] - 1)
+                )
+                pooled = h[torch.arange(b, device=device), last]
+                emb = emb + torch.where(drop_text[:, None], 0.0, self.text_to_emb(pooled))
+                feat = h
+                if text_mask is None:
+                    text_mask = torch.arange(tokens.shape[1], device=device)[None] <= last[:, None]
+            else:
+                if text_feat is None:
+                    raise ValueError(
+                        "net.text_encoder=clip: pass text_feat (B, L, text_dim) CLIP token features"
+                    )
+                feat = text_feat.to(emb.dtype)
+                if text_mask is None:
+                    text_mask = torch.ones(feat.shape[:2], dtype=torch.bool, device=device)
+            feat = torch.where(drop_text[:, None, None], self.null_text.to(feat.dtype), feat)
+            # dropped captions: only the first (null) token stays visible
+            first_only = torch.zeros_like(text_mask)
+            first_only[:, 0] = True
+            context.append(feat)
+            masks.append(torch.where(drop_text[:, None], first_only, text_mask.bool()))
+        if self.cond_dim:
+            if image_emb is None:
+                raise ValueError(
+                    "net.cond_dim is set: pass image_emb (B, cond_dim), the CLIP image embedding"
+                )
+            drop_image = (
+                torch.zeros(b, dtype=torch.bool, device=device) if drop_image is None else drop_image.bool()
+            )
+            image_emb = image_emb.to(emb.dtype)
+            emb = emb + torch.where(drop_image[:, None], 0.0, self.image_to_emb(image_emb))
+            tokens_ = self.image_to_tokens(image_emb).view(b, self.num_cond_tokens, -1)
+            tokens_ = torch.where(
+                drop_image[:, None, None], self.null_image_tokens.to(tokens_.dtype), tokens_
+            )
+            context.append(tokens_)
+            masks.append(torch.ones(b, self.num_cond_tokens, dtype=torch.bool, device=device))
+        if not context:
+            return emb, None, None
+        return emb, self.context_norm(torch.cat(context, dim=1)), torch.cat(masks, dim=1)
+
+    # ---- forward ----------------------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        *,
+        image_emb: torch.Tensor | None = None,
+        text_feat: torch.Tensor | None = None,
+        tokens: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        low_res: torch.Tensor | None = None,
+        drop_image: torch.Tensor | None = None,
+        drop_text: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, C, H, W) noised image, t (B,) steps -> (B, C or 2C, H, W). H, W: any multiple of
+        2^(levels-1) (fully convolutional without attention: the upsamplers train on crops)."""
+        b = x.shape[0]
+        dtype = self.input_conv.weight.dtype
+        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(dtype))
+        emb, context, mask = self._conditioning(
+            emb, b, x.device, image_emb, text_feat, tokens, text_mask, drop_image, drop_text
+        )
+        h = x.to(dtype)
+        if self.low_res_channels:
+            if low_res is None:
+                raise ValueError(
+                    "net.low_res_channels is set: pass low_res (B, C, h, w), the low-resolution image"
+                )
+            up = F.interpolate(low_res.to(dtype), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            h = torch.cat([h, up], dim=1)
+        h = self.input_conv(h)
+        hs = [h]
+
+        def run(block: Block, h: torch.Tensor) -> torch.Tensor:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                return checkpoint(block, h, emb, context, mask, use_reentrant=False)
+            return block(h, emb, context, mask)
+
+        for block in self.down:
+            h = run(block, h)
+            hs.append(h)
+        for block in self.middle:
+            h = run(block, h)
+        for block in self.up:
+            if isinstance(block.res, ResBlock) and not (block.res.up):
+                h = torch.cat([h, hs.pop()], dim=1)
+            h = run(block, h)
+        return self.out(h).to(x.dtype if x.is_floating_point() else dtype)
