@@ -49,6 +49,13 @@ def resolve_checkpoint(resume: str | None, output_dir: Path) -> str | None:
 def build_net(cfg: DictConfig, tokenizer) -> torch.nn.Module:
     """Instantiate the architecture, wiring tokenizer-dependent fields (eot id, vocabulary size)."""
     net_cfg = cfg.net.copy()
+    if (
+        tokenizer is not None
+        and net_cfg.get("text_encoder") == "trainable"
+        and net_cfg.get("text_eot_id") is None
+    ):
+        with open_dict(net_cfg):
+            net_cfg.text_eot_id = tokenizer.eot_id
     if tokenizer is not None and "eot_id" in net_cfg:
         with open_dict(net_cfg):
             net_cfg.eot_id = tokenizer.eot_id
@@ -140,9 +147,11 @@ def wire_clip(cfg: DictConfig):
             "embedded on the fly) or train on embedding shards (data=embeddings data.train_shards=...)"
         )
     with open_dict(cfg):
+        aliases = {"embed_dim": ("embed_dim", "cond_dim"), "text_width": ("text_width", "text_dim")}
         for key, value in sizes.items():
-            if key in cfg.net and cfg.net[key] is None:
-                cfg.net[key] = int(value)
+            for name in aliases.get(key, (key,)):
+                if name in cfg.net and cfg.net[name] is None:
+                    cfg.net[name] = int(value)
         if emb_dir is None and cfg.data.get("image_size") is None:
             cfg.data.image_size = int(image_size)  # the frozen CLIP embeds the shards at its own size
     return tokenizer

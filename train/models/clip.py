@@ -107,7 +107,9 @@ class VisionTransformer(nn.Module):
     ) -> None:
         super().__init__()
         if pool not in ("tok", "avg"):
-            raise ValueError(f"net.vision.pool={pool!r}: expected 'tok' (class token, OpenAI/open_clip) or 'avg'")
+            raise ValueError(
+                f"net.vision.pool={pool!r}: expected 'tok' (class token, OpenAI/open_clip) or 'avg'"
+            )
         self.pool = pool
         if stem not in ("patch", "conv"):
             raise ValueError(f"net.vision.stem={stem!r}: expected 'patch' (linear, open_clip) or 'conv'")

@@ -10,28 +10,13 @@ Logged: ``train/loss``, ``train/logit_scale``, ``train/lr``, ``val/loss``, ``val
 
 from __future__ import annotations
 
-import math
-
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 
 from eval.zeroshot import retrieval_recall, zeroshot_synthetic
 from train.losses import ClipLoss
-
-
-def no_decay(name: str, param: torch.Tensor) -> bool:
-    """Norms, biases, embeddings, the class token and the logit scale are not weight-decayed."""
-    keys = ("embedding", "class_embedding", "logit_scale", "ln_", "norm", "bias")
-    return param.ndim < 2 or any(k in name for k in keys)
-
-
-def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """LR multiplier: linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+from train.modules.optim import configure_adamw
 
 
 class ClipModule(pl.LightningModule):
@@ -114,34 +99,4 @@ class ClipModule(pl.LightningModule):
 
     # ---- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self):
-        decay, skip = [], []
-        for name, param in self.net.named_parameters():
-            if param.requires_grad:
-                (skip if no_decay(name, param) else decay).append(param)
-        groups = [
-            {"params": decay, "weight_decay": self.hparams.weight_decay},
-            {"params": skip, "weight_decay": 0.0},
-        ]
-        fused = torch.cuda.is_available() and all(p.is_cuda for p in self.net.parameters())
-        optimizer = torch.optim.AdamW(
-            groups,
-            lr=self.hparams.lr,
-            betas=tuple(self.hparams.betas),
-            eps=self.hparams.eps,
-            fused=fused or None,
-        )
-        total = (
-            self.trainer.max_steps
-            if self.trainer.max_steps > 0
-            else int(self.trainer.estimated_stepping_batches)
-        )
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: warmup_cosine(
-                step,
-                warmup_steps=self.hparams.warmup_steps,
-                total_steps=total,
-                min_ratio=self.hparams.min_lr_ratio,
-            ),
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return configure_adamw(self, self.net)

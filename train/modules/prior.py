@@ -31,7 +31,7 @@ from eval.zeroshot import zeroshot_synthetic
 from train.diffusion import GaussianDiffusion
 from train.ema import EMA
 from train.frozen_clip import FrozenClip, text_mask
-from train.modules.clip import no_decay, warmup_cosine
+from train.modules.optim import configure_adamw
 
 
 class PriorModule(pl.LightningModule):
@@ -206,33 +206,4 @@ class PriorModule(pl.LightningModule):
 
     # ---- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self):
-        decay, skip = [], []
-        for name, param in self.net.named_parameters():
-            if param.requires_grad:
-                (skip if no_decay(name, param) or "null_" in name or "query" in name else decay).append(param)
-        fused = torch.cuda.is_available() and all(p.is_cuda for p in self.net.parameters())
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": self.hparams.weight_decay},
-                {"params": skip, "weight_decay": 0.0},
-            ],
-            lr=self.hparams.lr,
-            betas=tuple(self.hparams.betas),
-            eps=self.hparams.eps,
-            fused=fused or None,
-        )
-        total = (
-            self.trainer.max_steps
-            if self.trainer.max_steps > 0
-            else int(self.trainer.estimated_stepping_batches)
-        )
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: warmup_cosine(
-                step,
-                warmup_steps=self.hparams.warmup_steps,
-                total_steps=total,
-                min_ratio=self.hparams.min_lr_ratio,
-            ),
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return configure_adamw(self, self.net)

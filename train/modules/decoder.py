@@ -1,0 +1,219 @@
+"""Stage 3: the decoder (CLIP image embedding + caption -> image) as a LightningModule.
+
+Batches are image-text shards (uint8 images at the CLIP's input size, ``data.normalize=none``); a frozen
+CLIP (``clip_ckpt``) computes the image embedding and the caption's token features on the fly, and the
+training target is the image resized to the net's resolution, scaled to [-1, 1].
+
+The image embedding is L2-normalised and scaled by sqrt(D), as for the prior. Classifier-free guidance
+dropout: the image embedding with probability ``drop_image_prob`` (paper: 10%), the caption with
+``drop_text_prob`` (paper: 50%), independently. Evaluation (EMA weights): DDIM with ``sample_steps``,
+guidance ``guidance_scale`` (both conditionings dropped for the unconditional branch), from held-out
+images' embeddings. ``val/colour_match``: fraction of generated images whose dominant palette colour
+equals the source image's (eval/colours.py; chance about 1/8); ``val/colour_match_source``: the same
+for the source images resized to the decoder's size (the ceiling). A grid (source row over generated
+row) is written to ``<run>/samples/step<N>.png`` and to W&B when it logs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from eval.colours import dominant_colours
+from train.diffusion import GaussianDiffusion
+from train.ema import EMA
+from train.frozen_clip import FrozenClip, text_mask
+from train.modules.optim import configure_adamw
+
+
+def to_unit_range(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float (B, 3, size, size) in [-1, 1] (bicubic, antialiased when shrinking)."""
+    x = images.float() / 127.5 - 1.0
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return x.clamp(-1, 1)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def save_grid(rows: list[torch.Tensor], path: Path, scale: int = 1) -> Path:
+    """Rows of uint8 (N, 3, H, W) images (same N, H, W) -> one PNG, 2 px gaps."""
+    from PIL import Image
+
+    n, _, h, w = rows[0].shape
+    gap = 2
+    grid = torch.full((3, len(rows) * (h + gap) - gap, n * (w + gap) - gap), 255, dtype=torch.uint8)
+    for r, row in enumerate(rows):
+        for c in range(n):
+            grid[:, r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = row[c].cpu()
+    img = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+class DecoderModule(pl.LightningModule):
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        *,
+        diffusion: Mapping[str, Any],
+        tokenizer=None,
+        clip_ckpt: str | None = None,
+        lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        ema_decay: float = 0.9999,
+        drop_image_prob: float = 0.1,
+        drop_text_prob: float = 0.5,
+        sample_steps: int = 50,
+        eta: float = 0.0,
+        guidance_scale: float = 3.0,
+        val_max_samples: int | None = 256,
+        grid_size: int = 16,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "tokenizer"])
+        if not clip_ckpt:
+            raise ValueError(
+                "the decoder needs clip_ckpt=<CLIP run directory> (it embeds the images on the fly)"
+            )
+        self.net = net
+        self.ema = EMA(net, decay=ema_decay)
+        self._clip = FrozenClip(clip_ckpt)
+        self.tokenizer = tokenizer or self._clip.tokenizer
+        self.diffusion = GaussianDiffusion.from_config(**diffusion)
+        self.sampler = self.diffusion.respace(sample_steps)
+        self.scale = math.sqrt(self._clip.embed_dim)
+        self._val: list[dict] = []
+
+    def clip(self) -> FrozenClip:
+        if self._clip.device != self.device:
+            self._clip.to(self.device)
+        return self._clip
+
+    # ---- inputs -------------------------------------------------------------------------------
+    def inputs(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(x0 in [-1, 1] at the net's size, the net's conditioning kwargs) from an image-text batch."""
+        emb = self.clip().embed(batch["image"], batch["tokens"])
+        x0 = to_unit_range(batch["image"].to(self.device), self.net.image_size)
+        cond: dict[str, torch.Tensor] = {"image_emb": F.normalize(emb["img_emb"], dim=-1) * self.scale}
+        tokens = batch["tokens"].to(self.device).long()
+        if self.net.text_encoder == "clip":
+            cond["text_feat"] = emb["txt_feat"]
+            cond["text_mask"] = text_mask(tokens, self.tokenizer.eot_id)
+        elif self.net.text_encoder == "trainable":
+            cond["tokens"] = tokens
+        return x0, cond
+
+    # ---- training ---------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x0, cond = self.inputs(batch)
+        b = x0.shape[0]
+        cond["drop_image"] = torch.rand(b, device=self.device) < self.hparams.drop_image_prob
+        cond["drop_text"] = torch.rand(b, device=self.device) < self.hparams.drop_text_prob
+        terms = self.diffusion.training_losses(self.net, x0, model_kwargs=cond)
+        loss = terms["loss"].mean()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/mse", terms["mse"].mean())
+        if "vlb" in terms:
+            self.log("train/vlb", terms["vlb"].mean())
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.ema.update(self.net)
+
+    # ---- sampling ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: Mapping[str, torch.Tensor],
+        *,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | None = None,
+        use_ema: bool = True,
+    ) -> torch.Tensor:
+        """Images in [-1, 1] (B, 3, S, S) for conditioning ``cond`` (as from :meth:`inputs`)."""
+        net = self.ema.shadow if use_ema else self.net
+        b = cond["image_emb"].shape[0]
+        kwargs = dict(cond)
+        kwargs["drop_image"] = torch.zeros(b, dtype=torch.bool, device=self.device)
+        kwargs["drop_text"] = torch.zeros(b, dtype=torch.bool, device=self.device)
+        uncond = {k: torch.ones(b, dtype=torch.bool, device=self.device) for k in ("drop_image", "drop_text")}
+        return self.sampler.ddim_sample_loop(
+            net,
+            (b, 3, net.image_size, net.image_size),
+            eta=self.hparams.eta,
+            device=self.device,
+            generator=generator,
+            model_kwargs=kwargs,
+            guidance_scale=self.hparams.guidance_scale if guidance_scale is None else guidance_scale,
+            uncond_kwargs=uncond,
+        )
+
+    # ---- evaluation -------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val = []
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        seen = sum(len(p["source"]) for p in self._val)
+        limit = self.hparams.val_max_samples
+        if limit is not None and seen >= limit:
+            return
+        x0, cond = self.inputs(batch)
+        keep = x0.shape[0] if limit is None else min(x0.shape[0], limit - seen)
+        x0, cond = x0[:keep], {k: v[:keep] for k, v in cond.items()}
+        g = torch.Generator(self.device).manual_seed(2000 + batch_idx)
+        t = torch.randint(0, self.diffusion.num_timesteps, (keep,), device=self.device, generator=g)
+        noise = torch.randn(x0.shape, device=self.device, generator=g)
+        loss = self.diffusion.training_losses(self.ema.shadow, x0, t, noise, model_kwargs=cond)["mse"]
+        samples = self.sample(cond, generator=g)
+        self._val.append(
+            {"loss": loss.float().cpu(), "source": to_uint8(x0).cpu(), "sample": to_uint8(samples).cpu()}
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        parts = self._val
+        self._val = []
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, parts)
+            parts = [p for rank_parts in gathered for p in rank_parts]
+        if not parts:
+            return
+        source = torch.cat([p["source"] for p in parts])
+        sample = torch.cat([p["sample"] for p in parts])
+        src_col, gen_col = dominant_colours(source), dominant_colours(sample)
+        metrics = {
+            "val/loss": torch.cat([p["loss"] for p in parts]).mean().item(),
+            "val/colour_match": sum(a is not None and a == b for a, b in zip(gen_col, src_col))
+            / len(src_col),
+            "val/colour_match_source": sum(c is not None for c in src_col) / len(src_col),
+            "val/n": float(len(source)),
+        }
+        self.log_dict(metrics, sync_dist=False)
+        if self.trainer.is_global_zero:
+            n = min(self.hparams.grid_size, len(source))
+            path = Path(self.trainer.default_root_dir) / "samples" / f"step{self.global_step:07d}.png"
+            save_grid([source[:n], sample[:n]], path, scale=max(1, 64 // source.shape[-1]))
+            for logger in self.loggers:
+                if hasattr(logger, "log_image"):
+                    logger.log_image(key="val/samples", images=[str(path)], step=self.global_step)
+
+    def configure_optimizers(self):
+        return configure_adamw(self, self.net)
