@@ -3,9 +3,10 @@
 On the synthetic shapes data the class sets come from each sample's json scene (data/synthetic.py):
 - colour and shape: single-object images, 8 colours / 6 shapes;
 - count: every image, 1–4 objects.
-Class prompts are written in the captions' own grammar ("a red circle", "three blue squares") and
-ensembled over the attribute that is not being classified (the colour classifier averages "a red
-circle", "a red square", …), the same prompt-ensembling open_clip applies with its templates.
+Class prompts are written in the captions' own grammar ("a red circle", "three blue squares"), put
+into each of the dataset's caption templates ("a picture of {}", "{} on a grey background", …: open_clip
+ensembles its ImageNet templates the same way) and ensembled over the attribute that is not being
+classified (the colour classifier averages "a red circle", "a picture of a red square", …).
 
 Retrieval recall@k in both directions; a retrieved caption counts as correct when it is the query's
 own caption or an identical string (synthetic captions repeat: "a red circle" describes many images).
@@ -44,12 +45,16 @@ def scene_labels(scene: dict) -> dict[str, str | None]:
 def synthetic_prompts() -> dict[str, dict[str, list[str]]]:
     """task -> class name -> prompts."""
     colours, shapes = list(synthetic.COLOURS), list(synthetic.SHAPES)
-    one = synthetic.describe_group
+
+    def one(group: dict) -> list[str]:
+        desc = synthetic.describe_group(group)
+        return [template.format(desc=desc) for template in synthetic.TEMPLATES]
+
     return {
-        "colour": {c: [one({"colour": c, "shape": s, "count": 1}) for s in shapes] for c in colours},
-        "shape": {s: [one({"colour": c, "shape": s, "count": 1}) for c in colours] for s in shapes},
+        "colour": {c: [p for s in shapes for p in one({"colour": c, "shape": s, "count": 1})] for c in colours},
+        "shape": {s: [p for c in colours for p in one({"colour": c, "shape": s, "count": 1})] for s in shapes},
         "count": {
-            str(n): [one({"colour": c, "shape": s, "count": n}) for c in colours for s in shapes]
+            str(n): [p for c in colours for s in shapes for p in one({"colour": c, "shape": s, "count": n})]
             for n in synthetic.COUNT_WORDS
         },
     }

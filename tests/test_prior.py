@@ -148,6 +148,7 @@ def test_prior_stage_trains_on_embedding_shards_and_exports_ema(clip_run, tmp_pa
             f"data.val_shards={emb}",
             "data.num_workers=0",
             "data.global_batch_size=16",
+            "net.use_text_tokens=true",
             "module.warmup_steps=2",
             "module.lr=1e-3",
             "module.sample_steps=4",
@@ -162,16 +163,19 @@ def test_prior_stage_trains_on_embedding_shards_and_exports_ema(clip_run, tmp_pa
     # clip_ckpt came from embed_info.json; the net's sizes from the CLIP
     saved = OmegaConf.load(tmp_path / "prior" / "config.yaml")
     assert saved.clip_ckpt == json.loads((emb / "embed_info.json").read_text())["checkpoint"]
-    assert (saved.net.embed_dim, saved.net.text_width, saved.net.context_length) == (128, 128, 32)
+    assert (saved.net.embed_dim, saved.net.text_width, saved.net.context_length) == (128, 128, 16)
     for key in (
         "train/loss",
         "val/loss",
         "val/cos_pred_image",
         "val/cos_text_image",
+        "val/r1_pred",
+        "val/r1_text",
         "val/zeroshot_top1_pred",
     ):
         assert key in metrics and metrics[key] == metrics[key], key  # present and not NaN
     assert -1 <= metrics["val/cos_pred_image"] <= 1 and metrics["val/n"] == 32
+    assert all(32 * metrics[f"val/r1_{k}"] == round(32 * metrics[f"val/r1_{k}"]) for k in ("pred", "text"))
     stage = load_stage(tmp_path / "prior")
     ckpt = torch.load(tmp_path / "prior" / "checkpoints" / "last.ckpt", weights_only=False)
     ema = {k[len("ema.shadow.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.shadow.")}

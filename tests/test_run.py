@@ -94,10 +94,14 @@ def _fast_cfg(tmp_path: Path, out: Path, *extra: str):
 
 
 @pytest.mark.slow
-def test_fast_run_trains_checkpoints_and_resumes(tmp_path):
+def test_fast_run_trains_checkpoints_and_resumes(tmp_path, caplog):
     out = tmp_path / "run"
-    metrics = train(_fast_cfg(tmp_path, out, "callbacks.checkpoint.every_n_train_steps=5"))
+    with caplog.at_level("INFO", logger="train.callbacks.val_log"):
+        metrics = train(_fast_cfg(tmp_path, out, "callbacks.checkpoint.every_n_train_steps=5"))
     assert metrics["trainer/global_step"] == 5
+    # a text-log line per validation: step, then the val/ metrics without their prefix
+    line = next(r.getMessage() for r in caplog.records if r.name == "train.callbacks.val_log")
+    assert line.startswith("step 5 (") and "zeroshot_colour_top1=" in line and "val/" not in line
     assert (out / "config.yaml").exists() and (out / "tokenizer.json").exists()
     assert (out / "checkpoints" / "last.ckpt").exists()
     saved = json.loads((out / "metrics.json").read_text())

@@ -270,3 +270,17 @@ def test_library_rejects_bad_arguments(tmp_path):
         write_shards(tmp_path, 1, image_size=4)
     with pytest.raises(ValueError, match="format"):
         make_sample(0, 0, 16, fmt="gif")
+
+
+def test_zeroshot_prompts_ensemble_templates_and_the_other_attribute():
+    from data import synthetic
+    from eval.zeroshot import synthetic_prompts
+
+    prompts = synthetic_prompts()
+    shapes, colours = len(synthetic.SHAPES), len(synthetic.COLOURS)
+    assert set(prompts["shape"]) == set(synthetic.SHAPES) and set(prompts["count"]) == {"1", "2", "3", "4"}
+    circle = prompts["shape"]["circle"]
+    assert len(circle) == colours * len(synthetic.TEMPLATES)
+    assert "a picture of a red circle" in circle and "a red circle on a grey background" in circle
+    assert len(prompts["count"]["3"]) == colours * shapes * len(synthetic.TEMPLATES)
+    assert "three blue squares" in prompts["count"]["3"]

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from train.models.unet import UNet
+from train.run import CONF_DIR
 
 
 def decoder(**kw) -> UNet:
@@ -120,37 +125,23 @@ def test_upsampler_is_fully_convolutional_on_crops():
 
 
 @pytest.mark.parametrize(
-    "name,expected",
-    [("decoder", 3.5e9), ("upsampler_256", 700e6)],
+    "name,expected,tolerance",
+    [
+        ("decoder_paper", 3.5e9, 0.05),
+        ("upsampler_256_paper", 700e6, 0.05),
+        # Table 3's hyperparameters (192 ch, 2 blocks, 1,1,2,2,4,4, no attention) give 282M with ADM's
+        # blocks; the paper's "300M" is rounded to one significant figure (like 3.5B, 700M, 1B), so
+        # this one is held to its rounding interval rather than to 5% (conf/net/upsampler_1024_paper.yaml)
+        ("upsampler_1024_paper", 300e6, 0.07),
+    ],
 )
-def test_paper_sizes(name, expected):
-    configs = {
-        "decoder": dict(
-            image_size=64,
-            model_channels=512,
-            channel_mult=[1, 2, 3, 4],
-            num_res_blocks=3,
-            attention_resolutions=[32, 16, 8],
-            head_channels=64,
-            learned_variance=True,
-            cond_dim=1024,
-            text_encoder="trainable",
-            text_vocab_size=49408,
-            text_context_length=256,
-            text_width=2048,
-            text_layers=24,
-            text_heads=32,
-            text_eot_id=49407,
-        ),
-        "upsampler_256": dict(
-            image_size=256,
-            model_channels=320,
-            channel_mult=[1, 2, 3, 4],
-            num_res_blocks=3,
-            low_res_channels=3,
-        ),
-    }
+def test_paper_sizes(name, expected, tolerance):
+    cfg = OmegaConf.load(Path(CONF_DIR) / "net" / f"{name}.yaml")
+    if cfg.get("cond_dim", "absent") is None:
+        cfg.cond_dim = 1024  # the paper's CLIP (ViT-H/16) embedding width
+    if cfg.get("text_eot_id", "absent") is None:
+        cfg.text_eot_id = 49407  # CLIP's BPE end-of-text id
     with torch.device("meta"):
-        net = UNet(**configs[name])
+        net = instantiate(cfg)
     n = sum(p.numel() for p in net.parameters())
-    assert abs(n / expected - 1) <= 0.05, n
+    assert abs(n / expected - 1) <= tolerance, n

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
+# EMA copies (train/ema.py) stay in eval mode by design; Lightning warns about any eval-mode module.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
@@ -216,8 +219,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base=None, config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    with open_dict(cfg):
-        cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
+    if OmegaConf.is_interpolation(cfg.paths, "output_dir"):  # a paths.output_dir=... override is kept
+        with open_dict(cfg):
+            cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
     metrics = train(cfg)
     return metrics.get("train/loss")  # for Hydra sweepers
 

@@ -12,7 +12,8 @@ clean image embedding (x0 prediction, the paper's choice), text conditioning dro
 
 Logged: ``train/loss``, ``train/lr``, ``val/loss`` (EMA, fixed timesteps), ``val/cos_pred_image`` (mean
 cosine between the sampled and the true image embedding), ``val/cos_text_image`` (the baseline: text
-embedding vs image embedding), ``val/zeroshot_*_top1_pred`` (the CLIP text classifier applied to the
+embedding vs image embedding), ``val/r1_pred`` / ``val/r1_text`` (the true image retrieved first among
+the held-out images by the predicted / the text embedding), ``val/zeroshot_*_top1_pred`` (the CLIP text classifier applied to the
 predicted embeddings; synthetic scenes) next to ``val/zeroshot_*_top1_image`` (applied to the true ones).
 """
 
@@ -174,6 +175,7 @@ class PriorModule(pl.LightningModule):
                 "loss": loss.float().cpu(),
                 "pred": pred.float().cpu(),
                 "img": img.float().cpu(),
+                "txt": txt.float().cpu(),
                 "cos_pred": (pred * img).sum(-1).float().cpu(),
                 "cos_text": (txt * img).sum(-1).float().cpu(),
                 "scene": [j.get("scene") for j in batch["json"][:b]] if n else [None] * b,
@@ -189,11 +191,16 @@ class PriorModule(pl.LightningModule):
             parts = [p for rank_parts in gathered for p in rank_parts]
         if not parts:
             return
-        cat = {k: torch.cat([p[k] for p in parts]) for k in ("loss", "pred", "img", "cos_pred", "cos_text")}
+        cat = {k: torch.cat([p[k] for p in parts]) for k in ("loss", "pred", "img", "txt", "cos_pred", "cos_text")}
+        target = torch.arange(len(cat["img"]))
         metrics = {
             "val/loss": cat["loss"].mean().item(),
             "val/cos_pred_image": cat["cos_pred"].mean().item(),
             "val/cos_text_image": cat["cos_text"].mean().item(),
+            # retrieval of the true image among the held-out images, by the predicted embedding and
+            # (baseline) by the text embedding
+            "val/r1_pred": ((cat["pred"] @ cat["img"].T).argmax(1) == target).float().mean().item(),
+            "val/r1_text": ((cat["txt"] @ cat["img"].T).argmax(1) == target).float().mean().item(),
             "val/n": float(len(cat["loss"])),
         }
         scenes = [s for p in parts for s in p["scene"]]
