@@ -51,8 +51,12 @@ def synthetic_prompts() -> dict[str, dict[str, list[str]]]:
         return [template.format(desc=desc) for template in synthetic.TEMPLATES]
 
     return {
-        "colour": {c: [p for s in shapes for p in one({"colour": c, "shape": s, "count": 1})] for c in colours},
-        "shape": {s: [p for c in colours for p in one({"colour": c, "shape": s, "count": 1})] for s in shapes},
+        "colour": {
+            c: [p for s in shapes for p in one({"colour": c, "shape": s, "count": 1})] for c in colours
+        },
+        "shape": {
+            s: [p for c in colours for p in one({"colour": c, "shape": s, "count": 1})] for s in shapes
+        },
         "count": {
             str(n): [p for c in colours for s in shapes for p in one({"colour": c, "shape": s, "count": n})]
             for n in synthetic.COUNT_WORDS

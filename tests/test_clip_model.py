@@ -207,7 +207,7 @@ def test_tiny_config_instantiates_and_runs():
     cfg.eot_id = 2  # what train/run.py sets from the tokenizer
     net = instantiate(cfg)
     assert net.text.eot_id == 2 and isinstance(net.vision_cfg, dict)
-    out = net(torch.randn(2, 3, 64, 64), torch.full((2, 32), 2))
+    out = net(torch.randn(2, 3, 64, 64), torch.full((2, cfg.text.context_length), 2))
     assert out["image_features"].shape == (2, 128)
     assert sum(p.numel() for p in net.parameters()) < 2_000_000, (
         "clip_tiny must train in minutes on 2 CPU cores"

@@ -29,16 +29,20 @@ log = logging.getLogger(__name__)
 
 
 def flatten(overrides: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """{"trainer": {"max_steps": 5}, "net": "clip_tiny"} -> ["trainer.max_steps=5", "net=clip_tiny"]."""
+    """{"trainer": {"max_steps": 5}, "net": "clip_tiny"} -> ["trainer.max_steps=5", "net=clip_tiny"].
+    A null leaves the stage's own default (the pipeline config lists keys as null so that they can be
+    overridden on the command line without a leading +)."""
     out = []
     for key, value in overrides.items():
         name = f"{prefix}{key}"
+        if value is None:
+            continue
         if isinstance(value, Mapping):
             out += flatten(value, prefix=f"{name}.")
         elif isinstance(value, list | tuple):
             out.append(f"{name}=[{','.join(map(str, value))}]")
         else:
-            out.append(f"{name}={'null' if value is None else value}")
+            out.append(f"{name}={value}")
     return out
 
 

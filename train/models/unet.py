@@ -176,6 +176,7 @@ class UNet(nn.Module):
         text_heads: int = 8,
         text_eot_id: int | None = None,
         low_res_channels: int = 0,
+        low_res_noise_cond: bool = False,
         grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -187,11 +188,18 @@ class UNet(nn.Module):
         self.model_channels, self.channel_mult = model_channels, tuple(channel_mult)
         self.cond_dim, self.num_cond_tokens = cond_dim, num_cond_tokens
         self.text_encoder, self.low_res_channels = text_encoder, low_res_channels
+        if low_res_noise_cond and not low_res_channels:
+            raise ValueError("net.low_res_noise_cond needs low_res_channels (an upsampler)")
+        self.low_res_noise_cond = low_res_noise_cond
         self.grad_checkpointing = grad_checkpointing
         emb_dim = 4 * model_channels
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
+        if low_res_noise_cond:  # noise-conditioning augmentation: the low-res image's noise level
+            self.aug_embed = nn.Sequential(
+                nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+            )
 
         # ---- conditioning -> embedding additions and context tokens (width ctx_dim)
         ctx_dim = None
@@ -343,14 +351,22 @@ class UNet(nn.Module):
         tokens: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
         low_res: torch.Tensor | None = None,
+        low_res_noise: torch.Tensor | None = None,
         drop_image: torch.Tensor | None = None,
         drop_text: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, C, H, W) noised image, t (B,) steps -> (B, C or 2C, H, W). H, W: any multiple of
-        2^(levels-1) (fully convolutional without attention: the upsamplers train on crops)."""
+        2^(levels-1) (fully convolutional without attention: the upsamplers train on crops).
+        ``low_res_noise`` (B,): the diffusion step at which ``low_res`` was noised (noise-conditioning
+        augmentation, ``low_res_noise_cond``); None means clean (step 0)."""
         b = x.shape[0]
         dtype = self.input_conv.weight.dtype
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(dtype))
+        if self.low_res_noise_cond:
+            level = torch.zeros_like(t) if low_res_noise is None else low_res_noise
+            emb = emb + self.aug_embed(timestep_embedding(level, self.model_channels).to(dtype))
+        elif low_res_noise is not None:
+            raise ValueError("low_res_noise given but the net has low_res_noise_cond=false")
         emb, context, mask = self._conditioning(
             emb, b, x.device, image_emb, text_feat, tokens, text_mask, drop_image, drop_text
         )

@@ -232,9 +232,19 @@ class UpsamplerModule(pl.LightningModule):
     its low-resolution version (``low_res_size / net.image_size`` of it) is corrupted by
     ``degradation`` (``blur``: gaussian, kernel 3, sigma 0.6, the paper's 64->256; ``bsr``: the
     BSR-style chain of data/degrade.py, the paper's 256->1024; ``none``). The net is fully
-    convolutional, so it samples at full size. Evaluation on held-out images: the clean
-    downsample is upsampled by DDIM (``sample_steps``, paper: 27 and 15) and compared by PSNR with the
-    ground truth, next to bicubic upsampling of the same input (``val/psnr`` vs ``val/psnr_bicubic``).
+    convolutional, so it samples at full size. Evaluation on held-out images: their downsample,
+    degraded as in training (``val_degraded``, seeded) or clean, is upsampled by DDIM (``sample_steps``,
+    paper: 27 and 15) and compared by PSNR with the ground truth, next to bicubic upsampling of the same
+    input (``val/psnr`` vs ``val/psnr_bicubic``).
+
+    Noise-conditioning augmentation (optional, needs ``net.low_res_noise_cond``): in training the
+    degraded low-res image is further noised by the forward process at a random step in
+    [0, ``noise_aug`` x T] and the net is told the step; sampling conditions on step
+    ``noise_aug_sample`` x T (0: the clean input).
+
+    ``residual``: diffuse the difference between the image and the bicubic upsampling of its
+    conditioning image, and add the upsampling back after sampling (SRDiff's formulation): the
+    untrained net already gives bicubic, and training only has to learn the missing detail.
     """
 
     def __init__(
@@ -246,6 +256,10 @@ class UpsamplerModule(pl.LightningModule):
         low_res_size: int,
         degradation: str = "blur",
         crop_fraction: float = 0.25,
+        noise_aug: float = 0.0,
+        noise_aug_sample: float = 0.0,
+        residual: bool = False,
+        val_degraded: bool = True,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -268,6 +282,13 @@ class UpsamplerModule(pl.LightningModule):
             raise ValueError(
                 f"module.low_res_size={low_res_size} must divide net.image_size={size} and be smaller"
             )
+        for name, value in (("noise_aug", noise_aug), ("noise_aug_sample", noise_aug_sample)):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"module.{name}={value}: expected a fraction of the steps in [0, 1)")
+        if (noise_aug or noise_aug_sample) and not getattr(net, "low_res_noise_cond", False):
+            raise ValueError(
+                "module.noise_aug / noise_aug_sample need a net told the noise level: set net.low_res_noise_cond=true"
+            )
         crop = int(round(size * crop_fraction))
         factor = size // low_res_size
         if crop < factor or crop % factor:
@@ -280,20 +301,24 @@ class UpsamplerModule(pl.LightningModule):
         self.sampler = self.diffusion.respace(sample_steps)
         self._rng = None
 
-    def low_res(self, hi: torch.Tensor, train: bool) -> torch.Tensor:
-        """The conditioning image for ``hi`` (float [-1, 1] at a multiple of the scale factor)."""
+    def low_res(self, hi: torch.Tensor, degrade: bool, rng=None) -> torch.Tensor:
+        """The conditioning image for ``hi`` (float [-1, 1] at a multiple of the scale factor): a
+        bicubic downsample, corrupted by ``degradation`` when ``degrade`` (``rng``: a random.Random
+        for the BSR chain; default: the module's own stream)."""
         from data.degrade import bsr_degrade, light_blur, resize
 
         out = hi.shape[-1] * self.hparams.low_res_size // self.net.image_size
-        if not train or self.hparams.degradation == "none":
+        if not degrade or self.hparams.degradation == "none":
             return resize(hi, out, "bicubic")
         if self.hparams.degradation == "blur":
             return light_blur(resize(hi, out, "bicubic"))
-        if self._rng is None:
-            import random
+        if rng is None:
+            if self._rng is None:
+                import random
 
-            self._rng = random.Random(self.hparams.seed * 1000 + self.global_rank)
-        return bsr_degrade(hi, out, self._rng)
+                self._rng = random.Random(self.hparams.seed * 1000 + self.global_rank)
+            rng = self._rng
+        return bsr_degrade(hi, out, rng)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         hi = to_unit_range(batch["image"].to(self.device), self.net.image_size)
@@ -301,14 +326,33 @@ class UpsamplerModule(pl.LightningModule):
         if crop < hi.shape[-1]:
             i, j = (int(v) for v in torch.randint(0, hi.shape[-1] - crop + 1, (2,)))
             hi = hi[:, :, i : i + crop, j : j + crop]
-        low = self.low_res(hi, train=True)
-        loss = self.diffusion.training_losses(self.net, hi, model_kwargs={"low_res": low})["loss"].mean()
+        low = self.low_res(hi, degrade=True)
+        cond = {"low_res": low}
+        if self.hparams.noise_aug:
+            top = int(self.hparams.noise_aug * self.diffusion.num_timesteps)
+            level = torch.randint(0, top + 1, (low.shape[0],), device=self.device)
+            cond = self.noised_low_res(low, level)
+        target = hi - self.base(low, hi.shape[-1]) if self.hparams.residual else hi
+        loss = self.diffusion.training_losses(self.net, target, model_kwargs=cond)["loss"].mean()
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self.ema.update(self.net)
+
+    @staticmethod
+    def base(low: torch.Tensor, size: int) -> torch.Tensor:
+        """Bicubic upsampling of the conditioning image to ``size`` (the residual's reference)."""
+        return F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False)
+
+    def noised_low_res(
+        self, low: torch.Tensor, level: torch.Tensor, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The net's conditioning for ``low`` noised by the forward process at steps ``level`` (B,)."""
+        noise = torch.randn(low.shape, device=low.device, generator=generator, dtype=low.dtype)
+        noised = torch.where((level > 0).view(-1, 1, 1, 1), self.diffusion.q_sample(low, level, noise), low)
+        return {"low_res": noised, "low_res_noise": level}
 
     @torch.no_grad()
     def upsample(
@@ -317,14 +361,20 @@ class UpsamplerModule(pl.LightningModule):
         """Low-resolution images in [-1, 1] (B, 3, s, s) -> (B, 3, s * factor, s * factor) in [-1, 1]."""
         net = self.ema.shadow if use_ema else self.net
         size = low.shape[-1] * self.net.image_size // self.hparams.low_res_size
-        return self.sampler.ddim_sample_loop(
+        cond = {"low_res": low}
+        if getattr(net, "low_res_noise_cond", False):
+            step = int(self.hparams.noise_aug_sample * self.diffusion.num_timesteps)
+            level = torch.full((low.shape[0],), step, dtype=torch.long, device=low.device)
+            cond = self.noised_low_res(low, level, generator)
+        out = self.sampler.ddim_sample_loop(
             net,
             (low.shape[0], 3, size, size),
             eta=self.hparams.eta,
             device=self.device,
             generator=generator,
-            model_kwargs={"low_res": low},
+            model_kwargs=cond,
         )
+        return out + self.base(low, size) if self.hparams.residual else out
 
     def on_validation_epoch_start(self) -> None:
         self._val: list[dict] = []
@@ -336,7 +386,11 @@ class UpsamplerModule(pl.LightningModule):
             return
         hi = to_unit_range(batch["image"].to(self.device), self.net.image_size)
         hi = hi[: hi.shape[0] if limit is None else limit - seen]
-        low = self.low_res(hi, train=False)
+        import random
+
+        # the held-out inputs are degraded like the training ones (seeded: the same inputs every
+        # validation), as the previous stage's outputs would be; bicubic upsamples the same inputs
+        low = self.low_res(hi, degrade=self.hparams.val_degraded, rng=random.Random(3000 + batch_idx))
         g = torch.Generator(self.device).manual_seed(3000 + batch_idx)
         out = self.upsample(low, generator=g).clamp(-1, 1)
         bicubic = F.interpolate(low, size=hi.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)

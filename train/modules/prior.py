@@ -191,7 +191,10 @@ class PriorModule(pl.LightningModule):
             parts = [p for rank_parts in gathered for p in rank_parts]
         if not parts:
             return
-        cat = {k: torch.cat([p[k] for p in parts]) for k in ("loss", "pred", "img", "txt", "cos_pred", "cos_text")}
+        cat = {
+            k: torch.cat([p[k] for p in parts])
+            for k in ("loss", "pred", "img", "txt", "cos_pred", "cos_text")
+        }
         target = torch.arange(len(cat["img"]))
         metrics = {
             "val/loss": cat["loss"].mean().item(),
