@@ -17,6 +17,7 @@ row) is written to ``<run>/samples/step<N>.png`` and to W&B when it logs.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -314,8 +315,6 @@ class UpsamplerModule(pl.LightningModule):
             return light_blur(resize(hi, out, "bicubic"))
         if rng is None:
             if self._rng is None:
-                import random
-
                 self._rng = random.Random(self.hparams.seed * 1000 + self.global_rank)
             rng = self._rng
         return bsr_degrade(hi, out, rng)
@@ -386,8 +385,6 @@ class UpsamplerModule(pl.LightningModule):
             return
         hi = to_unit_range(batch["image"].to(self.device), self.net.image_size)
         hi = hi[: hi.shape[0] if limit is None else limit - seen]
-        import random
-
         # the held-out inputs are degraded like the training ones (seeded: the same inputs every
         # validation), as the previous stage's outputs would be; bicubic upsamples the same inputs
         low = self.low_res(hi, degrade=self.hparams.val_degraded, rng=random.Random(3000 + batch_idx))

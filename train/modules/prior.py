@@ -12,9 +12,10 @@ clean image embedding (x0 prediction, the paper's choice), text conditioning dro
 
 Logged: ``train/loss``, ``train/lr``, ``val/loss`` (EMA, fixed timesteps), ``val/cos_pred_image`` (mean
 cosine between the sampled and the true image embedding), ``val/cos_text_image`` (the baseline: text
-embedding vs image embedding), ``val/r1_pred`` / ``val/r1_text`` (the true image retrieved first among
-the held-out images by the predicted / the text embedding), ``val/zeroshot_*_top1_pred`` (the CLIP text classifier applied to the
-predicted embeddings; synthetic scenes) next to ``val/zeroshot_*_top1_image`` (applied to the true ones).
+embedding vs image embedding), ``val/r1_pred`` / ``val/r1_text`` (the true image retrieved first
+among the held-out images by the predicted / by the text embedding), ``val/zeroshot_*_top1_pred``
+(the CLIP text classifier applied to the predicted embeddings; synthetic scenes) next to
+``val/zeroshot_*_top1_image`` (applied to the true ones).
 """
 
 from __future__ import annotations
