@@ -52,3 +52,11 @@ def test_decoder_stage_trains_samples_and_exports(clip_run, tmp_path):
     assert grid.size == (4 * 64 + 3 * 8, 2 * 64 + 8)  # 4 columns x (source, sample) at 4x scale
     stage = load_stage(tmp_path / "dec")  # EMA weights; cond/text sizes from the CLIP
     assert stage.net.cond_dim == 128 and stage.net.image_size == 16
+
+
+def test_paper_experiment_composes():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose("train", overrides=["stage=decoder", "experiment=decoder_paper", "clip_ckpt=x"])
+    assert cfg.net.model_channels == 512 and cfg.net.text_encoder == "trainable"
+    assert cfg.module.diffusion.prediction == "eps" and cfg.module.diffusion.variance == "learned"
+    assert cfg.module.lr == 1.2e-4 and cfg.data.global_batch_size == 2048
