@@ -153,6 +153,16 @@ def test_two_process_ddp_run_over_gloo(tmp_path):
 
 
 @pytest.mark.slow
+def test_cli_keeps_a_paths_output_dir_override(tmp_path):
+    out, hydra_dir = tmp_path / "out", tmp_path / "hydra"
+    args = ["-m", "train.run", "debug=fast", f"paths.output_dir={out}", f"hydra.run.dir={hydra_dir}"]
+    result = _python(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (out / "metrics.json").exists() and (out / "checkpoints" / "last.ckpt").exists()
+    assert not (hydra_dir / "metrics.json").exists()  # Hydra's directory keeps only its own logs
+
+
+@pytest.mark.slow
 def test_pipeline_runs_stages_writes_a_report_and_skips_finished_stages(tmp_path):
     out = tmp_path / "pipeline"
     args = [

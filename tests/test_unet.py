@@ -124,6 +124,27 @@ def test_upsampler_is_fully_convolutional_on_crops():
         net(torch.randn(1, 3, 8, 8), torch.tensor([1]))
 
 
+def test_low_res_noise_level_reaches_the_net():
+    """Noise-conditioning augmentation: the low-res image's noise step is embedded; None means clean."""
+    torch.manual_seed(0)
+    net = randomise(
+        UNet(
+            image_size=16,
+            model_channels=16,
+            channel_mult=[1, 2],
+            num_res_blocks=1,
+            low_res_channels=3,
+            low_res_noise_cond=True,
+        )
+    )
+    x, low, t = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8), torch.tensor([5, 9])
+    clean = net(x, t, low_res=low)
+    torch.testing.assert_close(clean, net(x, t, low_res=low, low_res_noise=torch.zeros(2, dtype=torch.long)))
+    assert not torch.allclose(clean, net(x, t, low_res=low, low_res_noise=torch.tensor([100, 100])))
+    with pytest.raises(ValueError, match="low_res_noise_cond needs low_res_channels"):
+        UNet(image_size=16, model_channels=16, channel_mult=[1], num_res_blocks=1, low_res_noise_cond=True)
+
+
 @pytest.mark.parametrize(
     "name,expected,tolerance",
     [

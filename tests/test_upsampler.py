@@ -46,6 +46,20 @@ def test_psnr():
     assert out[0] > 90 and out[1].item() == pytest.approx(20.0, abs=1e-4)
 
 
+def _cfg(stage: str, data_dir, output_dir, *overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return compose(
+            "train",
+            overrides=[
+                f"stage={stage}",
+                "debug=fast",
+                f"paths.data_dir={data_dir}",
+                f"paths.output_dir={output_dir}",
+                *overrides,
+            ],
+        )
+
+
 @pytest.mark.parametrize(
     "stage,extra",
     [
@@ -58,22 +72,17 @@ def test_psnr():
 )
 def test_upsampler_stage_trains_on_crops_and_reports_psnr(stage, extra, clip_run, tmp_path):
     run, _ = clip_run  # only for its small synthetic shards
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        cfg = compose(
-            "train",
-            overrides=[
-                f"stage={stage}",
-                "debug=fast",
-                f"paths.data_dir={run.parent / 'datasets'}",
-                f"paths.output_dir={tmp_path / 'up'}",
-                "net.model_channels=16",
-                "trainer.max_steps=2",
-                "trainer.val_check_interval=2",
-                "module.sample_steps=2",
-                "module.val_max_samples=4",
-                *extra,
-            ],
-        )
+    cfg = _cfg(
+        stage,
+        run.parent / "datasets",
+        tmp_path / "up",
+        "net.model_channels=16",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "module.sample_steps=2",
+        "module.val_max_samples=4",
+        *extra,
+    )
     metrics = train(cfg)
     assert metrics["val/n"] == 4 and metrics["val/psnr_bicubic"] > 15
     assert metrics["val/psnr_gain"] == pytest.approx(
@@ -82,55 +91,15 @@ def test_upsampler_stage_trains_on_crops_and_reports_psnr(stage, extra, clip_run
     assert (tmp_path / "up" / "samples" / "step0000002.png").exists()
 
 
-def test_upsampler_rejects_bad_sizes(tmp_path):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        cfg = compose(
-            "train",
-            overrides=[
-                "stage=upsampler_256",
-                "debug=fast",
-                f"paths.data_dir={tmp_path}",
-                f"paths.output_dir={tmp_path / 'run'}",
-                "module.low_res_size=12",
-            ],
-        )
-    with pytest.raises(InstantiationException, match="low_res_size=12 must divide net.image_size=32"):
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["module.low_res_size=12"], "low_res_size=12 must divide net.image_size=32"),
+        (["module.noise_aug=0.2"], "set net.low_res_noise_cond=true"),
+        (["net.low_res_noise_cond=true", "module.noise_aug=1.5"], "noise_aug=1.5: expected a fraction"),
+    ],
+)
+def test_upsampler_rejects_bad_options(overrides, message, tmp_path):
+    cfg = _cfg("upsampler_256", tmp_path, tmp_path / "run", *overrides)
+    with pytest.raises(InstantiationException, match=message):
         train(cfg)
-
-
-def test_noise_conditioning_augmentation_needs_the_net_option(tmp_path):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        cfg = compose(
-            "train",
-            overrides=[
-                "stage=upsampler_256",
-                "debug=fast",
-                f"paths.data_dir={tmp_path}",
-                f"paths.output_dir={tmp_path / 'run'}",
-                "module.noise_aug=0.2",
-            ],
-        )
-    with pytest.raises(InstantiationException, match="set net.low_res_noise_cond=true"):
-        train(cfg)
-
-
-def test_noise_level_reaches_the_net():
-    from train.models.unet import UNet
-
-    torch.manual_seed(0)
-    net = UNet(
-        image_size=16,
-        model_channels=16,
-        channel_mult=[1, 2],
-        num_res_blocks=1,
-        low_res_channels=3,
-        low_res_noise_cond=True,
-    )
-    for p in net.parameters():  # the zero-initialised output layers would hide any difference
-        torch.nn.init.normal_(p, std=0.05)
-    x, low, t = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8), torch.tensor([5, 9])
-    clean = net(x, t, low_res=low)
-    torch.testing.assert_close(clean, net(x, t, low_res=low, low_res_noise=torch.zeros(2, dtype=torch.long)))
-    assert not torch.allclose(clean, net(x, t, low_res=low, low_res_noise=torch.tensor([100, 100])))
-    with pytest.raises(ValueError, match="low_res_noise_cond needs low_res_channels"):
-        UNet(image_size=16, model_channels=16, channel_mult=[1], num_res_blocks=1, low_res_noise_cond=True)

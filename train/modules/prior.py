@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from eval.zeroshot import zeroshot_synthetic
+from eval.zeroshot import retrieval_recall, zeroshot_synthetic
 from train.diffusion import GaussianDiffusion
 from train.ema import EMA
 from train.frozen_clip import FrozenClip, text_mask
@@ -196,15 +196,15 @@ class PriorModule(pl.LightningModule):
             k: torch.cat([p[k] for p in parts])
             for k in ("loss", "pred", "img", "txt", "cos_pred", "cos_text")
         }
-        target = torch.arange(len(cat["img"]))
+        ids = [str(i) for i in range(len(cat["img"]))]  # distinct: only the pair's own image counts
         metrics = {
             "val/loss": cat["loss"].mean().item(),
             "val/cos_pred_image": cat["cos_pred"].mean().item(),
             "val/cos_text_image": cat["cos_text"].mean().item(),
             # retrieval of the true image among the held-out images, by the predicted embedding and
             # (baseline) by the text embedding
-            "val/r1_pred": ((cat["pred"] @ cat["img"].T).argmax(1) == target).float().mean().item(),
-            "val/r1_text": ((cat["txt"] @ cat["img"].T).argmax(1) == target).float().mean().item(),
+            "val/r1_pred": retrieval_recall(cat["img"], cat["pred"], ids, ks=(1,))["t2i_r1"],
+            "val/r1_text": retrieval_recall(cat["img"], cat["txt"], ids, ks=(1,))["t2i_r1"],
             "val/n": float(len(cat["loss"])),
         }
         scenes = [s for p in parts for s in p["scene"]]
