@@ -112,14 +112,24 @@ class DecoderModule(pl.LightningModule):
         """(x0 in [-1, 1] at the net's size, the net's conditioning kwargs) from an image-text batch."""
         emb = self.clip().embed(batch["image"], batch["tokens"])
         x0 = to_unit_range(batch["image"].to(self.device), self.net.image_size)
-        cond: dict[str, torch.Tensor] = {"image_emb": F.normalize(emb["img_emb"], dim=-1) * self.scale}
-        tokens = batch["tokens"].to(self.device).long()
+        return x0, self.conditioning(emb["img_emb"], batch["tokens"], emb["txt_feat"])
+
+    def conditioning(
+        self, image_emb: torch.Tensor, tokens: torch.Tensor, text_feat: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The net's conditioning kwargs: a CLIP image embedding (B, D) (any norm: it is normalised and
+        scaled), the caption's tokens (B, L) and, for ``net.text_encoder=clip``, their frozen CLIP
+        features (B, L, W) (computed from the tokens when not given)."""
+        cond: dict[str, torch.Tensor] = {"image_emb": F.normalize(image_emb.float(), dim=-1) * self.scale}
+        tokens = tokens.to(self.device).long()
         if self.net.text_encoder == "clip":
-            cond["text_feat"] = emb["txt_feat"]
+            if text_feat is None:
+                text_feat = self.clip().embed(None, tokens)["txt_feat"]
+            cond["text_feat"] = text_feat.to(self.device)
             cond["text_mask"] = text_mask(tokens, self.tokenizer.eot_id)
         elif self.net.text_encoder == "trainable":
             cond["tokens"] = tokens
-        return x0, cond
+        return cond
 
     # ---- training ---------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -148,23 +158,39 @@ class DecoderModule(pl.LightningModule):
         guidance_scale: float | None = None,
         generator: torch.Generator | None = None,
         use_ema: bool = True,
+        steps: int | None = None,
+        sampler: str = "ddim",
+        eta: float | None = None,
+        noise: torch.Tensor | None = None,
+        drop_text: bool = False,
+        step_callback=None,
     ) -> torch.Tensor:
-        """Images in [-1, 1] (B, 3, S, S) for conditioning ``cond`` (as from :meth:`inputs`)."""
+        """Images in [-1, 1] (B, 3, S, S) for conditioning ``cond`` (as from :meth:`conditioning`).
+
+        ``steps``: respace to this many steps (default ``module.sample_steps``); ``sampler``: ddim
+        (``eta``, default ``module.eta``) or ddpm; ``noise``: the starting x_T (e.g. a DDIM inversion);
+        ``drop_text``: condition on the image embedding alone (variations); ``step_callback(i, x)``: see
+        GaussianDiffusion.ddim_sample_loop (inpainting).
+        """
         net = self.ema.shadow if use_ema else self.net
         b = cond["image_emb"].shape[0]
         kwargs = dict(cond)
         kwargs["drop_image"] = torch.zeros(b, dtype=torch.bool, device=self.device)
-        kwargs["drop_text"] = torch.zeros(b, dtype=torch.bool, device=self.device)
+        kwargs["drop_text"] = torch.full((b,), drop_text, dtype=torch.bool, device=self.device)
         uncond = {k: torch.ones(b, dtype=torch.bool, device=self.device) for k in ("drop_image", "drop_text")}
-        return self.sampler.ddim_sample_loop(
+        process = self.sampler if steps is None else self.diffusion.respace(steps)
+        return process.sample(
             net,
             (b, 3, net.image_size, net.image_size),
-            eta=self.hparams.eta,
+            sampler=sampler,
+            eta=self.hparams.eta if eta is None else eta,
+            noise=noise,
             device=self.device,
             generator=generator,
             model_kwargs=kwargs,
             guidance_scale=self.hparams.guidance_scale if guidance_scale is None else guidance_scale,
             uncond_kwargs=uncond,
+            step_callback=step_callback,
         )
 
     # ---- evaluation -------------------------------------------------------------------------------
@@ -355,9 +381,21 @@ class UpsamplerModule(pl.LightningModule):
 
     @torch.no_grad()
     def upsample(
-        self, low: torch.Tensor, generator: torch.Generator | None = None, use_ema: bool = True
+        self,
+        low: torch.Tensor,
+        generator: torch.Generator | None = None,
+        use_ema: bool = True,
+        *,
+        steps: int | None = None,
+        sampler: str = "ddim",
+        eta: float | None = None,
+        step_callback=None,
     ) -> torch.Tensor:
-        """Low-resolution images in [-1, 1] (B, 3, s, s) -> (B, 3, s * factor, s * factor) in [-1, 1]."""
+        """Low-resolution images in [-1, 1] (B, 3, s, s) -> (B, 3, s * factor, s * factor) in [-1, 1].
+
+        ``steps`` (default ``module.sample_steps``), ``sampler`` and ``eta`` as in DecoderModule.sample;
+        ``step_callback(i, x)`` sees the diffused variable: the image, or with ``residual`` the image
+        minus :meth:`base` of ``low``."""
         net = self.ema.shadow if use_ema else self.net
         size = low.shape[-1] * self.net.image_size // self.hparams.low_res_size
         cond = {"low_res": low}
@@ -365,13 +403,16 @@ class UpsamplerModule(pl.LightningModule):
             step = int(self.hparams.noise_aug_sample * self.diffusion.num_timesteps)
             level = torch.full((low.shape[0],), step, dtype=torch.long, device=low.device)
             cond = self.noised_low_res(low, level, generator)
-        out = self.sampler.ddim_sample_loop(
+        process = self.sampler if steps is None else self.diffusion.respace(steps)
+        out = process.sample(
             net,
             (low.shape[0], 3, size, size),
-            eta=self.hparams.eta,
+            sampler=sampler,
+            eta=self.hparams.eta if eta is None else eta,
             device=self.device,
             generator=generator,
             model_kwargs=cond,
+            step_callback=step_callback,
         )
         return out + self.base(low, size) if self.hparams.residual else out
 

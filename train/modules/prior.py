@@ -127,8 +127,10 @@ class PriorModule(pl.LightningModule):
         best_of: int | None = None,
         generator: torch.Generator | None = None,
         use_ema: bool = True,
+        steps: int | None = None,
     ) -> torch.Tensor:
-        """L2-normalised predicted image embeddings (B, D) for text embeddings ``emb`` (see embeddings())."""
+        """L2-normalised predicted image embeddings (B, D) for text embeddings ``emb`` (see embeddings());
+        ``steps``: DDIM steps (default ``module.sample_steps``)."""
         scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
         n = self.hparams.best_of if best_of is None else best_of
         net = self.ema.shadow if use_ema else self.net
@@ -136,7 +138,8 @@ class PriorModule(pl.LightningModule):
         b = cond["text_emb"].shape[0]
         cond["drop"] = torch.zeros(b, dtype=torch.bool, device=self.device)
         uncond = {"drop": torch.ones(b, dtype=torch.bool, device=self.device)}
-        x = self.sampler.ddim_sample_loop(
+        process = self.sampler if steps is None else self.diffusion.respace(steps)
+        x = process.ddim_sample_loop(
             net,
             (b, net.embed_dim),
             device=self.device,

@@ -1,0 +1,232 @@
+"""Sample from the trained cascade (train/cascade.py) from the command line.
+
+    python -m eval.sample text "a red circle" "two blue squares" --cascade outputs/pipeline --out samples/
+    python -m eval.sample text --prompts prompts.txt --n 4 --decoder-guidance 3 --seed 1 --cascade ...
+    python -m eval.sample variations photo.png --n 8 --eta 0.8 [--invert] --cascade ...
+    python -m eval.sample inpaint photo.png --mask mask.png --prompt "a red circle" [--resample 2] --cascade ...
+    python -m eval.sample interpolate a.png b.png --n 7 --cascade ...
+
+Stages: ``--cascade DIR`` takes a pipeline output directory (train/pipeline.py: DIR/{prior,decoder,
+upsampler_256,upsampler_1024}, each a run directory or its ``export/``); or name them one by one with
+``--prior``, ``--decoder``, ``--upsampler`` (repeat, in order) and ``--clip`` (default: the decoder's).
+Each stage's sampling settings default to its training config and can be set per stage.
+
+Writes ``OUT/grid.png`` (one row per prompt or input, the last stage's images) and
+``OUT/<row>_<i>.png`` single files; ``--all-stages`` adds ``OUT/stage<k>_grid.png`` per stage. Masks:
+white (>= 128) = keep the input's pixel, black = fill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from train.cascade import Cascade, CascadeOutput, StageSettings
+from train.modules.decoder import save_grid
+
+log = logging.getLogger(__name__)
+UPSAMPLER_STAGES = ("upsampler_256", "upsampler_1024")
+
+
+def stage_dir(root: Path, name: str) -> Path | None:
+    """A pipeline stage's inference export if present, else its run directory, else None."""
+    for candidate in (root / name / "export", root / name):
+        if (candidate / "config.yaml").exists():
+            return candidate
+    return None
+
+
+def load_cascade(args: argparse.Namespace) -> Cascade:
+    prior, decoder, ups = args.prior, args.decoder, list(args.upsampler or [])
+    if args.cascade:
+        root = Path(args.cascade)
+        if not root.is_dir():
+            raise FileNotFoundError(f"--cascade {root}: not a directory (a train.pipeline output directory)")
+        prior = prior or stage_dir(root, "prior")
+        decoder = decoder or stage_dir(root, "decoder")
+        ups = ups or [d for d in (stage_dir(root, n) for n in UPSAMPLER_STAGES) if d is not None]
+    if decoder is None:
+        raise FileNotFoundError(
+            "no decoder: give --cascade DIR (with DIR/decoder) or --decoder RUN"
+            + (f"; {args.cascade}/decoder has no config.yaml" if args.cascade else "")
+        )
+    return Cascade.load(decoder, prior=prior, upsamplers=ups, clip=args.clip, device=args.device)
+
+
+def read_image(path: str) -> torch.Tensor:
+    try:
+        img = Image.open(path).convert("RGB")
+    except (FileNotFoundError, OSError) as e:
+        raise FileNotFoundError(f"{path}: cannot read the image ({e})") from e
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
+def read_mask(path: str, size: tuple[int, int]) -> torch.Tensor:
+    try:
+        img = Image.open(path).convert("L")
+    except (FileNotFoundError, OSError) as e:
+        raise FileNotFoundError(f"--mask {path}: cannot read the mask image ({e})") from e
+    if img.size != size:
+        img = img.resize(size, Image.NEAREST)
+    return torch.from_numpy((np.asarray(img) >= 128).astype(np.float32))[None]
+
+
+def settings(args: argparse.Namespace, n_up: int) -> dict:
+    up_steps = [int(s) for s in args.upsampler_steps.split(",")] if args.upsampler_steps else []
+    if len(up_steps) == 1:
+        up_steps *= n_up
+    if up_steps and len(up_steps) != n_up:
+        raise ValueError(
+            f"--upsampler-steps {args.upsampler_steps}: expected 1 or {n_up} comma-separated values"
+        )
+    return {
+        "prior": StageSettings(
+            steps=args.prior_steps, guidance_scale=args.prior_guidance, best_of=args.best_of
+        ),
+        "decoder": StageSettings(
+            steps=args.decoder_steps,
+            sampler=args.decoder_sampler,
+            eta=args.eta,
+            guidance_scale=args.decoder_guidance,
+        ),
+        "upsamplers": [
+            StageSettings(steps=up_steps[k] if up_steps else None, sampler=args.upsampler_sampler)
+            for k in range(n_up)
+        ],
+    }
+
+
+def write(out: CascadeOutput, rows: int, out_dir: Path, all_stages: bool) -> list[Path]:
+    """grid.png (``rows`` rows) and one PNG per image; returns the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_row = out.images.shape[0] // rows
+    written = []
+    stages = list(enumerate(out.stages)) if all_stages else [(len(out.stages) - 1, out.images)]
+    for k, images in stages:
+        scale = max(1, out.images.shape[-1] // images.shape[-1])
+        grid = [images[r * per_row : (r + 1) * per_row] for r in range(rows)]
+        name = "grid.png" if k == len(out.stages) - 1 else f"stage{k}_grid.png"
+        written.append(save_grid(grid, out_dir / name, scale=scale))
+    for i, img in enumerate(out.images):
+        path = out_dir / f"{i // per_row:03d}_{i % per_row:02d}.png"
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(path)
+        written.append(path)
+    return written
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval.sample", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="mode", required=True)
+    modes = {
+        "text": sub.add_parser("text", help="text -> image through prior, decoder, upsamplers"),
+        "variations": sub.add_parser("variations", help="variations of input images (CLIP image embedding)"),
+        "inpaint": sub.add_parser("inpaint", help="fill the masked region of an image following a prompt"),
+        "interpolate": sub.add_parser("interpolate", help="slerp between two images' CLIP embeddings"),
+    }
+    modes["text"].add_argument("prompts", nargs="*", help="prompts (or --prompts FILE, one per line)")
+    modes["text"].add_argument("--prompts", dest="prompts_file", help="a text file with one prompt per line")
+    modes["variations"].add_argument("images", nargs="+", help="input images (PNG/JPEG)")
+    modes["variations"].add_argument(
+        "--invert", action="store_true", help="start from the image's DDIM inversion"
+    )
+    modes["inpaint"].add_argument("image")
+    modes["inpaint"].add_argument("--mask", required=True, help="white = keep, black = fill")
+    modes["inpaint"].add_argument("--prompt", required=True)
+    modes["inpaint"].add_argument("--resample", type=int, default=0, help="extra renoise passes per step")
+    modes["interpolate"].add_argument("images", nargs=2, help="the two end images")
+    for name, m in modes.items():
+        g = m.add_argument_group("stages")
+        g.add_argument("--cascade", help="a train.pipeline output directory")
+        g.add_argument("--prior", help="prior run directory (or export)")
+        g.add_argument("--decoder", help="decoder run directory (or export)")
+        g.add_argument("--upsampler", action="append", help="upsampler run directory, in order (repeat)")
+        g.add_argument("--clip", help="CLIP run directory (default: the decoder's clip_ckpt)")
+        s = m.add_argument_group("sampling (default: each stage's training config)")
+        s.add_argument("--n", type=int, default=5 if name == "interpolate" else 4, help="images per row")
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--prior-guidance", type=float)
+        s.add_argument("--prior-steps", type=int)
+        s.add_argument("--best-of", type=int)
+        s.add_argument("--decoder-guidance", type=float)
+        s.add_argument("--decoder-steps", type=int)
+        s.add_argument("--decoder-sampler", choices=("ddim", "ddpm"), default="ddim")
+        s.add_argument("--eta", type=float, default=0.8 if name == "variations" else None, help="DDIM eta")
+        s.add_argument("--upsampler-steps", help="DDIM steps per upsampler: N or N1,N2 (paper: 27,15)")
+        s.add_argument("--upsampler-sampler", choices=("ddim", "ddpm"), default="ddim")
+        o = m.add_argument_group("output")
+        o.add_argument("--out", default="samples", help="output directory")
+        o.add_argument("--all-stages", action="store_true", help="also a grid per stage")
+        o.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    cascade = load_cascade(args)
+    st = settings(args, len(cascade.upsamplers))
+    common = {"decoder": st["decoder"], "upsamplers": st["upsamplers"], "seed": args.seed}
+    if args.mode == "text":
+        prompts = list(args.prompts)
+        if args.prompts_file:
+            prompts += [
+                line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()
+            ]
+        if not prompts:
+            raise ValueError("text: no prompts (give them as arguments or with --prompts FILE)")
+        rows = len(prompts)
+        out = cascade.text_to_image([p for p in prompts for _ in range(args.n)], prior=st["prior"], **common)
+    elif args.mode == "variations":
+        images = [read_image(p) for p in args.images]
+        rows = len(images)
+        out = cascade.variations(
+            _same_size(images, args.images), args.n, eta=st["decoder"].eta, invert=args.invert, **common
+        )
+    elif args.mode == "inpaint":
+        image = read_image(args.image)
+        mask = read_mask(args.mask, (image.shape[2], image.shape[1]))
+        rows = 1
+        out = cascade.inpaint(
+            image[None].repeat(args.n, 1, 1, 1),
+            mask[None].repeat(args.n, 1, 1, 1),
+            [args.prompt] * args.n,
+            resample=args.resample,
+            prior=st["prior"],
+            **common,
+        )
+    else:
+        a, b = (read_image(p) for p in args.images)
+        rows = 1
+        out = cascade.interpolate(a, b, args.n, **common)
+    written = write(out, rows, Path(args.out), args.all_stages)
+    return {"grid": str(written[0]), "files": len(written), "image_size": int(out.images.shape[-1])}
+
+
+def _same_size(images: list[torch.Tensor], paths: list[str]) -> torch.Tensor:
+    sizes = {tuple(im.shape[1:]) for im in images}
+    if len(sizes) > 1:
+        raise ValueError(
+            f"variations: the images differ in size {sorted(sizes)} ({paths}); give images of one size"
+        )
+    return torch.stack(images)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    args = _parser().parse_args(argv)
+    try:
+        result = run(args)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

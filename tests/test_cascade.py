@@ -1,0 +1,159 @@
+"""Inference through the cascade (train/cascade.py) and its CLI (eval/sample.py), on a tiny trained cascade."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+from safetensors.torch import load_file
+
+from eval import sample as sample_cli
+from train.cascade import Cascade, StageSettings, slerp
+from train.checkpoint import export_stage, load_stage
+from train.run import CONF_DIR, train
+
+pytestmark = pytest.mark.slow
+
+
+def _train(stage: str, data_dir, out, *overrides: str) -> None:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose(
+            "train",
+            overrides=[
+                f"stage={stage}",
+                "debug=fast",
+                f"paths.data_dir={data_dir}",
+                f"paths.output_dir={out}",
+                "trainer.max_steps=2",
+                "trainer.val_check_interval=2",
+                "trainer.limit_val_batches=1",
+                *overrides,
+            ],
+        )
+    train(cfg)
+
+
+@pytest.fixture(scope="module")
+def cascade_dir(clip_run, tmp_path_factory):
+    """A pipeline-shaped directory: prior, decoder (16 px), upsamplers 16->32 and 32->64, 2 steps each."""
+    run, _ = clip_run
+    data_dir, root = run.parent / "datasets", tmp_path_factory.mktemp("cascade")
+    small = ["module.sample_steps=2", "module.val_max_samples=4"]
+    _train("prior", data_dir, root / "prior", f"clip_ckpt={run}", *small)
+    _train(
+        "decoder", data_dir, root / "decoder", f"clip_ckpt={run}", "net.model_channels=16",
+        "net.head_channels=16", "module.grid_size=2", *small,
+    )  # fmt: skip
+    for stage in ("upsampler_256", "upsampler_1024"):
+        _train(stage, data_dir, root / stage, "net.model_channels=16", "module.grid_size=2", *small)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cascade(cascade_dir):
+    return Cascade.load(
+        cascade_dir / "decoder",
+        prior=cascade_dir / "prior",
+        upsamplers=[cascade_dir / "upsampler_256", cascade_dir / "upsampler_1024"],
+    )
+
+
+FAST = {
+    "prior": StageSettings(steps=3, best_of=2),
+    "decoder": StageSettings(steps=3),
+    "upsamplers": [StageSettings(steps=2), StageSettings(steps=2)],
+}
+
+
+def test_text_to_image_runs_every_stage_and_is_seeded(cascade):
+    out = cascade.text_to_image(["a red circle", "two blue squares"], seed=3, **FAST)
+    assert [s.shape for s in out.stages] == [(2, 3, 16, 16), (2, 3, 32, 32), (2, 3, 64, 64)]
+    assert out.images.dtype == torch.uint8 and torch.equal(out.images, out.stages[-1])
+    assert out.image_emb.shape == (2, cascade.clip.embed_dim)
+    torch.testing.assert_close(out.image_emb.norm(dim=-1), torch.ones(2))
+    again = cascade.text_to_image(["a red circle", "two blue squares"], seed=3, **FAST)
+    other = cascade.text_to_image(["a red circle", "two blue squares"], seed=4, **FAST)
+    assert torch.equal(out.images, again.images) and not torch.equal(out.images, other.images)
+
+
+def test_inpainting_keeps_the_known_region(cascade):
+    image = torch.zeros(2, 3, 64, 64, dtype=torch.uint8)
+    image[:, 0] = 200  # a red input
+    image[:, 1] = torch.arange(64, dtype=torch.uint8)[None] * 3  # with a gradient, to catch misplacement
+    mask = torch.zeros(2, 64, 64)
+    mask[:, :, :32] = 1  # keep the left half
+    for resample in (0, 1):
+        out = cascade.inpaint(image, mask, ["a blue square"] * 2, resample=resample, **FAST)
+        kept = (out.images[..., :32].int() - image[..., :32].int()).abs()
+        assert kept.max() <= 1, f"resample={resample}: the known region changed by {kept.max()}"
+        # the unknown half is generated, not copied
+        assert (out.images[..., 40:].int() - image[..., 40:].int()).abs().float().mean() > 5
+
+
+def test_variations_and_interpolation(cascade):
+    image = Image.new("RGB", (64, 64), (120, 120, 120))
+    image.paste((30, 175, 45), (16, 16, 48, 48))
+    x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    y = torch.flip(x, dims=[0])  # channels swapped: another colour
+    dec, ups = FAST["decoder"], FAST["upsamplers"]
+    var = cascade.variations(torch.stack([x, y]), n=3, eta=1.0, decoder=dec, upsamplers=ups)
+    assert var.images.shape == (6, 3, 64, 64)
+    assert not torch.equal(var.images[0], var.images[1])  # eta > 0: the variations differ
+    emb = cascade.image_embedding(torch.stack([x, y]))
+    torch.testing.assert_close(var.image_emb[:3], emb[:1].expand(3, -1).cpu())  # grouped per input
+    inv = cascade.variations(x[None], n=2, eta=0.0, invert=True, decoder=dec, upsamplers=ups)
+    assert torch.equal(inv.stages[0][0], inv.stages[0][1])  # decoder, eta 0 from one inversion: the same
+    path = cascade.interpolate(x, y, n=4, decoder=dec, upsamplers=ups)
+    assert path.images.shape == (4, 3, 64, 64)
+    torch.testing.assert_close(path.image_emb[0], emb[0].cpu(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(path.image_emb[-1], emb[1].cpu(), atol=1e-4, rtol=0)
+
+
+def test_slerp_stays_on_the_sphere():
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    mid = slerp(a, b, 0.5)
+    torch.testing.assert_close(mid, torch.tensor([0.5**0.5, 0.5**0.5]))
+    torch.testing.assert_close(slerp(a, b, 0.0), a)
+
+
+def test_upsamplers_out_of_order_are_refused(cascade_dir):
+    with pytest.raises(ValueError, match="takes 32 px inputs but decoder .* outputs 16 px"):
+        Cascade.load(cascade_dir / "decoder", upsamplers=[cascade_dir / "upsampler_1024"])
+
+
+def test_export_round_trips_and_the_cli_samples_from_it(cascade_dir, cascade, tmp_path):
+    for stage in ("prior", "decoder", "upsampler_256", "upsampler_1024"):
+        export = export_stage(cascade_dir / stage)
+        assert (export / "model.safetensors").exists() and (export / "config.yaml").exists()
+        ema = load_stage(cascade_dir / stage).net.state_dict()
+        weights = load_file(export / "model.safetensors")
+        assert weights.keys() == ema.keys() and all(torch.equal(weights[k], ema[k]) for k in ema)
+    out = tmp_path / "samples"
+    argv = [
+        "text",
+        "a red circle",
+        "a blue square",
+        "--cascade",
+        str(cascade_dir),
+        "--n",
+        "2",
+        "--out",
+        str(out),
+    ]
+    argv += ["--prior-steps", "3", "--decoder-steps", "3", "--upsampler-steps", "2", "--seed", "3"]
+    assert sample_cli.main(argv) == 0
+    grid = Image.open(out / "grid.png")
+    assert grid.size[1] > 2 * 64 and len(list(out.glob("0*_0*.png"))) == 4
+    # the exports (which the CLI prefers) sample exactly what the run directories do
+    ref = cascade.text_to_image(["a red circle"] * 2 + ["a blue square"] * 2, seed=3, **FAST)
+    written = torch.from_numpy(np.asarray(Image.open(out / "001_01.png")).copy()).permute(2, 0, 1)
+    assert torch.equal(written, ref.images[3])
+
+
+def test_cli_errors_name_what_is_missing(tmp_path, capsys):
+    assert sample_cli.main(["text", "a red circle", "--cascade", str(tmp_path)]) == 2
+    assert "no decoder" in capsys.readouterr().err
+    assert sample_cli.main(["text", "a red circle", "--cascade", str(tmp_path / "nope")]) == 2
+    assert "not a directory" in capsys.readouterr().err

@@ -1,0 +1,401 @@
+"""Inference through the trained cascade: text -> prior -> decoder -> upsamplers, and its variants.
+
+    cascade = Cascade.load(prior="runs/prior", decoder="runs/decoder",
+                           upsamplers=["runs/upsampler_256", "runs/upsampler_1024"])
+    out = cascade.text_to_image(["a red circle"], seed=0)          # out.images: uint8 (B, 3, H, W)
+
+Each stage is a run directory (or a checkpoint in one, or an inference export: train/checkpoint.py);
+it is rebuilt as its LightningModule with the EMA weights, so sampling is the code that evaluated it
+in training. The CLIP is the decoder's (its ``clip_ckpt``) unless given; every stage must share it.
+
+- :meth:`Cascade.text_to_image`: CLIP text embedding -> prior (guidance, best-of) -> decoder (guidance,
+  caption) -> each upsampler. Without a prior the text embedding stands in for the image embedding.
+- :meth:`Cascade.variations`: CLIP image embedding of an input image -> decoder without caption, DDIM
+  with eta > 0 (optionally starting from the DDIM inversion of the image, the paper's Figure 3).
+- :meth:`Cascade.inpaint`: image + mask + caption; at every step of every stage the known region is
+  replaced by the input noised to that step (replace-known-region), with optional resampling passes
+  (the sample renoised one step and denoised again, RePaint's harmonisation).
+- :meth:`Cascade.interpolate`: decoder images along the slerp between two images' CLIP embeddings.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+
+from train.checkpoint import load_stage
+from train.diffusion import GaussianDiffusion
+from train.frozen_clip import FrozenClip
+from train.modules.decoder import DecoderModule, UpsamplerModule, to_uint8, to_unit_range
+
+log = logging.getLogger(__name__)
+
+
+def load_module(path: str | Path, **overrides):
+    """The stage's LightningModule with its EMA weights (as ``net`` and ``ema.shadow``), in eval mode.
+    ``overrides`` replace module constructor arguments (e.g. ``clip_ckpt``)."""
+    stage = load_stage(path)
+    kwargs = {"net": stage.net, "tokenizer": stage.tokenizer, **overrides}
+    module = instantiate(stage.cfg.module, _convert_="all", **kwargs)
+    module.run_dir = Path(path)
+    return module.eval().requires_grad_(False)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation between unit vectors ``a`` and ``b`` (…, D) at ``t`` in [0, 1]."""
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    omega = torch.arccos((a * b).sum(-1, keepdim=True).clamp(-1 + 1e-7, 1 - 1e-7))
+    so = torch.sin(omega)
+    return torch.sin((1 - t) * omega) / so * a + torch.sin(t * omega) / so * b
+
+
+@dataclass
+class StageSettings:
+    """Sampling settings of one stage (None: the stage's own config, ``module.*``)."""
+
+    steps: int | None = None
+    sampler: str = "ddim"  # ddim | ddpm
+    eta: float | None = None  # DDIM only
+    guidance_scale: float | None = None  # prior and decoder
+    best_of: int | None = None  # prior only
+
+
+@dataclass
+class CascadeOutput:
+    images: torch.Tensor  # uint8 (B, 3, H, W): the last stage's output
+    stages: list[torch.Tensor] = field(default_factory=list)  # uint8, every stage's output, decoder first
+    image_emb: torch.Tensor | None = None  # (B, D): what the decoder was conditioned on
+
+
+class Inpainter:
+    """``step_callback`` for a sampling loop that keeps the known region of ``known`` (x0, in the loop's
+    variable) where ``mask`` is 1: after each step to t-1, those pixels are the known x0 noised to t-1."""
+
+    def __init__(
+        self,
+        process: GaussianDiffusion,
+        known: torch.Tensor,
+        mask: torch.Tensor,
+        generator: torch.Generator | None,
+    ) -> None:
+        self.process, self.known, self.mask, self.generator = process, known, mask, generator
+
+    def __call__(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if i == 0:
+            noised = self.known
+        else:
+            t = torch.full((x.shape[0],), i - 1, device=x.device, dtype=torch.long)
+            noise = GaussianDiffusion._noise(x.shape, x.device, self.generator)
+            noised = self.process.q_sample(self.known, t, noise)
+        return self.mask * noised + (1 - self.mask) * x
+
+
+class Cascade:
+    def __init__(
+        self,
+        decoder: DecoderModule,
+        prior=None,
+        upsamplers: Sequence[UpsamplerModule] = (),
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.decoder, self.prior, self.upsamplers = decoder, prior, list(upsamplers)
+        self.device = torch.device(device)
+        for m in (decoder, prior, *self.upsamplers):
+            if m is not None:
+                m.to(self.device)
+        self.clip: FrozenClip = decoder.clip()
+        if prior is not None and prior.net.embed_dim != self.clip.embed_dim:
+            raise ValueError(
+                f"prior {getattr(prior, 'run_dir', '')} predicts {prior.net.embed_dim}-d embeddings but the "
+                f"decoder's CLIP ({self.clip.run}) has {self.clip.embed_dim}: they were trained on different CLIPs"
+            )
+        size, where = decoder.net.image_size, f"decoder {getattr(decoder, 'run_dir', '')}"
+        for up in self.upsamplers:
+            if up.hparams.low_res_size != size:
+                raise ValueError(
+                    f"upsampler {getattr(up, 'run_dir', '')} takes {up.hparams.low_res_size} px inputs but "
+                    f"{where} outputs {size} px: list the upsamplers in order (e.g. 64->256, then 256->1024)"
+                )
+            size, where = up.net.image_size, f"upsampler {getattr(up, 'run_dir', '')}"
+
+    @classmethod
+    def load(
+        cls,
+        decoder: str | Path,
+        prior: str | Path | None = None,
+        upsamplers: Sequence[str | Path] = (),
+        clip: str | Path | None = None,
+        device: str | torch.device = "cpu",
+    ) -> Cascade:
+        """From run directories (or checkpoints, or inference exports). ``clip``: the CLIP run, when the
+        decoder's ``clip_ckpt`` no longer points at it (moved or exported)."""
+        dec = load_module(decoder, **({"clip_ckpt": str(clip)} if clip else {}))
+        pri = None
+        if prior is not None:  # embeddings come from the decoder's CLIP, so the prior needs none of its own
+            pri = load_module(prior, clip_ckpt=None, tokenizer=dec.clip().tokenizer)
+        ups = [load_module(p) for p in upsamplers]
+        return cls(dec, pri, ups, device=device)
+
+    @property
+    def image_size(self) -> int:
+        return self.upsamplers[-1].net.image_size if self.upsamplers else self.decoder.net.image_size
+
+    # ---- building blocks --------------------------------------------------------------------------
+    def tokens(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.clip.tokenizer(list(prompts)).to(self.device)
+
+    def text(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """CLIP text embedding, token features and tokens of ``prompts``."""
+        tokens = self.tokens(prompts)
+        emb = self.clip.embed(None, tokens)
+        return {"txt_emb": emb["txt_emb"], "txt_feat": emb["txt_feat"], "tokens": tokens}
+
+    def image_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> L2-normalised CLIP image embeddings (B, D)."""
+        return self.clip.embed(images.to(self.device), None)["img_emb"]
+
+    def prior_sample(
+        self, text: dict[str, torch.Tensor], settings: StageSettings, generator: torch.Generator
+    ) -> torch.Tensor:
+        if self.prior is None:
+            log.warning("no prior in this cascade: decoding from the CLIP text embedding itself")
+            return text["txt_emb"]
+        return self.prior.sample(
+            text,
+            guidance_scale=settings.guidance_scale,
+            best_of=settings.best_of,
+            generator=generator,
+            steps=settings.steps,
+        )
+
+    def decode(
+        self,
+        image_emb: torch.Tensor,
+        text: dict[str, torch.Tensor] | None,
+        settings: StageSettings,
+        generator: torch.Generator,
+        noise: torch.Tensor | None = None,
+        step_callback=None,
+    ) -> torch.Tensor:
+        """Decoder images in [-1, 1]; ``text=None`` decodes from the image embedding alone."""
+        b = image_emb.shape[0]
+        if text is None:  # the caption is dropped (null tokens), so any tokens of the right shape do
+            tokens = self.tokens([""] * b)
+            cond = self.decoder.conditioning(image_emb, tokens)
+        else:
+            cond = self.decoder.conditioning(image_emb, text["tokens"], text["txt_feat"])
+        return self.decoder.sample(
+            cond,
+            guidance_scale=settings.guidance_scale,
+            generator=generator,
+            steps=settings.steps,
+            sampler=settings.sampler,
+            eta=settings.eta,
+            noise=noise,
+            drop_text=text is None,
+            step_callback=step_callback,
+        )
+
+    def upsample(
+        self,
+        x: torch.Tensor,
+        settings: Sequence[StageSettings],
+        generator: torch.Generator,
+        known: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """Each upsampler in turn on ``x`` in [-1, 1]; returns every output. With ``known`` (uint8 at any
+        size) and ``mask`` (1 = keep), each stage keeps the known region (inpainting)."""
+        outs = []
+        for up, s in zip(self.upsamplers, settings):
+            x = x.clamp(-1, 1)
+            callback = None
+            if known is not None:
+                size = x.shape[-1] * up.net.image_size // up.hparams.low_res_size
+                target = to_unit_range(known.to(self.device), size)
+                if up.hparams.residual:
+                    target = target - up.base(x, size)
+                process = up.sampler if s.steps is None else up.diffusion.respace(s.steps)
+                callback = Inpainter(process, target, resize_mask(mask, size), generator)
+            x = up.upsample(x, generator, steps=s.steps, sampler=s.sampler, eta=s.eta, step_callback=callback)
+            outs.append(x)
+        return outs
+
+    def _settings(self, stages: Sequence[StageSettings] | None, n: int) -> list[StageSettings]:
+        stages = list(stages or [])
+        return stages + [StageSettings() for _ in range(n - len(stages))]
+
+    def _generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(self.device).manual_seed(seed)
+
+    def _finish(self, base: torch.Tensor, ups: list[torch.Tensor], image_emb: torch.Tensor) -> CascadeOutput:
+        stages = [to_uint8(x.clamp(-1, 1)).cpu() for x in (base, *ups)]
+        return CascadeOutput(images=stages[-1], stages=stages, image_emb=image_emb.cpu())
+
+    # ---- the four uses ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def text_to_image(
+        self,
+        prompts: Sequence[str],
+        *,
+        prior: StageSettings | None = None,
+        decoder: StageSettings | None = None,
+        upsamplers: Sequence[StageSettings] | None = None,
+        seed: int = 0,
+    ) -> CascadeOutput:
+        g = self._generator(seed)
+        text = self.text(prompts)
+        image_emb = self.prior_sample(text, prior or StageSettings(), g)
+        base = self.decode(image_emb, text, decoder or StageSettings(), g)
+        ups = self.upsample(base, self._settings(upsamplers, len(self.upsamplers)), g)
+        return self._finish(base, ups, image_emb)
+
+    @torch.no_grad()
+    def variations(
+        self,
+        images: torch.Tensor,
+        n: int = 4,
+        *,
+        eta: float = 0.8,
+        invert: bool = False,
+        decoder: StageSettings | None = None,
+        upsamplers: Sequence[StageSettings] | None = None,
+        seed: int = 0,
+    ) -> CascadeOutput:
+        """``n`` variations of each uint8 image (B, 3, H, W), in order image 0's n, image 1's n, ...
+
+        The decoder sees only the CLIP image embedding (caption dropped) and samples by DDIM with ``eta``
+        (> 0: variations differ). ``invert``: start from the DDIM inversion of the image instead of noise,
+        which keeps its layout (the paper's Figure 3 with eta > 0)."""
+        g = self._generator(seed)
+        settings = decoder or StageSettings()
+        emb = self.image_embedding(images).repeat_interleave(n, 0)
+        noise = None
+        if invert:
+            x0 = to_unit_range(images.to(self.device), self.decoder.net.image_size)
+            cond = self.decoder.conditioning(emb[::n], self.tokens([""] * len(images)))
+            cond["drop_image"] = torch.zeros(len(images), dtype=torch.bool, device=self.device)
+            cond["drop_text"] = torch.ones(len(images), dtype=torch.bool, device=self.device)
+            steps = settings.steps or self.decoder.hparams.sample_steps
+            process = self.decoder.diffusion.respace(steps)
+            noise = process.ddim_encode(self.decoder.ema.shadow, x0, model_kwargs=cond).repeat_interleave(
+                n, 0
+            )
+        base = self.decode(
+            emb, None, StageSettings(settings.steps, "ddim", eta, settings.guidance_scale), g, noise=noise
+        )
+        ups = self.upsample(base, self._settings(upsamplers, len(self.upsamplers)), g)
+        return self._finish(base, ups, emb)
+
+    @torch.no_grad()
+    def inpaint(
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor,
+        prompts: Sequence[str],
+        *,
+        resample: int = 0,
+        prior: StageSettings | None = None,
+        decoder: StageSettings | None = None,
+        upsamplers: Sequence[StageSettings] | None = None,
+        seed: int = 0,
+    ) -> CascadeOutput:
+        """Fill where ``masks`` (B, 1, H, W) or (B, H, W) is 0 (1 = keep the uint8 ``images``' pixels),
+        following ``prompts``. The decoder is conditioned on the prompt's caption and on the prior's
+        image embedding for it. ``resample``: extra renoise-denoise passes per decoder step."""
+        if images.shape[0] != masks.shape[0] or images.shape[0] != len(prompts):
+            raise ValueError(
+                f"inpaint: {images.shape[0]} images, {masks.shape[0]} masks and {len(prompts)} prompts: "
+                "expected one of each per sample"
+            )
+        g = self._generator(seed)
+        masks = masks.float().view(masks.shape[0], 1, *masks.shape[-2:]).to(self.device)
+        text = self.text(prompts)
+        image_emb = self.prior_sample(text, prior or StageSettings(), g)
+        settings = decoder or StageSettings()
+        size = self.decoder.net.image_size
+        known = to_unit_range(images.to(self.device), size)
+        mask = resize_mask(masks, size)
+        process = self.decoder.diffusion.respace(settings.steps or self.decoder.hparams.sample_steps)
+        keep = Inpainter(process, known, mask, g)
+        if resample:
+            base = self._inpaint_resampled(process, image_emb, text, settings, keep, resample, g)
+        else:
+            base = self.decode(image_emb, text, settings, g, step_callback=keep)
+        ups = self.upsample(base, self._settings(upsamplers, len(self.upsamplers)), g, images, masks)
+        return self._finish(base, ups, image_emb)
+
+    def _inpaint_resampled(self, process, image_emb, text, settings, keep, passes, g) -> torch.Tensor:
+        """Decoder inpainting where each step is repeated ``passes`` more times: denoise t -> t-1, keep the
+        known region, renoise t-1 -> t (forward one step), and denoise again."""
+        dec = self.decoder
+        cond = dec.conditioning(image_emb, text["tokens"], text["txt_feat"])
+        b = image_emb.shape[0]
+        cond["drop_image"] = torch.zeros(b, dtype=torch.bool, device=self.device)
+        cond["drop_text"] = torch.zeros(b, dtype=torch.bool, device=self.device)
+        uncond = {k: torch.ones(b, dtype=torch.bool, device=self.device) for k in ("drop_image", "drop_text")}
+        scale = dec.hparams.guidance_scale if settings.guidance_scale is None else settings.guidance_scale
+        eta = dec.hparams.eta if settings.eta is None else settings.eta
+        net = dec.ema.shadow
+        x = GaussianDiffusion._noise((b, 3, net.image_size, net.image_size), self.device, g)
+        kw = dict(model_kwargs=cond, guidance_scale=scale, uncond_kwargs=uncond)
+        for i in range(process.num_timesteps - 1, -1, -1):
+            t = torch.full((b,), i, device=self.device, dtype=torch.long)
+            for p in range(passes + 1):
+                x_prev = keep(i, process.ddim_step(net, x, t, eta=eta, generator=g, **kw)["sample"])
+                if p == passes or i == 0:
+                    break
+                ratio = process.alphas_cumprod[i] / process.alphas_cumprod[i - 1]  # alpha_t of the step
+                noise = GaussianDiffusion._noise(x.shape, self.device, g)
+                x = ratio.sqrt() * x_prev + (1 - ratio).sqrt() * noise
+            x = x_prev
+        return x
+
+    @torch.no_grad()
+    def interpolate(
+        self,
+        image_a: torch.Tensor,
+        image_b: torch.Tensor,
+        n: int = 5,
+        *,
+        decoder: StageSettings | None = None,
+        upsamplers: Sequence[StageSettings] | None = None,
+        seed: int = 0,
+    ) -> CascadeOutput:
+        """``n`` images along the slerp from uint8 ``image_a`` (3, H, W) to ``image_b``'s CLIP embedding,
+        decoded with the same noise (DDIM, eta 0) so that only the embedding changes."""
+        g = self._generator(seed)
+        emb = self.image_embedding(torch.stack([image_a, image_b]))
+        path = torch.stack([slerp(emb[0], emb[1], t / max(1, n - 1)) for t in range(n)])
+        size = self.decoder.net.image_size
+        noise = (
+            GaussianDiffusion._noise((1, 3, size, size), self.device, g).expand(n, -1, -1, -1).contiguous()
+        )
+        settings = decoder or StageSettings()
+        base = self.decode(
+            path, None, StageSettings(settings.steps, "ddim", 0.0, settings.guidance_scale), g, noise
+        )
+        ups = self.upsample(base, self._settings(upsamplers, len(self.upsamplers)), g)
+        return self._finish(base, ups, path)
+
+
+def resize_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 1, H, W) float mask -> (B, 1, size, size), 1 only where the whole area was known (a pixel
+    is kept only if everything it covers is kept: no half-known pixels)."""
+    if mask.shape[-1] == size:
+        return mask
+    if mask.shape[-1] > size:
+        return -F.adaptive_max_pool2d(-mask, size)  # min pooling
+    return F.interpolate(mask, size=(size, size), mode="nearest")
+
+
+def grid_shape(n: int, columns: int | None = None) -> tuple[int, int]:
+    cols = columns or math.ceil(math.sqrt(n))
+    return math.ceil(n / cols), cols
