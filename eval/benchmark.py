@@ -12,8 +12,10 @@ prompt order) and ``benchmark.json`` (metrics and, per prompt, what the scorer f
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import sys
 import textwrap
 import time
 from collections.abc import Sequence
@@ -108,9 +110,7 @@ def evaluate_cascade(
     images = generate(
         cascade, prompts, batch=batch, seed=seed, prior=prior, decoder=decoder, upsamplers=upsamplers
     )
-    metrics = {
-        f"bench/{k}": float(v) for k, v in composition.evaluate(images, [i["spec"] for i in items]).items()
-    }
+    metrics = {f"bench/{k}": float(v) for k, v in composition.evaluate(images, items).items()}
     metrics["bench/clip_score"] = float(clip_score(images, prompts, cascade.clip))
     if reference is not None:
         metrics["bench/clip_fid"] = float(fid(images, reference, features="clip", clip=cascade.clip))
@@ -134,3 +134,46 @@ def evaluate_cascade(
         json.dumps({"metrics": metrics, "samples": details}, indent=1, default=str)
     )
     return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    from eval.sample import load_cascade
+    from train.pipeline import reference_images
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    p = argparse.ArgumentParser(prog="python -m eval.benchmark", description=__doc__.split("\n\n")[0])
+    p.add_argument("--cascade", required=True, help="a train.pipeline output directory")
+    p.add_argument("--per-category", type=int, default=32)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fid-reference", type=int, default=512, help="held-out images for CLIP-FID (0: skip)")
+    p.add_argument("--decoder-steps", type=int, help="DDIM steps (default: the decoder's training config)")
+    p.add_argument("--decoder-guidance", type=float)
+    p.add_argument("--out", help="output directory (default: <cascade>/benchmark)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    try:
+        stages = argparse.Namespace(
+            cascade=args.cascade, prior=None, decoder=None, upsampler=None, clip=None, device=args.device
+        )
+        cascade = load_cascade(stages)
+        metrics = evaluate_cascade(
+            cascade,
+            Path(args.out or Path(args.cascade) / "benchmark"),
+            per_category=args.per_category,
+            batch=args.batch,
+            seed=args.seed,
+            reference=reference_images(Path(cascade.clip.run), args.fid_reference),
+            decoder=StageSettings(steps=args.decoder_steps, guidance_scale=args.decoder_guidance),
+        )
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{'metric':<28} {'value':>8}")
+    for key, value in sorted(metrics.items()):
+        print(f"{key:<28} {value:>8.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

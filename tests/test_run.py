@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
+from PIL import Image
 
 from eval.zeroshot import evaluate_run
 from train.run import train
@@ -163,19 +164,32 @@ def test_cli_keeps_a_paths_output_dir_override(tmp_path):
 
 
 @pytest.mark.slow
-def test_pipeline_runs_stages_writes_a_report_and_skips_finished_stages(tmp_path):
+def test_pipeline_runs_every_stage_writes_a_report_and_skips_finished_stages(tmp_path):
     out = tmp_path / "pipeline"
+    tiny = ["trainer.max_steps=3", "trainer.val_check_interval=3", "module.val_max_samples=4"]
     args = [
         "-m",
         "train.pipeline",
         f"out_dir={out}",
         "+clip.debug=fast",
         "clip.trainer.max_steps=5",
+        "clip.trainer.val_check_interval=5",
         "+prior.data.global_batch_size=16",
         "+prior.data.num_workers=0",
         "prior.trainer.max_steps=4",
         "prior.trainer.val_check_interval=4",
         "+prior.module.sample_steps=4",
+        *[f"+{stage}.debug=fast" for stage in ("decoder", "upsampler_256", "upsampler_1024")],
+        *[f"{stage}.{o}" for stage in ("decoder", "upsampler_256", "upsampler_1024") for o in tiny],
+        "+decoder.net.model_channels=16",
+        "+decoder.net.head_channels=16",
+        "sample.per_category=2",
+        "sample.batch=8",
+        "sample.grid_per_category=2",
+        "sample.fid_reference=16",
+        "sample.prior.steps=3",
+        "sample.decoder.steps=3",
+        "sample.upsamplers=[{steps:2},{steps:2}]",
     ]
     first = _python(args, tmp_path)
     assert first.returncode == 0, first.stderr[-4000:]
@@ -183,8 +197,17 @@ def test_pipeline_runs_stages_writes_a_report_and_skips_finished_stages(tmp_path
     assert report["clip"]["trainer/global_step"] == 5
     assert report["embed"]["embed/train_samples"] == 256 and report["embed"]["embed/val_samples"] == 64
     assert report["prior"]["trainer/global_step"] == 4 and "val/cos_pred_image" in report["prior"]
+    for stage in ("decoder", "upsampler_256", "upsampler_1024"):
+        assert report[stage]["trainer/global_step"] == 3, stage
+        assert (out / stage / "export" / "model.safetensors").exists(), stage
+    assert "val/colour_match" in report["decoder"] and "val/psnr_bicubic" in report["upsampler_1024"]
+    bench = report["sample"]
+    assert bench["bench/n"] == 8 and 0 <= bench["bench/single/colour_shape"] <= 1
+    assert "bench/clip_fid" in bench and "bench/clip_score" in bench
+    assert Image.open(out / "samples.png").size[0] > 2 * 128
     assert (out / "clip" / "checkpoints" / "last.ckpt").exists()
-    assert "| val/zeroshot_colour_top1 |" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "| val/zeroshot_colour_top1 |" in md and "bench/single/colour_shape" in md and "samples.png" in md
     second = _python(args, tmp_path)
     assert second.returncode == 0, second.stderr[-4000:]
-    assert "already finished" in second.stderr + second.stdout
+    assert (second.stderr + second.stdout).count("already finished") == 7

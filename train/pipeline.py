@@ -14,18 +14,22 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
+from train.checkpoint import export_stage
 from train.run import train
 
 log = logging.getLogger(__name__)
+UPSAMPLERS = ("upsampler_256", "upsampler_1024")
 
 
 def flatten(overrides: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -48,6 +52,8 @@ def flatten(overrides: Mapping[str, Any], prefix: str = "") -> list[str]:
 
 def wiring(name: str, out_dir: Path) -> list[str]:
     """Overrides that connect a stage to the outputs of earlier ones."""
+    if name == "decoder":
+        return [f"clip_ckpt={(out_dir / 'clip').resolve()}"]
     if name == "prior":
         emb = (out_dir / "embed").resolve()
         return [
@@ -87,9 +93,74 @@ def run_embed(options: Mapping[str, Any], out_dir: Path) -> dict[str, float]:
     return metrics
 
 
+def reference_images(clip_dir: Path, n: int) -> torch.Tensor | None:
+    """Up to ``n`` uint8 held-out images (the CLIP stage's val shards), for FID."""
+    from data.pipeline import ShardDataset
+
+    shards = OmegaConf.load(clip_dir / "config.yaml").data.get("val_shards")
+    if not shards or n <= 0:
+        return None
+    size = OmegaConf.load(clip_dir / "config.yaml").data.synthetic.image_size
+    ds = ShardDataset(str(shards), batch_size=min(n, 256), image_size=int(size), shuffle_buffer=0, seed=0)
+    images: list[torch.Tensor] = []
+    for batch in ds:
+        images.append(batch["image"])
+        if sum(len(x) for x in images) >= n:
+            break
+    return torch.cat(images)[:n] if images else None
+
+
+def run_sample(options: Mapping[str, Any], out_dir: Path) -> dict[str, float]:
+    """Text -> image through the trained cascade on the compositional benchmark; samples.png, scores."""
+    from eval.benchmark import evaluate_cascade
+    from train.cascade import Cascade, StageSettings
+
+    stage_dir = out_dir / "sample"
+    done = stage_dir / "done.json"
+    if done.exists():
+        log.info("stage sample: already finished (%s), skipping", done)
+        return json.loads(done.read_text())["metrics"]
+    found = {n: out_dir / n / "export" for n in ("prior", "decoder", *UPSAMPLERS)}
+    missing = [n for n in ("decoder", *UPSAMPLERS) if not (found[n] / "config.yaml").exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"stage sample needs the finished stages {missing} in {out_dir} (their export/ directories)"
+        )
+    cascade = Cascade.load(
+        found["decoder"],
+        prior=found["prior"] if (found["prior"] / "config.yaml").exists() else None,
+        upsamplers=[found[n] for n in UPSAMPLERS],
+        clip=out_dir / "clip",
+    )
+    settings = {
+        k: StageSettings(**{key: v for key, v in (options.get(k) or {}).items() if v is not None})
+        for k in ("prior", "decoder")
+    }
+    ups = [
+        StageSettings(**{k: v for k, v in u.items() if v is not None})
+        for u in options.get("upsamplers") or []
+    ]
+    metrics = evaluate_cascade(
+        cascade,
+        stage_dir,
+        per_category=int(options.get("per_category", 32)),
+        batch=int(options.get("batch", 64)),
+        seed=int(options.get("seed", 0)),
+        grid_per_category=int(options.get("grid_per_category", 6)),
+        reference=reference_images(out_dir / "clip", int(options.get("fid_reference", 0))),
+        upsamplers=ups,
+        **settings,
+    )
+    shutil.copy(stage_dir / "samples.png", out_dir / "samples.png")
+    done.write_text(json.dumps({"metrics": metrics, "seconds": metrics["bench/seconds"]}, indent=2))
+    return metrics
+
+
 def run_stage(name: str, stage_overrides: Mapping[str, Any], out_dir: Path) -> dict[str, float]:
     if name == "embed":
         return run_embed(stage_overrides, out_dir)
+    if name == "sample":
+        return run_sample(stage_overrides, out_dir)
     stage_dir = out_dir / name
     done = stage_dir / "done.json"
     if done.exists():
@@ -106,17 +177,28 @@ def run_stage(name: str, stage_overrides: Mapping[str, Any], out_dir: Path) -> d
     cfg = compose(config_name="train", overrides=overrides)
     start = time.time()
     metrics = train(cfg)
-    done.write_text(json.dumps({"metrics": metrics, "seconds": time.time() - start}, indent=2))
+    export_stage(stage_dir)  # <stage>/export: EMA weights as safetensors, config, tokenizer
+    metrics[f"{name}/seconds"] = time.time() - start
+    done.write_text(json.dumps({"metrics": metrics, "seconds": metrics[f"{name}/seconds"]}, indent=2))
     return metrics
 
 
 def write_report(out_dir: Path, results: dict[str, dict[str, float]]) -> None:
     (out_dir / "report.json").write_text(json.dumps(results, indent=2, sort_keys=True))
     lines = ["# Cascade report", ""]
+    if (out_dir / "samples.png").exists():
+        lines += ["Text -> image samples (prompts under each image): ", "", "![samples](samples.png)", ""]
+    seconds = {s: m[f"{s}/seconds"] for s, m in results.items() if f"{s}/seconds" in m}
+    seconds.update(
+        {s: m[k] for s, m in results.items() for k in ("embed/seconds", "bench/seconds") if k in m}
+    )
+    if seconds:
+        lines += ["| stage | seconds |", "|---|---|", *[f"| {s} | {v:.0f} |" for s, v in seconds.items()], ""]
     for stage, metrics in results.items():
         lines += [f"## {stage}", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())]
-        lines += ["", f"checkpoints: `{out_dir / stage / 'checkpoints'}`", ""]
+        where = out_dir / stage / ("checkpoints" if stage not in ("embed", "sample") else "")
+        lines += ["", f"outputs: `{where}`", ""]
     (out_dir / "report.md").write_text("\n".join(lines))
 
 
@@ -134,9 +216,15 @@ def main(cfg: DictConfig) -> None:
         shown = {
             k: round(v, 4)
             for k, v in sorted(metrics.items())
-            if k.startswith(("val/zeroshot", "val/i2t_r1", "val/t2i_r1", "val/cos_", "train/loss", "embed/"))
+            if k.startswith(
+                ("val/zeroshot", "val/i2t_r1", "val/t2i_r1", "val/cos_", "val/colour_match", "val/psnr")
+            )
+            or k.startswith(("embed/", "bench/"))
+            or k.endswith("/seconds")
         }
         print(f"  {name}: {shown}  ->  {out_dir / name}")
+    if (out_dir / "samples.png").exists():
+        print(f"  samples: {out_dir / 'samples.png'}")
     print(f"  report: {out_dir / 'report.md'}")
 
 
