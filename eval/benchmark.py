@@ -73,8 +73,10 @@ def generate(
     upsamplers: Sequence[StageSettings] | None = None,
 ) -> torch.Tensor:
     """The cascade's final uint8 images for ``prompts``, in batches (batch k seeded ``seed + k``)."""
+    from tqdm.auto import tqdm
+
     out = []
-    for k in range(0, len(prompts), batch):
+    for k in tqdm(range(0, len(prompts), batch), desc="benchmark: text -> image", unit="batch"):
         result = cascade.text_to_image(
             prompts[k : k + batch],
             prior=prior,
@@ -83,7 +85,6 @@ def generate(
             seed=seed + k // batch,
         )
         out.append(result.images)
-        log.info("benchmark: generated %d / %d images", min(k + batch, len(prompts)), len(prompts))
     return torch.cat(out)
 
 

@@ -101,6 +101,22 @@ def export_stage(path: str | Path, out: str | Path | None = None, use_ema: bool 
     return out
 
 
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """A checkpoint file, unpickled with ``weights_only=True``: tensors, numbers, strings and plain
+    containers only. A file that holds any other pickled object (code could run while it loads) is
+    refused before that object is built."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"{path}: refused to load: it contains pickled objects other than tensors and plain "
+            f"containers ({first[:200]}); only load checkpoints you trust with torch.load(weights_only=False)"
+        ) from None
+
+
 def load_stage(
     path: str | Path, map_location: str | torch.device = "cpu", use_ema: bool = True
 ) -> LoadedStage:
@@ -120,7 +136,7 @@ def load_stage(
         with open_dict(net_cfg):
             net_cfg.eot_id = tokenizer.eot_id
     net = instantiate(net_cfg)
-    ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=False)
+    ckpt = load_checkpoint(ckpt_path, map_location)
     state = ckpt.get("state_dict", ckpt)
     # Stages with an EMA (prior, decoder, upsamplers) are evaluated and exported with its weights.
     prefix = "ema.shadow." if use_ema and any(k.startswith("ema.shadow.") for k in state) else "net."

@@ -1,13 +1,17 @@
-"""Train the cascade stage after stage on the embedded default (the README's main job).
+"""Train the cascade stage after stage on the embedded default, then sample it (the README's main job).
 
-    python -m train.pipeline [stages=[clip,embed,prior]] [clip.trainer.max_steps=100] [out_dir=DIR]
+    python -m train.pipeline [stages=[clip,embed,prior,decoder,upsampler_256,upsampler_1024,sample]]
+                             [clip.trainer.max_steps=100] [sample.per_category=32] [out_dir=DIR]
 
 Each training stage is a ``train.run`` config (conf/train.yaml) with ``stage=<name>`` plus the overrides
-under ``<name>:`` in conf/pipeline.yaml, and writes into ``<out_dir>/<name>/``. ``embed`` runs
-``data.embed`` with the CLIP of ``<out_dir>/clip`` over its train and val shards into
-``<out_dir>/embed/{train,val}``; the prior trains on those (``data=embeddings``). A stage with a ``done.json``
-is skipped on rerun; an interrupted one resumes from its ``checkpoints/last.ckpt``. At the end,
-``report.json`` and ``report.md`` in ``out_dir`` hold every stage's metrics.
+under ``<name>:`` in conf/pipeline.yaml, writes into ``<out_dir>/<name>/`` and is exported to
+``<out_dir>/<name>/export/`` (safetensors) when it finishes. ``embed`` runs ``data.embed`` with the CLIP
+of ``<out_dir>/clip`` over its train and val shards into ``<out_dir>/embed/{train,val}``; the prior
+trains on those (``data=embeddings``), the decoder embeds on the fly with that CLIP. ``sample`` runs the
+compositional benchmark through the exported cascade (eval/benchmark.py) and copies its labelled grid
+to ``<out_dir>/samples.png``. A stage with a ``done.json`` is skipped on rerun; an interrupted one
+resumes from its ``checkpoints/last.ckpt``. At the end, ``report.json`` and ``report.md`` in ``out_dir``
+hold every stage's metrics and seconds.
 """
 
 from __future__ import annotations
