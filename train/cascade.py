@@ -21,7 +21,6 @@ in training. The CLIP is the decoder's (its ``clip_ckpt``) unless given; every s
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -394,8 +393,3 @@ def resize_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
     if mask.shape[-1] > size:
         return -F.adaptive_max_pool2d(-mask, size)  # min pooling
     return F.interpolate(mask, size=(size, size), mode="nearest")
-
-
-def grid_shape(n: int, columns: int | None = None) -> tuple[int, int]:
-    cols = columns or math.ceil(math.sqrt(n))
-    return math.ceil(n / cols), cols

@@ -101,11 +101,16 @@ def reference_images(clip_dir: Path, n: int) -> torch.Tensor | None:
     """Up to ``n`` uint8 held-out images (the CLIP stage's val shards), for FID."""
     from data.pipeline import ShardDataset
 
-    shards = OmegaConf.load(clip_dir / "config.yaml").data.get("val_shards")
-    if not shards or n <= 0:
+    data = OmegaConf.load(clip_dir / "config.yaml").data
+    if not data.get("val_shards") or n <= 0:
         return None
-    size = OmegaConf.load(clip_dir / "config.yaml").data.synthetic.image_size
-    ds = ShardDataset(str(shards), batch_size=min(n, 256), image_size=int(size), shuffle_buffer=0, seed=0)
+    ds = ShardDataset(
+        str(data.val_shards),
+        batch_size=min(n, 256),
+        image_size=int(data.image_size),
+        shuffle_buffer=0,
+        seed=0,
+    )
     images: list[torch.Tensor] = []
     for batch in ds:
         images.append(batch["image"])
