@@ -36,6 +36,9 @@ class LoadedStage:
 def resolve_run(path: str | Path) -> tuple[Path, Path]:
     """(run directory, checkpoint file) from either of them; clear errors for anything else."""
     path = Path(path)
+    if path.is_dir() and path.suffix == ".ckpt":  # a sharded (DeepSpeed / FSDP) checkpoint directory
+        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return run, path
     if path.is_dir():
         ckpt = path / "checkpoints" / "last.ckpt"
         if not ckpt.exists():
@@ -117,6 +120,77 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from None
 
 
+def checkpoint_format(path: str | Path) -> str:
+    """``file`` (one torch.save file), ``deepspeed`` (a ZeRO checkpoint directory: one shard of weights
+    and optimizer state per rank) or ``dcp`` (an FSDP2 distributed checkpoint directory)."""
+    path = Path(path)
+    if path.is_file():
+        return "file"
+    if path.is_dir() and (path / "latest").is_file():
+        return "deepspeed"
+    if path.is_dir() and (path / ".metadata").is_file():
+        return "dcp"
+    raise FileNotFoundError(
+        f"{path}: not a checkpoint (expected a .ckpt file, a DeepSpeed checkpoint directory with a "
+        "'latest' file, or a distributed (FSDP) checkpoint directory with '.metadata')"
+    )
+
+
+def consolidate(path: str | Path, out: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """The full fp32 ``state_dict`` of any checkpoint (single file, DeepSpeed ZeRO 1/2/3 or FSDP2
+    directory), on CPU; with ``out``, also written there as a plain single-file checkpoint
+    (``{"state_dict": ..., "global_step": ...}``, loadable with ``weights_only=True`` and by ``load_stage``)."""
+    ckpt = _consolidated(path)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(ckpt, out)
+    return ckpt["state_dict"]
+
+
+def _consolidated(path: str | Path) -> dict:
+    import tempfile
+
+    path = Path(path)
+    kind = checkpoint_format(path)
+    if kind == "file":
+        ckpt = load_checkpoint(path)
+    elif kind == "deepspeed":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        tag = (path / "latest").read_text().strip()
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
+        # DeepSpeed names the module's weights as the LightningModule does, under the engine's "module.".
+        ckpt = {"state_dict": {k.removeprefix("module."): v for k, v in state.items()}}
+        # the Lightning state (step, epoch) and the module state: one file, named per ZeRO stage
+        names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+        client = next((path / tag / n for n in names if (path / tag / n).exists()), None)
+        if client is not None:
+            meta = load_checkpoint(client)
+            ckpt.update({k: meta[k] for k in ("global_step", "epoch") if k in meta})
+            # zero_to_fp32 rebuilds the trained weights from the optimizer shards; under ZeRO-1 it drops
+            # frozen ones (an EMA copy). Stages 1-2 keep every weight whole in the module state.
+            for key, value in (meta.get("module") or {}).items():
+                if key not in ckpt["state_dict"] and torch.is_tensor(value) and value.numel() > 0:
+                    ckpt["state_dict"][key] = value
+    else:
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(path, Path(tmp) / "full.pt")
+            full = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=True)
+        ckpt = {"state_dict": full["state_dict"]}
+        meta_path = path / "meta.pt"
+        if meta_path.exists():
+            meta = load_checkpoint(meta_path)
+            ckpt.update({k: meta[k] for k in ("global_step", "epoch") if k in meta})
+    state = {
+        k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
+        for k, v in ckpt["state_dict"].items()
+        if torch.is_tensor(v)
+    }
+    return {**{k: v for k, v in ckpt.items() if k in ("global_step", "epoch")}, "state_dict": state}
+
+
 def load_stage(
     path: str | Path, map_location: str | torch.device = "cpu", use_ema: bool = True
 ) -> LoadedStage:
@@ -136,7 +210,10 @@ def load_stage(
         with open_dict(net_cfg):
             net_cfg.eot_id = tokenizer.eot_id
     net = instantiate(net_cfg)
-    ckpt = load_checkpoint(ckpt_path, map_location)
+    if checkpoint_format(ckpt_path) == "file":
+        ckpt = load_checkpoint(ckpt_path, map_location)
+    else:
+        ckpt = _consolidated(ckpt_path)
     state = ckpt.get("state_dict", ckpt)
     # Stages with an EMA (prior, decoder, upsamplers) are evaluated and exported with its weights.
     prefix = "ema.shadow." if use_ema and any(k.startswith("ema.shadow.") for k in state) else "net."
@@ -157,3 +234,33 @@ def load_stage(
         checkpoint=ckpt_path,
         global_step=int(ckpt.get("global_step", 0)),
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m train.checkpoint", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser(
+        "consolidate", help="any checkpoint (file, DeepSpeed or FSDP directory) -> one plain file"
+    )
+    c.add_argument("checkpoint")
+    c.add_argument("out")
+    e = sub.add_parser("export", help="a run directory or checkpoint -> <run>/export (safetensors)")
+    e.add_argument("run")
+    e.add_argument("--out", default=None)
+    e.add_argument("--no-ema", action="store_true", help="export the trained weights, not their EMA")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "consolidate":
+            state = consolidate(args.checkpoint, args.out)
+            n = sum(v.numel() for v in state.values())
+            print(f"{args.out}: {len(state)} tensors, {n / 1e6:.2f}M values")
+        else:
+            print(export_stage(args.run, args.out, use_ema=not args.no_ema))
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        parser.exit(2, f"error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -4,6 +4,10 @@
 from Lightning checkpoints with the rest of the module (exact resume) and moves with it between devices.
 Its parameters never require grad, so DDP and the optimizer ignore them.
 
+Sharded training: under FSDP2 (DTensor parameters) and DeepSpeed ZeRO-3 (``ds_tensor`` partitions) the
+shadow is sharded exactly like the net (same shapes, same partitioning), so each rank averages only its
+own slice of every weight: the EMA costs 1/world of the model per rank and needs no communication.
+
 Decay warm-up: the effective decay at update n is min(decay, (1 + n) / (10 + n)), so early, random
 weights are forgotten quickly (a 0.9999 average would otherwise remember them for ~10^4 steps).
 """
@@ -32,8 +36,14 @@ class EMA(nn.Module):
     @torch.no_grad()
     def update(self, net: nn.Module) -> None:
         decay = self.current_decay()
-        ema_params = list(self.shadow.parameters())
-        params = [p.detach().to(e.dtype) for p, e in zip(net.parameters(), ema_params)]
+        ema_params = [local_shard(e) for e in self.shadow.parameters()]
+        params = [local_shard(p).detach().to(e.dtype) for p, e in zip(net.parameters(), ema_params)]
+        for p, e in zip(params, ema_params):
+            if p.shape != e.shape:
+                raise RuntimeError(
+                    f"EMA: a weight's local shard is {tuple(p.shape)} in the net but {tuple(e.shape)} in the EMA "
+                    "copy; the two must be sharded identically (shard ema.shadow like net)"
+                )
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
         for e, b in zip(self.shadow.buffers(), net.buffers()):
             e.copy_(b)
@@ -43,3 +53,11 @@ class EMA(nn.Module):
         super().train(mode)
         self.shadow.eval()
         return self
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter: the ZeRO-3 partition, the FSDP2 (DTensor) local shard, or itself."""
+    if hasattr(t, "ds_tensor"):
+        return t.ds_tensor
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t

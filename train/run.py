@@ -38,15 +38,30 @@ def resolve_precision(precision: str | int) -> str | int:
 
 
 def resolve_checkpoint(resume: str | None, output_dir: Path) -> str | None:
-    """resume=auto: the run directory's last.ckpt if it exists; a path: that file (must exist)."""
+    """resume=auto: the newest checkpoint of the run directory, whichever kind wrote it (periodic
+    ``checkpoints/step*.ckpt``, ``checkpoints/last.ckpt``, or ``hpc_ckpt_<n>.ckpt`` that Lightning saves
+    when SLURM signals a preemption); resume=<path>: that checkpoint (must exist); null: start fresh.
+
+    Lightning on its own prefers an ``hpc_ckpt`` whenever one exists, even an older one than the last
+    periodic checkpoint: the newest wins here. Sharded checkpoints (DeepSpeed, FSDP) are directories.
+    """
     if resume in (None, "null", False):
         return None
     if resume == "auto":
-        last = output_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.exists() else None
+        candidates = [*output_dir.glob("checkpoints/*.ckpt"), *output_dir.glob("hpc_ckpt_*.ckpt")]
+        if not candidates:
+            return None
+        return str(max(candidates, key=_written_at))
     if not Path(resume).exists():
         raise FileNotFoundError(f"resume={resume!r}: no such checkpoint")
     return str(resume)
+
+
+def _written_at(path: Path) -> float:
+    """When a checkpoint was completed: its mtime, or its newest file's for a sharded directory."""
+    if path.is_dir():
+        return max((f.stat().st_mtime for f in path.rglob("*") if f.is_file()), default=0.0)
+    return path.stat().st_mtime
 
 
 def build_net(cfg: DictConfig, tokenizer) -> torch.nn.Module:

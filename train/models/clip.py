@@ -11,11 +11,13 @@
   position) -> ``text_projection``. open_clip pools at ``argmax(token id)``, the same position when
   eot has the largest id, as in CLIP's vocabulary; a BPE trained on our captions puts eot elsewhere.
 - ``logit_scale`` is learned in log space, initialised to log(1/0.07); ``forward`` returns its exp
-  clamped at ``max_logit_scale`` (100).
+  clamped at ``max_logit_scale`` (100). It is a 1-element vector, where open_clip's is 0-dim: DeepSpeed
+  (0.19) broadcasts and partitions parameters through byte views, which 0-dim tensors do not have.
+  0-dim values (open_clip weights, older checkpoints) load unchanged (``_load_from_state_dict``).
 - Initialisation follows CLIP: token embedding std 0.02, text positions 0.01, transformer weights scaled
   by width and depth (``Transformer.init_weights``), projections width^-0.5.
 
-Names and shapes follow open_clip: our ``visual.*`` and ``logit_scale`` are its keys verbatim, our
+Names and shapes follow open_clip (but for the logit scale's): our ``visual.*`` and ``logit_scale`` are its keys verbatim, our
 ``text.*`` is its top-level text tower (``token_embedding``, ``positional_embedding``, ``transformer``,
 ``ln_final``, ``text_projection``), so its state dicts load after ``from_open_clip_state_dict``.
 ``flops_per_sample`` gives the forward FLOPs of one image-text pair, for MFU.
@@ -229,8 +231,14 @@ class CLIP(nn.Module):
         self.text = TextTransformer(
             **text, output_dim=embed_dim, eot_id=int(eot_id), grad_checkpointing=grad_checkpointing
         )
-        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self.logit_scale = nn.Parameter(torch.tensor([float(init_logit_scale)]))
         self.max_logit_scale = max_logit_scale
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        key = prefix + "logit_scale"
+        if key in state_dict and state_dict[key].dim() == 0:  # open_clip's (and our former) 0-dim layout
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.transformer.grad_checkpointing = enable

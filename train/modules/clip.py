@@ -17,6 +17,7 @@ import torch.distributed as dist
 from eval.zeroshot import retrieval_recall, zeroshot_synthetic
 from train.losses import ClipLoss
 from train.modules.optim import configure_adamw
+from train.strategies import configure_sharding
 
 
 class ClipModule(pl.LightningModule):
@@ -98,5 +99,8 @@ class ClipModule(pl.LightningModule):
         self.log_dict(metrics, prog_bar=False, sync_dist=False)
 
     # ---- optimisation -----------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        configure_sharding(self)  # FSDP2 under strategy=fsdp; nothing under DDP or DeepSpeed
+
     def configure_optimizers(self):
         return configure_adamw(self, self.net)

@@ -32,6 +32,7 @@ from train.diffusion import GaussianDiffusion
 from train.ema import EMA
 from train.frozen_clip import FrozenClip, text_mask
 from train.modules.optim import configure_adamw
+from train.strategies import configure_sharding
 
 
 def to_unit_range(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -241,6 +242,9 @@ class DecoderModule(pl.LightningModule):
             for logger in self.loggers:
                 if hasattr(logger, "log_image"):
                     logger.log_image(key="val/samples", images=[str(path)], step=self.global_step)
+
+    def configure_model(self) -> None:
+        configure_sharding(self)  # FSDP2 under strategy=fsdp; nothing under DDP or DeepSpeed
 
     def configure_optimizers(self):
         return configure_adamw(self, self.net)
@@ -465,6 +469,9 @@ class UpsamplerModule(pl.LightningModule):
             for logger in self.loggers:
                 if hasattr(logger, "log_image"):
                     logger.log_image(key="val/samples", images=[str(path)], step=self.global_step)
+
+    def configure_model(self) -> None:
+        configure_sharding(self)  # FSDP2 under strategy=fsdp; nothing under DDP or DeepSpeed
 
     def configure_optimizers(self):
         return configure_adamw(self, self.net)

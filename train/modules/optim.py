@@ -7,6 +7,8 @@ import math
 import pytorch_lightning as pl
 import torch
 
+from train.strategies import offloads_optimizer
+
 
 def no_decay(name: str, param: torch.Tensor) -> bool:
     """Norms, biases, embeddings, class/query tokens, null (guidance) embeddings and the logit scale
@@ -31,15 +33,17 @@ def configure_adamw(module: pl.LightningModule, net: torch.nn.Module) -> dict:
     for name, param in net.named_parameters():
         if param.requires_grad:
             (skip if no_decay(name, param) else decay).append(param)
-    fused = torch.cuda.is_available() and all(p.is_cuda for p in net.parameters())
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": hp.weight_decay}, {"params": skip, "weight_decay": 0.0}],
-        lr=hp.lr,
-        betas=tuple(hp.betas),
-        eps=hp.eps,
-        fused=fused or None,
-    )
+    groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": skip, "weight_decay": 0.0}]
     trainer = module.trainer
+    if offloads_optimizer(trainer.strategy):  # ZeRO-Offload steps on the CPU with DeepSpeed's Adam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, adamw_mode=True)
+    else:
+        fused = torch.cuda.is_available() and all(p.is_cuda for p in net.parameters())
+        optimizer = torch.optim.AdamW(
+            groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused or None
+        )
     total = trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,

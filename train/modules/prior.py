@@ -34,6 +34,7 @@ from train.diffusion import GaussianDiffusion
 from train.ema import EMA
 from train.frozen_clip import FrozenClip, text_mask
 from train.modules.optim import configure_adamw
+from train.strategies import configure_sharding
 
 
 class PriorModule(pl.LightningModule):
@@ -219,5 +220,8 @@ class PriorModule(pl.LightningModule):
         self.log_dict(metrics, sync_dist=False)
 
     # ---- optimisation -----------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        configure_sharding(self)  # FSDP2 under strategy=fsdp; nothing under DDP or DeepSpeed
+
     def configure_optimizers(self):
         return configure_adamw(self, self.net)

@@ -1,0 +1,228 @@
+"""Distributed strategies beyond plain DDP: DeepSpeed ZeRO and FSDP2, one config choice each (conf/strategy/).
+
+- DeepSpeed ZeRO 1/2/3 (+ CPU offload) is Lightning's ``DeepSpeedStrategy``, unchanged, on GPUs.
+  ``CPUDeepSpeedStrategy`` runs the same ZeRO code on CPU processes over gloo; it exists for tests and
+  for debugging a config on a laptop, and is only ever used when a config names it
+  (``strategy=deepspeed_zero3 strategy._target_=train.strategies.CPUDeepSpeedStrategy``).
+- FSDP is PyTorch's FSDP2 (``fully_shard``, DTensor parameters) through Lightning's
+  ``ModelParallelStrategy``: ``FSDPStrategy`` here fixes its mesh to pure data parallelism (every rank a
+  shard, no tensor parallelism) and each stage's LightningModule shards itself in ``configure_model``
+  with :func:`shard_module`. FSDP2 works on CPU (gloo) as well as on GPUs, so the same path is tested
+  here and used on clusters. (Lightning's older ``FSDPStrategy`` wraps FSDP1 and refuses CPU.)
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+import torch
+import torch.nn as nn
+from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy
+from pytorch_lightning.strategies import DeepSpeedStrategy as _LightningDeepSpeed
+
+log = logging.getLogger(__name__)
+
+
+class DeepSpeedStrategy(_LightningDeepSpeed):
+    """Lightning's DeepSpeed strategy, with what every stage here needs on top:
+
+    - ZeRO-3 keeps each rank's slice of a weight only; evaluation reads weights outside ``forward``
+      (``encode_text``, the logit scale, sampling loops), so every weight is gathered for the whole
+      validation and partitioned again after it.
+    - ``offload_optimizer`` needs DeepSpeed's CPU Adam; :func:`train.modules.optim.configure_adamw` picks
+      it from :func:`offloads_optimizer`.
+    """
+
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        self._gathered = None
+        if self.zero_stage_3:
+            import deepspeed
+
+            params = list(self.lightning_module.parameters())
+            self._gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+            self._gathered.__enter__()
+
+    def on_validation_end(self) -> None:
+        if getattr(self, "_gathered", None) is not None:
+            self._gathered.__exit__(None, None, None)
+            self._gathered = None
+        super().on_validation_end()
+
+
+def offloads_optimizer(strategy) -> bool:
+    config = getattr(strategy, "config", None) or {}
+    return bool((config.get("zero_optimization") or {}).get("offload_optimizer"))
+
+
+class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+    """DeepSpeed ZeRO on CPU processes (gloo). Tests and debugging only: name it explicitly.
+
+    Lightning's DeepSpeedStrategy refuses anything but CUDA. On CPU three things differ: the CUDA check
+    is skipped, each rank's root device is ``cpu:<local rank>`` (DeepSpeed indexes devices by rank), and
+    the device-index validation (meaningless for CPU) is skipped. DeepSpeed's shared-memory collective,
+    which it JIT-compiles at every start on CPU (about a minute on 2 cores), is replaced by plain gloo.
+    """
+
+    def setup_environment(self) -> None:
+        DDPStrategy.setup_environment(self)
+
+    @property
+    def root_device(self) -> torch.device:
+        return torch.device("cpu", self.local_rank)
+
+    def setup_distributed(self) -> None:
+        from lightning_fabric.utilities.seed import reset_seed
+
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+
+class FSDPStrategy(ModelParallelStrategy):
+    """FSDP2: parameters, gradients and optimizer state sharded over all ranks (pure data parallel mesh).
+
+    The LightningModule applies the sharding in ``configure_model`` (see :func:`shard_module`); options
+    reach it through the strategy: ``reshard_after_forward`` (True: ZeRO-3-like, free gathered weights
+    after forward; False: ZeRO-2-like, keep them until backward), ``param_dtype``/``reduce_dtype``
+    (mixed precision of the sharded compute, e.g. bf16 params with fp32 gradient reduction).
+    Checkpoints are distributed (a directory with one shard per rank) unless
+    ``save_distributed_checkpoint=False``; ``python -m train.checkpoint consolidate`` makes one file.
+    """
+
+    def __init__(
+        self,
+        reshard_after_forward: bool = True,
+        param_dtype: str | None = None,
+        reduce_dtype: str | None = None,
+        save_distributed_checkpoint: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            **kwargs,
+        )
+        self.reshard_after_forward = reshard_after_forward
+        self.param_dtype = _dtype(param_dtype, "param_dtype")
+        self.reduce_dtype = _dtype(reduce_dtype, "reduce_dtype")
+
+    def setup_environment(self) -> None:
+        # "auto" would mean one data-parallel group per node; FSDP here shards over every rank.
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    # Evaluation calls more than ``forward`` (encode_text, sampling loops, the logit scale) and reads
+    # weights between forwards: gather every FSDP unit for the whole validation and keep it gathered.
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        self._gather(True)
+
+    def on_validation_end(self) -> None:
+        self._gather(False)
+        super().on_validation_end()
+
+    def _gather(self, full: bool) -> None:
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in self.lightning_module.modules() if isinstance(m, FSDPModule)]
+        inner = {id(m) for u in units for m in u.modules() if m is not u and isinstance(m, FSDPModule)}
+        for unit in units:
+            # FSDP keeps a root's weights gathered from forward to backward by default; restore that.
+            after_forward = self.reshard_after_forward and id(unit) in inner
+            unit.set_reshard_after_forward(not full and after_forward, recurse=False)
+            unit.unshard() if full else unit.reshard()
+
+
+def _dtype(name: str | None, option: str) -> torch.dtype | None:
+    if name is None:
+        return None
+    table = {
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+    }
+    if name not in table:
+        raise ValueError(f"strategy.{option}={name!r}: expected one of {sorted(table)}")
+    return table[name]
+
+
+def fsdp_units(net: nn.Module) -> list[nn.Module]:
+    """The modules that become FSDP units: the entries of the outermost ``nn.ModuleList``s (transformer
+    blocks, UNet levels). Each unit's parameters are gathered together, just before it runs."""
+    units: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            if isinstance(child, nn.ModuleList):
+                units.extend(m for m in child if any(True for _ in m.parameters()))
+            else:
+                visit(child)
+
+    visit(net)
+    return units
+
+
+def shard_module(
+    module: nn.Module,
+    mesh,
+    *,
+    reshard_after_forward: bool = True,
+    param_dtype=None,
+    reduce_dtype=None,
+    roots: list[str] | None = None,
+) -> None:
+    """Apply FSDP2 to ``module``'s children named in ``roots`` (default: every child with parameters):
+    each unit of :func:`fsdp_units` first, then the child itself. Frozen children (a frozen CLIP, an EMA
+    copy) are sharded too: every rank holds a 1/world slice of every weight."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    names = (
+        roots
+        if roots is not None
+        else [n for n, c in module.named_children() if any(True for _ in c.parameters())]
+    )
+    for name in names:
+        child = module.get_submodule(name)
+        for unit in fsdp_units(child):
+            fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+        fully_shard(child, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+    log.info("FSDP2: sharded %s over %d ranks", ", ".join(names), mesh.size())
+
+
+def configure_sharding(pl_module) -> None:
+    """The shared ``configure_model`` of every stage: shard under ``FSDPStrategy``, nothing otherwise."""
+    mesh = getattr(pl_module, "_device_mesh", None)
+    if mesh is None:
+        return
+    strategy = pl_module.trainer.strategy
+    if getattr(pl_module, "_sharded", False):
+        return
+    dp_mesh = mesh["data_parallel"]
+    # The trained net and its EMA copy. A frozen CLIP (train/frozen_clip.py) is not a module: replicated.
+    roots = [name for name in ("net", "ema.shadow") if _has_submodule(pl_module, name)]
+    shard_module(
+        pl_module,
+        dp_mesh,
+        roots=roots,
+        reshard_after_forward=getattr(strategy, "reshard_after_forward", True),
+        param_dtype=getattr(strategy, "param_dtype", None),
+        reduce_dtype=getattr(strategy, "reduce_dtype", None),
+    )
+    pl_module._sharded = True
+
+
+def _has_submodule(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
