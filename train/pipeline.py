@@ -186,6 +186,10 @@ def run_stage(name: str, stage_overrides: Mapping[str, Any], out_dir: Path) -> d
     cfg = compose(config_name="train", overrides=overrides)
     start = time.time()
     metrics = train(cfg)
+    if metrics.get("trainer/preempted"):
+        raise SystemExit(
+            f"stage {name} was preempted at step {metrics['trainer/global_step']}; rerun to resume it"
+        )
     export_stage(stage_dir)  # <stage>/export: EMA weights as safetensors, config, tokenizer
     metrics[f"{name}/seconds"] = time.time() - start
     done.write_text(json.dumps({"metrics": metrics, "seconds": metrics[f"{name}/seconds"]}, indent=2))

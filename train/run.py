@@ -225,6 +225,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1
     }
     metrics["trainer/global_step"] = trainer.global_step
+    preempted = [
+        c.checkpoint for c in trainer.callbacks if getattr(c, "checkpoint", None) and hasattr(c, "received")
+    ]
+    if preempted:
+        metrics["trainer/preempted"] = 1.0
+        log.warning("stopped early by a preemption signal; %s holds the state: rerun to resume", preempted[0])
     if trainer.is_global_zero:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         log.info("final metrics: %s", json.dumps({k: round(v, 4) for k, v in sorted(metrics.items())}))

@@ -1,0 +1,108 @@
+"""launch/slurm.sbatch on a real one-node SLURM cluster started on localhost (tests/slurm_cluster.py):
+a 2-task CPU run completes; then preemption: ``scancel --signal=USR1`` -> one checkpoint at a step
+boundary on both ranks -> ``scontrol requeue`` -> the requeued job resumes from it and finishes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from slurm_cluster import LocalSlurm, unavailable_reason
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess, pytest.mark.slurm]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(f"no local SLURM cluster: {reason}")
+    with LocalSlurm(tmp_path_factory.mktemp("slurm")) as c:
+        yield c
+
+
+def _env(tmp_path: Path, run_dir: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",  # `python` is this interpreter
+        "PYTHONPATH": str(REPO),
+        "UNCLIP_DATA_DIR": str(tmp_path / "datasets"),
+        "WANDB_MODE": "offline",
+        "OMP_NUM_THREADS": "1",
+        "RUN_DIR": str(run_dir),
+    }
+
+
+def _submit(cluster: LocalSlurm, tmp_path: Path, run_dir: Path, *overrides: str) -> tuple[int, Path]:
+    log = tmp_path / "job.out"
+    job = cluster.sbatch(
+        [
+            "--ntasks-per-node=2",  # the template's resources, scaled to this machine
+            "--cpus-per-task=1",
+            "--gpus-per-node=0",
+            "--time=10",
+            f"--output={log}",
+            str(REPO / "launch" / "slurm.sbatch"),
+            "debug=fast",
+            "trainer.accelerator=cpu",
+            "strategy=ddp",
+            *overrides,
+        ],
+        cwd=tmp_path,
+        env=_env(tmp_path, run_dir),
+    )
+    return job, log
+
+
+def test_sbatch_template_runs_two_tasks(cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    job, log = _submit(cluster, tmp_path, run_dir)
+    info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
+    assert info["JobState"] == "COMPLETED", log.read_text()[-4000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["trainer/global_step"] == 5
+    assert "global batch 16 = 8 per device x 2 ranks" in log.read_text()
+
+
+def test_usr1_checkpoints_requeues_and_the_job_resumes(cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    steps = 400  # long enough to be signalled mid-run; each step is a few tens of ms
+    job, log = _submit(
+        cluster,
+        tmp_path,
+        run_dir,
+        f"trainer.max_steps={steps}",
+        f"trainer.val_check_interval={steps}",
+        "callbacks.checkpoint.every_n_train_steps=20",
+    )
+    first = run_dir / "checkpoints" / "step0000020.ckpt"
+    deadline = time.time() + 240
+    while not first.exists() and time.time() < deadline:
+        assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), log.read_text()[
+            -3000:
+        ]
+        time.sleep(0.5)
+    assert first.exists(), log.read_text()[-3000:]
+    subprocess.run(["scancel", "--signal=USR1", str(job)], check=True)
+
+    info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text[-4000:]
+    assert int(info["Restarts"]) == 1, "requeued exactly once"
+    # one preemption checkpoint, saved once (both ranks at the same step boundary), then the restart
+    saved = re.findall(r"received SIGUSR1: saving (\S+) at step (\d+)", text)
+    assert len(saved) == 1, text[-4000:]
+    path, step = saved[0][0], int(saved[0][1])
+    assert 20 <= step < steps and path.endswith("checkpoints/preempt.ckpt")
+    ranks = re.findall(r"rank (\d): preemption checkpoint at step (\d+)", text)
+    assert sorted(ranks) == [("0", str(step)), ("1", str(step))], "both ranks stop at the same step"
+    assert "restart 1" in text and f"resuming from {path}" in text
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["trainer/global_step"] == steps and "trainer/preempted" not in metrics

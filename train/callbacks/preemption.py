@@ -1,0 +1,118 @@
+"""Preemption: checkpoint once, at a step boundary, on every rank together, then stop (and requeue
+under SLURM).
+
+SLURM sends ``SIGUSR1`` ahead of the time limit (``#SBATCH --signal=USR1@90``); schedulers, spot
+instances and ``scancel`` send ``SIGTERM``. The signal handler only records the signal: nothing is saved
+from inside a handler, which may interrupt a rank in the middle of a collective. At the end of every
+training step the ranks agree (one all-reduce of a flag: a signal that reached a single rank still
+stops them all, at the same step), write one checkpoint together (sharded strategies need every rank),
+rank 0 calls ``scontrol requeue $SLURM_JOB_ID`` once when running under SLURM, and the trainer stops.
+``resume=auto`` picks the checkpoint up on the next start (train/run.py: the newest checkpoint wins).
+
+This replaces Lightning's own SLURM handler, which saves from within the signal handler.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+class Preemption(pl.Callback):
+    def __init__(
+        self,
+        signals: tuple[str, ...] | list[str] = ("SIGUSR1", "SIGTERM"),
+        filename: str = "preempt.ckpt",
+        dirpath: str | None = None,
+        requeue: str | bool = "auto",
+    ) -> None:
+        """``dirpath``: where the checkpoint goes (default ``<default_root_dir>/checkpoints``);
+        ``requeue``: ``auto`` (under SLURM), true or false."""
+        self.signals = []
+        for name in signals:
+            if not hasattr(signal, str(name)):
+                raise ValueError(
+                    f"callbacks.preemption.signals: unknown signal {name!r} (e.g. SIGUSR1, SIGTERM)"
+                )
+            self.signals.append(getattr(signal, str(name)))
+        self.filename, self.dirpath, self.requeue = filename, dirpath, requeue
+        self.received: int | None = None
+        self.checkpoint: Path | None = None
+        self._previous: dict[int, object] = {}
+
+    # ---- signals: record only ----------------------------------------------------------------------
+    def _handler(self, signum, frame) -> None:
+        self.received = signum
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.received, self.checkpoint = None, None
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handler)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+
+    # ---- the step boundary: agree, save once, requeue once, stop -----------------------------------
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx
+    ) -> None:
+        if self.checkpoint is not None:
+            return
+        flag = torch.tensor([float(self.received or 0)], device=pl_module.device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() == 0:
+            return
+        signum = int(flag.item())
+        dirpath = Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "checkpoints"
+        path = dirpath / self.filename
+        log.info("rank %d: preemption checkpoint at step %d", trainer.global_rank, trainer.global_step)
+        if trainer.is_global_zero:
+            log.warning(
+                "received %s: saving %s at step %d (all %d ranks), then stopping",
+                signal.Signals(signum).name,
+                path,
+                trainer.global_step,
+                trainer.world_size,
+            )
+        trainer.save_checkpoint(path)
+        trainer.strategy.barrier("preemption checkpoint")
+        self.checkpoint = path
+        job_id = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+        if array := os.environ.get("SLURM_ARRAY_TASK_ID"):
+            job_id = f"{job_id}_{array}"
+        wants = self.requeue is True or (self.requeue == "auto" and job_id is not None)
+        if wants and trainer.is_global_zero:
+            if job_id is None:
+                log.error("callbacks.preemption.requeue=true but SLURM_JOB_ID is not set: not requeued")
+            else:
+                result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+                if result.returncode == 0:
+                    log.warning("requeued SLURM job %s; it resumes from %s", job_id, path)
+                else:
+                    log.error(
+                        "scontrol requeue %s failed (%s): %s",
+                        job_id,
+                        result.returncode,
+                        result.stderr.strip(),
+                    )
+        trainer.should_stop = True
