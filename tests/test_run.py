@@ -211,3 +211,37 @@ def test_pipeline_runs_every_stage_writes_a_report_and_skips_finished_stages(tmp
     second = _python(args, tmp_path)
     assert second.returncode == 0, second.stderr[-4000:]
     assert (second.stderr + second.stdout).count("already finished") == 7
+
+
+@pytest.mark.slow
+def test_wandb_offline_logs_config_and_perf_resumes_the_same_run_and_keeps_no_secret(tmp_path):
+    run_dir = tmp_path / "run"
+    canary = "canary-7d1e0c5a9b3f4e21"
+    env = {**_env(tmp_path), "WANDB_API_KEY": canary}
+    for steps in (5, 7):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "train.run",
+                "debug=fast",
+                "logger=wandb",
+                f"trainer.max_steps={steps}",
+                f"hydra.run.dir={run_dir}",
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+    run_id = (run_dir / "wandb_id").read_text().strip()
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs), runs  # one W&B run, resumed
+    logged = b"".join(f.read_bytes() for f in runs[0].glob("*.wandb"))
+    for key in (b"stage_name", b"perf/samples_per_sec", b"perf/data_wait_frac", b"perf/tflops_per_device"):
+        assert key in logged, key
+    # the API key never lands in the run directory (Hydra's .hydra/, W&B files, logs, checkpoints)
+    leaked = [str(f) for f in tmp_path.rglob("*") if f.is_file() and canary.encode() in f.read_bytes()]
+    assert not leaked, leaked

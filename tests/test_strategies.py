@@ -178,3 +178,31 @@ def test_a_stage_trains_evaluates_resumes_and_exports_under(tmp_path, strategy, 
     assert metrics["trainer/global_step"] == 7
     export = export_stage(run)
     assert load_stage(export).global_step == 7
+
+
+@pytest.mark.parametrize(
+    "stage, experiment, strategy, global_batch, params",
+    [
+        ("clip", "clip_paper", "DeepSpeedStrategy", 32768, 986e6),
+        ("prior", "prior_paper", "DDPStrategy", 4096, None),
+        ("decoder", "decoder_paper", "DeepSpeedStrategy", 2048, None),
+        ("upsampler_256", "upsampler_256_paper", "DDPStrategy", 1024, 730e6),
+        ("upsampler_1024", "upsampler_1024_paper", "DDPStrategy", 512, 300e6),
+    ],
+)
+def test_paper_scale_experiments_name_their_strategy_and_batch(
+    stage, experiment, strategy, global_batch, params
+):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        wiring = ["clip_ckpt=x"] if stage in ("prior", "decoder") else []
+        cfg = compose("train", overrides=[f"stage={stage}", f"experiment={experiment}", *wiring])
+    assert cfg.strategy._target_.endswith(strategy)
+    assert cfg.data.global_batch_size == global_batch
+    if params:  # the paper's size, on the meta device (no memory)
+        with torch.device("meta"):
+            net = instantiate(cfg.net)
+        n = sum(p.numel() for p in net.parameters())
+        assert abs(n - params) / params < 0.07, n

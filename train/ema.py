@@ -15,9 +15,12 @@ weights are forgotten quickly (a 0.9999 average would otherwise remember them fo
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 import torch.nn as nn
+
+log = logging.getLogger(__name__)
 
 
 class EMA(nn.Module):
@@ -28,6 +31,7 @@ class EMA(nn.Module):
         self.decay, self.warmup = decay, warmup
         self.shadow = copy.deepcopy(net).eval().requires_grad_(False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self._checked_dtype = False
 
     def current_decay(self) -> float:
         n = int(self.num_updates)
@@ -36,6 +40,18 @@ class EMA(nn.Module):
     @torch.no_grad()
     def update(self, net: nn.Module) -> None:
         decay = self.current_decay()
+        if not self._checked_dtype:
+            self._checked_dtype = True
+            dtype = next((p.dtype for p in self.shadow.parameters()), torch.float32)
+            if dtype in (torch.bfloat16, torch.float16) and self.decay > 0.99:
+                log.warning(
+                    "EMA: the averaged weights are %s (DeepSpeed casts the whole module to its precision); "
+                    "with decay %s most updates are below %s resolution and get lost. Prefer strategy=fsdp or "
+                    "ddp with trainer.precision=bf16-mixed (fp32 weights), or a DeepSpeed fp32 run",
+                    dtype,
+                    self.decay,
+                    dtype,
+                )
         ema_params = [local_shard(e) for e in self.shadow.parameters()]
         params = [local_shard(p).detach().to(e.dtype) for p, e in zip(net.parameters(), ema_params)]
         for p, e in zip(params, ema_params):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -180,7 +181,34 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
 
 
 def build_loggers(cfg: DictConfig) -> list:
-    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    """The configured loggers. W&B gets a run id kept in the run directory, so a resumed run (same
+    directory) continues the same W&B run instead of starting a new one."""
+    loggers = []
+    for c in (cfg.get("logger") or {}).values():
+        if c is None:
+            continue
+        if str(c.get("_target_", "")).endswith("WandbLogger") and not c.get("id"):
+            c = c.copy()
+            with open_dict(c):
+                c.id = wandb_run_id(Path(cfg.paths.output_dir))
+                c.resume = c.get("resume") or "allow"
+        loggers.append(instantiate(c))
+    return loggers
+
+
+def wandb_run_id(output_dir: Path) -> str:
+    """``<run>/wandb_id``: created by the first process of the first start, read by every later one."""
+    import uuid
+
+    path = output_dir / "wandb_id"
+    if path.exists():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:16]
+    rank = next((os.environ[k] for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK") if k in os.environ), "0")
+    if rank == "0":  # other ranks never log to W&B (Lightning loggers act on rank 0 only)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(run_id)
+    return run_id
 
 
 def build_trainer(cfg: DictConfig, callbacks, loggers) -> pl.Trainer:
@@ -212,6 +240,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log.info("stage %s: %s with %.2fM parameters", cfg.stage_name, type(net).__name__, n_params / 1e6)
 
     trainer = build_trainer(cfg, build_callbacks(cfg), build_loggers(cfg))
+    for logger in trainer.loggers:  # the whole resolved config, next to the module's hyper-parameters
+        logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
     if trainer.is_global_zero:
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
         if tokenizer is not None:

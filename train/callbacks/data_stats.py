@@ -1,7 +1,13 @@
-"""Data-path metrics: skipped samples by reason, throughput, and the fraction of time spent waiting
-for data. Logged once, from here, as ``data/skipped_<reason>`` (summed over ranks, this epoch so far),
-``perf/samples_per_sec`` (all ranks), ``perf/samples_per_sec_per_device`` and ``perf/data_wait_frac``;
-the skip counts also go to the text log at every epoch end.
+"""Data-path and speed metrics: skipped samples by reason, throughput, the fraction of time spent
+waiting for data, model FLOPs utilisation and peak memory. Logged as ``data/skipped_<reason>`` (summed
+over ranks, this epoch so far), ``perf/samples_per_sec`` (all ranks), ``perf/samples_per_sec_per_device``,
+``perf/data_wait_frac``, ``perf/tflops_per_device``, ``perf/mfu`` (when the device's peak is known) and
+``perf/max_memory_gb`` (CUDA); the skip counts also go to the text log at every epoch end.
+
+FLOPs are counted, not estimated: the first training step runs under ``torch.utils.flop_counter``
+(forward, backward and everything else the step computes, e.g. a frozen CLIP's embeddings), giving
+FLOPs per sample; ``tflops_per_device`` = that x samples/s per device. ``mfu`` divides by the device's
+dense peak for the run's precision (``peak_tflops`` overrides; a table covers common NVIDIA GPUs).
 """
 
 from __future__ import annotations
@@ -10,12 +16,41 @@ import logging
 import time
 
 import pytorch_lightning as pl
+import torch
 
 log = logging.getLogger(__name__)
 
 
+# Dense peak TFLOP/s per GPU: (bf16/fp16, tf32) by device-name fragment.
+PEAK_TFLOPS = {
+    "H200": (989.0, 494.0),
+    "H100": (989.0, 494.0),  # SXM; the PCIe card has 756 / 378
+    "A100": (312.0, 156.0),
+    "L40S": (362.0, 183.0),
+    "A10G": (70.0, 35.0),
+    "L4": (121.0, 60.0),
+}
+
+
+def peak_tflops(precision: str) -> float | None:
+    """The CUDA device's dense peak for ``precision`` (None on CPU or for unknown devices)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for fragment, (half, tf32) in PEAK_TFLOPS.items():
+        if fragment in name:
+            if "PCIe" in name and fragment == "H100":
+                half, tf32 = 756.0, 378.0
+            return half if ("16" in str(precision)) else tf32
+    return None
+
+
 class DataStats(pl.Callback):
-    def __init__(self) -> None:
+    def __init__(self, peak_tflops: float | None = None, count_flops: bool = True) -> None:
+        self.peak_tflops = peak_tflops
+        self.count_flops = count_flops
+        self.flops_per_sample: float | None = None
+        self._counter = None
         self._batch_end: float | None = None
         self._wait = 0.0
         self._busy = 0.0
@@ -29,12 +64,27 @@ class DataStats(pl.Callback):
         self._step_start = now
         if self._window_start is None:
             self._window_start = now
+        if self.count_flops and self.flops_per_sample is None and self._counter is None:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            self._counter = FlopCounterMode(display=False)
+            self._counter.__enter__()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self._counter = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n = _batch_len(batch)
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self.flops_per_sample = self._counter.get_total_flops() / max(n, 1)
+            self._counter = None
         now = time.perf_counter()
         self._busy += now - self._step_start
         self._batch_end = now
-        self._samples += len(batch["__key__"]) if "__key__" in batch else 0
+        self._samples += n
         last = trainer.is_last_batch or 0 < trainer.max_steps <= trainer.global_step
         if trainer.global_step % max(trainer.log_every_n_steps, 1) and not last:
             return
@@ -45,6 +95,14 @@ class DataStats(pl.Callback):
             "perf/samples_per_sec_per_device": per_device,
             "perf/data_wait_frac": self._wait / max(self._wait + self._busy, 1e-9),
         }
+        if self.flops_per_sample:
+            tflops = self.flops_per_sample * per_device / 1e12
+            metrics["perf/tflops_per_device"] = tflops
+            peak = self.peak_tflops or peak_tflops(str(trainer.precision))
+            if peak:
+                metrics["perf/mfu"] = tflops / peak
+        if torch.cuda.is_available():
+            metrics["perf/max_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
         datamodule = trainer.datamodule
         if datamodule is not None and hasattr(datamodule, "skip_counts"):
             # Fixed key set on every rank (a collective per key): summed over ranks.
@@ -65,3 +123,13 @@ class DataStats(pl.Callback):
                 trainer.global_rank,
                 skipped or "none",
             )
+
+
+def _batch_len(batch) -> int:
+    if isinstance(batch, dict):
+        if "__key__" in batch:
+            return len(batch["__key__"])
+        for value in batch.values():
+            if torch.is_tensor(value) and value.dim() > 0:
+                return int(value.shape[0])
+    return 0
