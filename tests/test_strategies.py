@@ -206,3 +206,32 @@ def test_paper_scale_experiments_name_their_strategy_and_batch(
             net = instantiate(cfg.net)
         n = sum(p.numel() for p in net.parameters())
         assert abs(n - params) / params < 0.07, n
+
+
+def test_memory_plan_counts_model_states_and_measures_activations():
+    sys.path.insert(0, str(REPO / "launch"))
+    import plan
+
+    cfg = plan.compose_cfg(["stage=clip", "experiment=clip_paper"])
+    rows, info = plan.plan(cfg, gpus=16, batch_per_gpu=8)
+    n = info["trainable"]
+    assert abs(n - 986e6) / 986e6 < 0.01 and info["ema"] == 0 and info["clip"] == 0
+    by_name = {r[0]: r[1:] for r in rows}
+    assert set(by_name) == {
+        "ddp",
+        "deepspeed_zero1",
+        "deepspeed_zero2",
+        "deepspeed_zero3",
+        "deepspeed_zero3_offload",
+        "fsdp",
+    }
+    weights, grads, optim, ema, act, cpu = by_name["ddp"]
+    assert (weights, grads, optim) == (4 * n, 4 * n, 8 * n)
+    weights, grads, optim, ema, act, cpu = by_name["deepspeed_zero2"]
+    assert (weights, grads, optim) == (2 * n, 2 * n / 16, 12 * n / 16)
+    assert by_name["deepspeed_zero3"][0] < by_name["deepspeed_zero2"][0] / 4  # weights sharded
+    # activations are measured: linear in the batch, and activation checkpointing keeps far fewer
+    rows_16, _ = plan.plan(cfg, gpus=16, batch_per_gpu=16)
+    assert rows_16[0][5] == pytest.approx(2 * act)
+    no_ckpt = plan.compose_cfg(["stage=clip", "experiment=clip_paper", "net.grad_checkpointing=false"])
+    assert plan.plan(no_ckpt, gpus=16, batch_per_gpu=8)[1]["activations"] > 5 * info["activations"]

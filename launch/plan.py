@@ -1,0 +1,187 @@
+"""Per-GPU memory of a stage under each strategy, before any cluster hour is spent.
+
+    python launch/plan.py stage=decoder experiment=decoder_paper --nodes 4
+    python launch/plan.py stage=clip experiment=clip_paper --nodes 32 --batch-per-gpu 64
+
+Takes the same overrides as ``python -m train.run``. The net is built on the meta device (no memory, no
+weights): parameter counts are exact. Activations are measured, not guessed: one training forward of
+the net at the per-GPU batch runs on the meta device in bf16 and every tensor autograd saves for
+backward is added up (with the configured activation checkpointing, only what checkpointing keeps).
+Model states follow the strategies' layouts with N parameters over W GPUs (Adam: two fp32 moments):
+
+    ddp            weights 4N, grads 4N, Adam 8N, EMA 4N       (fp32 weights, bf16 autocast)
+    deepspeed_zero1  weights 2N, grads 2N, master+Adam 12N/W, EMA 2N   (DeepSpeed holds the module in bf16)
+    deepspeed_zero2  weights 2N, grads 2N/W, master+Adam 12N/W, EMA 2N
+    deepspeed_zero3  weights 2N/W, grads 2N/W, master+Adam 12N/W, EMA 2N/W, + the largest units gathered
+    zero3_offload    on the GPU only the gathered units; weights, master and Adam in CPU memory
+    fsdp             weights 4N/W, grads 4N/W, Adam 8N/W, EMA 4N/W, + the largest units gathered in bf16
+
+Not counted: the CUDA context and allocator slack (~1-3 GB), communication buckets, temporary buffers
+of the optimizer step. A frozen CLIP used for on-the-fly embeddings is counted as bf16 weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from train.strategies import fsdp_units  # noqa: E402
+
+GB = 1e9
+# The paper's CLIP (ViT-H/16): what later stages need from it when no clip_ckpt is given.
+CLIP_DEFAULTS = {
+    "embed_dim": 1024,
+    "cond_dim": 1024,
+    "text_width": 1024,
+    "text_dim": 1024,
+    "context_length": 77,
+}
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose("train", overrides=overrides)
+    with open_dict(cfg):
+        for key, value in CLIP_DEFAULTS.items():
+            if key in cfg.net and cfg.net[key] is None:
+                cfg.net[key] = value
+        for key in ("eot_id", "text_eot_id"):
+            if key in cfg.net and cfg.net[key] is None:
+                cfg.net[key] = 1
+    return cfg
+
+
+def example_batch(cfg, net, b: int) -> tuple[tuple, dict]:
+    """The net's training inputs for ``b`` samples, on the meta device."""
+    meta = {"device": "meta"}
+    stage = cfg.stage_name
+    bf16 = {"device": "meta", "dtype": torch.bfloat16}
+    if stage == "clip":
+        size, ctx = cfg.net.vision.image_size, cfg.net.text.context_length
+        return (torch.empty(b, 3, size, size, **bf16), torch.zeros(b, ctx, dtype=torch.long, **meta)), {}
+    t = torch.zeros(b, dtype=torch.long, **meta)
+    if stage == "prior":
+        d, ctx, w = cfg.net.embed_dim, cfg.net.context_length, cfg.net.text_width
+        kwargs = {
+            "text_emb": torch.empty(b, d, **bf16),
+            "text_feat": torch.empty(b, ctx, w, **bf16),
+            "text_mask": torch.ones(b, ctx, dtype=torch.bool, **meta),
+        }
+        return (torch.empty(b, d, **bf16), t), kwargs
+    size = cfg.net.image_size
+    if stage == "decoder":
+        kwargs = {"image_emb": torch.empty(b, cfg.net.cond_dim, **bf16)}
+        if cfg.net.get("text_encoder") == "trainable":
+            ctx = cfg.net.text_context_length
+            kwargs["tokens"] = torch.zeros(b, ctx, dtype=torch.long, **meta)
+            kwargs["text_mask"] = torch.ones(b, ctx, dtype=torch.bool, **meta)
+        return (torch.empty(b, 3, size, size, **bf16), t), kwargs
+    crop = int(size * cfg.module.get("crop_fraction", 1.0))  # upsamplers train on crops
+    return (torch.empty(b, 3, crop, crop, **bf16), t), {"low_res": torch.empty(b, 3, crop, crop, **bf16)}
+
+
+def activation_bytes(net, args, kwargs) -> int:
+    saved: dict[int, int] = {}
+    weights = {p.untyped_storage()._cdata for p in net.parameters()}  # saved for backward, not activations
+
+    def pack(x):  # one entry per storage: a tensor saved by several ops, or its views, count once
+        storage = x.untyped_storage()
+        if storage._cdata not in weights:
+            saved[storage._cdata] = storage.nbytes()
+        return x
+
+    net.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        out = net(*args, **kwargs)
+    del out
+    return sum(saved.values())
+
+
+def plan(cfg, gpus: int, batch_per_gpu: int) -> tuple[list[tuple], dict]:
+    with torch.device("meta"):
+        net = instantiate(cfg.net)
+    net = net.to(torch.bfloat16)
+    n = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in net.parameters() if not p.requires_grad)
+    ema = n + frozen if "ema_decay" in cfg.module else 0
+    units = sorted((sum(p.numel() for p in u.parameters()) for u in fsdp_units(net)), reverse=True)
+    gathered = 2 * sum(units[:2])  # bf16: the running unit and the prefetched next one
+    clip = 0
+    if cfg.stage_name == "decoder" or (
+        cfg.stage_name == "prior" and "img_emb.npy" not in (cfg.data.get("npy_fields") or [])
+    ):
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+            clip_cfg = compose("train", overrides=["net=clip_vit_h16_256"]).net
+        with torch.device("meta"):
+            clip = sum(p.numel() for p in instantiate(clip_cfg).parameters())
+    args, kwargs = example_batch(cfg, net, 2)
+    act = activation_bytes(net, args, kwargs) / 2 * batch_per_gpu
+    w = gpus
+    rows = [
+        ("ddp", 4 * n + 4 * frozen, 4 * n, 8 * n, 4 * ema, 0),
+        ("deepspeed_zero1", 2 * (n + frozen), 2 * n, 12 * n / w, 2 * ema, 0),
+        ("deepspeed_zero2", 2 * (n + frozen), 2 * n / w, 12 * n / w, 2 * ema, 0),
+        ("deepspeed_zero3", 2 * (n + frozen) / w + gathered, 2 * n / w, 12 * n / w, 2 * ema / w, 0),
+        ("deepspeed_zero3_offload", gathered, 2 * n / w, 0, 0, (2 * (n + frozen) + 12 * n + 2 * ema) / w),
+        ("fsdp", 4 * (n + frozen) / w + gathered, 4 * n / w, 8 * n / w, 4 * ema / w, 0),
+    ]
+    info = {
+        "trainable": n,
+        "frozen": frozen,
+        "ema": ema,
+        "clip": clip,
+        "activations": act,
+        "gathered": gathered,
+    }
+    return [(name, wt + 2 * clip, g, o, e, act, cpu) for name, wt, g, o, e, cpu in rows], info
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument(
+        "--batch-per-gpu", type=int, default=None, help="default: data.global_batch_size / GPUs"
+    )
+    parser.add_argument("--gpu-memory-gb", type=float, default=80.0)
+    parser.add_argument("overrides", nargs="*", help="train.run overrides: stage=... experiment=...")
+    args = parser.parse_intermixed_args(argv)
+    cfg = compose_cfg(args.overrides)
+    gpus = args.nodes * args.gpus_per_node
+    batch = args.batch_per_gpu or max(1, cfg.data.global_batch_size // gpus)
+    rows, info = plan(cfg, gpus, batch)
+    extras = [", with an EMA copy" if info["ema"] else ""]
+    if info["clip"]:
+        extras.append(f", frozen CLIP {info['clip'] / 1e6:,.0f}M (bf16)")
+    checkpointing = "on" if OmegaConf.select(cfg, "net.grad_checkpointing") else "off"
+    print(
+        f"{cfg.stage_name}: {info['trainable'] / 1e6:,.0f}M trainable + {info['frozen'] / 1e6:,.0f}M frozen parameters"
+        f"{''.join(extras)}; {args.nodes} node(s) x {args.gpus_per_node} GPUs, global batch "
+        f"{cfg.data.global_batch_size} -> {batch} per GPU; activation checkpointing {checkpointing}"
+    )
+    print()
+    print(
+        f"| strategy | weights | grads | optimizer | EMA | activations | GPU total (GB) | fits {args.gpu_memory_gb:g} GB "
+        "| CPU per GPU |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, wt, g, o, e, act, cpu in rows:
+        total = wt + g + o + e + act
+        fits = "yes" if total / GB < args.gpu_memory_gb * 0.9 else "no"
+        print(
+            f"| {name} | {wt / GB:.1f} | {g / GB:.1f} | {o / GB:.1f} | {e / GB:.1f} | {act / GB:.1f} | "
+            f"**{total / GB:.1f}** | {fits} | {cpu / GB:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
