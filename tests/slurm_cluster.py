@@ -132,6 +132,12 @@ class LocalSlurm:
             _run(["pgrep", "-x", n]).returncode == 0 for n in ("slurmd", "slurmctld")
         ):
             time.sleep(0.2)
+        # No SLURM daemon ran before we started ours (unavailable_reason), so what is left is ours:
+        # a slurmd waiting on a step daemon that never exits, or the step daemons themselves.
+        _run(["pkill", "-KILL", "-f", "^slurmstepd"])
+        _run(["pkill", "-KILL", "-f", str(self.root)])  # batch scripts of jobs still running (spool/job*/)
+        _run(["pkill", "-KILL", "-x", "slurmd"])
+        _run(["pkill", "-KILL", "-x", "slurmctld"])
 
     # ---- jobs --------------------------------------------------------------------------------------
     def sbatch(self, args: list[str], cwd: Path, env: dict[str, str]) -> int:

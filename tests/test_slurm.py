@@ -106,3 +106,39 @@ def test_usr1_checkpoints_requeues_and_the_job_resumes(cluster, tmp_path):
     assert "restart 1" in text and f"resuming from {path}" in text
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["trainer/global_step"] == steps and "trainer/preempted" not in metrics
+
+
+def test_hydra_sweep_through_submitit_runs_each_point_as_a_two_task_job(cluster, tmp_path):
+    """hydra/launcher=slurm (conf/hydra/launcher/slurm.yaml): one SLURM job per sweep point (a job
+    array), each a 2-process DDP run."""
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train.run",
+            "--multirun",
+            "hydra/launcher=slurm",
+            "hydra.launcher.tasks_per_node=2",
+            "hydra.launcher.cpus_per_task=1",
+            "hydra.launcher.timeout_min=10",
+            f"hydra.sweep.dir={sweep}",
+            "debug=fast",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "strategy=ddp",
+            "module.lr=1e-3,2e-3",
+        ],
+        cwd=tmp_path,
+        env=_env(tmp_path, tmp_path / "unused"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    for point, lr in (("0", 1e-3), ("1", 2e-3)):
+        metrics = json.loads((sweep / point / "metrics.json").read_text())
+        assert metrics["trainer/global_step"] == 5
+        assert f"lr: {lr}" in (sweep / point / "config.yaml").read_text()
+    logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.out"))
+    assert logs.count("global batch 16 = 8 per device x 2 ranks") == 4  # 2 jobs x 2 ranks
