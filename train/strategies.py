@@ -1,7 +1,7 @@
 """Distributed strategies beyond plain DDP: DeepSpeed ZeRO and FSDP2, one config choice each (conf/strategy/).
 
-- DeepSpeed ZeRO 1/2/3 (+ CPU offload) is Lightning's ``DeepSpeedStrategy``, unchanged, on GPUs.
-  ``CPUDeepSpeedStrategy`` runs the same ZeRO code on CPU processes over gloo; it exists for tests and
+- DeepSpeed ZeRO 1/2/3 (+ CPU offload) is Lightning's ``DeepSpeedStrategy`` plus what evaluation needs
+  under ZeRO-3 (``DeepSpeedStrategy`` here). ``CPUDeepSpeedStrategy`` runs the same ZeRO code on CPU processes over gloo; it exists for tests and
   for debugging a config on a laptop, and is only ever used when a config names it
   (``strategy=deepspeed_zero3 strategy._target_=train.strategies.CPUDeepSpeedStrategy``).
 - FSDP is PyTorch's FSDP2 (``fully_shard``, DTensor parameters) through Lightning's
@@ -180,8 +180,8 @@ def shard_module(
     roots: list[str] | None = None,
 ) -> None:
     """Apply FSDP2 to ``module``'s children named in ``roots`` (default: every child with parameters):
-    each unit of :func:`fsdp_units` first, then the child itself. Frozen children (a frozen CLIP, an EMA
-    copy) are sharded too: every rank holds a 1/world slice of every weight."""
+    each unit of :func:`fsdp_units` first, then the child itself. Frozen weights (an EMA copy) are
+    sharded like trained ones: every rank holds a 1/world slice of every weight."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
