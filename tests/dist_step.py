@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from train.callbacks.numerics import NumericalGuard  # noqa: E402
 from train.checkpoint import consolidate  # noqa: E402
 from train.ema import EMA  # noqa: E402
 from train.models.clip import CLIP  # noqa: E402
@@ -63,8 +64,13 @@ class SGDClip(ClipModule):
         super().__init__(net, zeroshot=False)
         self.ema = EMA(net, decay=0.5, warmup=False)
 
+    nan_at: tuple[int, int] | None = None  # (rank, step): that rank's loss is NaN at that step
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return super().training_step(self.data[self.global_step], batch_idx)
+        loss = super().training_step(self.data[self.global_step], batch_idx)
+        if self.nan_at == (self.global_rank, self.global_step):
+            loss = loss * float("nan")
+        return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self.ema.update(self.net)
@@ -106,6 +112,7 @@ def build(seed: int, data: Batches) -> SGDClip:
 
 def trainer(name: str, world: int, steps: int) -> pl.Trainer:
     return pl.Trainer(
+        callbacks=[NumericalGuard(max_consecutive=2)],
         accelerator="cpu",
         devices=world,
         strategy=strategy(name),
@@ -141,6 +148,7 @@ def main() -> None:
     parser.add_argument("--strategy", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--split", default="right", choices=["right", "wrong"])
+    parser.add_argument("--nan-at", default=None, help="RANK,STEP: that rank's loss is NaN at that step")
     args = parser.parse_args()
     out = Path(args.out)
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -148,6 +156,7 @@ def main() -> None:
     data = Batches(rank, world, args.split)
     loader = DataLoader(range(STEPS), batch_size=None, shuffle=False)
 
+    SGDClip.nan_at = tuple(int(v) for v in args.nan_at.split(",")) if args.nan_at else None
     first = trainer(args.strategy, world, STEPS - 1)
     val_loader = DataLoader(range(1), batch_size=None)
     first.fit(build(0, data), train_dataloaders=loader, val_dataloaders=val_loader)
@@ -169,6 +178,8 @@ def main() -> None:
             "strategy": args.strategy,
             "global_step": second.global_step,
             "val_loss": val_loss,
+            # NaN steps skipped, counted across the checkpoint round trip
+            "skipped": next(c for c in second.callbacks if isinstance(c, NumericalGuard)).skipped,
         }
         (out / "info.json").write_text(json.dumps(info))
 

@@ -118,6 +118,21 @@ def test_two_processes_match_one_process_through_a_checkpoint_round_trip(
             assert held == full, f"{name}: {strategy} should replicate weights"
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_nan_loss_on_one_rank_skips_that_step_on_every_rank(tmp_path, strategy):
+    """Rank 1's loss is NaN at step 1: every rank skips step 1 and the run equals one process that
+    skipped it (its loss NaN at step 1), through the checkpoint round trip."""
+    single = _run(tmp_path / "single", "single", 1, "--nan-at", "0,1")
+    reference = torch.load(single / "weights.pt", weights_only=True)
+    out = _run(tmp_path / strategy, strategy, 2, "--nan-at", "1,1")
+    assert json.loads((out / "info.json").read_text())["skipped"] == 1
+    assert json.loads((single / "info.json").read_text())["skipped"] == 1
+    weights = torch.load(out / "weights.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    overall, worst = _rel_diff(weights, reference)
+    assert overall <= 1e-6 and worst <= 1e-5, (overall, worst)
+
+
 def test_negative_control_wrong_data_split_is_caught(tmp_path, reference):
     """Both ranks train on the same half of every global batch: the comparison above must fail."""
     out = _run(tmp_path, "ddp", 2, "--split", "wrong")
