@@ -184,6 +184,7 @@ def test_a_stage_trains_evaluates_resumes_and_exports_under(tmp_path, strategy, 
     metrics = _train_run(tmp_path, run, strategy)
     assert metrics["trainer/global_step"] == 5 and "val/zeroshot_shape_top1" in metrics
     assert checkpoint_format(run / "checkpoints" / "last.ckpt") == ckpt_format
+    assert (run / "checkpoints" / "last.ckpt" / "COMMITTED").is_file()  # every rank finished writing
     # the sharded checkpoint holds the weights validation saw: a standalone evaluation reproduces it
     evaluated = evaluate_run(str(run))
     for key in ("zeroshot_colour_top1", "zeroshot_shape_top1", "i2t_r1"):

@@ -44,12 +44,21 @@ def resolve_checkpoint(resume: str | None, output_dir: Path) -> str | None:
     when SLURM signals a preemption); resume=<path>: that checkpoint (must exist); null: start fresh.
 
     Lightning on its own prefers an ``hpc_ckpt`` whenever one exists, even an older one than the last
-    periodic checkpoint: the newest wins here. Sharded checkpoints (DeepSpeed, FSDP) are directories.
+    periodic checkpoint: the newest wins here. Only finished checkpoints count (train/checkpoint_io.py):
+    files appear whole by rename; sharded (DeepSpeed, FSDP) directories carry a commit marker.
     """
     if resume in (None, "null", False):
         return None
     if resume == "auto":
-        candidates = [*output_dir.glob("checkpoints/*.ckpt"), *output_dir.glob("hpc_ckpt_*.ckpt")]
+        from train.checkpoint_io import is_committed
+
+        found = [*output_dir.glob("checkpoints/*.ckpt"), *output_dir.glob("hpc_ckpt_*.ckpt")]
+        candidates = [c for c in found if is_committed(c)]
+        if len(candidates) < len(found):
+            log.warning(
+                "ignoring unfinished checkpoints (a save was interrupted): %s",
+                ", ".join(str(c) for c in found if c not in candidates),
+            )
         if not candidates:
             return None
         return str(max(candidates, key=_written_at))
@@ -214,8 +223,14 @@ def wandb_run_id(output_dir: Path) -> str:
 def build_trainer(cfg: DictConfig, callbacks, loggers) -> pl.Trainer:
     strategy_cfg = cfg.strategy
     strategy = instantiate(strategy_cfg) if "_target_" in strategy_cfg else strategy_cfg.get("name", "auto")
+    from pytorch_lightning.strategies import DeepSpeedStrategy, ModelParallelStrategy
+
+    from train.checkpoint_io import AtomicCheckpointIO
+
+    sharded = isinstance(strategy, (DeepSpeedStrategy, ModelParallelStrategy))  # they write directories
     return instantiate(
         cfg.trainer,
+        plugins=[] if sharded else [AtomicCheckpointIO()],
         strategy=strategy,
         precision=resolve_precision(cfg.trainer.precision),
         callbacks=callbacks,

@@ -45,11 +45,33 @@ class DeepSpeedStrategy(_LightningDeepSpeed):
             self._gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
             self._gathered.__enter__()
 
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        _committed_save(self, super().save_checkpoint, checkpoint, filepath, storage_options)
+
     def on_validation_end(self) -> None:
         if getattr(self, "_gathered", None) is not None:
             self._gathered.__exit__(None, None, None)
             self._gathered = None
         super().on_validation_end()
+
+
+def _committed_save(strategy, save, checkpoint: dict, filepath, storage_options) -> None:
+    """A sharded save that is only valid once every rank finished: unmark, save, wait, mark (rank 0)."""
+    from pathlib import Path
+
+    from train.checkpoint_io import commit, uncommit
+
+    path = Path(strategy.broadcast(str(filepath)))
+    if strategy.is_global_zero and path.is_dir():
+        uncommit(path)  # overwriting (last.ckpt): invalid until rewritten
+    strategy.barrier("uncommit checkpoint")
+    save(checkpoint, filepath, storage_options)
+    strategy.barrier("checkpoint written")
+    if strategy.is_global_zero:
+        if path.is_dir():
+            commit(path)
+        else:  # a strategy configured to consolidate into one file (written by rank 0, complete here)
+            log.debug("%s is a single file: nothing to mark", path)
 
 
 def offloads_optimizer(strategy) -> bool:
@@ -115,6 +137,9 @@ class FSDPStrategy(ModelParallelStrategy):
         # "auto" would mean one data-parallel group per node; FSDP here shards over every rank.
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        _committed_save(self, super().save_checkpoint, checkpoint, filepath, storage_options)
 
     # Evaluation calls more than ``forward`` (encode_text, sampling loops, the logit scale) and reads
     # weights between forwards: gather every FSDP unit for the whole validation and keep it gathered.

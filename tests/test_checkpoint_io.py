@@ -1,0 +1,119 @@
+"""Crash-safe checkpoints: a kill or a full disk during a save leaves the previous checkpoint selected
+and loadable; unfinished sharded checkpoints are ignored by resume=auto."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.checkpoint_io import COMMIT_MARKER, AtomicCheckpointIO, atomic_torch_save, commit
+from train.run import resolve_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Writes half of the new checkpoint, then the process dies (SIGKILL: no cleanup, no exception handler).
+CRASH = """
+import os, signal, sys, torch
+sys.path.insert(0, {repo!r})
+import train.checkpoint_io as io
+real_save = torch.save
+def dying_save(obj, f):
+    f.write(b"x" * 4096); f.flush(); os.kill(os.getpid(), signal.SIGKILL)
+io.torch.save = dying_save if {atomic} else None
+if {atomic}:
+    io.atomic_torch_save({{"step": 2}}, {path!r})
+else:  # the negative control: a plain in-place write
+    with open({path!r}, "wb") as f:
+        dying_save(None, f)
+"""
+
+# Writes a checkpoint larger than the file size limit: the write fails with EFBIG.
+DISK_FULL = """
+import resource, signal, sys, torch
+sys.path.insert(0, {repo!r})
+from train.checkpoint_io import atomic_torch_save
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+atomic_torch_save({{"state_dict": {{"w": torch.zeros(1_000_000)}}, "step": 2}}, {path!r})
+"""
+
+
+def _previous(tmp_path: Path) -> Path:
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    atomic_torch_save({"step": 1}, last)
+    return last
+
+
+@pytest.mark.parametrize("atomic", [True, False], ids=["atomic", "negative-control-in-place"])
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint_selected(tmp_path, atomic):
+    last = _previous(tmp_path)
+    script = CRASH.format(repo=str(REPO), atomic=atomic, path=str(last))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == -9, result.stderr
+    if not atomic:  # what the atomic write prevents: the only checkpoint is now garbage
+        with pytest.raises((RuntimeError, EOFError, ValueError, pickle.UnpicklingError)):  # garbage now
+            torch.load(last, weights_only=True)
+        return
+    assert torch.load(last, weights_only=True) == {"step": 1}
+    leftovers = list(last.parent.glob(".last.ckpt.tmp-*"))
+    assert len(leftovers) == 1  # the half-written temporary file: never selected
+    assert resolve_checkpoint("auto", tmp_path) == str(last)
+
+
+def test_a_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(tmp_path):
+    last = _previous(tmp_path)
+    script = DISK_FULL.format(repo=str(REPO), path=str(last))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"could not write checkpoint {last}" in result.stderr
+    assert "the previous checkpoints are untouched" in result.stderr
+    assert torch.load(last, weights_only=True) == {"step": 1}
+    assert not list(last.parent.glob(".last.ckpt.tmp-*")), "the partial temporary file is removed"
+
+
+def test_resume_auto_ignores_sharded_checkpoints_without_their_commit_marker(tmp_path, caplog):
+    ckpts = tmp_path / "checkpoints"
+    good = ckpts / "step0000010.ckpt"
+    good.mkdir(parents=True)
+    (good / "shard_0.pt").write_bytes(b"0")
+    commit(good)
+    time.sleep(0.05)
+    torn = ckpts / "step0000020.ckpt"  # newer, but its save never finished
+    torn.mkdir()
+    (torn / "shard_0.pt").write_bytes(b"0")
+    with caplog.at_level("WARNING"):
+        assert resolve_checkpoint("auto", tmp_path) == str(good)
+    assert "ignoring unfinished checkpoints" in caplog.text and str(torn) in caplog.text
+    commit(torn)
+    assert (torn / COMMIT_MARKER).exists() and resolve_checkpoint("auto", tmp_path) == str(torn)
+
+
+def test_newest_checkpoint_wins_across_periodic_last_and_preemption(tmp_path):
+    old_last = tmp_path / "checkpoints" / "last.ckpt"
+    atomic_torch_save({"step": 1}, old_last)
+    hpc = tmp_path / "hpc_ckpt_1.ckpt"
+    atomic_torch_save({"step": 5}, hpc)
+    os.utime(old_last, (time.time() - 100, time.time() - 100))
+    assert resolve_checkpoint("auto", tmp_path) == str(hpc)
+    os.utime(hpc, (time.time() - 200, time.time() - 200))
+    assert resolve_checkpoint("auto", tmp_path) == str(old_last)  # Lightning alone would take hpc_ckpt
+
+
+def test_train_run_writes_single_file_checkpoints_atomically(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from train.run import build_trainer
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(
+            "train", overrides=["debug=fast", f"paths.output_dir={tmp_path}", "trainer.accelerator=cpu"]
+        )
+    trainer = build_trainer(cfg, [], [])
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
