@@ -120,6 +120,33 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from None
 
 
+def validate_deepspeed_checkpoint(path: str | Path) -> None:
+    """Refuse a DeepSpeed checkpoint directory whose files hold pickled objects beyond tensors, plain
+    containers and the three DeepSpeed types its own files use. DeepSpeed loads its files with
+    ``weights_only=False`` (code in a crafted file would run); every file is checked here first with
+    ``weights_only=True`` (memory-mapped: the tensors are not read)."""
+    import pickle
+
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    path = Path(path)
+    files = sorted(path.rglob("*.pt"))
+    if not files:
+        raise FileNotFoundError(f"{path}: a DeepSpeed checkpoint directory without any .pt file")
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
+        for f in files:
+            try:
+                torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except pickle.UnpicklingError as e:
+                first = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), str(e)[:200])
+                raise ValueError(
+                    f"{f}: refused to load: it contains pickled objects other than tensors, plain containers "
+                    f"and DeepSpeed's checkpoint types ({first[:200]})"
+                ) from None
+
+
 def checkpoint_format(path: str | Path) -> str:
     """``file`` (one torch.save file), ``deepspeed`` (a ZeRO checkpoint directory: one shard of weights
     and optimizer state per rank) or ``dcp`` (an FSDP2 distributed checkpoint directory)."""
@@ -140,10 +167,11 @@ def consolidate(path: str | Path, out: str | Path | None = None) -> dict[str, to
     """The full fp32 ``state_dict`` of any checkpoint (single file, DeepSpeed ZeRO 1/2/3 or FSDP2
     directory), on CPU; with ``out``, also written there as a plain single-file checkpoint
     (``{"state_dict": ..., "global_step": ...}``, loadable with ``weights_only=True`` and by ``load_stage``)."""
+    from train.checkpoint_io import atomic_torch_save
+
     ckpt = _consolidated(path)
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(ckpt, out)
+        atomic_torch_save(ckpt, out)
     return ckpt["state_dict"]
 
 
@@ -158,6 +186,7 @@ def _consolidated(path: str | Path) -> dict:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         tag = (path / "latest").read_text().strip()
+        validate_deepspeed_checkpoint(path)  # DeepSpeed's loader unpickles freely: check first
         state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
         # DeepSpeed names the module's weights as the LightningModule does, under the engine's "module.".
         ckpt = {"state_dict": {k.removeprefix("module."): v for k, v in state.items()}}

@@ -48,6 +48,15 @@ class DeepSpeedStrategy(_LightningDeepSpeed):
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
         _committed_save(self, super().save_checkpoint, checkpoint, filepath, storage_options)
 
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+        from pathlib import Path
+
+        from train.checkpoint import validate_deepspeed_checkpoint
+
+        if Path(checkpoint_path).is_dir():  # DeepSpeed unpickles its files freely: check them first
+            validate_deepspeed_checkpoint(checkpoint_path)
+        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+
     def on_validation_end(self) -> None:
         if getattr(self, "_gathered", None) is not None:
             self._gathered.__exit__(None, None, None)
