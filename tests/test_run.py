@@ -245,3 +245,53 @@ def test_wandb_offline_logs_config_and_perf_resumes_the_same_run_and_keeps_no_se
     # the API key never lands in the run directory (Hydra's .hydra/, W&B files, logs, checkpoints)
     leaked = [str(f) for f in tmp_path.rglob("*") if f.is_file() and canary.encode() in f.read_bytes()]
     assert not leaked, leaked
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_launch_torchrun_wrapper_starts_two_ranks(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "run"
+    env = {
+        **_env(tmp_path),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "NPROC_PER_NODE": "2",
+        "MASTER_PORT": str(port),
+        "RUN_DIR": str(run_dir),
+        "OMP_NUM_THREADS": "1",
+    }
+    result = subprocess.run(
+        [
+            "bash",
+            str(REPO / "launch" / "torchrun.sh"),
+            "debug=fast",
+            "trainer.accelerator=cpu",
+            "strategy=ddp",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["trainer/global_step"] == 5
+    assert "global batch 16 = 8 per device x 2 ranks" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_local_multirun_sweep_gives_each_point_its_run_directory(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = _python(
+        ["-m", "train.run", "--multirun", "debug=fast", "module.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep}"],
+        tmp_path,
+        timeout=400,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    for point, lr in (("0", 1e-3), ("1", 2e-3)):
+        assert json.loads((sweep / point / "metrics.json").read_text())["trainer/global_step"] == 5
+        assert yaml.safe_load((sweep / point / "config.yaml").read_text())["module"]["lr"] == lr
