@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from data.pipeline import SKIP_REASONS, Filters, ShardDataset
+from data.pipeline import SKIP_REASONS, Filters, ShardDataset, _seed
 from data.shards import expand_shards, group_samples, open_shard, read_tar
 from data.transforms import Normalize
 from train.parallel import per_device_batch_size
@@ -35,18 +36,27 @@ class RankSyncedLoader:
     an all-reduce(MIN) on a gloo group (a CPU tensor: no device sync, works beside NCCL); when any
     rank is dry, all stop together and the rest is counted as ``epoch_tail_dropped``.
 
-    Also the keeper of the data position: the latest ``__state__`` of each worker (see
-    data/pipeline.py), and skip counters summed over this rank's workers.
+    Also the keeper of the data position (see data/pipeline.py). Each batch carries its worker's
+    position; the loader remembers, per worker, the position of the last batch the training step
+    *consumed* (``mark_consumed``, called as a batch enters the step). Lightning fetches one batch
+    ahead, so the position of the last batch *yielded* would skip a batch on resume.
+    ``position_state``/``restore`` save and restore it; ``epoch_fn`` gives the epoch whose order the
+    next ``iter()`` follows.
     """
 
-    def __init__(self, loader: DataLoader, group: Any | None = None) -> None:
+    def __init__(self, loader: DataLoader, group: Any | None = None, epoch_fn: Any | None = None) -> None:
         self.loader = loader
         self.group = group
+        self.epoch_fn = epoch_fn
         self.worker_states: dict[int, dict] = {}
         self.tail_dropped = 0
+        self.consumed: dict[int, dict] = {}  # worker -> state after its last batch a step consumed
+        self.last_worker: int | None = None
+        self._in_flight: deque[dict] = deque(maxlen=64)  # states of yielded, not yet consumed batches
+        self._pending: dict | None = None  # this rank's saved position, applied by the next iter()
 
     def __iter__(self) -> Iterator[dict]:
-        self.worker_states, self.tail_dropped = {}, 0  # counts are per epoch
+        self._start_epoch()
         iterator = iter(self.loader)
         while True:
             batch = next(iterator, None)
@@ -59,11 +69,64 @@ class RankSyncedLoader:
                         self.tail_dropped += len(rest["__key__"])
                         self._record(rest["__state__"])
                 return
-            self._record(batch.pop("__state__"))
+            state = batch.pop("__state__")
+            self._record(state)
+            self._in_flight.append(state)
             yield batch
+
+    def _start_epoch(self) -> None:
+        ds = self.loader.dataset
+        if self.epoch_fn is not None:
+            ds.epoch = int(self.epoch_fn())
+        # counts are per epoch; a resume within the same epoch starts from the saved ones
+        self.worker_states, self.tail_dropped, self.consumed, self.last_worker = {}, 0, {}, None
+        self._in_flight.clear()
+        ds.start_positions, ds.start_skips, ds.worker_offset = {}, {}, 0
+        pending, self._pending = self._pending, None
+        if pending is not None and pending["epoch"] == ds.epoch:
+            workers = {int(w): st for w, st in pending["workers"].items()}
+            ds.start_positions = {w: st["position"] for w, st in workers.items()}
+            ds.start_skips = {w: dict(st["skips"]) for w, st in workers.items()}
+            self.worker_states = {w: dict(st) for w, st in workers.items()}
+            self.consumed = {w: dict(st) for w, st in workers.items()}
+            self.last_worker = pending["last_worker"]
+            self.tail_dropped = pending.get("tail_dropped", 0)
+            n = max(self.loader.num_workers, 1)
+            ds.worker_offset = 0 if self.last_worker is None else (self.last_worker + 1) % n
+            log.info(
+                "data: resuming epoch %d of rank %d at worker positions %s",
+                ds.epoch,
+                ds.rank,
+                ds.start_positions,
+            )
+        if self.loader.generator is not None:  # worker seeds: a function of (seed, epoch) only
+            self.loader.generator.manual_seed(int(_seed(ds.seed, ds.epoch, "loader")))
 
     def _record(self, state: dict) -> None:
         self.worker_states[state["worker"]] = state
+
+    def mark_consumed(self) -> None:
+        """The oldest yielded batch has entered a training step."""
+        if self._in_flight:
+            state = self._in_flight.popleft()
+            self.consumed[state["worker"]] = state
+            self.last_worker = state["worker"]
+
+    def position_state(self) -> dict:
+        """This rank's data position: what a resume needs to continue with the next unconsumed batch."""
+        ds = self.loader.dataset
+        return {
+            "epoch": ds.epoch,
+            "workers": {
+                w: {"position": st["position"], "skips": dict(st["skips"])} for w, st in self.consumed.items()
+            },
+            "last_worker": self.last_worker,
+            "tail_dropped": self.tail_dropped,
+        }
+
+    def restore(self, state: dict) -> None:
+        """Continue from ``position_state()`` at the next ``iter()`` (if it is for the same epoch)."""
+        self._pending = state
 
     def _any_rank_dry(self, dry: bool) -> bool:
         if self.group is None:
@@ -113,8 +176,15 @@ class ShardDataModule(pl.LightningDataModule):
         keep_val_json: bool = True,
         prefetch_factor: int = 4,
         pin_memory: bool | None = None,
+        on_layout_change: str = "error",
     ) -> None:
         super().__init__()
+        if on_layout_change not in ("error", "restart_epoch"):
+            raise ValueError(
+                f"data.on_layout_change={on_layout_change!r}: expected 'error' or 'restart_epoch'"
+            )
+        self.on_layout_change = on_layout_change
+        self._resume_state: dict | None = None
         self.train_shards, self.val_shards = train_shards, val_shards
         self.global_batch_size = global_batch_size
         self.val_batch_size = val_batch_size
@@ -221,6 +291,10 @@ class ShardDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> RankSyncedLoader:
         self._train_loader = self._loader(self._dataset(self.train_shards, train=True), sync=True)
+        self._train_loader.epoch_fn = lambda: self.trainer.current_epoch if self.trainer else 0
+        if self._resume_state is not None:
+            self._train_loader.restore(self._resume_state)
+            self._resume_state = None
         return self._train_loader
 
     def val_dataloader(self) -> RankSyncedLoader | list:
@@ -229,6 +303,68 @@ class ShardDataModule(pl.LightningDataModule):
         # Not rank-synchronised: validation runs no collective per step, so every rank evaluates all of
         # its shards (nothing dropped) and the module gathers the results at the end.
         return self._loader(self._dataset(self.val_shards, train=False), sync=False)
+
+    # ---- exact resume: the data position travels in the checkpoint --------------------------------
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        # Lightning calls this as a batch enters the training step (the fetcher is a batch ahead).
+        if self.trainer is not None and self.trainer.training and self._train_loader is not None:
+            self._train_loader.mark_consumed()
+        return batch
+
+    def state_dict(self) -> dict:
+        """Every rank's data position (gathered: Lightning writes rank 0's checkpoint only), with the
+        layout it belongs to. Called on every rank whenever a checkpoint is dumped."""
+        if self._train_loader is None:
+            return {}
+        local = self._train_loader.position_state()
+        world = self.trainer.world_size if self.trainer else 1
+        ranks = [local]
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            ranks = [None] * world
+            dist.all_gather_object(ranks, local, group=self._group)
+        return {
+            "version": 1,
+            "world_size": world,
+            "num_workers": self.num_workers,
+            "mode": self.mode,
+            "seed": self.seed,
+            "ranks": ranks,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume where the checkpoint's training step left the data: every rank continues its own
+        stream with the next batch it had not trained on. A different layout (ranks x workers) cannot
+        continue the epoch exactly once: refused, unless ``on_layout_change=restart_epoch``."""
+        if not state or "ranks" not in state:
+            return
+        world = self.trainer.world_size if self.trainer else 1
+        rank = self.trainer.global_rank if self.trainer else 0
+        saved = (state["world_size"], state["num_workers"], state["mode"], state["seed"])
+        now = (world, self.num_workers, self.mode, self.seed)
+        if saved != now:
+            epoch = state["ranks"][0]["epoch"]
+            mid_epoch = any(r["workers"] for r in state["ranks"])
+            if mid_epoch and self.on_layout_change != "restart_epoch":
+                raise ValueError(
+                    "the checkpoint stopped in the middle of data epoch "
+                    f"{epoch} with (ranks, data.num_workers, data.mode, data.seed) = {saved}; this run has "
+                    f"{now}. The rest of that epoch cannot be split over another layout exactly once. "
+                    "Resume with the saved layout, or set data.on_layout_change=restart_epoch to restart "
+                    "the epoch (samples of its first part are seen twice)."
+                )
+            if mid_epoch:
+                log.warning(
+                    "data: layout changed from %s to %s mid-epoch %d: the epoch restarts "
+                    "(data.on_layout_change=restart_epoch)",
+                    saved,
+                    now,
+                    epoch,
+                )
+            return
+        self._resume_state = state["ranks"][rank]
+        if self._train_loader is not None:  # the loader exists already (a restore after setup)
+            self._train_loader.restore(self._resume_state)
+            self._resume_state = None
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self.normalize is not None and "image" in batch and batch["image"].dtype == torch.uint8:

@@ -29,6 +29,8 @@ Data position (design for exact mid-epoch resume)
 - Restoring sets ``start_positions``: each worker replays its raw stream (tar reading + shuffle
   buffer, no decoding) and discards that many samples, then continues bit-identically. Since
   crops are keyed by sample, not by position, the resumed batches equal the uninterrupted ones.
+  ``worker_offset`` rotates the streams over the loader's workers so that the round-robin order of
+  batches also continues where it stopped. data/datamodule.py saves and restores all of this.
 """
 
 from __future__ import annotations
@@ -222,6 +224,9 @@ class ShardDataset(IterableDataset):
         self.epoch = 0
         self.start_positions: dict[int, int] = {}  # worker -> raw samples to skip (resume)
         self.start_skips: dict[int, dict[str, int]] = {}
+        # The DataLoader hands out batches round-robin from worker 0. A resume that stopped after a
+        # batch of worker k must continue with worker k+1: loader worker i plays stream (i + offset) % W.
+        self.worker_offset = 0
         self.reasons = list(SKIP_REASONS) + self.filters.reasons + ["partial_batch_dropped"]
         if mode == "resampled" and num_samples is None:
             self.num_samples = dataset_size(self.urls)
@@ -251,6 +256,7 @@ class ShardDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        worker = (worker + self.worker_offset) % num_workers
         skips = Counter(self.start_skips.get(worker, {}))
         state = {"rank": self.rank, "worker": worker, "epoch": self.epoch, "position": 0}
         raw = self._raw_samples(worker, num_workers, skips)

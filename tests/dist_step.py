@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train.callbacks.numerics import NumericalGuard  # noqa: E402
 from train.checkpoint import consolidate  # noqa: E402
-from train.ema import EMA  # noqa: E402
+from train.ema import EMA, EMAUpdateAfterStep  # noqa: E402
 from train.models.clip import CLIP  # noqa: E402
 from train.modules.clip import ClipModule  # noqa: E402
 
@@ -54,7 +54,7 @@ class Batches(Dataset):
         return {"image": self.images[i, self.rows], "tokens": self.tokens[i, self.rows]}
 
 
-class SGDClip(ClipModule):
+class SGDClip(EMAUpdateAfterStep, ClipModule):
     """The CLIP stage's module with SGD, an EMA (sharded like the net under ZeRO-3 / FSDP) and its own
     validation, which reads weights outside forward (the logit scale): gathered under sharding."""
 
@@ -71,9 +71,6 @@ class SGDClip(ClipModule):
         if self.nan_at == (self.global_rank, self.global_step):
             loss = loss * float("nan")
         return loss
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self.ema.update(self.net)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         batch = self.data[0]

@@ -124,3 +124,73 @@ def test_uneven_shards_end_the_epoch_together_without_deadlock(make_shards, work
     dropped = result[0]["dropped"] + result[1]["dropped"]
     assert dropped > 0, "the test data must actually be uneven"
     assert len(seen) + dropped == len(keys), "every sample is either seen or counted as dropped"
+
+
+# ---- exact resume: the data position ------------------------------------------------------------
+
+
+def _synced(directory, workers: int) -> RankSyncedLoader:
+    ds = ShardDataset(str(directory), batch_size=2, image_size=8, shuffle_buffer=3, seed=5)
+    return RankSyncedLoader(
+        torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, generator=torch.Generator())
+    )
+
+
+def _train_interrupted(directory, workers: int, stops: list[int], consumed_only: bool = True) -> list:
+    """Train (consume) batches, stopping after each count in ``stops`` the way a killed run does (the
+    trainer's fetcher already holds the next batch) and resuming from the saved position."""
+    trained: list[list[str]] = []
+    state = None
+    for stop_after in [*stops, None]:
+        loader = _synced(directory, workers)
+        if state is not None:
+            loader.restore(state)
+        iterator = iter(loader)
+        for n, batch in enumerate(iterator, start=1):
+            loader.mark_consumed()
+            trained.append(batch["__key__"])
+            if n == stop_after:
+                next(iterator)  # prefetched, never trained
+                state = loader.position_state()
+                if not consumed_only:  # what saving the loader's latest state would do
+                    state["workers"] = {
+                        w: {"position": s["position"], "skips": s["skips"]}
+                        for w, s in loader.worker_states.items()
+                    }
+                break
+    return trained
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_interrupted_twice_an_epoch_trains_every_key_once_in_the_uninterrupted_order(make_shards, workers):
+    directory, keys = make_shards([7, 5, 6, 4])
+    uninterrupted = [b["__key__"] for b in _synced(directory, workers)]
+    trained = _train_interrupted(directory, workers, stops=[3, 2])
+    assert trained == uninterrupted  # same batches, same round-robin order over workers
+    flat = [k for b in trained for k in b]
+    assert sorted(flat) == sorted(keys) and len(set(flat)) == len(keys)
+    # Negative control: the position of the last batch *fetched* (one ahead of training) loses data.
+    lossy = [k for b in _train_interrupted(directory, workers, [3, 2], consumed_only=False) for k in b]
+    assert len(lossy) < len(keys) and set(lossy) < set(keys)
+
+
+def test_resume_with_another_layout_mid_epoch_is_refused_naming_the_option():
+    state = {
+        "version": 1,
+        "world_size": 2,
+        "num_workers": 2,
+        "mode": "epoch",
+        "seed": 0,
+        "ranks": [{"epoch": 0, "workers": {0: {"position": 8, "skips": {}}}, "last_worker": 0}] * 2,
+    }
+    dm = ShardDataModule(train_shards="unused", num_workers=2, seed=0)
+    with pytest.raises(ValueError, match=r"data.on_layout_change=restart_epoch.*") as err:
+        dm.load_state_dict(state)
+    assert "(2, 2, 'epoch', 0)" in str(err.value) and "(1, 2, 'epoch', 0)" in str(err.value)
+    restart = ShardDataModule(train_shards="unused", num_workers=2, seed=0, on_layout_change="restart_epoch")
+    restart.load_state_dict(state)  # warns, and the epoch starts over
+    assert restart._resume_state is None
+    same = ShardDataModule(train_shards="unused", num_workers=2, seed=0)
+    state_1 = {**state, "world_size": 1, "ranks": state["ranks"][:1]}
+    same.load_state_dict(state_1)
+    assert same._resume_state == state["ranks"][0]

@@ -71,6 +71,21 @@ class EMA(nn.Module):
         return self
 
 
+class EMAUpdateAfterStep:
+    """LightningModule mixin: ``self.ema.update(self.net)`` right after each optimizer step.
+
+    Not in ``on_train_batch_end``: Lightning runs the callbacks' ``on_train_batch_end`` (periodic and
+    preemption checkpoints) before the module's, so a checkpoint would hold the weights after step k with
+    the EMA of step k-1, and a resumed run would lose one EMA update per restart. Once per optimizer
+    step also keeps the decay per step under gradient accumulation.
+    """
+
+    def optimizer_step(self, *args, **kwargs):
+        result = super().optimizer_step(*args, **kwargs)
+        self.ema.update(self.net)
+        return result
+
+
 def local_shard(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a parameter: the ZeRO-3 partition, the FSDP2 (DTensor) local shard, or itself."""
     if hasattr(t, "ds_tensor"):

@@ -70,6 +70,14 @@ class DataStats(pl.Callback):
             self._counter = FlopCounterMode(display=False)
             self._counter.__enter__()
 
+    # The count travels in checkpoints: a resumed run does not count again. Counting runs the step under a
+    # dispatch mode, which can change kernels' rounding in the last bit; an exact resume must not.
+    def state_dict(self) -> dict:
+        return {"flops_per_sample": self.flops_per_sample}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.flops_per_sample = state_dict.get("flops_per_sample")
+
     def on_exception(self, trainer, pl_module, exception) -> None:
         if self._counter is not None:
             self._counter.__exit__(None, None, None)

@@ -115,7 +115,13 @@ class NumericalGuard(pl.Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict
     ) -> None:
-        checkpoint["numerics"] = {"skipped": self.skipped, "spikes": self.spikes}
+        checkpoint["numerics"] = {
+            "skipped": self.skipped,
+            "spikes": self.spikes,
+            "consecutive": self.consecutive,
+            "loss_mean": self._loss_mean,
+            "seen": self._seen,
+        }
         if not self.check_checkpoints:
             return
         bad = [
@@ -138,6 +144,9 @@ class NumericalGuard(pl.Callback):
         state = checkpoint.get("numerics") or {}
         self.skipped = int(state.get("skipped", 0))
         self.spikes = int(state.get("spikes", 0))
+        self.consecutive = int(state.get("consecutive", 0))
+        self._loss_mean = state.get("loss_mean")
+        self._seen = int(state.get("seen", 0))
 
 
 def _world() -> int:

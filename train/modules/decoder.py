@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from eval.colours import dominant_colours
 from train.diffusion import GaussianDiffusion
-from train.ema import EMA
+from train.ema import EMA, EMAUpdateAfterStep
 from train.frozen_clip import FrozenClip, text_mask
 from train.modules.optim import configure_adamw
 from train.strategies import configure_sharding
@@ -65,7 +65,7 @@ def save_grid(rows: list[torch.Tensor], path: Path, scale: int = 1) -> Path:
     return path
 
 
-class DecoderModule(pl.LightningModule):
+class DecoderModule(EMAUpdateAfterStep, pl.LightningModule):
     def __init__(
         self,
         net: torch.nn.Module,
@@ -146,9 +146,6 @@ class DecoderModule(pl.LightningModule):
             self.log("train/vlb", terms["vlb"].mean())
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self.ema.update(self.net)
 
     # ---- sampling ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -256,7 +253,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(4.0 / mse)
 
 
-class UpsamplerModule(pl.LightningModule):
+class UpsamplerModule(EMAUpdateAfterStep, pl.LightningModule):
     """Stages 4 and 5: low-resolution image -> image at ``net.image_size`` (not conditioned on text).
 
     Training: a random crop of ``crop_fraction`` of the target size is cut from the (resized) image;
@@ -366,9 +363,6 @@ class UpsamplerModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self.ema.update(self.net)
 
     @staticmethod
     def base(low: torch.Tensor, size: int) -> torch.Tensor:

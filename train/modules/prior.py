@@ -31,13 +31,13 @@ import torch.nn.functional as F
 
 from eval.zeroshot import retrieval_recall, zeroshot_synthetic
 from train.diffusion import GaussianDiffusion
-from train.ema import EMA
+from train.ema import EMA, EMAUpdateAfterStep
 from train.frozen_clip import FrozenClip, text_mask
 from train.modules.optim import configure_adamw
 from train.strategies import configure_sharding
 
 
-class PriorModule(pl.LightningModule):
+class PriorModule(EMAUpdateAfterStep, pl.LightningModule):
     def __init__(
         self,
         net: torch.nn.Module,
@@ -114,9 +114,6 @@ class PriorModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self.ema.update(self.net)
 
     # ---- sampling ---------------------------------------------------------------------------------
     @torch.no_grad()

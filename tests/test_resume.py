@@ -1,0 +1,155 @@
+"""Exact resume after a crash: SIGKILL one rank of a 2-process torchrun job mid-run, relaunch it the same
+way (resume=auto), and the run continues bitwise as if nothing had happened.
+
+The job: the 16->32 upsampler (random crops, degradation, diffusion noise and timesteps, dropout 0.1 - every
+kind of random draw a stage makes) on 8 shards, 2 ranks x 2 loader workers, epoch mode, validation every 5
+steps (sampling), checkpoints every 6 steps, 20 steps crossing an epoch boundary at step 16.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
+ARGS = [
+    "stage=upsampler_256",
+    "net.dropout=0.1",
+    "logger=csv",
+    "trainer.accelerator=cpu",
+    "strategy=ddp",
+    "trainer.max_steps=20",
+    "trainer.val_check_interval=5",
+    "trainer.limit_val_batches=1",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "callbacks.checkpoint.every_n_train_steps=6",
+    "data.synthetic.train_samples=256",
+    "data.synthetic.val_samples=32",
+    "data.synthetic.shard_size=32",
+    "data.num_workers=2",
+    "data.global_batch_size=16",
+    "data.shuffle_buffer=16",
+    "module.val_max_samples=4",
+    "module.sample_steps=2",
+    "module.warmup_steps=2",
+]
+
+
+def _launch(tmp_path: Path, run_dir: Path, *extra: str, nproc: int = 2) -> subprocess.Popen:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "PYTHONPATH": str(REPO),
+        "UNCLIP_DATA_DIR": str(tmp_path / "datasets"),
+        "UNCLIP_LOG_DIR": str(tmp_path / "outputs"),
+        "NPROC_PER_NODE": str(nproc),
+        "MASTER_PORT": str(port),
+        "RUN_ID": run_dir.name,
+        "RUN_DIR": str(run_dir),
+        "OMP_NUM_THREADS": "1",
+    }
+    log = open(run_dir.parent / f"{run_dir.name}.log", "a")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(
+        ["bash", str(REPO / "launch" / "torchrun.sh"), *ARGS, *extra],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _finish(proc: subprocess.Popen, run_dir: Path, timeout: float = 300) -> None:
+    rc = proc.wait(timeout=timeout)
+    log = (run_dir.parent / f"{run_dir.name}.log").read_text()
+    assert rc == 0, log[-4000:]
+
+
+def _rank_pid(agent: int, rank: int) -> int:
+    """The worker process of ``rank`` among torchrun's children."""
+    for child in Path(f"/proc/{agent}/task/{agent}/children").read_text().split():
+        env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in env:
+            return int(child)
+    raise AssertionError(f"no rank {rank} under torchrun pid {agent}")
+
+
+def _losses(run_dir: Path, version: int) -> dict[int, float]:
+    path = run_dir / "csv" / f"version_{version}" / "metrics.csv"
+    with open(path) as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)[
+        "state_dict"
+    ]
+
+
+def test_sigkill_one_rank_then_relaunch_continues_bitwise(tmp_path):
+    (tmp_path / "outputs").mkdir()
+    reference = tmp_path / "outputs" / "reference"
+    _finish(_launch(tmp_path, reference), reference)
+    expected = _losses(reference, 0)
+    assert sorted(expected) == list(range(20)), sorted(expected)
+
+    crashed = tmp_path / "outputs" / "crashed"
+    proc = _launch(tmp_path, crashed)
+    checkpoint = crashed / "checkpoints" / "step0000012.ckpt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists():
+        assert proc.poll() is None, (crashed.parent / "crashed.log").read_text()[-4000:]
+        assert time.monotonic() < deadline, "no checkpoint at step 12"
+        time.sleep(0.2)
+    time.sleep(1.0)  # into step 13 or 14
+    os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
+    assert proc.wait(timeout=180) != 0  # torchrun tears the job down
+    before = _losses(crashed, 0) if (crashed / "csv" / "version_0" / "metrics.csv").exists() else {}
+    assert max(before, default=0) < 19, "the kill came too late to interrupt the run"
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    data = saved["ShardDataModule"]
+    assert data["world_size"] == 2 and len(data["ranks"]) == 2 and len(saved["rng_states"]) == 2
+    # every rank's own position (not only rank 0's), consumed batches only: 12 steps x 8 per rank
+    for rank in data["ranks"]:
+        assert rank["epoch"] == 0 and sum(w["position"] for w in rank["workers"].values()) >= 96
+    control = tmp_path / "outputs" / "control"
+    shutil.copytree(crashed, control)
+
+    # Relaunching mid-epoch on 1 process cannot continue the epoch exactly once: refused, naming the option.
+    other = tmp_path / "outputs" / "one_rank"
+    shutil.copytree(crashed, other)
+    assert _launch(tmp_path, other, nproc=1).wait(timeout=180) != 0
+    log = (other.parent / "one_rank.log").read_text()
+    assert "data.on_layout_change=restart_epoch" in log and "(2, 2, 'epoch', 0)" in log, log[-3000:]
+
+    _finish(_launch(tmp_path, crashed), crashed)  # the same command, as after a crash
+    resumed = _losses(crashed, 1)
+    assert sorted(resumed) == list(range(12, 20)), sorted(resumed)
+    for step, loss in resumed.items():  # bitwise: same data, same order, same random draws
+        assert loss == expected[step], (step, loss, expected[step])
+    final, ref = _weights(crashed), _weights(reference)
+    assert final.keys() == ref.keys()
+    assert all(torch.equal(final[k], ref[k]) for k in ref), [
+        k for k in ref if not torch.equal(final[k], ref[k])
+    ]
+
+    # Negative control: the same resume without the per-rank RNG states diverges at once.
+    _finish(_launch(tmp_path, control, "callbacks.rng=null"), control)
+    diverged = _losses(control, 1)
+    assert sorted(diverged) == list(range(12, 20))
+    assert all(diverged[s] != expected[s] for s in diverged)

@@ -1,0 +1,113 @@
+"""Random-number state for exact resume: every rank's generators travel in the checkpoint.
+
+Lightning saves no RNG state. Dropout, diffusion noise and timesteps, classifier-free-guidance
+dropout, random crops and degradations all draw from the global generators (Python, numpy, torch
+CPU, CUDA) of each rank, so a resumed run diverges from the uninterrupted one at its first step.
+
+- Saving: each rank's generator states are gathered into the checkpoint (``rng_states``, one entry
+  per rank; Lightning writes rank 0's file only). Called on every rank, as checkpoints are.
+- Loading: each rank keeps its own entry and sets it just before its first training step after the
+  resume (not at load time: Lightning's setup and a sanity check would consume numbers in between).
+  A checkpoint from another number of ranks has no entry to map: a warning, and the generators keep
+  their seeded state.
+- Validation draws from the same generators (sampling, seeded noise). It runs between training steps
+  and is skipped or repeated around a resume, so its draws are isolated: the states are put back
+  after every validation, and validation cadence never changes what training sees.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def capture() -> dict[str, Any]:
+    """The calling process's generator states, as tensors and numbers only (checkpoints load with
+    ``weights_only=True``, which refuses numpy arrays)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def apply(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["internal"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RNGState(pl.Callback):
+    def __init__(self, isolate_validation: bool = True) -> None:
+        self.isolate_validation = isolate_validation
+        self._to_apply: dict[str, Any] | None = None
+        self._outside_validation: dict[str, Any] | None = None
+
+    # ---- checkpoint --------------------------------------------------------------------------------
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        local = self._outside_validation or capture()  # a save from inside validation: training's state
+        states = [local]
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            states = [None] * trainer.world_size
+            dist.all_gather_object(states, local)
+        checkpoint["rng_states"] = states
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        states = checkpoint.get("rng_states")
+        if not states:
+            log.warning("the checkpoint holds no RNG states: random draws after the resume differ")
+            return
+        if len(states) != trainer.world_size:
+            log.warning(
+                "the checkpoint holds RNG states of %d ranks; this run has %d: not restored (random "
+                "draws after the resume differ from an uninterrupted run)",
+                len(states),
+                trainer.world_size,
+            )
+            return
+        self._to_apply = states[trainer.global_rank]
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx
+    ) -> None:
+        if self._to_apply is not None:
+            apply(self._to_apply)
+            self._to_apply = None
+
+    # ---- validation draws do not touch training's stream -------------------------------------------
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.isolate_validation:
+            self._outside_validation = capture()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.isolate_validation and self._outside_validation is not None:
+            apply(self._outside_validation)
+            self._outside_validation = None
