@@ -19,12 +19,19 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from data.pipeline import SKIP_REASONS, Filters, ShardDataset, _seed
+from data.pipeline import BAD_SAMPLE_REASONS, SKIP_REASONS, Filters, ShardDataset, _seed
 from data.shards import expand_shards, group_samples, open_shard, read_tar
 from data.transforms import Normalize
 from train.parallel import per_device_batch_size
 
 log = logging.getLogger(__name__)
+
+
+SHARD_REASONS = tuple(r for r in SKIP_REASONS if r not in BAD_SAMPLE_REASONS)
+
+
+class DataError(RuntimeError):
+    """The training data cannot continue (too many broken samples, or a rank without data)."""
 
 
 class RankSyncedLoader:
@@ -36,6 +43,10 @@ class RankSyncedLoader:
     an all-reduce(MIN) on a gloo group (a CPU tensor: no device sync, works beside NCCL); when any
     rank is dry, all stop together and the rest is counted as ``epoch_tail_dropped``.
 
+    The same vote carries the data checks (``checks``, on for training): when the broken samples of an
+    epoch pass ``max_bad_fraction`` of those read, or a rank gets no batch at all in an epoch (which
+    would otherwise loop over empty epochs forever), every rank raises ``DataError`` together.
+
     Also the keeper of the data position (see data/pipeline.py). Each batch carries its worker's
     position; the loader remembers, per worker, the position of the last batch the training step
     *consumed* (``mark_consumed``, called as a batch enters the step). Lightning fetches one batch
@@ -44,8 +55,18 @@ class RankSyncedLoader:
     next ``iter()`` follows.
     """
 
-    def __init__(self, loader: DataLoader, group: Any | None = None, epoch_fn: Any | None = None) -> None:
+    def __init__(
+        self,
+        loader: DataLoader,
+        group: Any | None = None,
+        epoch_fn: Any | None = None,
+        *,
+        checks: bool = False,
+        max_bad_fraction: float | None = 0.1,
+    ) -> None:
         self.loader = loader
+        self.checks, self.max_bad_fraction = checks, max_bad_fraction
+        self._resumed = False
         self.group = group
         self.epoch_fn = epoch_fn
         self.worker_states: dict[int, dict] = {}
@@ -58,20 +79,28 @@ class RankSyncedLoader:
     def __iter__(self) -> Iterator[dict]:
         self._start_epoch()
         iterator = iter(self.loader)
+        yielded = 0
         while True:
             batch = next(iterator, None)
             while batch is not None and not batch["__key__"]:  # state-only record from a finished worker
                 self._record(batch["__state__"])
                 batch = next(iterator, None)
-            if self._any_rank_dry(batch is None):
+            state = batch.pop("__state__") if batch is not None else None
+            if state is not None:
+                self._record(state)
+            problem = self._data_problem(dry=batch is None, yielded=yielded) if self.checks else None
+            status = self._agree(-1 if problem else 0 if batch is None else 1)
+            if status < 0:
+                raise DataError(problem or "another rank's training data failed its checks (see its log)")
+            if status == 0:
                 if batch is not None:  # another rank is dry: drain ours, counting what the epoch leaves out
-                    for rest in [batch, *iterator]:
+                    self.tail_dropped += len(batch["__key__"])
+                    for rest in iterator:
                         self.tail_dropped += len(rest["__key__"])
                         self._record(rest["__state__"])
                 return
-            state = batch.pop("__state__")
-            self._record(state)
             self._in_flight.append(state)
+            yielded += 1
             yield batch
 
     def _start_epoch(self) -> None:
@@ -83,7 +112,8 @@ class RankSyncedLoader:
         self._in_flight.clear()
         ds.start_positions, ds.start_skips, ds.worker_offset = {}, {}, 0
         pending, self._pending = self._pending, None
-        if pending is not None and pending["epoch"] == ds.epoch:
+        self._resumed = pending is not None and pending["epoch"] == ds.epoch
+        if self._resumed:
             workers = {int(w): st for w, st in pending["workers"].items()}
             ds.start_positions = {w: st["position"] for w, st in workers.items()}
             ds.start_skips = {w: dict(st["skips"]) for w, st in workers.items()}
@@ -128,12 +158,37 @@ class RankSyncedLoader:
         """Continue from ``position_state()`` at the next ``iter()`` (if it is for the same epoch)."""
         self._pending = state
 
-    def _any_rank_dry(self, dry: bool) -> bool:
+    def _agree(self, status: int) -> int:
+        """The ranks' common decision: 1 all have a batch, 0 some rank is dry (end the epoch together),
+        -1 some rank's data failed its checks (every rank raises, so none hangs in a collective)."""
         if self.group is None:
-            return dry
-        flag = torch.tensor([0 if dry else 1], dtype=torch.int32)
+            return status
+        flag = torch.tensor([status], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)  # collective: every rank, every batch
-        return flag.item() == 0
+        return int(flag.item())
+
+    def _data_problem(self, *, dry: bool, yielded: int) -> str | None:
+        """Why this rank's training data cannot go on, or None."""
+        ds = self.loader.dataset
+        counts = self.skip_counts()
+        bad = {r: counts.get(r, 0) for r in BAD_SAMPLE_REASONS if counts.get(r, 0)}
+        read = sum(st["position"] for st in self.worker_states.values()) + counts.get("duplicate_key", 0)
+        limit = self.max_bad_fraction
+        if limit is not None and sum(bad.values()) > limit * max(read, 1) and (read >= 100 or dry):
+            return (
+                f"rank {ds.rank}: {sum(bad.values())} of the {read} samples read this epoch are broken "
+                f"({', '.join(f'{r} {n}' for r, n in bad.items())}), more than data.max_bad_fraction={limit}. "
+                f"Check the shards (`python -m data.inspect {ds.spec}`) or raise the limit"
+            )
+        if dry and yielded == 0 and not self._resumed:
+            shard_skips = {r: counts[r] for r in SHARD_REASONS if counts.get(r)}
+            return (
+                f"rank {ds.rank} of {ds.world_size}: no training batch this epoch from data.train_shards="
+                f"{ds.spec!r} ({len(ds.urls)} shards in all; bad shards here: {shard_skips or 'none'}; "
+                f"samples skipped: {({r: n for r, n in counts.items() if n}) or 'none'}). Every rank needs "
+                "at least one shard with a full batch of good samples"
+            )
+        return None
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -177,8 +232,14 @@ class ShardDataModule(pl.LightningDataModule):
         prefetch_factor: int = 4,
         pin_memory: bool | None = None,
         on_layout_change: str = "error",
+        max_bad_fraction: float | None = 0.1,
     ) -> None:
         super().__init__()
+        if max_bad_fraction is not None and not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(
+                f"data.max_bad_fraction={max_bad_fraction}: expected a fraction in [0, 1] or null"
+            )
+        self.max_bad_fraction = max_bad_fraction
         if on_layout_change not in ("error", "restart_epoch"):
             raise ValueError(
                 f"data.on_layout_change={on_layout_change!r}: expected 'error' or 'restart_epoch'"
@@ -268,7 +329,7 @@ class ShardDataModule(pl.LightningDataModule):
             ds.epoch = self.trainer.current_epoch
         return ds
 
-    def _loader(self, ds: ShardDataset, *, sync: bool) -> RankSyncedLoader:
+    def _loader(self, ds: ShardDataset, *, sync: bool, checks: bool = False) -> RankSyncedLoader:
         workers = self.num_workers
         if workers > len(ds.urls) // ds.world_size:
             log.warning(
@@ -287,10 +348,14 @@ class ShardDataModule(pl.LightningDataModule):
             persistent_workers=False,  # workers re-created each epoch so they see the new epoch number
             generator=torch.Generator().manual_seed(self.seed),
         )
-        return RankSyncedLoader(loader, self._group if sync else None)
+        return RankSyncedLoader(
+            loader, self._group if sync else None, checks=checks, max_bad_fraction=self.max_bad_fraction
+        )
 
     def train_dataloader(self) -> RankSyncedLoader:
-        self._train_loader = self._loader(self._dataset(self.train_shards, train=True), sync=True)
+        self._train_loader = self._loader(
+            self._dataset(self.train_shards, train=True), sync=True, checks=True
+        )
         self._train_loader.epoch_fn = lambda: self.trainer.current_epoch if self.trainer else 0
         if self._resume_state is not None:
             self._train_loader.restore(self._resume_state)

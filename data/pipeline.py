@@ -16,9 +16,13 @@ Modes
 - ``resampled``: every worker draws shards with replacement forever (seeded); the epoch length is
   ``num_samples`` (from config, or the sidecar ``sizes.json``), never from reading the data.
 
-Bad data never stops training: every dropped sample is counted by reason (``SKIP_REASONS`` and one
+Bad data does not stop training: every dropped sample is counted by reason (``SKIP_REASONS`` and one
 ``filter_<name>`` per configured filter); the counts travel with each batch and are logged by the
-DataModule as ``data/skipped_<reason>``.
+DataModule as ``data/skipped_<reason>``. A key seen twice in a shard keeps its first sample; a key
+that is an absolute path or has a ``..`` component is dropped (keys name the members we write, e.g.
+data.embed's shards). Only known members are ever decoded (images, txt, json, npy without pickle);
+anything else, ``.pyd``/``.pickle`` included, stays bytes. Only when the fraction of broken samples
+passes ``data.max_bad_fraction`` does the run stop (data/datamodule.py).
 
 Data position (design for exact mid-epoch resume)
 - Everything random is seeded from (seed, epoch, rank, worker) or (seed, epoch, key): the shard
@@ -52,17 +56,23 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data.shards import ShardError, expand_shards, group_samples, open_shard, read_tar
-from data.transforms import Crop, decode_image, resize_crop
+from data.transforms import Crop, ImageTooLarge, decode_image, resize_crop
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-SKIP_REASONS = (
+BAD_SAMPLE_REASONS = (  # a sample whose bytes are broken (filters are choices, not faults)
     "missing_image",
     "missing_caption",
     "bad_json",
     "decode_error",
+    "image_too_large",
     "bad_field",
+    "duplicate_key",
+    "unsafe_key",  # absolute, or with a '..' component: keys name members of the tars we write
+)
+SKIP_REASONS = (
+    *BAD_SAMPLE_REASONS,
     "truncated_shard",
     "corrupt_shard",
     "unreadable_shard",
@@ -309,10 +319,19 @@ class ShardDataset(IterableDataset):
 
     def _read_shard(self, url: str, skips: Counter) -> Iterator[dict]:
         n = 0
+        seen: set[str] = set()
         try:
             with open_shard(url) as stream:
                 for sample in group_samples(read_tar(stream)):
                     n += 1
+                    key = sample["__key__"]
+                    if key.startswith("/") or ".." in key.split("/"):
+                        skips["unsafe_key"] += 1
+                        continue
+                    if key in seen:
+                        skips["duplicate_key"] += 1
+                        continue
+                    seen.add(key)
                     sample["__url__"] = url
                     yield sample
         except ShardError as e:
@@ -363,6 +382,8 @@ class ShardDataset(IterableDataset):
     def _decode_into(self, sample: dict, item: dict) -> str | None:
         try:
             img, stored_size = decode_image(sample[item.pop("image_ext")], min_side=self.image_size)
+        except ImageTooLarge:
+            return "image_too_large"
         except Exception:  # noqa: BLE001 - any decoder failure is a bad sample, never a crash
             return "decode_error"
         if "width" not in item["json"] or "height" not in item["json"]:

@@ -247,7 +247,9 @@ def group_samples(members: Iterator[Member]) -> Iterator[dict[str, bytes | str]]
             key, ext = split_name(member.name)
             if not ext:
                 continue
-            if current is None or current["__key__"] != key:
+            # A new key, or a field the sample already has (the same key again: a duplicate, which the
+            # dataset drops as such instead of letting it overwrite the first one's bytes).
+            if current is None or current["__key__"] != key or ext in current:
                 if current is not None:
                     yield current
                 current = {"__key__": key}

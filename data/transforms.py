@@ -26,17 +26,30 @@ class Crop(str, Enum):
     CENTER = "center"
 
 
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # a header claiming more is refused before decoding (decompression bombs)
+
+
+class ImageTooLarge(ValueError):
+    pass
+
+
 def decode_image(data: bytes, min_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """Decode image bytes to an RGB PIL image; returns it and the stored (width, height).
 
-    Raises on undecodable data.
+    Raises on undecodable data, and ``ImageTooLarge`` when the header claims more than
+    ``MAX_IMAGE_PIXELS`` (checked before any pixel is decoded; PIL's own guard only warns below 2x its limit).
 
     ``min_side``: for JPEG, let libjpeg decode at a reduced scale (1/2, 1/4, 1/8) as long as the
     shorter side stays >= min_side: a large speed-up when shards hold images much bigger than the
     training resolution.
     """
-    img = Image.open(io.BytesIO(data))
+    try:
+        img = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as e:  # PIL's own limit (2x its MAX_IMAGE_PIXELS)
+        raise ImageTooLarge(str(e)) from e
     w, h = img.size
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ImageTooLarge(f"{w}x{h} pixels > {MAX_IMAGE_PIXELS}")
     if min_side is not None and img.format == "JPEG":
         scale = min_side / min(w, h)
         if scale < 1:

@@ -194,3 +194,49 @@ def test_resume_with_another_layout_mid_epoch_is_refused_naming_the_option():
     state_1 = {**state, "world_size": 1, "ranks": state["ranks"][:1]}
     same.load_state_dict(state_1)
     assert same._resume_state == state["ranks"][0]
+
+
+# ---- data checks: too many broken samples, a rank without data ------------------------------------
+
+
+def _dm(shards, **kw) -> ShardDataModule:
+    dm = ShardDataModule(
+        train_shards=shards, global_batch_size=2, num_workers=0, image_size=8, tokenizer=None, **kw
+    )
+    dm.setup("fit")
+    return dm
+
+
+def test_too_many_broken_samples_stop_the_run_naming_the_option(tmp_path):
+    from data.datamodule import DataError
+    from tests.conftest import simple_sample, write_tar
+
+    samples = []
+    for i in range(60):
+        samples.append(simple_sample(f"g{i}"))
+        if i % 3 == 0:  # 20 undecodable of 80 read: 25%
+            samples.append({"__key__": f"b{i}", "jpg": b"<html>Not Found</html>", "txt": "x"})
+    write_tar(tmp_path / "0.tar", samples)
+    with pytest.raises(DataError, match=r"20 of the 80 samples .*decode_error 20.*data.max_bad_fraction=0.1"):
+        list(_dm(str(tmp_path)).train_dataloader())
+    # within the limit (or with no limit) the run goes on and counts them
+    for limit in (0.3, None):
+        dm = _dm(str(tmp_path), max_bad_fraction=limit)
+        assert sum(len(b["__key__"]) for b in dm.train_dataloader()) == 60
+        assert dm.skip_counts()["decode_error"] == 20
+
+
+def test_an_epoch_without_any_batch_is_an_error_not_an_endless_loop(tmp_path):
+    from data.datamodule import DataError
+
+    (tmp_path / "0.tar").write_bytes(b"not a tar at all" * 64)
+    (tmp_path / "1.tar").write_bytes(b"")
+    with pytest.raises(
+        DataError, match=r"no training batch this epoch .*truncated_shard.: 1, .corrupt_shard.: 1"
+    ):
+        list(_dm(str(tmp_path)).train_dataloader())
+
+
+def test_max_bad_fraction_must_be_a_fraction():
+    with pytest.raises(ValueError, match="data.max_bad_fraction=1.5"):
+        ShardDataModule(train_shards="unused", max_bad_fraction=1.5)

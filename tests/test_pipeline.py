@@ -325,3 +325,80 @@ def test_restoring_worker_positions_continues_exactly(make_shards, workers):
         assert got == expect
     done = [k for b in full[:cut] for k in b["__key__"]] + [k for b in rest for k in b["__key__"]]
     assert sorted(done) == sorted(keys)
+
+
+# ---- broken input of every kind (issue: reliability) ----------------------------------------------
+
+
+def _png_header_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header (valid CRC) claims width x height: a decompression bomb's calling card."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    idat = b"IDAT" + zlib.compress(b"\0" * 64)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + struct.pack(">I", len(ihdr))
+        + chunk
+        + struct.pack(">I", zlib.crc32(chunk))
+        + struct.pack(">I", len(idat) - 4)
+        + idat
+        + struct.pack(">I", zlib.crc32(idat))
+    )
+
+
+class _Boom:
+    """Unpickling this would create a file: proof that a .pyd member was never unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_broken_samples_of_every_kind_are_dropped_counted_and_every_good_key_kept(tmp_path):
+    import pickle
+
+    good = [simple_sample(f"g{i}") for i in range(6)]
+    jpeg = image_bytes(64, 64)
+    canary = tmp_path / "unpickled"
+    bad = [
+        {"__key__": "html", "jpg": b"<!DOCTYPE html><html><body>Not Found</body></html>", "txt": "x"},
+        {"__key__": "bomb", "png": _png_header_claiming(20000, 20000), "txt": "x"},
+        {"__key__": "cut", "jpg": jpeg[: len(jpeg) // 2], "txt": "x"},
+        {"__key__": "nocap", "jpg": image_bytes()},
+        {"__key__": "emptycap", "jpg": image_bytes(), "txt": "   "},
+        {"__key__": "latin1", "jpg": image_bytes(), "txt": "caf\xe9".encode("latin-1")},
+        {"__key__": "g1", "jpg": image_bytes(), "txt": "the same key again, later in the shard"},
+        {"__key__": "../escape", "jpg": image_bytes(), "txt": "x"},
+    ]
+    adjacent_duplicate = {"__key__": "g5", "jpg": image_bytes(), "txt": "directly after the first g5"}
+    pyd = {**simple_sample("pyd"), "pyd": pickle.dumps(_Boom(str(canary)))}
+    write_tar(tmp_path / "0.tar", [*good[:3], *bad, *good[3:], adjacent_duplicate, pyd])
+    keys, skips = run_epoch(_dataset(tmp_path), 0)
+    assert sorted(keys) == sorted([s["__key__"] for s in good] + ["pyd"])  # exactly the good ones
+    assert skips == {
+        "decode_error": 2,  # HTML bytes named .jpg, a JPEG cut in half
+        "image_too_large": 1,  # refused from the header, nothing decoded
+        "missing_caption": 1,
+        "filter_caption_length": 1,  # an empty caption
+        "bad_field": 1,  # a caption that is not UTF-8
+        "duplicate_key": 2,  # later in the shard, and directly after the first
+        "unsafe_key": 1,
+    }
+    assert not canary.exists(), "a .pyd member was unpickled"
+
+
+def test_zero_byte_shard_and_a_cut_inside_a_member_header(tmp_path):
+    samples = [simple_sample(f"k{i}") for i in range(3)]
+    path = write_tar(tmp_path / "0.tar", samples)
+    with tarfile.open(path) as tar:
+        header = next(m for m in tar.getmembers() if m.name == "k2.jpg").offset
+    _truncate(path, header + 100)  # inside k2's first header block
+    (tmp_path / "1.tar").write_bytes(b"")
+    keys, skips = run_epoch(_dataset(tmp_path), 0)
+    assert keys == ["k0", "k1"]
+    assert skips == {"truncated_shard": 2}  # a zero-byte file is a tar cut before its first header

@@ -240,6 +240,9 @@ def build_trainer(cfg: DictConfig, callbacks, loggers) -> pl.Trainer:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one stage from a composed config; returns the final metrics."""
+    from train.config import validate
+
+    validate(cfg)  # wrong types and impossible values fail here, naming the key
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)

@@ -1,0 +1,73 @@
+"""Config checks at start: a wrong type or an impossible value fails before anything is built, naming
+the key, instead of deep inside the trainer minutes later.
+
+Hydra already refuses a key that does not exist (``trainer.max_stpes=5``: "Key 'max_stpes' is not in
+struct"; ``+key=`` adds one on purpose) and an unknown group option (``net=nope`` lists the available
+ones); keys passed to a ``_target_`` that does not take them fail at instantiation naming the keyword.
+This module covers what composition cannot: types and ranges of the options every stage has. Each
+rule applies when its key is present, so a stage without EMA or without a module key is fine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _integer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# key -> (accepts the value, what is expected)
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": (_integer, "an integer"),
+    "trainer.max_steps": (lambda v: _integer(v) and (v > 0 or v == -1), "a positive integer (or -1)"),
+    "trainer.val_check_interval": (lambda v: v is None or (_number(v) and v > 0), "a number > 0"),
+    "trainer.accumulate_grad_batches": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "trainer.gradient_clip_val": (lambda v: v is None or (_number(v) and v >= 0), "a number >= 0 or null"),
+    "trainer.log_every_n_steps": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "trainer.num_nodes": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "data.global_batch_size": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "data.val_batch_size": (lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1 or null"),
+    "data.num_workers": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    "data.shuffle_buffer": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    "data.image_size": (lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1 or null"),
+    "data.mode": (lambda v: v in ("epoch", "resampled"), "'epoch' or 'resampled'"),
+    "module.lr": (lambda v: _number(v) and v > 0, "a learning rate > 0"),
+    "module.weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "module.warmup_steps": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    "module.min_lr_ratio": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "module.ema_decay": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "module.eps": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "module.betas": (
+        lambda v: isinstance(v, list | tuple) and len(v) == 2 and all(_number(b) and 0 <= b < 1 for b in v),
+        "two numbers in [0, 1), e.g. [0.9, 0.98]",
+    ),
+}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise one ConfigError listing every key whose value breaks its rule."""
+    problems = []
+    for key, (ok, expected) in RULES.items():
+        node = OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=False)
+        if node is _MISSING:
+            continue
+        value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+        if not ok(value):
+            problems.append(f"{key}={value!r}: expected {expected}")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+_MISSING = object()
