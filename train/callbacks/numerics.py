@@ -125,9 +125,7 @@ class NumericalGuard(pl.Callback):
         if not self.check_checkpoints:
             return
         bad = [
-            name
-            for name, p in pl_module.named_parameters()
-            if not torch.isfinite(local_shard(p).detach()).all()
+            name for name, p in pl_module.named_parameters() if not torch.isfinite(_owned(p).detach()).all()
         ]
         flag = torch.tensor([float(bool(bad))], device=pl_module.device)
         if _world() > 1:
@@ -147,6 +145,18 @@ class NumericalGuard(pl.Callback):
         self.consecutive = int(state.get("consecutive", 0))
         self._loss_mean = state.get("loss_mean")
         self._seen = int(state.get("seen", 0))
+
+
+def _owned(p: torch.Tensor) -> torch.Tensor:
+    """The elements of a weight this rank holds. A ZeRO-3 partition is padded to equal size on every
+    rank, and the padding is uninitialised memory (a 1-element weight leaves rank 1 nothing but padding):
+    checking it would refuse healthy checkpoints at random."""
+    local = local_shard(p)
+    if hasattr(p, "ds_tensor") and hasattr(p, "ds_numel"):
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        size = local.numel()
+        return local.reshape(-1)[: max(0, min(size, p.ds_numel - rank * size))]
+    return local
 
 
 def _world() -> int:
