@@ -86,3 +86,27 @@ def clip_run(tmp_path_factory):
         )
     train(cfg)
     return root / "run", cfg.data.val_shards
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now (for MASTER_PORT of a test's process group)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PicklePayload:
+    """Unpickling this runs ``_mark`` (what a crafted checkpoint would do with worse code): tests assert
+    ``PicklePayload.ran`` stays False."""
+
+    ran = False
+
+    def __reduce__(self):
+        return (PicklePayload._mark, ())
+
+    @staticmethod
+    def _mark():
+        PicklePayload.ran = True
+        return "ran"

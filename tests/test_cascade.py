@@ -10,6 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from eval import sample as sample_cli
+from tests.conftest import PicklePayload
 from train.cascade import Cascade, StageSettings, slerp
 from train.checkpoint import export_stage, load_stage
 from train.run import CONF_DIR, train
@@ -159,28 +160,14 @@ def test_cli_errors_name_what_is_missing(tmp_path, capsys):
     assert "not a directory" in capsys.readouterr().err
 
 
-class _Payload:
-    """Unpickling this would run code (here: record that it ran)."""
-
-    ran = False
-
-    def __reduce__(self):
-        return (_Payload._mark, ())
-
-    @staticmethod
-    def _mark():
-        _Payload.ran = True
-        return "ran"
-
-
 def test_checkpoints_with_pickled_objects_are_refused(cascade_dir, tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text((cascade_dir / "upsampler_256" / "config.yaml").read_text())
     good = torch.load(cascade_dir / "upsampler_256" / "checkpoints" / "last.ckpt", weights_only=True)
-    torch.save({**good, "extra": _Payload()}, run / "checkpoints" / "last.ckpt")
+    torch.save({**good, "extra": PicklePayload()}, run / "checkpoints" / "last.ckpt")
     with pytest.raises(ValueError, match="last.ckpt: refused to load: it contains pickled objects"):
         load_stage(run)
-    assert not _Payload.ran
+    assert not PicklePayload.ran
     torch.save(good, run / "checkpoints" / "last.ckpt")  # the same checkpoint without it loads
     assert load_stage(run).global_step == 2

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import PicklePayload
 from train.checkpoint_io import COMMIT_MARKER, AtomicCheckpointIO, atomic_torch_save, commit
 from train.run import resolve_checkpoint
 
@@ -119,20 +120,6 @@ def test_train_run_writes_single_file_checkpoints_atomically(tmp_path):
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
-class _Payload:
-    """Unpickling this runs ``_mark`` (what a crafted checkpoint would do with worse code)."""
-
-    ran = False
-
-    def __reduce__(self):
-        return (_Payload._mark, ())
-
-    @staticmethod
-    def _mark():
-        _Payload.ran = True
-        return "ran"
-
-
 def test_deepspeed_checkpoints_are_checked_before_deepspeed_unpickles_them(tmp_path):
     from train.checkpoint import consolidate
 
@@ -141,9 +128,9 @@ def test_deepspeed_checkpoints_are_checked_before_deepspeed_unpickles_them(tmp_p
     (ckpt / "latest").write_text("checkpoint")
     torch.save({"module": {"net.w": torch.zeros(2)}}, ckpt / "checkpoint" / "mp_rank_00_model_states.pt")
     torch.save(
-        {"optimizer_state_dict": _Payload()},
+        {"optimizer_state_dict": PicklePayload()},
         ckpt / "checkpoint" / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
     )
     with pytest.raises(ValueError, match="zero_pp_rank_0_mp_rank_00_optim_states.pt: refused to load"):
         consolidate(ckpt)
-    assert not _Payload.ran
+    assert not PicklePayload.ran

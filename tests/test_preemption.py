@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TRIALS = 20
@@ -28,9 +29,7 @@ def test_random_preemptions_checkpoint_once_requeue_once_and_never_hang(tmp_path
     scontrol.write_text('#!/bin/sh\necho "$*" >> "$SCONTROL_LOG"\n')
     scontrol.chmod(0o755)
     calls = tmp_path / "scontrol.log"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {
         **os.environ,
         "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",

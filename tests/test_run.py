@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from eval.zeroshot import evaluate_run
+from tests.conftest import free_port
 from train.run import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -250,11 +251,7 @@ def test_wandb_offline_logs_config_and_perf_resumes_the_same_run_and_keeps_no_se
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_launch_torchrun_wrapper_starts_two_ranks(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     run_dir = tmp_path / "run"
     env = {
         **_env(tmp_path),
