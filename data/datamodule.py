@@ -111,22 +111,31 @@ class RankSyncedLoader:
         self.worker_states, self.tail_dropped, self.consumed, self.last_worker = {}, 0, {}, None
         self._in_flight.clear()
         ds.start_positions, ds.start_skips, ds.worker_offset = {}, {}, 0
+        ds.data_ranks = ds.data_world_size = None  # a new epoch: this rank's own partition
         pending, self._pending = self._pending, None
         self._resumed = pending is not None and pending["epoch"] == ds.epoch
         if self._resumed:
-            workers = {int(w): st for w, st in pending["workers"].items()}
-            ds.start_positions = {w: st["position"] for w, st in workers.items()}
-            ds.start_skips = {w: dict(st["skips"]) for w, st in workers.items()}
-            self.worker_states = {w: dict(st) for w, st in workers.items()}
-            self.consumed = {w: dict(st) for w, st in workers.items()}
+            streams = {(int(v), int(w)): st for (v, w), st in pending["streams"].items()}
+            ds.data_ranks = [int(v) for v in pending.get("data_ranks", [ds.rank])]
+            ds.data_world_size = int(pending.get("data_world_size", ds.world_size))
+            ds.start_positions = {key: st["position"] for key, st in streams.items()}
+            ds.start_skips = {key: dict(st["skips"]) for key, st in streams.items()}
+            for (v, w), st in streams.items():
+                record = self.worker_states.setdefault(w, {"worker": w, "streams": {}})
+                record["streams"][v] = {"position": st["position"], "skips": dict(st["skips"])}
+            self.consumed = {
+                w: {"worker": w, "streams": dict(st["streams"])} for w, st in self.worker_states.items()
+            }
             self.last_worker = pending["last_worker"]
             self.tail_dropped = pending.get("tail_dropped", 0)
             n = max(self.loader.num_workers, 1)
             ds.worker_offset = 0 if self.last_worker is None else (self.last_worker + 1) % n
             log.info(
-                "data: resuming epoch %d of rank %d at worker positions %s",
+                "data: resuming epoch %d of rank %d (data ranks %s of %d) at stream positions %s",
                 ds.epoch,
                 ds.rank,
+                ds.data_ranks,
+                ds.data_world_size,
                 ds.start_positions,
             )
         if self.loader.generator is not None:  # worker seeds: a function of (seed, epoch) only
@@ -147,8 +156,12 @@ class RankSyncedLoader:
         ds = self.loader.dataset
         return {
             "epoch": ds.epoch,
-            "workers": {
-                w: {"position": st["position"], "skips": dict(st["skips"])} for w, st in self.consumed.items()
+            "data_ranks": ds.streams,
+            "data_world_size": ds.stream_world_size,
+            "streams": {  # (data rank, worker) -> position and skips after its last consumed batch
+                (v, w): {"position": st["position"], "skips": dict(st["skips"])}
+                for w, record in self.consumed.items()
+                for v, st in record["streams"].items()
             },
             "last_worker": self.last_worker,
             "tail_dropped": self.tail_dropped,
@@ -172,7 +185,7 @@ class RankSyncedLoader:
         ds = self.loader.dataset
         counts = self.skip_counts()
         bad = {r: counts.get(r, 0) for r in BAD_SAMPLE_REASONS if counts.get(r, 0)}
-        read = sum(st["position"] for st in self.worker_states.values()) + counts.get("duplicate_key", 0)
+        read = sum(st["position"] for _, st in self._streams()) + counts.get("duplicate_key", 0)
         limit = self.max_bad_fraction
         if limit is not None and sum(bad.values()) > limit * max(read, 1) and (read >= 100 or dry):
             return (
@@ -193,9 +206,15 @@ class RankSyncedLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
+    def _streams(self) -> Iterator[tuple[tuple[int, int], dict]]:
+        """((data rank, worker), latest state) of every stream this rank has heard from this epoch."""
+        for w, record in self.worker_states.items():
+            for v, st in record["streams"].items():
+                yield (v, w), st
+
     def skip_counts(self) -> dict[str, int]:
         totals: dict[str, int] = {}
-        for state in self.worker_states.values():
+        for _, state in self._streams():
             for reason, n in state["skips"].items():
                 totals[reason] = totals.get(reason, 0) + n
         totals["epoch_tail_dropped"] = self.tail_dropped
@@ -387,9 +406,12 @@ class ShardDataModule(pl.LightningDataModule):
         if world > 1 and dist.is_available() and dist.is_initialized():
             ranks = [None] * world
             dist.all_gather_object(ranks, local, group=self._group)
+        ds = self._train_loader.loader.dataset
         return {
-            "version": 1,
+            "version": 2,
             "world_size": world,
+            "data_world_size": ds.stream_world_size,
+            "batch_per_data_rank": ds.batch_size // len(ds.streams),
             "num_workers": self.num_workers,
             "mode": self.mode,
             "seed": self.seed,
@@ -398,35 +420,100 @@ class ShardDataModule(pl.LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         """Resume where the checkpoint's training step left the data: every rank continues its own
-        stream with the next batch it had not trained on. A different layout (ranks x workers) cannot
-        continue the epoch exactly once: refused, unless ``on_layout_change=restart_epoch``."""
+        stream with the next batch it had not trained on.
+
+        On fewer ranks (the saved data-rank count a multiple of the new world size) with the same global
+        batch, each rank plays several saved data ranks, so the epoch continues exactly once and every
+        step trains the samples the saved layout would have. Any other change of layout mid-epoch
+        (workers, seed, mode, more ranks, another per-step batch) is refused, unless
+        ``on_layout_change=restart_epoch``."""
         if not state or "ranks" not in state:
             return
+        state = _upgrade_position(state)
         world = self.trainer.world_size if self.trainer else 1
         rank = self.trainer.global_rank if self.trainer else 0
-        saved = (state["world_size"], state["num_workers"], state["mode"], state["seed"])
-        now = (world, self.num_workers, self.mode, self.seed)
-        if saved != now:
-            epoch = state["ranks"][0]["epoch"]
-            mid_epoch = any(r["workers"] for r in state["ranks"])
-            if mid_epoch and self.on_layout_change != "restart_epoch":
-                raise ValueError(
-                    "the checkpoint stopped in the middle of data epoch "
-                    f"{epoch} with (ranks, data.num_workers, data.mode, data.seed) = {saved}; this run has "
-                    f"{now}. The rest of that epoch cannot be split over another layout exactly once. "
-                    "Resume with the saved layout, or set data.on_layout_change=restart_epoch to restart "
-                    "the epoch (samples of its first part are seen twice)."
-                )
-            if mid_epoch:
-                log.warning(
-                    "data: layout changed from %s to %s mid-epoch %d: the epoch restarts "
-                    "(data.on_layout_change=restart_epoch)",
-                    saved,
-                    now,
-                    epoch,
-                )
+        saved_ranks = state["ranks"]
+        epoch = saved_ranks[0]["epoch"]
+        if (state["world_size"], state["data_world_size"]) == (world, world) and (
+            state["num_workers"],
+            state["mode"],
+            state["seed"],
+        ) == (self.num_workers, self.mode, self.seed):
+            self._set_resume(saved_ranks[rank])
             return
-        self._resume_state = state["ranks"][rank]
+        if not any(r["streams"] for r in saved_ranks):
+            return  # saved at an epoch boundary: the next epoch starts on the new layout
+        data_world = state["data_world_size"]
+        batch = self.batch_size or per_device_batch_size(self.global_batch_size, world, 1)
+        problems = [
+            f"data.{key}={now!r} (saved {was!r})"
+            for key, was, now in (
+                ("num_workers", state["num_workers"], self.num_workers),
+                ("mode", state["mode"], self.mode),
+                ("seed", state["seed"], self.seed),
+            )
+            if was != now
+        ]
+        if data_world % world:
+            problems.append(
+                f"{world} ranks (the saved epoch is split into {data_world} data ranks; it can continue "
+                f"on a number of ranks that divides {data_world})"
+            )
+        elif state.get("batch_per_data_rank") is None:
+            problems.append(
+                f"{world} ranks (a checkpoint from before data version 2 records no batch per data rank)"
+            )
+        elif batch != data_world // world * state["batch_per_data_rank"]:
+            problems.append(
+                f"a per-device batch of {batch} (continuing {data_world // world} data ranks of "
+                f"{state['batch_per_data_rank']} each needs {data_world // world * state['batch_per_data_rank']}: "
+                "keep data.global_batch_size and trainer.accumulate_grad_batches)"
+            )
+        if problems:
+            if self.on_layout_change != "restart_epoch":
+                raise ValueError(
+                    f"the checkpoint stopped in the middle of data epoch {epoch}, saved with "
+                    f"{state['world_size']} ranks; the rest of that epoch cannot continue exactly once with "
+                    f"{'; '.join(problems)}. Resume with the saved layout, or set "
+                    "data.on_layout_change=restart_epoch to restart the epoch (samples of its first part "
+                    "are seen twice)."
+                )
+            log.warning(
+                "data: layout changed mid-epoch %d (%s): the epoch restarts (data.on_layout_change=restart_epoch)",
+                epoch,
+                "; ".join(problems),
+            )
+            return
+        k = data_world // world
+        mine = list(range(rank * k, (rank + 1) * k))
+        first = next(r for r in saved_ranks if mine[0] in r["data_ranks"])
+        self._set_resume(
+            {
+                "epoch": epoch,
+                "data_ranks": mine,
+                "data_world_size": data_world,
+                "streams": {
+                    (v, w): st for r in saved_ranks for (v, w), st in r["streams"].items() if v in mine
+                },
+                "last_worker": first["last_worker"],
+                "tail_dropped": sum(
+                    r.get("tail_dropped", 0) for r in saved_ranks if r["data_ranks"][0] in mine
+                ),
+            }
+        )
+        log.info(
+            "data: epoch %d saved on %d ranks continues on %d: rank %d plays data ranks %s (%d samples each "
+            "per step)",
+            epoch,
+            state["world_size"],
+            world,
+            rank,
+            mine,
+            state["batch_per_data_rank"],
+        )
+
+    def _set_resume(self, position: dict) -> None:
+        self._resume_state = position
         if self._train_loader is not None:  # the loader exists already (a restore after setup)
             self._train_loader.restore(self._resume_state)
             self._resume_state = None
@@ -446,6 +533,30 @@ class ShardDataModule(pl.LightningDataModule):
         ]  # identical on every rank
         counts = self._train_loader.skip_counts() if self._train_loader is not None else {}
         return {k: counts.get(k, 0) for k in keys}
+
+
+def _upgrade_position(state: dict) -> dict:
+    """A version-1 data position (one data rank per rank, positions per worker) in today's form."""
+    if state.get("version", 1) >= 2:
+        return state
+    ranks = [
+        {
+            "epoch": r["epoch"],
+            "data_ranks": [i],
+            "data_world_size": state["world_size"],
+            "streams": {(i, int(w)): st for w, st in r["workers"].items()},
+            "last_worker": r["last_worker"],
+            "tail_dropped": r.get("tail_dropped", 0),
+        }
+        for i, r in enumerate(state["ranks"])
+    ]
+    return {
+        **state,
+        "version": 2,
+        "data_world_size": state["world_size"],
+        "batch_per_data_rank": None,
+        "ranks": ranks,
+    }
 
 
 def iter_captions(shards: str | Sequence[str], limit: int) -> Iterator[str]:

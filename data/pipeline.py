@@ -25,16 +25,21 @@ anything else, ``.pyd``/``.pickle`` included, stays bytes. Only when the fractio
 passes ``data.max_bad_fraction`` does the run stop (data/datamodule.py).
 
 Data position (design for exact mid-epoch resume)
-- Everything random is seeded from (seed, epoch, rank, worker) or (seed, epoch, key): the shard
+- Everything random is seeded from (seed, epoch, data rank, worker) or (seed, epoch, key): the shard
   order, the shuffle buffer, the crops. Nothing depends on pid or time.
-- A worker's position is the number of raw samples it has drawn from its shuffle buffer this epoch
-  (``position``); each batch carries its worker's ``position`` and skip counters after the batch, and
-  :class:`RankSyncedLoader` keeps the latest per worker, per rank (``state_dict``).
-- Restoring sets ``start_positions``: each worker replays its raw stream (tar reading + shuffle
-  buffer, no decoding) and discards that many samples, then continues bit-identically. Since
-  crops are keyed by sample, not by position, the resumed batches equal the uninterrupted ones.
-  ``worker_offset`` rotates the streams over the loader's workers so that the round-robin order of
-  batches also continues where it stopped. data/datamodule.py saves and restores all of this.
+- A stream is one (data rank, worker): its shards, its shuffle buffer. Its position is the number of
+  raw samples drawn from its shuffle buffer this epoch; each batch carries the positions and skip
+  counters of its worker's streams after the batch, and :class:`RankSyncedLoader` keeps the latest
+  per worker, per rank (``state_dict``).
+- Restoring sets ``start_positions``: each stream replays its raw samples (tar reading + shuffle
+  buffer, no decoding) and discards that many, then continues bit-identically. Since crops are keyed
+  by sample, not by position, the resumed batches equal the uninterrupted ones. ``worker_offset``
+  rotates the streams over the loader's workers so that the round-robin order of batches also
+  continues where it stopped.
+- Normally a rank's data rank is its rank. Resuming mid-epoch on fewer ranks (k = saved world size /
+  new world size), each rank plays k saved data ranks (``data_ranks``): a batch is one chunk of
+  ``batch_size / k`` from each, so with the same global batch every step trains the same samples as the
+  saved layout would have, in the same order. data/datamodule.py saves and restores all of this.
 """
 
 from __future__ import annotations
@@ -185,7 +190,8 @@ class ShardDataset(IterableDataset):
     Batch keys: ``image`` uint8 (B, 3, crop, crop) when ``image_size`` is set, ``tokens`` long (B, L)
     when a tokenizer is given, ``caption`` list[str], ``__key__`` list[str], ``json`` list[dict] when
     ``keep_json``, one float tensor (B, ...) per entry of ``npy_fields`` (embedding shards), and
-    ``__state__`` (the worker's data position and skip counts after this batch).
+    ``__state__`` (after this batch: ``streams``, each data rank's position and skip counts at this
+    worker, and ``skips``, their sum).
     """
 
     def __init__(
@@ -232,8 +238,14 @@ class ShardDataset(IterableDataset):
         # Set by the DataModule (or by hand) before iterating:
         self.rank, self.world_size = 0, 1
         self.epoch = 0
-        self.start_positions: dict[int, int] = {}  # worker -> raw samples to skip (resume)
-        self.start_skips: dict[int, dict[str, int]] = {}
+        # Data ranks: the (rank, world size) the shard partition, shuffle and position follow. Normally
+        # this rank's own; a resume at another world size plays k of the saved ranks at once (each
+        # batch = one chunk of batch_size / k from each), see data/datamodule.py.
+        self.data_ranks: list[int] | None = None
+        self.data_world_size: int | None = None
+        # (data rank, worker) -> raw samples to skip, and the skip counts at that point (resume)
+        self.start_positions: dict[tuple[int, int], int] = {}
+        self.start_skips: dict[tuple[int, int], dict[str, int]] = {}
         # The DataLoader hands out batches round-robin from worker 0. A resume that stopped after a
         # batch of worker k must continue with worker k+1: loader worker i plays stream (i + offset) % W.
         self.worker_offset = 0
@@ -263,18 +275,93 @@ class ShardDataset(IterableDataset):
         )
 
     # ---- the pipeline ---------------------------------------------------------------------------
+    @property
+    def streams(self) -> list[int]:
+        """The data ranks this rank plays (its own rank unless a resume at another world size)."""
+        return list(self.data_ranks) if self.data_ranks is not None else [self.rank]
+
+    @property
+    def stream_world_size(self) -> int:
+        return self.data_world_size if self.data_world_size is not None else self.world_size
+
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         worker = (worker + self.worker_offset) % num_workers
-        skips = Counter(self.start_skips.get(worker, {}))
-        state = {"rank": self.rank, "worker": worker, "epoch": self.epoch, "position": 0}
-        raw = self._raw_samples(worker, num_workers, skips)
-        raw = self._shuffled(raw, worker)
-        skip_to = self.start_positions.get(worker, 0)
-        batch: list[dict] = []
+        data_ranks = self.streams
+        if self.batch_size % len(data_ranks):
+            raise ValueError(
+                f"per-device batch {self.batch_size} does not split over the {len(data_ranks)} data ranks "
+                f"{data_ranks} this rank continues"
+            )
+        chunk = self.batch_size // len(data_ranks)
+        states = {v: {"position": 0, "skips": Counter()} for v in data_ranks}
+        active = [(v, self._stream(v, worker, num_workers, chunk, states[v])) for v in data_ranks]
+
+        def snapshot() -> dict:
+            streams = {
+                v: {"position": st["position"], "skips": {r: st["skips"].get(r, 0) for r in self.reasons}}
+                for v, st in states.items()
+            }
+            total = {r: sum(st["skips"][r] for st in streams.values()) for r in self.reasons}
+            return {
+                "rank": self.rank,
+                "worker": worker,
+                "epoch": self.epoch,
+                "streams": streams,
+                "skips": total,
+            }
+
+        # A batch is one chunk from each data rank in turn: with one data rank, its batches; with k, the
+        # concatenation of what the k ranks' same worker yields at this step. A data rank that runs dry
+        # hands its turn to the next, so the rest of the epoch is still trained exactly once.
+        parts: list[tuple[int, list[dict]]] = []
+        turn = 0
+        reported = None
+        while active:
+            turn %= len(active)
+            v, stream = active[turn]
+            items = next(stream, None)
+            if items is None:
+                del active[turn]
+                continue
+            turn += 1
+            if len(items) < chunk:  # the data rank's last, short chunk
+                if self.drop_last:
+                    states[v]["skips"]["partial_batch_dropped"] += len(items)
+                else:
+                    parts.append((v, items))
+                continue
+            parts.append((v, items))
+            if sum(len(p) for _, p in parts) >= self.batch_size:
+                state = snapshot()
+                reported = state["streams"]
+                yield self._collate([it for _, p in parts for it in p], state)
+                parts = []
+        if parts and not self.drop_last:
+            yield self._collate([it for _, p in parts for it in p], snapshot())
+            return
+        for v, p in parts:  # drop_last: a short batch would break equal-size collectives
+            states[v]["skips"]["partial_batch_dropped"] += len(p)
+        final = snapshot()
+        if final["streams"] != reported:
+            # A state-only record (no samples), so positions and skips after the last batch - or in a
+            # worker that never filled a batch - still reach the main process (consumers skip it).
+            yield {"__key__": [], "__state__": final}
+
+    def _stream(
+        self, data_rank: int, worker: int, num_workers: int, chunk: int, state: dict
+    ) -> Iterator[list]:
+        """One data rank's stream at one worker: lists of ``chunk`` processed items (the last may be
+        shorter). ``state`` (position, skips) is kept current: read it when a list arrives."""
+        skips = state["skips"]
+        key = (data_rank, worker)
+        skips.update(self.start_skips.get(key, {}))
         saved_skips = dict(skips)
-        reported = -1 if skips else 0
+        raw = self._shuffled(self._raw_samples(data_rank, worker, num_workers, skips), data_rank, worker)
+        skip_to = self.start_positions.get(key, 0)
+        state["position"] = skip_to
+        items: list[dict] = []
         for position, sample in enumerate(raw, start=1):
             if position <= skip_to:  # resume: replay the raw stream without decoding
                 if position == skip_to:  # shard-level skips seen during the replay are already counted
@@ -285,25 +372,19 @@ class ShardDataset(IterableDataset):
             item = self._process(sample, skips)
             if item is None:
                 continue
-            batch.append(item)
-            if len(batch) == self.batch_size:
-                yield self._collate(batch, state, skips)
-                reported, batch = sum(skips.values()), []
-        if batch and not self.drop_last:
-            yield self._collate(batch, state, skips)
-        elif batch:  # drop_last: a short batch would break equal-size collectives (the global-batch loss)
-            skips["partial_batch_dropped"] += len(batch)
-        if not (batch and not self.drop_last) and sum(skips.values()) != reported:
-            # A state-only record (no samples), so skips after the last batch - or in a worker that
-            # never filled a batch - still reach the main process. Consumers skip it (no "__key__"s).
-            yield {"__key__": [], "__state__": {**state, "skips": {r: skips.get(r, 0) for r in self.reasons}}}
+            items.append(item)
+            if len(items) == chunk:
+                yield items
+                items = []
+        if items:
+            yield items
 
-    def _raw_samples(self, worker: int, num_workers: int, skips: Counter) -> Iterator[dict]:
+    def _raw_samples(self, data_rank: int, worker: int, num_workers: int, skips: Counter) -> Iterator[dict]:
         if self.mode == "epoch":
             mine = shards_for(
                 self.urls,
-                rank=self.rank,
-                world_size=self.world_size,
+                rank=data_rank,
+                world_size=self.stream_world_size,
                 worker=worker,
                 num_workers=num_workers,
                 seed=self.seed,
@@ -313,7 +394,7 @@ class ShardDataset(IterableDataset):
             for url in mine:
                 yield from self._read_shard(url, skips)
         else:
-            rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, "resample"))
+            rng = random.Random(_seed(self.seed, self.epoch, data_rank, worker, "resample"))
             while True:
                 yield from self._read_shard(rng.choice(self.urls), skips)
 
@@ -345,11 +426,11 @@ class ShardDataset(IterableDataset):
         if n == 0:
             skips["empty_shard"] += 1
 
-    def _shuffled(self, samples: Iterator[dict], worker: int) -> Iterator[dict]:
+    def _shuffled(self, samples: Iterator[dict], data_rank: int, worker: int) -> Iterator[dict]:
         if self.shuffle_buffer <= 1:
             yield from samples
             return
-        rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, "buffer"))
+        rng = random.Random(_seed(self.seed, self.epoch, data_rank, worker, "buffer"))
         buffer: list[dict] = []
         for sample in samples:
             if len(buffer) < self.shuffle_buffer:
@@ -396,7 +477,7 @@ class ShardDataset(IterableDataset):
         item["image"] = resize_crop(img, self.image_size, self.crop_size, crop=self.crop, rng=rng)
         return None
 
-    def _collate(self, items: list[dict], state: dict, skips: Counter) -> dict:
+    def _collate(self, items: list[dict], state: dict) -> dict:
         batch: dict = {
             "__key__": [it["__key__"] for it in items],
             "caption": [it.get("caption") for it in items],
@@ -409,7 +490,7 @@ class ShardDataset(IterableDataset):
             batch[name] = torch.from_numpy(np.stack([it[name] for it in items]).astype(np.float32))
         if self.keep_json:
             batch["json"] = [it["json"] for it in items]
-        batch["__state__"] = {**state, "skips": {r: skips.get(r, 0) for r in self.reasons}}
+        batch["__state__"] = state
         return batch
 
 

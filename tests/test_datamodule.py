@@ -153,9 +153,10 @@ def _train_interrupted(directory, workers: int, stops: list[int], consumed_only:
                 next(iterator)  # prefetched, never trained
                 state = loader.position_state()
                 if not consumed_only:  # what saving the loader's latest state would do
-                    state["workers"] = {
-                        w: {"position": s["position"], "skips": s["skips"]}
-                        for w, s in loader.worker_states.items()
+                    state["streams"] = {
+                        (v, w): {"position": st["position"], "skips": st["skips"]}
+                        for w, record in loader.worker_states.items()
+                        for v, st in record["streams"].items()
                     }
                 break
     return trained
@@ -174,26 +175,166 @@ def test_interrupted_twice_an_epoch_trains_every_key_once_in_the_uninterrupted_o
     assert len(lossy) < len(keys) and set(lossy) < set(keys)
 
 
-def test_resume_with_another_layout_mid_epoch_is_refused_naming_the_option():
+# ---- another world size: save on 2 ranks, continue on 1 ---------------------------------------------
+
+
+def _rank_loader(directory, workers: int, rank: int, world: int, batch: int) -> RankSyncedLoader:
+    ds = ShardDataset(
+        str(directory), batch_size=batch, image_size=8, shuffle_buffer=3, seed=5, drop_last=True
+    )
+    ds.rank, ds.world_size = rank, world
+    return RankSyncedLoader(
+        torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, generator=torch.Generator())
+    )
+
+
+def _saved_on_two_ranks(directory, workers: int, steps: int) -> tuple[dict, list[list[str]]]:
+    """Train ``steps`` steps on 2 ranks (batch 2 each), stopped the way a killed run is (the fetcher holds
+    the next batch); the DataModule's checkpoint state and the global batches trained."""
+    loaders = [_rank_loader(directory, workers, r, 2, 2) for r in range(2)]
+    iterators = [iter(loader) for loader in loaders]
+    trained = []
+    for _ in range(steps):
+        batches = [next(it) for it in iterators]
+        for loader in loaders:
+            loader.mark_consumed()
+        trained.append(batches[0]["__key__"] + batches[1]["__key__"])
+    for it in iterators:
+        next(it)  # prefetched, never trained
     state = {
-        "version": 1,
+        "version": 2,
         "world_size": 2,
+        "data_world_size": 2,
+        "batch_per_data_rank": 2,
+        "num_workers": workers,
+        "mode": "epoch",
+        "seed": 5,
+        "ranks": [loader.position_state() for loader in loaders],
+    }
+    return state, trained
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_saved_on_two_ranks_the_epoch_continues_on_one_exactly_once_with_the_same_global_batches(
+    make_shards, workers
+):
+    directory, keys = make_shards([6, 6, 6, 6])  # one shard per (rank, worker) with 2 workers
+    reference = [
+        a["__key__"] + b["__key__"]
+        for a, b in zip(_rank_loader(directory, workers, 0, 2, 2), _rank_loader(directory, workers, 1, 2, 2))
+    ]
+    state, before = _saved_on_two_ranks(directory, workers, steps=2)
+    assert before == reference[:2]
+    state = torch.load(_roundtrip(state), weights_only=True)  # as a checkpoint stores it
+    dm = ShardDataModule(train_shards=str(directory), global_batch_size=4, num_workers=workers, seed=5)
+    dm.load_state_dict(state)  # 1 rank, per-device batch 4 = 2 data ranks x 2
+    resumed = dm._resume_state
+    assert resumed["data_ranks"] == [0, 1] and resumed["data_world_size"] == 2
+    loader = _rank_loader(directory, workers, 0, 1, 4)
+    loader.restore(resumed)
+    after = []
+    for batch in loader:
+        loader.mark_consumed()
+        after.append(batch["__key__"])
+    assert after == reference[2:]  # every later step trains the global batch the 2-rank run would have
+    flat = [k for b in before + after for k in b]
+    assert sorted(flat) == sorted(keys)
+    # The data position saved on the 1-rank run names both data ranks, so it can resume again.
+    assert {v for v, _ in loader.position_state()["streams"]} == {0, 1}
+
+
+def test_uneven_data_continued_on_fewer_ranks_is_still_trained_exactly_once(make_shards):
+    directory, keys = make_shards([7, 5, 6, 4, 3, 9, 1])
+    state, before = _saved_on_two_ranks(directory, 2, steps=3)
+    dm = ShardDataModule(train_shards=str(directory), global_batch_size=4, num_workers=2, seed=5)
+    dm.load_state_dict(state)
+    loader = _rank_loader(directory, 2, 0, 1, 4)
+    loader.restore(dm._resume_state)
+    after = []
+    for batch in loader:
+        loader.mark_consumed()
+        after.append(batch["__key__"])
+    flat = [k for b in before + after for k in b]
+    dropped = loader.skip_counts()["partial_batch_dropped"]
+    assert len(flat) == len(set(flat)), "no sample twice"
+    assert len(flat) + dropped == len(keys) and dropped < 4 * 2, (len(flat), dropped)
+
+
+def _roundtrip(obj):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def _layout_state(**overrides) -> dict:
+    rank = {
+        "epoch": 0,
+        "data_ranks": [0],
+        "data_world_size": 2,
+        "streams": {(0, 0): {"position": 8, "skips": {}}},
+        "last_worker": 0,
+        "tail_dropped": 0,
+    }
+    state = {
+        "version": 2,
+        "world_size": 2,
+        "data_world_size": 2,
+        "batch_per_data_rank": 4,
         "num_workers": 2,
         "mode": "epoch",
         "seed": 0,
-        "ranks": [{"epoch": 0, "workers": {0: {"position": 8, "skips": {}}}, "last_worker": 0}] * 2,
+        "ranks": [rank, {**rank, "data_ranks": [1], "streams": {(1, 0): {"position": 8, "skips": {}}}}],
     }
-    dm = ShardDataModule(train_shards="unused", num_workers=2, seed=0)
-    with pytest.raises(ValueError, match=r"data.on_layout_change=restart_epoch.*") as err:
-        dm.load_state_dict(state)
-    assert "(2, 2, 'epoch', 0)" in str(err.value) and "(1, 2, 'epoch', 0)" in str(err.value)
-    restart = ShardDataModule(train_shards="unused", num_workers=2, seed=0, on_layout_change="restart_epoch")
-    restart.load_state_dict(state)  # warns, and the epoch starts over
+    return {**state, **overrides}
+
+
+class _Trainer:
+    def __init__(self, world_size: int, global_rank: int = 0) -> None:
+        self.world_size, self.global_rank = world_size, global_rank
+
+
+@pytest.mark.parametrize(
+    ("world", "dm_kw", "named"),
+    [
+        (1, {"num_workers": 3}, "data.num_workers=3 (saved 2)"),
+        (1, {"seed": 1}, "data.seed=1 (saved 0)"),
+        (3, {"global_batch_size": 12}, "3 ranks (the saved epoch is split into 2 data ranks"),
+        (1, {"global_batch_size": 4}, "a per-device batch of 4 (continuing 2 data ranks of 4 each needs 8"),
+    ],
+)
+def test_another_layout_that_cannot_continue_exactly_once_is_refused_naming_it(world, dm_kw, named):
+    kw = {"train_shards": "unused", "num_workers": 2, "seed": 0, "global_batch_size": 8, **dm_kw}
+    dm = ShardDataModule(**kw)
+    dm.trainer = _Trainer(world)
+    with pytest.raises(ValueError, match="data.on_layout_change=restart_epoch") as err:
+        dm.load_state_dict(_layout_state())
+    assert named in str(err.value)
+    restart = ShardDataModule(**kw, on_layout_change="restart_epoch")
+    restart.trainer = _Trainer(world)
+    restart.load_state_dict(_layout_state())  # warns, and the epoch starts over
     assert restart._resume_state is None
-    same = ShardDataModule(train_shards="unused", num_workers=2, seed=0)
-    state_1 = {**state, "world_size": 1, "ranks": state["ranks"][:1]}
-    same.load_state_dict(state_1)
-    assert same._resume_state == state["ranks"][0]
+
+
+def test_the_same_layout_resumes_its_own_position_and_old_checkpoints_still_load():
+    dm = ShardDataModule(train_shards="unused", num_workers=2, seed=0, global_batch_size=8)
+    dm.trainer = _Trainer(2, global_rank=1)
+    dm.load_state_dict(_layout_state())
+    assert dm._resume_state == _layout_state()["ranks"][1]
+    version_1 = {
+        "version": 1,
+        "world_size": 1,
+        "num_workers": 2,
+        "mode": "epoch",
+        "seed": 0,
+        "ranks": [{"epoch": 0, "workers": {0: {"position": 8, "skips": {}}}, "last_worker": 0}],
+    }
+    old = ShardDataModule(train_shards="unused", num_workers=2, seed=0)
+    old.load_state_dict(version_1)
+    assert old._resume_state["streams"] == {(0, 0): {"position": 8, "skips": {}}}
+    assert old._resume_state["data_ranks"] == [0]
 
 
 # ---- data checks: too many broken samples, a rank without data ------------------------------------

@@ -314,7 +314,8 @@ def test_restoring_worker_positions_continues_exactly(make_shards, workers):
     cut = len(full) // 2
     positions = {}
     for b in full[:cut]:
-        positions[b["__state__"]["worker"]] = b["__state__"]["position"]
+        for v, st in b["__state__"]["streams"].items():
+            positions[(v, b["__state__"]["worker"])] = st["position"]
     resumed = make()
     resumed.start_positions = positions
     rest = list(DataLoader(resumed, batch_size=None, num_workers=workers))

@@ -49,7 +49,7 @@ ARGS = [
 ]
 
 
-def _launch(tmp_path: Path, run_dir: Path, *extra: str, nproc: int = 2) -> subprocess.Popen:
+def _launch(tmp_path: Path, run_dir: Path, *extra: str, nproc: int = 2, args=ARGS) -> subprocess.Popen:
     port = free_port()
     env = {
         **os.environ,
@@ -65,7 +65,7 @@ def _launch(tmp_path: Path, run_dir: Path, *extra: str, nproc: int = 2) -> subpr
     }
     log = open(run_dir.parent / f"{run_dir.name}.log", "a")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(
-        ["bash", str(REPO / "launch" / "torchrun.sh"), *ARGS, *extra],
+        ["bash", str(REPO / "launch" / "torchrun.sh"), *args, *extra],
         cwd=tmp_path,
         env=env,
         stdout=log,
@@ -125,16 +125,17 @@ def test_sigkill_one_rank_then_relaunch_continues_bitwise(tmp_path):
     assert data["world_size"] == 2 and len(data["ranks"]) == 2 and len(saved["rng_states"]) == 2
     # every rank's own position (not only rank 0's), consumed batches only: 12 steps x 8 per rank
     for rank in data["ranks"]:
-        assert rank["epoch"] == 0 and sum(w["position"] for w in rank["workers"].values()) >= 96
+        assert rank["epoch"] == 0 and sum(w["position"] for w in rank["streams"].values()) >= 96
     control = tmp_path / "outputs" / "control"
     shutil.copytree(crashed, control)
 
-    # Relaunching mid-epoch on 1 process cannot continue the epoch exactly once: refused, naming the option.
-    other = tmp_path / "outputs" / "one_rank"
+    # Relaunching mid-epoch with other loader workers cannot continue the epoch exactly once: refused,
+    # naming the option.
+    other = tmp_path / "outputs" / "three_workers"
     shutil.copytree(crashed, other)
-    assert _launch(tmp_path, other, nproc=1).wait(timeout=180) != 0
-    log = (other.parent / "one_rank.log").read_text()
-    assert "data.on_layout_change=restart_epoch" in log and "(2, 2, 'epoch', 0)" in log, log[-3000:]
+    assert _launch(tmp_path, other, "data.num_workers=3").wait(timeout=180) != 0
+    log = (other.parent / "three_workers.log").read_text()
+    assert "data.on_layout_change=restart_epoch" in log and "data.num_workers=3 (saved 2)" in log, log[-3000:]
 
     _finish(_launch(tmp_path, crashed), crashed)  # the same command, as after a crash
     resumed = _losses(crashed, 1)
@@ -152,3 +153,89 @@ def test_sigkill_one_rank_then_relaunch_continues_bitwise(tmp_path):
     diverged = _losses(control, 1)
     assert sorted(diverged) == list(range(12, 20))
     assert all(diverged[s] != expected[s] for s in diverged)
+
+
+CLIP_ARGS = [  # CLIP: no random draws besides the data, so another world size can match to rounding
+    "stage=clip",
+    "module.local_loss=false",  # every rank logs the loss of the global batch
+    "logger=csv",
+    "trainer.accelerator=cpu",
+    "strategy=ddp",
+    "trainer.max_steps=12",
+    "trainer.val_check_interval=100",
+    "trainer.limit_val_batches=0",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "callbacks.checkpoint.every_n_train_steps=6",
+    "data.synthetic.train_samples=256",
+    "data.synthetic.val_samples=32",
+    "data.synthetic.shard_size=32",
+    "data.num_workers=2",
+    "data.global_batch_size=16",
+    "data.shuffle_buffer=16",
+    "module.warmup_steps=2",
+]
+
+
+def test_saved_on_two_ranks_continues_on_one_with_the_same_global_batch(tmp_path):
+    """Save mid-epoch at 2 processes, resume at 1 with the same global batch: the weights and the
+    optimizer state load unchanged, every later step trains the same samples (the one rank plays both
+    saved data ranks), and the losses continue within 1e-5 of the uninterrupted 2-process run."""
+    (tmp_path / "outputs").mkdir()
+    reference = tmp_path / "outputs" / "reference"
+    _finish(_launch(tmp_path, reference, args=CLIP_ARGS), reference)
+    expected = _losses(reference, 0)
+    assert sorted(expected) == list(range(12)), sorted(expected)
+
+    moved = tmp_path / "outputs" / "moved"
+    moved.mkdir()
+    (moved / "checkpoints").mkdir()
+    saved = reference / "checkpoints" / "step0000006.ckpt"
+    shutil.copy(saved, moved / "checkpoints" / saved.name)
+    state = torch.load(saved, map_location="cpu", weights_only=True)
+    assert state["ShardDataModule"]["world_size"] == 2
+    assert all(rank["streams"] for rank in state["ShardDataModule"]["ranks"]), "must be mid-epoch"
+    _finish(_launch(tmp_path, moved, nproc=1, args=CLIP_ARGS), moved)
+    log = (moved.parent / "moved.log").read_text()
+    assert "continues on 1: rank 0 plays data ranks [0, 1]" in log, log[-3000:]
+    resumed = _losses(moved, 0)
+    assert sorted(resumed) == list(range(6, 12)), sorted(resumed)
+    worst = max(abs(resumed[s] - expected[s]) for s in resumed)
+    assert worst < 1e-5, {s: (resumed[s], expected[s]) for s in resumed}
+    # The 1-process run's own checkpoint at the end holds what the 2-process run ended with.
+    final, ref = _weights(moved), _weights(reference)
+    assert max((final[k].float() - ref[k].float()).abs().max().item() for k in ref) < 1e-5
+    # ... and the Adam moments: loaded at step 6 and carried on, not restarted
+    moments = [
+        torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)[
+            "optimizer_states"
+        ][0]
+        for run in (moved, reference)
+    ]
+    assert moments[0]["state"].keys() == moments[1]["state"].keys()
+    for key, slot in moments[1]["state"].items():
+        assert int(moments[0]["state"][key]["step"]) == int(slot["step"]) == 12
+        assert torch.allclose(
+            moments[0]["state"][key]["exp_avg_sq"], slot["exp_avg_sq"], rtol=1e-3, atol=1e-12
+        )
+
+    # Negative control: restarting the epoch (the other choice) trains other samples: the losses differ.
+    restarted = tmp_path / "outputs" / "restarted"
+    restarted.mkdir()
+    shutil.copytree(moved / "checkpoints", restarted / "checkpoints")
+    for extra in restarted.glob("checkpoints/*"):
+        if extra.name != saved.name:
+            extra.unlink()
+    _finish(
+        _launch(
+            tmp_path,
+            restarted,
+            "data.on_layout_change=restart_epoch",
+            "data.num_workers=1",
+            nproc=1,
+            args=CLIP_ARGS,
+        ),
+        restarted,
+    )
+    other = _losses(restarted, 0)
+    assert max(abs(other[s] - expected[s]) for s in other) > 1e-3
