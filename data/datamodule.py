@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from data.manifest import LEVELS, check_shards, load_manifest, missing_shards
 from data.pipeline import BAD_SAMPLE_REASONS, SKIP_REASONS, Filters, ShardDataset, _seed
 from data.shards import expand_shards, group_samples, open_shard, read_tar
 from data.transforms import Normalize
@@ -252,8 +253,13 @@ class ShardDataModule(pl.LightningDataModule):
         pin_memory: bool | None = None,
         on_layout_change: str = "error",
         max_bad_fraction: float | None = 0.1,
+        manifest: str | None = None,
+        manifest_check: str = "sha256",
     ) -> None:
         super().__init__()
+        if manifest_check not in LEVELS:
+            raise ValueError(f"data.manifest_check={manifest_check!r}: expected one of {LEVELS}")
+        self.manifest, self.manifest_check = manifest, manifest_check
         if max_bad_fraction is not None and not 0.0 <= max_bad_fraction <= 1.0:
             raise ValueError(
                 f"data.max_bad_fraction={max_bad_fraction}: expected a fraction in [0, 1] or null"
@@ -317,6 +323,8 @@ class ShardDataModule(pl.LightningDataModule):
         if world > 1 and dist.is_available() and dist.is_initialized() and self._group is None:
             # A gloo side group for the per-batch "have data" vote: CPU tensors even under NCCL.
             self._group = dist.new_group(backend="gloo")
+        if self.manifest and stage in (None, "fit"):
+            self.check_manifest()
         log.info(
             "data: global batch %d = %d per device x %d ranks x %d accumulation",
             self.global_batch_size,
@@ -324,6 +332,30 @@ class ShardDataModule(pl.LightningDataModule):
             world,
             accumulate,
         )
+
+    def check_manifest(self) -> None:
+        """Check the training shards against ``data.manifest`` (each rank its share, hashed in parallel);
+        every rank raises the same DataError listing every mismatch."""
+        world = self.trainer.world_size if self.trainer else 1
+        rank = self.trainer.global_rank if self.trainer else 0
+        urls = expand_shards(self.train_shards)
+        manifest = load_manifest(self.manifest)
+        problems = check_shards(urls[rank::world], manifest, level=self.manifest_check)
+        if rank == 0:
+            problems = missing_shards(urls, manifest) + problems
+        if world > 1 and self._group is not None:
+            gathered: list = [None] * world
+            dist.all_gather_object(gathered, problems, group=self._group)
+            problems = [p for part in gathered for p in part]
+        if problems:
+            shown = "\n  ".join(problems[:20]) + (
+                f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            )
+            raise DataError(
+                f"{len(problems)} shards of data.train_shards={self.train_shards!r} do not match "
+                f"data.manifest={self.manifest!r} ({self.manifest_check} check):\n  {shown}"
+            )
+        log.info("data: %d shards match %s (%s check)", len(urls), self.manifest, self.manifest_check)
 
     def _dataset(self, shards, *, train: bool) -> ShardDataset:
         ds = ShardDataset(
