@@ -49,12 +49,35 @@ def test_an_unknown_group_option_lists_the_available_ones():
         ("data.num_workers=1.5", "data.num_workers=1.5: expected an integer >= 0"),
         ("module.betas=[0.9]", "module.betas=[0.9]: expected two numbers"),
         ("data.mode=random", "data.mode='random': expected 'epoch' or 'resampled'"),
+        ("data.on_layout_change=continue", "data.on_layout_change='continue': expected 'error' or"),
+        ("data.manifest_check=md5", "data.manifest_check='md5': expected 'size' or 'sha256'"),
+        ("data.max_bad_fraction=2", "data.max_bad_fraction=2: expected a fraction in [0, 1]"),
     ],
 )
 def test_wrong_types_and_impossible_values_name_the_key(override, named):
     with pytest.raises(ConfigError, match=None) as err:
         validate(_compose(override))
     assert named in str(err.value)
+
+
+def test_a_global_batch_the_processes_cannot_split_is_refused_at_start(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    cfg = _compose("data.global_batch_size=100", "trainer.devices=3")
+    with pytest.raises(ConfigError, match=r"data.global_batch_size=100 is not divisible by world size 3"):
+        validate(cfg)
+    validate(_compose("data.global_batch_size=100", "trainer.devices=2", "trainer.num_nodes=2"))
+    with pytest.raises(ConfigError, match=r"world size 2 x trainer.accumulate_grad_batches=4 = 8"):
+        validate(
+            _compose("data.global_batch_size=100", "trainer.devices=2", "trainer.accumulate_grad_batches=4")
+        )
+    # under a launcher the process count comes from it; with devices=auto and no launcher, the
+    # DataModule checks once Lightning knows the machine
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    with pytest.raises(ConfigError, match=r"not divisible by world size 8"):
+        validate(_compose("data.global_batch_size=100"))
+    monkeypatch.delenv("WORLD_SIZE")
+    validate(_compose("data.global_batch_size=100"))
 
 
 def test_every_problem_is_listed_at_once():

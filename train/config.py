@@ -10,6 +10,7 @@ rule applies when its key is present, so a stage without EMA or without a module
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,12 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.shuffle_buffer": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
     "data.image_size": (lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1 or null"),
     "data.mode": (lambda v: v in ("epoch", "resampled"), "'epoch' or 'resampled'"),
+    "data.on_layout_change": (lambda v: v in ("error", "restart_epoch"), "'error' or 'restart_epoch'"),
+    "data.max_bad_fraction": (
+        lambda v: v is None or (_number(v) and 0 <= v <= 1),
+        "a fraction in [0, 1] or null",
+    ),
+    "data.manifest_check": (lambda v: v in ("size", "sha256"), "'size' or 'sha256'"),
     "module.lr": (lambda v: _number(v) and v > 0, "a learning rate > 0"),
     "module.weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),
     "module.warmup_steps": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
@@ -66,8 +73,39 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
         if not ok(value):
             problems.append(f"{key}={value!r}: expected {expected}")
+    if not problems:
+        problems += _batch_problems(cfg)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
 
 _MISSING = object()
+
+
+def launched_world_size(cfg: DictConfig) -> int | None:
+    """The number of training processes, when it is known before the trainer exists: from the launcher
+    (torchrun's WORLD_SIZE, SLURM's task count) or from integer ``trainer.devices`` x ``num_nodes``."""
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    devices = OmegaConf.select(cfg, "trainer.devices", default=None)
+    nodes = OmegaConf.select(cfg, "trainer.num_nodes", default=1)
+    if _integer(devices) and devices > 0 and _integer(nodes):
+        return devices * nodes
+    return None  # "auto": known once Lightning has looked at the machine (the DataModule checks again)
+
+
+def _batch_problems(cfg: DictConfig) -> list[str]:
+    from train.parallel import per_device_batch_size
+
+    batch = OmegaConf.select(cfg, "data.global_batch_size", default=None)
+    world = launched_world_size(cfg)
+    if batch is None or world is None:
+        return []
+    try:
+        per_device_batch_size(
+            batch, world, OmegaConf.select(cfg, "trainer.accumulate_grad_batches", default=1)
+        )
+    except ValueError as e:
+        return [str(e)]
+    return []
