@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -128,6 +129,39 @@ def test_fast_run_trains_checkpoints_and_resumes(tmp_path, caplog):
     assert metrics["trainer/global_step"] == 8
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 8
+
+
+def _tensorboard_scalars(directory: Path) -> dict[str, dict[int, float]]:
+    """tag -> step -> value from every TensorBoard event file under ``directory`` (TFRecord framing:
+    length u64, its crc u32, an Event protobuf, its crc u32)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, dict[int, float]] = {}
+    for path in sorted(directory.rglob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            event = Event.FromString(data[i + 12 : i + 12 + n])
+            i += 12 + n + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
+@pytest.mark.slow
+def test_tensorboard_logger_writes_scalars_and_a_resumed_run_continues_its_curves(tmp_path):
+    out = tmp_path / "run"
+    train(_fast_cfg(tmp_path, out, "logger=tensorboard", "trainer.log_every_n_steps=1"))
+    train(
+        _fast_cfg(tmp_path, out, "logger=tensorboard", "trainer.log_every_n_steps=1", "trainer.max_steps=8")
+    )
+    scalars = _tensorboard_scalars(out / "tensorboard" / "run")
+    assert sorted(scalars["train/loss"]) == list(range(8)), scalars["train/loss"]  # one directory, both runs
+    assert all(math.isfinite(v) for v in scalars["train/loss"].values())
+    assert "val/zeroshot_colour_top1" in scalars and "perf/samples_per_sec" in scalars
+    assert "stage_name" in (out / "tensorboard" / "run" / "hparams.yaml").read_text()
 
 
 @pytest.mark.slow

@@ -186,7 +186,11 @@ def wire_clip(cfg: DictConfig):
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
-    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    """The configured callbacks, and LoggerStepSync, which is not optional (it fixes logged steps)."""
+    from train.callbacks.log_step import LoggerStepSync
+
+    configured = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    return [*configured, LoggerStepSync()]
 
 
 def build_loggers(cfg: DictConfig) -> list:
