@@ -92,7 +92,8 @@ class LocalSlurm:
                     "SlurmctldTimeout=30",
                     "MinJobAge=600",
                     f"NodeName=localhost NodeAddr=127.0.0.1 {topology} State=UNKNOWN",
-                    "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
+                    # FORCE:2: two jobs may share a core, so two 2-task sweep jobs run at once on 2 cores
+                    "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:2",
                     "",
                 ]
             )
@@ -146,7 +147,7 @@ class LocalSlurm:
             raise RuntimeError(f"sbatch {' '.join(args)} failed: {result.stderr}")
         return int(result.stdout.strip().split(";")[0])
 
-    def job(self, job_id: int) -> dict[str, str]:
+    def job(self, job_id: int | str) -> dict[str, str]:
         out = _run(["scontrol", "show", "job", str(job_id), "-o"]).stdout
         return dict(re.findall(r"(\w+)=(\S*)", out))
 

@@ -110,7 +110,8 @@ def test_usr1_checkpoints_requeues_and_the_job_resumes(cluster, tmp_path):
 
 def test_hydra_sweep_through_submitit_runs_each_point_as_a_two_task_job(cluster, tmp_path):
     """hydra/launcher=slurm (conf/hydra/launcher/slurm.yaml): one SLURM job per sweep point (a job
-    array), each a 2-process DDP run."""
+    array), each a 2-process DDP run, the two running at the same time on the one node (so each job's
+    rendezvous port must be its own: a shared one fails the second job's store)."""
     sweep = tmp_path / "sweep"
     result = subprocess.run(
         [
@@ -142,3 +143,12 @@ def test_hydra_sweep_through_submitit_runs_each_point_as_a_two_task_job(cluster,
         assert f"lr: {lr}" in (sweep / point / "config.yaml").read_text()
     logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.out"))
     assert logs.count("global batch 16 = 8 per device x 2 ranks") == 4  # 2 jobs x 2 ranks
+    jobs = sorted(p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
+    assert len(jobs) == 2, jobs
+    spans = []
+    for job in jobs:
+        info = cluster.job(job)
+        assert info.get("JobState") == "COMPLETED", info
+        spans.append((info["StartTime"], info["EndTime"]))
+    (start_a, end_a), (start_b, end_b) = spans
+    assert start_b < end_a and start_a < end_b, f"the sweep jobs did not overlap: {spans}"
