@@ -151,7 +151,7 @@ class LocalSlurm:
         out = _run(["scontrol", "show", "job", str(job_id), "-o"]).stdout
         return dict(re.findall(r"(\w+)=(\S*)", out))
 
-    def wait(self, job_id: int, until: set[str], timeout: float) -> dict[str, str]:
+    def wait(self, job_id: int | str, until: set[str], timeout: float) -> dict[str, str]:
         deadline = time.time() + timeout
         info: dict[str, str] = {}
         while time.time() < deadline:

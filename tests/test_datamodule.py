@@ -241,6 +241,12 @@ def test_saved_on_two_ranks_the_epoch_continues_on_one_exactly_once_with_the_sam
     assert sorted(flat) == sorted(keys)
     # The data position saved on the 1-rank run names both data ranks, so it can resume again.
     assert {v for v, _ in loader.position_state()["streams"]} == {0, 1}
+    # Negative control: continuing rank 0's saved position as if it were the only rank (the data split
+    # of a fresh 1-rank run) trains other batches, and samples twice.
+    alone = _rank_loader(directory, workers, 0, 1, 4)
+    alone.restore({**state["ranks"][0], "data_ranks": [0], "data_world_size": 1})
+    naive = [k for b in before for k in b] + [k for b in alone for k in b["__key__"]]
+    assert len(naive) > len(set(naive))
 
 
 def test_uneven_data_continued_on_fewer_ranks_is_still_trained_exactly_once(make_shards):

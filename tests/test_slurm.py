@@ -147,8 +147,8 @@ def test_hydra_sweep_through_submitit_runs_each_point_as_a_two_task_job(cluster,
     assert len(jobs) == 2, jobs
     spans = []
     for job in jobs:
-        info = cluster.job(job)
-        assert info.get("JobState") == "COMPLETED", info
+        info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=60)  # epilog lag
+        assert info["JobState"] == "COMPLETED", info
         spans.append((info["StartTime"], info["EndTime"]))
     (start_a, end_a), (start_b, end_b) = spans
     assert start_b < end_a and start_a < end_b, f"the sweep jobs did not overlap: {spans}"
