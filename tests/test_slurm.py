@@ -73,7 +73,7 @@ def test_sbatch_template_runs_two_tasks(cluster, tmp_path):
 
 def test_usr1_checkpoints_requeues_and_the_job_resumes(cluster, tmp_path):
     run_dir = tmp_path / "run"
-    steps = 400  # long enough to be signalled mid-run; each step is a few tens of ms
+    steps = 200  # long enough to be signalled mid-run (it lands within a few steps); each step is tens of ms
     job, log = _submit(
         cluster,
         tmp_path,
