@@ -315,7 +315,8 @@ class ShardDataset(IterableDataset):
         # A batch is one chunk from each data rank in turn: with one data rank, its batches; with k, the
         # concatenation of what the k ranks' same worker yields at this step. A data rank that runs dry
         # hands its turn to the next, so the rest of the epoch is still trained exactly once.
-        parts: list[tuple[int, list[dict]]] = []
+        parts: list[tuple[int, list[dict]]] = []  # full chunks of the batch being built
+        short: list[tuple[int, list[dict]]] = []  # each data rank's last, short chunk
         turn = 0
         reported = None
         while active:
@@ -326,23 +327,22 @@ class ShardDataset(IterableDataset):
                 del active[turn]
                 continue
             turn += 1
-            if len(items) < chunk:  # the data rank's last, short chunk
-                if self.drop_last:
-                    states[v]["skips"]["partial_batch_dropped"] += len(items)
-                else:
-                    parts.append((v, items))
-                continue
-            parts.append((v, items))
-            if sum(len(p) for _, p in parts) >= self.batch_size:
+            (parts if len(items) == chunk else short).append((v, items))
+            if len(parts) * chunk == self.batch_size:
                 state = snapshot()
                 reported = state["streams"]
                 yield self._collate([it for _, p in parts for it in p], state)
                 parts = []
-        if parts and not self.drop_last:
-            yield self._collate([it for _, p in parts for it in p], snapshot())
-            return
-        for v, p in parts:  # drop_last: a short batch would break equal-size collectives
-            states[v]["skips"]["partial_batch_dropped"] += len(p)
+        rest = parts + short
+        if self.drop_last:  # a short batch would break equal-size collectives (the global-batch loss)
+            for v, p in rest:
+                states[v]["skips"]["partial_batch_dropped"] += len(p)
+        else:
+            pool = [it for _, p in rest for it in p]
+            for start in range(0, len(pool), self.batch_size):
+                state = snapshot()
+                reported = state["streams"]
+                yield self._collate(pool[start : start + self.batch_size], state)
         final = snapshot()
         if final["streams"] != reported:
             # A state-only record (no samples), so positions and skips after the last batch - or in a

@@ -403,3 +403,19 @@ def test_zero_byte_shard_and_a_cut_inside_a_member_header(tmp_path):
     keys, skips = run_epoch(_dataset(tmp_path), 0)
     assert keys == ["k0", "k1"]
     assert skips == {"truncated_shard": 2}  # a zero-byte file is a tar cut before its first header
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_playing_two_data_ranks_keeps_batches_whole_and_every_sample_once(make_shards, drop_last):
+    directory, keys = make_shards([5, 4, 6, 3, 7])
+    ds = ShardDataset(
+        str(directory), batch_size=4, image_size=8, shuffle_buffer=3, seed=2, drop_last=drop_last
+    )
+    ds.data_ranks, ds.data_world_size = [0, 1], 2
+    seen, dropped = [], 0
+    for batch in DataLoader(ds, batch_size=None, num_workers=0):
+        assert len(batch["__key__"]) <= 4 and (not drop_last or len(batch["__key__"]) in (0, 4))
+        seen += batch["__key__"]
+        dropped = batch["__state__"]["skips"]["partial_batch_dropped"]
+    assert len(seen) == len(set(seen))
+    assert len(seen) + dropped == len(keys) and (dropped > 0) == drop_last
