@@ -25,15 +25,10 @@ from tests.conftest import free_port
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
-ARGS = [
-    "stage=upsampler_256",
-    "net.dropout=0.1",
+COMMON = [  # 2 ranks x 2 loader workers over 8 shards of 32, epoch mode, a checkpoint every 6 steps
     "logger=csv",
     "trainer.accelerator=cpu",
     "strategy=ddp",
-    "trainer.max_steps=20",
-    "trainer.val_check_interval=5",
-    "trainer.limit_val_batches=1",
     "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false",
     "callbacks.checkpoint.every_n_train_steps=6",
@@ -43,9 +38,17 @@ ARGS = [
     "data.num_workers=2",
     "data.global_batch_size=16",
     "data.shuffle_buffer=16",
+    "module.warmup_steps=2",
+]
+ARGS = [
+    *COMMON,
+    "stage=upsampler_256",
+    "net.dropout=0.1",
+    "trainer.max_steps=20",
+    "trainer.val_check_interval=5",
+    "trainer.limit_val_batches=1",
     "module.val_max_samples=4",
     "module.sample_steps=2",
-    "module.warmup_steps=2",
 ]
 
 
@@ -150,24 +153,12 @@ def test_sigkill_one_rank_then_relaunch_continues_bitwise(tmp_path):
 
 
 CLIP_ARGS = [  # CLIP: no random draws besides the data, so another world size can match to rounding
+    *COMMON,
     "stage=clip",
     "module.local_loss=false",  # every rank logs the loss of the global batch
-    "logger=csv",
-    "trainer.accelerator=cpu",
-    "strategy=ddp",
     "trainer.max_steps=12",
     "trainer.val_check_interval=100",
     "trainer.limit_val_batches=0",
-    "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false",
-    "callbacks.checkpoint.every_n_train_steps=6",
-    "data.synthetic.train_samples=256",
-    "data.synthetic.val_samples=32",
-    "data.synthetic.shard_size=32",
-    "data.num_workers=2",
-    "data.global_batch_size=16",
-    "data.shuffle_buffer=16",
-    "module.warmup_steps=2",
 ]
 
 
