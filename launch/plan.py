@@ -10,9 +10,9 @@ backward is added up (with the configured activation checkpointing, only what ch
 Model states follow the strategies' layouts with N parameters over W GPUs (Adam: two fp32 moments):
 
     ddp            weights 4N, grads 4N, Adam 8N, EMA 4N       (fp32 weights, bf16 autocast)
-    deepspeed_zero1  weights 2N, grads 2N, master+Adam 12N/W, EMA 2N   (DeepSpeed holds the module in bf16)
-    deepspeed_zero2  weights 2N, grads 2N/W, master+Adam 12N/W, EMA 2N
-    deepspeed_zero3  weights 2N/W, grads 2N/W, master+Adam 12N/W, EMA 2N/W, + the largest units gathered
+    deepspeed_zero1  weights 2N, grads 2N, master+Adam 12N/W, EMA 6N   (DeepSpeed holds the module in bf16;
+    deepspeed_zero2  weights 2N, grads 2N/W, master+Adam 12N/W, EMA 6N   the EMA: bf16 copy + fp32 average)
+    deepspeed_zero3  weights 2N/W, grads 2N/W, master+Adam 12N/W, EMA 6N/W, + the largest units gathered
     zero3_offload    on the GPU only the gathered units; weights, master and Adam in CPU memory
     fsdp             weights 4N/W, grads 4N/W, Adam 8N/W, EMA 4N/W, + the largest units gathered in bf16
 
@@ -128,10 +128,11 @@ def plan(cfg, gpus: int, batch_per_gpu: int) -> tuple[list[tuple], dict]:
     w = gpus
     rows = [
         ("ddp", 4 * n + 4 * frozen, 4 * n, 8 * n, 4 * ema, 0),
-        ("deepspeed_zero1", 2 * (n + frozen), 2 * n, 12 * n / w, 2 * ema, 0),
-        ("deepspeed_zero2", 2 * (n + frozen), 2 * n / w, 12 * n / w, 2 * ema, 0),
-        ("deepspeed_zero3", 2 * (n + frozen) / w + gathered, 2 * n / w, 12 * n / w, 2 * ema / w, 0),
-        ("deepspeed_zero3_offload", gathered, 2 * n / w, 0, 0, (2 * (n + frozen) + 12 * n + 2 * ema) / w),
+        # DeepSpeed's EMA: the bf16 shadow (2 bytes) and train/ema.py's fp32 average of it (4 bytes)
+        ("deepspeed_zero1", 2 * (n + frozen), 2 * n, 12 * n / w, 6 * ema, 0),
+        ("deepspeed_zero2", 2 * (n + frozen), 2 * n / w, 12 * n / w, 6 * ema, 0),
+        ("deepspeed_zero3", 2 * (n + frozen) / w + gathered, 2 * n / w, 12 * n / w, 6 * ema / w, 0),
+        ("deepspeed_zero3_offload", gathered, 2 * n / w, 0, 0, (2 * (n + frozen) + 12 * n + 6 * ema) / w),
         ("fsdp", 4 * (n + frozen) / w + gathered, 4 * n / w, 8 * n / w, 4 * ema / w, 0),
     ]
     info = {

@@ -137,6 +137,36 @@ def _prior_cfg(overrides):
         return compose("train", overrides=["stage=prior", "logger=none", *overrides])
 
 
+def test_a_bf16_shadow_still_averages_small_updates_and_restores():
+    """DeepSpeed casts the EMA to bf16: updates of 0.001 x the gap are far below bf16's resolution."""
+    net = torch.nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    ema = EMA(net, decay=0.999, warmup=False)
+    ema.shadow.bfloat16()  # what DeepSpeed's bf16 engine does to the whole module
+    with torch.no_grad():
+        net.weight.fill_(1.5)
+    for _ in range(2000):
+        ema.update(net)
+    expected = 1.5 - 0.5 * 0.999**2000  # 1.432
+    assert ema.shadow.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(ema.shadow.weight.float(), torch.full((4, 4), expected), atol=8e-3, rtol=0)
+    # Negative control: the same average kept in bf16 never moves from its start.
+    naive = torch.ones(4, 4, dtype=torch.bfloat16)
+    for _ in range(2000):
+        naive.lerp_(torch.full((4, 4), 1.5, dtype=torch.bfloat16), 0.001)
+    assert torch.all(naive == 1.0)
+    # A restore replaces the fp32 copy with the restored shadow.
+    restored = EMA(net, decay=0.999, warmup=False)
+    restored.shadow.bfloat16()
+    restored.update(net)
+    restored.load_state_dict(ema.state_dict())
+    assert restored._master is None
+    restored.update(net)
+    assert restored._master[0].dtype == torch.float32
+    torch.testing.assert_close(restored._master[0], ema.shadow.weight.float() * 0.999 + 1.5 * 0.001)
+
+
 def test_prior_stage_trains_on_embedding_shards_and_exports_ema(clip_run, tmp_path):
     run, val = clip_run
     emb = tmp_path / "emb"

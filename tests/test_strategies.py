@@ -201,7 +201,7 @@ def test_a_stage_trains_evaluates_resumes_and_exports_under(tmp_path, strategy, 
     [
         ("clip", "clip_paper", "DeepSpeedStrategy", 32768, 986e6),
         ("prior", "prior_paper", "DDPStrategy", 4096, None),
-        ("decoder", "decoder_paper", "DeepSpeedStrategy", 2048, None),
+        ("decoder", "decoder_paper", "FSDPStrategy", 2048, None),
         ("upsampler_256", "upsampler_256_paper", "DDPStrategy", 1024, 730e6),
         ("upsampler_1024", "upsampler_1024_paper", "DDPStrategy", 512, 300e6),
     ],

@@ -8,6 +8,13 @@ Sharded training: under FSDP2 (DTensor parameters) and DeepSpeed ZeRO-3 (``ds_te
 shadow is sharded exactly like the net (same shapes, same partitioning), so each rank averages only its
 own slice of every weight: the EMA costs 1/world of the model per rank and needs no communication.
 
+Low-precision shadows: DeepSpeed casts the whole module, EMA included, to bf16/fp16. A 0.9999 average
+updated in bf16 (8 significant bits) loses every update smaller than half a unit in the last place,
+so it would stay frozen at its start. When the shadow is bf16/fp16 the average is kept in an fp32
+copy of this rank's shards (outside the module, so nothing casts it; 4 bytes per local parameter) and
+the shadow is rounded from it after every update. The copy is rebuilt from the shadow after a
+restore (one rounding per resume, not one per step).
+
 Decay warm-up: the effective decay at update n is min(decay, (1 + n) / (10 + n)), so early, random
 weights are forgotten quickly (a 0.9999 average would otherwise remember them for ~10^4 steps).
 """
@@ -31,7 +38,8 @@ class EMA(nn.Module):
         self.decay, self.warmup = decay, warmup
         self.shadow = copy.deepcopy(net).eval().requires_grad_(False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
-        self._checked_dtype = False
+        self._master: list[torch.Tensor] | None = None  # fp32 accumulator for a bf16/fp16 shadow
+        self.register_load_state_dict_post_hook(_forget_master)
 
     def current_decay(self) -> float:
         n = int(self.num_updates)
@@ -40,27 +48,33 @@ class EMA(nn.Module):
     @torch.no_grad()
     def update(self, net: nn.Module) -> None:
         decay = self.current_decay()
-        if not self._checked_dtype:
-            self._checked_dtype = True
-            dtype = next((p.dtype for p in self.shadow.parameters()), torch.float32)
-            if dtype in (torch.bfloat16, torch.float16) and self.decay > 0.99:
-                log.warning(
-                    "EMA: the averaged weights are %s (DeepSpeed casts the whole module to its precision); "
-                    "with decay %s most updates are below %s resolution and get lost. Prefer strategy=fsdp or "
-                    "ddp with trainer.precision=bf16-mixed (fp32 weights), or a DeepSpeed fp32 run",
-                    dtype,
-                    self.decay,
-                    dtype,
-                )
         ema_params = [local_shard(e) for e in self.shadow.parameters()]
-        params = [local_shard(p).detach().to(e.dtype) for p, e in zip(net.parameters(), ema_params)]
+        params = [local_shard(p).detach() for p in net.parameters()]
         for p, e in zip(params, ema_params):
             if p.shape != e.shape:
                 raise RuntimeError(
                     f"EMA: a weight's local shard is {tuple(p.shape)} in the net but {tuple(e.shape)} in the EMA "
                     "copy; the two must be sharded identically (shard ema.shadow like net)"
                 )
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        low = [i for i, e in enumerate(ema_params) if e.dtype in (torch.bfloat16, torch.float16)]
+        high = sorted(set(range(len(ema_params))) - set(low))
+        if high:
+            torch._foreach_lerp_(
+                [ema_params[i] for i in high], [params[i].to(ema_params[i].dtype) for i in high], 1.0 - decay
+            )
+        if low:
+            shadow = [ema_params[i] for i in low]
+            if (
+                self._master is None
+                or len(self._master) != len(low)
+                or self._master[0].device != shadow[0].device
+            ):
+                if self._master is None:
+                    log.info("EMA: %s shadow weights; averaging in an fp32 copy of them", shadow[0].dtype)
+                self._master = [e.float() for e in shadow]
+            torch._foreach_lerp_(self._master, [params[i].float() for i in low], 1.0 - decay)
+            for e, m in zip(shadow, self._master):
+                e.copy_(m)
         for e, b in zip(self.shadow.buffers(), net.buffers()):
             e.copy_(b)
         self.num_updates += 1
@@ -84,6 +98,11 @@ class EMAUpdateAfterStep:
         result = super().optimizer_step(*args, **kwargs)
         self.ema.update(self.net)
         return result
+
+
+def _forget_master(module: EMA, _incompatible_keys) -> None:
+    """After a restore the shadow holds the truth: rebuild the fp32 copy from it at the next update."""
+    module._master = None
 
 
 def local_shard(t: torch.Tensor) -> torch.Tensor:
