@@ -16,6 +16,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from data.manifest import LEVELS
+
 
 class ConfigError(ValueError):
     pass
@@ -49,7 +51,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: v is None or (_number(v) and 0 <= v <= 1),
         "a fraction in [0, 1] or null",
     ),
-    "data.manifest_check": (lambda v: v in ("size", "sha256"), "'size' or 'sha256'"),
+    "data.manifest_check": (lambda v: v in LEVELS, " or ".join(repr(level) for level in LEVELS)),
     "module.lr": (lambda v: _number(v) and v > 0, "a learning rate > 0"),
     "module.weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),
     "module.warmup_steps": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
