@@ -132,10 +132,16 @@ class GaussianDiffusion:
 
     @classmethod
     def from_config(
-        cls, schedule: str = "cosine", num_timesteps: int = 1000, sampling_steps: Any = None, **kwargs
+        cls,
+        schedule: str = "cosine",
+        num_timesteps: int = 1000,
+        sampling_steps: Any = None,
+        schedule_shift: float = 1.0,
+        **kwargs,
     ) -> GaussianDiffusion:
-        """``sampling_steps`` is accepted (and ignored) so a whole conf/diffusion/ block can be passed."""
-        return cls(make_betas(schedule, num_timesteps), **kwargs)
+        """``schedule_shift``: multiply every step's SNR by its square (schedules.shift_betas).
+        ``sampling_steps`` is accepted (and ignored) so a whole conf/diffusion/ block can be passed."""
+        return cls(make_betas(schedule, num_timesteps, schedule_shift), **kwargs)
 
     @property
     def learned_variance(self) -> bool:

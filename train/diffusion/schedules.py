@@ -36,13 +36,30 @@ def cosine_betas(num_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
     return (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
 
 
-def make_betas(schedule: str, num_timesteps: int) -> torch.Tensor:
+def shift_betas(betas: torch.Tensor, shift: float, max_beta: float = 0.999) -> torch.Tensor:
+    """The schedule with every step's signal-to-noise ratio alpha_bar / (1 - alpha_bar) multiplied by
+    ``shift`` ** 2 (Hoogeboom et al. 2023, "simple diffusion": a schedule tuned at side d0 suits side d
+    with shift = d0 / d, since averaging over (d0 / d)^2 pixels divides the noise variance by that).
+    shift > 1 means less noise at every step (smaller images), < 1 more (larger images)."""
+    if shift <= 0:
+        raise ValueError(f"diffusion schedule_shift={shift}: must be > 0")
+    if shift == 1:
+        return betas
+    abar = torch.cumprod(1.0 - betas, 0)
+    snr = abar / (1.0 - abar).clamp(min=1e-20) * shift**2
+    shifted = snr / (1.0 + snr)
+    prev = torch.cat([torch.ones(1, dtype=shifted.dtype), shifted[:-1]])
+    return (1.0 - shifted / prev).clamp(min=1e-12, max=max_beta)
+
+
+def make_betas(schedule: str, num_timesteps: int, shift: float = 1.0) -> torch.Tensor:
+    """The betas of ``schedule`` (linear | cosine) over ``num_timesteps``, SNR-shifted by ``shift``."""
     if num_timesteps < 1:
         raise ValueError(f"diffusion num_timesteps={num_timesteps}: must be >= 1")
     if schedule == "linear":
-        return linear_betas(num_timesteps)
+        return shift_betas(linear_betas(num_timesteps), shift)
     if schedule == "cosine":
-        return cosine_betas(num_timesteps)
+        return shift_betas(cosine_betas(num_timesteps), shift)
     raise ValueError(f"diffusion schedule={schedule!r}: expected 'linear' or 'cosine'")
 
 

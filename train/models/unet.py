@@ -175,6 +175,7 @@ class UNet(nn.Module):
         text_layers: int = 0,
         text_heads: int = 8,
         text_eot_id: int | None = None,
+        text_pooled: bool = False,
         low_res_channels: int = 0,
         low_res_noise_cond: bool = False,
         grad_checkpointing: bool = False,
@@ -225,6 +226,11 @@ class UNet(nn.Module):
             text_dim = text_width
         elif text_encoder == "clip" and not text_dim:
             raise ValueError("net.text_encoder=clip needs text_dim (the CLIP text width)")
+        elif text_encoder == "clip" and text_pooled:
+            self.text_to_emb = nn.Linear(text_dim, emb_dim)
+        elif text_pooled:
+            raise ValueError("net.text_pooled needs a caption: set net.text_encoder to clip or trainable")
+        self.text_pooled = text_encoder == "trainable" or bool(text_pooled)
         if text_encoder is not None:
             ctx_dim = text_dim
             self.null_text = nn.Parameter(torch.randn(text_dim) * 0.02)
@@ -314,6 +320,10 @@ class UNet(nn.Module):
                 feat = text_feat.to(emb.dtype)
                 if text_mask is None:
                     text_mask = torch.ones(feat.shape[:2], dtype=torch.bool, device=device)
+                if self.text_pooled:  # the end-of-text feature (the caption's last visible token)
+                    last = text_mask.long().cumsum(1).argmax(1)
+                    pooled = feat[torch.arange(b, device=device), last]
+                    emb = emb + torch.where(drop_text[:, None], 0.0, self.text_to_emb(pooled))
             feat = torch.where(drop_text[:, None, None], self.null_text.to(feat.dtype), feat)
             # dropped captions: only the first (null) token stays visible
             first_only = torch.zeros_like(text_mask)
