@@ -54,6 +54,22 @@ def test_linear_and_cosine_schedules():
         make_betas("sigmoid", 10)
 
 
+def test_schedule_shift_multiplies_every_steps_snr():
+    base, shifted = make_betas("cosine", 1000), make_betas("cosine", 1000, shift=4.0)
+    snr = lambda b: (a := torch.cumprod(1 - b, 0)) / (1 - a)  # noqa: E731
+    ratio = snr(shifted)[:-1] / snr(base)[:-1]  # the last step is the beta clip's (SNR ~ 0 in both)
+    torch.testing.assert_close(ratio, torch.full_like(ratio, 16.0), rtol=1e-6, atol=0)
+    assert shifted.max() <= 0.999 and torch.cumprod(1 - shifted, 0)[-1] < 1e-3  # still ends in noise
+    assert torch.equal(make_betas("cosine", 1000, shift=1.0), base)
+    # from a stage config: module.diffusion.schedule_shift
+    d = GaussianDiffusion.from_config(schedule="cosine", num_timesteps=1000, schedule_shift=4.0)
+    torch.testing.assert_close(d.betas, shifted)
+    lin = snr(make_betas("linear", 1000, shift=0.5)) / snr(make_betas("linear", 1000))
+    torch.testing.assert_close(lin, torch.full_like(lin, 0.25), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="schedule_shift=0"):
+        make_betas("cosine", 10, shift=0)
+
+
 def test_posterior_matches_bayes_rule():
     """q(x_{t-1} | x_t, x_0) from multiplying the two Gaussians, not from the implemented formula."""
     d = GaussianDiffusion(make_betas("linear", 100))

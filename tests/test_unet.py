@@ -81,6 +81,31 @@ def test_decoder_conditioning_routes_and_dropout_removes_it():
     assert not torch.allclose(a, net(x, t, **other_img, drop_text=ones))
 
 
+def test_text_pooled_adds_the_end_of_text_feature_to_the_embedding():
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([5, 500, 900])
+    c = cond()
+    eot = c["text_mask"].long().cumsum(1).argmax(1)  # each caption's last visible token: 1, 3, 5
+    rows = torch.arange(3)
+    other_eot = c["text_feat"].clone()
+    other_eot[rows, eot] += 1.0
+    other_word = c["text_feat"].clone()
+    other_word[:, 0] += 1.0  # a visible token, not the end of text
+    # Without attention the caption reaches the net only through the pooled feature.
+    plain = randomise(decoder(attention_resolutions=[])).eval()
+    torch.testing.assert_close(plain(x, t, **{**c, "text_feat": other_eot}), plain(x, t, **c))
+    net = randomise(decoder(attention_resolutions=[], text_pooled=True)).eval()
+    ref = net(x, t, **c)
+    changed = net(x, t, **{**c, "text_feat": other_eot})
+    assert all(not torch.allclose(changed[i], ref[i]) for i in range(3))
+    torch.testing.assert_close(net(x, t, **{**c, "text_feat": other_word}), ref)
+    ones = torch.ones(3, dtype=torch.bool)
+    torch.testing.assert_close(
+        net(x, t, **c, drop_text=ones), net(x, t, **{**c, "text_feat": other_eot}, drop_text=ones)
+    )
+    with pytest.raises(ValueError, match="text_pooled needs a caption"):
+        decoder(text_encoder=None, text_dim=None, text_pooled=True)
+
+
 def test_trainable_text_encoder_and_grad_checkpointing():
     net = randomise(
         decoder(
