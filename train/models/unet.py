@@ -10,7 +10,8 @@ Conditioning, all optional:
   (DALL-E 2 section 2.1).
 - ``text_encoder``: the caption. ``clip``: frozen CLIP per-token features (B, L, text_dim) are
   projected to context tokens (Karlo's choice); ``trainable``: token ids go through the net's own
-  causal transformer (GLIDE, the paper), whose end-of-text feature is also added to the time embedding.
+  causal transformer (GLIDE, the paper), whose end-of-text feature is also added to the time embedding;
+  ``text_pooled`` does the same with the CLIP features (the feature at the last unmasked token).
 - ``low_res_channels``: a low-resolution image, upsampled to the output size and concatenated to the
   input channels (the upsamplers).
 - Classifier-free guidance: ``drop_image`` / ``drop_text`` (B,) bool replace that conditioning by learned
