@@ -308,8 +308,6 @@ class UNet(nn.Module):
                 last = torch.where(
                     is_eot.any(1), is_eot.int().argmax(1), torch.full_like(tokens[:, 0], tokens.shape[1] - 1)
                 )
-                pooled = h[torch.arange(b, device=device), last]
-                emb = emb + torch.where(drop_text[:, None], 0.0, self.text_to_emb(pooled))
                 feat = h
                 if text_mask is None:
                     text_mask = torch.arange(tokens.shape[1], device=device)[None] <= last[:, None]
@@ -321,10 +319,10 @@ class UNet(nn.Module):
                 feat = text_feat.to(emb.dtype)
                 if text_mask is None:
                     text_mask = torch.ones(feat.shape[:2], dtype=torch.bool, device=device)
-                if self.text_pooled:  # the end-of-text feature (the caption's last visible token)
-                    last = text_mask.long().cumsum(1).argmax(1)
-                    pooled = feat[torch.arange(b, device=device), last]
-                    emb = emb + torch.where(drop_text[:, None], 0.0, self.text_to_emb(pooled))
+                last = text_mask.long().cumsum(1).argmax(1)  # the caption's last visible token
+            if self.text_pooled:  # its end-of-text feature joins the timestep embedding (GLIDE)
+                pooled = feat[torch.arange(b, device=device), last]
+                emb = emb + torch.where(drop_text[:, None], 0.0, self.text_to_emb(pooled))
             feat = torch.where(drop_text[:, None, None], self.null_text.to(feat.dtype), feat)
             # dropped captions: only the first (null) token stays visible
             first_only = torch.zeros_like(text_mask)
