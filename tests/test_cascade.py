@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -171,3 +173,42 @@ def test_checkpoints_with_pickled_objects_are_refused(cascade_dir, tmp_path):
     assert not PicklePayload.ran
     torch.save(good, run / "checkpoints" / "last.ckpt")  # the same checkpoint without it loads
     assert load_stage(run).global_step == 2
+
+
+def test_probe_scores_every_stage_on_ground_truth_renders(cascade, cascade_dir, tmp_path, capsys):
+    from eval import probe
+
+    result = probe.probe(cascade, n=6, steps=2, noise_steps=(0, 300), upsampler_steps=(2, 2))
+    rows = {r["probe"]: r for r in result["rows"]}
+    assert list(rows) == [
+        "renders at 16 px",
+        "renders -> upsampler 1 (32 px)",
+        "renders -> upsampler 2 (64 px)",
+        "decoder (image + caption)",
+        "decoder (caption only)",
+        "decoder (image only)",
+        "denoise t=0: decoder x0",
+        "denoise t=0: noised render",
+        "denoise t=300: decoder x0",
+        "denoise t=300: noised render",
+    ]
+    assert result["n"] == 6 and all(0.0 <= r[c] <= 1.0 for r in rows.values() for c in probe.CRITERIA)
+    # the renders are the ceiling: one object of the prompted colour each, the shape nearly always found
+    ceiling = rows["renders at 16 px"]
+    assert ceiling["colour"] == 1.0 and ceiling["count"] == 1.0 and ceiling["shape"] >= 5 / 6
+    # at step 0 the noised render is the render (noise std 0.01): the same scores
+    assert rows["denoise t=0: noised render"] == {**ceiling, "probe": "denoise t=0: noised render"}
+    # at step 300 (noise std 0.46) the saturation threshold no longer finds one clean object
+    assert rows["denoise t=300: noised render"]["count"] < 1.0
+    sep = result["clip"]
+    assert -1.0 <= sep["mean_cos"] <= sep["max_cos"] <= 1.0 + 1e-6
+
+    out = tmp_path / "probe.json"
+    argv = ["--cascade", str(cascade_dir), "--n", "6", "--steps", "2", "--noise-steps", "0"]
+    assert probe.main(argv + ["--upsampler-steps", "2,2", "--json", str(out)]) == 0
+    assert "| renders at 16 px | 100% |" in capsys.readouterr().out
+    assert [r["probe"] for r in json.loads(out.read_text())["rows"]][-1] == "denoise t=0: noised render"
+    assert probe.main(argv[:-1] + ["1000"]) == 2
+    assert "noise step 1000: expected 0..999" in capsys.readouterr().err
+    assert probe.main(argv[:-1] + ["a"]) == 2
+    assert "comma-separated integers" in capsys.readouterr().err

@@ -221,6 +221,7 @@ def test_pipeline_runs_every_stage_writes_a_report_and_skips_finished_stages(tmp
         "sample.prior.steps=3",
         "sample.decoder.steps=3",
         "sample.upsamplers=[{steps:2},{steps:2}]",
+        "sample.probe=4",
     ]
     first = _python(args, tmp_path)
     assert first.returncode == 0, first.stderr[-4000:]
@@ -239,6 +240,9 @@ def test_pipeline_runs_every_stage_writes_a_report_and_skips_finished_stages(tmp
     assert (out / "clip" / "checkpoints" / "last.ckpt").exists()
     md = (out / "report.md").read_text()
     assert "| val/zeroshot_colour_top1 |" in md and "bench/single/colour_shape" in md and "samples.png" in md
+    # the probe: ground-truth renders through each stage, in report.json and report.md
+    assert bench["probe/renders_at_16_px/shape"] >= 0.75 and "probe/decoder_caption_only/colour" in bench
+    assert "| renders -> upsampler 2 (64 px) |" in md
     second = _python(args, tmp_path)
     assert second.returncode == 0, second.stderr[-4000:]
     assert (second.stderr + second.stdout).count("already finished") == 7

@@ -161,6 +161,22 @@ def run_sample(options: Mapping[str, Any], out_dir: Path) -> dict[str, float]:
         **settings,
     )
     shutil.copy(stage_dir / "samples.png", out_dir / "samples.png")
+    if int(options.get("probe") or 0) > 0:  # each stage on ground-truth renders: where shapes are lost
+        from eval import probe
+
+        start = time.time()
+        result = probe.probe(
+            cascade,
+            n=int(options["probe"]),
+            steps=settings["decoder"].steps,
+            guidance_scale=settings["decoder"].guidance_scale,
+            upsampler_steps=[u.steps for u in ups],
+            seed=int(options.get("seed", 0)),
+        )
+        (stage_dir / "probe.json").write_text(json.dumps(result, indent=1))
+        (stage_dir / "probe.md").write_text(probe.table(result) + "\n")
+        metrics.update(probe.metrics(result))
+        metrics["bench/seconds"] += time.time() - start
     done.write_text(json.dumps({"metrics": metrics, "seconds": metrics["bench/seconds"]}, indent=2))
     return metrics
 
@@ -212,6 +228,9 @@ def write_report(out_dir: Path, results: dict[str, dict[str, float]]) -> None:
         lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())]
         where = out_dir / stage / ("checkpoints" if stage not in ("embed", "sample") else "")
         lines += ["", f"outputs: `{where}`", ""]
+    probe = out_dir / "sample" / "probe.md"
+    if "sample" in results and probe.exists():
+        lines += ["## probe: each stage on ground-truth renders (eval/probe.py)", "", probe.read_text()]
     (out_dir / "report.md").write_text("\n".join(lines))
 
 

@@ -1,0 +1,243 @@
+"""Where a trained cascade loses the shapes: each stage probed on ground-truth renders.
+
+    python -m eval.probe --cascade outputs/pipeline [--n 48] [--steps 25] [--upsampler-steps 15,10] [--json F]
+
+The pipeline's ``sample`` stage runs it too (``sample.probe``: prompts, 0 to skip) into
+``<out_dir>/sample/probe.md`` and report.md.
+
+The compositional benchmark (eval/benchmark.py) scores the whole chain text -> prior -> decoder ->
+upsamplers; when single-object shape accuracy is low it does not say which stage is to blame. This
+probe feeds each stage the ground truth instead of the previous stage's output, on the benchmark's
+single-object prompts rendered by the dataset's own renderer (eval/composition.py ``render_spec``),
+and scores every result with the same program scorer:
+
+- ``renders``: the renders at the decoder's size, upsampled bicubically to the scorer's 64 px: the
+  ceiling any decoder of that size can reach.
+- ``upsampler k``: those renders through the upsamplers, one stage after another.
+- ``decoder (image + caption | caption only | image only)``: the decoder sampled from the renders'
+  own CLIP image embeddings and captions, with one of the two dropped (as its classifier-free guidance
+  dropout does); a conditioning the decoder ignores gives near-chance figures when alone.
+- ``denoise t=N``: the decoder's predicted x0 from the renders noised to step N of its schedule,
+  next to the noised render itself: whether the decoder keeps a shape it can see.
+- ``clip``: how far the CLIP separates captions that differ only in shape (cosine between the text
+  embeddings of "a red circle", "a red square", ...): a decoder cannot be told what its
+  conditioning does not distinguish.
+
+Chance is 1/6 for shape, 1/8 for colour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data.synthetic import SHAPES
+from eval import composition
+from train.cascade import Cascade
+from train.modules.decoder import to_uint8, to_unit_range
+
+SCORER_SIZE = 64
+CRITERIA = ("colour", "shape", "count")
+
+
+def single_object_items(n: int, seed: int = 0) -> list[dict]:
+    """The first ``n`` single-object prompts of the benchmark (composition.benchmark_prompts)."""
+    return [i for i in composition.benchmark_prompts(n, seed=seed) if i["category"] == "single"]
+
+
+def renders(items: Sequence[dict]) -> torch.Tensor:
+    """uint8 (N, 3, 64, 64): each item's scene drawn by the dataset's renderer."""
+    return torch.stack(
+        [
+            torch.from_numpy(np.array(composition.render_spec(it["spec"], SCORER_SIZE, seed=k))).permute(
+                2, 0, 1
+            )
+            for k, it in enumerate(items)
+        ]
+    )
+
+
+def score(images: torch.Tensor, items: Sequence[dict]) -> dict[str, float]:
+    """Colour, shape and count accuracy of float images in [-1, 1] at any size (bicubic to 64 px)."""
+    x = images.float().clamp(-1, 1)
+    if x.shape[-1] != SCORER_SIZE:
+        x = F.interpolate(x, size=(SCORER_SIZE, SCORER_SIZE), mode="bicubic", align_corners=False).clamp(
+            -1, 1
+        )
+    metrics = composition.evaluate(to_uint8(x), items)
+    return {c: metrics[f"single/{c}"] for c in CRITERIA}
+
+
+def caption_separation(cascade: Cascade) -> dict[str, float]:
+    """Mean and max cosine between the CLIP text embeddings of captions that differ only in shape."""
+    tokens = cascade.tokens([f"a red {s}" for s in SHAPES])
+    emb = F.normalize(cascade.clip.embed(None, tokens)["txt_emb"].float(), dim=-1)
+    cos = emb @ emb.T
+    off = cos[~torch.eye(len(SHAPES), dtype=torch.bool, device=cos.device)]
+    return {"mean_cos": float(off.mean()), "max_cos": float(off.max())}
+
+
+@torch.no_grad()
+def probe(
+    cascade: Cascade,
+    n: int = 48,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    noise_steps: Sequence[int] = (20, 50, 100, 200, 300),
+    upsampler_steps: Sequence[int | None] = (),
+    seed: int = 0,
+) -> dict:
+    """Every probe of the module docstring: ``{"rows": [{"probe", "colour", "shape", "count"}], "clip": ...}``.
+    ``n``: prompts per benchmark category (the single-object ones are used); ``steps``: decoder DDIM
+    steps; ``upsampler_steps``: per upsampler (default: its training config)."""
+    items = single_object_items(n, seed)
+    device = cascade.device
+    dec = cascade.decoder
+    size = dec.net.image_size
+    truth = renders(items)
+    x0 = to_unit_range(truth.to(device), size)
+    rows: list[dict] = [{"probe": f"renders at {size} px", **score(x0, items)}]
+
+    g = torch.Generator(device).manual_seed(seed)
+    x = x0
+    for k, up in enumerate(cascade.upsamplers):
+        s = upsampler_steps[k] if k < len(upsampler_steps) else None
+        x = up.upsample(x.clamp(-1, 1), g, steps=s).clamp(-1, 1)
+        rows.append({"probe": f"renders -> upsampler {k + 1} ({x.shape[-1]} px)", **score(x, items)})
+
+    tokens = cascade.tokens([it["prompt"] for it in items])
+    emb = cascade.clip.embed(truth.to(device), tokens)
+    cond = dec.conditioning(emb["img_emb"], tokens, emb.get("txt_feat"))
+    b = len(items)
+    for name, drop_image, drop_text in (
+        ("image + caption", False, False),
+        ("caption only", True, False),
+        ("image only", False, True),
+    ):
+        kwargs = dict(cond)
+        kwargs["drop_image"] = torch.full((b,), drop_image, dtype=torch.bool, device=device)
+        kwargs["drop_text"] = torch.full((b,), drop_text, dtype=torch.bool, device=device)
+        uncond = {k: torch.ones(b, dtype=torch.bool, device=device) for k in ("drop_image", "drop_text")}
+        g = torch.Generator(device).manual_seed(seed)
+        process = dec.sampler if steps is None else dec.diffusion.respace(steps)
+        out = process.sample(
+            dec.ema.shadow,
+            (b, 3, size, size),
+            sampler="ddim",
+            eta=0.0,
+            device=device,
+            generator=g,
+            model_kwargs=kwargs,
+            guidance_scale=dec.hparams.guidance_scale if guidance_scale is None else guidance_scale,
+            uncond_kwargs=uncond,
+        )
+        rows.append({"probe": f"decoder ({name})", **score(out, items)})
+
+    diffusion = dec.diffusion
+    kwargs = dict(cond)
+    kwargs["drop_image"] = torch.zeros(b, dtype=torch.bool, device=device)
+    kwargs["drop_text"] = torch.zeros(b, dtype=torch.bool, device=device)
+    g = torch.Generator(device).manual_seed(seed)
+    for step in noise_steps:
+        if not 0 <= step < diffusion.num_timesteps:
+            raise ValueError(f"noise step {step}: expected 0..{diffusion.num_timesteps - 1}")
+        t = torch.full((b,), step, dtype=torch.long, device=device)
+        noise = torch.randn(x0.shape, generator=g, device=device)
+        x_t = diffusion.q_sample(x0, t, noise)
+        pred = diffusion.p_mean_variance(dec.ema.shadow, x_t, t, model_kwargs=kwargs)["pred_x0"]
+        abar = float(diffusion.alphas_cumprod[step])
+        rows.append({"probe": f"denoise t={step}: decoder x0", **score(pred, items)})
+        rows.append({"probe": f"denoise t={step}: noised render", **score(x_t / math.sqrt(abar), items)})
+    return {
+        "n": len(items),
+        "decoder_steps": int(dec.hparams.sample_steps if steps is None else steps),
+        "rows": rows,
+        "clip": caption_separation(cascade),
+    }
+
+
+def metrics(result: dict) -> dict[str, float]:
+    """Flat ``probe/<row>/shape`` figures (and the decoder rows' colour) for reports."""
+    out = {}
+    for r in result["rows"]:
+        slug = "".join(c if c.isalnum() else "_" for c in r["probe"]).strip("_")
+        while "__" in slug:
+            slug = slug.replace("__", "_")
+        out[f"probe/{slug}/shape"] = r["shape"]
+        if r["probe"].startswith("decoder"):
+            out[f"probe/{slug}/colour"] = r["colour"]
+    out["probe/clip_shape_caption_max_cos"] = result["clip"]["max_cos"]
+    return out
+
+
+def table(result: dict) -> str:
+    lines = [
+        f"{result['n']} single-object prompts, decoder DDIM steps {result['decoder_steps']}; "
+        "chance: shape 17%, colour 12.5%",
+        "",
+        "| probe | colour | shape | count |",
+        "|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(f"| {r['probe']} | {r['colour']:.0%} | {r['shape']:.0%} | {r['count']:.0%} |")
+    c = result["clip"]
+    lines += [
+        "",
+        f"CLIP text embeddings of captions differing only in shape: cosine mean {c['mean_cos']:.3f}, "
+        f"max {c['max_cos']:.3f}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from eval.sample import load_cascade
+
+    p = argparse.ArgumentParser(prog="python -m eval.probe", description=__doc__.split("\n\n")[0])
+    p.add_argument("--cascade", required=True, help="a train.pipeline output directory")
+    p.add_argument("--n", type=int, default=48, help="single-object prompts")
+    p.add_argument("--steps", type=int, help="decoder DDIM steps (default: its training config)")
+    p.add_argument("--guidance", type=float, help="decoder guidance (default: its training config)")
+    p.add_argument("--noise-steps", default="20,50,100,200,300", help="steps of the denoising probe")
+    p.add_argument(
+        "--upsampler-steps", default="", help="DDIM steps per upsampler, e.g. 15,10 (default: their configs)"
+    )
+    p.add_argument("--json", help="also write the result here")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    try:
+        noise_steps = [int(s) for s in args.noise_steps.split(",") if s.strip()]
+        up_steps = [int(s) for s in args.upsampler_steps.split(",") if s.strip()]
+    except ValueError:
+        print("error: --noise-steps and --upsampler-steps take comma-separated integers", file=sys.stderr)
+        return 2
+    try:
+        stages = argparse.Namespace(
+            cascade=args.cascade, prior=None, decoder=None, upsampler=None, clip=None, device=args.device
+        )
+        result = probe(
+            load_cascade(stages),
+            n=args.n,
+            steps=args.steps,
+            guidance_scale=args.guidance,
+            noise_steps=noise_steps,
+            upsampler_steps=up_steps,
+        )
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
