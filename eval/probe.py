@@ -96,10 +96,13 @@ def probe(
 ) -> dict:
     """Every probe of the module docstring: ``{"rows": [{"probe", "colour", "shape", "count"}], "clip": ...}``.
     ``n``: prompts per benchmark category (the single-object ones are used); ``steps``: decoder DDIM
-    steps; ``upsampler_steps``: per upsampler (default: its training config)."""
+    steps and ``upsampler_steps`` per upsampler (None or missing: the stage's training config)."""
+    dec = cascade.decoder
+    for step in noise_steps:
+        if not 0 <= step < dec.diffusion.num_timesteps:
+            raise ValueError(f"noise step {step}: expected 0..{dec.diffusion.num_timesteps - 1}")
     items = single_object_items(n, seed)
     device = cascade.device
-    dec = cascade.decoder
     size = dec.net.image_size
     truth = renders(items)
     x0 = to_unit_range(truth.to(device), size)
@@ -146,8 +149,6 @@ def probe(
     kwargs["drop_text"] = torch.zeros(b, dtype=torch.bool, device=device)
     g = torch.Generator(device).manual_seed(seed)
     for step in noise_steps:
-        if not 0 <= step < diffusion.num_timesteps:
-            raise ValueError(f"noise step {step}: expected 0..{diffusion.num_timesteps - 1}")
         t = torch.full((b,), step, dtype=torch.long, device=device)
         noise = torch.randn(x0.shape, generator=g, device=device)
         x_t = diffusion.q_sample(x0, t, noise)
