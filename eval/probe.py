@@ -124,22 +124,15 @@ def probe(
         ("caption only", True, False),
         ("image only", False, True),
     ):
-        kwargs = dict(cond)
-        kwargs["drop_image"] = torch.full((b,), drop_image, dtype=torch.bool, device=device)
-        kwargs["drop_text"] = torch.full((b,), drop_text, dtype=torch.bool, device=device)
-        uncond = {k: torch.ones(b, dtype=torch.bool, device=device) for k in ("drop_image", "drop_text")}
         g = torch.Generator(device).manual_seed(seed)
-        process = dec.sampler if steps is None else dec.diffusion.respace(steps)
-        out = process.sample(
-            dec.ema.shadow,
-            (b, 3, size, size),
-            sampler="ddim",
-            eta=0.0,
-            device=device,
+        out = dec.sample(
+            cond,
+            guidance_scale=guidance_scale,
             generator=g,
-            model_kwargs=kwargs,
-            guidance_scale=dec.hparams.guidance_scale if guidance_scale is None else guidance_scale,
-            uncond_kwargs=uncond,
+            steps=steps,
+            eta=0.0,
+            drop_image=drop_image,
+            drop_text=drop_text,
         )
         rows.append({"probe": f"decoder ({name})", **score(out, items)})
 

@@ -175,6 +175,20 @@ def test_checkpoints_with_pickled_objects_are_refused(cascade_dir, tmp_path):
     assert load_stage(run).global_step == 2
 
 
+def test_decoder_sample_can_drop_the_image_embedding(cascade):
+    dec, text = cascade.decoder, cascade.text(["a red circle", "a blue square"])
+    emb = cascade.clip.embed(None, text["tokens"])["txt_emb"]
+    cond = dec.conditioning(emb, text["tokens"], text["txt_feat"])
+    other = dec.conditioning(-emb, text["tokens"], text["txt_feat"])
+
+    def run(c, **kw):
+        return dec.sample(c, steps=3, generator=torch.Generator().manual_seed(0), **kw)
+
+    # dropped, the embedding is replaced by the null tokens: any embedding gives the same images
+    assert torch.equal(run(cond, drop_image=True), run(other, drop_image=True))
+    assert not torch.equal(run(cond), run(other))
+
+
 def test_probe_scores_every_stage_on_ground_truth_renders(cascade, cascade_dir, tmp_path, capsys):
     from eval import probe
 

@@ -161,19 +161,21 @@ class DecoderModule(EMAUpdateAfterStep, pl.LightningModule):
         eta: float | None = None,
         noise: torch.Tensor | None = None,
         drop_text: bool = False,
+        drop_image: bool = False,
         step_callback=None,
     ) -> torch.Tensor:
         """Images in [-1, 1] (B, 3, S, S) for conditioning ``cond`` (as from :meth:`conditioning`).
 
         ``steps``: respace to this many steps (default ``module.sample_steps``); ``sampler``: ddim
         (``eta``, default ``module.eta``) or ddpm; ``noise``: the starting x_T (e.g. a DDIM inversion);
-        ``drop_text``: condition on the image embedding alone (variations); ``step_callback(i, x)``: see
+        ``drop_text``: condition on the image embedding alone (variations); ``drop_image``: on the
+        caption alone (guidance then amplifies the caption only); ``step_callback(i, x)``: see
         GaussianDiffusion.ddim_sample_loop (inpainting).
         """
         net = self.ema.shadow if use_ema else self.net
         b = cond["image_emb"].shape[0]
         kwargs = dict(cond)
-        kwargs["drop_image"] = torch.zeros(b, dtype=torch.bool, device=self.device)
+        kwargs["drop_image"] = torch.full((b,), drop_image, dtype=torch.bool, device=self.device)
         kwargs["drop_text"] = torch.full((b,), drop_text, dtype=torch.bool, device=self.device)
         uncond = {k: torch.ones(b, dtype=torch.bool, device=self.device) for k in ("drop_image", "drop_text")}
         process = self.sampler if steps is None else self.diffusion.respace(steps)
