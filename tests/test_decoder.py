@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from data.synthetic import COLOURS
 from eval.colours import colour_match, dominant_colours
-from train.checkpoint import load_stage
+from train.checkpoint import export_stage, load_stage
 from train.run import CONF_DIR, train
 
 
@@ -52,6 +53,46 @@ def test_decoder_stage_trains_samples_and_exports(clip_run, tmp_path):
     assert grid.size == (4 * 64 + 3 * 8, 2 * 64 + 8)  # 4 columns x (source, sample) at 4x scale
     stage = load_stage(tmp_path / "dec")  # EMA weights; cond/text sizes from the CLIP
     assert stage.net.cond_dim == 128 and stage.net.image_size == 16
+
+
+def test_decoder_with_its_own_text_encoder_takes_the_tokenizer_and_exports(clip_run, tmp_path):
+    """net.text_encoder=trainable (GLIDE, the paper): vocabulary, context length and end-of-text id come
+    from the tokenizer, and the run and its export rebuild the same net without that wiring by hand."""
+    run, _ = clip_run
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose(
+            "train",
+            overrides=[
+                "stage=decoder",
+                "debug=fast",
+                f"clip_ckpt={run}",
+                f"paths.data_dir={run.parent / 'datasets'}",
+                f"paths.output_dir={tmp_path / 'dec'}",
+                "net.model_channels=16",
+                "net.head_channels=16",
+                "net.text_encoder=trainable",
+                "net.text_width=32",
+                "net.text_layers=1",
+                "trainer.max_steps=2",
+                "trainer.val_check_interval=2",
+                "module.sample_steps=2",
+                "module.val_max_samples=4",
+            ],
+        )
+    assert train(cfg)["trainer/global_step"] == 2
+    stage = load_stage(tmp_path / "dec")
+    tok = stage.tokenizer
+    assert stage.net.text_eot_id == tok.eot_id
+    assert stage.net.token_embedding.num_embeddings == tok.vocab_size
+    assert stage.net.text_positional.shape == (tok.context_length, 32)
+    export = load_stage(export_stage(tmp_path / "dec"))
+    tokens = torch.tensor([tok.encode("a red circle")])
+    x, t, emb = torch.randn(1, 3, 16, 16), torch.tensor([500]), torch.randn(1, 128)
+    with torch.no_grad():
+        want = stage.net(x, t, image_emb=emb, tokens=tokens)
+        assert torch.equal(export.net(x, t, image_emb=emb, tokens=tokens), want)
+        with pytest.raises(ValueError, match="longer than net.text_context_length"):
+            stage.net(x, t, image_emb=emb, tokens=torch.ones(1, tok.context_length + 1, dtype=torch.long))
 
 
 def test_paper_experiment_composes():

@@ -58,6 +58,29 @@ def resolve_run(path: str | Path) -> tuple[Path, Path]:
 EXPORT_WEIGHTS = "model.safetensors"
 
 
+def wire_net_config(net_cfg: DictConfig, tokenizer: Tokenizer | None) -> DictConfig:
+    """A copy of a ``net`` config with the fields that come from the tokenizer filled in: the CLIP's
+    ``eot_id`` (its text pooling position) and, for a trainable caption encoder (the decoder's
+    ``net.text_encoder=trainable``), ``text_eot_id``, ``text_vocab_size`` and ``text_context_length``
+    where they are null. Training (train/run.py), loading and
+    exporting a run all build the net through it, so they agree."""
+    net_cfg = net_cfg.copy()
+    if tokenizer is None:
+        return net_cfg
+    with open_dict(net_cfg):
+        if "eot_id" in net_cfg:
+            net_cfg.eot_id = tokenizer.eot_id
+        if net_cfg.get("text_encoder") == "trainable":
+            for key, value in (
+                ("text_eot_id", tokenizer.eot_id),
+                ("text_vocab_size", tokenizer.vocab_size),
+                ("text_context_length", tokenizer.context_length),
+            ):
+                if net_cfg.get(key) is None:
+                    net_cfg[key] = int(value)
+    return net_cfg
+
+
 def _load_export(path: Path, map_location) -> LoadedStage:
     from safetensors.torch import load_file
 
@@ -91,9 +114,8 @@ def export_stage(path: str | Path, out: str | Path | None = None, use_ema: bool 
     out = Path(out) if out is not None else run / "export"
     out.mkdir(parents=True, exist_ok=True)
     cfg = stage.cfg.copy()
-    if "eot_id" in cfg.net and stage.tokenizer is not None:  # what load_stage filled in from the tokenizer
-        with open_dict(cfg):
-            cfg.net.eot_id = stage.tokenizer.eot_id
+    with open_dict(cfg):  # what load_stage filled in from the tokenizer: the export needs no tokenizer wiring
+        cfg.net = wire_net_config(cfg.net, stage.tokenizer)
     state = {k: v.detach().contiguous().cpu() for k, v in stage.net.state_dict().items()}
     save_file(state, str(out / EXPORT_WEIGHTS))
     OmegaConf.save(cfg, out / "config.yaml")
@@ -234,11 +256,7 @@ def load_stage(
     cfg = OmegaConf.load(cfg_path)
     tok_path = run / "tokenizer.json"
     tokenizer = Tokenizer.load(tok_path) if tok_path.exists() else None
-    net_cfg = cfg.net.copy()
-    if tokenizer is not None and "eot_id" in net_cfg:
-        with open_dict(net_cfg):
-            net_cfg.eot_id = tokenizer.eot_id
-    net = instantiate(net_cfg)
+    net = instantiate(wire_net_config(cfg.net, tokenizer))
     if checkpoint_format(ckpt_path) == "file":
         ckpt = load_checkpoint(ckpt_path, map_location)
     else:

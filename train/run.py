@@ -76,22 +76,27 @@ def _written_at(path: Path) -> float:
 
 def build_net(cfg: DictConfig, tokenizer) -> torch.nn.Module:
     """Instantiate the architecture, wiring tokenizer-dependent fields (eot id, vocabulary size)."""
-    net_cfg = cfg.net.copy()
-    if (
-        tokenizer is not None
-        and net_cfg.get("text_encoder") == "trainable"
-        and net_cfg.get("text_eot_id") is None
-    ):
-        with open_dict(net_cfg):
-            net_cfg.text_eot_id = tokenizer.eot_id
+    from train.checkpoint import wire_net_config
+
+    net_cfg = wire_net_config(cfg.net, tokenizer)
     if tokenizer is not None and "eot_id" in net_cfg:
-        with open_dict(net_cfg):
-            net_cfg.eot_id = tokenizer.eot_id
         vocab = OmegaConf.select(net_cfg, "text.vocab_size")
         if vocab is not None and vocab < tokenizer.vocab_size:
             raise ValueError(
                 f"net.text.vocab_size={vocab} is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size}); "
                 f"set net.text.vocab_size>={tokenizer.vocab_size}"
+            )
+    if tokenizer is not None and net_cfg.get("text_encoder") == "trainable":
+        if net_cfg.text_vocab_size < tokenizer.vocab_size:
+            raise ValueError(
+                f"net.text_vocab_size={net_cfg.text_vocab_size} is smaller than the tokenizer's vocabulary "
+                f"({tokenizer.vocab_size}); set net.text_vocab_size>={tokenizer.vocab_size} or null (the tokenizer's)"
+            )
+        if net_cfg.text_context_length < tokenizer.context_length:
+            raise ValueError(
+                f"net.text_context_length={net_cfg.text_context_length} is shorter than the tokenizer's "
+                f"context ({tokenizer.context_length} tokens); set net.text_context_length>="
+                f"{tokenizer.context_length} or null (the tokenizer's)"
             )
     net = instantiate(net_cfg)
     if cfg.get("init_from_open_clip"):

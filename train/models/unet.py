@@ -302,7 +302,12 @@ class UNet(nn.Module):
             if self.text_encoder == "trainable":
                 if tokens is None:
                     raise ValueError("net.text_encoder=trainable: pass tokens (B, L)")
-                h = self.token_embedding(tokens) + self.text_positional.to(emb.dtype)
+                if tokens.shape[1] > self.text_positional.shape[0]:
+                    raise ValueError(
+                        f"tokens (B, {tokens.shape[1]}) are longer than net.text_context_length="
+                        f"{self.text_positional.shape[0]}"
+                    )
+                h = self.token_embedding(tokens) + self.text_positional[: tokens.shape[1]].to(emb.dtype)
                 h = self.text_ln(self.text_transformer(h))
                 is_eot = tokens == self.text_eot_id
                 last = torch.where(
