@@ -34,7 +34,7 @@ from omegaconf import OmegaConf, open_dict
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from train.strategies import fsdp_units  # noqa: E402
+from train.parallel import fsdp_units  # noqa: E402
 
 GB = 1e9
 # The paper's CLIP (ViT-H/16): what later stages need from it when no clip_ckpt is given.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
@@ -22,12 +23,15 @@ class _Batches(torch.utils.data.Dataset):
         return {"image": torch.randn(4, 3, 32, 32, generator=g), "tokens": tokens}
 
 
-def test_counted_training_flops_are_about_three_forwards():
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
+def test_counted_training_flops_are_about_three_forwards(grad_checkpointing):
+    """Model FLOPs: activation checkpointing's recompute (a fourth forward) is not counted."""
     torch.manual_seed(0)
     net = CLIP(
         embed_dim=32,
         vision={"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "heads": 2},
         text={"context_length": 8, "vocab_size": 64, "width": 64, "layers": 2, "heads": 2},
+        grad_checkpointing=grad_checkpointing,
     )
     stats = DataStats()
     trainer = pl.Trainer(

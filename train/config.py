@@ -40,6 +40,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.gradient_clip_val": (lambda v: v is None or (_number(v) and v >= 0), "a number >= 0 or null"),
     "trainer.log_every_n_steps": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     "trainer.num_nodes": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "trainer.compile": (
+        lambda v: v in (None, False, True, "none", "full", "regional"),
+        "false, true (the whole net) or regional (each block)",
+    ),
     "data.global_batch_size": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     "data.val_batch_size": (lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1 or null"),
     "data.num_workers": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),

@@ -230,6 +230,14 @@ def wandb_run_id(output_dir: Path) -> str:
 
 
 def build_trainer(cfg: DictConfig, callbacks, loggers) -> pl.Trainer:
+    """The Trainer from ``cfg.trainer``; its ``compile`` keys are ours (a CompileNet callback), not Lightning's."""
+    trainer_cfg = cfg.trainer.copy()
+    with open_dict(trainer_cfg):
+        mode, backend = trainer_cfg.pop("compile", False), trainer_cfg.pop("compile_backend", "inductor")
+    if mode not in (None, False, "none", "false"):
+        from train.callbacks.compile import CompileNet
+
+        callbacks = [*callbacks, CompileNet(mode, backend)]
     strategy_cfg = cfg.strategy
     strategy = instantiate(strategy_cfg) if "_target_" in strategy_cfg else strategy_cfg.get("name", "auto")
     from pytorch_lightning.strategies import DeepSpeedStrategy, ModelParallelStrategy
@@ -238,10 +246,10 @@ def build_trainer(cfg: DictConfig, callbacks, loggers) -> pl.Trainer:
 
     sharded = isinstance(strategy, (DeepSpeedStrategy, ModelParallelStrategy))  # they write directories
     return instantiate(
-        cfg.trainer,
+        trainer_cfg,
         plugins=[] if sharded else [AtomicCheckpointIO()],
         strategy=strategy,
-        precision=resolve_precision(cfg.trainer.precision),
+        precision=resolve_precision(trainer_cfg.precision),
         callbacks=callbacks,
         logger=loggers or False,
     )

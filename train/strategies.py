@@ -22,6 +22,8 @@ import torch.nn as nn
 from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy
 from pytorch_lightning.strategies import DeepSpeedStrategy as _LightningDeepSpeed
 
+from train.parallel import fsdp_units
+
 log = logging.getLogger(__name__)
 
 
@@ -186,22 +188,6 @@ def _dtype(name: str | None, option: str) -> torch.dtype | None:
     if name not in table:
         raise ValueError(f"strategy.{option}={name!r}: expected one of {sorted(table)}")
     return table[name]
-
-
-def fsdp_units(net: nn.Module) -> list[nn.Module]:
-    """The modules that become FSDP units: the entries of the outermost ``nn.ModuleList``s (transformer
-    blocks, UNet levels). Each unit's parameters are gathered together, just before it runs."""
-    units: list[nn.Module] = []
-
-    def visit(module: nn.Module) -> None:
-        for child in module.children():
-            if isinstance(child, nn.ModuleList):
-                units.extend(m for m in child if any(True for _ in m.parameters()))
-            else:
-                visit(child)
-
-    visit(net)
-    return units
 
 
 def shard_module(

@@ -4,10 +4,11 @@ over ranks, this epoch so far), ``perf/samples_per_sec`` (all ranks), ``perf/sam
 ``perf/data_wait_frac``, ``perf/tflops_per_device``, ``perf/mfu`` (when the device's peak is known) and
 ``perf/max_memory_gb`` (CUDA); the skip counts also go to the text log at every epoch end.
 
-FLOPs are counted, not estimated: the first training step runs under ``torch.utils.flop_counter``
-(forward, backward and everything else the step computes, e.g. a frozen CLIP's embeddings), giving
-FLOPs per sample; ``tflops_per_device`` = that x samples/s per device. ``mfu`` divides by the device's
-dense peak for the run's precision (``peak_tflops`` overrides; a table covers common NVIDIA GPUs).
+FLOPs are counted, not estimated: the first training step runs under ``train.perf.ModelFlopCounter``
+(forward, backward and everything else the step computes, e.g. a frozen CLIP's embeddings, but not
+activation-checkpoint recompute), giving FLOPs per sample; ``tflops_per_device`` = that x samples/s
+per device. ``mfu`` divides by the device's dense peak for the run's precision (``peak_tflops``
+overrides; train/perf.py has a table of common NVIDIA GPUs).
 """
 
 from __future__ import annotations
@@ -18,31 +19,9 @@ import time
 import pytorch_lightning as pl
 import torch
 
+from train.perf import ModelFlopCounter, peak_tflops
+
 log = logging.getLogger(__name__)
-
-
-# Dense peak TFLOP/s per GPU: (bf16/fp16, tf32) by device-name fragment.
-PEAK_TFLOPS = {
-    "H200": (989.0, 494.0),
-    "H100": (989.0, 494.0),  # SXM; the PCIe card has 756 / 378
-    "A100": (312.0, 156.0),
-    "L40S": (362.0, 183.0),
-    "A10G": (70.0, 35.0),
-    "L4": (121.0, 60.0),
-}
-
-
-def peak_tflops(precision: str) -> float | None:
-    """The CUDA device's dense peak for ``precision`` (None on CPU or for unknown devices)."""
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    for fragment, (half, tf32) in PEAK_TFLOPS.items():
-        if fragment in name:
-            if "PCIe" in name and fragment == "H100":
-                half, tf32 = 756.0, 378.0
-            return half if ("16" in str(precision)) else tf32
-    return None
 
 
 class DataStats(pl.Callback):
@@ -50,7 +29,7 @@ class DataStats(pl.Callback):
         self.peak_tflops = peak_tflops
         self.count_flops = count_flops
         self.flops_per_sample: float | None = None
-        self._counter = None
+        self._counter = self._eager = None
         self._batch_end: float | None = None
         self._wait = 0.0
         self._busy = 0.0
@@ -65,9 +44,11 @@ class DataStats(pl.Callback):
         if self._window_start is None:
             self._window_start = now
         if self.count_flops and self.flops_per_sample is None and self._counter is None:
-            from torch.utils.flop_counter import FlopCounterMode
-
-            self._counter = FlopCounterMode(display=False)
+            # The counted step runs eagerly: a compiled region first entered under a dispatch mode is
+            # skipped by dynamo for good (trainer.compile would silently do nothing).
+            self._eager = torch.compiler.set_stance("force_eager")
+            self._eager.__enter__()
+            self._counter = ModelFlopCounter(display=False)
             self._counter.__enter__()
 
     # The count travels in checkpoints: a resumed run does not count again. Counting runs the step under a
@@ -78,17 +59,20 @@ class DataStats(pl.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.flops_per_sample = state_dict.get("flops_per_sample")
 
+    def _stop_counting(self) -> None:
+        self._counter.__exit__(None, None, None)
+        self._eager.__exit__(None, None, None)
+        self._counter = self._eager = None
+
     def on_exception(self, trainer, pl_module, exception) -> None:
         if self._counter is not None:
-            self._counter.__exit__(None, None, None)
-            self._counter = None
+            self._stop_counting()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         n = _batch_len(batch)
         if self._counter is not None:
-            self._counter.__exit__(None, None, None)
             self.flops_per_sample = self._counter.get_total_flops() / max(n, 1)
-            self._counter = None
+            self._stop_counting()
         now = time.perf_counter()
         self._busy += now - self._step_start
         self._batch_end = now

@@ -1,0 +1,552 @@
+"""Training-step benchmark: each stage's step on one device, next to what users run instead.
+
+    python -m eval.bench_train                                  # a GPU: every stage at the anchors' shapes
+    python -m eval.bench_train --device cpu --size tiny         # the CPU smoke version (CI): same table
+    python -m eval.bench_train --cases clip_b16,decoder --compile regional --json OUT.json
+
+A case is one stage's net, composed from the real config (``conf/stage`` + ``conf/net`` + overrides,
+so it is the net a run trains), its diffusion process or loss, and AdamW over its parameter groups
+(fused on CUDA). Inputs are random tensors already on the device (the data path is measured by
+eval/bench_data.py): a step is forward + loss + backward + optimizer step under autocast (bf16 on a GPU).
+The decoder and prior take random CLIP features in place of a frozen CLIP's.
+
+Method: ``--warmup`` steps, then ``--iters`` steps each timed by CUDA events (wall clock on a CPU); the
+median is reported. FLOPs of one forward+backward are counted once on the eager net by
+``train.perf.ModelFlopCounter`` (activation-checkpoint recompute excluded); MFU divides the achieved
+FLOP/s by the dense matmul ceiling measured at the start of the same run (bf16 8192^3 on a GPU; at the
+run's dtype on a CPU). Peak memory: ``torch.cuda.max_memory_allocated`` over the case.
+
+Anchors (``open_clip_b16``, ``open_clip_l14``, ``diffusers_unet64``, ``dalle2_prior``) run when their
+packages are installed (``pip install -e .[bench]``); otherwise their row says so. Each of our cases
+names the anchor it is compared with (``vs anchor``: our samples/s over the anchor's, same run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from train.perf import ModelFlopCounter, matmul_ceiling, synchronize
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmarked step. ``clip``: the CLIP the stage is conditioned on: (embedding width, text
+    width, context length, vocabulary)."""
+
+    name: str
+    stage: str  # clip | prior | decoder | upsampler_256 | upsampler_1024 | anchor
+    batch: int
+    net: str | None = None  # conf/net file
+    overrides: tuple[str, ...] = ()
+    clip: tuple[int, int, int, int] = (128, 128, 16, 1024)
+    anchor: str | None = None
+    notes: str = ""
+
+
+TINY_CLIP = (128, 128, 16, 1024)
+L14_CLIP = (768, 768, 77, 49408)  # ViT-L/14: what the anchors condition on (77 tokens x 768)
+GLIDE64 = (
+    "net.model_channels=192",
+    "net.num_res_blocks=3",
+    "net.channel_mult=[1,2,3,4]",
+    "net.attention_resolutions=[32,16,8]",
+    "net.head_channels=64",
+    "net.text_encoder=clip",
+    "++net.text_pooled=true",
+    "net.dropout=0.0",
+    "net.grad_checkpointing=false",
+)
+
+SIZES: dict[str, list[Case]] = {
+    "tiny": [
+        Case("clip", "clip", 32, "clip_tiny"),
+        Case("prior", "prior", 64, "prior_tiny", ("net.use_text_tokens=true",)),
+        Case("decoder", "decoder", 16, "decoder_tiny"),
+        Case("upsampler_256", "upsampler_256", 16, "upsampler_256_tiny"),
+        Case("upsampler_1024", "upsampler_1024", 8, "upsampler_1024_tiny"),
+    ],
+    "anchor": [
+        Case("clip_b16", "clip", 256, "clip_vit_b16", anchor="open_clip_b16"),
+        Case("clip_l14", "clip", 256, "clip_vit_l14", anchor="open_clip_l14"),
+        Case(
+            "prior",
+            "prior",
+            512,
+            "prior_paper",
+            ("net.width=768", "net.layers=12", "net.heads=12", "net.mlp_ratio=4.0"),
+            L14_CLIP,
+            "dalle2_prior",
+            "768 wide x 12 blocks over 77 text tokens",
+        ),
+        Case(
+            "decoder",
+            "decoder",
+            64,
+            "decoder_paper",
+            GLIDE64,
+            L14_CLIP,
+            "diffusers_unet64",
+            "GLIDE-64 widths",
+        ),
+        Case(
+            "upsampler_256",
+            "upsampler_256",
+            32,
+            "upsampler_256_paper",
+            ("experiment=upsampler_256_paper", "net.grad_checkpointing=false"),
+            notes="64 px crops of 256, as it trains",
+        ),
+        Case(
+            "upsampler_1024",
+            "upsampler_1024",
+            16,
+            "upsampler_1024_paper",
+            ("experiment=upsampler_1024_paper", "net.grad_checkpointing=false"),
+            notes="256 px crops of 1024",
+        ),
+    ],
+}
+ANCHORS = ("open_clip_b16", "open_clip_l14", "diffusers_unet64", "dalle2_prior")
+ANCHOR_SIZES = {"anchor": ANCHORS, "tiny": ()}
+
+
+@dataclass
+class Workload:
+    """A net, its loss on one random batch, and what to report about it."""
+
+    model: torch.nn.Module
+    loss: Callable[[], torch.Tensor]  # forward + loss on the batch (inside autocast)
+    batch: int
+    weight_decay: float = 0.0
+    config: dict = field(default_factory=dict)
+
+
+# ---- our stages --------------------------------------------------------------------------------------
+def compose_stage(case: Case):
+    """The composed run config of ``case`` with the CLIP-dependent sizes filled in (as train/run.py does)."""
+    from hydra import compose, initialize_config_dir
+
+    from train.run import CONF_DIR
+
+    embed, text_width, context, vocab = case.clip
+    fill = {
+        "clip": [f"net.eot_id={vocab - 1}"],
+        "prior": [f"net.embed_dim={embed}", f"net.text_width={text_width}", f"net.context_length={context}"],
+        "decoder": ["clip_ckpt=unused", f"net.cond_dim={embed}", f"++net.text_dim={text_width}"],
+    }.get(case.stage, [])
+    overrides = [f"stage={case.stage}", f"net={case.net}", "logger=none", *case.overrides, *fill]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return compose("train", overrides=overrides)
+
+
+def build_stage(case: Case, device: torch.device) -> Workload:
+    from hydra.utils import instantiate
+
+    from train.diffusion import GaussianDiffusion
+
+    cfg = compose_stage(case)
+    net = instantiate(cfg.net).to(device).train()
+    b = case.batch
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, generator=g)
+
+    if case.stage == "clip":
+        from train.losses import ClipLoss
+
+        size, ctx, vocab = cfg.net.vision.image_size, cfg.net.text.context_length, cfg.net.text.vocab_size
+        images = randn(b, 3, size, size)
+        tokens = torch.randint(0, vocab - 1, (b, ctx), device=device, generator=g)
+        tokens[:, -1] = vocab - 1  # the end-of-text id pools the caption
+        clip_loss = ClipLoss()
+
+        def loss() -> torch.Tensor:
+            out = net(images, tokens)
+            return clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
+
+        return Workload(net, loss, b, cfg.module.weight_decay, {"image": size, "context": ctx})
+
+    diffusion = GaussianDiffusion.from_config(**cfg.module.diffusion)
+    scale = math.sqrt(case.clip[0])
+    if case.stage == "prior":
+        embed, width, ctx, _ = case.clip
+        x0 = F.normalize(randn(b, embed), dim=-1) * scale
+        cond = {
+            "text_emb": F.normalize(randn(b, embed), dim=-1) * scale,
+            "text_feat": randn(b, ctx, width),
+            "text_mask": torch.ones(b, ctx, dtype=torch.bool, device=device),
+        }
+        drop_keys = {"drop": cfg.module.cond_drop_prob}
+    elif case.stage == "decoder":
+        embed, width, ctx, _ = case.clip
+        x0 = randn(b, 3, net.image_size, net.image_size).clamp(-1, 1)
+        cond = {"image_emb": F.normalize(randn(b, embed), dim=-1) * scale}
+        if net.text_encoder == "clip":
+            cond["text_feat"] = randn(b, ctx, width)
+            cond["text_mask"] = torch.ones(b, ctx, dtype=torch.bool, device=device)
+        drop_keys = {"drop_image": cfg.module.drop_image_prob, "drop_text": cfg.module.drop_text_prob}
+    else:  # an upsampler: a random crop of the output size and its low-resolution version, as it trains
+        crop = int(round(net.image_size * cfg.module.crop_fraction))
+        x0 = randn(b, 3, crop, crop).clamp(-1, 1)
+        low = crop * cfg.module.low_res_size // net.image_size
+        cond = {"low_res": F.interpolate(x0, size=(low, low), mode="bicubic", antialias=True)}
+        drop_keys = {}
+
+    def loss() -> torch.Tensor:
+        kwargs = dict(cond)
+        for key, p in drop_keys.items():
+            kwargs[key] = torch.rand(b, device=device) < p
+        return diffusion.training_losses(net, x0, model_kwargs=kwargs)["loss"].mean()
+
+    shape = tuple(x0.shape[1:])
+    return Workload(
+        net, loss, b, cfg.module.weight_decay, {"input": list(shape), "prediction": diffusion.prediction}
+    )
+
+
+# ---- anchors: what users run instead (the shapes of ../shared/device/README.md) -------------------------
+def build_anchor(name: str, device: torch.device) -> Workload:
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, generator=g)
+
+    if name.startswith("open_clip"):
+        import open_clip
+        from open_clip.loss import ClipLoss as OpenClipLoss
+
+        arch = {"open_clip_b16": "ViT-B-16", "open_clip_l14": "ViT-L-14"}[name]
+        model = open_clip.create_model(arch, pretrained=None, device=device).train()
+        images, tokens = (
+            randn(256, 3, 224, 224),
+            torch.randint(1, 49407, (256, 77), device=device, generator=g),
+        )
+        clip_loss = OpenClipLoss()
+
+        def loss() -> torch.Tensor:
+            out = model(images, tokens)
+            if isinstance(out, dict):
+                return clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
+            return clip_loss(*out[:3])
+
+        return Workload(model, loss, 256, 0.1, {"model": f"open_clip {open_clip.__version__} {arch}"})
+    if name == "diffusers_unet64":
+        import diffusers
+        from diffusers import UNet2DConditionModel
+
+        widths = (192, 384, 576, 768)
+        model = UNet2DConditionModel(
+            sample_size=64,
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=widths,
+            layers_per_block=3,
+            down_block_types=("DownBlock2D", *["CrossAttnDownBlock2D"] * 3),
+            up_block_types=(*["CrossAttnUpBlock2D"] * 3, "UpBlock2D"),
+            cross_attention_dim=768,
+            attention_head_dim=tuple(w // 64 for w in widths),
+            class_embed_type="projection",
+            projection_class_embeddings_input_dim=768,
+        ).to(device)
+        model.train()
+        abar = torch.cos((torch.linspace(0, 1, 1001, device=device)[:-1] + 0.008) / 1.008 * math.pi / 2) ** 2
+        x0, context, emb = randn(64, 3, 64, 64).clamp(-1, 1), randn(64, 81, 768), randn(64, 768)
+
+        def loss() -> torch.Tensor:
+            t = torch.randint(0, 1000, (64,), device=device)
+            noise = torch.randn_like(x0)
+            a = abar[t].view(-1, 1, 1, 1)
+            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            pred = model(xt, t, encoder_hidden_states=context, class_labels=emb).sample
+            return F.mse_loss(pred.float(), noise)
+
+        return Workload(
+            model, loss, 64, 0.0, {"model": f"diffusers {diffusers.__version__} UNet2DConditionModel"}
+        )
+    if name == "dalle2_prior":
+        from dalle2_pytorch import DiffusionPrior, DiffusionPriorNetwork
+
+        network = DiffusionPriorNetwork(
+            dim=768, depth=12, dim_head=64, heads=12, num_timesteps=1000, max_text_len=77, rotary_emb=True
+        )
+        model = DiffusionPrior(
+            net=network,
+            image_embed_dim=768,
+            timesteps=1000,
+            cond_drop_prob=0.1,
+            condition_on_text_encodings=True,
+        ).to(device)
+        model.train()
+        text, image, tokens = randn(512, 768), F.normalize(randn(512, 768), dim=-1), randn(512, 77, 768)
+
+        def loss() -> torch.Tensor:  # the library scales image_embed in place: hand it a copy
+            return model(text_embed=text, image_embed=image.clone(), text_encodings=tokens)
+
+        return Workload(model, loss, 512, 0.0, {"model": "dalle2-pytorch DiffusionPrior"})
+    raise ValueError(f"unknown anchor {name!r}: expected one of {', '.join(ANCHORS)}")
+
+
+# ---- measurement --------------------------------------------------------------------------------------
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def measure(
+    work: Workload,
+    device: torch.device,
+    *,
+    dtype: torch.dtype | None,
+    compile: str = "none",
+    channels_last: bool = False,
+    warmup: int = 3,
+    iters: int = 10,
+    ceiling_tflops: float | None = None,
+) -> dict:
+    """Time ``work``'s training step; returns the row's numbers (see the module docstring)."""
+    from train.modules.optim import adamw, param_groups
+    from train.parallel import compile_net
+
+    model = work.model
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = adamw(param_groups(model, work.weight_decay), lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with ModelFlopCounter(display=False) as counter:
+        with autocast(device, dtype):
+            first_loss = work.loss()
+        first_loss.backward()
+    flops = counter.get_total_flops()
+    optimizer.zero_grad(set_to_none=True)
+    compile_net(model, compile)
+    losses: list[torch.Tensor] = []
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, dtype):
+            loss = work.loss()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+
+    synchronize(device)
+    start = time.perf_counter()
+    step()  # the first step (the compile, when compiling)
+    synchronize(device)
+    first_step_s = time.perf_counter() - start
+    for _ in range(warmup):
+        step()
+    times = _timed(step, device, iters)
+    median = statistics.median(times)
+    values = [float(first_loss.detach()), *(float(v) for v in losses)]
+    row = {
+        "params_M": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
+        "batch": work.batch,
+        "gflop_per_sample": flops / work.batch / 1e9,
+        "step_ms": median * 1e3,
+        "step_ms_min": min(times) * 1e3,
+        "step_ms_max": max(times) * 1e3,
+        "samples_per_s": work.batch / median,
+        "tflops": flops / median / 1e12,
+        "mfu": flops / median / 1e12 / ceiling_tflops if ceiling_tflops else None,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "first_step_s": first_step_s,
+        "loss_first": values[0],
+        "loss_last": values[-1],
+        "finite": all(math.isfinite(v) for v in values),
+        **work.config,
+    }
+    return row
+
+
+def _timed(step: Callable[[], None], device: torch.device, iters: int) -> list[float]:
+    if device.type != "cuda":
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        return times
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)
+    ]
+    for begin, end in events:
+        begin.record()
+        step()
+        end.record()
+    torch.cuda.synchronize(device)
+    return [begin.elapsed_time(end) / 1e3 for begin, end in events]
+
+
+# ---- the table --------------------------------------------------------------------------------------
+COLUMNS = (
+    ("case", "case", "{}"),
+    ("params_M", "params (M)", "{:.1f}"),
+    ("batch", "batch", "{}"),
+    ("gflop_per_sample", "GFLOP/sample", "{:.2f}"),
+    ("step_ms", "step ms (median)", "{:.1f}"),
+    ("samples_per_s", "samples/s", "{:.4g}"),
+    ("tflops", "TFLOP/s", "{:.2f}"),
+    ("mfu", "MFU", "{:.1%}"),
+    ("peak_mem_gib", "peak GiB", "{:.1f}"),
+    ("first_step_s", "first step s", "{:.1f}"),
+    ("vs_anchor", "vs anchor", "{}"),
+    ("status", "status", "{}"),
+)
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as a markdown table (``-`` where a value does not apply)."""
+    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        cells = []
+        for key, _, fmt in COLUMNS:
+            value = row.get(key)
+            cells.append("-" if value is None else fmt.format(value).replace("|", "/").replace("\n", " "))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compare(rows: list[dict]) -> None:
+    """``vs_anchor``: our samples/s over the anchor's measured in the same run."""
+    measured = {r["case"]: r for r in rows if r.get("samples_per_s")}
+    for row in rows:
+        anchor = measured.get(row.get("anchor") or "")
+        if anchor and row.get("samples_per_s"):
+            row["vs_anchor"] = f"{row['samples_per_s'] / anchor['samples_per_s']:.2f}x {anchor['case']}"
+
+
+def select_cases(size: str, names: str | None) -> list[Case | str]:
+    """The cases of ``size`` (ours, then its anchors), or those named in ``names`` (comma-separated)."""
+    everything: list[Case | str] = [*SIZES[size], *ANCHOR_SIZES[size]]
+    if not names:
+        return everything
+    by_name = {c.name if isinstance(c, Case) else c: c for c in everything}
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in by_name]
+    if unknown:
+        raise SystemExit(f"--cases: unknown {unknown} at --size {size}; known: {', '.join(by_name)}")
+    return [by_name[n] for n in wanted]
+
+
+def run_case(case: Case | str, device: torch.device, args: argparse.Namespace, ceiling: float | None) -> dict:
+    name = case.name if isinstance(case, Case) else case
+    row = {"case": name, "anchor": case.anchor if isinstance(case, Case) else None}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    torch.manual_seed(0)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
+    work = None
+    try:
+        work = build_stage(case, device) if isinstance(case, Case) else build_anchor(case, device)
+    except ImportError as e:
+        row["status"] = f"not installed ({e.name}): pip install -e .[bench]"
+        return row
+    except Exception as e:
+        traceback.print_exc()
+        row["status"] = f"error building: {type(e).__name__}: {str(e)[:200]}"
+        return row
+    try:
+        row.update(
+            measure(
+                work,
+                device,
+                dtype=dtype,
+                compile=args.compile,
+                channels_last=args.channels_last,
+                warmup=args.warmup,
+                iters=args.iters,
+                ceiling_tflops=ceiling,
+            )
+        )
+        row["status"] = "ok" if row["finite"] else "NON-FINITE LOSS"
+    except Exception as e:  # one failing case must not lose the others' rows
+        traceback.print_exc()
+        row["status"] = f"error: {type(e).__name__}: {str(e)[:200]}"
+    finally:
+        del work
+        if device.type == "cuda":
+            torch._dynamo.reset()
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eval.bench_train", description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--size", choices=sorted(SIZES), default=None, help="default: anchor on a GPU, tiny on CPU"
+    )
+    parser.add_argument("--cases", default=None, help="comma-separated case names (default: all of --size)")
+    parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
+                        help="autocast dtype (default: bf16 on a GPU, fp32 on CPU)")  # fmt: skip
+    parser.add_argument("--compile", choices=("none", "full", "regional"), default="none")
+    parser.add_argument("--channels-last", action="store_true", help="UNets: channels_last memory format")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps after the first (default 5; CPU 1)"
+    )
+    parser.add_argument("--iters", type=int, default=None, help="timed steps (default 20; CPU 3)")
+    parser.add_argument(
+        "--batch", type=int, default=None, help="every case at this batch (a smoke test of big shapes)"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here (use --device cpu --size tiny)")
+    on_gpu = device.type == "cuda"
+    args.size = args.size or ("anchor" if on_gpu else "tiny")
+    args.precision = args.precision or ("bf16" if on_gpu else "fp32")
+    args.warmup = (5 if on_gpu else 1) if args.warmup is None else args.warmup
+    args.iters = (20 if on_gpu else 3) if args.iters is None else args.iters
+    if on_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    cases = select_cases(args.size, args.cases)
+    if args.batch:
+        cases = [dataclasses.replace(c, batch=args.batch) if isinstance(c, Case) else c for c in cases]
+
+    ceiling_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
+    ceiling = matmul_ceiling(device, ceiling_dtype)
+    device_name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
+    print(
+        f"# bench_train: {device_name}, torch {torch.__version__}, "
+        f"{'fp32 (no autocast)' if args.precision == 'fp32' else args.precision + ' autocast'}, compile={args.compile}"
+        f"{', channels_last' if args.channels_last else ''}; measured {args.precision} matmul ceiling "
+        f"{ceiling:.1f} TFLOP/s; median of {args.iters} steps after {args.warmup} + 1",
+        flush=True,
+    )
+    rows = []
+    for case in cases:
+        rows.append(run_case(case, device, args, ceiling))
+        print(f"  {rows[-1]['case']}: {rows[-1]['status']}", file=sys.stderr, flush=True)
+    compare(rows)
+    print(table(rows))
+    if args.json:
+        meta = {"device": device_name, "torch": torch.__version__, "ceiling_tflops": ceiling, **vars(args)}
+        meta["json"] = str(args.json)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
+    failed = [
+        r["case"] for r in rows if r["status"] not in ("ok",) and not r["status"].startswith("not installed")
+    ]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""The training benchmark (eval/bench_train.py) at tiny size on CPU, and trainer.compile (train/parallel.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from torch._dynamo import register_backend
+
+from eval import bench_train
+from train.config import ConfigError
+from train.models.unet import UNet
+from train.parallel import compile_net, fsdp_units
+from train.perf import ModelFlopCounter
+from train.run import CONF_DIR, train
+
+
+def test_bench_train_tiny_prints_every_stage_with_counted_flops(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench_train.main(["--device", "cpu", "--size", "tiny", "--iters", "2", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["case"] for r in rows] == ["clip", "prior", "decoder", "upsampler_256", "upsampler_1024"]
+    for row in rows:
+        assert row["status"] == "ok" and row["finite"], row
+        assert row["samples_per_s"] > 0 and 0 < row["mfu"] < 1, row
+        assert f"| {row['case']} |" in printed
+    # the CLIP case counts forward + backward = 3 analytic forwards of the same net
+    cfg = bench_train.compose_stage(bench_train.SIZES["tiny"][0])
+    from hydra.utils import instantiate
+
+    analytic = instantiate(cfg.net).flops_per_sample()
+    assert 2.7 < rows[0]["gflop_per_sample"] * 1e9 / analytic < 3.3
+
+
+def test_bench_train_rejects_unknown_cases_and_reports_missing_anchors(capsys):
+    with pytest.raises(SystemExit, match="unknown \\['nope'\\]"):
+        bench_train.main(["--device", "cpu", "--cases", "nope"])
+    args = argparse.Namespace(precision="fp32", compile="none", channels_last=False, warmup=0, iters=1)
+    row = bench_train.run_case("dalle2_prior", torch.device("cpu"), args, None)
+    assert row["status"].startswith("not installed (dalle2_pytorch)")
+
+
+@pytest.mark.parametrize("anchor", [c for c in bench_train.SIZES["anchor"]], ids=lambda c: c.name)
+def test_bench_anchor_size_cases_compose_at_the_anchors_shapes(anchor):
+    """Every GPU-size case composes from the real config and builds (on the meta device: no memory)."""
+    from hydra.utils import instantiate
+
+    cfg = bench_train.compose_stage(anchor)
+    with torch.device("meta"):
+        net = instantiate(cfg.net)
+    n = sum(p.numel() for p in net.parameters()) / 1e6
+    expected = {"clip_b16": 149.6, "clip_l14": 427.6, "prior": 88.7, "decoder": 318.5}
+    if anchor.name in expected:
+        assert n == pytest.approx(expected[anchor.name], abs=0.1)
+
+
+def _unet() -> UNet:
+    torch.manual_seed(0)
+    return UNet(
+        image_size=16,
+        model_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
+        head_channels=16,
+        cond_dim=8,
+    )
+
+
+def test_regional_compile_keeps_outputs_and_state_dict_keys():
+    net, ref = _unet(), _unet()
+    x, t, emb = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.randn(2, 8)
+    compiled = compile_net(net, "regional", backend="aot_eager")
+    assert compiled == fsdp_units(net) and len(compiled) > 4
+    assert list(net.state_dict()) == list(ref.state_dict())
+    torch.testing.assert_close(net(x, t, image_emb=emb), ref(x, t, image_emb=emb))
+    assert compile_net(net, False) == []
+    with pytest.raises(ValueError, match="trainer.compile='fast'"):
+        compile_net(net, "fast")
+
+
+def test_model_flops_exclude_checkpoint_recompute():
+    x, t, emb = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.randn(2, 8)
+    counts = {}
+    for checkpointing in (False, True):
+        net = _unet()
+        net.set_grad_checkpointing(checkpointing)
+        for counter in (ModelFlopCounter, torch.utils.flop_counter.FlopCounterMode):
+            with counter(display=False) as c:
+                net(x, t, image_emb=emb).square().mean().backward()
+            counts[checkpointing, counter.__name__] = c.get_total_flops()
+    assert counts[True, "ModelFlopCounter"] == counts[False, "ModelFlopCounter"]
+    assert counts[True, "FlopCounterMode"] > counts[False, "FlopCounterMode"]  # the recompute is real
+
+
+GRAPHS: list = []
+
+
+@register_backend
+def count_graphs(gm, example_inputs):
+    """A torch.compile backend that records each graph and runs it as traced."""
+    GRAPHS.append(gm)
+    return gm.forward
+
+
+def _fast_run(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return compose(
+            "train",
+            overrides=[
+                "debug=fast",
+                f"paths.data_dir={tmp_path / 'datasets'}",
+                f"paths.output_dir={tmp_path / 'run'}",
+                "trainer.max_steps=2",
+                *overrides,
+            ],
+        )
+
+
+def test_trainer_compile_trains_and_writes_plain_checkpoints(tmp_path):
+    """The blocks are compiled and run compiled after the first (FLOP-counted, eager) step."""
+    cfg = _fast_run(tmp_path, "trainer.compile=regional", "trainer.compile_backend=count_graphs")
+    GRAPHS.clear()
+    metrics = train(cfg)
+    assert len(GRAPHS) >= 1, "trainer.compile compiled nothing"
+    assert metrics["trainer/global_step"] == 2 and torch.isfinite(torch.tensor(metrics["train/loss"]))
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert not [k for k in state if "_orig_mod" in k] and "net.logit_scale" in state
+
+
+def test_trainer_compile_rejects_unknown_modes(tmp_path):
+    with pytest.raises(ConfigError, match="trainer.compile='fast'"):
+        train(_fast_run(tmp_path, "trainer.compile=fast"))

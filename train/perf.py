@@ -1,0 +1,79 @@
+"""Model FLOPs, device peaks and the measured matmul ceiling: what MFU is computed from, in training
+(train/callbacks/data_stats.py, ``perf/mfu``) and in the benchmark (eval/bench_train.py) alike.
+
+MFU counts the *model's* FLOPs: one forward and one backward. Activation checkpointing runs parts of the
+forward a second time inside the backward; that recompute is work the hardware does, not work the
+model needs, so :class:`ModelFlopCounter` leaves it out (as the PaLM paper's MFU does).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+# Dense peak TFLOP/s per GPU: (bf16/fp16, tf32) by device-name fragment (datasheets, without sparsity).
+PEAK_TFLOPS = {
+    "H200": (989.0, 494.0),
+    "H100": (989.0, 494.0),  # SXM; the PCIe card has 756 / 378
+    "A100": (312.0, 156.0),
+    "L40S": (362.0, 183.0),
+    "A10G": (70.0, 35.0),
+    "L4": (121.0, 60.0),
+}
+
+
+def peak_tflops(precision: str) -> float | None:
+    """The CUDA device's datasheet dense peak for ``precision`` (None on CPU or for unknown devices)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for fragment, (half, tf32) in PEAK_TFLOPS.items():
+        if fragment in name:
+            if "PCIe" in name and fragment == "H100":
+                half, tf32 = 756.0, 378.0
+            return half if ("16" in str(precision)) else tf32
+    return None
+
+
+def in_recompute() -> bool:
+    """True while autograd's engine runs a checkpointed region's forward again: ops dispatched inside a
+    backward pass with grad mode on (a plain backward runs with grad mode off; we never use create_graph)."""
+    return torch._C._current_graph_task_id() != -1 and torch.is_grad_enabled()
+
+
+class ModelFlopCounter(FlopCounterMode):
+    """``FlopCounterMode`` that does not count activation-checkpoint recompute (see the module docstring):
+    a step with ``grad_checkpointing`` counts exactly the FLOPs of the same step without it."""
+
+    def _count_flops(self, func_packet, out, args, kwargs):
+        if in_recompute():
+            return out
+        return super()._count_flops(func_packet, out, args, kwargs)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_ceiling(device: torch.device, dtype: torch.dtype, n: int | None = None, iters: int = 20) -> float:
+    """Measured dense matmul TFLOP/s of ``device`` at ``dtype``: the median of ``iters`` (n x n) @ (n x n)
+    products (n: 8192 on a GPU, 1024 on a CPU). MFU divides by this rather than a datasheet figure that
+    the card may never reach (clocks, power limits)."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    times = []
+    for i in range(iters + 3):
+        synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        synchronize(device)
+        if i >= 3:  # warm-up: kernel selection, clocks
+            times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e12
