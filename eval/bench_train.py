@@ -166,17 +166,21 @@ def build_stage(case: Case, device: torch.device) -> Workload:
     def randn(*shape):
         return torch.randn(*shape, device=device, generator=g)
 
+    def images(size: int) -> torch.Tensor:  # smooth random images in [-1, 1]: a 1/4-size field, upsampled
+        coarse = randn(b, 3, max(size // 4, 1), max(size // 4, 1))
+        return F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False).clamp(-1, 1)
+
     if case.stage == "clip":
         from train.losses import ClipLoss
 
         size, ctx, vocab = cfg.net.vision.image_size, cfg.net.text.context_length, cfg.net.text.vocab_size
-        images = randn(b, 3, size, size)
+        pixels = randn(b, 3, size, size)
         tokens = torch.randint(0, vocab - 1, (b, ctx), device=device, generator=g)
         tokens[:, -1] = vocab - 1  # the end-of-text id pools the caption
         clip_loss = ClipLoss()
 
         def loss() -> torch.Tensor:
-            out = net(images, tokens)
+            out = net(pixels, tokens)
             return clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
 
         return Workload(net, loss, b, cfg.module.weight_decay, {"image": size, "context": ctx})
@@ -194,7 +198,7 @@ def build_stage(case: Case, device: torch.device) -> Workload:
         drop_keys = {"drop": cfg.module.cond_drop_prob}
     elif case.stage == "decoder":
         embed, width, ctx, _ = case.clip
-        x0 = randn(b, 3, net.image_size, net.image_size).clamp(-1, 1)
+        x0 = images(net.image_size)
         cond = {"image_emb": F.normalize(randn(b, embed), dim=-1) * scale}
         if net.text_encoder == "clip":
             cond["text_feat"] = randn(b, ctx, width)
@@ -202,7 +206,7 @@ def build_stage(case: Case, device: torch.device) -> Workload:
         drop_keys = {"drop_image": cfg.module.drop_image_prob, "drop_text": cfg.module.drop_text_prob}
     else:  # an upsampler: a random crop of the output size and its low-resolution version, as it trains
         crop = int(round(net.image_size * cfg.module.crop_fraction))
-        x0 = randn(b, 3, crop, crop).clamp(-1, 1)
+        x0 = images(crop)
         low = crop * cfg.module.low_res_size // net.image_size
         cond = {"low_res": F.interpolate(x0, size=(low, low), mode="bicubic", antialias=True)}
         drop_keys = {}
@@ -432,11 +436,11 @@ def compare(rows: list[dict]) -> None:
 
 
 def select_cases(size: str, names: str | None) -> list[Case | str]:
-    """The cases of ``size`` (ours, then its anchors), or those named in ``names`` (comma-separated)."""
-    everything: list[Case | str] = [*SIZES[size], *ANCHOR_SIZES[size]]
+    """The cases of ``size`` (ours, then its anchors), or those named in ``names`` (comma-separated; the
+    anchors, at their fixed shapes, can be named at any size)."""
     if not names:
-        return everything
-    by_name = {c.name if isinstance(c, Case) else c: c for c in everything}
+        return [*SIZES[size], *ANCHOR_SIZES[size]]
+    by_name: dict[str, Case | str] = {c.name: c for c in SIZES[size]} | {a: a for a in ANCHORS}
     wanted = [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in by_name]
     if unknown:

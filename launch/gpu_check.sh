@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# The prepared GPU command: what a session lent a GPU runs, most valuable first, each step under its own
+# timeout so one failure does not eat the rest. Writes $OUT/report.md (a section per step) and
+# $OUT/logs/<step>.log (everything each printed). From the repository root:
+#
+#   bash launch/gpu_wheels.sh                      # here, first: fills .whl/ (carried to the GPU machine)
+#   bash launch/gpu_check.sh                       # on the GPU machine (device tool: carry [".whl"])
+#   bash launch/gpu_check.sh --steps bench,runs    # a subset (e.g. the second call of a session)
+#   bash launch/gpu_check.sh --cpu                 # every step at tiny size on this CPU (CI runs this)
+#
+# Steps (default order = value order; about 6 minutes for the first call on one H200, see launch/README.md):
+#   tests     pytest -m gpu: bf16 steps of every stage, compiled vs eager, flash attention, ZeRO-2/3 and
+#             FSDP2 on one GPU, bitwise resume, data.embed, the EMA under a bf16 DeepSpeed engine
+#   bench     python -m eval.bench_train: our stages at the anchors' shapes, eager
+#   anchors   the same table for open_clip / diffusers / DALLE2-pytorch (eager), next to ours
+#   compiled  ours (regional) and the anchors (full) under torch.compile: first step 1-3 min each
+#   runs      a short real run of every stage from shards (bf16-mixed, GPU batch sizes), perf metrics
+set -uo pipefail
+cd "$(dirname "$0")/.."
+cpu=0
+steps="tests,bench,anchors,compiled,runs"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --cpu) cpu=1 ;;
+    --steps) steps="$2"; shift ;;
+    *) echo "usage: bash launch/gpu_check.sh [--cpu] [--steps tests,bench,anchors,compiled,runs]" >&2; exit 2 ;;
+  esac
+  shift
+done
+OUT=${OUT:-outputs/gpu_check}
+mkdir -p "$OUT/logs"
+report="$OUT/report.md"
+py=${PYTHON:-python3}   # the interpreter (the GPU image's python3; tests pass their own)
+
+# ---- install what the machine lacks (carried wheels), into a private site dir
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $py -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/unclip-site .whl/*.whl \
+    > "$OUT/logs/install.log" 2>&1 || echo "wheel install failed: $OUT/logs/install.log" >&2
+  export PYTHONPATH="$PWD:/tmp/unclip-site${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export WANDB_MODE=offline TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1
+export UNCLIP_DATA_DIR="$OUT/datasets"
+
+if [ $cpu = 1 ]; then
+  export UNCLIP_TEST_DEVICE=cpu CUDA_VISIBLE_DEVICES=""
+  T_TESTS=300 T_BENCH=120 T_ANCHORS=60 T_COMPILED=120 T_RUNS=300
+  test_args=(-m gpu -k "not compiled")         # the compiled path is tested on CPU by tests/test_perf.py
+  bench_args=(--device cpu --size tiny --iters 2)
+  anchor_cases=(--cases open_clip_b16,dalle2_prior)   # not installed on CPU: reported as such
+  S=3 B_CLIP=16 B_PRIOR=16 B_DEC=8 B_UP=8 WORKERS=0
+  run_extra=(+clip.debug=fast +decoder.debug=fast +upsampler_256.debug=fast +upsampler_1024.debug=fast
+    +prior.data.num_workers=0 +decoder.net.model_channels=16 +decoder.net.head_channels=16
+    decoder.module.val_max_samples=4 upsampler_256.module.val_max_samples=4
+    upsampler_1024.module.val_max_samples=4 +prior.module.sample_steps=4)
+else
+  T_TESTS=240 T_BENCH=150 T_ANCHORS=120 T_COMPILED=300 T_RUNS=240
+  test_args=(-m gpu)
+  bench_args=(--size anchor)
+  anchor_cases=(--cases open_clip_b16,open_clip_l14,diffusers_unet64,dalle2_prior)
+  S=100 B_CLIP=512 B_PRIOR=1024 B_DEC=256 B_UP=128 WORKERS=8
+  run_extra=()
+fi
+
+{
+  echo "# GPU check: $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo
+  $py - <<'EOF' 2>&1
+import platform, torch
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU mode)"
+print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}, GPU: {gpu}")
+EOF
+  echo
+  echo "| step | exit | seconds |"
+  echo "|---|---|---|"
+} > "$report"
+sections=$(mktemp)
+
+# run STEP TIMEOUT CMD...: log to $OUT/logs/STEP.log, a status row in the report, keep going
+run() {
+  local step=$1 limit=$2; shift 2
+  local start=$SECONDS rc
+  echo "== $step (timeout ${limit}s): $*" >&2
+  timeout --signal=INT --kill-after=20 "$limit" "$@" > "$OUT/logs/$step.log" 2>&1
+  rc=$?
+  [ $rc = 124 ] && rc="124 (timed out)"
+  echo "| $step | $rc | $((SECONDS - start)) |" >> "$report"
+  echo "== $step: exit $rc after $((SECONDS - start)) s" >&2
+}
+
+# section TITLE STEP PATTERN: the lines of a step's log that match PATTERN, under a heading
+section() {
+  { echo; echo "## $1"; echo; grep -E "$3" "$OUT/logs/$2.log" || echo "(nothing: see logs/$2.log)"; } >> "$sections"
+}
+
+for step in ${steps//,/ }; do
+  case "$step" in
+    tests)
+      run tests "$T_TESTS" $py -m pytest -p no:cacheprovider -q -rfEs "${test_args[@]}" tests/test_gpu.py
+      section "GPU tests (pytest -m gpu)" tests '^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|error' ;;
+    bench)
+      run bench "$T_BENCH" $py -m eval.bench_train "${bench_args[@]}" --json "$OUT/bench.json"
+      section "Training step, ours (python -m eval.bench_train ${bench_args[*]})" bench '^[#|]' ;;
+    anchors)
+      run anchors "$T_ANCHORS" $py -m eval.bench_train "${bench_args[@]}" "${anchor_cases[@]}" \
+        --json "$OUT/anchors.json"
+      section "Training step, what users run instead" anchors '^[#|]' ;;
+    compiled)
+      if [ $cpu = 1 ]; then cases=(--cases clip); else cases=(--cases clip_b16,decoder,prior,open_clip_b16); fi
+      run compiled "$T_COMPILED" $py -m eval.bench_train "${bench_args[@]}" "${cases[@]}" --compile regional \
+        --json "$OUT/compiled.json"
+      section "Training step, torch.compile regional" compiled '^[#|]' ;;
+    runs)
+      run runs "$T_RUNS" $py -m train.pipeline "out_dir=$OUT/runs" \
+        'stages=[clip,embed,prior,decoder,upsampler_256,upsampler_1024]' \
+        +clip.data.global_batch_size=$B_CLIP +prior.data.global_batch_size=$B_PRIOR \
+        +decoder.data.global_batch_size=$B_DEC +upsampler_256.data.global_batch_size=$B_UP \
+        +upsampler_1024.data.global_batch_size=$B_UP \
+        "+clip.data.num_workers=$WORKERS" "+decoder.data.num_workers=$WORKERS" \
+        "+upsampler_256.data.num_workers=$WORKERS" "+upsampler_1024.data.num_workers=$WORKERS" \
+        clip.trainer.max_steps=$S clip.trainer.val_check_interval=$S \
+        prior.trainer.max_steps=$S prior.trainer.val_check_interval=$S \
+        decoder.trainer.max_steps=$S decoder.trainer.val_check_interval=$S \
+        upsampler_256.trainer.max_steps=$S upsampler_256.trainer.val_check_interval=$S \
+        upsampler_1024.trainer.max_steps=$S upsampler_1024.trainer.val_check_interval=$S \
+        "${run_extra[@]}"
+      $py - "$OUT/runs/report.json" >> "$OUT/logs/runs.log" 2>&1 <<'EOF'
+import json, sys
+report = json.load(open(sys.argv[1]))
+keys = ("trainer/global_step", "seconds", "perf/samples_per_sec", "perf/tflops_per_device", "perf/mfu",
+        "perf/data_wait_frac", "perf/max_memory_gb", "train/loss")
+print("RUNS | stage | " + " | ".join(keys) + " |")
+print("RUNS |---|" + "---|" * len(keys))
+for stage in ("clip", "prior", "decoder", "upsampler_256", "upsampler_1024"):
+    m = dict(report.get(stage, {}))
+    m["seconds"] = m.get(f"{stage}/seconds")
+    cells = [f"{m[k]:.4g}" if isinstance(m.get(k), (int, float)) else "-" for k in keys]
+    print(f"RUNS | {stage} | " + " | ".join(cells) + " |")
+EOF
+      sed -i 's/^RUNS //' "$OUT/logs/runs.log"
+      section "Short real runs from shards (python -m train.pipeline, $S steps per stage)" runs '^\|' ;;
+    *) echo "unknown step $step (expected tests, bench, anchors, compiled, runs)" >&2; exit 2 ;;
+  esac
+done
+cat "$sections" >> "$report"
+rm -f "$sections"
+echo >> "$report"
+echo "Logs: $OUT/logs/" >> "$report"
+cat "$report"

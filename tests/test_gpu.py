@@ -1,0 +1,200 @@
+"""The GPU tier (``pytest -m gpu``): what only a GPU exercises. Skipped without CUDA, with the reason.
+
+``UNCLIP_TEST_DEVICE=cpu pytest -m gpu`` runs the device-agnostic tests of this tier on the CPU
+(launch/gpu_check.sh --cpu does, so this code is never untested); the CUDA-only ones (flash attention,
+DeepSpeed and FSDP2 on a GPU) skip there with their reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra import compose, initialize_config_dir
+
+from eval import bench_train
+from train.run import CONF_DIR, train
+
+# cuBLAS is deterministic only with a fixed workspace, set before CUDA starts (exact-resume test).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+DEVICE = torch.device(os.environ.get("UNCLIP_TEST_DEVICE", "cuda"))
+pytestmark = pytest.mark.gpu
+cuda_only = pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA only (UNCLIP_TEST_DEVICE is not cuda)")
+TINY = {c.name: c for c in bench_train.SIZES["tiny"]}
+
+
+def _accelerator() -> list[str]:
+    precision = "bf16-mixed" if DEVICE.type == "cuda" else "32-true"
+    return [f"trainer.accelerator={'gpu' if DEVICE.type == 'cuda' else 'cpu'}", "trainer.devices=1",
+            f"trainer.precision={precision}"]  # fmt: skip
+
+
+def _cfg(tmp_path: Path, out: Path, *overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return compose(
+            "train",
+            overrides=[
+                "debug=fast",
+                f"paths.data_dir={tmp_path.parent / 'datasets'}",
+                f"paths.output_dir={out}",
+                "data.global_batch_size=32",
+                *_accelerator(),
+                *overrides,
+            ],
+        )
+
+
+@pytest.mark.parametrize("case", list(TINY), ids=str)
+def test_bf16_steps_of_every_stage_are_finite_and_decrease(case):
+    """Each stage's real step (bench_train's workload) under bf16 autocast learns its fixed batch."""
+    torch.manual_seed(0)
+    work = bench_train.build_stage(TINY[case], DEVICE)
+    from train.modules.optim import adamw, param_groups
+
+    optimizer = adamw(param_groups(work.model, 0.0), lr=1e-3, betas=(0.9, 0.99), eps=1e-8)
+    losses = []
+    for _ in range(60):
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            loss = work.loss()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.8 * first, (case, first, last)
+
+
+@pytest.mark.parametrize("case", ["clip", "decoder"])
+def test_compiled_step_matches_eager_within_bf16_tolerance(case):
+    """torch.compile (inductor, regional) computes the same loss and gradients as eager, to bf16 rounding."""
+    from train.parallel import compile_net
+
+    results = []
+    for mode in ("none", "regional"):
+        torch.manual_seed(0)
+        work = bench_train.build_stage(TINY[case], DEVICE)
+        compile_net(work.model, mode)
+        torch.manual_seed(1)  # the same timesteps, noise and dropout draws in both
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            loss = work.loss()
+        loss.backward()
+        grad = torch.cat([p.grad.flatten().float() for p in work.model.parameters() if p.grad is not None])
+        results.append((float(loss), grad))
+    (eager, g_eager), (compiled, g_compiled) = results
+    assert compiled == pytest.approx(eager, rel=2e-2)
+    cosine = torch.nn.functional.cosine_similarity(g_eager, g_compiled, dim=0)
+    assert cosine > 0.99, float(cosine)
+
+
+@cuda_only
+def test_clip_and_prior_attention_runs_on_the_flash_kernel():
+    """Only the flash kernel allowed: the CLIP towers and the token-free prior must still run (a mask or a
+    layout flash cannot take would raise). The UNet's attention has a context mask: not flash."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for name in ("clip", "prior"):
+        case = TINY[name] if name == "clip" else bench_train.Case("prior", "prior", 8, "prior_tiny")
+        work = bench_train.build_stage(case, DEVICE)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = work.loss()
+        loss.backward()
+        assert torch.isfinite(loss), name
+
+
+@cuda_only
+@pytest.mark.parametrize(
+    "strategy", ["deepspeed_zero2", "deepspeed_zero3", "fsdp"], ids=["zero2", "zero3", "fsdp2"]
+)
+def test_sharded_strategies_train_resume_and_export_on_one_gpu(tmp_path, strategy):
+    """DeepSpeed ZeRO-2/3 (torch's fused AdamW inside the ZeRO optimizer) and FSDP2, bf16, one GPU: train,
+    write a sharded checkpoint, resume from it, export."""
+    from train.checkpoint import export_stage, load_stage
+
+    run = tmp_path / "run"
+    metrics = train(_cfg(tmp_path, run, f"strategy={strategy}", "trainer.max_steps=4"))
+    assert metrics["trainer/global_step"] == 4 and torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert (run / "checkpoints" / "last.ckpt" / "COMMITTED").is_file()
+    metrics = train(_cfg(tmp_path, run, f"strategy={strategy}", "trainer.max_steps=6"))
+    assert metrics["trainer/global_step"] == 6
+    assert load_stage(export_stage(run)).global_step == 6
+
+
+def _final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_exact_resume_on_the_device_is_bitwise(tmp_path):
+    """A run resumed from its step-3 checkpoint ends with the same weights, bit for bit, as the run that
+    never stopped (device RNG states restored). Control: two uninterrupted runs agree (deterministic
+    kernels), so a difference is the resume's."""
+    common = (
+        "trainer.max_steps=6",
+        "trainer.deterministic=true",
+        "callbacks.checkpoint.every_n_train_steps=3",
+    )
+    whole, again, resumed = tmp_path / "whole", tmp_path / "again", tmp_path / "resumed"
+    train(_cfg(tmp_path, whole, *common))
+    train(_cfg(tmp_path, again, *common))
+    a, b = _final_weights(whole), _final_weights(again)
+    assert all(torch.equal(a[k], b[k]) for k in a), "two identical runs differ: kernels not deterministic"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(whole / "checkpoints" / "step0000003.ckpt", resumed / "checkpoints" / "step0000003.ckpt")
+    train(_cfg(tmp_path, resumed, *common))
+    c = _final_weights(resumed)
+    different = [k for k in a if not torch.equal(a[k], c[k])]
+    assert not different, f"resumed run differs in {different[:5]}"
+
+
+def test_data_embed_on_the_device_matches_the_cpu(clip_run, tmp_path):
+    from data.embed import embed_shards
+    from data.pipeline import ShardDataset
+
+    run, val = clip_run
+    fields = ["img_emb.npy", "txt_emb.npy"]
+    out = {}
+    for device in ("cpu", str(DEVICE)):
+        embed_shards(str(run), val, tmp_path / device, batch_size=16, device=device)
+        ds = ShardDataset(str(tmp_path / device), batch_size=1000, image_size=None, npy_fields=fields,
+                          shuffle_buffer=0, shuffle_shards=False)  # fmt: skip
+        out[device] = {k: b[f][i] for b in ds for i, k in enumerate(b["__key__"]) for f in fields[:1]}
+    assert out["cpu"].keys() == out[str(DEVICE)].keys() and len(out["cpu"]) == 64
+    for key, emb in out["cpu"].items():
+        torch.testing.assert_close(out[str(DEVICE)][key].float(), emb.float(), atol=5e-3, rtol=0)
+
+
+class EMAProbe(pl.Callback):
+    """Records, at the end of training, the dtypes of the EMA shadow and of its fp32 average."""
+
+    seen: dict = {}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        ema = pl_module.ema
+        EMAProbe.seen = {
+            "shadow": next(ema.shadow.parameters()).dtype,
+            "master": None if ema._master is None else ema._master[0].dtype,
+            "updates": int(ema.num_updates),
+        }
+
+
+@cuda_only
+def test_ema_keeps_an_fp32_average_under_a_real_deepspeed_bf16_engine(tmp_path, clip_run):
+    """The prior under DeepSpeed ZeRO-2 in bf16 on the GPU: the engine casts the module, EMA copy
+    included, to bf16; the average is kept in fp32 outside it (train/ema.py), updated every step."""
+    clip, _ = clip_run
+    EMAProbe.seen = {}
+    cfg = _cfg(
+        tmp_path,
+        tmp_path / "prior",
+        "stage=prior",
+        f"clip_ckpt={clip}",
+        "strategy=deepspeed_zero2",
+        "trainer.max_steps=4",
+        "+callbacks.ema_probe._target_=tests.test_gpu.EMAProbe",
+    )
+    train(cfg)
+    assert EMAProbe.seen == {"shadow": torch.bfloat16, "master": torch.float32, "updates": 4}

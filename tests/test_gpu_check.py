@@ -1,0 +1,43 @@
+"""launch/gpu_check.sh --cpu: the prepared GPU command, every step at tiny size on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_mode_runs_every_step_and_writes_the_report(tmp_path):
+    out = tmp_path / "check"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "UNCLIP_LOG_DIR": str(tmp_path / "logs")}
+    result = subprocess.run(
+        ["bash", "launch/gpu_check.sh", "--cpu"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    for step in ("tests", "bench", "anchors", "compiled", "runs"):
+        assert f"| {step} | 0 |" in report, (step, report[:2000])
+    assert " passed" in report and " failed" not in report  # the GPU tier's device-agnostic tests
+    bench = json.loads((out / "bench.json").read_text())["rows"]
+    assert [r["status"] for r in bench] == ["ok"] * 5
+    assert "| clip | 1.1 | 32 |" in report
+    anchors = json.loads((out / "anchors.json").read_text())["rows"]
+    assert all(r["status"].startswith("not installed") for r in anchors)  # no [bench] extra on CPU
+    assert "compile=regional" in report
+    runs = [line for line in report.splitlines() if line.startswith("| upsampler_1024 | 3 |")]
+    assert runs, report[-2000:]
+    with pytest.raises(subprocess.CalledProcessError):
+        subprocess.run(["bash", "launch/gpu_check.sh", "--steps", "nope"], cwd=REPO, env=env, check=True,
+                       capture_output=True)  # fmt: skip
