@@ -172,6 +172,19 @@ def _merge_sizes(path: Path, sizes: dict[str, int]) -> None:
         os.unlink(lock)
 
 
+def resolve_device(device: str | None, env: dict[str, str] | None = None, cuda: bool | None = None) -> str:
+    """The device of this process: ``device`` (default: CUDA when there is one, else cpu). A bare
+    ``cuda`` means this process's own GPU, ``cuda:<LOCAL_RANK>`` (torchrun; SLURM_LOCALID under srun):
+    with 8 ranks per node, each embeds on its own GPU instead of all eight on GPU 0."""
+    env = os.environ if env is None else env
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    device = device or ("cuda" if cuda else "cpu")
+    if device == "cuda":
+        local = env.get("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
+        device = f"cuda:{int(local)}"
+    return device
+
+
 def parse_args(argv: list[str]) -> dict[str, str]:
     args: dict[str, str] = {}
     for arg in argv:
@@ -194,14 +207,18 @@ def parse_args(argv: list[str]) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help", "help") for a in argv):
+        usage = "\n\n".join(__doc__.split("\n\n")[:2])
+        print(f"{usage}\n\n    options: ckpt=RUN shards=SPEC out=DIR [batch=256] [device=cuda|cpu|cuda:N]")
+        return 0
     try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
+        args = parse_args(argv)
+        device = resolve_device(args.get("device"))
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
         result = embed_shards(
-            args["ckpt"],
-            args["shards"],
-            args["out"],
-            batch_size=int(args.get("batch", 256)),
-            device=args.get("device", "cuda" if torch.cuda.is_available() else "cpu"),
+            args["ckpt"], args["shards"], args["out"], batch_size=int(args.get("batch", 256)), device=device
         )
     except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -80,8 +80,8 @@ SIZES: dict[str, list[Case]] = {
         Case("upsampler_1024", "upsampler_1024", 8, "upsampler_1024_tiny"),
     ],
     "anchor": [
-        Case("clip_b16", "clip", 256, "clip_vit_b16", anchor="open_clip_b16"),
-        Case("clip_l14", "clip", 256, "clip_vit_l14", anchor="open_clip_l14"),
+        Case("clip_b16", "clip", 256, "clip_vit_b16", clip=(512, 512, 77, 49408), anchor="open_clip_b16"),
+        Case("clip_l14", "clip", 256, "clip_vit_l14", clip=L14_CLIP, anchor="open_clip_l14"),
         Case(
             "prior",
             "prior",
@@ -144,7 +144,7 @@ def compose_stage(case: Case):
 
     embed, text_width, context, vocab = case.clip
     fill = {
-        "clip": [f"net.eot_id={vocab - 1}"],
+        "clip": [f"net.eot_id={vocab - 1}", f"net.text.vocab_size={vocab}"],
         "prior": [f"net.embed_dim={embed}", f"net.text_width={text_width}", f"net.context_length={context}"],
         "decoder": ["clip_ckpt=unused", f"net.cond_dim={embed}", f"++net.text_dim={text_width}"],
     }.get(case.stage, [])

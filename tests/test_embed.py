@@ -107,3 +107,15 @@ def test_torchrun_two_ranks_write_each_shard_once(clip_run, tmp_path):
     keys = [k for b in _read(out) for k in b["__key__"]]
     assert len(keys) == len(set(keys)) == 64
     assert not list(out.glob(".*tmp*")), "no temporary files left"
+
+
+def test_each_torchrun_rank_embeds_on_its_own_gpu_and_help_prints_usage(capsys):
+    from data.embed import resolve_device
+
+    assert resolve_device(None, {"LOCAL_RANK": "3", "RANK": "11"}, cuda=True) == "cuda:3"
+    assert resolve_device("cuda", {"SLURM_LOCALID": "5"}, cuda=True) == "cuda:5"
+    assert resolve_device("cuda:1", {"LOCAL_RANK": "3"}, cuda=True) == "cuda:1"  # explicit wins
+    assert resolve_device(None, {"LOCAL_RANK": "3"}, cuda=False) == "cpu"
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "python -m data.embed ckpt=" in out and "device=" in out

@@ -1,5 +1,5 @@
 """launch/slurm.sbatch on a real one-node SLURM cluster started on localhost (tests/slurm_cluster.py):
-a 2-task CPU run completes; then preemption: ``scancel --signal=USR1`` -> one checkpoint at a step
+a 2-task CPU run completes; then preemption: ``scancel --signal=USR1`` (or USR2, submitit's) -> one checkpoint at a step
 boundary on both ranks -> ``scontrol requeue`` -> the requeued job resumes from it and finishes."""
 
 from __future__ import annotations
@@ -41,14 +41,13 @@ def _env(tmp_path: Path, run_dir: Path) -> dict[str, str]:
 
 
 def _submit(cluster: LocalSlurm, tmp_path: Path, run_dir: Path, *overrides: str) -> tuple[int, Path]:
-    log = tmp_path / "job.out"
+    """sbatch the template as the README documents it (its own log path), resources scaled down."""
     job = cluster.sbatch(
         [
             "--ntasks-per-node=2",  # the template's resources, scaled to this machine
             "--cpus-per-task=1",
             "--gpus-per-node=0",
             "--time=10",
-            f"--output={log}",
             str(REPO / "launch" / "slurm.sbatch"),
             "debug=fast",
             "trainer.accelerator=cpu",
@@ -58,7 +57,7 @@ def _submit(cluster: LocalSlurm, tmp_path: Path, run_dir: Path, *overrides: str)
         cwd=tmp_path,
         env=_env(tmp_path, run_dir),
     )
-    return job, log
+    return job, tmp_path / f"unclip-{job}.out"  # the template's --output=%x-%j.out, in the submit directory
 
 
 def test_sbatch_template_runs_two_tasks(cluster, tmp_path):
@@ -71,7 +70,8 @@ def test_sbatch_template_runs_two_tasks(cluster, tmp_path):
     assert "global batch 16 = 8 per device x 2 ranks" in log.read_text()
 
 
-def test_usr1_checkpoints_requeues_and_the_job_resumes(cluster, tmp_path):
+@pytest.mark.parametrize("sig", ["USR1", "USR2"])  # sbatch --signal / submitit's time-limit signal
+def test_signal_checkpoints_requeues_and_the_job_resumes(cluster, tmp_path, sig):
     run_dir = tmp_path / "run"
     steps = 200  # long enough to be signalled mid-run (it lands within a few steps); each step is tens of ms
     job, log = _submit(
@@ -90,14 +90,14 @@ def test_usr1_checkpoints_requeues_and_the_job_resumes(cluster, tmp_path):
         ]
         time.sleep(0.5)
     assert first.exists(), log.read_text()[-3000:]
-    subprocess.run(["scancel", "--signal=USR1", str(job)], check=True)
+    subprocess.run(["scancel", f"--signal={sig}", str(job)], check=True)
 
     info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED", text[-4000:]
     assert int(info["Restarts"]) == 1, "requeued exactly once"
     # one preemption checkpoint, saved once (both ranks at the same step boundary), then the restart
-    saved = re.findall(r"received SIGUSR1: saving (\S+) at step (\d+)", text)
+    saved = re.findall(rf"received SIG{sig}: saving (\S+) at step (\d+)", text)
     assert len(saved) == 1, text[-4000:]
     path, step = saved[0][0], int(saved[0][1])
     assert 20 <= step < steps and path.endswith("checkpoints/preempt.ckpt")

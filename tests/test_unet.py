@@ -122,14 +122,29 @@ def test_trainable_text_encoder_and_grad_checkpointing():
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
     tokens = torch.tensor([[1, 7, 8, 2, 0, 0], [1, 9, 2, 0, 0, 0]])
     emb = torch.randn(2, 12)
+    calls = {"text": 0, "unet": 0}  # forward runs of a text block and a UNet block per training step
+
+    def count(name: str, module: torch.nn.Module) -> None:  # (module hooks do not fire in a recompute)
+        forward = module.forward
+
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return forward(*args, **kwargs)
+
+        module.forward = counted
+
+    count("text", net.text_transformer.resblocks[0])
+    count("unet", net.down[0])
     ref = net(x, t, image_emb=emb, tokens=tokens)
     ref.square().mean().backward()
+    assert calls == {"text": 1, "unet": 1}
     grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
     assert any(n.startswith("text_transformer") for n in grads)
     net.zero_grad()
     net.set_grad_checkpointing(True)
     out = net(x, t, image_emb=emb, tokens=tokens)
     out.square().mean().backward()
+    assert calls == {"text": 3, "unet": 3}, "each checkpointed block recomputes its forward in backward"
     torch.testing.assert_close(out, ref)
     for n, p in net.named_parameters():
         if n in grads:

@@ -103,3 +103,18 @@ def test_upsampler_rejects_bad_options(overrides, message, tmp_path):
     cfg = _cfg("upsampler_256", tmp_path, tmp_path / "run", *overrides)
     with pytest.raises(InstantiationException, match=message):
         train(cfg)
+
+
+def test_training_crops_are_drawn_per_sample():
+    """Each image gets its own crop position (one position per batch made every sample of a step, and of
+    a 1,024-image global batch, the same region of its image)."""
+    from train.modules.decoder import random_crops
+
+    images = torch.randn(64, 3, 32, 32)
+    crops, corners = random_crops(images, 8, torch.Generator().manual_seed(0))
+    assert crops.shape == (64, 3, 8, 8) and corners.shape == (64, 2)
+    assert len({tuple(c.tolist()) for c in corners}) > 32, "positions differ between samples"
+    assert int(corners.min()) >= 0 and int(corners.max()) <= 32 - 8
+    for k in (0, 17, 63):
+        i, j = corners[k].tolist()
+        assert torch.equal(crops[k], images[k, :, i : i + 8, j : j + 8])

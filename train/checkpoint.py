@@ -60,7 +60,7 @@ EXPORT_WEIGHTS = "model.safetensors"
 
 def wire_net_config(net_cfg: DictConfig, tokenizer: Tokenizer | None) -> DictConfig:
     """A copy of a ``net`` config with the fields that come from the tokenizer filled in: the CLIP's
-    ``eot_id`` (its text pooling position) and, for a trainable caption encoder (the decoder's
+    ``eot_id`` (its text pooling position) and ``text.vocab_size`` where null, and, for a trainable caption encoder (the decoder's
     ``net.text_encoder=trainable``), ``text_eot_id``, ``text_vocab_size`` and ``text_context_length``
     where they are null. Training (train/run.py), loading and
     exporting a run all build the net through it, so they agree."""
@@ -68,8 +68,10 @@ def wire_net_config(net_cfg: DictConfig, tokenizer: Tokenizer | None) -> DictCon
     if tokenizer is None:
         return net_cfg
     with open_dict(net_cfg):
-        if "eot_id" in net_cfg:
+        if "eot_id" in net_cfg:  # a CLIP: pools at the end-of-text id; its vocabulary by default
             net_cfg.eot_id = tokenizer.eot_id
+            if OmegaConf.select(net_cfg, "text.vocab_size") is None and "text" in net_cfg:
+                net_cfg.text.vocab_size = int(tokenizer.vocab_size)
         if net_cfg.get("text_encoder") == "trainable":
             for key, value in (
                 ("text_eot_id", tokenizer.eot_id),

@@ -142,8 +142,11 @@ def wire_clip(cfg: DictConfig):
 
     Returns the CLIP's tokenizer, or None for stages without ``clip_ckpt``. Edits ``cfg`` in place.
     """
-    if "clip_ckpt" not in cfg:
+    if "clip_ckpt" not in cfg.keys():  # a stage without a CLIP ("in" is False for a ??? value too)
         return None
+    if OmegaConf.is_missing(cfg, "clip_ckpt"):
+        with open_dict(cfg):
+            cfg.clip_ckpt = None  # the error below names the option
     from data.tokenizer import Tokenizer
     from train.checkpoint import resolve_run
 

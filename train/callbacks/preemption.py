@@ -1,8 +1,8 @@
 """Preemption: checkpoint once, at a step boundary, on every rank together, then stop (and requeue
 under SLURM).
 
-SLURM sends ``SIGUSR1`` ahead of the time limit (``#SBATCH --signal=USR1@90``); schedulers, spot
-instances and ``scancel`` send ``SIGTERM``. The signal handler only records the signal: nothing is saved
+SLURM sends ``SIGUSR1`` ahead of the time limit (``#SBATCH --signal=USR1@90``), submitit (the Hydra
+sweep launcher) ``SIGUSR2``; schedulers, spot instances and ``scancel`` send ``SIGTERM``. The signal handler only records the signal: nothing is saved
 from inside a handler, which may interrupt a rank in the middle of a collective. At the end of every
 training step the ranks agree (one all-reduce of a flag: a signal that reached a single rank still
 stops them all, at the same step), write one checkpoint together (sharded strategies need every rank),
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class Preemption(pl.Callback):
     def __init__(
         self,
-        signals: tuple[str, ...] | list[str] = ("SIGUSR1", "SIGTERM"),
+        signals: tuple[str, ...] | list[str] = ("SIGUSR1", "SIGUSR2", "SIGTERM"),
         filename: str = "preempt.ckpt",
         dirpath: str | None = None,
         requeue: str | bool = "auto",

@@ -10,6 +10,11 @@ CPU, CUDA) of each rank, so a resumed run diverges from the uninterrupted one at
   resume (not at load time: Lightning's setup and a sanity check would consume numbers in between).
   A checkpoint from another number of ranks has no entry to map: a warning, and the generators keep
   their seeded state.
+- Every rank draws differently: ``pl.seed_everything`` seeds all ranks alike (so that weights start
+  identical), which would give every rank the same diffusion timesteps, noise, guidance dropout and
+  crops. When training starts without states to restore, each rank's generators are reseeded from
+  (seed, rank, step) (:func:`seed_rank`): distinct per rank, and after a resume on another number of
+  ranks distinct from the draws of the run's first steps.
 - Validation draws from the same generators (sampling, seeded noise). It runs between training steps
   and is skipped or repeated around a resume, so its draws are isolated: the states are put back
   after every validation, and validation cadence never changes what training sees.
@@ -61,9 +66,20 @@ def apply(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def seed_rank(seed: int, rank: int, step: int = 0) -> int:
+    """Seed Python, numpy and torch (CPU and every CUDA device) of this process from (seed, rank, step),
+    mixed by numpy's SeedSequence (nearby inputs give unrelated streams). Returns the 32-bit seed."""
+    value = int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+    return value
+
+
 class RNGState(pl.Callback):
-    def __init__(self, isolate_validation: bool = True) -> None:
+    def __init__(self, isolate_validation: bool = True, seed: int | None = None) -> None:
         self.isolate_validation = isolate_validation
+        self.seed = seed
         self._to_apply: dict[str, Any] | None = None
         self._outside_validation: dict[str, Any] | None = None
 
@@ -94,6 +110,11 @@ class RNGState(pl.Callback):
             )
             return
         self._to_apply = states[trainer.global_rank]
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._to_apply is None and self.seed is not None:  # no saved states for this rank: its own stream
+            value = seed_rank(self.seed, trainer.global_rank, trainer.global_step)
+            log.info("rank %d: training draws seeded with %d", trainer.global_rank, value)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx

@@ -224,6 +224,8 @@ class CLIP(nn.Module):
         vision = _plain(vision, "net.vision", VISION_KEYS)
         text = _plain(text, "net.text", TEXT_KEYS)
         self.embed_dim = embed_dim
+        if text.get("vocab_size") is None:  # set from the tokenizer by train/run.py; alone: CLIP's BPE
+            text = {**text, "vocab_size": 49408}
         self.vision_cfg, self.text_cfg = vision, text
         if eot_id is None:
             eot_id = text["vocab_size"] - 1  # CLIP's vocabulary: <|endoftext|> is the last id

@@ -219,7 +219,9 @@ class UNet(nn.Module):
                 )
             self.token_embedding = nn.Embedding(text_vocab_size, text_width)
             self.text_positional = nn.Parameter(torch.randn(text_context_length, text_width) * 0.01)
-            self.text_transformer = Transformer(text_width, text_layers, text_heads, causal=True)
+            self.text_transformer = Transformer(
+                text_width, text_layers, text_heads, causal=True, grad_checkpointing=grad_checkpointing
+            )
             self.text_transformer.init_weights()
             self.text_ln = LayerNorm(text_width)
             self.text_to_emb = nn.Linear(text_width, emb_dim)
@@ -291,6 +293,8 @@ class UNet(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
+        if hasattr(self, "text_transformer"):  # the paper's 2048 x 24 caption encoder
+            self.text_transformer.grad_checkpointing = enable
 
     # ---- conditioning ---------------------------------------------------------------------------
     def _conditioning(self, emb, b, device, image_emb, text_feat, tokens, text_mask, drop_image, drop_text):

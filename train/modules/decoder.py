@@ -47,6 +47,22 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def random_crops(
+    images: torch.Tensor, size: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``size`` x ``size`` crop at its own random position for each image of (B, C, H, W): the crops
+    (B, C, size, size) and their top-left corners (B, 2). One gather, no per-sample loop."""
+    b, _, h, w = images.shape
+    limit = torch.tensor([h - size + 1, w - size + 1], device=images.device)
+    corners = (torch.rand(b, 2, device=images.device, generator=generator) * limit).long()  # (B, 2)
+    offsets = torch.arange(size, device=images.device)
+    rows = (corners[:, 0, None] + offsets)[:, None, :, None]  # (B, 1, size, 1)
+    cols = (corners[:, 1, None] + offsets)[:, None, None, :]  # (B, 1, 1, size)
+    batch = torch.arange(b, device=images.device)[:, None, None, None]
+    channels = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+    return images[batch, channels, rows, cols], corners
+
+
 def save_grid(rows: list[torch.Tensor], path: Path, scale: int = 1) -> Path:
     """Rows of uint8 (N, 3, H, W) images (same N, H, W) -> one PNG, 2 px gaps."""
     from PIL import Image
@@ -352,8 +368,7 @@ class UpsamplerModule(EMAUpdateAfterStep, pl.LightningModule):
         hi = to_unit_range(batch["image"].to(self.device), self.net.image_size)
         crop = int(round(self.net.image_size * self.hparams.crop_fraction))
         if crop < hi.shape[-1]:
-            i, j = (int(v) for v in torch.randint(0, hi.shape[-1] - crop + 1, (2,)))
-            hi = hi[:, :, i : i + crop, j : j + crop]
+            hi, _ = random_crops(hi, crop)
         low = self.low_res(hi, degrade=True)
         cond = {"low_res": low}
         if self.hparams.noise_aug:

@@ -1,0 +1,44 @@
+"""A callback for multi-process tests: each rank writes, at its first training batch, a digest of its
+random generators' states and of its weights (``+callbacks.rank_probe._target_=tests.rank_probe.RankProbe``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part)
+    return h.hexdigest()[:16]
+
+
+class RankProbe(pl.Callback):
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+        self.done = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.done:
+            return
+        self.done = True
+        weights = torch.cat([p.detach().float().flatten().cpu() for p in pl_module.net.parameters()])
+        record = {
+            "rank": trainer.global_rank,
+            "step": trainer.global_step,
+            "torch": _digest(torch.get_rng_state().numpy().tobytes()),
+            "numpy": _digest(np.random.get_state()[1].tobytes()),
+            "python": _digest(repr(random.getstate()).encode()),
+            "weights": _digest(weights.numpy().tobytes()),
+        }
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"rank{trainer.global_rank}_step{trainer.global_step}.json").write_text(
+            json.dumps(record)
+        )

@@ -1,0 +1,97 @@
+"""Defects that only show at scale (issue: scale correctness), each checked for real on CPU processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.callbacks.rng import seed_rank
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _train_run(tmp_path: Path, run_dir: Path, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "UNCLIP_DATA_DIR": str(tmp_path / "datasets"),
+        "WANDB_MODE": "offline",
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [sys.executable, "-m", "train.run", "debug=fast", f"hydra.run.dir={run_dir}", *args]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def test_seed_rank_gives_each_rank_and_step_its_own_stream():
+    draws = {}
+    for rank in (0, 1):
+        for step in (0, 500):
+            seed_rank(0, rank, step)
+            draws[rank, step] = torch.rand(4)
+    assert len({tuple(d.tolist()) for d in draws.values()}) == 4
+    seed_rank(0, 1, 500)
+    assert torch.equal(torch.rand(4), draws[1, 500]), "deterministic"
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_ranks_draw_differently_from_identical_weights_and_a_smaller_world_draws_anew(tmp_path):
+    """2 DDP processes: the same initial weights, different random generators (before the fix every rank
+    drew the same timesteps, noise, guidance dropout and crops). Resumed on 1 process (no saved state maps
+    to it), the rank is reseeded for its step instead of replaying the draws of step 0."""
+    run, probe = tmp_path / "run", tmp_path / "probe"
+    probe_args = [
+        "+callbacks.rank_probe._target_=tests.rank_probe.RankProbe",
+        f"+callbacks.rank_probe.out={probe}",
+    ]
+    _train_run(
+        tmp_path, run, "stage=upsampler_256", "trainer.devices=2", "trainer.accelerator=cpu", "strategy=ddp",
+        *probe_args,
+    )  # fmt: skip
+    r0, r1 = (json.loads((probe / f"rank{r}_step0.json").read_text()) for r in (0, 1))
+    assert r0["weights"] == r1["weights"], "model init must stay identical on every rank"
+    for gen in ("torch", "numpy", "python"):
+        assert r0[gen] != r1[gen], f"{gen}: every rank draws the same numbers"
+    _train_run(tmp_path, run, "stage=upsampler_256", "trainer.max_steps=7", *probe_args)
+    resumed = json.loads((probe / "rank0_step5.json").read_text())
+    assert resumed["torch"] not in (r0["torch"], r1["torch"])
+
+
+def _compose(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from train.run import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return compose("train", overrides=["logger=none", *overrides])
+
+
+def test_decoder_without_clip_ckpt_names_the_option(tmp_path):
+    from train.run import train
+
+    cfg = _compose("stage=decoder", "debug=fast", f"paths.output_dir={tmp_path}")
+    with pytest.raises(ValueError, match="stage=decoder needs a CLIP: set clip_ckpt="):
+        train(cfg)
+
+
+def test_the_tiny_clip_takes_its_vocabulary_from_the_tokenizer():
+    """data=shards with CLIP's tokenizer and the tiny CLIP: no net.text.vocab_size=49408 by hand."""
+    from types import SimpleNamespace
+
+    from train.run import build_net
+
+    clip_bpe = SimpleNamespace(vocab_size=49408, eot_id=49407, context_length=16)
+    net = build_net(_compose("stage=clip"), clip_bpe)
+    assert net.text.token_embedding.num_embeddings == 49408 and net.text.eot_id == 49407
+    synthetic = SimpleNamespace(vocab_size=1024, eot_id=3, context_length=16)
+    assert build_net(_compose("stage=clip"), synthetic).text.token_embedding.num_embeddings == 1024
+    with pytest.raises(ValueError, match="net.text.vocab_size=1000 is smaller than the tokenizer's"):
+        build_net(_compose("stage=clip", "net.text.vocab_size=1000"), clip_bpe)
