@@ -204,7 +204,7 @@ def test_h16_256_is_the_dalle2_clip():
 
 def test_tiny_config_instantiates_and_runs():
     cfg = OmegaConf.load(CONF / "clip_tiny.yaml")
-    cfg.eot_id = 2  # what train/run.py sets from the tokenizer
+    cfg.eot_id, cfg.text.vocab_size = 2, 1024  # what train/run.py sets from the (synthetic) tokenizer
     net = instantiate(cfg)
     assert net.text.eot_id == 2 and isinstance(net.vision_cfg, dict)
     out = net(torch.randn(2, 3, 64, 64), torch.full((2, cfg.text.context_length), 2))
