@@ -134,3 +134,74 @@ def test_deepspeed_checkpoints_are_checked_before_deepspeed_unpickles_them(tmp_p
     with pytest.raises(ValueError, match="zero_pp_rank_0_mp_rank_00_optim_states.pt: refused to load"):
         consolidate(ckpt)
     assert not PicklePayload.ran
+
+
+def _save(path: Path, step: int, age: float = 0.0) -> Path:
+    atomic_torch_save({"step": step, "state_dict": {"w": torch.randn(4096)}}, path)
+    os.utime(path, (time.time() - age, time.time() - age))
+    return path
+
+
+def test_damage_finds_truncation_bit_flips_and_short_shards(tmp_path):
+    from train.checkpoint_io import damage
+
+    good = _save(tmp_path / "good.ckpt", 1)
+    assert damage(good) is None
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(good.read_bytes()[:-3000])  # an interrupted copy
+    assert "not a complete checkpoint" in damage(cut)
+    flipped = tmp_path / "flipped.ckpt"
+    data = bytearray(good.read_bytes())
+    data[len(data) // 3] ^= 0x40  # inside the weights' data
+    flipped.write_bytes(bytes(data))
+    assert "fails its CRC-32" in damage(flipped)
+    shards = tmp_path / "sharded.ckpt"
+    shards.mkdir()
+    (shards / "__0_0.distcp").write_bytes(b"x" * 1000)
+    torch.save({"w": torch.zeros(3)}, shards / "meta.pt")
+    commit(shards)
+    assert damage(shards) is None
+    (shards / "__0_0.distcp").write_bytes(b"x" * 10)
+    assert "__0_0.distcp has 10 bytes, 1000 when written" in damage(shards)
+
+
+def test_resume_auto_skips_a_damaged_newest_checkpoint_and_names_it(tmp_path, caplog):
+    from train.run import CheckpointDamagedError
+
+    ckpts = tmp_path / "checkpoints"
+    older = _save(ckpts / "step0000004.ckpt", 4, age=20)
+    newest = _save(ckpts / "step0000006.ckpt", 6, age=10)
+    last = _save(ckpts / "last.ckpt", 6)
+    for path in (newest, last):
+        path.write_bytes(path.read_bytes()[:-500])
+    with caplog.at_level("WARNING"):
+        assert resolve_checkpoint("auto", tmp_path) == str(older)
+    assert "skipping damaged checkpoint" in caplog.text and "last.ckpt" in caplog.text
+    older.write_bytes(older.read_bytes()[:100])
+    with pytest.raises(CheckpointDamagedError, match="every checkpoint in .* is damaged") as info:
+        resolve_checkpoint("auto", tmp_path)
+    assert "step0000004.ckpt" in str(info.value) and "resume=<path>" in str(info.value)
+    with pytest.raises(CheckpointDamagedError, match="resume=.*last.ckpt: .*not a complete checkpoint"):
+        resolve_checkpoint(str(last), tmp_path)
+
+
+@pytest.mark.slow
+def test_periodic_checkpoints_keep_the_newest_k(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from train.run import train
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(
+            "train",
+            overrides=[
+                "debug=fast",
+                f"paths.output_dir={tmp_path}",
+                f"paths.data_dir={tmp_path / 'data'}",
+                "callbacks.checkpoint.every_n_train_steps=1",
+                "callbacks.checkpoint.save_top_k=2",
+            ],
+        )
+    train(cfg)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt"))
+    assert names == ["last.ckpt", "step0000004.ckpt", "step0000005.ckpt"]

@@ -11,13 +11,19 @@ train/strategies.py remove the directory's ``COMMITTED`` marker before writing, 
 finish, then rank 0 writes the marker (fsynced). ``resume=auto`` only considers marked directories.
 
 Remote paths (``s3://`` and other fsspec URLs) go through Lightning's own writer.
+
+Damage after the write (a failing disk, a copy between clusters cut short) is found by :func:`damage`
+before a resume loads anything: ``torch.save`` files are zip archives carrying a CRC-32 of every member,
+all checked; a sharded directory's marker records the size of each of its files.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +85,16 @@ def uncommit(path: str | Path) -> None:
 
 
 def commit(path: str | Path) -> None:
-    marker = Path(path) / COMMIT_MARKER
+    """Mark a sharded checkpoint directory finished, recording the size of each of its files."""
+    path = Path(path)
+    sizes = {
+        str(p.relative_to(path)): p.stat().st_size
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and p.name != COMMIT_MARKER
+    }
+    marker = path / COMMIT_MARKER
     with open(marker, "w") as f:
-        f.write("ok\n")
+        f.write(json.dumps({"files": sizes}, indent=1))
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(Path(path))
@@ -91,3 +104,38 @@ def is_committed(path: str | Path) -> bool:
     """A finished checkpoint: a file (files only appear whole, by rename) or a marked directory."""
     path = Path(path)
     return path.is_file() or (path.is_dir() and (path / COMMIT_MARKER).is_file())
+
+
+def damage(path: str | Path) -> str | None:
+    """Why the finished checkpoint ``path`` cannot be loaded, or None when it is intact.
+
+    Files (and the ``torch.save`` files inside a sharded directory) are read whole and every zip member's
+    CRC-32 is checked: a truncated file has no zip directory, a flipped bit fails its member's CRC. A
+    sharded directory's files must also have the sizes its ``COMMITTED`` marker recorded (DCP shards are
+    not zip files: their size is what is checked)."""
+    path = Path(path)
+    if path.is_dir():
+        try:
+            recorded = json.loads((path / COMMIT_MARKER).read_text()).get("files", {})
+        except (OSError, ValueError):
+            recorded = {}  # a marker from before sizes were recorded: zip checks only
+        for name, size in recorded.items():
+            file = path / name
+            if not file.is_file():
+                return f"{file} is missing"
+            if file.stat().st_size != size:
+                return f"{file} has {file.stat().st_size} bytes, {size} when written"
+        files = [p for p in sorted(path.rglob("*")) if p.is_file() and p.name != COMMIT_MARKER]
+    else:
+        files = [path]
+    for file in files:
+        if file is not path and not zipfile.is_zipfile(file):
+            continue  # not a torch.save archive (DCP shard, json): covered by the sizes
+        try:
+            with zipfile.ZipFile(file) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            return f"{file} is not a complete checkpoint ({e})"
+        if bad is not None:
+            return f"{file}: member {bad} fails its CRC-32 check"
+    return None

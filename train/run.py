@@ -45,13 +45,15 @@ def resolve_checkpoint(resume: str | None, output_dir: Path) -> str | None:
 
     Lightning on its own prefers an ``hpc_ckpt`` whenever one exists, even an older one than the last
     periodic checkpoint: the newest wins here. Only finished checkpoints count (train/checkpoint_io.py):
-    files appear whole by rename; sharded (DeepSpeed, FSDP) directories carry a commit marker.
+    files appear whole by rename; sharded (DeepSpeed, FSDP) directories carry a commit marker. A
+    checkpoint damaged since (train/checkpoint_io.py ``damage``) is skipped with a warning naming it and
+    the next newest is taken; when every one is damaged the error lists them.
     """
     if resume in (None, "null", False):
         return None
-    if resume == "auto":
-        from train.checkpoint_io import is_committed
+    from train.checkpoint_io import damage, is_committed
 
+    if resume == "auto":
         found = [*output_dir.glob("checkpoints/*.ckpt"), *output_dir.glob("hpc_ckpt_*.ckpt")]
         candidates = [c for c in found if is_committed(c)]
         if len(candidates) < len(found):
@@ -59,12 +61,30 @@ def resolve_checkpoint(resume: str | None, output_dir: Path) -> str | None:
                 "ignoring unfinished checkpoints (a save was interrupted): %s",
                 ", ".join(str(c) for c in found if c not in candidates),
             )
-        if not candidates:
-            return None
-        return str(max(candidates, key=_written_at))
+        damaged = []
+        for candidate in sorted(candidates, key=_written_at, reverse=True):  # newest first
+            problem = damage(candidate)
+            if problem is None:
+                return str(candidate)
+            log.warning("skipping damaged checkpoint %s: %s", candidate, problem)
+            damaged.append(problem)
+        if damaged:
+            raise CheckpointDamagedError(
+                f"resume=auto: every checkpoint in {output_dir} is damaged:\n  "
+                + "\n  ".join(damaged)
+                + "\nrestore one from a copy and pass resume=<path>, or start over with resume=null"
+            )
+        return None
     if not Path(resume).exists():
         raise FileNotFoundError(f"resume={resume!r}: no such checkpoint")
+    problem = damage(resume)
+    if problem is not None:
+        raise CheckpointDamagedError(f"resume={resume}: {problem}")
     return str(resume)
+
+
+class CheckpointDamagedError(RuntimeError):
+    pass
 
 
 def _written_at(path: Path) -> float:
