@@ -163,6 +163,9 @@ def test_damage_finds_truncation_bit_flips_and_short_shards(tmp_path):
     assert damage(shards) is None
     (shards / "__0_0.distcp").write_bytes(b"x" * 10)
     assert "__0_0.distcp has 10 bytes, 1000 when written" in damage(shards)
+    (shards / COMMIT_MARKER).write_text("ok\n")  # a marker from before sizes: the zip members are checked
+    (shards / "meta.pt").write_bytes(cut.read_bytes())
+    assert "meta.pt is not a complete checkpoint" in damage(shards)
 
 
 def test_resume_auto_skips_a_damaged_newest_checkpoint_and_names_it(tmp_path, caplog):

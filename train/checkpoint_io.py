@@ -109,10 +109,10 @@ def is_committed(path: str | Path) -> bool:
 def damage(path: str | Path) -> str | None:
     """Why the finished checkpoint ``path`` cannot be loaded, or None when it is intact.
 
-    Files (and the ``torch.save`` files inside a sharded directory) are read whole and every zip member's
-    CRC-32 is checked: a truncated file has no zip directory, a flipped bit fails its member's CRC. A
-    sharded directory's files must also have the sizes its ``COMMITTED`` marker recorded (DCP shards are
-    not zip files: their size is what is checked)."""
+    A file is read whole and every zip member's CRC-32 is checked (``torch.save`` writes zip archives): a
+    truncated file has no zip directory, a flipped bit fails its member's CRC. A sharded directory's
+    files must have the sizes its ``COMMITTED`` marker recorded (a stat per file: every rank checks, and
+    none reads the other ranks' shards); a directory from before sizes were recorded gets the zip checks."""
     path = Path(path)
     if path.is_dir():
         try:
@@ -125,6 +125,8 @@ def damage(path: str | Path) -> str | None:
                 return f"{file} is missing"
             if file.stat().st_size != size:
                 return f"{file} has {file.stat().st_size} bytes, {size} when written"
+        if recorded:  # every rank runs this before it loads its own shards: no rank reads them all
+            return None
         files = [p for p in sorted(path.rglob("*")) if p.is_file() and p.name != COMMIT_MARKER]
     else:
         files = [path]
