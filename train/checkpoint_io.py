@@ -131,8 +131,8 @@ def damage(path: str | Path) -> str | None:
     else:
         files = [path]
     for file in files:
-        if file is not path and not zipfile.is_zipfile(file):
-            continue  # not a torch.save archive (DCP shard, json): covered by the sizes
+        if file is not path and file.suffix not in (".pt", ".pth", ".ckpt", ".bin"):
+            continue  # not a torch.save file (a DCP shard, json, the "latest" tag)
         try:
             with zipfile.ZipFile(file) as archive:
                 bad = archive.testzip()
