@@ -16,6 +16,12 @@ Model states follow the strategies' layouts with N parameters over W GPUs (Adam:
     zero3_offload    on the GPU only the gathered units; weights, master and Adam in CPU memory
     fsdp             weights 4N/W, grads 4N/W, Adam 8N/W, EMA 4N/W, + the largest units gathered in bf16
 
+Validation keeps the model states (gradients included: they live until the next step zeroes them) and
+adds what evaluation gathers whole under ZeRO-3/FSDP (a stage's ``eval_gathers``: the CLIP's net; the
+diffusion stages sample with their EMA sharded, one unit gathered at a time) plus the peak of one
+no-grad forward at the validation batch per GPU (``data.val_batch_size``), doubled by classifier-free
+guidance (both branches in one batch), measured on the meta device.
+
 Not counted: the CUDA context and allocator slack (~1-3 GB), communication buckets, temporary buffers
 of the optimizer step. A frozen CLIP used for on-the-fly embeddings is counted as bf16 weights.
 """
@@ -24,12 +30,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+import weakref
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf, open_dict
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -106,6 +115,66 @@ def activation_bytes(net, args, kwargs) -> int:
     return sum(saved.values())
 
 
+class LivePeak(TorchDispatchMode):
+    """The most bytes of op outputs alive at once. A storage counts once, from its first tensor until the
+    last tensor viewing it is freed (tensors die by reference count: the result is deterministic)."""
+
+    def __init__(self, ignore=()) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self.ignore = {t.untyped_storage()._cdata for t in ignore}
+        self.views: dict[int, int] = {}  # storage -> tensors alive on it
+
+    def _drop(self, key: int, nbytes: int) -> None:
+        self.views[key] -= 1
+        if not self.views[key]:
+            del self.views[key]
+            self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            key, nbytes = t.untyped_storage()._cdata, t.untyped_storage().nbytes()
+            if key in self.ignore:
+                continue
+            if key not in self.views:
+                self.views[key] = 0
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+            self.views[key] += 1
+            weakref.finalize(t, self._drop, key, nbytes)
+        return out
+
+
+def inference_peak_bytes(net, args, kwargs) -> int:
+    """Peak activation bytes of one no-grad forward (validation, sampling) on the meta device. Attention
+    runs as on a GPU, in a fused kernel that never holds the N x N matrix (the meta device would take
+    SDPA's math path, which does)."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def fused(q, k, v, *args, **kwargs):  # the output only: what flash / memory-efficient kernels allocate
+        return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+    net.eval()
+    torch.nn.functional.scaled_dot_product_attention = fused
+    try:
+        with torch.no_grad(), LivePeak(ignore=[*net.parameters(), *net.buffers()]) as mode:
+            net(*args, **kwargs)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+    return mode.peak
+
+
+def validation_batch(cfg, train_batch: int) -> int:
+    """Samples per GPU in one validation forward: data.val_batch_size (or the training batch), x2 when
+    classifier-free guidance runs both branches."""
+    batch = cfg.data.get("val_batch_size") or train_batch
+    guided = float(OmegaConf.select(cfg, "module.guidance_scale", default=1.0) or 1.0) != 1.0
+    return batch * (2 if guided else 1)
+
+
 def plan(cfg, gpus: int, batch_per_gpu: int) -> tuple[list[tuple], dict]:
     with torch.device("meta"):
         net = instantiate(cfg.net)
@@ -125,6 +194,10 @@ def plan(cfg, gpus: int, batch_per_gpu: int) -> tuple[list[tuple], dict]:
             clip = sum(p.numel() for p in instantiate(clip_cfg).parameters())
     args, kwargs = example_batch(cfg, net, 2)
     act = activation_bytes(net, args, kwargs) / 2 * batch_per_gpu
+    val_batch = validation_batch(cfg, batch_per_gpu)
+    infer = inference_peak_bytes(net, *example_batch(cfg, net, val_batch))
+    module_cls = get_class(cfg.module._target_)
+    eval_whole = 0 if getattr(module_cls, "eval_gathers", None) == () else n + frozen  # params gathered whole
     w = gpus
     rows = [
         ("ddp", 4 * n + 4 * frozen, 4 * n, 8 * n, 4 * ema, 0),
@@ -135,6 +208,12 @@ def plan(cfg, gpus: int, batch_per_gpu: int) -> tuple[list[tuple], dict]:
         ("deepspeed_zero3_offload", gathered, 2 * n / w, 0, 0, (2 * (n + frozen) + 12 * n + 6 * ema) / w),
         ("fsdp", 4 * (n + frozen) / w + gathered, 4 * n / w, 8 * n / w, 4 * ema / w, 0),
     ]
+    # what validation gathers on top of the sharded states: fp32 under FSDP (no param_dtype), bf16 under ZeRO-3
+    eval_extra = {
+        "deepspeed_zero3": 2 * eval_whole,
+        "deepspeed_zero3_offload": 2 * eval_whole,
+        "fsdp": 4 * eval_whole,
+    }
     info = {
         "trainable": n,
         "frozen": frozen,
@@ -142,8 +221,13 @@ def plan(cfg, gpus: int, batch_per_gpu: int) -> tuple[list[tuple], dict]:
         "clip": clip,
         "activations": act,
         "gathered": gathered,
+        "val_batch": val_batch,
+        "inference": infer,
     }
-    return [(name, wt + 2 * clip, g, o, e, act, cpu) for name, wt, g, o, e, cpu in rows], info
+    return [
+        (name, wt + 2 * clip, g, o, e, act, cpu, wt + 2 * clip + g + o + e + eval_extra.get(name, 0) + infer)
+        for name, wt, g, o, e, cpu in rows
+    ], info
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -171,17 +255,23 @@ def main(argv: list[str] | None = None) -> None:
     )
     print()
     print(
-        f"| strategy | weights | grads | optimizer | EMA | activations | GPU total (GB) | fits {args.gpu_memory_gb:g} GB "
-        "| CPU per GPU |"
+        f"| strategy | weights | grads | optimizer | EMA | activations | GPU total (GB) | validation peak "
+        f"| fits {args.gpu_memory_gb:g} GB | CPU per GPU |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, wt, g, o, e, act, cpu in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, wt, g, o, e, act, cpu, val in rows:
         total = wt + g + o + e + act
-        fits = "yes" if total / GB < args.gpu_memory_gb * 0.9 else "no"
+        fits = "yes" if max(total, val) / GB < args.gpu_memory_gb * 0.9 else "no"
         print(
             f"| {name} | {wt / GB:.1f} | {g / GB:.1f} | {o / GB:.1f} | {e / GB:.1f} | {act / GB:.1f} | "
-            f"**{total / GB:.1f}** | {fits} | {cpu / GB:.1f} |"
+            f"**{total / GB:.1f}** | {val / GB:.1f} | {fits} | {cpu / GB:.1f} |"
         )
+    print()
+    print(
+        f"validation peak: the states above, what evaluation gathers whole under ZeRO-3/FSDP, and a no-grad "
+        f"forward of {info['val_batch']} samples per GPU ({info['inference'] / GB:.1f} GB; data.val_batch_size, "
+        "x2 with guidance)"
+    )
 
 
 if __name__ == "__main__":

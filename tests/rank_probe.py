@@ -42,3 +42,31 @@ class RankProbe(pl.Callback):
         (self.out / f"rank{trainer.global_rank}_step{trainer.global_step}.json").write_text(
             json.dumps(record)
         )
+
+
+def gathered_fraction(module: torch.nn.Module) -> float:
+    """Fraction of ``module``'s parameters held whole on this rank right now (not a ZeRO-3 partition,
+    not an FSDP2 DTensor shard)."""
+    params = list(module.parameters())
+    whole = [
+        p
+        for p in params
+        if not hasattr(p, "to_local") and not (hasattr(p, "ds_tensor") and p.data.numel() == 0)
+    ]
+    return len(whole) / max(len(params), 1)
+
+
+class GatherProbe(pl.Callback):
+    """Records, at the first validation batch, how much of the net and of its EMA copy is gathered."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx:
+            return
+        record = {"net": gathered_fraction(pl_module.net)}
+        if hasattr(pl_module, "ema"):
+            record["ema"] = gathered_fraction(pl_module.ema.shadow)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"gather_rank{trainer.global_rank}.json").write_text(json.dumps(record))

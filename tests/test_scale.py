@@ -95,3 +95,37 @@ def test_the_tiny_clip_takes_its_vocabulary_from_the_tokenizer():
     assert build_net(_compose("stage=clip"), synthetic).text.token_embedding.num_embeddings == 1024
     with pytest.raises(ValueError, match="net.text.vocab_size=1000 is smaller than the tokenizer's"):
         build_net(_compose("stage=clip", "net.text.vocab_size=1000"), clip_bpe)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    "stage, strategy, expected",
+    [
+        ("upsampler_256", ["strategy=fsdp"], {"net": 0.0, "ema": 0.0}),
+        (
+            "upsampler_256",
+            [
+                "strategy=deepspeed_zero3",
+                "strategy._target_=train.strategies.CPUDeepSpeedStrategy",
+                "strategy.param_persistence_threshold=0",  # (tiny weights would stay whole by default)
+            ],
+            {"net": 0.0, "ema": 0.0},
+        ),
+        ("clip", ["strategy=fsdp"], {"net": 1.0}),  # evaluation reads encode_text: gathered
+    ],
+    ids=["fsdp-upsampler", "zero3-upsampler", "fsdp-clip"],
+)
+def test_sharded_validation_gathers_only_what_evaluation_reads(tmp_path, stage, strategy, expected):
+    """2 processes: a diffusion stage validates and samples with its net and EMA still sharded (each
+    forward gathers one unit at a time) instead of gathering both whole in fp32 on every rank."""
+    run, probe = tmp_path / "run", tmp_path / "probe"
+    _train_run(
+        tmp_path, run, f"stage={stage}", "trainer.devices=2", "trainer.accelerator=cpu", *strategy,
+        "+callbacks.gather_probe._target_=tests.rank_probe.GatherProbe", f"+callbacks.gather_probe.out={probe}",
+        *(["module.val_max_samples=4", "module.sample_steps=2"] if stage != "clip" else []),
+    )  # fmt: skip
+    for rank in (0, 1):
+        assert json.loads((probe / f"gather_rank{rank}.json").read_text()) == expected
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert ("val/psnr" if stage != "clip" else "val/zeroshot_shape_top1") in metrics

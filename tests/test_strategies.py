@@ -241,13 +241,26 @@ def test_memory_plan_counts_model_states_and_measures_activations():
         "deepspeed_zero3_offload",
         "fsdp",
     }
-    weights, grads, optim, ema, act, cpu = by_name["ddp"]
+    weights, grads, optim, ema, act, cpu, val = by_name["ddp"]
     assert (weights, grads, optim) == (4 * n, 4 * n, 8 * n)
-    weights, grads, optim, ema, act, cpu = by_name["deepspeed_zero2"]
+    weights, grads, optim, ema, act, cpu, val = by_name["deepspeed_zero2"]
     assert (weights, grads, optim) == (2 * n, 2 * n / 16, 12 * n / 16)
+    # validation: the states, plus the CLIP gathered whole under FSDP (evaluation reads encode_text), plus
+    # a no-grad forward at data.val_batch_size
+    assert val == pytest.approx(weights + grads + optim + ema + info["inference"])
+    fsdp = by_name["fsdp"]
+    assert fsdp[6] == pytest.approx(sum(fsdp[:4]) + 4 * n + info["inference"])
+    assert info["val_batch"] == cfg.data.val_batch_size and info["inference"] > 0
     assert by_name["deepspeed_zero3"][0] < by_name["deepspeed_zero2"][0] / 4  # weights sharded
     # activations are measured: linear in the batch, and activation checkpointing keeps far fewer
     rows_16, _ = plan.plan(cfg, gpus=16, batch_per_gpu=16)
     assert rows_16[0][5] == pytest.approx(2 * act)
     no_ckpt = plan.compose_cfg(["stage=clip", "experiment=clip_paper", "net.grad_checkpointing=false"])
     assert plan.plan(no_ckpt, gpus=16, batch_per_gpu=8)[1]["activations"] > 5 * info["activations"]
+    # the decoder samples with its EMA sharded: validation adds no whole copy under FSDP; guidance doubles
+    # the validation batch
+    decoder = plan.compose_cfg(["stage=decoder", "experiment=decoder_paper", "data.val_batch_size=8"])
+    rows, info = plan.plan(decoder, gpus=32, batch_per_gpu=8)
+    fsdp = {r[0]: r[1:] for r in rows}["fsdp"]
+    assert info["val_batch"] == 16
+    assert fsdp[6] == pytest.approx(sum(fsdp[:4]) + info["inference"])

@@ -30,12 +30,22 @@ log = logging.getLogger(__name__)
 class DeepSpeedStrategy(_LightningDeepSpeed):
     """Lightning's DeepSpeed strategy, with what every stage here needs on top:
 
-    - ZeRO-3 keeps each rank's slice of a weight only; evaluation reads weights outside ``forward``
-      (``encode_text``, the logit scale, sampling loops), so every weight is gathered for the whole
-      validation and partitioned again after it.
+    - ZeRO-3 keeps each rank's slice of a weight only; evaluation that reads weights outside ``forward``
+      (``encode_text``, the logit scale) needs them gathered: the modules of :func:`eval_gathered` are
+      gathered for the whole validation and partitioned again after it. The rest stays partitioned
+      (sampling calls only ``forward``, which gathers each module as it runs).
     - ``offload_optimizer`` needs DeepSpeed's CPU Adam; :func:`train.modules.optim.configure_adamw` picks
       it from :func:`offloads_optimizer`.
     """
+
+    def __init__(self, *args: Any, param_persistence_threshold: int | None = None, **kwargs: Any) -> None:
+        """``param_persistence_threshold``: ZeRO-3 keeps weights with fewer elements than this whole on
+        every rank instead of partitioning them (DeepSpeed's default: 100,000)."""
+        super().__init__(*args, **kwargs)
+        if param_persistence_threshold is not None:
+            self.config.setdefault("zero_optimization", {})["stage3_param_persistence_threshold"] = int(
+                param_persistence_threshold
+            )
 
     def on_validation_start(self) -> None:
         super().on_validation_start()
@@ -43,7 +53,7 @@ class DeepSpeedStrategy(_LightningDeepSpeed):
         if self.zero_stage_3:
             import deepspeed
 
-            params = list(self.lightning_module.parameters())
+            params = [p for m in eval_gathered(self.lightning_module) for p in m.parameters()]
             self._gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
             self._gathered.__enter__()
 
@@ -152,8 +162,9 @@ class FSDPStrategy(ModelParallelStrategy):
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
         _committed_save(self, super().save_checkpoint, checkpoint, filepath, storage_options)
 
-    # Evaluation calls more than ``forward`` (encode_text, sampling loops, the logit scale) and reads
-    # weights between forwards: gather every FSDP unit for the whole validation and keep it gathered.
+    # Evaluation that calls more than ``forward`` (encode_text, the logit scale) reads weights between
+    # forwards: the modules of eval_gathered() are gathered for the whole validation. The others stay
+    # sharded; their forward calls (sampling loops) gather one unit at a time, in the policy's dtype.
     def on_validation_start(self) -> None:
         super().on_validation_start()
         self._gather(True)
@@ -165,13 +176,24 @@ class FSDPStrategy(ModelParallelStrategy):
     def _gather(self, full: bool) -> None:
         from torch.distributed.fsdp import FSDPModule
 
-        units = [m for m in self.lightning_module.modules() if isinstance(m, FSDPModule)]
+        roots = eval_gathered(self.lightning_module)
+        units = list({id(m): m for r in roots for m in r.modules() if isinstance(m, FSDPModule)}.values())
         inner = {id(m) for u in units for m in u.modules() if m is not u and isinstance(m, FSDPModule)}
         for unit in units:
             # FSDP keeps a root's weights gathered from forward to backward by default; restore that.
             after_forward = self.reshard_after_forward and id(unit) in inner
             unit.set_reshard_after_forward(not full and after_forward, recurse=False)
             unit.unshard() if full else unit.reshard()
+
+
+def eval_gathered(pl_module: nn.Module) -> list[nn.Module]:
+    """The modules a stage's evaluation reads outside their ``forward``, named by its ``eval_gathers``
+    (e.g. ``("net",)``: CLIP's encode_text and logit scale); all of it when a stage does not say.
+    Under ZeRO-3 and FSDP these are gathered for the whole validation, the rest stays sharded."""
+    names = getattr(pl_module, "eval_gathers", None)
+    if names is None:
+        return [pl_module]
+    return [pl_module.get_submodule(name) for name in names]
 
 
 def _dtype(name: str | None, option: str) -> torch.dtype | None:

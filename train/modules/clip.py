@@ -21,6 +21,8 @@ from train.strategies import configure_sharding
 
 
 class ClipModule(pl.LightningModule):
+    eval_gathers = ("net",)  # evaluation reads encode_text, encode_image and the logit scale (ZeRO-3/FSDP)
+
     def __init__(
         self,
         net: torch.nn.Module,

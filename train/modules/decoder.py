@@ -82,6 +82,8 @@ def save_grid(rows: list[torch.Tensor], path: Path, scale: int = 1) -> Path:
 
 
 class DecoderModule(EMAUpdateAfterStep, pl.LightningModule):
+    eval_gathers = ()  # evaluation calls only the EMA net's forward: stays sharded under ZeRO-3/FSDP
+
     def __init__(
         self,
         net: torch.nn.Module,
@@ -292,6 +294,8 @@ class UpsamplerModule(EMAUpdateAfterStep, pl.LightningModule):
     conditioning image, and add the upsampling back after sampling (SRDiff's formulation): the
     untrained net already gives bicubic, and training only has to learn the missing detail.
     """
+
+    eval_gathers = ()  # evaluation calls only the EMA net's forward: stays sharded under ZeRO-3/FSDP
 
     def __init__(
         self,

@@ -38,6 +38,8 @@ from train.strategies import configure_sharding
 
 
 class PriorModule(EMAUpdateAfterStep, pl.LightningModule):
+    eval_gathers = ()  # evaluation calls only the EMA net's forward: stays sharded under ZeRO-3/FSDP
+
     def __init__(
         self,
         net: torch.nn.Module,
