@@ -70,3 +70,32 @@ class GatherProbe(pl.Callback):
             record["ema"] = gathered_fraction(pl_module.ema.shadow)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"gather_rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class CollectiveProbe(pl.Callback):
+    """Counts ``torch.distributed.all_reduce`` calls per training step (from one step's end to the next:
+    the data vote, the numerics and preemption flags, metric syncs) and writes them at the end."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+        self.counts: list[int] = []
+        self._n = 0
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        import torch.distributed as dist
+
+        real = dist.all_reduce
+
+        def counted(*args, **kwargs):
+            self._n += 1
+            return real(*args, **kwargs)
+
+        dist.all_reduce = counted
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.counts.append(self._n)
+        self._n = 0
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"collectives_rank{trainer.global_rank}.json").write_text(json.dumps(self.counts))

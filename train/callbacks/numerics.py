@@ -9,6 +9,10 @@ and their state (Adam moments, step count) untouched. The learning-rate schedule
 DeepSpeed keeps gradients inside its engine (no ``.grad``): there its own overflow check applies, and
 this callback only guards checkpoints and logs spikes.
 
+One collective per optimizer step carries both this check and the preemption flag (when the
+Preemption callback is configured, it reads the agreed signal from here instead of a second
+all-reduce): one small all-reduce and one host sync per step for both.
+
 Logged: ``train/skipped_nonfinite`` (steps skipped so far), ``train/loss_spikes`` (loss above
 ``spike_factor`` x its running mean after ``spike_warmup`` steps).
 """
@@ -51,6 +55,13 @@ class NumericalGuard(pl.Callback):
         self._loss_mean: float | None = None
         self._seen = 0
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from train.callbacks.preemption import Preemption
+
+        self._preemption = next((c for c in trainer.callbacks if isinstance(c, Preemption)), None)
+        if self._preemption is not None:
+            self._preemption.carried = True  # its flag travels in this callback's all-reduce
+
     # ---- gradients, before the step ----------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         grads = [
@@ -59,15 +70,18 @@ class NumericalGuard(pl.Callback):
             for p in group["params"]
             if p.grad is not None
         ]
-        bad = torch.zeros(1, device=pl_module.device)
-        if (
-            grads
-        ):  # one norm per gradient in a few fused kernels, one host sync: NaN/inf norm <=> NaN/inf entry
+        preemption = getattr(self, "_preemption", None)
+        signum = float((preemption.received or 0) if preemption is not None else 0)
+        flags = torch.tensor([0.0, signum], device=pl_module.device)  # [non-finite anywhere, signal]
+        if grads:  # one norm per gradient in a few fused kernels: NaN/inf norm <=> NaN/inf entry
             norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
-            bad = (~torch.isfinite(norms).all()).float().reshape(1).to(pl_module.device)
+            flags[0] = (~torch.isfinite(norms).all()).float().to(pl_module.device)
         if _world() > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item() == 0:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad, signum = flags.tolist()  # the one host sync of the step's checks
+        if preemption is not None:
+            preemption.agree(int(signum))
+        if bad == 0:
             self.consecutive = 0
             return
         self.skipped += 1

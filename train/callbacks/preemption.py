@@ -2,11 +2,13 @@
 under SLURM).
 
 SLURM sends ``SIGUSR1`` ahead of the time limit (``#SBATCH --signal=USR1@90``), submitit (the Hydra
-sweep launcher) ``SIGUSR2``; schedulers, spot instances and ``scancel`` send ``SIGTERM``. The signal handler only records the signal: nothing is saved
-from inside a handler, which may interrupt a rank in the middle of a collective. At the end of every
-training step the ranks agree (one all-reduce of a flag: a signal that reached a single rank still
-stops them all, at the same step), write one checkpoint together (sharded strategies need every rank),
-rank 0 calls ``scontrol requeue $SLURM_JOB_ID`` once when running under SLURM, and the trainer stops.
+sweep launcher) ``SIGUSR2``; schedulers, spot instances and ``scancel`` send ``SIGTERM``. The signal
+handler only records the signal: nothing is saved from inside a handler, which may interrupt a rank in
+the middle of a collective. At every optimizer step the ranks agree (one all-reduce of a flag, the one
+NumericalGuard makes anyway when it is configured: a signal that reached a single rank still stops them
+all, at the same step); at the end of that step they write one checkpoint together (sharded strategies
+need every rank), rank 0 calls ``scontrol requeue $SLURM_JOB_ID`` once when running under SLURM, and
+the trainer stops.
 ``resume=auto`` picks the checkpoint up on the next start (train/run.py: the newest checkpoint wins).
 
 This replaces Lightning's own SLURM handler, which saves from within the signal handler.
@@ -47,6 +49,8 @@ class Preemption(pl.Callback):
         self.filename, self.dirpath, self.requeue = filename, dirpath, requeue
         self.received: int | None = None
         self.checkpoint: Path | None = None
+        self.carried = False  # set by NumericalGuard: the ranks agree in its per-step all-reduce
+        self._agreed: int | None = None
         self._previous: dict[int, object] = {}
 
     # ---- signals: record only ----------------------------------------------------------------------
@@ -71,18 +75,25 @@ class Preemption(pl.Callback):
             signal.signal(sig, previous)
         self._previous = {}
 
+    def agree(self, signum: int) -> None:
+        """The signal every rank agreed on at this optimizer step (0: none), from NumericalGuard."""
+        self._agreed = signum
+
     # ---- the step boundary: agree, save once, requeue once, stop -----------------------------------
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx
     ) -> None:
         if self.checkpoint is not None:
             return
-        flag = torch.tensor([float(self.received or 0)], device=pl_module.device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() == 0:
+        if self.carried:  # agreed at this optimizer step by NumericalGuard (None: not a step boundary)
+            signum, self._agreed = self._agreed, None
+        else:
+            flag = torch.tensor([float(self.received or 0)], device=pl_module.device)
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        if not signum:
             return
-        signum = int(flag.item())
         dirpath = Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "checkpoints"
         path = dirpath / self.filename
         log.info("rank %d: preemption checkpoint at step %d", trainer.global_rank, trainer.global_step)
