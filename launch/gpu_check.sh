@@ -15,15 +15,17 @@
 #   anchors   the same table for open_clip / diffusers / DALLE2-pytorch (eager), next to ours
 #   compiled  ours (regional) and the anchors (full) under torch.compile: first step 1-3 min each
 #   runs      a short real run of every stage from shards (bf16-mixed, GPU batch sizes), perf metrics
+#   cascade   python -m train.pipeline preset=gpu: the one-GPU recipe end to end (<= 7 min), its benchmark
+#             per category, samples.png (256 px) and the stage probe
 set -uo pipefail
 cd "$(dirname "$0")/.."
 cpu=0
-steps="tests,bench,anchors,compiled,runs"
+steps="tests,bench,anchors,compiled,runs,cascade"
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu) cpu=1 ;;
     --steps) steps="$2"; shift ;;
-    *) echo "usage: bash launch/gpu_check.sh [--cpu] [--steps tests,bench,anchors,compiled,runs]" >&2; exit 2 ;;
+    *) echo "usage: bash launch/gpu_check.sh [--cpu] [--steps tests,bench,anchors,compiled,runs,cascade]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -45,7 +47,7 @@ export UNCLIP_DATA_DIR="$OUT/datasets"
 
 if [ $cpu = 1 ]; then
   export UNCLIP_TEST_DEVICE=cpu CUDA_VISIBLE_DEVICES=""
-  T_TESTS=300 T_BENCH=120 T_ANCHORS=60 T_COMPILED=120 T_RUNS=300
+  T_TESTS=300 T_BENCH=120 T_ANCHORS=60 T_COMPILED=120 T_RUNS=300 T_CASCADE=300 PRESET=gpu_smoke
   test_args=(-m gpu -k "not compiled")         # the compiled path is tested on CPU by tests/test_perf.py
   bench_args=(--device cpu --size tiny --iters 2)
   anchor_cases=(--cases open_clip_b16,dalle2_prior)   # not installed on CPU: reported as such
@@ -55,7 +57,7 @@ if [ $cpu = 1 ]; then
     decoder.module.val_max_samples=4 upsampler_256.module.val_max_samples=4
     upsampler_1024.module.val_max_samples=4 +prior.module.sample_steps=4)
 else
-  T_TESTS=240 T_BENCH=150 T_ANCHORS=120 T_COMPILED=300 T_RUNS=240
+  T_TESTS=240 T_BENCH=150 T_ANCHORS=120 T_COMPILED=300 T_RUNS=240 T_CASCADE=540 PRESET=gpu
   test_args=(-m gpu)
   bench_args=(--size anchor)
   anchor_cases=(--cases open_clip_b16,open_clip_l14,diffusers_unet64,dalle2_prior)
@@ -140,7 +142,31 @@ for stage in ("clip", "prior", "decoder", "upsampler_256", "upsampler_1024"):
 EOF
       sed -i 's/^RUNS //' "$OUT/logs/runs.log"
       section "Short real runs from shards (python -m train.pipeline, $S steps per stage)" runs '^\|' ;;
-    *) echo "unknown step $step (expected tests, bench, anchors, compiled, runs)" >&2; exit 2 ;;
+    cascade)
+      run cascade "$T_CASCADE" $py -m train.pipeline preset=$PRESET "out_dir=$OUT/cascade"
+      if [ -f "$OUT/cascade/report.json" ]; then
+        $py - "$OUT/cascade/report.json" >> "$OUT/logs/cascade.log" 2>&1 <<'EOF'
+import json, sys
+report = json.load(open(sys.argv[1]))
+print("CASCADE | stage | seconds | key figures |")
+print("CASCADE |---|---|---|")
+keys = {"clip": ("val/zeroshot_shape_top1", "val/zeroshot_colour_top1", "val/zeroshot_count_top1"),
+        "prior": ("val/cos_pred_image", "val/cos_text_image"), "decoder": ("val/colour_match",),
+        "upsampler_256": ("val/psnr", "val/psnr_bicubic")}
+for stage in ("clip", "embed", "prior", "decoder", "upsampler_256", "sample"):
+    m = report.get(stage, {})
+    secs = m.get(f"{stage}/seconds", m.get("embed/seconds", m.get("bench/seconds")))
+    shown = [f"{k.split('/')[-1]} {m[k]:.3f}" for k in keys.get(stage, ()) if k in m]
+    if stage == "sample":
+        shown = [f"{k[6:]} {v:.3f}" for k, v in sorted(m.items())
+                 if k.startswith("bench/") and k.endswith(("colour_shape", "/count", "/correct", "clip_score"))]
+    print(f"CASCADE | {stage} | {'-' if secs is None else round(secs)} | {', '.join(shown)} |")
+EOF
+        sed -i 's/^CASCADE //' "$OUT/logs/cascade.log"
+      fi
+      section "The one-GPU cascade (python -m train.pipeline preset=$PRESET; samples: cascade/samples.png)" \
+        cascade '^\|' ;;
+    *) echo "unknown step $step (expected tests, bench, anchors, compiled, runs, cascade)" >&2; exit 2 ;;
   esac
 done
 cat "$sections" >> "$report"

@@ -27,7 +27,7 @@ def test_gpu_check_cpu_mode_runs_every_step_and_writes_the_report(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = (out / "report.md").read_text()
-    for step in ("tests", "bench", "anchors", "compiled", "runs"):
+    for step in ("tests", "bench", "anchors", "compiled", "runs", "cascade"):
         assert f"| {step} | 0 |" in report, (step, report[:2000])
     assert " passed" in report and " failed" not in report  # the GPU tier's device-agnostic tests
     bench = json.loads((out / "bench.json").read_text())["rows"]
@@ -38,6 +38,8 @@ def test_gpu_check_cpu_mode_runs_every_step_and_writes_the_report(tmp_path):
     assert "compile=regional" in report
     runs = [line for line in report.splitlines() if line.startswith("| upsampler_1024 | 3 |")]
     assert runs, report[-2000:]
+    assert "| sample |" in report and "single/colour_shape" in report  # the preset cascade's benchmark
+    assert (out / "cascade" / "samples.png").exists()
     with pytest.raises(subprocess.CalledProcessError):
         subprocess.run(["bash", "launch/gpu_check.sh", "--steps", "nope"], cwd=REPO, env=env, check=True,
                        capture_output=True)  # fmt: skip

@@ -119,8 +119,11 @@ def reference_images(clip_dir: Path, n: int) -> torch.Tensor | None:
     return torch.cat(images)[:n] if images else None
 
 
-def run_sample(options: Mapping[str, Any], out_dir: Path) -> dict[str, float]:
-    """Text -> image through the trained cascade on the compositional benchmark; samples.png, scores."""
+def run_sample(
+    options: Mapping[str, Any], out_dir: Path, upsamplers: tuple[str, ...] = UPSAMPLERS
+) -> dict[str, float]:
+    """Text -> image through the trained cascade on the compositional benchmark; samples.png, scores.
+    ``upsamplers``: the upsampler stages of this run, in order (preset=gpu stops at 256 px)."""
     from eval.benchmark import evaluate_cascade
     from train.cascade import Cascade, StageSettings
 
@@ -130,7 +133,7 @@ def run_sample(options: Mapping[str, Any], out_dir: Path) -> dict[str, float]:
         log.info("stage sample: already finished (%s), skipping", done)
         return json.loads(done.read_text())["metrics"]
     found = {n: out_dir / n / "export" for n in ("prior", "decoder", *UPSAMPLERS)}
-    missing = [n for n in ("decoder", *UPSAMPLERS) if not (found[n] / "config.yaml").exists()]
+    missing = [n for n in ("decoder", *upsamplers) if not (found[n] / "config.yaml").exists()]
     if missing:
         raise FileNotFoundError(
             f"stage sample needs the finished stages {missing} in {out_dir} (their export/ directories)"
@@ -138,7 +141,7 @@ def run_sample(options: Mapping[str, Any], out_dir: Path) -> dict[str, float]:
     cascade = Cascade.load(
         found["decoder"],
         prior=found["prior"] if (found["prior"] / "config.yaml").exists() else None,
-        upsamplers=[found[n] for n in UPSAMPLERS],
+        upsamplers=[found[n] for n in upsamplers],
         clip=out_dir / "clip",
     )
     settings = {
@@ -181,11 +184,16 @@ def run_sample(options: Mapping[str, Any], out_dir: Path) -> dict[str, float]:
     return metrics
 
 
-def run_stage(name: str, stage_overrides: Mapping[str, Any], out_dir: Path) -> dict[str, float]:
+def run_stage(
+    name: str, stage_overrides: Mapping[str, Any], out_dir: Path, stages: tuple[str, ...] = UPSAMPLERS
+) -> dict[str, float]:
     if name == "embed":
         return run_embed(stage_overrides, out_dir)
-    if name == "sample":
-        return run_sample(stage_overrides, out_dir)
+    if name == "sample":  # the upsamplers this run trains, else (stages=[sample]) those it has exported
+        listed = tuple(n for n in UPSAMPLERS if n in stages) or tuple(
+            n for n in UPSAMPLERS if (out_dir / n / "export" / "config.yaml").exists()
+        )
+        return run_sample(stage_overrides, out_dir, listed)
     stage_dir = out_dir / name
     done = stage_dir / "done.json"
     if done.exists():
@@ -241,7 +249,7 @@ def main(cfg: DictConfig) -> None:
     results = {}
     for name in cfg.stages:
         stage_overrides = OmegaConf.to_container(cfg.get(name) or {}, resolve=True)
-        results[name] = run_stage(name, stage_overrides, out_dir)
+        results[name] = run_stage(name, stage_overrides, out_dir, tuple(cfg.stages))
     write_report(out_dir, results)
     print(f"\npipeline finished: {', '.join(cfg.stages)}")
     for name, metrics in results.items():
