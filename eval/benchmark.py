@@ -22,11 +22,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 
+from data.images import save_grid
+from data.pipeline import ShardDataset
 from eval import composition
 from train.cascade import Cascade, StageSettings
-from train.modules.decoder import save_grid
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +139,27 @@ def evaluate_cascade(
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
-    from eval.sample import load_cascade
-    from train.pipeline import reference_images
+def reference_images(clip_dir: Path, n: int) -> torch.Tensor | None:
+    """Up to ``n`` uint8 held-out images (the CLIP stage's val shards), for FID."""
+    data = OmegaConf.load(clip_dir / "config.yaml").data
+    if not data.get("val_shards") or n <= 0:
+        return None
+    ds = ShardDataset(
+        str(data.val_shards),
+        batch_size=min(n, 256),
+        image_size=int(data.image_size),
+        shuffle_buffer=0,
+        seed=0,
+    )
+    images: list[torch.Tensor] = []
+    for batch in ds:
+        images.append(batch["image"])
+        if sum(len(x) for x in images) >= n:
+            break
+    return torch.cat(images)[:n] if images else None
 
+
+def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     p = argparse.ArgumentParser(prog="python -m eval.benchmark", description=__doc__.split("\n\n")[0])
     p.add_argument("--cascade", required=True, help="a train.pipeline output directory")
@@ -154,10 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     try:
-        stages = argparse.Namespace(
-            cascade=args.cascade, prior=None, decoder=None, upsampler=None, clip=None, device=args.device
-        )
-        cascade = load_cascade(stages)
+        cascade = Cascade.from_dir(args.cascade, device=args.device)
         metrics = evaluate_cascade(
             cascade,
             Path(args.out or Path(args.cascade) / "benchmark"),

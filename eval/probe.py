@@ -38,10 +38,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data.images import to_uint8, to_unit_range
 from data.synthetic import SHAPES
 from eval import composition
 from train.cascade import Cascade
-from train.modules.decoder import to_uint8, to_unit_range
 
 SCORER_SIZE = 64
 CRITERIA = ("colour", "shape", "count")
@@ -191,8 +191,6 @@ def table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from eval.sample import load_cascade
-
     p = argparse.ArgumentParser(prog="python -m eval.probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--cascade", required=True, help="a train.pipeline output directory")
     p.add_argument("--n", type=int, default=48, help="single-object prompts")
@@ -212,11 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --noise-steps and --upsampler-steps take comma-separated integers", file=sys.stderr)
         return 2
     try:
-        stages = argparse.Namespace(
-            cascade=args.cascade, prior=None, decoder=None, upsampler=None, clip=None, device=args.device
-        )
         result = probe(
-            load_cascade(stages),
+            Cascade.from_dir(args.cascade, device=args.device),
             n=args.n,
             steps=args.steps,
             guidance_scale=args.guidance,

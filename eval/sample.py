@@ -28,36 +28,21 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data.images import save_grid
 from train.cascade import Cascade, CascadeOutput, StageSettings
-from train.modules.decoder import save_grid
 
 log = logging.getLogger(__name__)
-UPSAMPLER_STAGES = ("upsampler_256", "upsampler_1024")
-
-
-def stage_dir(root: Path, name: str) -> Path | None:
-    """A pipeline stage's inference export if present, else its run directory, else None."""
-    for candidate in (root / name / "export", root / name):
-        if (candidate / "config.yaml").exists():
-            return candidate
-    return None
 
 
 def load_cascade(args: argparse.Namespace) -> Cascade:
-    prior, decoder, ups = args.prior, args.decoder, list(args.upsampler or [])
-    if args.cascade:
-        root = Path(args.cascade)
-        if not root.is_dir():
-            raise FileNotFoundError(f"--cascade {root}: not a directory (a train.pipeline output directory)")
-        prior = prior or stage_dir(root, "prior")
-        decoder = decoder or stage_dir(root, "decoder")
-        ups = ups or [d for d in (stage_dir(root, n) for n in UPSAMPLER_STAGES) if d is not None]
-    if decoder is None:
-        raise FileNotFoundError(
-            "no decoder: give --cascade DIR (with DIR/decoder) or --decoder RUN"
-            + (f"; {args.cascade}/decoder has no config.yaml" if args.cascade else "")
-        )
-    return Cascade.load(decoder, prior=prior, upsamplers=ups, clip=args.clip, device=args.device)
+    return Cascade.from_dir(
+        args.cascade,
+        prior=args.prior,
+        decoder=args.decoder,
+        upsamplers=args.upsampler or (),
+        clip=args.clip,
+        device=args.device,
+    )
 
 
 def read_image(path: str) -> torch.Tensor:

@@ -10,9 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from data.datamodule import RankSyncedLoader, ShardDataModule
+from data.datamodule import RankSyncedLoader, ShardDataModule, per_device_batch_size
 from data.pipeline import ShardDataset
-from train.parallel import per_device_batch_size
 
 
 @pytest.mark.parametrize(

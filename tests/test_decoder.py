@@ -8,9 +8,9 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from data.synthetic import COLOURS
-from eval.colours import colour_match, dominant_colours
 from train.checkpoint import export_stage, load_stage
 from train.run import CONF_DIR, train
+from train.validation import colour_match, dominant_colours
 
 
 def test_dominant_colours():

@@ -274,7 +274,7 @@ def test_library_rejects_bad_arguments(tmp_path):
 
 def test_zeroshot_prompts_ensemble_templates_and_the_other_attribute():
     from data import synthetic
-    from eval.zeroshot import synthetic_prompts
+    from train.validation import synthetic_prompts
 
     prompts = synthetic_prompts()
     shapes, colours = len(synthetic.SHAPES), len(synthetic.COLOURS)

@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
+from data.images import to_uint8, to_unit_range
 from train.checkpoint import load_stage
 from train.diffusion import GaussianDiffusion
 from train.frozen_clip import FrozenClip
-from train.modules.decoder import DecoderModule, UpsamplerModule, to_uint8, to_unit_range
+from train.modules.decoder import DecoderModule, UpsamplerModule
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,17 @@ class Inpainter:
         return self.mask * noised + (1 - self.mask) * x
 
 
+UPSAMPLER_STAGES = ("upsampler_256", "upsampler_1024")
+
+
+def stage_dir(root: Path, name: str) -> Path | None:
+    """A pipeline stage's inference export if present, else its run directory, else None."""
+    for candidate in (root / name / "export", root / name):
+        if (candidate / "config.yaml").exists():
+            return candidate
+    return None
+
+
 class Cascade:
     def __init__(
         self,
@@ -141,6 +153,37 @@ class Cascade:
             pri = load_module(prior, clip_ckpt=None, tokenizer=dec.clip().tokenizer)
         ups = [load_module(p) for p in upsamplers]
         return cls(dec, pri, ups, device=device)
+
+    @classmethod
+    def from_dir(
+        cls,
+        root: str | Path | None,
+        *,
+        prior: str | Path | None = None,
+        decoder: str | Path | None = None,
+        upsamplers: Sequence[str | Path] = (),
+        clip: str | Path | None = None,
+        device: str | torch.device = "cpu",
+    ) -> Cascade:
+        """From a train.pipeline output directory ``root`` (its ``prior``, ``decoder``, ``upsampler_256``
+        and ``upsampler_1024`` stages, each an ``export/`` or a run directory); stages given explicitly
+        take precedence, and without ``root`` they are all there is."""
+        ups = list(upsamplers)
+        if root is not None:
+            root = Path(root)
+            if not root.is_dir():
+                raise FileNotFoundError(
+                    f"--cascade {root}: not a directory (a train.pipeline output directory)"
+                )
+            prior = prior or stage_dir(root, "prior")
+            decoder = decoder or stage_dir(root, "decoder")
+            ups = ups or [d for d in (stage_dir(root, n) for n in UPSAMPLER_STAGES) if d is not None]
+        if decoder is None:
+            raise FileNotFoundError(
+                "no decoder: give --cascade DIR (with DIR/decoder) or --decoder RUN"
+                + (f"; {root}/decoder has no config.yaml" if root is not None else "")
+            )
+        return cls.load(decoder, prior=prior, upsamplers=ups, clip=clip, device=device)
 
     @property
     def image_size(self) -> int:

@@ -102,7 +102,7 @@ def launched_world_size(cfg: DictConfig) -> int | None:
 
 
 def _batch_problems(cfg: DictConfig) -> list[str]:
-    from train.parallel import per_device_batch_size
+    from data.datamodule import per_device_batch_size
 
     batch = OmegaConf.select(cfg, "data.global_batch_size", default=None)
     world = launched_world_size(cfg)

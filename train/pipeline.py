@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
@@ -97,34 +96,12 @@ def run_embed(options: Mapping[str, Any], out_dir: Path) -> dict[str, float]:
     return metrics
 
 
-def reference_images(clip_dir: Path, n: int) -> torch.Tensor | None:
-    """Up to ``n`` uint8 held-out images (the CLIP stage's val shards), for FID."""
-    from data.pipeline import ShardDataset
-
-    data = OmegaConf.load(clip_dir / "config.yaml").data
-    if not data.get("val_shards") or n <= 0:
-        return None
-    ds = ShardDataset(
-        str(data.val_shards),
-        batch_size=min(n, 256),
-        image_size=int(data.image_size),
-        shuffle_buffer=0,
-        seed=0,
-    )
-    images: list[torch.Tensor] = []
-    for batch in ds:
-        images.append(batch["image"])
-        if sum(len(x) for x in images) >= n:
-            break
-    return torch.cat(images)[:n] if images else None
-
-
 def run_sample(
     options: Mapping[str, Any], out_dir: Path, upsamplers: tuple[str, ...] = UPSAMPLERS
 ) -> dict[str, float]:
     """Text -> image through the trained cascade on the compositional benchmark; samples.png, scores.
     ``upsamplers``: the upsampler stages of this run, in order (preset=gpu stops at 256 px)."""
-    from eval.benchmark import evaluate_cascade
+    from eval.benchmark import evaluate_cascade, reference_images
     from train.cascade import Cascade, StageSettings
 
     stage_dir = out_dir / "sample"

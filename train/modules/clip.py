@@ -14,10 +14,10 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 
-from eval.zeroshot import retrieval_recall, zeroshot_synthetic
 from train.losses import ClipLoss
 from train.modules.optim import configure_adamw
 from train.strategies import configure_sharding
+from train.validation import retrieval_recall, zeroshot_synthetic
 
 
 class ClipModule(pl.LightningModule):

@@ -9,7 +9,7 @@ dropout: the image embedding with probability ``drop_image_prob`` (paper: 10%), 
 ``drop_text_prob`` (paper: 50%), independently. Evaluation (EMA weights): DDIM with ``sample_steps``,
 guidance ``guidance_scale`` (both conditionings dropped for the unconditional branch), from held-out
 images' embeddings. ``val/colour_match``: fraction of generated images whose dominant palette colour
-equals the source image's (eval/colours.py; chance about 1/8); ``val/colour_match_source``: the same
+equals the source image's (train/validation.py; chance about 1/8); ``val/colour_match_source``: the same
 for the source images resized to the decoder's size (the ceiling). A grid (source row over generated
 row) is written to ``<run>/samples/step<N>.png`` and to W&B when it logs.
 """
@@ -27,24 +27,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from eval.colours import dominant_colours
+from data.images import save_grid, to_uint8, to_unit_range
 from train.diffusion import GaussianDiffusion
 from train.ema import EMA, EMAUpdateAfterStep
 from train.frozen_clip import FrozenClip, text_mask
 from train.modules.optim import configure_adamw
 from train.strategies import configure_sharding
-
-
-def to_unit_range(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float (B, 3, size, size) in [-1, 1] (bicubic, antialiased when shrinking)."""
-    x = images.float() / 127.5 - 1.0
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    return x.clamp(-1, 1)
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+from train.validation import dominant_colours
 
 
 def random_crops(
@@ -61,24 +50,6 @@ def random_crops(
     batch = torch.arange(b, device=images.device)[:, None, None, None]
     channels = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
     return images[batch, channels, rows, cols], corners
-
-
-def save_grid(rows: list[torch.Tensor], path: Path, scale: int = 1) -> Path:
-    """Rows of uint8 (N, 3, H, W) images (same N, H, W) -> one PNG, 2 px gaps."""
-    from PIL import Image
-
-    n, _, h, w = rows[0].shape
-    gap = 2
-    grid = torch.full((3, len(rows) * (h + gap) - gap, n * (w + gap) - gap), 255, dtype=torch.uint8)
-    for r, row in enumerate(rows):
-        for c in range(n):
-            grid[:, r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = row[c].cpu()
-    img = Image.fromarray(grid.permute(1, 2, 0).numpy())
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
 
 
 class DecoderModule(EMAUpdateAfterStep, pl.LightningModule):

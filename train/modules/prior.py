@@ -29,12 +29,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from eval.zeroshot import retrieval_recall, zeroshot_synthetic
 from train.diffusion import GaussianDiffusion
 from train.ema import EMA, EMAUpdateAfterStep
 from train.frozen_clip import FrozenClip, text_mask
 from train.modules.optim import configure_adamw
 from train.strategies import configure_sharding
+from train.validation import retrieval_recall, zeroshot_synthetic
 
 
 class PriorModule(EMAUpdateAfterStep, pl.LightningModule):
