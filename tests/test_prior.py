@@ -66,14 +66,20 @@ def test_prior_shapes_padding_and_dropout():
 def test_prior_grad_checkpointing_matches():
     a = inputs()
     net = tiny_prior().train()
+    runs = []  # forward runs of the first block (hooks do not fire in a recompute: wrap forward)
+    block = net.transformer.resblocks[0]
+    forward = block.forward
+    block.forward = lambda *args, **kwargs: runs.append(1) or forward(*args, **kwargs)
     kw = dict(text_emb=a["text_emb"], text_feat=a["text_feat"], text_mask=a["text_mask"])
     ref = net(a["x"], a["t"], **kw)
     ref.square().sum().backward()
+    assert len(runs) == 1
     grads = [p.grad.clone() for p in net.parameters()]
     net.zero_grad()
     net.set_grad_checkpointing(True)
     out = net(a["x"], a["t"], **kw)
     out.square().sum().backward()
+    assert len(runs) == 3, "checkpointing recomputes the block's forward in backward"
     torch.testing.assert_close(out, ref)
     for g, p in zip(grads, net.parameters()):
         torch.testing.assert_close(p.grad, g)

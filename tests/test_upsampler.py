@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 
 from data.degrade import bsr_degrade, gaussian_kernel, jpeg, light_blur
-from train.modules.decoder import psnr
+from train.modules.upsampler import psnr
 from train.run import CONF_DIR, train
 
 
@@ -108,7 +108,7 @@ def test_upsampler_rejects_bad_options(overrides, message, tmp_path):
 def test_training_crops_are_drawn_per_sample():
     """Each image gets its own crop position (one position per batch made every sample of a step, and of
     a 1,024-image global batch, the same region of its image)."""
-    from train.modules.decoder import random_crops
+    from train.modules.upsampler import random_crops
 
     images = torch.randn(64, 3, 32, 32)
     crops, corners = random_crops(images, 8, torch.Generator().manual_seed(0))
@@ -118,3 +118,12 @@ def test_training_crops_are_drawn_per_sample():
     for k in (0, 17, 63):
         i, j = corners[k].tolist()
         assert torch.equal(crops[k], images[k, :, i : i + 8, j : j + 8])
+
+
+def test_old_run_configs_still_name_the_module_where_it_was():
+    """Runs written before the upsampler had its own file say train.modules.decoder.UpsamplerModule."""
+    from hydra.utils import get_class
+
+    from train.modules.upsampler import UpsamplerModule
+
+    assert get_class("train.modules.decoder.UpsamplerModule") is UpsamplerModule

@@ -33,7 +33,8 @@ from data.images import to_uint8, to_unit_range
 from train.checkpoint import load_stage
 from train.diffusion import GaussianDiffusion
 from train.frozen_clip import FrozenClip
-from train.modules.decoder import DecoderModule, UpsamplerModule
+from train.modules.decoder import DecoderModule
+from train.modules.upsampler import UpsamplerModule
 
 log = logging.getLogger(__name__)
 

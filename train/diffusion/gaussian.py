@@ -385,7 +385,9 @@ class GaussianDiffusion:
     def p_sample(
         self, model: Model, x: torch.Tensor, t: torch.Tensor, generator=None, **kw
     ) -> dict[str, torch.Tensor]:
-        """One ancestral step x_t -> x_{t-1} (no noise at t=0)."""
+        """One ancestral step x_t -> x_{t-1} (no noise at t=0): the sampling step of Algorithm 2 in Ho et
+        al. (2020), "Denoising Diffusion Probabilistic Models", with the learned variance of Nichol &
+        Dhariwal (2021), "Improved DDPM", when the net predicts one."""
         p = self.p_mean_variance(model, x, t, **kw)
         noise = self._noise(x.shape, x.device, generator)
         nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
@@ -409,7 +411,8 @@ class GaussianDiffusion:
         progress: bool = False,
         step_callback: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Ancestral (DDPM) sampling from pure noise through every step of this (possibly respaced) process.
+        """Ancestral (DDPM) sampling from pure noise through every step of this (possibly respaced) process
+        (Algorithm 2 of Ho et al. 2020; respacing as in Nichol & Dhariwal 2021, section 4).
 
         ``step_callback(i, x)`` may replace x after each step (inpainting keeps the known region there).
         """
@@ -425,7 +428,8 @@ class GaussianDiffusion:
     def ddim_step(
         self, model: Model, x: torch.Tensor, t: torch.Tensor, eta: float = 0.0, generator=None, **kw
     ) -> dict[str, torch.Tensor]:
-        """One DDIM step x_t -> x_{t-1}; eta=0 deterministic, eta=1 matches DDPM's posterior variance."""
+        """One DDIM step x_t -> x_{t-1} (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12,
+        sigma from eq. 16); eta=0 deterministic, eta=1 matches DDPM's posterior variance."""
         p = self.p_mean_variance(model, x, t, **kw)
         x = x.float()
         abar = self._at(self.alphas_cumprod, t, x)
@@ -454,6 +458,8 @@ class GaussianDiffusion:
         progress: bool = False,
         step_callback: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """DDIM sampling (Song et al. 2021) from pure noise, or from ``noise`` (e.g. :meth:`ddim_encode`'s),
+        through every step of this (possibly respaced) process; ``step_callback`` as in p_sample_loop."""
         x = noise if noise is not None else self._noise(tuple(shape), device, generator)
         kw = dict(model_kwargs=model_kwargs, guidance_scale=guidance_scale, uncond_kwargs=uncond_kwargs)
         for i in self._steps(progress, "ddim"):
@@ -467,7 +473,8 @@ class GaussianDiffusion:
     def ddim_encode(
         self, model: Model, x0: torch.Tensor, *, model_kwargs: Mapping | None = None, progress: bool = False
     ) -> torch.Tensor:
-        """Deterministic DDIM inversion x_0 -> x_{T-1}: ``ddim_sample_loop(noise=encoded, eta=0)`` maps back."""
+        """Deterministic DDIM inversion x_0 -> x_{T-1} (eq. 13 of Song et al. 2021 run forward, the ODE view):
+        ``ddim_sample_loop(noise=encoded, eta=0)`` maps back."""
         x = x0.float()
         steps = range(self.num_timesteps - 1)
         for i in steps:

@@ -10,17 +10,14 @@ Logged: ``train/loss``, ``train/logit_scale``, ``train/lr``, ``val/loss``, ``val
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 
 from train.losses import ClipLoss
-from train.modules.optim import configure_adamw
-from train.strategies import configure_sharding
+from train.modules.base import StageModule
 from train.validation import retrieval_recall, zeroshot_synthetic
 
 
-class ClipModule(pl.LightningModule):
+class ClipModule(StageModule):
     eval_gathers = ("net",)  # evaluation reads encode_text, encode_image and the logit scale (ZeRO-3/FSDP)
 
     def __init__(
@@ -43,7 +40,6 @@ class ClipModule(pl.LightningModule):
         self.net = net
         self.tokenizer = tokenizer
         self.loss = ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad)
-        self._val: list[dict] = []
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.net(images, tokens)
@@ -53,13 +49,10 @@ class ClipModule(pl.LightningModule):
         loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"])
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/logit_scale", out["logit_scale"].detach())
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log_lr()
         return loss
 
     # ---- evaluation -------------------------------------------------------------------------------
-    def on_validation_epoch_start(self) -> None:
-        self._val = []
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out = self.net(batch["image"], batch["tokens"])
         self._val.append(
@@ -72,13 +65,7 @@ class ClipModule(pl.LightningModule):
         )
 
     def on_validation_epoch_end(self) -> None:
-        parts = self._val
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # Every rank evaluated its own shards; retrieval needs the whole held-out set.
-            gathered: list = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, parts)
-            parts = [p for rank_parts in gathered for p in rank_parts]
-        self._val = []
+        parts = self.validation_parts()  # every rank evaluated its own shards
         if not parts:
             return
         img = torch.cat([p["image"] for p in parts])
@@ -99,10 +86,3 @@ class ClipModule(pl.LightningModule):
             metrics.update({f"val/{k}": v for k, v in zs.items()})
         # Identical on every rank (computed from the gathered set): no further reduction needed.
         self.log_dict(metrics, prog_bar=False, sync_dist=False)
-
-    # ---- optimisation -----------------------------------------------------------------------------
-    def configure_model(self) -> None:
-        configure_sharding(self)  # FSDP2 under strategy=fsdp; nothing under DDP or DeepSpeed
-
-    def configure_optimizers(self):
-        return configure_adamw(self, self.net)

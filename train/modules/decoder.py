@@ -17,44 +17,19 @@ row) is written to ``<run>/samples/step<N>.png`` and to W&B when it logs.
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from data.images import save_grid, to_uint8, to_unit_range
-from train.diffusion import GaussianDiffusion
-from train.ema import EMA, EMAUpdateAfterStep
+from data.images import to_uint8, to_unit_range
 from train.frozen_clip import FrozenClip, text_mask
-from train.modules.optim import configure_adamw
-from train.strategies import configure_sharding
+from train.modules.base import DiffusionStageModule
 from train.validation import dominant_colours
 
 
-def random_crops(
-    images: torch.Tensor, size: int, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A ``size`` x ``size`` crop at its own random position for each image of (B, C, H, W): the crops
-    (B, C, size, size) and their top-left corners (B, 2). One gather, no per-sample loop."""
-    b, _, h, w = images.shape
-    limit = torch.tensor([h - size + 1, w - size + 1], device=images.device)
-    corners = (torch.rand(b, 2, device=images.device, generator=generator) * limit).long()  # (B, 2)
-    offsets = torch.arange(size, device=images.device)
-    rows = (corners[:, 0, None] + offsets)[:, None, :, None]  # (B, 1, size, 1)
-    cols = (corners[:, 1, None] + offsets)[:, None, None, :]  # (B, 1, 1, size)
-    batch = torch.arange(b, device=images.device)[:, None, None, None]
-    channels = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
-    return images[batch, channels, rows, cols], corners
-
-
-class DecoderModule(EMAUpdateAfterStep, pl.LightningModule):
-    eval_gathers = ()  # evaluation calls only the EMA net's forward: stays sharded under ZeRO-3/FSDP
-
+class DecoderModule(DiffusionStageModule):
     def __init__(
         self,
         net: torch.nn.Module,
@@ -83,14 +58,10 @@ class DecoderModule(EMAUpdateAfterStep, pl.LightningModule):
             raise ValueError(
                 "the decoder needs clip_ckpt=<CLIP run directory> (it embeds the images on the fly)"
             )
-        self.net = net
-        self.ema = EMA(net, decay=ema_decay)
+        self.setup_diffusion(net, diffusion, ema_decay, sample_steps)
         self._clip = FrozenClip(clip_ckpt)
         self.tokenizer = tokenizer or self._clip.tokenizer
-        self.diffusion = GaussianDiffusion.from_config(**diffusion)
-        self.sampler = self.diffusion.respace(sample_steps)
         self.scale = math.sqrt(self._clip.embed_dim)
-        self._val: list[dict] = []
 
     def clip(self) -> FrozenClip:
         if self._clip.device != self.device:
@@ -133,7 +104,7 @@ class DecoderModule(EMAUpdateAfterStep, pl.LightningModule):
         self.log("train/mse", terms["mse"].mean())
         if "vlb" in terms:
             self.log("train/vlb", terms["vlb"].mean())
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log_lr()
         return loss
 
     # ---- sampling ---------------------------------------------------------------------------------
@@ -183,9 +154,6 @@ class DecoderModule(EMAUpdateAfterStep, pl.LightningModule):
         )
 
     # ---- evaluation -------------------------------------------------------------------------------
-    def on_validation_epoch_start(self) -> None:
-        self._val = []
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         seen = sum(len(p["source"]) for p in self._val)
         limit = self.hparams.val_max_samples
@@ -204,12 +172,7 @@ class DecoderModule(EMAUpdateAfterStep, pl.LightningModule):
         )
 
     def on_validation_epoch_end(self) -> None:
-        parts = self._val
-        self._val = []
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, parts)
-            parts = [p for rank_parts in gathered for p in rank_parts]
+        parts = self.validation_parts()
         if not parts:
             return
         source = torch.cat([p["source"] for p in parts])
@@ -223,241 +186,9 @@ class DecoderModule(EMAUpdateAfterStep, pl.LightningModule):
             "val/n": float(len(source)),
         }
         self.log_dict(metrics, sync_dist=False)
-        if self.trainer.is_global_zero:
-            n = min(self.hparams.grid_size, len(source))
-            path = Path(self.trainer.default_root_dir) / "samples" / f"step{self.global_step:07d}.png"
-            save_grid([source[:n], sample[:n]], path, scale=max(1, 64 // source.shape[-1]))
-            for logger in self.loggers:
-                if hasattr(logger, "log_image"):
-                    logger.log_image(key="val/samples", images=[str(path)], step=self.global_step)
-
-    def configure_model(self) -> None:
-        configure_sharding(self)  # FSDP2 under strategy=fsdp; nothing under DDP or DeepSpeed
-
-    def configure_optimizers(self):
-        return configure_adamw(self, self.net)
+        n = min(self.hparams.grid_size, len(source))
+        self.log_grid([source[:n], sample[:n]], scale=max(1, 64 // source.shape[-1]))
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
-    mse = ((a.float() - b.float()) ** 2).flatten(1).mean(1).clamp(min=1e-10)
-    return 10 * torch.log10(4.0 / mse)
-
-
-class UpsamplerModule(EMAUpdateAfterStep, pl.LightningModule):
-    """Stages 4 and 5: low-resolution image -> image at ``net.image_size`` (not conditioned on text).
-
-    Training: a random crop of ``crop_fraction`` of the target size is cut from the (resized) image;
-    its low-resolution version (``low_res_size / net.image_size`` of it) is corrupted by
-    ``degradation`` (``blur``: gaussian, kernel 3, sigma 0.6, the paper's 64->256; ``bsr``: the
-    BSR-style chain of data/degrade.py, the paper's 256->1024; ``none``). The net is fully
-    convolutional, so it samples at full size. Evaluation on held-out images: their downsample,
-    degraded as in training (``val_degraded``, seeded) or clean, is upsampled by DDIM (``sample_steps``,
-    paper: 27 and 15) and compared by PSNR with the ground truth, next to bicubic upsampling of the same
-    input (``val/psnr`` vs ``val/psnr_bicubic``).
-
-    Noise-conditioning augmentation (optional, needs ``net.low_res_noise_cond``): in training the
-    degraded low-res image is further noised by the forward process at a random step in
-    [0, ``noise_aug`` x T] and the net is told the step; sampling conditions on step
-    ``noise_aug_sample`` x T (0: the clean input).
-
-    ``residual``: diffuse the difference between the image and the bicubic upsampling of its
-    conditioning image, and add the upsampling back after sampling (SRDiff's formulation): the
-    untrained net already gives bicubic, and training only has to learn the missing detail.
-    """
-
-    eval_gathers = ()  # evaluation calls only the EMA net's forward: stays sharded under ZeRO-3/FSDP
-
-    def __init__(
-        self,
-        net: torch.nn.Module,
-        *,
-        diffusion: Mapping[str, Any],
-        tokenizer=None,
-        low_res_size: int,
-        degradation: str = "blur",
-        crop_fraction: float = 0.25,
-        noise_aug: float = 0.0,
-        noise_aug_sample: float = 0.0,
-        residual: bool = False,
-        val_degraded: bool = True,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.1,
-        ema_decay: float = 0.9999,
-        sample_steps: int = 27,
-        eta: float = 0.0,
-        val_max_samples: int | None = 128,
-        grid_size: int = 8,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=["net", "tokenizer"])
-        if degradation not in ("none", "blur", "bsr"):
-            raise ValueError(f"module.degradation={degradation!r}: expected none, blur or bsr")
-        size = net.image_size
-        if low_res_size >= size or size % low_res_size:
-            raise ValueError(
-                f"module.low_res_size={low_res_size} must divide net.image_size={size} and be smaller"
-            )
-        for name, value in (("noise_aug", noise_aug), ("noise_aug_sample", noise_aug_sample)):
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"module.{name}={value}: expected a fraction of the steps in [0, 1)")
-        if (noise_aug or noise_aug_sample) and not getattr(net, "low_res_noise_cond", False):
-            raise ValueError(
-                "module.noise_aug / noise_aug_sample need a net told the noise level: set net.low_res_noise_cond=true"
-            )
-        crop = int(round(size * crop_fraction))
-        factor = size // low_res_size
-        if crop < factor or crop % factor:
-            raise ValueError(
-                f"module.crop_fraction={crop_fraction}: a {crop} px crop is not a multiple of {factor}"
-            )
-        self.net = net
-        self.ema = EMA(net, decay=ema_decay)
-        self.diffusion = GaussianDiffusion.from_config(**diffusion)
-        self.sampler = self.diffusion.respace(sample_steps)
-        self._rng = None
-
-    def low_res(self, hi: torch.Tensor, degrade: bool, rng=None) -> torch.Tensor:
-        """The conditioning image for ``hi`` (float [-1, 1] at a multiple of the scale factor): a
-        bicubic downsample, corrupted by ``degradation`` when ``degrade`` (``rng``: a random.Random
-        for the BSR chain; default: the module's own stream)."""
-        from data.degrade import bsr_degrade, light_blur, resize
-
-        out = hi.shape[-1] * self.hparams.low_res_size // self.net.image_size
-        if not degrade or self.hparams.degradation == "none":
-            return resize(hi, out, "bicubic")
-        if self.hparams.degradation == "blur":
-            return light_blur(resize(hi, out, "bicubic"))
-        if rng is None:
-            if self._rng is None:
-                self._rng = random.Random(self.hparams.seed * 1000 + self.global_rank)
-            rng = self._rng
-        return bsr_degrade(hi, out, rng)
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        hi = to_unit_range(batch["image"].to(self.device), self.net.image_size)
-        crop = int(round(self.net.image_size * self.hparams.crop_fraction))
-        if crop < hi.shape[-1]:
-            hi, _ = random_crops(hi, crop)
-        low = self.low_res(hi, degrade=True)
-        cond = {"low_res": low}
-        if self.hparams.noise_aug:
-            top = int(self.hparams.noise_aug * self.diffusion.num_timesteps)
-            level = torch.randint(0, top + 1, (low.shape[0],), device=self.device)
-            cond = self.noised_low_res(low, level)
-        target = hi - self.base(low, hi.shape[-1]) if self.hparams.residual else hi
-        loss = self.diffusion.training_losses(self.net, target, model_kwargs=cond)["loss"].mean()
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        return loss
-
-    @staticmethod
-    def base(low: torch.Tensor, size: int) -> torch.Tensor:
-        """Bicubic upsampling of the conditioning image to ``size`` (the residual's reference)."""
-        return F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False)
-
-    def noised_low_res(
-        self, low: torch.Tensor, level: torch.Tensor, generator: torch.Generator | None = None
-    ) -> dict[str, torch.Tensor]:
-        """The net's conditioning for ``low`` noised by the forward process at steps ``level`` (B,)."""
-        noise = torch.randn(low.shape, device=low.device, generator=generator, dtype=low.dtype)
-        noised = torch.where((level > 0).view(-1, 1, 1, 1), self.diffusion.q_sample(low, level, noise), low)
-        return {"low_res": noised, "low_res_noise": level}
-
-    @torch.no_grad()
-    def upsample(
-        self,
-        low: torch.Tensor,
-        generator: torch.Generator | None = None,
-        use_ema: bool = True,
-        *,
-        steps: int | None = None,
-        sampler: str = "ddim",
-        eta: float | None = None,
-        step_callback=None,
-    ) -> torch.Tensor:
-        """Low-resolution images in [-1, 1] (B, 3, s, s) -> (B, 3, s * factor, s * factor) in [-1, 1].
-
-        ``steps`` (default ``module.sample_steps``), ``sampler`` and ``eta`` as in DecoderModule.sample;
-        ``step_callback(i, x)`` sees the diffused variable: the image, or with ``residual`` the image
-        minus :meth:`base` of ``low``."""
-        net = self.ema.shadow if use_ema else self.net
-        size = low.shape[-1] * self.net.image_size // self.hparams.low_res_size
-        cond = {"low_res": low}
-        if getattr(net, "low_res_noise_cond", False):
-            step = int(self.hparams.noise_aug_sample * self.diffusion.num_timesteps)
-            level = torch.full((low.shape[0],), step, dtype=torch.long, device=low.device)
-            cond = self.noised_low_res(low, level, generator)
-        process = self.sampler if steps is None else self.diffusion.respace(steps)
-        out = process.sample(
-            net,
-            (low.shape[0], 3, size, size),
-            sampler=sampler,
-            eta=self.hparams.eta if eta is None else eta,
-            device=self.device,
-            generator=generator,
-            model_kwargs=cond,
-            step_callback=step_callback,
-        )
-        return out + self.base(low, size) if self.hparams.residual else out
-
-    def on_validation_epoch_start(self) -> None:
-        self._val: list[dict] = []
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        seen = sum(len(p["psnr"]) for p in self._val)
-        limit = self.hparams.val_max_samples
-        if limit is not None and seen >= limit:
-            return
-        hi = to_unit_range(batch["image"].to(self.device), self.net.image_size)
-        hi = hi[: hi.shape[0] if limit is None else limit - seen]
-        # the held-out inputs are degraded like the training ones (seeded: the same inputs every
-        # validation), as the previous stage's outputs would be; bicubic upsamples the same inputs
-        low = self.low_res(hi, degrade=self.hparams.val_degraded, rng=random.Random(3000 + batch_idx))
-        g = torch.Generator(self.device).manual_seed(3000 + batch_idx)
-        out = self.upsample(low, generator=g).clamp(-1, 1)
-        bicubic = F.interpolate(low, size=hi.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
-        self._val.append(
-            {
-                "psnr": psnr(out, hi).cpu(),
-                "psnr_bicubic": psnr(bicubic, hi).cpu(),
-                "grid": [to_uint8(t[:8]).cpu() for t in (bicubic, out, hi)],
-            }
-        )
-
-    def on_validation_epoch_end(self) -> None:
-        parts = self._val
-        self._val = []
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, parts)
-            parts = [p for rank_parts in gathered for p in rank_parts]
-        if not parts:
-            return
-        ours, base = torch.cat([p["psnr"] for p in parts]), torch.cat([p["psnr_bicubic"] for p in parts])
-        metrics = {
-            "val/psnr": ours.mean().item(),
-            "val/psnr_bicubic": base.mean().item(),
-            "val/psnr_gain": (ours - base).mean().item(),
-            "val/n": float(len(ours)),
-        }
-        self.log_dict(metrics, sync_dist=False)
-        if self.trainer.is_global_zero:
-            n = min(self.hparams.grid_size, len(parts[0]["grid"][0]))
-            rows = [row[:n] for row in parts[0]["grid"]]  # bicubic, ours, ground truth
-            path = Path(self.trainer.default_root_dir) / "samples" / f"step{self.global_step:07d}.png"
-            save_grid(rows, path, scale=max(1, 128 // self.net.image_size))
-            for logger in self.loggers:
-                if hasattr(logger, "log_image"):
-                    logger.log_image(key="val/samples", images=[str(path)], step=self.global_step)
-
-    def configure_model(self) -> None:
-        configure_sharding(self)  # FSDP2 under strategy=fsdp; nothing under DDP or DeepSpeed
-
-    def configure_optimizers(self):
-        return configure_adamw(self, self.net)
+# Old run configs name the upsampler's module here (module._target_: train.modules.decoder.UpsamplerModule).
+from train.modules.upsampler import UpsamplerModule  # noqa: E402, F401

@@ -24,22 +24,15 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from train.diffusion import GaussianDiffusion
-from train.ema import EMA, EMAUpdateAfterStep
 from train.frozen_clip import FrozenClip, text_mask
-from train.modules.optim import configure_adamw
-from train.strategies import configure_sharding
+from train.modules.base import DiffusionStageModule
 from train.validation import retrieval_recall, zeroshot_synthetic
 
 
-class PriorModule(EMAUpdateAfterStep, pl.LightningModule):
-    eval_gathers = ()  # evaluation calls only the EMA net's forward: stays sharded under ZeRO-3/FSDP
-
+class PriorModule(DiffusionStageModule):
     def __init__(
         self,
         net: torch.nn.Module,
@@ -62,16 +55,12 @@ class PriorModule(EMAUpdateAfterStep, pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "tokenizer"])
-        self.net = net
-        self.ema = EMA(net, decay=ema_decay)
+        self.setup_diffusion(net, diffusion, ema_decay, sample_steps)
         self.tokenizer = tokenizer
-        self.diffusion = GaussianDiffusion.from_config(**diffusion)
-        self.sampler = self.diffusion.respace(sample_steps)
         self.scale = math.sqrt(net.embed_dim)
         self._clip: FrozenClip | None = FrozenClip(clip_ckpt) if clip_ckpt else None
         if tokenizer is None and self._clip is not None:
             self.tokenizer = self._clip.tokenizer
-        self._val: list[dict] = []
 
     # ---- inputs -----------------------------------------------------------------------------------
     def clip(self) -> FrozenClip:
@@ -114,7 +103,7 @@ class PriorModule(EMAUpdateAfterStep, pl.LightningModule):
         cond["drop"] = torch.rand(x0.shape[0], device=self.device) < self.hparams.cond_drop_prob
         loss = self.diffusion.training_losses(self.net, x0, model_kwargs=cond)["loss"].mean()
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log_lr()
         return loss
 
     # ---- sampling ---------------------------------------------------------------------------------
@@ -153,9 +142,6 @@ class PriorModule(EMAUpdateAfterStep, pl.LightningModule):
         return x[torch.arange(x.shape[0], device=x.device), score.argmax(1)]
 
     # ---- evaluation -------------------------------------------------------------------------------
-    def on_validation_epoch_start(self) -> None:
-        self._val = []
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         seen = sum(len(p["img"]) for p in self._val)
         limit = self.hparams.val_max_samples
@@ -187,12 +173,7 @@ class PriorModule(EMAUpdateAfterStep, pl.LightningModule):
         )
 
     def on_validation_epoch_end(self) -> None:
-        parts = self._val
-        self._val = []
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, parts)
-            parts = [p for rank_parts in gathered for p in rank_parts]
+        parts = self.validation_parts()
         if not parts:
             return
         cat = {
@@ -217,10 +198,3 @@ class PriorModule(EMAUpdateAfterStep, pl.LightningModule):
                 zs = zeroshot_synthetic(feats, scenes, clip.encode_text, clip.tokenizer, device=self.device)
                 metrics.update({f"val/{k}_{name}": v for k, v in zs.items() if k.endswith("top1")})
         self.log_dict(metrics, sync_dist=False)
-
-    # ---- optimisation -----------------------------------------------------------------------------
-    def configure_model(self) -> None:
-        configure_sharding(self)  # FSDP2 under strategy=fsdp; nothing under DDP or DeepSpeed
-
-    def configure_optimizers(self):
-        return configure_adamw(self, self.net)

@@ -1,0 +1,84 @@
+"""What every stage's LightningModule shares; each stage file (clip.py, prior.py, decoder.py, upsampler.py)
+holds only what is its own: inputs, the training step, sampling and its validation metrics.
+
+- Optimisation: AdamW over the net's parameter groups with warm-up + cosine (train/modules/optim.py);
+  the net (and its EMA copy) sharded by FSDP2 under ``strategy=fsdp`` (train/strategies.py).
+- Validation in parts: each ``validation_step`` appends a dict of CPU tensors to ``self._val``;
+  :meth:`StageModule.validation_parts` returns every rank's parts at the epoch end (each rank
+  evaluated its own held-out shards; the metrics need the whole set).
+- :meth:`StageModule.log_grid`: rank 0 writes ``<run>/samples/step<N>.png`` and hands it to every logger
+  that takes images (W&B).
+- :class:`DiffusionStageModule`: a net trained as a diffusion model, with the EMA copy that evaluates
+  and is exported, the process and its respaced sampler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+
+from data.images import save_grid
+from train.diffusion import GaussianDiffusion
+from train.ema import EMA, EMAUpdateAfterStep
+from train.modules.optim import configure_adamw
+from train.strategies import configure_sharding
+
+
+class StageModule(pl.LightningModule):
+    net: torch.nn.Module
+    # What evaluation reads outside forward, gathered whole for validation under ZeRO-3/FSDP
+    # (train/strategies.py eval_gathered); None: the whole module.
+    eval_gathers: tuple[str, ...] | None = None
+
+    def on_validation_epoch_start(self) -> None:
+        self._val: list[dict] = []
+
+    def validation_parts(self) -> list[dict]:
+        """This validation's parts from every rank (rank order), and a fresh list for the next one."""
+        parts, self._val = getattr(self, "_val", []), []
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, parts)  # a collective: every rank calls it, even with no parts
+            parts = [p for rank_parts in gathered for p in rank_parts]
+        return parts
+
+    def log_lr(self) -> None:
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def log_grid(self, rows: list[torch.Tensor], scale: int = 1) -> None:
+        """Rows of uint8 (N, 3, H, W) images as ``<run>/samples/step<N>.png`` and ``val/samples`` (rank 0)."""
+        if not self.trainer.is_global_zero:
+            return
+        path = Path(self.trainer.default_root_dir) / "samples" / f"step{self.global_step:07d}.png"
+        save_grid(rows, path, scale=scale)
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="val/samples", images=[str(path)], step=self.global_step)
+
+    def configure_model(self) -> None:
+        configure_sharding(self)  # FSDP2 under strategy=fsdp; nothing under DDP or DeepSpeed
+
+    def configure_optimizers(self):
+        return configure_adamw(self, self.net)
+
+
+class DiffusionStageModule(EMAUpdateAfterStep, StageModule):
+    """A stage trained as a diffusion model (prior, decoder, upsamplers). Evaluation runs the EMA copy
+    through its forward only, so under ZeRO-3/FSDP nothing is gathered whole for it."""
+
+    eval_gathers: tuple[str, ...] | None = ()
+
+    def setup_diffusion(
+        self, net: torch.nn.Module, diffusion: Mapping[str, Any], ema_decay: float, sample_steps: int
+    ) -> None:
+        """``net`` with its EMA copy, the process (``module.diffusion``) and a sampler respaced to
+        ``sample_steps``."""
+        self.net = net
+        self.ema = EMA(net, decay=ema_decay)
+        self.diffusion = GaussianDiffusion.from_config(**diffusion)
+        self.sampler = self.diffusion.respace(sample_steps)
