@@ -12,6 +12,7 @@
 #   tests     pytest -m gpu: bf16 steps of every stage, compiled vs eager, flash attention, ZeRO-2/3 and
 #             FSDP2 on one GPU, bitwise resume, data.embed, the EMA under a bf16 DeepSpeed engine
 #   bench     python -m eval.bench_train: our stages at the anchors' shapes, eager
+#   sync      python -m eval.bench_sync: the per-step agreement (all-reduce + host read, gradient check)
 #   anchors   the same table for open_clip / diffusers / DALLE2-pytorch (eager), next to ours
 #   compiled  ours (regional) and the anchors (full) under torch.compile: first step 1-3 min each
 #   runs      a short real run of every stage from shards (bf16-mixed, GPU batch sizes), perf metrics
@@ -20,12 +21,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 cpu=0
-steps="tests,bench,anchors,compiled,runs,cascade"
+steps="tests,bench,sync,anchors,compiled,runs,cascade"
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu) cpu=1 ;;
     --steps) steps="$2"; shift ;;
-    *) echo "usage: bash launch/gpu_check.sh [--cpu] [--steps tests,bench,anchors,compiled,runs,cascade]" >&2; exit 2 ;;
+    *) echo "usage: bash launch/gpu_check.sh [--cpu] [--steps tests,bench,sync,anchors,compiled,runs,cascade]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -47,7 +48,7 @@ export UNCLIP_DATA_DIR="$OUT/datasets"
 
 if [ $cpu = 1 ]; then
   export UNCLIP_TEST_DEVICE=cpu CUDA_VISIBLE_DEVICES=""
-  T_TESTS=300 T_BENCH=120 T_ANCHORS=60 T_COMPILED=120 T_RUNS=300 T_CASCADE=300 PRESET=gpu_smoke
+  T_TESTS=300 T_SYNC=60 SYNC_PARAMS=1e6 T_BENCH=120 T_ANCHORS=60 T_COMPILED=120 T_RUNS=300 T_CASCADE=300 PRESET=gpu_smoke
   test_args=(-m gpu -k "not compiled")         # the compiled path is tested on CPU by tests/test_perf.py
   bench_args=(--device cpu --size tiny --iters 2)
   anchor_cases=(--cases open_clip_b16,dalle2_prior)   # not installed on CPU: reported as such
@@ -57,7 +58,7 @@ if [ $cpu = 1 ]; then
     decoder.module.val_max_samples=4 upsampler_256.module.val_max_samples=4
     upsampler_1024.module.val_max_samples=4 +prior.module.sample_steps=4)
 else
-  T_TESTS=240 T_BENCH=150 T_ANCHORS=120 T_COMPILED=300 T_RUNS=240 T_CASCADE=540 PRESET=gpu
+  T_TESTS=240 T_SYNC=60 SYNC_PARAMS=400e6 T_BENCH=150 T_ANCHORS=120 T_COMPILED=300 T_RUNS=240 T_CASCADE=540 PRESET=gpu
   test_args=(-m gpu)
   bench_args=(--size anchor)
   anchor_cases=(--cases open_clip_b16,open_clip_l14,diffusers_unet64,dalle2_prior)
@@ -104,6 +105,9 @@ for step in ${steps//,/ }; do
     bench)
       run bench "$T_BENCH" $py -m eval.bench_train "${bench_args[@]}" --json "$OUT/bench.json"
       section "Training step, ours (python -m eval.bench_train ${bench_args[*]})" bench '^[#|]' ;;
+    sync)
+      run sync "$T_SYNC" $py -m eval.bench_sync --params "$SYNC_PARAMS"
+      section "Per-step agreement cost (python -m eval.bench_sync --params $SYNC_PARAMS)" sync '^[#|]' ;;
     anchors)
       run anchors "$T_ANCHORS" $py -m eval.bench_train "${bench_args[@]}" "${anchor_cases[@]}" \
         --json "$OUT/anchors.json"
@@ -166,7 +170,7 @@ EOF
       fi
       section "The one-GPU cascade (python -m train.pipeline preset=$PRESET; samples: cascade/samples.png)" \
         cascade '^\|' ;;
-    *) echo "unknown step $step (expected tests, bench, anchors, compiled, runs, cascade)" >&2; exit 2 ;;
+    *) echo "unknown step $step (expected tests, bench, sync, anchors, compiled, runs, cascade)" >&2; exit 2 ;;
   esac
 done
 cat "$sections" >> "$report"

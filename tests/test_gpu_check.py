@@ -27,7 +27,7 @@ def test_gpu_check_cpu_mode_runs_every_step_and_writes_the_report(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = (out / "report.md").read_text()
-    for step in ("tests", "bench", "anchors", "compiled", "runs", "cascade"):
+    for step in ("tests", "bench", "sync", "anchors", "compiled", "runs", "cascade"):
         assert f"| {step} | 0 |" in report, (step, report[:2000])
     assert " passed" in report and " failed" not in report  # the GPU tier's device-agnostic tests
     bench = json.loads((out / "bench.json").read_text())["rows"]
@@ -36,6 +36,7 @@ def test_gpu_check_cpu_mode_runs_every_step_and_writes_the_report(tmp_path):
     anchors = json.loads((out / "anchors.json").read_text())["rows"]
     assert all(r["status"].startswith("not installed") for r in anchors)  # no [bench] extra on CPU
     assert "compile=regional" in report
+    assert "| all_reduce(2) + read |" in report and "| grad norms of 1M + read |" in report
     runs = [line for line in report.splitlines() if line.startswith("| upsampler_1024 | 3 |")]
     assert runs, report[-2000:]
     assert "| sample |" in report and "single/colour_shape" in report  # the preset cascade's benchmark

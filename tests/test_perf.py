@@ -135,3 +135,12 @@ def test_trainer_compile_trains_and_writes_plain_checkpoints(tmp_path):
 def test_trainer_compile_rejects_unknown_modes(tmp_path):
     with pytest.raises(ConfigError, match="trainer.compile='fast'"):
         train(_fast_run(tmp_path, "trainer.compile=fast"))
+
+
+def test_bench_sync_prints_the_per_step_costs(capsys, monkeypatch):
+    from eval import bench_sync
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert bench_sync.main(["--params", "1e5", "--tensors", "10", "--iters", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "| all_reduce(2) + read |" in out and "| grad norms of 0M + read |" in out
