@@ -153,60 +153,77 @@ def compose_stage(case: Case):
         return compose("train", overrides=overrides)
 
 
-def build_stage(case: Case, device: torch.device) -> Workload:
-    from hydra.utils import instantiate
+class _Random:
+    """Seeded random inputs on ``device``."""
 
-    from train.diffusion import GaussianDiffusion
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.g = torch.Generator(device=device).manual_seed(0)
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=self.device, generator=self.g)
+
+    def images(self, b: int, size: int) -> torch.Tensor:
+        """Smooth random images in [-1, 1] (a quarter-size field, upsampled): learnable, unlike white noise."""
+        coarse = self.randn(b, 3, max(size // 4, 1), max(size // 4, 1))
+        return F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False).clamp(-1, 1)
+
+
+def build_stage(case: Case, device: torch.device) -> Workload:
+    """The stage's real net (composed config) and its training loss on one random batch."""
+    from hydra.utils import instantiate
 
     cfg = compose_stage(case)
     net = instantiate(cfg.net).to(device).train()
-    b = case.batch
-    g = torch.Generator(device=device).manual_seed(0)
-
-    def randn(*shape):
-        return torch.randn(*shape, device=device, generator=g)
-
-    def images(size: int) -> torch.Tensor:  # smooth random images in [-1, 1]: a 1/4-size field, upsampled
-        coarse = randn(b, 3, max(size // 4, 1), max(size // 4, 1))
-        return F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False).clamp(-1, 1)
-
+    rand = _Random(device)
     if case.stage == "clip":
-        from train.losses import ClipLoss
+        return _clip_workload(cfg, net, case.batch, rand)
+    return _diffusion_workload(cfg, net, case, rand)
 
-        size, ctx, vocab = cfg.net.vision.image_size, cfg.net.text.context_length, cfg.net.text.vocab_size
-        pixels = randn(b, 3, size, size)
-        tokens = torch.randint(0, vocab - 1, (b, ctx), device=device, generator=g)
-        tokens[:, -1] = vocab - 1  # the end-of-text id pools the caption
-        clip_loss = ClipLoss()
 
-        def loss() -> torch.Tensor:
-            out = net(pixels, tokens)
-            return clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
+def _clip_workload(cfg, net: torch.nn.Module, b: int, rand: _Random) -> Workload:
+    from train.losses import ClipLoss
 
-        return Workload(net, loss, b, cfg.module.weight_decay, {"image": size, "context": ctx})
+    size, ctx, vocab = cfg.net.vision.image_size, cfg.net.text.context_length, cfg.net.text.vocab_size
+    pixels = rand.randn(b, 3, size, size)
+    tokens = torch.randint(0, vocab - 1, (b, ctx), device=rand.device, generator=rand.g)
+    tokens[:, -1] = vocab - 1  # the end-of-text id pools the caption
+    clip_loss = ClipLoss()
 
+    def loss() -> torch.Tensor:
+        out = net(pixels, tokens)
+        return clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
+
+    return Workload(net, loss, b, cfg.module.weight_decay, {"image": size, "context": ctx})
+
+
+def _diffusion_workload(cfg, net: torch.nn.Module, case: Case, rand: _Random) -> Workload:
+    """x0 and the conditioning each diffusion stage trains on (random CLIP features in place of a frozen
+    CLIP's), with its classifier-free-guidance dropout drawn every step."""
+    from train.diffusion import GaussianDiffusion
+
+    b, device = case.batch, rand.device
     diffusion = GaussianDiffusion.from_config(**cfg.module.diffusion)
-    scale = math.sqrt(case.clip[0])
+    embed, width, ctx, _ = case.clip
+    scale = math.sqrt(embed)
     if case.stage == "prior":
-        embed, width, ctx, _ = case.clip
-        x0 = F.normalize(randn(b, embed), dim=-1) * scale
+        x0 = F.normalize(rand.randn(b, embed), dim=-1) * scale
         cond = {
-            "text_emb": F.normalize(randn(b, embed), dim=-1) * scale,
-            "text_feat": randn(b, ctx, width),
+            "text_emb": F.normalize(rand.randn(b, embed), dim=-1) * scale,
+            "text_feat": rand.randn(b, ctx, width),
             "text_mask": torch.ones(b, ctx, dtype=torch.bool, device=device),
         }
         drop_keys = {"drop": cfg.module.cond_drop_prob}
     elif case.stage == "decoder":
-        embed, width, ctx, _ = case.clip
-        x0 = images(net.image_size)
-        cond = {"image_emb": F.normalize(randn(b, embed), dim=-1) * scale}
+        x0 = rand.images(b, net.image_size)
+        cond = {"image_emb": F.normalize(rand.randn(b, embed), dim=-1) * scale}
         if net.text_encoder == "clip":
-            cond["text_feat"] = randn(b, ctx, width)
+            cond["text_feat"] = rand.randn(b, ctx, width)
             cond["text_mask"] = torch.ones(b, ctx, dtype=torch.bool, device=device)
         drop_keys = {"drop_image": cfg.module.drop_image_prob, "drop_text": cfg.module.drop_text_prob}
     else:  # an upsampler: a random crop of the output size and its low-resolution version, as it trains
         crop = int(round(net.image_size * cfg.module.crop_fraction))
-        x0 = images(crop)
+        x0 = rand.images(b, crop)
         low = crop * cfg.module.low_res_size // net.image_size
         cond = {"low_res": F.interpolate(x0, size=(low, low), mode="bicubic", antialias=True)}
         drop_keys = {}
@@ -217,92 +234,105 @@ def build_stage(case: Case, device: torch.device) -> Workload:
             kwargs[key] = torch.rand(b, device=device) < p
         return diffusion.training_losses(net, x0, model_kwargs=kwargs)["loss"].mean()
 
-    shape = tuple(x0.shape[1:])
-    return Workload(
-        net, loss, b, cfg.module.weight_decay, {"input": list(shape), "prediction": diffusion.prediction}
-    )
+    info = {"input": list(x0.shape[1:]), "prediction": diffusion.prediction}
+    return Workload(net, loss, b, cfg.module.weight_decay, info)
 
 
 # ---- anchors: what users run instead (the shapes of ../shared/device/README.md) -------------------------
+def _open_clip(arch: str, rand: _Random) -> Workload:
+    import open_clip
+    from open_clip.loss import ClipLoss as OpenClipLoss
+
+    model = open_clip.create_model(arch, pretrained=None, device=rand.device).train()
+    images = rand.randn(256, 3, 224, 224)
+    tokens = torch.randint(1, 49407, (256, 77), device=rand.device, generator=rand.g)
+    clip_loss = OpenClipLoss()
+
+    def loss() -> torch.Tensor:
+        out = model(images, tokens)
+        if isinstance(out, dict):
+            return clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
+        return clip_loss(*out[:3])
+
+    return Workload(model, loss, 256, 0.1, {"model": f"open_clip {open_clip.__version__} {arch}"})
+
+
+def _diffusers_unet64(rand: _Random) -> Workload:
+    """diffusers' UNet2DConditionModel at the GLIDE-64 widths, eps MSE on the cosine schedule."""
+    import diffusers
+    from diffusers import UNet2DConditionModel
+
+    widths = (192, 384, 576, 768)
+    model = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=widths,
+        layers_per_block=3,
+        down_block_types=("DownBlock2D", *["CrossAttnDownBlock2D"] * 3),
+        up_block_types=(*["CrossAttnUpBlock2D"] * 3, "UpBlock2D"),
+        cross_attention_dim=768,
+        attention_head_dim=tuple(w // 64 for w in widths),  # diffusers: heads per level (64 wide each)
+        class_embed_type="projection",
+        projection_class_embeddings_input_dim=768,
+    ).to(rand.device)
+    model.train()
+    steps = torch.linspace(0, 1, 1001, device=rand.device)[:-1]
+    abar = torch.cos((steps + 0.008) / 1.008 * math.pi / 2) ** 2
+    x0, context, emb = rand.randn(64, 3, 64, 64).clamp(-1, 1), rand.randn(64, 81, 768), rand.randn(64, 768)
+
+    def loss() -> torch.Tensor:
+        t = torch.randint(0, 1000, (64,), device=rand.device)
+        noise = torch.randn_like(x0)
+        a = abar[t].view(-1, 1, 1, 1)
+        pred = model(
+            a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=context, class_labels=emb
+        )
+        return F.mse_loss(pred.sample.float(), noise)
+
+    return Workload(
+        model, loss, 64, 0.0, {"model": f"diffusers {diffusers.__version__} UNet2DConditionModel"}
+    )
+
+
+def _dalle2_prior(rand: _Random) -> Workload:
+    from dalle2_pytorch import DiffusionPrior, DiffusionPriorNetwork
+
+    network = DiffusionPriorNetwork(
+        dim=768,
+        depth=12,
+        dim_head=64,
+        heads=12,
+        num_timesteps=1000,
+        max_text_len=77,
+        rotary_emb=True,
+        normformer=True,
+    )
+    model = DiffusionPrior(
+        net=network, image_embed_dim=768, timesteps=1000, cond_drop_prob=0.1, condition_on_text_encodings=True
+    ).to(rand.device)
+    model.train()
+    text, tokens = rand.randn(512, 768), rand.randn(512, 77, 768)
+    image = F.normalize(rand.randn(512, 768), dim=-1)
+
+    def loss() -> torch.Tensor:  # the library scales image_embed in place: hand it a copy
+        return model(text_embed=text, image_embed=image.clone(), text_encodings=tokens)
+
+    return Workload(model, loss, 512, 0.0, {"model": "dalle2-pytorch DiffusionPrior"})
+
+
+ANCHOR_BUILDERS = {
+    "open_clip_b16": lambda rand: _open_clip("ViT-B-16", rand),
+    "open_clip_l14": lambda rand: _open_clip("ViT-L-14", rand),
+    "diffusers_unet64": _diffusers_unet64,
+    "dalle2_prior": _dalle2_prior,
+}
+
+
 def build_anchor(name: str, device: torch.device) -> Workload:
-    g = torch.Generator(device=device).manual_seed(0)
-
-    def randn(*shape):
-        return torch.randn(*shape, device=device, generator=g)
-
-    if name.startswith("open_clip"):
-        import open_clip
-        from open_clip.loss import ClipLoss as OpenClipLoss
-
-        arch = {"open_clip_b16": "ViT-B-16", "open_clip_l14": "ViT-L-14"}[name]
-        model = open_clip.create_model(arch, pretrained=None, device=device).train()
-        images, tokens = (
-            randn(256, 3, 224, 224),
-            torch.randint(1, 49407, (256, 77), device=device, generator=g),
-        )
-        clip_loss = OpenClipLoss()
-
-        def loss() -> torch.Tensor:
-            out = model(images, tokens)
-            if isinstance(out, dict):
-                return clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
-            return clip_loss(*out[:3])
-
-        return Workload(model, loss, 256, 0.1, {"model": f"open_clip {open_clip.__version__} {arch}"})
-    if name == "diffusers_unet64":
-        import diffusers
-        from diffusers import UNet2DConditionModel
-
-        widths = (192, 384, 576, 768)
-        model = UNet2DConditionModel(
-            sample_size=64,
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=widths,
-            layers_per_block=3,
-            down_block_types=("DownBlock2D", *["CrossAttnDownBlock2D"] * 3),
-            up_block_types=(*["CrossAttnUpBlock2D"] * 3, "UpBlock2D"),
-            cross_attention_dim=768,
-            attention_head_dim=tuple(w // 64 for w in widths),
-            class_embed_type="projection",
-            projection_class_embeddings_input_dim=768,
-        ).to(device)
-        model.train()
-        abar = torch.cos((torch.linspace(0, 1, 1001, device=device)[:-1] + 0.008) / 1.008 * math.pi / 2) ** 2
-        x0, context, emb = randn(64, 3, 64, 64).clamp(-1, 1), randn(64, 81, 768), randn(64, 768)
-
-        def loss() -> torch.Tensor:
-            t = torch.randint(0, 1000, (64,), device=device)
-            noise = torch.randn_like(x0)
-            a = abar[t].view(-1, 1, 1, 1)
-            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            pred = model(xt, t, encoder_hidden_states=context, class_labels=emb).sample
-            return F.mse_loss(pred.float(), noise)
-
-        return Workload(
-            model, loss, 64, 0.0, {"model": f"diffusers {diffusers.__version__} UNet2DConditionModel"}
-        )
-    if name == "dalle2_prior":
-        from dalle2_pytorch import DiffusionPrior, DiffusionPriorNetwork
-
-        network = DiffusionPriorNetwork(
-            dim=768, depth=12, dim_head=64, heads=12, num_timesteps=1000, max_text_len=77, rotary_emb=True
-        )
-        model = DiffusionPrior(
-            net=network,
-            image_embed_dim=768,
-            timesteps=1000,
-            cond_drop_prob=0.1,
-            condition_on_text_encodings=True,
-        ).to(device)
-        model.train()
-        text, image, tokens = randn(512, 768), F.normalize(randn(512, 768), dim=-1), randn(512, 77, 768)
-
-        def loss() -> torch.Tensor:  # the library scales image_embed in place: hand it a copy
-            return model(text_embed=text, image_embed=image.clone(), text_encodings=tokens)
-
-        return Workload(model, loss, 512, 0.0, {"model": "dalle2-pytorch DiffusionPrior"})
-    raise ValueError(f"unknown anchor {name!r}: expected one of {', '.join(ANCHORS)}")
+    if name not in ANCHOR_BUILDERS:
+        raise ValueError(f"unknown anchor {name!r}: expected one of {', '.join(ANCHORS)}")
+    return ANCHOR_BUILDERS[name](_Random(device))
 
 
 # ---- measurement --------------------------------------------------------------------------------------
