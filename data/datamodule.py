@@ -638,8 +638,9 @@ def ensure_synthetic(
     train_seed: int = 0,
     val_seed: int = 1,
 ) -> None:
-    """Generate the embedded default dataset (data/synthetic.py) into the configured directories."""
-    from data.synthetic import write_shards
+    """Generate the embedded default dataset (data/synthetic.py) into the configured directories, which
+    must be new, empty or a dataset it wrote before (its marker file): never into anything else."""
+    from data.synthetic import MARKER, is_synthetic_dir, write_shards
 
     for spec, samples, seed in (
         (train_shards, train_samples, train_seed),
@@ -648,8 +649,16 @@ def ensure_synthetic(
         if not spec or not isinstance(spec, str | os.PathLike):
             continue
         out = Path(spec)
-        if (out / "sizes.json").exists():
-            continue
+        if is_synthetic_dir(out) and (out / "sizes.json").exists():
+            continue  # generated already
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):  # never write into the user's data
+            key = "train_shards" if spec == train_shards else "val_shards"
+            raise ValueError(
+                f"data.{key}={spec} is not a synthetic dataset written by data/synthetic.py (no "
+                f"{MARKER}): data=synthetic generates its shards only into a new or empty directory. "
+                f"To train on your own shards select data=shards (python -m train.run data=shards "
+                f"data.{key}=...)"
+            )
         log.info("writing %d synthetic samples (seed %d, %d px) to %s", samples, seed, image_size, out)
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         # At least 4 shards (a small held-out split still feeds every loader worker); the samples do not

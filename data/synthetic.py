@@ -14,6 +14,7 @@ Layout written by :func:`write_shards` (img2dataset's)::
     DIR/00000.tar            000000000.jpg 000000000.txt 000000000.json 000000001.jpg ...
     DIR/00000_stats.json     count, successes, failed_to_download, ..., seed, image_size
     DIR/sizes.json           {"00000.tar": 1000, ...}  (epoch length without opening a shard)
+    DIR/unclip_synthetic.json  the marker: written by this module (data=synthetic never writes elsewhere)
 
 Shard ``k`` holds the global indices ``[k * shard_size, (k + 1) * shard_size)``; the key is the
 global index zero-padded to 9 digits.
@@ -344,6 +345,22 @@ def _write_shard(path: Path, indices: range, seed: int, image_size: int, fmt: st
     return stats
 
 
+MARKER = "unclip_synthetic.json"  # in every directory write_shards fills: "this data is ours to (re)write"
+
+
+def is_synthetic_dir(path: str | Path) -> bool:
+    """A dataset this module wrote: its marker, or (written before markers existed) sizes.json beside a
+    shard stats file that records the generator's seed and image size."""
+    path = Path(path)
+    if (path / MARKER).exists():
+        return True
+    stats = path / "00000_stats.json"
+    try:
+        return (path / "sizes.json").exists() and {"seed", "image_size"} <= set(json.loads(stats.read_text()))
+    except (OSError, ValueError):
+        return False
+
+
 def write_shards(
     out: str | Path,
     samples: int,
@@ -371,6 +388,9 @@ def write_shards(
         raise ValueError(f"unknown image format {fmt!r}; expected one of {FORMATS}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(
+        json.dumps({"generator": "data.synthetic", "seed": seed, "image_size": image_size})
+    )
     end = start_index + samples
     jobs = [
         (out / f"{k:05d}.tar", range(k * shard_size, min((k + 1) * shard_size, end)))

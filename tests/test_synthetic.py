@@ -284,3 +284,27 @@ def test_zeroshot_prompts_ensemble_templates_and_the_other_attribute():
     assert "a picture of a red circle" in circle and "a red circle on a grey background" in circle
     assert len(prompts["count"]["3"]) == colours * shapes * len(synthetic.TEMPLATES)
     assert "three blue squares" in prompts["count"]["3"]
+
+
+def test_data_synthetic_never_writes_into_a_users_directory(tmp_path):
+    """data=synthetic with data.train_shards pointing at the user's own shards (data=shards forgotten):
+    an error naming data=shards, and the directory untouched (nothing written beside it either)."""
+    from data.datamodule import ensure_synthetic
+    from data.synthetic import MARKER
+
+    laion = tmp_path / "laion"
+    laion.mkdir()
+    (laion / "00000.tar").write_bytes(b"user data")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(
+        ValueError, match="data.train_shards=.*laion is not a synthetic dataset.*select data=shards"
+    ):
+        ensure_synthetic(str(laion), None, train_samples=8, val_samples=0)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    # a new directory is generated (with the marker), then reused; an empty one is filled
+    ours = tmp_path / "ours"
+    ensure_synthetic(str(ours), str(tmp_path / "empty"), train_samples=8, val_samples=4)
+    assert (ours / MARKER).exists() and (ours / "sizes.json").exists()
+    (tmp_path / "empty2").mkdir()
+    ensure_synthetic(str(ours), str(tmp_path / "empty2"), train_samples=8, val_samples=4)
+    assert (tmp_path / "empty2" / "sizes.json").exists()
