@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -330,7 +331,10 @@ class ShardDataModule(pl.LightningDataModule):
             captions = None
             if cfg.get("kind") == "bpe" and not (cfg.get("path") and Path(cfg["path"]).exists()):
                 self.prepare_data()
+                start = time.monotonic()
                 captions = list(iter_captions(self.train_shards, max_captions))
+                log.info("tokenizer: training a BPE on %d captions (read in %.1f s)", len(captions),
+                         time.monotonic() - start)  # fmt: skip
             self.tokenizer = build_tokenizer(**cfg, captions=captions)
         return self.tokenizer
 

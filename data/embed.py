@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from data.pipeline import ShardDataset
+from data.progress import Progress
 from data.shards import expand_shards
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,9 @@ def embed_shards(
     totals: Counter = Counter()
     sizes: dict[str, int] = {}
     start = time.time()
-    for index in range(rank, len(urls), world):
+    mine = range(rank, len(urls), world)
+    progress = Progress(len(mine), f"embedding export, rank {rank}", log=log)
+    for index in mine:
         url = urls[index]
         name = f"{index:05d}.tar" if url.startswith("pipe:") else Path(url).name
         name = name if name.endswith(".tar") else name + ".tar"
@@ -125,7 +128,7 @@ def embed_shards(
         totals["samples"] += n
         totals["shards"] += 1
         sizes[name] = n
-        log.info("rank %d: %s -> %s (%d samples)", rank, url, out / name, n)
+        progress.step(detail=f"{url} -> {out / name}, {n} samples")
     _merge_sizes(out / "sizes.json", sizes)
     if rank == 0:
         info = {

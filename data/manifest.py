@@ -26,6 +26,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from data.progress import Progress
 from data.shards import ShardError, ShardSpecError, expand_shards, group_samples, open_shard, read_tar
 
 LEVELS = ("size", "sha256")
@@ -82,7 +83,12 @@ def write_manifest(spec: str | Sequence[str], out: str | os.PathLike) -> dict:
                 f"shards {names[name]} and {url} have the same file name {name!r}: a manifest needs unique names"
             )
         names[name] = url
-    manifest = {"version": 1, "shards": {name: describe_shard(url) for name, url in names.items()}}
+    progress = Progress(len(names), "manifest: hashing", interval=10.0)
+    shards = {}
+    for name, url in names.items():
+        shards[name] = describe_shard(url)
+        progress.step()
+    manifest = {"version": 1, "shards": shards}
     _write_json(Path(out), manifest)
     return manifest
 
@@ -122,30 +128,32 @@ def check_shards(urls: Sequence[str], manifest: dict[str, dict], *, level: str =
     if level not in LEVELS:
         raise ValueError(f"data.manifest_check={level!r}: expected one of {LEVELS}")
     problems = []
+    progress = Progress(len(urls), f"manifest: checking ({level})", interval=10.0)
     for url in urls:
-        entry = manifest.get(shard_name(url))
-        if entry is None:
-            problems.append(f"{url}: not in the manifest")
-            continue
-        if level == "size" and not url.startswith("pipe:") and "://" not in url:
-            try:
-                size = os.path.getsize(url)
-            except OSError as e:
-                problems.append(f"{url}: unreadable ({e.strerror})")
-                continue
-            if size != entry["bytes"]:
-                problems.append(f"{url}: {size} bytes, the manifest says {entry['bytes']}")
-            continue
-        try:
-            found = describe_shard(url)  # a pipe's size is only known by reading it, at either level
-        except ManifestError as e:
-            problems.append(str(e).removeprefix("shard "))
-            continue
-        for key in ("bytes", "sha256", "samples") if level == "sha256" else ("bytes",):
-            if found[key] != entry[key]:
-                problems.append(f"{url}: {key} {found[key]}, the manifest says {entry[key]}")
-                break
+        problem = _shard_problem(url, manifest.get(shard_name(url)), level)
+        if problem:
+            problems.append(problem)
+        progress.step()
     return problems
+
+
+def _shard_problem(url: str, entry: dict | None, level: str) -> str | None:
+    if entry is None:
+        return f"{url}: not in the manifest"
+    if level == "size" and not url.startswith("pipe:") and "://" not in url:
+        try:
+            size = os.path.getsize(url)
+        except OSError as e:
+            return f"{url}: unreadable ({e.strerror})"
+        return f"{url}: {size} bytes, the manifest says {entry['bytes']}" if size != entry["bytes"] else None
+    try:
+        found = describe_shard(url)  # a pipe's size is only known by reading it, at either level
+    except ManifestError as e:
+        return str(e).removeprefix("shard ")
+    for key in ("bytes", "sha256", "samples") if level == "sha256" else ("bytes",):
+        if found[key] != entry[key]:
+            return f"{url}: {key} {found[key]}, the manifest says {entry[key]}"
+    return None
 
 
 def missing_shards(urls: Sequence[str], manifest: dict[str, dict]) -> list[str]:

@@ -163,3 +163,14 @@ def test_ranks_hash_their_share_and_all_stop_with_every_mismatch(make_shards, tm
     for rank in (0, 1):
         assert result[rank].startswith("2 shards"), result[rank]
         assert "00000.tar: sha256" in result[rank] and "00003.tar: sha256" in result[rank]
+
+
+def test_manifest_work_reports_progress_with_an_eta(tmp_path, caplog):
+    from data.progress import Progress
+
+    progress = Progress(4, "hashing", unit="shards")
+    lines = [progress.step(detail=f"shard {i}") for i in range(4)]
+    assert lines[0].startswith("hashing: 1/4 shards (shard 0), ") and "ETA 0:00:0" in lines[0]
+    assert lines[-1].startswith("hashing: 4/4 shards") and lines[-1].endswith("ETA 0:00:00")
+    quiet = Progress(3, "checking", interval=3600)
+    assert [quiet.step() for _ in range(3)][:2] == [None, None]  # at most one line per interval, and the last
