@@ -44,7 +44,10 @@ else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export WANDB_MODE=offline TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1
-export UNCLIP_DATA_DIR="$OUT/datasets"
+# Datasets, checkpoints and run directories stay out of $OUT (it travels back from the device machine);
+# $OUT gets the report, logs, JSON rows and the cascade's report, samples and probe.
+WORK=${WORK:-/tmp/unclip-gpu-check}
+export UNCLIP_DATA_DIR="$WORK/datasets"
 
 if [ $cpu = 1 ]; then
   export UNCLIP_TEST_DEVICE=cpu CUDA_VISIBLE_DEVICES=""
@@ -118,7 +121,7 @@ for step in ${steps//,/ }; do
         --json "$OUT/compiled.json"
       section "Training step, torch.compile regional" compiled '^[#|]' ;;
     runs)
-      run runs "$T_RUNS" $py -m train.pipeline "out_dir=$OUT/runs" \
+      run runs "$T_RUNS" $py -m train.pipeline "out_dir=$WORK/runs" \
         'stages=[clip,embed,prior,decoder,upsampler_256,upsampler_1024]' \
         +clip.data.global_batch_size=$B_CLIP +prior.data.global_batch_size=$B_PRIOR \
         +decoder.data.global_batch_size=$B_DEC +upsampler_256.data.global_batch_size=$B_UP \
@@ -131,7 +134,8 @@ for step in ${steps//,/ }; do
         upsampler_256.trainer.max_steps=$S upsampler_256.trainer.val_check_interval=$S \
         upsampler_1024.trainer.max_steps=$S upsampler_1024.trainer.val_check_interval=$S \
         "${run_extra[@]}"
-      $py - "$OUT/runs/report.json" >> "$OUT/logs/runs.log" 2>&1 <<'EOF'
+      cp "$WORK/runs/report.json" "$OUT/runs_report.json" 2>/dev/null
+      $py - "$WORK/runs/report.json" >> "$OUT/logs/runs.log" 2>&1 <<'EOF'
 import json, sys
 report = json.load(open(sys.argv[1]))
 keys = ("trainer/global_step", "seconds", "perf/samples_per_sec", "perf/tflops_per_device", "perf/mfu",
@@ -147,7 +151,11 @@ EOF
       sed -i 's/^RUNS //' "$OUT/logs/runs.log"
       section "Short real runs from shards (python -m train.pipeline, $S steps per stage)" runs '^\|' ;;
     cascade)
-      run cascade "$T_CASCADE" $py -m train.pipeline preset=$PRESET "out_dir=$OUT/cascade"
+      run cascade "$T_CASCADE" $py -m train.pipeline preset=$PRESET "out_dir=$WORK/cascade"
+      mkdir -p "$OUT/cascade"
+      for f in report.md report.json samples.png sample/probe.md sample/benchmark.json; do
+        [ -f "$WORK/cascade/$f" ] && cp "$WORK/cascade/$f" "$OUT/cascade/"
+      done
       if [ -f "$OUT/cascade/report.json" ]; then
         $py - "$OUT/cascade/report.json" >> "$OUT/logs/cascade.log" 2>&1 <<'EOF'
 import json, sys

@@ -16,7 +16,13 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_gpu_check_cpu_mode_runs_every_step_and_writes_the_report(tmp_path):
     out = tmp_path / "check"
-    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "UNCLIP_LOG_DIR": str(tmp_path / "logs")}
+    env = {
+        **os.environ,
+        "OUT": str(out),
+        "WORK": str(tmp_path / "work"),
+        "PYTHON": sys.executable,
+        "UNCLIP_LOG_DIR": str(tmp_path / "logs"),
+    }
     result = subprocess.run(
         ["bash", "launch/gpu_check.sh", "--cpu"],
         cwd=REPO,
@@ -40,7 +46,8 @@ def test_gpu_check_cpu_mode_runs_every_step_and_writes_the_report(tmp_path):
     runs = [line for line in report.splitlines() if line.startswith("| upsampler_1024 | 3 |")]
     assert runs, report[-2000:]
     assert "| sample |" in report and "single/colour_shape" in report  # the preset cascade's benchmark
-    assert (out / "cascade" / "samples.png").exists()
+    assert (out / "cascade" / "samples.png").exists() and (out / "cascade" / "probe.md").exists()
+    assert not (out / "datasets").exists() and (tmp_path / "work" / "datasets").exists()  # $OUT stays small
     with pytest.raises(subprocess.CalledProcessError):
         subprocess.run(["bash", "launch/gpu_check.sh", "--steps", "nope"], cwd=REPO, env=env, check=True,
                        capture_output=True)  # fmt: skip
