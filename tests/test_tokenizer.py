@@ -130,6 +130,32 @@ REFERENCE_TEXTS = [
     "tab\tseparated",
     "<|endoftext|> literal",
     "x" * 300,
+    # web captions: what ftfy and open_clip's literal special tokens change
+    "“Curly quotes” and ‘single’ ones",
+    "It’s a dog’s life",
+    "Ã©tÃ© Ã  Paris",  # mojibake: UTF-8 read as Latin-1
+    "cafÃ© crÃ¨me",
+    "ＦＵＬＬ－ＷＩＤＴＨ　ｔｅｘｔ １２３",  # full-width forms
+    "Crème brûlée à la française",
+    "e\u0301cole (combining accent)",
+    "a cat 🐱 with a 🎩 hat 👍🏽",
+    "東京タワーの夜景",
+    "北京 上海 广州",
+    "한국어 캡션",
+    "Fish &amp; Chips &lt;b&gt;bold&lt;/b&gt; &quot;quoted&quot; &#39;apos&#39; &eacute;",
+    "&amp;amp; double-escaped",
+    "<start_of_text> literal start",
+    "ends with <end_of_text> literal",
+    "<END_OF_TEXT>",
+    "a <end_of_text> " + "very " * 100,
+    "<|startoftext|> and <|endoftext|> in text",
+    "ﬁne ligature ﬂow",
+    "soft\u00adhyphen and zero\u200bwidth",
+    "Ⅻ roman numeral ½ fraction ² superscript",
+    "…ellipsis — em dash – en dash",
+    "¡Hola! ¿Qué tal?",
+    "Ελληνικά και Русский текст",
+    "עברית ועربية",
 ] + [caption_for(make_scene(7, i), 7, i) for i in range(200)]
 
 
@@ -151,7 +177,6 @@ def test_clip_ids_equal_open_clip_on_the_real_vocabulary():
     """,
         {"texts": REFERENCE_TEXTS},
     )["ids"]
-    # ftfy.fix_text (which open_clip applies and we do not) leaves these texts unchanged.
     mismatched = [
         t
         for t, a, b in zip(REFERENCE_TEXTS, ours(REFERENCE_TEXTS), theirs, strict=True)
