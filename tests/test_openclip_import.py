@@ -6,21 +6,36 @@ import pytest
 import torch
 from reference import MODEL_PACKAGES, TORCHVISION_SHIM, ensure_reference_env, run_reference
 
-from train.models.openclip_import import config_from_state_dict, load_open_clip, read_state_dict
+from train.models.clip import CLIP
+from train.models.openclip_import import (
+    config_from_open_clip,
+    load_open_clip,
+    open_clip_config,
+    read_state_dict,
+    shapes_of,
+)
 
 REFERENCE = (
     TORCHVISION_SHIM
     + """
+import json, os
 import open_clip
 from safetensors.torch import save_file
 torch.manual_seed(0)
+
+def tiny(quick_gelu):  # small open_clip CLIPs built from its config classes: head widths 32/40, mlp 2.6/3.3
+    vision = dict(layers=2, width=80, head_width=40, mlp_ratio=2.6, patch_size=8, image_size=32) if quick_gelu \
+        else dict(layers=2, width=64, head_width=32, patch_size=8, image_size=32)
+    text = dict(context_length=12, vocab_size=300, width=48, heads=3, layers=2, mlp_ratio=3.3 if quick_gelu else 4.0)
+    cfg = {"embed_dim": 24, "quick_gelu": quick_gelu, "vision_cfg": vision, "text_cfg": text}
+    model = open_clip.model.CLIP(embed_dim=24, quick_gelu=quick_gelu, vision_cfg=open_clip.model.CLIPVisionCfg(**vision),
+                                 text_cfg=open_clip.model.CLIPTextCfg(**text))
+    return model, cfg
+
 for name, spec in inputs["models"].items():
-    if spec == "tiny":  # a small open_clip CLIP built from its config classes
-        model = open_clip.model.CLIP(
-            embed_dim=24,
-            vision_cfg=open_clip.model.CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=8, image_size=32),
-            text_cfg=open_clip.model.CLIPTextCfg(context_length=12, vocab_size=300, width=48, heads=3, layers=2),
-        )
+    cfg = None
+    if spec in ("tiny", "tiny_quickgelu"):
+        model, cfg = tiny(spec == "tiny_quickgelu")
     else:  # a named architecture, randomly initialised (no download)
         model = open_clip.create_model(spec, pretrained=None)
     model.eval()
@@ -35,12 +50,25 @@ for name, spec in inputs["models"].items():
     with torch.no_grad():
         image = model.encode_image(images, normalize=True)
         text = model.encode_text(tokens, normalize=True)
-    path = inputs["dir"] + f"/{name}" + (".safetensors" if spec != "tiny" else ".pt")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, path) if path.endswith(".safetensors") else torch.save({"state_dict": state}, path)
-    outputs[name] = {"path": path, "images": images, "tokens": tokens, "image": image, "text": text,
-                     "heads": (model.visual.transformer.resblocks[0].attn.num_heads,
-                               model.transformer.resblocks[0].attn.num_heads)}
+    path = inputs["dir"] + f"/{name}"
+    if spec == "tiny_quickgelu":  # the hub layout: a directory with the config and the weights
+        os.makedirs(path)
+        save_file(state, path + "/open_clip_model.safetensors")
+        json.dump({"model_cfg": cfg, "preprocess_cfg": {}}, open(path + "/open_clip_config.json", "w"))
+        # and OpenAI's distribution format: a TorchScript archive with its scalar attributes
+        for scalar, value in (("input_resolution", image_size), ("context_length", length), ("vocab_size", vocab)):
+            if hasattr(model, scalar):
+                delattr(model, scalar)  # open_clip keeps them as plain attributes
+            model.register_buffer(scalar, torch.tensor(value))
+        torch.jit.save(torch.jit.trace_module(model, {"encode_image": images}, check_trace=False), inputs["dir"] + "/openai.pt")
+    elif spec == "tiny":
+        path += ".pt"
+        torch.save({"state_dict": state}, path)
+    else:
+        path += ".safetensors"
+        save_file(state, path)
+    outputs[name] = {"path": path, "images": images, "tokens": tokens, "image": image, "text": text, "cfg": cfg}
 """
 )
 
@@ -53,31 +81,70 @@ def _check(result: dict, net) -> None:
     torch.testing.assert_close(text, result["text"], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.slow
-def test_open_clip_models_load_and_give_the_same_embeddings(tmp_path):
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
     env = ensure_reference_env(MODEL_PACKAGES)
-    out = run_reference(env, REFERENCE, {"dir": str(tmp_path), "models": {"tiny": "tiny", "b32": "ViT-B-32"}})
+    out = tmp_path_factory.mktemp("open_clip")
+    models = {"tiny": "tiny", "quick": "tiny_quickgelu", "b32": "ViT-B-32"}
+    return {**run_reference(env, REFERENCE, {"dir": str(out), "models": models}), "dir": out}
 
-    tiny = out["tiny"]
-    net = load_open_clip(tiny["path"], heads=tiny["heads"])  # .pt, state dict under "state_dict"
+
+@pytest.mark.slow
+def test_open_clip_models_load_from_their_configs_and_give_the_same_embeddings(reference):
+    tiny = reference["tiny"]  # GELU, 32-wide heads: a model-config dict
+    net = load_open_clip(tiny["path"], tiny["cfg"])
     assert (net.visual.transformer.resblocks[0].attn.heads, net.text.transformer.resblocks[0].attn.heads) == (
         2,
         3,
     )
     _check(tiny, net)
 
-    b32 = out["b32"]
-    net = load_open_clip(b32["path"])  # .safetensors; heads follow open_clip's 64-wide convention
+    quick = reference["quick"]  # QuickGELU, 40-wide heads, mlp ratios 2.6 and 3.3: a hub directory
+    net = load_open_clip(quick["path"])
+    assert net.quick_gelu and net.visual.transformer.resblocks[0].attn.heads == 2
+    assert net.text.transformer.resblocks[0].mlp.c_fc.out_features == 158  # int(48 x 3.3), as open_clip
+    _check(quick, net)
+    with pytest.raises(AssertionError):  # negative control: the same weights read as GELU differ
+        _check(quick, load_open_clip(quick["path"], {**quick["cfg"], "quick_gelu": False}))
+
+    openai = load_open_clip(reference["dir"] / "openai.pt", heads=(2, 3))  # TorchScript: QuickGELU implied
+    assert openai.quick_gelu
+    _check(quick, openai)
+
+    b32 = reference["b32"]  # a named config
+    net = load_open_clip(b32["path"], "ViT-B-32")
     assert sum(p.numel() for p in net.parameters()) == 151_277_313
-    assert config_from_state_dict(read_state_dict(b32["path"]))["vision"] == {
-        "image_size": 224,
-        "patch_size": 32,
-        "width": 768,
-        "layers": 12,
-        "heads": 12,
-        "mlp_ratio": 4.0,
-    }
     _check(b32, net)
+
+
+@pytest.mark.slow
+def test_shapes_alone_are_refused_naming_the_configs_that_fit(reference):
+    b32 = reference["b32"]["path"]
+    with pytest.raises(ValueError, match=r"pass config= one of \['ViT-B-32', 'ViT-B-32-quickgelu'\]"):
+        load_open_clip(b32)
+    shapes = shapes_of(read_state_dict(b32))
+    assert shapes["vision"] == {"image_size": 224, "patch_size": 32, "width": 768, "layers": 12, "heads": None,
+                                "mlp_ratio": 4.0}  # fmt: skip
+    net = load_open_clip(b32, heads=(12, 8), quick_gelu=False)  # stated explicitly: accepted
+    _check(reference["b32"], net)
+
+
+def test_named_configs_cover_the_big_vits_exactly():
+    """Head widths 80 / 88 / 104 and mlp ratios that give no integer (g, bigG) come from the table."""
+    h14 = config_from_open_clip(open_clip_config("ViT-H-14"))
+    assert h14["vision"]["heads"] == 16 and h14["text"]["heads"] == 16 and not h14["quick_gelu"]
+    g14 = config_from_open_clip(open_clip_config("ViT-g-14"))
+    assert g14["vision"]["heads"] == 16 and int(1408 * g14["vision"]["mlp_ratio"] + 1e-6) == 6144
+    big = config_from_open_clip(open_clip_config("ViT-bigG-14-quickgelu"))
+    assert (
+        big["vision"]["heads"] == 16
+        and big["quick_gelu"]
+        and int(1664 * big["vision"]["mlp_ratio"] + 1e-6) == 8192
+    )
+    with torch.device("meta"):
+        assert sum(p.numel() for p in CLIP(**big).parameters()) == pytest.approx(2.54e9, rel=0.01)
+    with pytest.raises(ValueError, match=r"\['vision_cfg.timm_model_name'\] are not implemented"):
+        config_from_open_clip({"embed_dim": 512, "vision_cfg": {"timm_model_name": "vit"}, "text_cfg": {}})
 
 
 def test_unsupported_or_missing_files_fail_clearly(tmp_path):
@@ -118,3 +185,50 @@ def test_train_run_initialises_the_net_from_an_open_clip_file(tmp_path):
         ValueError, match=r"does not fit the configured net.*text.token_embedding.weight \(300, 128\)"
     ):
         build_net(cfg, None)
+
+
+def test_init_from_open_clip_refuses_a_net_of_another_activation(tmp_path):
+    """A hub directory states QuickGELU; the configured net (GELU by default) must say the same."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+    from safetensors.torch import save_file
+
+    from train.run import CONF_DIR, build_net
+
+    overrides = ["net.text.vocab_size=300", "net.vision.heads=4", "net.text.heads=4", "net.vision.stem=patch",
+                 "net.vision.pool=tok"]  # fmt: skip
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        source = build_net(compose("train", overrides=[*overrides, "net.quick_gelu=true"]), None)
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    state = {k.removeprefix("text."): v.contiguous() for k, v in source.state_dict().items()}
+    save_file(state, str(hub / "open_clip_model.safetensors"))
+    v, t = source.vision_cfg, source.text_cfg
+    model_cfg = {
+        "embed_dim": source.embed_dim,
+        "quick_gelu": True,
+        "vision_cfg": {
+            "image_size": 64,
+            "layers": v["layers"],
+            "width": v["width"],
+            "patch_size": 8,
+            "head_width": 32,
+        },
+        "text_cfg": {k: t[k] for k in ("context_length", "vocab_size", "width", "heads", "layers")},
+    }
+    (hub / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        gelu = compose("train", overrides=[*overrides, f"init_from_open_clip={hub}", "net.vision.stem=patch"])
+        quick = compose(
+            "train",
+            overrides=[
+                *overrides,
+                f"init_from_open_clip={hub}",
+                "net.vision.stem=patch",
+                "net.quick_gelu=true",
+            ],
+        )
+    with pytest.raises(ValueError, match="set net.quick_gelu=true"):
+        build_net(gelu, None)
+    assert build_net(quick, None).quick_gelu

@@ -120,16 +120,36 @@ def build_net(cfg: DictConfig, tokenizer) -> torch.nn.Module:
             )
     net = instantiate(net_cfg)
     if cfg.get("init_from_open_clip"):
-        load_open_clip_weights(net, cfg.init_from_open_clip)
+        load_open_clip_weights(net, cfg.init_from_open_clip, cfg.get("init_from_open_clip_config"))
     return net
 
 
-def load_open_clip_weights(net: torch.nn.Module, path: str) -> None:
-    """init_from_open_clip=PATH: start from an open_clip checkpoint whose shapes match ``net``."""
+def load_open_clip_weights(net: torch.nn.Module, path: str, config=None) -> None:
+    """init_from_open_clip=PATH: start from an open_clip checkpoint (file or hub directory) whose shapes
+    match ``net``. Where the source says its architecture (a hub directory's config, OpenAI's archive,
+    or ``init_from_open_clip_config``: as train/models/openclip_import.py reads it), the net's heads and
+    activation must agree with it: the same tensors under another activation give other embeddings."""
     from train.models.clip import from_open_clip_state_dict
-    from train.models.openclip_import import read_state_dict
+    from train.models.openclip_import import read_state_dict, resolve_config
 
-    state = from_open_clip_state_dict(read_state_dict(path))
+    raw = read_state_dict(path)
+    ours = {"quick_gelu": net.quick_gelu, "heads": (net.vision_cfg["heads"], net.text_cfg["heads"])}
+    try:  # the source's own statement of its architecture, when it has one
+        source = resolve_config(path, raw, config)
+    except (ValueError, KeyError):
+        source = None  # a bare file: the net's config (net.quick_gelu, net.*.heads) states what it is
+    if source is not None:
+        theirs = {
+            "quick_gelu": source["quick_gelu"],
+            "heads": (source["vision"]["heads"], source["text"]["heads"]),
+        }
+        if theirs != ours:
+            raise ValueError(
+                f"init_from_open_clip={path}: the checkpoint is {theirs}, the configured net {ours}; set "
+                f"net.quick_gelu={str(theirs['quick_gelu']).lower()} and net.vision.heads / net.text.heads "
+                "to match (or pick the net=... of that architecture)"
+            )
+    state = from_open_clip_state_dict(raw)
     ours = net.state_dict()
     wrong = [
         f"{k} {tuple(v.shape)} vs net {tuple(ours[k].shape)}"

@@ -106,6 +106,7 @@ class VisionTransformer(nn.Module):
         stem: str = "patch",
         pool: str = "tok",
         grad_checkpointing: bool = False,
+        quick_gelu: bool = False,
     ) -> None:
         super().__init__()
         if pool not in ("tok", "avg"):
@@ -130,7 +131,9 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid**2 + 1, width))
         self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads, mlp_ratio, grad_checkpointing=grad_checkpointing)
+        self.transformer = Transformer(
+            width, layers, heads, mlp_ratio, grad_checkpointing=grad_checkpointing, quick_gelu=quick_gelu
+        )
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
         self.transformer.init_weights()
@@ -165,6 +168,7 @@ class TextTransformer(nn.Module):
         eot_id: int,
         mlp_ratio: float = 4.0,
         grad_checkpointing: bool = False,
+        quick_gelu: bool = False,
     ) -> None:
         super().__init__()
         if not 0 <= eot_id < vocab_size:
@@ -175,7 +179,13 @@ class TextTransformer(nn.Module):
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
         self.transformer = Transformer(
-            width, layers, heads, mlp_ratio, causal=True, grad_checkpointing=grad_checkpointing
+            width,
+            layers,
+            heads,
+            mlp_ratio,
+            causal=True,
+            grad_checkpointing=grad_checkpointing,
+            quick_gelu=quick_gelu,
         )
         self.ln_final = LayerNorm(width)
         self.text_projection = nn.Parameter(torch.empty(width, output_dim))
@@ -217,6 +227,7 @@ class CLIP(nn.Module):
         text: Mapping[str, Any],
         eot_id: int | None = None,
         grad_checkpointing: bool = False,
+        quick_gelu: bool = False,
         init_logit_scale: float = math.log(1 / 0.07),
         max_logit_scale: float = 100.0,
     ) -> None:
@@ -229,9 +240,18 @@ class CLIP(nn.Module):
         self.vision_cfg, self.text_cfg = vision, text
         if eot_id is None:
             eot_id = text["vocab_size"] - 1  # CLIP's vocabulary: <|endoftext|> is the last id
-        self.visual = VisionTransformer(**vision, output_dim=embed_dim, grad_checkpointing=grad_checkpointing)
+        self.quick_gelu = bool(
+            quick_gelu
+        )  # OpenAI's weights were trained with QuickGELU (open_clip *-quickgelu)
+        self.visual = VisionTransformer(
+            **vision, output_dim=embed_dim, grad_checkpointing=grad_checkpointing, quick_gelu=self.quick_gelu
+        )
         self.text = TextTransformer(
-            **text, output_dim=embed_dim, eot_id=int(eot_id), grad_checkpointing=grad_checkpointing
+            **text,
+            output_dim=embed_dim,
+            eot_id=int(eot_id),
+            grad_checkpointing=grad_checkpointing,
+            quick_gelu=self.quick_gelu,
         )
         self.logit_scale = nn.Parameter(torch.tensor([float(init_logit_scale)]))
         self.max_logit_scale = max_logit_scale

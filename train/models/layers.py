@@ -62,13 +62,20 @@ class SelfAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, n, w))
 
 
-class MLP(nn.Module):
-    """Linear -> GELU -> Linear (open_clip's ``c_fc`` / ``c_proj``)."""
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIPs were trained with."""
 
-    def __init__(self, width: int, hidden: int) -> None:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class MLP(nn.Module):
+    """Linear -> GELU (or QuickGELU) -> Linear (open_clip's ``c_fc`` / ``c_proj``)."""
+
+    def __init__(self, width: int, hidden: int, quick_gelu: bool = False) -> None:
         super().__init__()
         self.c_fc = nn.Linear(width, hidden)
-        self.gelu = nn.GELU()
+        self.gelu = QuickGELU() if quick_gelu else nn.GELU()
         self.c_proj = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,12 +85,13 @@ class MLP(nn.Module):
 class ResidualBlock(nn.Module):
     """Pre-norm block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, quick_gelu: bool = False) -> None:
         super().__init__()
         self.ln_1 = LayerNorm(width)
         self.attn = SelfAttention(width, heads)
         self.ln_2 = LayerNorm(width)
-        self.mlp = MLP(width, int(width * mlp_ratio))
+        # open_clip's hidden width, int(width x ratio); the epsilon only absorbs float error (8192 - 1e-12)
+        self.mlp = MLP(width, int(width * mlp_ratio + 1e-6), quick_gelu)
 
     def forward(
         self, x: torch.Tensor, causal: bool = False, attn_mask: torch.Tensor | None = None
@@ -104,11 +112,14 @@ class Transformer(nn.Module):
         *,
         causal: bool = False,
         grad_checkpointing: bool = False,
+        quick_gelu: bool = False,
     ) -> None:
         super().__init__()
         self.width, self.layers, self.causal = width, layers, causal
         self.grad_checkpointing = grad_checkpointing
-        self.resblocks = nn.ModuleList([ResidualBlock(width, heads, mlp_ratio) for _ in range(layers)])
+        self.resblocks = nn.ModuleList(
+            [ResidualBlock(width, heads, mlp_ratio, quick_gelu) for _ in range(layers)]
+        )
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         causal = self.causal and attn_mask is None

@@ -1,18 +1,29 @@
 """Load open_clip ViT checkpoints into our CLIP without importing open_clip.
 
-    net = load_open_clip("ViT-B-32.safetensors")          # architecture read from the tensors
+    net = load_open_clip("ViT-L-14.safetensors", config="ViT-L-14-quickgelu")   # OpenAI's L/14 weights
+    net = load_open_clip("hub-dir/")              # open_clip_config.json + open_clip_model.safetensors
+    net = load_open_clip("ViT-B-32.pt")           # OpenAI's TorchScript archive (QuickGELU, 64-wide heads)
     tok = clip_tokenizer("bpe_simple_vocab_16e6.txt.gz")  # its vocabulary (data/tokenizer.py)
 
-The file is a ``.safetensors`` or a torch pickle (``.pt``/``.bin``; a bare state dict or one under
-``state_dict``/``model``, with or without DDP's ``module.`` prefix). The architecture is inferred
-from tensor shapes; attention heads are not visible in shapes, so they follow open_clip's convention
-of 64-wide heads unless given. Every tensor must map onto ours (strict load): a model with layer
-scale, attentional pooling or a non-ViT tower is refused with the keys that do not fit.
+The architecture comes from open_clip's own config, never from a guess:
+- ``config=``: a name from ``open_clip_configs.json`` beside this file (open_clip's ViT model configs,
+  ``ViT-B-32`` ... ``ViT-bigG-14-quickgelu``), a model-config JSON file as in open_clip's
+  ``model_configs/``, a hub ``open_clip_config.json`` (its ``model_cfg``), or the dict itself;
+- a directory in the hub layout is read with its ``open_clip_config.json``;
+- OpenAI's original ``.pt`` archives (TorchScript, as openai/CLIP distributes them) are QuickGELU models
+  with 64-wide heads by construction.
+Otherwise the shapes give every size, but not the attention heads nor the activation (GELU or
+QuickGELU: OpenAI's weights were trained with QuickGELU, open_clip's own with GELU): the load is refused,
+naming the named configs whose shapes match, unless ``heads=`` and ``quick_gelu=`` are given. Every
+tensor must map onto ours (strict): layer scale, attentional pooling and non-ViT towers are refused.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +31,51 @@ import torch
 
 from train.models.clip import CLIP, from_open_clip_state_dict
 
+CONFIGS_FILE = Path(__file__).with_name("open_clip_configs.json")
+HUB_CONFIG = "open_clip_config.json"
+HUB_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+VISION_CFG = {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio"}
+TEXT_CFG = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
+OPENAI_SCALARS = ("input_resolution", "context_length", "vocab_size")
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+
+def named_configs() -> dict[str, dict]:
+    """open_clip's ViT model configs by name (``ViT-L-14``, ``ViT-L-14-quickgelu``, ...)."""
+    return {k: v for k, v in json.loads(CONFIGS_FILE.read_text()).items() if not k.startswith("_")}
+
+
+def is_openai_archive(path: str | Path) -> bool:
+    """A TorchScript archive (OpenAI's ``ViT-B-32.pt`` ...), not a pickled state dict."""
     path = Path(path)
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in archive.namelist())
+
+
+def _weights_file(path: Path) -> Path:
+    if path.is_dir():
+        for name in HUB_WEIGHTS:
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"{path}: no {' or '.join(HUB_WEIGHTS)} in this open_clip hub directory")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such open_clip checkpoint")
+    return path
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file, a torch pickle (a bare state dict or one under
+    ``state_dict``/``model``, DDP's ``module.`` prefix removed), OpenAI's TorchScript archive, or a hub
+    directory's weights file."""
+    path = _weights_file(Path(path))
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         state = load_file(str(path))
+    elif is_openai_archive(path):  # TorchScript: code and tensors, no pickled Python objects
+        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        state = {k: v for k, v in state.items() if k not in OPENAI_SCALARS}
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
         for key in ("state_dict", "model"):
@@ -39,6 +86,59 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def open_clip_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """open_clip's model config (``embed_dim``, ``quick_gelu``, ``vision_cfg``, ``text_cfg``) from a dict, a
+    name of :func:`named_configs`, a model-config or hub JSON file, or a hub directory."""
+    if isinstance(source, Mapping):
+        cfg = dict(source)
+    elif (named := named_configs()).get(str(source)) is not None:
+        cfg = named[str(source)]
+    else:
+        path = Path(source)
+        path = path / HUB_CONFIG if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"open_clip config {source!r}: not a file, a hub directory or one of the named configs "
+                f"({', '.join(sorted(named))})"
+            )
+        cfg = json.loads(path.read_text())
+    return dict(cfg.get("model_cfg", cfg))  # a hub file nests it under model_cfg
+
+
+def config_from_open_clip(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """CLIP(**config) arguments for an open_clip model config; what our CLIP does not implement (a timm or
+    HF tower, layer scale, attentional pooling, ...) is refused, naming the key."""
+    unsupported = sorted(set(model_cfg) - {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg"})
+    vision, text = dict(model_cfg.get("vision_cfg", {})), dict(model_cfg.get("text_cfg", {}))
+    unsupported += [f"vision_cfg.{k}" for k in sorted(set(vision) - VISION_CFG)]
+    unsupported += [f"text_cfg.{k}" for k in sorted(set(text) - TEXT_CFG)]
+    if unsupported:
+        raise ValueError(f"open_clip config: {unsupported} are not implemented by our ViT CLIP")
+    image_size = vision.get("image_size", 224)
+    image_size = image_size[0] if isinstance(image_size, list | tuple) else image_size
+    vision_width, text_width = vision.get("width", 768), text.get("width", 512)
+    return {
+        "embed_dim": model_cfg["embed_dim"],
+        "quick_gelu": bool(model_cfg.get("quick_gelu", False)),
+        "vision": {
+            "image_size": image_size,
+            "patch_size": vision.get("patch_size", 16),
+            "width": vision_width,
+            "layers": vision.get("layers", 12),
+            "heads": vision_width // vision.get("head_width", 64),
+            "mlp_ratio": vision.get("mlp_ratio", 4.0),
+        },
+        "text": {
+            "context_length": text.get("context_length", 77),
+            "vocab_size": text.get("vocab_size", 49408),
+            "width": text_width,
+            "layers": text.get("layers", 12),
+            "heads": text.get("heads", 8),
+            "mlp_ratio": text.get("mlp_ratio", 4.0),
+        },
+    }
+
+
 def _layers(state: dict[str, torch.Tensor], prefix: str) -> int:
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
     found = {int(m.group(1)) for k in state if (m := pattern.match(k))}
@@ -47,8 +147,9 @@ def _layers(state: dict[str, torch.Tensor], prefix: str) -> int:
     return max(found) + 1
 
 
-def config_from_state_dict(state: dict[str, torch.Tensor], head_width: int = 64) -> dict[str, Any]:
-    """CLIP(**config) arguments that fit an open_clip ViT state dict."""
+def shapes_of(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Every size an open_clip ViT state dict shows: CLIP(**config) arguments but ``heads`` (None) and
+    the activation, which tensors do not reveal."""
     required = (
         "visual.conv1.weight",
         "visual.positional_embedding",
@@ -70,7 +171,7 @@ def config_from_state_dict(state: dict[str, torch.Tensor], head_width: int = 64)
             "patch_size": patch,
             "width": width,
             "layers": _layers(state, "visual.transformer.resblocks."),
-            "heads": width // head_width,
+            "heads": None,
             "mlp_ratio": state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
         },
         "text": {
@@ -78,22 +179,75 @@ def config_from_state_dict(state: dict[str, torch.Tensor], head_width: int = 64)
             "vocab_size": state["token_embedding.weight"].shape[0],
             "width": text_width,
             "layers": _layers(state, "transformer.resblocks."),
-            "heads": text_width // head_width,
+            "heads": None,
             "mlp_ratio": state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / text_width,
         },
     }
 
 
+def _same_shapes(config: dict[str, Any], shapes: dict[str, Any]) -> bool:
+    def sizes(c: dict) -> tuple:
+        towers = [
+            {k: v for k, v in c[t].items() if k not in ("heads", "mlp_ratio")} for t in ("vision", "text")
+        ]
+        hidden = [int(c[t]["width"] * c[t]["mlp_ratio"] + 1e-6) for t in ("vision", "text")]
+        return c["embed_dim"], towers, hidden
+
+    return sizes(config) == sizes(shapes)
+
+
+def matching_configs(state: dict[str, torch.Tensor]) -> list[str]:
+    """The named configs whose every size equals this state dict's."""
+    shapes = shapes_of(state)
+    return [n for n, c in named_configs().items() if _same_shapes(config_from_open_clip(c), shapes)]
+
+
+def resolve_config(
+    path: str | Path,
+    state: dict[str, torch.Tensor],
+    config: str | Path | Mapping[str, Any] | None = None,
+    heads: tuple[int, int] | None = None,
+    quick_gelu: bool | None = None,
+) -> dict[str, Any]:
+    """CLIP(**config) arguments for the checkpoint at ``path`` (see the module docstring for the order)."""
+    path = Path(path)
+    if config is None and path.is_dir() and (path / HUB_CONFIG).is_file():
+        config = path
+    if config is not None:
+        return config_from_open_clip(open_clip_config(config))
+    arch = shapes_of(state)
+    if is_openai_archive(path):  # every OpenAI CLIP: QuickGELU, 64-wide heads
+        heads = heads or (arch["vision"]["width"] // 64, arch["text"]["width"] // 64)
+        quick_gelu = True if quick_gelu is None else quick_gelu
+    if heads is None or quick_gelu is None:
+        names = matching_configs(state)
+        hint = f"config= one of {names}" if names else "config=<an open_clip model-config JSON>"
+        raise ValueError(
+            f"{path}: the tensors do not say how many attention heads, nor GELU or QuickGELU "
+            f"(OpenAI's weights: QuickGELU): pass {hint}, or heads=(vision, text) and quick_gelu="
+        )
+    arch["vision"]["heads"], arch["text"]["heads"] = heads
+    return {**arch, "quick_gelu": quick_gelu}
+
+
 def load_open_clip(
-    path: str | Path, *, eot_id: int | None = None, head_width: int = 64, heads: tuple[int, int] | None = None
+    path: str | Path,
+    config: str | Path | Mapping[str, Any] | None = None,
+    *,
+    eot_id: int | None = None,
+    heads: tuple[int, int] | None = None,
+    quick_gelu: bool | None = None,
 ) -> CLIP:
-    """Our CLIP with an open_clip checkpoint's weights. ``heads=(vision, text)`` overrides the 64-wide default."""
+    """Our CLIP with an open_clip checkpoint's weights (file or hub directory), architecture as
+    :func:`resolve_config` reads it."""
     state = read_state_dict(path)
-    config = config_from_state_dict(state, head_width)
-    if heads is not None:
-        config["vision"]["heads"], config["text"]["heads"] = heads
-    net = CLIP(**config, eot_id=eot_id)
-    result = net.load_state_dict(from_open_clip_state_dict(state), strict=False)
+    net = CLIP(**resolve_config(path, state, config, heads, quick_gelu), eot_id=eot_id)
+    ours = from_open_clip_state_dict(state)
+    expected = net.state_dict()
+    wrong = [k for k, v in ours.items() if k in expected and expected[k].numel() != v.numel()]
+    if wrong:
+        raise ValueError(f"{path}: its tensors do not have the config's shapes: {wrong[:6]}")
+    result = net.load_state_dict(ours, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise KeyError(
             f"{path}: tensors that do not fit our ViT CLIP: missing {result.missing_keys[:8]}, "
