@@ -232,3 +232,64 @@ def test_init_from_open_clip_refuses_a_net_of_another_activation(tmp_path):
     with pytest.raises(ValueError, match="set net.quick_gelu=true"):
         build_net(gelu, None)
     assert build_net(quick, None).quick_gelu
+
+
+@pytest.mark.slow
+def test_a_clip_run_exports_to_an_open_clip_hub_directory_that_open_clip_loads(tmp_path, capsys):
+    """python -m train.checkpoint to-open-clip RUN OUT: open_clip's own factory builds the model from the
+    directory ("local-dir:OUT") and its embeddings equal ours to 1e-5."""
+    from hydra import compose, initialize_config_dir
+
+    from train.checkpoint import load_stage, main
+    from train.run import CONF_DIR, train
+
+    run = tmp_path / "run"
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose(
+            "train",
+            overrides=[
+                "debug=fast",
+                "trainer.max_steps=2",
+                f"paths.data_dir={tmp_path / 'data'}",
+                f"paths.output_dir={run}",
+                "net.vision.stem=patch",
+                "net.vision.pool=tok",
+                "net.quick_gelu=true",
+            ],
+        )
+    train(cfg)
+    main(["to-open-clip", str(run), str(tmp_path / "hub")])
+    assert capsys.readouterr().out.strip().endswith("hub")
+    net = load_stage(run).net
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 64, 64, generator=g)
+    tokens = torch.randint(
+        1, net.text_cfg["vocab_size"] - 1, (2, net.text_cfg["context_length"]), generator=g
+    )
+    tokens[:, -1] = net.text_cfg["vocab_size"] - 1  # eot: the largest id, where both pool
+    theirs = run_reference(
+        ensure_reference_env(MODEL_PACKAGES),
+        TORCHVISION_SHIM
+        + """
+import open_clip
+model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + inputs["dir"])
+model.eval()
+with torch.no_grad():
+    outputs["image"] = model.encode_image(inputs["images"], normalize=True)
+    outputs["text"] = model.encode_text(inputs["tokens"], normalize=True)
+outputs["logit_scale"] = float(model.logit_scale.exp())
+outputs["mean"] = [float(m) for m in preprocess.transforms[-1].mean]
+""",
+        {"dir": str(tmp_path / "hub"), "images": images, "tokens": tokens},
+    )
+    _check({**theirs, "images": images, "tokens": tokens}, net)
+    assert theirs["logit_scale"] == pytest.approx(float(net.logit_scale.exp()), rel=1e-6)
+    assert theirs["mean"] == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+
+
+def test_to_open_clip_refuses_what_open_clip_cannot_build(clip_run, tmp_path):
+    from train.checkpoint import export_open_clip
+
+    run, _ = clip_run  # the tiny CLIP: a conv stem and mean pooling
+    with pytest.raises(ValueError, match="net.vision.stem=patch net.vision.pool=tok"):
+        export_open_clip(run, tmp_path / "hub")

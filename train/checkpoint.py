@@ -8,12 +8,17 @@ so no optimizer or data pipeline is touched.
 An inference export (:func:`export_stage`, ``<run>/export/``) holds the net's weights (the EMA's where
 the stage has one) as ``model.safetensors`` (no pickle: safe to load from anywhere), next to
 ``config.yaml``, ``tokenizer.json`` and ``export.json`` (source checkpoint, step). :func:`load_stage`
-reads it like a run directory.
+reads it like a run directory. ``to-open-clip`` writes a CLIP run as an open_clip hub directory.
+
+    python -m train.checkpoint export RUN [--out DIR]            # <run>/export: safetensors + config
+    python -m train.checkpoint consolidate CKPT OUT              # a sharded checkpoint -> one file
+    python -m train.checkpoint to-open-clip RUN OUT_DIR          # open_clip.create_model("local-dir:OUT_DIR")
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +27,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from data.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -285,6 +292,29 @@ def load_stage(
     )
 
 
+def export_open_clip(path: str | Path, out: str | Path, use_ema: bool = True) -> Path:
+    """A CLIP run as an open_clip hub directory (train/models/openclip_import.py save_open_clip), with
+    the run's image normalisation as its preprocess config."""
+    from data.transforms import CLIP_MEAN, CLIP_STD
+    from train.models.clip import CLIP
+    from train.models.openclip_import import save_open_clip
+
+    stage = load_stage(path, use_ema=use_ema)
+    if not isinstance(stage.net, CLIP):
+        raise ValueError(f"{path}: a {type(stage.net).__name__} run; to-open-clip exports CLIP runs")
+    if stage.tokenizer is not None and stage.tokenizer.vocab_size != 49408:
+        log.warning(
+            "%s: the run's tokenizer (%d ids) is not CLIP's BPE: open_clip loads the weights, but its own "
+            "tokenizer will not give this net's ids (tokenize with the run's tokenizer.json)",
+            path,
+            stage.tokenizer.vocab_size,
+        )
+    preprocess = {"size": stage.net.vision_cfg["image_size"], "mode": "RGB", "interpolation": "bicubic"}
+    if stage.cfg.data.get("normalize", "clip") == "clip":
+        preprocess.update(mean=list(CLIP_MEAN), std=list(CLIP_STD))
+    return save_open_clip(stage.net, out, preprocess)
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -299,12 +329,17 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("run")
     e.add_argument("--out", default=None)
     e.add_argument("--no-ema", action="store_true", help="export the trained weights, not their EMA")
+    o = sub.add_parser("to-open-clip", help="a CLIP run -> an open_clip hub directory (local-dir:OUT)")
+    o.add_argument("run")
+    o.add_argument("out")
     args = parser.parse_args(argv)
     try:
         if args.command == "consolidate":
             state = consolidate(args.checkpoint, args.out)
             n = sum(v.numel() for v in state.values())
             print(f"{args.out}: {len(state)} tensors, {n / 1e6:.2f}M values")
+        elif args.command == "to-open-clip":
+            print(export_open_clip(args.run, args.out))
         else:
             print(export_stage(args.run, args.out, use_ema=not args.no_ema))
     except (FileNotFoundError, KeyError, ValueError) as e:

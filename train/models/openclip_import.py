@@ -255,3 +255,52 @@ def load_open_clip(
             "towers are not supported)"
         )
     return net.eval()
+
+
+# ---- the other way: our CLIP as an open_clip hub directory ------------------------------------------------
+def to_open_clip_config(net: CLIP) -> dict[str, Any]:
+    """open_clip's model config for ``net``; a net open_clip cannot build (conv stem, mean pooling) is
+    refused naming the option."""
+    v, t = net.vision_cfg, net.text_cfg
+    if v.get("stem", "patch") != "patch" or v.get("pool", "tok") != "tok":
+        raise ValueError(
+            f"net.vision.stem={v.get('stem')!r}, net.vision.pool={v.get('pool')!r}: open_clip's ViT has a linear "
+            "patch stem and class-token pooling (net.vision.stem=patch net.vision.pool=tok)"
+        )
+    return {
+        "embed_dim": net.embed_dim,
+        "quick_gelu": net.quick_gelu,
+        "vision_cfg": {
+            "image_size": v["image_size"],
+            "layers": v["layers"],
+            "width": v["width"],
+            "patch_size": v["patch_size"],
+            "head_width": v["width"] // v["heads"],
+            "mlp_ratio": v.get("mlp_ratio", 4.0),
+        },
+        "text_cfg": {k: t.get(k, 4.0 if k == "mlp_ratio" else None) for k in sorted(TEXT_CFG)},
+    }
+
+
+def to_open_clip_state_dict(net: CLIP) -> dict[str, torch.Tensor]:
+    """Our state dict under open_clip's names: the text tower at the top level, a 0-dim logit scale."""
+    out = {}
+    for key, value in net.state_dict().items():
+        value = value.detach().contiguous().cpu()
+        if key == "logit_scale":
+            value = value.reshape(())
+        out[key.removeprefix("text.")] = value
+    return out
+
+
+def save_open_clip(net: CLIP, out: str | Path, preprocess: Mapping[str, Any] | None = None) -> Path:
+    """``out/open_clip_config.json`` + ``out/open_clip_model.safetensors``: a directory that
+    ``open_clip.create_model_and_transforms("local-dir:" + out)`` loads (and clip_benchmark through it)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": to_open_clip_config(net), "preprocess_cfg": dict(preprocess or {})}
+    save_file(to_open_clip_state_dict(net), str(out / HUB_WEIGHTS[0]))
+    (out / HUB_CONFIG).write_text(json.dumps(config, indent=2))
+    return out
