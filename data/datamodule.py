@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from data.manifest import LEVELS, check_shards, load_manifest, missing_shards
+from data.manifest import LEVELS, VerifiedCache, check_shards, load_manifest, missing_shards
 from data.pipeline import BAD_SAMPLE_REASONS, SKIP_REASONS, Filters, ShardDataset, _seed
 from data.shards import expand_shards, group_samples, open_shard, read_tar
 from data.transforms import Normalize
@@ -363,7 +363,8 @@ class ShardDataModule(pl.LightningDataModule):
         rank = self.trainer.global_rank if self.trainer else 0
         urls = expand_shards(self.train_shards)
         manifest = load_manifest(self.manifest)
-        problems = check_shards(urls[rank::world], manifest, level=self.manifest_check)
+        cache = VerifiedCache(self.manifest, writer=rank)  # a restart does not hash verified shards again
+        problems = check_shards(urls[rank::world], manifest, level=self.manifest_check, cache=cache)
         if rank == 0:
             problems = missing_shards(urls, manifest) + problems
         if world > 1 and self._group is not None:

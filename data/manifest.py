@@ -13,6 +13,12 @@ Training checks the shards against ``data.manifest`` before the first step (data
 shard of ``data.train_shards`` must be listed, present, and of the listed size (``size``, a stat per
 shard) or also hash (``sha256``, reads every byte; each rank hashes its share). Any mismatch stops every
 rank with one error naming each shard and what differs.
+
+A restart does not hash again what it verified before: a local shard that matched is recorded, with its
+size and modification time, in ``<manifest>.verified.<writer>.json`` beside the manifest (one file per
+rank, all of them read back, so a restart on another number of ranks reuses them). It is hashed again
+only when its size or modification time changed, or the manifest's sha256 did. Where the manifest's
+directory is read-only the check works as before, without the cache.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -28,6 +35,8 @@ from pathlib import Path
 
 from data.progress import Progress
 from data.shards import ShardError, ShardSpecError, expand_shards, group_samples, open_shard, read_tar
+
+log = logging.getLogger(__name__)
 
 LEVELS = ("size", "sha256")
 
@@ -123,18 +132,83 @@ def load_manifest(path: str | os.PathLike) -> dict[str, dict]:
     return shards
 
 
-def check_shards(urls: Sequence[str], manifest: dict[str, dict], *, level: str = "sha256") -> list[str]:
-    """One line per shard of ``urls`` that does not match ``manifest``; empty when all do."""
+def check_shards(
+    urls: Sequence[str],
+    manifest: dict[str, dict],
+    *,
+    level: str = "sha256",
+    cache: VerifiedCache | None = None,
+) -> list[str]:
+    """One line per shard of ``urls`` that does not match ``manifest``; empty when all do. With ``cache``,
+    a local shard verified before with the same size and modification time is not hashed again."""
     if level not in LEVELS:
         raise ValueError(f"data.manifest_check={level!r}: expected one of {LEVELS}")
     problems = []
     progress = Progress(len(urls), f"manifest: checking ({level})", interval=10.0)
     for url in urls:
-        problem = _shard_problem(url, manifest.get(shard_name(url)), level)
+        entry = manifest.get(shard_name(url))
+        if cache is not None and level == "sha256" and entry is not None and cache.verified(url, entry):
+            progress.step(detail="verified before")
+            continue
+        problem = _shard_problem(url, entry, level)
         if problem:
             problems.append(problem)
+        elif cache is not None and level == "sha256":
+            cache.record(url, entry)
         progress.step()
+    if cache is not None:
+        cache.save()
     return problems
+
+
+class VerifiedCache:
+    """Shards this dataset's manifest check already hashed: name -> size, mtime_ns and the sha256 they
+    matched. ``writer`` names this process's file (a rank); every writer's file is read."""
+
+    def __init__(self, manifest: str | os.PathLike, writer: str | int = 0) -> None:
+        self.manifest = Path(manifest)
+        self.path = self.manifest.with_name(f"{self.manifest.name}.verified.{writer}.json")
+        self.known: dict[str, dict] = {}
+        for part in sorted(self.manifest.parent.glob(f"{self.manifest.name}.verified.*.json")):
+            try:
+                self.known.update(json.loads(part.read_text()))
+            except (OSError, ValueError):
+                continue  # a damaged cache only costs a re-hash
+        self.new: dict[str, dict] = {}
+
+    @staticmethod
+    def _stat(url: str) -> dict | None:
+        if url.startswith("pipe:") or "://" in url:
+            return None  # object stores: no modification time to trust
+        try:
+            st = os.stat(url)
+        except OSError:
+            return None
+        return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+    def verified(self, url: str, entry: dict) -> bool:
+        seen, now = self.known.get(shard_name(url)), self._stat(url)
+        return bool(seen and now and seen == {**now, "sha256": entry["sha256"]})
+
+    def record(self, url: str, entry: dict) -> None:
+        if (now := self._stat(url)) is not None:
+            self.new[shard_name(url)] = {**now, "sha256": entry["sha256"]}
+
+    def save(self) -> None:
+        if not self.new:
+            return
+        mine = {}
+        if self.path.exists():
+            try:
+                mine = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                mine = {}
+        try:
+            _write_json(self.path, {**mine, **self.new})
+        except OSError as e:  # a read-only dataset directory: check without the cache
+            log.warning("manifest: cannot record verified shards in %s (%s)", self.path, e.strerror)
+        self.known.update(self.new)
+        self.new = {}
 
 
 def _shard_problem(url: str, entry: dict | None, level: str) -> str | None:

@@ -174,3 +174,38 @@ def test_manifest_work_reports_progress_with_an_eta(tmp_path, caplog):
     assert lines[-1].startswith("hashing: 4/4 shards") and lines[-1].endswith("ETA 0:00:00")
     quiet = Progress(3, "checking", interval=3600)
     assert [quiet.step() for _ in range(3)][:2] == [None, None]  # at most one line per interval, and the last
+
+
+def test_a_restart_does_not_hash_the_shards_it_verified_before(make_shards, tmp_path, monkeypatch):
+    """A requeued job's check costs a stat per shard; a changed shard (size, mtime) is hashed again and
+    caught, and a restart on another number of ranks reads every rank's record."""
+    import os
+
+    import data.manifest as m
+
+    directory, _ = make_shards([3, 5, 4])
+    main(["write", str(directory)])
+    manifest_path = directory / "manifest.json"
+    manifest = load_manifest(manifest_path)
+    urls = expand_shards(str(directory))
+    hashed = []
+    real = m.describe_shard
+    monkeypatch.setattr(m, "describe_shard", lambda url: hashed.append(url) or real(url))
+    for rank in (0, 1):  # two ranks, each its share, each its own record
+        assert check_shards(urls[rank::2], manifest, cache=m.VerifiedCache(manifest_path, writer=rank)) == []
+    assert len(hashed) == 3
+    hashed.clear()
+    assert check_shards(urls, manifest, cache=m.VerifiedCache(manifest_path, writer=0)) == []  # one rank now
+    assert hashed == []
+    # a shard rewritten with other bytes of the same size: its mtime moved, so it is hashed and caught
+    shard = directory / "00001.tar"
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    problems = check_shards(urls, manifest, cache=m.VerifiedCache(manifest_path, writer=0))
+    assert hashed == [str(shard)] and len(problems) == 1 and "00001.tar: sha256" in problems[0]
+    # without the cache every shard is read (the CLI's `check`)
+    hashed.clear()
+    check_shards(urls, manifest)
+    assert len(hashed) == 3
