@@ -25,11 +25,8 @@ def fsdp_units(net: nn.Module) -> list[nn.Module]:
     return units
 
 
-COMPILE_MODES = ("none", "full", "regional")
-
-
 def compile_mode(value: str | bool | None) -> str:
-    """``trainer.compile``: false/null/none, true/full or regional -> one of COMPILE_MODES."""
+    """``trainer.compile``: false/null/none, true/full or regional -> "none", "full" or "regional"."""
     if value in (None, False, "none", "false"):
         return "none"
     if value in (True, "full", "true"):
