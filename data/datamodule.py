@@ -131,7 +131,7 @@ class RankSyncedLoader:
         # counts are per epoch; a resume within the same epoch starts from the saved ones
         self.worker_states, self.tail_dropped, self.consumed, self.last_worker = {}, 0, {}, None
         self._in_flight.clear()
-        ds.start_positions, ds.start_skips, ds.worker_offset = {}, {}, 0
+        ds.start_positions, ds.start_skips, ds.start_cursors, ds.worker_offset = {}, {}, {}, 0
         ds.data_ranks = ds.data_world_size = None  # a new epoch: this rank's own partition
         pending, self._pending = self._pending, None
         self._resumed = pending is not None and pending["epoch"] == ds.epoch
@@ -141,9 +141,10 @@ class RankSyncedLoader:
             ds.data_world_size = int(pending.get("data_world_size", ds.world_size))
             ds.start_positions = {key: st["position"] for key, st in streams.items()}
             ds.start_skips = {key: dict(st["skips"]) for key, st in streams.items()}
+            ds.start_cursors = {key: st["cursor"] for key, st in streams.items() if st.get("cursor")}
             for (v, w), st in streams.items():
                 record = self.worker_states.setdefault(w, {"worker": w, "streams": {}})
-                record["streams"][v] = {"position": st["position"], "skips": dict(st["skips"])}
+                record["streams"][v] = {**st, "skips": dict(st["skips"])}
             self.consumed = {
                 w: {"worker": w, "streams": dict(st["streams"])} for w, st in self.worker_states.items()
             }
@@ -179,8 +180,8 @@ class RankSyncedLoader:
             "epoch": ds.epoch,
             "data_ranks": ds.streams,
             "data_world_size": ds.stream_world_size,
-            "streams": {  # (data rank, worker) -> position and skips after its last consumed batch
-                (v, w): {"position": st["position"], "skips": dict(st["skips"])}
+            "streams": {  # (data rank, worker) -> position, skips, cursor after its last consumed batch
+                (v, w): {**st, "skips": dict(st["skips"])}
                 for w, record in self.consumed.items()
                 for v, st in record["streams"].items()
             },

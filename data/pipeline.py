@@ -61,6 +61,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data.shards import ShardError, expand_shards, group_samples, open_shard, read_tar
+from data.stream import SampleStream
 from data.transforms import Crop, ImageTooLarge, decode_image, resize_crop
 
 log = logging.getLogger(__name__)
@@ -246,6 +247,8 @@ class ShardDataset(IterableDataset):
         # (data rank, worker) -> raw samples to skip, and the skip counts at that point (resume)
         self.start_positions: dict[tuple[int, int], int] = {}
         self.start_skips: dict[tuple[int, int], dict[str, int]] = {}
+        # (data rank, worker) -> the stream's cursor (data/stream.py): where a resume starts reading
+        self.start_cursors: dict[tuple[int, int], dict] = {}
         # The DataLoader hands out batches round-robin from worker 0. A resume that stopped after a
         # batch of worker k must continue with worker k+1: loader worker i plays stream (i + offset) % W.
         self.worker_offset = 0
@@ -295,12 +298,16 @@ class ShardDataset(IterableDataset):
                 f"{data_ranks} this rank continues"
             )
         chunk = self.batch_size // len(data_ranks)
-        states = {v: {"position": 0, "skips": Counter()} for v in data_ranks}
-        active = [(v, self._stream(v, worker, num_workers, chunk, states[v])) for v in data_ranks]
+        states = {v: self._stream_state(v, worker, num_workers) for v in data_ranks}
+        active = [(v, self._stream(chunk, states[v])) for v in data_ranks]
 
         def snapshot() -> dict:
             streams = {
-                v: {"position": st["position"], "skips": {r: st["skips"].get(r, 0) for r in self.reasons}}
+                v: {
+                    "position": st["position"],
+                    "skips": {r: st["skips"].get(r, 0) for r in self.reasons},
+                    "cursor": st["stream"].cursor(),
+                }
                 for v, st in states.items()
             }
             total = {r: sum(st["skips"][r] for st in streams.values()) for r in self.reasons}
@@ -349,22 +356,32 @@ class ShardDataset(IterableDataset):
             # worker that never filled a batch - still reach the main process (consumers skip it).
             yield {"__key__": [], "__state__": final}
 
-    def _stream(
-        self, data_rank: int, worker: int, num_workers: int, chunk: int, state: dict
-    ) -> Iterator[list]:
-        """One data rank's stream at one worker: lists of ``chunk`` processed items (the last may be
-        shorter). ``state`` (position, skips) is kept current: read it when a list arrives."""
-        skips = state["skips"]
+    def _stream_state(self, data_rank: int, worker: int, num_workers: int) -> dict:
+        """One data rank's stream at one worker, from the start of the epoch or its saved cursor."""
         key = (data_rank, worker)
-        skips.update(self.start_skips.get(key, {}))
+        skips = Counter(self.start_skips.get(key, {}))
+        stream = SampleStream(
+            lambda: self._shard_sequence(data_rank, worker, num_workers),
+            self._read_shard,
+            skips,
+            buffer_size=self.shuffle_buffer,
+            seed=_seed(self.seed, self.epoch, data_rank, worker, "buffer"),
+            cursor=self.start_cursors.get(key),
+        )
+        return {"position": self.start_positions.get(key, 0), "skips": skips, "stream": stream}
+
+    def _stream(self, chunk: int, state: dict) -> Iterator[list]:
+        """Lists of ``chunk`` processed items of one stream (the last may be shorter). ``state``
+        (position, skips) is kept current: read it when a list arrives."""
+        skips, stream = state["skips"], state["stream"]
+        # A position without a cursor (checkpoints before cursors): replay the raw samples drawn before
+        # it, without decoding; shard-level skips seen again during the replay were counted already.
+        replay_to = state["position"] if stream.start is None else 0
         saved_skips = dict(skips)
-        raw = self._shuffled(self._raw_samples(data_rank, worker, num_workers, skips), data_rank, worker)
-        skip_to = self.start_positions.get(key, 0)
-        state["position"] = skip_to
         items: list[dict] = []
-        for position, sample in enumerate(raw, start=1):
-            if position <= skip_to:  # resume: replay the raw stream without decoding
-                if position == skip_to:  # shard-level skips seen during the replay are already counted
+        for position, sample in enumerate(stream, start=state["position"] - replay_to + 1):
+            if position <= replay_to:
+                if position == replay_to:
                     skips.clear()
                     skips.update(saved_skips)
                 continue
@@ -379,9 +396,10 @@ class ShardDataset(IterableDataset):
         if items:
             yield items
 
-    def _raw_samples(self, data_rank: int, worker: int, num_workers: int, skips: Counter) -> Iterator[dict]:
+    def _shard_sequence(self, data_rank: int, worker: int, num_workers: int) -> Iterator[str]:
+        """This stream's shards in reading order: its share of the epoch, or endless draws (resampled)."""
         if self.mode == "epoch":
-            mine = shards_for(
+            yield from shards_for(
                 self.urls,
                 rank=data_rank,
                 world_size=self.stream_world_size,
@@ -391,56 +409,51 @@ class ShardDataset(IterableDataset):
                 epoch=self.epoch,
                 shuffle=self.shuffle_shards,
             )
-            for url in mine:
-                yield from self._read_shard(url, skips)
         else:
             rng = random.Random(_seed(self.seed, self.epoch, data_rank, worker, "resample"))
             while True:
-                yield from self._read_shard(rng.choice(self.urls), skips)
+                yield rng.choice(self.urls)
 
-    def _read_shard(self, url: str, skips: Counter) -> Iterator[dict]:
-        n = 0
+    def _read_shard(self, url: str, skips: Counter, count_from: int = 0) -> Iterator[tuple[int, dict]]:
+        """(index, sample) for every kept sample of a shard; skips are counted from sample ``count_from``
+        on (a restart reads the part before again). Closing it early (a restart that needs only the
+        start of a shard) is silent."""
+        n = kept = 0
         seen: set[str] = set()
+        replayed: Counter = Counter()
+        closed = False
         try:
             with open_shard(url) as stream:
                 for sample in group_samples(read_tar(stream)):
                     n += 1
+                    counts = skips if kept >= count_from else replayed
                     key = sample["__key__"]
                     if key.startswith("/") or ".." in key.split("/"):
-                        skips["unsafe_key"] += 1
+                        counts["unsafe_key"] += 1
                         continue
                     if key in seen:
-                        skips["duplicate_key"] += 1
+                        counts["duplicate_key"] += 1
                         continue
                     seen.add(key)
                     sample["__url__"] = url
-                    yield sample
+                    try:
+                        yield kept, sample
+                    except GeneratorExit:
+                        closed = True
+                        raise
+                    kept += 1
         except ShardError as e:
-            skips[e.reason] += 1
+            (skips if kept >= count_from else replayed)[e.reason] += 1
             log.warning("shard %s: %s (after %d samples); rest of the shard skipped", url, e, n)
             return
         except OSError as e:  # missing file, permission, failed pipe command
+            if closed:  # a pipe stopped early exits with an error status
+                return
             skips["unreadable_shard"] += 1
             log.warning("shard %s unreadable: %s", url, e)
             return
         if n == 0:
             skips["empty_shard"] += 1
-
-    def _shuffled(self, samples: Iterator[dict], data_rank: int, worker: int) -> Iterator[dict]:
-        if self.shuffle_buffer <= 1:
-            yield from samples
-            return
-        rng = random.Random(_seed(self.seed, self.epoch, data_rank, worker, "buffer"))
-        buffer: list[dict] = []
-        for sample in samples:
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(sample)
-                continue
-            i = rng.randrange(len(buffer))
-            buffer[i], sample = sample, buffer[i]
-            yield sample
-        rng.shuffle(buffer)
-        yield from buffer
 
     def _process(self, sample: dict, skips: Counter) -> dict | None:
         """Validate, filter, decode, transform one raw sample; None (and a counted reason) to drop it."""
