@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from data.manifest import LEVELS, VerifiedCache, check_shards, load_manifest, missing_shards
 from data.pipeline import BAD_SAMPLE_REASONS, SKIP_REASONS, Filters, ShardDataset, _seed
+from data.resume import Layout, LayoutChangeError, plan_resume
 from data.shards import expand_shards, group_samples, open_shard, read_tar
 from data.transforms import Normalize
 
@@ -132,6 +133,7 @@ class RankSyncedLoader:
         self.worker_states, self.tail_dropped, self.consumed, self.last_worker = {}, 0, {}, None
         self._in_flight.clear()
         ds.start_positions, ds.start_skips, ds.start_cursors, ds.worker_offset = {}, {}, {}, 0
+        ds.start_splits = {}
         ds.data_ranks = ds.data_world_size = None  # a new epoch: this rank's own partition
         pending, self._pending = self._pending, None
         self._resumed = pending is not None and pending["epoch"] == ds.epoch
@@ -142,6 +144,7 @@ class RankSyncedLoader:
             ds.start_positions = {key: st["position"] for key, st in streams.items()}
             ds.start_skips = {key: dict(st["skips"]) for key, st in streams.items()}
             ds.start_cursors = {key: st["cursor"] for key, st in streams.items() if st.get("cursor")}
+            ds.start_splits = {key: tuple(st["split"]) for key, st in streams.items() if st.get("split")}
             for (v, w), st in streams.items():
                 record = self.worker_states.setdefault(w, {"worker": w, "streams": {}})
                 record["streams"][v] = {**st, "skips": dict(st["skips"])}
@@ -476,98 +479,51 @@ class ShardDataModule(pl.LightningDataModule):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume where the checkpoint's training step left the data: every rank continues its own
-        stream with the next batch it had not trained on.
-
-        On fewer ranks (the saved data-rank count a multiple of the new world size) with the same global
-        batch, each rank plays several saved data ranks, so the epoch continues exactly once and every
-        step trains the samples the saved layout would have. Any other change of layout mid-epoch
-        (workers, seed, mode, more ranks, another per-step batch) is refused, unless
+        """Resume where the checkpoint's training step left the data: every rank continues with the next
+        batch it had not trained on; on fewer or more ranks the epoch continues exactly once
+        (data/resume.py). Another layout mid-epoch is refused, or restarts the epoch with
         ``on_layout_change=restart_epoch``."""
         if not state or "ranks" not in state:
             return
-        state = _upgrade_position(state)
         world = self.trainer.world_size if self.trainer else 1
-        rank = self.trainer.global_rank if self.trainer else 0
-        saved_ranks = state["ranks"]
-        epoch = saved_ranks[0]["epoch"]
-        if (state["world_size"], state["data_world_size"]) == (world, world) and (
-            state["num_workers"],
-            state["mode"],
-            state["seed"],
-        ) == (self.num_workers, self.mode, self.seed):
-            self._set_resume(saved_ranks[rank])
-            return
-        if not any(r["streams"] for r in saved_ranks):
-            return  # saved at an epoch boundary: the next epoch starts on the new layout
-        data_world = state["data_world_size"]
-        batch = self.batch_size or per_device_batch_size(self.global_batch_size, world, 1)
-        problems = [
-            f"data.{key}={now!r} (saved {was!r})"
-            for key, was, now in (
-                ("num_workers", state["num_workers"], self.num_workers),
-                ("mode", state["mode"], self.mode),
-                ("seed", state["seed"], self.seed),
-            )
-            if was != now
-        ]
-        if data_world % world:
-            problems.append(
-                f"{world} ranks (the saved epoch is split into {data_world} data ranks; it can continue "
-                f"on a number of ranks that divides {data_world})"
-            )
-        elif state.get("batch_per_data_rank") is None:
-            problems.append(
-                f"{world} ranks (a checkpoint from before data version 2 records no batch per data rank)"
-            )
-        elif batch != data_world // world * state["batch_per_data_rank"]:
-            problems.append(
-                f"a per-device batch of {batch} (continuing {data_world // world} data ranks of "
-                f"{state['batch_per_data_rank']} each needs {data_world // world * state['batch_per_data_rank']}: "
-                "keep data.global_batch_size and trainer.accumulate_grad_batches)"
-            )
-        if problems:
+        layout = Layout(
+            world=world,
+            rank=self.trainer.global_rank if self.trainer else 0,
+            num_workers=self.num_workers,
+            mode=self.mode,
+            seed=self.seed,
+            batch=self.batch_size or per_device_batch_size(self.global_batch_size, world, 1),
+        )
+        try:
+            position = plan_resume(state, layout)
+        except LayoutChangeError as e:
             if self.on_layout_change != "restart_epoch":
-                raise ValueError(
-                    f"the checkpoint stopped in the middle of data epoch {epoch}, saved with "
-                    f"{state['world_size']} ranks; the rest of that epoch cannot continue exactly once with "
-                    f"{'; '.join(problems)}. Resume with the saved layout, or set "
-                    "data.on_layout_change=restart_epoch to restart the epoch (samples of its first part "
-                    "are seen twice)."
-                )
+                raise
             log.warning(
                 "data: layout changed mid-epoch %d (%s): the epoch restarts (data.on_layout_change=restart_epoch)",
-                epoch,
-                "; ".join(problems),
+                e.epoch,
+                "; ".join(e.problems),
             )
             return
-        k = data_world // world
-        mine = list(range(rank * k, (rank + 1) * k))
-        first = next(r for r in saved_ranks if mine[0] in r["data_ranks"])
-        self._set_resume(
-            {
-                "epoch": epoch,
-                "data_ranks": mine,
-                "data_world_size": data_world,
-                "streams": {
-                    (v, w): st for r in saved_ranks for (v, w), st in r["streams"].items() if v in mine
-                },
-                "last_worker": first["last_worker"],
-                "tail_dropped": sum(
-                    r.get("tail_dropped", 0) for r in saved_ranks if r["data_ranks"][0] in mine
+        if position is None:
+            return  # saved at an epoch boundary: the next epoch starts on the new layout
+        if state["world_size"] != world:
+            log.info(
+                "data: epoch %d saved on %d ranks continues on %d: rank %d plays data ranks %s of %d%s",
+                position["epoch"],
+                state["world_size"],
+                world,
+                layout.rank,
+                position["data_ranks"],
+                position["data_world_size"],
+                "".join(
+                    f" (part {p} of {m} of its unopened shards)"
+                    for (_, m, p) in {
+                        tuple(st["split"]) for st in position["streams"].values() if "split" in st
+                    }
                 ),
-            }
-        )
-        log.info(
-            "data: epoch %d saved on %d ranks continues on %d: rank %d plays data ranks %s (%d samples each "
-            "per step)",
-            epoch,
-            state["world_size"],
-            world,
-            rank,
-            mine,
-            state["batch_per_data_rank"],
-        )
+            )
+        self._set_resume(position)
 
     def _set_resume(self, position: dict) -> None:
         self._resume_state = position
@@ -590,30 +546,6 @@ class ShardDataModule(pl.LightningDataModule):
         ]  # identical on every rank
         counts = self._train_loader.skip_counts() if self._train_loader is not None else {}
         return {k: counts.get(k, 0) for k in keys}
-
-
-def _upgrade_position(state: dict) -> dict:
-    """A version-1 data position (one data rank per rank, positions per worker) in today's form."""
-    if state.get("version", 1) >= 2:
-        return state
-    ranks = [
-        {
-            "epoch": r["epoch"],
-            "data_ranks": [i],
-            "data_world_size": state["world_size"],
-            "streams": {(i, int(w)): st for w, st in r["workers"].items()},
-            "last_worker": r["last_worker"],
-            "tail_dropped": r.get("tail_dropped", 0),
-        }
-        for i, r in enumerate(state["ranks"])
-    ]
-    return {
-        **state,
-        "version": 2,
-        "data_world_size": state["world_size"],
-        "batch_per_data_rank": None,
-        "ranks": ranks,
-    }
 
 
 def iter_captions(shards: str | Sequence[str], limit: int) -> Iterator[str]:

@@ -249,6 +249,9 @@ class ShardDataset(IterableDataset):
         self.start_skips: dict[tuple[int, int], dict[str, int]] = {}
         # (data rank, worker) -> the stream's cursor (data/stream.py): where a resume starts reading
         self.start_cursors: dict[tuple[int, int], dict] = {}
+        # (data rank, worker) -> (first unopened shard, m, part): the epoch continues on m times the ranks
+        # (data/resume.py); this stream reads part `part` of the shards from that one on
+        self.start_splits: dict[tuple[int, int], tuple[int, int, int]] = {}
         # The DataLoader hands out batches round-robin from worker 0. A resume that stopped after a
         # batch of worker k must continue with worker k+1: loader worker i plays stream (i + offset) % W.
         self.worker_offset = 0
@@ -307,6 +310,7 @@ class ShardDataset(IterableDataset):
                     "position": st["position"],
                     "skips": {r: st["skips"].get(r, 0) for r in self.reasons},
                     "cursor": st["stream"].cursor(),
+                    **({"split": list(st["split"])} if st["split"] else {}),
                 }
                 for v, st in states.items()
             }
@@ -351,7 +355,7 @@ class ShardDataset(IterableDataset):
                 reported = state["streams"]
                 yield self._collate(pool[start : start + self.batch_size], state)
         final = snapshot()
-        if final["streams"] != reported:
+        if _counts(final["streams"]) != _counts(reported):  # not when only a cursor moved (nothing new)
             # A state-only record (no samples), so positions and skips after the last batch - or in a
             # worker that never filled a batch - still reach the main process (consumers skip it).
             yield {"__key__": [], "__state__": final}
@@ -360,15 +364,24 @@ class ShardDataset(IterableDataset):
         """One data rank's stream at one worker, from the start of the epoch or its saved cursor."""
         key = (data_rank, worker)
         skips = Counter(self.start_skips.get(key, {}))
+        split = self.start_splits.get(key)
         stream = SampleStream(
-            lambda: self._shard_sequence(data_rank, worker, num_workers),
+            lambda: self._shard_sequence(data_rank, worker, num_workers, split),
             self._read_shard,
             skips,
             buffer_size=self.shuffle_buffer,
-            seed=_seed(self.seed, self.epoch, data_rank, worker, "buffer"),
+            # a new part of a split stream shuffles with its own seed; part 0 continues the saved generator
+            seed=_seed(
+                self.seed, self.epoch, data_rank, worker, "buffer", *(split if split and split[2] else ())
+            ),
             cursor=self.start_cursors.get(key),
         )
-        return {"position": self.start_positions.get(key, 0), "skips": skips, "stream": stream}
+        return {
+            "position": self.start_positions.get(key, 0),
+            "skips": skips,
+            "stream": stream,
+            "split": split,
+        }
 
     def _stream(self, chunk: int, state: dict) -> Iterator[list]:
         """Lists of ``chunk`` processed items of one stream (the last may be shorter). ``state``
@@ -396,10 +409,14 @@ class ShardDataset(IterableDataset):
         if items:
             yield items
 
-    def _shard_sequence(self, data_rank: int, worker: int, num_workers: int) -> Iterator[str]:
-        """This stream's shards in reading order: its share of the epoch, or endless draws (resampled)."""
+    def _shard_sequence(
+        self, data_rank: int, worker: int, num_workers: int, split: tuple[int, int, int] | None = None
+    ) -> Iterator[str]:
+        """This stream's shards in reading order: its share of the epoch, or endless draws (resampled).
+        ``split`` (first unopened shard s, m, part p): part 0 keeps the shards before s (its cursor points
+        into them) and every m-th from s; part p > 0 has the p-th of every m from s."""
         if self.mode == "epoch":
-            yield from shards_for(
+            shards = shards_for(
                 self.urls,
                 rank=data_rank,
                 world_size=self.stream_world_size,
@@ -409,6 +426,10 @@ class ShardDataset(IterableDataset):
                 epoch=self.epoch,
                 shuffle=self.shuffle_shards,
             )
+            if split is not None:
+                first, m, part = split
+                shards = (shards[:first] if part == 0 else []) + shards[first + part :: m]
+            yield from shards
         else:
             rng = random.Random(_seed(self.seed, self.epoch, data_rank, worker, "resample"))
             while True:
@@ -505,6 +526,10 @@ class ShardDataset(IterableDataset):
             batch["json"] = [it["json"] for it in items]
         batch["__state__"] = state
         return batch
+
+
+def _counts(streams: dict | None) -> dict | None:
+    return None if streams is None else {v: (st["position"], st["skips"]) for v, st in streams.items()}
 
 
 def check_sample(

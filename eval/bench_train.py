@@ -194,7 +194,7 @@ def _clip_workload(cfg, net: torch.nn.Module, b: int, rand: _Random) -> Workload
         out = net(pixels, tokens)
         return clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
 
-    return Workload(net, loss, b, cfg.module.weight_decay, {"image": size, "context": ctx})
+    return Workload(net, loss, b, cfg.module.optimizer.weight_decay, {"image": size, "context": ctx})
 
 
 def _diffusion_workload(cfg, net: torch.nn.Module, case: Case, rand: _Random) -> Workload:
@@ -235,7 +235,7 @@ def _diffusion_workload(cfg, net: torch.nn.Module, case: Case, rand: _Random) ->
         return diffusion.training_losses(net, x0, model_kwargs=kwargs)["loss"].mean()
 
     info = {"input": list(x0.shape[1:]), "prediction": diffusion.prediction}
-    return Workload(net, loss, b, cfg.module.weight_decay, info)
+    return Workload(net, loss, b, cfg.module.optimizer.weight_decay, info)
 
 
 # ---- anchors: what users run instead (the shapes of ../shared/device/README.md) -------------------------

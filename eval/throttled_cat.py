@@ -2,8 +2,8 @@
 
     pipe:python -m eval.throttled_cat --rate 8e6 --latency 0.05 --log reads.txt /data/00001.tar
 
-Writes FILE to stdout after ``--latency`` seconds at ``--rate`` bytes/s, then appends "FILE BYTES" to
-``--log``. ``UNCLIP_THROTTLE=off`` in the environment turns the throttle off (same command, full speed).
+Writes FILE to stdout after ``--latency`` seconds at ``--rate`` bytes/s. ``--log`` gets a line
+"open FILE" at the start and "done FILE BYTES" at the end. ``UNCLIP_THROTTLE=off`` in the environment turns the throttle off (same command, full speed).
 A reader that stops early ends it quietly (exit 141, as ``cat`` killed by SIGPIPE), which
 webdataset's pipe treats as success.
 """
@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     throttle = os.environ.get("UNCLIP_THROTTLE", "on") != "off"
     sent, status = 0, 0
     start = time.monotonic()
+    if args.log:
+        with open(args.log, "a") as log:
+            log.write(f"open {args.file}\n")
     if throttle:
         time.sleep(args.latency)
     try:
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         status = 141
     if args.log:
         with open(args.log, "a") as log:
-            log.write(f"{args.file} {sent}\n")
+            log.write(f"done {args.file} {sent}\n")
     if status:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
     return status

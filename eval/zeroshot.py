@@ -27,20 +27,46 @@ def evaluate_run(
     shards = shards or stage.cfg.data.get("val_shards")
     if not shards:
         raise ValueError(f"{path}: the run has no data.val_shards; pass --shards")
-    normalize = Normalize(stage.cfg.data.normalize)
+    metrics = evaluate_net(
+        stage.net,
+        stage.tokenizer,
+        shards,
+        image_size=stage.cfg.data.image_size,
+        normalize=stage.cfg.data.normalize,
+        batch_size=batch_size,
+        device=device,
+    )
+    return {**metrics, "step": float(stage.global_step)}
+
+
+@torch.no_grad()
+def evaluate_net(
+    net: torch.nn.Module,
+    tokenizer,
+    shards: str,
+    *,
+    image_size: int,
+    normalize: str = "clip",
+    batch_size: int = 256,
+    device: str = "cpu",
+) -> dict[str, float]:
+    """:func:`evaluate_run` for a net held in memory (an imported open_clip model, ...): its tokenizer
+    tokenises the captions and prompts, images are centre-cropped to ``image_size`` and normalised as
+    ``data.normalize``."""
+    normalize = Normalize(normalize)
     ds = ShardDataset(
         shards,
         batch_size=batch_size,
         mode="epoch",
-        image_size=stage.cfg.data.image_size,
+        image_size=image_size,
         crop="center",
-        tokenizer=stage.tokenizer,
+        tokenizer=tokenizer,
         keep_json=True,
         shuffle_buffer=0,
         shuffle_shards=False,
         seed=0,
     )
-    net = stage.net.to(device)
+    net = net.to(device)
     img, txt, captions, scenes = [], [], [], []
     for batch in ds:
         if not batch["__key__"]:
@@ -53,10 +79,10 @@ def evaluate_run(
     if not img:
         raise ValueError(f"shards {shards!r}: no usable sample to evaluate")
     img_t, txt_t = torch.cat(img), torch.cat(txt)
-    metrics = {"n": float(len(img_t)), "step": float(stage.global_step)}
+    metrics = {"n": float(len(img_t))}
     metrics.update(retrieval_recall(img_t, txt_t, captions))
-    if stage.tokenizer is not None and all(s is not None for s in scenes):
-        metrics.update(zeroshot_synthetic(img_t, scenes, net.encode_text, stage.tokenizer, device=device))
+    if tokenizer is not None and all(s is not None for s in scenes):
+        metrics.update(zeroshot_synthetic(img_t, scenes, net.encode_text, tokenizer, device=device))
     return metrics
 
 

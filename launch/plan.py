@@ -43,6 +43,7 @@ from torch.utils._pytree import tree_flatten
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from train.modules.compat import upgrade_config, upgrade_overrides  # noqa: E402
 from train.parallel import fsdp_units  # noqa: E402
 
 GB = 1e9
@@ -58,7 +59,7 @@ CLIP_DEFAULTS = {
 
 def compose_cfg(overrides: list[str]):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = compose("train", overrides=overrides)
+        cfg = upgrade_config(compose("train", overrides=upgrade_overrides(overrides)))
     with open_dict(cfg):
         for key, value in CLIP_DEFAULTS.items():
             if key in cfg.net and cfg.net[key] is None:

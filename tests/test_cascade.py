@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -70,8 +71,16 @@ FAST = {
 }
 
 
-def test_text_to_image_runs_every_stage_and_is_seeded(cascade):
-    out = cascade.text_to_image(["a red circle", "two blue squares"], seed=3, **FAST)
+def test_text_to_image_runs_every_stage_and_is_seeded(cascade, caplog):
+    with caplog.at_level(logging.INFO, logger="train.cascade"):
+        out = cascade.text_to_image(["a red circle", "two blue squares"], seed=3, **FAST)
+    progress = [r.getMessage().split(",")[0] for r in caplog.records if r.name == "train.cascade"]
+    assert progress == [  # a line per stage, with the time left (where users wait)
+        "text to image (2 images): 1/4 stages (prior)",
+        "text to image (2 images): 2/4 stages (decoder at 16 px)",
+        "text to image (2 images): 3/4 stages (upsampler to 32 px)",
+        "text to image (2 images): 4/4 stages (upsampler to 64 px)",
+    ]
     assert [s.shape for s in out.stages] == [(2, 3, 16, 16), (2, 3, 32, 32), (2, 3, 64, 64)]
     assert out.images.dtype == torch.uint8 and torch.equal(out.images, out.stages[-1])
     assert out.image_emb.shape == (2, cascade.clip.embed_dim)
@@ -173,6 +182,30 @@ def test_checkpoints_with_pickled_objects_are_refused(cascade_dir, tmp_path):
     assert not PicklePayload.ran
     torch.save(good, run / "checkpoints" / "last.ckpt")  # the same checkpoint without it loads
     assert load_stage(run).global_step == 2
+
+
+def test_a_run_from_before_the_key_renames_still_loads(cascade_dir, tmp_path):
+    """A run directory whose config.yaml has the old keys (the optimizer's loose in module, module.eps
+    beside prediction: eps; diffusion.clip) loads as the same module, with a warning naming them."""
+    import shutil
+
+    import yaml
+
+    from train.cascade import load_module
+
+    old = tmp_path / "upsampler_256"
+    shutil.copytree(cascade_dir / "upsampler_256", old)
+    cfg = yaml.safe_load((old / "config.yaml").read_text())
+    cfg["module"].update(cfg["module"].pop("optimizer"))
+    cfg["module"]["diffusion"]["clip"] = cfg["module"]["diffusion"].pop("clip_denoised")
+    (old / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.warns(FutureWarning, match="module.lr -> module.optimizer.lr, .*module.diffusion.clip ->"):
+        stage = load_stage(old)
+    assert stage.cfg.module == load_stage(cascade_dir / "upsampler_256").cfg.module
+    with pytest.warns(FutureWarning, match="module.eps -> module.optimizer.eps"):
+        up = load_module(old)  # as Cascade.load builds each stage
+    assert up.hparams == load_module(cascade_dir / "upsampler_256").hparams
+    assert up.sampler.clip_denoised == "static"
 
 
 def test_decoder_sample_can_drop_the_image_embedding(cascade):

@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from train.config import ConfigError, validate
+from train.modules.compat import upgrade_config, upgrade_overrides
 from train.run import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,10 +45,15 @@ def test_an_unknown_group_option_lists_the_available_ones():
     ("override", "named"),
     [
         ("trainer.max_steps=abc", "trainer.max_steps='abc': expected a positive integer"),
-        ("module.lr=-0.001", "module.lr=-0.001: expected a learning rate > 0"),
+        ("module.optimizer.lr=-0.001", "module.optimizer.lr=-0.001: expected a learning rate > 0"),
         ("data.global_batch_size=0", "data.global_batch_size=0: expected an integer >= 1"),
         ("data.num_workers=1.5", "data.num_workers=1.5: expected an integer >= 0"),
-        ("module.betas=[0.9]", "module.betas=[0.9]: expected two numbers"),
+        ("module.optimizer.betas=[0.9]", "module.optimizer.betas=[0.9]: expected two numbers"),
+        ("module.optimizer.eps=0", "module.optimizer.eps=0: expected a number > 0"),
+        ("module.optimizer.warmup_steps=1.5", "module.optimizer.warmup_steps=1.5: expected an integer >= 0"),
+        ("module.optimizer.min_lr_ratio=2", "module.optimizer.min_lr_ratio=2: expected a number in [0, 1]"),
+        ("module.optimizer.weight_decay=-1", "module.optimizer.weight_decay=-1: expected a number >= 0"),
+        ("+module.optimizer.momentum=0.9", "module.optimizer.momentum: not an optimizer setting"),
         ("data.mode=random", "data.mode='random': expected 'epoch' or 'resampled'"),
         ("data.on_layout_change=continue", "data.on_layout_change='continue': expected 'error' or"),
         ("data.manifest_check=md5", "data.manifest_check='md5': expected 'size' or 'sha256'"),
@@ -84,18 +90,22 @@ def test_every_problem_is_listed_at_once():
     with pytest.raises(ConfigError) as err:
         validate(
             _compose(
-                "stage=decoder", "module.lr=0", "module.ema_decay=1.0", "trainer.accumulate_grad_batches=0"
+                "stage=decoder",
+                "module.optimizer.lr=0",
+                "module.ema_decay=1.0",
+                "trainer.accumulate_grad_batches=0",
             )
         )
     text = str(err.value)
     assert (
-        "module.lr=0" in text
+        "module.optimizer.lr=0" in text
         and "module.ema_decay=1.0" in text
         and "trainer.accumulate_grad_batches=0" in text
     )
 
 
 def test_the_cli_fails_before_building_anything(tmp_path):
+    """And reads an old key name on the command line (module.lr) as its new one, with a warning."""
     env = {**os.environ, "UNCLIP_DATA_DIR": str(tmp_path / "d"), "UNCLIP_LOG_DIR": str(tmp_path / "o")}
     result = subprocess.run(
         [sys.executable, "-m", "train.run", "module.lr=-1", f"hydra.run.dir={tmp_path / 'run'}"],
@@ -106,5 +116,135 @@ def test_the_cli_fails_before_building_anything(tmp_path):
         timeout=120,
     )
     assert result.returncode != 0
-    assert "module.lr=-1: expected a learning rate > 0" in result.stderr
+    assert (
+        "renamed config keys, read under their new names: module.lr -> module.optimizer.lr" in result.stderr
+    )
+    assert "module.optimizer.lr=-1: expected a learning rate > 0" in result.stderr
     assert not (tmp_path / "d").exists()  # failed before the dataset was generated
+
+
+# ---- renamed keys: old configs, checkpoints and command lines still load (train/modules/compat.py) ------
+OLD_OPTIMIZER = {
+    "lr": 3e-4,
+    "weight_decay": 0.01,
+    "betas": [0.8, 0.9],
+    "eps": 1e-7,
+    "warmup_steps": 3,
+    "min_lr_ratio": 0.2,
+}
+
+
+def test_old_override_names_compose_the_same_config():
+    new = [f"module.optimizer.{k}={v}" for k, v in OLD_OPTIMIZER.items()]
+    old = [f"module.{k}={v}" for k, v in OLD_OPTIMIZER.items()]
+    new.append("module.diffusion.clip_denoised=dynamic")
+    old.append("module.diffusion.clip=dynamic")
+    with pytest.warns(FutureWarning, match=r"module.lr -> module.optimizer.lr, .*clip -> .*clip_denoised"):
+        upgraded = upgrade_overrides(old)
+    assert upgraded == new
+    assert _compose("stage=upsampler_256", *upgraded).module == _compose("stage=upsampler_256", *new).module
+    assert _compose("stage=upsampler_256", *new).module.optimizer.lr == 3e-4
+    # add / delete / sweep syntax; other keys (new names, look-alikes) untouched
+    with pytest.warns(FutureWarning):
+        assert upgrade_overrides(["+module.eps=1e-8", "~module.lr", "module.lr=1e-4,3e-4"]) == [
+            "+module.optimizer.eps=1e-8",
+            "~module.optimizer.lr",
+            "module.optimizer.lr=1e-4,3e-4",
+        ]
+    same = ["module.optimizer.lr=1", "module.lr_scale=2", "module.diffusion.prediction=eps", "trainer.lr=1"]
+    assert upgrade_overrides(same) == same
+
+
+def test_an_old_experiment_file_is_read_into_the_new_block():
+    """Keys an old experiment file sets (added to the composed config, here with +) move into their new
+    places and win over the stage's defaults there."""
+    cfg = _compose("stage=prior", "+module.lr=5e-4", "+module.eps=1e-5", "+module.diffusion.clip=none")
+    with pytest.warns(FutureWarning, match="module.lr -> .*module.eps -> .*module.diffusion.clip ->"):
+        upgrade_config(cfg)
+    assert "lr" not in cfg.module and "eps" not in cfg.module and "clip" not in cfg.module.diffusion
+    assert cfg.module.optimizer.lr == 5e-4 and cfg.module.optimizer.eps == 1e-5
+    assert cfg.module.optimizer.betas == [0.9, 0.96]  # the stage's, untouched
+    assert cfg.module.diffusion.clip_denoised == "none"
+    validate(cfg)
+
+
+def _tiny_unet():
+    from hydra.utils import instantiate
+
+    return instantiate(_compose("stage=upsampler_256", "net.model_channels=8").net)
+
+
+def _upsampler(**kwargs):
+    from train.modules.upsampler import UpsamplerModule
+
+    return UpsamplerModule(_tiny_unet(), low_res_size=16, sample_steps=2, **kwargs)
+
+
+def _optimizer_and_schedule(module) -> tuple[list, list]:
+    from types import SimpleNamespace
+
+    from train.modules.optim import configure_adamw
+
+    module._trainer = SimpleNamespace(strategy=None, max_steps=20)  # what configure_adamw reads of it
+    out = configure_adamw(module, module.net)
+    groups = [
+        {**{k: v for k, v in g.items() if k != "params"}, "n": len(g["params"])}
+        for g in out["optimizer"].param_groups
+    ]
+    schedule = [out["lr_scheduler"]["scheduler"].lr_lambdas[0](step) for step in range(20)]
+    return groups, schedule
+
+
+def test_old_hparams_give_the_same_module_and_optimizer(tmp_path):
+    """A checkpoint's saved hyper-parameters from before module.optimizer (flat lr, eps, ...,
+    diffusion.clip): the module, its saved hparams and its optimizer are those of the new keys."""
+    import pytorch_lightning as pl
+    import torch
+
+    from train.modules.upsampler import UpsamplerModule
+
+    new = _upsampler(diffusion={"num_timesteps": 10, "clip_denoised": "dynamic"}, optimizer=OLD_OPTIMIZER)
+    old_hparams = {
+        "low_res_size": 16,
+        "sample_steps": 2,
+        "diffusion": {"num_timesteps": 10, "clip": "dynamic"},
+        **OLD_OPTIMIZER,
+    }
+    with pytest.warns(FutureWarning, match="module.lr -> module.optimizer.lr, .*module.diffusion.clip ->"):
+        old = UpsamplerModule(_tiny_unet(), **old_hparams)
+    assert old.hparams == new.hparams and old.hparams.optimizer == OLD_OPTIMIZER
+    assert "lr" not in old.hparams and old.hparams.diffusion == {
+        "num_timesteps": 10,
+        "clip_denoised": "dynamic",
+    }
+    assert old.sampler.clip_denoised == "dynamic"
+    assert _optimizer_and_schedule(old) == _optimizer_and_schedule(new)
+
+    # through Lightning's load_from_checkpoint, from a file that holds the old hparams
+    ckpt = tmp_path / "old.ckpt"
+    saved = {
+        "state_dict": new.state_dict(),
+        "hyper_parameters": old_hparams,
+        "pytorch-lightning_version": pl.__version__,
+    }
+    torch.save(saved, ckpt)
+    with pytest.warns(FutureWarning, match="module.lr -> module.optimizer.lr"):
+        loaded = UpsamplerModule.load_from_checkpoint(ckpt, net=_tiny_unet())
+    assert loaded.hparams == new.hparams
+    assert _optimizer_and_schedule(loaded) == _optimizer_and_schedule(new)
+
+
+def test_the_optimizer_block_is_completed_and_checked_when_the_module_is_built():
+    diffusion = {"num_timesteps": 10}
+    module = _upsampler(diffusion=diffusion, optimizer={"lr": 5e-5})
+    assert module.hparams.optimizer == {**module.optimizer_defaults, "lr": 5e-5}
+    with pytest.raises(ValueError, match=r"module.optimizer.lr=-1: expected a learning rate > 0"):
+        _upsampler(diffusion=diffusion, optimizer={"lr": -1})
+    with pytest.raises(
+        ValueError, match=r"module.optimizer.betas=\[0.9, 1.0\]: expected two numbers in \[0, 1\)"
+    ):
+        _upsampler(diffusion=diffusion, optimizer={"betas": [0.9, 1.0]})
+    with pytest.raises(ValueError, match="module.optimizer.momentum: not an optimizer setting"):
+        _upsampler(diffusion=diffusion, optimizer={"momentum": 0.9})
+    with pytest.raises(TypeError, match="unexpected keyword arguments: lrr"):
+        _upsampler(diffusion=diffusion, lrr=1e-3)

@@ -308,6 +308,12 @@ class _Trainer:
         (1, {"seed": 1}, "data.seed=1 (saved 0)"),
         (3, {"global_batch_size": 12}, "3 ranks (the saved epoch is split into 2 data ranks"),
         (1, {"global_batch_size": 4}, "a per-device batch of 4 (continuing 2 data ranks of 4 each needs 8"),
+        (4, {"global_batch_size": 8}, "4 ranks (a checkpoint from before stream cursors)"),
+        (
+            4,
+            {"global_batch_size": 16},
+            "a per-device batch of 4 (each of the 2 saved data ranks of 4 continues",
+        ),
     ],
 )
 def test_another_layout_that_cannot_continue_exactly_once_is_refused_naming_it(world, dm_kw, named):
@@ -321,6 +327,85 @@ def test_another_layout_that_cannot_continue_exactly_once_is_refused_naming_it(w
     restart.trainer = _Trainer(world)
     restart.load_state_dict(_layout_state())  # warns, and the epoch starts over
     assert restart._resume_state is None
+
+
+# ---- more ranks: save on 2, continue on 4 ----------------------------------------------------------
+
+
+def _train_ranks(loaders: list[RankSyncedLoader], steps: int | None) -> tuple[list[list[str]], int]:
+    """Step the ranks together the way RankSyncedLoader's vote does (all stop when one is dry): the global
+    batches trained, and the samples the other ranks still held (counted as dropped). ``steps``: stop
+    after that many like a killed run (each rank's fetcher one batch ahead)."""
+    iterators = [iter(loader) for loader in loaders]
+    trained, dropped = [], 0
+    while steps is None or len(trained) < steps:
+        batches = [next(it, None) for it in iterators]
+        if any(b is None for b in batches):
+            dropped += sum(len(b["__key__"]) for b in batches if b is not None)
+            dropped += sum(len(b["__key__"]) for it in iterators for b in it)
+            return trained, dropped
+        for loader in loaders:
+            loader.mark_consumed()
+        trained.append([k for b in batches for k in b["__key__"]])
+    for it in iterators:
+        next(it)  # prefetched, never trained
+    return trained, dropped
+
+
+def _state(loaders: list[RankSyncedLoader], batch: int, workers: int, data_world: int) -> dict:
+    return {
+        "version": 2,
+        "world_size": len(loaders),
+        "data_world_size": data_world,
+        "batch_per_data_rank": batch,
+        "num_workers": workers,
+        "mode": "epoch",
+        "seed": 5,
+        "ranks": [loader.position_state() for loader in loaders],
+    }
+
+
+def _resumed_on(
+    state: dict, directory, world: int, workers: int, global_batch: int
+) -> list[RankSyncedLoader]:
+    loaders = []
+    for rank in range(world):
+        dm = ShardDataModule(
+            train_shards=str(directory), global_batch_size=global_batch, num_workers=workers, seed=5
+        )
+        dm.trainer = _Trainer(world, rank)
+        dm.load_state_dict(torch.load(_roundtrip(state), weights_only=True))
+        loader = _rank_loader(directory, workers, rank, world, global_batch // world)
+        loader.restore(dm._resume_state)
+        loaders.append(loader)
+    return loaders
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_saved_on_two_ranks_the_epoch_continues_on_four_exactly_once(make_shards, workers):
+    directory, keys = make_shards([5 + (7 * i) % 4 for i in range(32)])  # 8 shards a stream, 4-8 samples
+    loaders = [_rank_loader(directory, workers, r, 2, 4) for r in range(2)]
+    before, _ = _train_ranks(loaders, steps=3)
+    state = _state(loaders, 4, workers, 2)
+    # On 4 ranks (2 per device, the same global batch of 8): data rank v continues on ranks 2v, 2v+1.
+    four = _resumed_on(state, directory, 4, workers, 8)
+    assert [ld._pending["data_ranks"] for ld in four] == [[0], [0], [1], [1]]
+    middle, _ = _train_ranks(four, steps=2)
+    # Stopped again on 4 ranks: that layout resumes as itself.
+    again = _resumed_on(_state(four, 4, workers, 2), directory, 4, workers, 8)
+    after, dropped = _train_ranks(again, steps=None)
+    trained = [k for batch in before + middle + after for k in batch]
+    assert len(trained) == len(set(trained)), "a sample trained twice"
+    # Every other sample is accounted for: the short last chunks of the streams (drop_last) and what
+    # the other ranks still held when the first ran dry (epoch_tail_dropped), both counted.
+    partial = sum(ld.skip_counts().get("partial_batch_dropped", 0) for ld in again)
+    assert len(keys) - len(trained) == partial + dropped
+    assert len(trained) > 0.6 * len(keys)
+    # Negative control: continuing on 4 ranks as a fresh 4-rank split of the shards trains samples twice.
+    fresh = [_rank_loader(directory, workers, r, 4, 2) for r in range(4)]
+    naive, _ = _train_ranks(fresh, steps=None)
+    naive_keys = [k for b in before for k in b] + [k for b in naive for k in b]
+    assert len(naive_keys) > len(set(naive_keys))
 
 
 def test_the_same_layout_resumes_its_own_position_and_old_checkpoints_still_load():

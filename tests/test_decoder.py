@@ -100,4 +100,4 @@ def test_paper_experiment_composes():
         cfg = compose("train", overrides=["stage=decoder", "experiment=decoder_paper", "clip_ckpt=x"])
     assert cfg.net.model_channels == 512 and cfg.net.text_encoder == "trainable"
     assert cfg.module.diffusion.prediction == "eps" and cfg.module.diffusion.variance == "learned"
-    assert cfg.module.lr == 1.2e-4 and cfg.data.global_batch_size == 2048
+    assert cfg.module.optimizer.lr == 1.2e-4 and cfg.data.global_batch_size == 2048

@@ -244,12 +244,12 @@ def test_dynamic_threshold_and_clip_options():
     out = dynamic_threshold(x, quantile=1.0)
     assert torch.allclose(out[0], x[0])  # |x| <= 1: untouched
     assert torch.allclose(out[1], x[1] / 4.0)
-    static = GaussianDiffusion(make_betas("linear", 100), clip="static")
+    static = GaussianDiffusion(make_betas("linear", 100), clip_denoised="static")
     assert static.clip_x0(torch.tensor([3.0, -3.0, 0.5])).tolist() == [1.0, -1.0, 0.5]
-    l2 = GaussianDiffusion(make_betas("linear", 100), clip="l2").clip_x0(torch.randn(5, 16) * 7)
+    l2 = GaussianDiffusion(make_betas("linear", 100), clip_denoised="l2").clip_x0(torch.randn(5, 16) * 7)
     assert torch.allclose(l2.norm(dim=1), torch.full((5,), 4.0))
-    with pytest.raises(ValueError, match="clip='soft'"):
-        GaussianDiffusion(make_betas("linear", 100), clip="soft")
+    with pytest.raises(ValueError, match="clip_denoised='soft'"):
+        GaussianDiffusion(make_betas("linear", 100), clip_denoised="soft")
     with pytest.raises(ValueError, match="must output 6 channels"):
         GaussianDiffusion(make_betas("linear", 100), variance="learned").p_mean_variance(
             lambda x, t: x, torch.randn(2, 3, 4, 4), torch.zeros(2, dtype=torch.long)

@@ -168,8 +168,9 @@ def test_train_run_initialises_the_net_from_an_open_clip_file(tmp_path):
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         cfg = compose("train", overrides=["net.text.vocab_size=300"])
     source = build_net(cfg, None)
-    # written the way open_clip names it: the text tower at the top level
+    # written the way open_clip names and shapes it: the text tower at the top level, a 0-dim logit scale
     open_clip_state = {k.removeprefix("text."): v for k, v in source.state_dict().items()}
+    open_clip_state["logit_scale"] = open_clip_state["logit_scale"].reshape(())
     torch.save(open_clip_state, tmp_path / "ckpt.pt")
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         cfg = compose(
@@ -293,3 +294,102 @@ def test_to_open_clip_refuses_what_open_clip_cannot_build(clip_run, tmp_path):
     run, _ = clip_run  # the tiny CLIP: a conv stem and mean pooling
     with pytest.raises(ValueError, match="net.vision.stem=patch net.vision.pool=tok"):
         export_open_clip(run, tmp_path / "hub")
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_an_exported_model_keeps_its_zero_shot(tmp_path):
+    """No downloadable weights offline, so the model with zero-shot ability is ours: a small open_clip-shaped
+    CLIP (linear patch stem, class-token pooling) trained 40 steps on the synthetic shapes, exported with
+    ``to-open-clip``, imported, then fine-tuned 20 steps with ``init_from_open_clip=`` +
+    ``init_from_open_clip_config=``, the inputs load_open_clip takes. The import reproduces the zero-shot
+    exactly; the fine-tune keeps colour zero-shot (chance 1/8) and the logit scale; reading the same
+    weights with another tokenizer, or with open_clip's argmax pooling, loses it."""
+    from hydra import compose, initialize_config_dir
+
+    from data.datamodule import iter_captions
+    from data.tokenizer import build_tokenizer
+    from eval.zeroshot import evaluate_net, evaluate_run
+    from train.checkpoint import load_stage, main
+    from train.run import CONF_DIR, build_net, train
+
+    common = [
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+        "trainer.limit_val_batches=0",
+        "data.num_workers=0",
+        f"paths.data_dir={tmp_path / 'data'}",
+        "data.synthetic.train_samples=512",
+        "data.synthetic.val_samples=256",
+        "data.synthetic.shard_size=256",
+        "data.global_batch_size=32",
+        "net.vision.stem=patch",  # what open_clip's ViT builds
+        "net.vision.pool=tok",
+        "net.vision.image_size=32",
+        "net.vision.width=64",
+        "net.text.width=64",
+        "net.embed_dim=64",
+    ]
+
+    def compose_run(out, steps, *extra):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            return compose(
+                "train",
+                overrides=[*common, f"paths.output_dir={out}", f"trainer.max_steps={steps}",
+                           f"trainer.val_check_interval={steps}", *extra],
+            )  # fmt: skip
+
+    def colour(metrics):
+        return metrics["zeroshot_colour_top1"]
+
+    pre, hub = tmp_path / "pre", tmp_path / "hub"
+    train(compose_run(pre, 40, "module.optimizer.warmup_steps=5"))
+    before = evaluate_run(str(pre))
+    assert colour(before) >= 0.75  # well above chance (0.125): something to keep
+
+    main(["to-open-clip", str(pre), str(hub)])
+    source = load_stage(pre)
+    tokenizer, shards = source.tokenizer, source.cfg.data.val_shards
+
+    def zeroshot(net, tok=tokenizer):
+        return evaluate_net(net, tok, shards, image_size=32, normalize="clip")
+
+    # the import: the hub directory read as open_clip's config states it, pooling at the run's eot id
+    imported = load_open_clip(hub, eot_id=tokenizer.eot_id)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(8, 3, 32, 32, generator=g)
+    tokens = tokenizer(["a red circle", "two blue squares", "a picture of a green triangle"])
+    with torch.no_grad():
+        ours, theirs = source.net.eval()(images, tokens), imported(images, tokens)
+    for out in (ours, theirs):
+        out["logits"] = out["logit_scale"] * out["image_features"] @ out["text_features"].T
+    torch.testing.assert_close(theirs["logits"], ours["logits"], rtol=0, atol=1e-6)
+    assert zeroshot(imported) == zeroshot(source.net) and colour(zeroshot(imported)) == colour(before)
+
+    # the fine-tune: the same inputs as the import (weights + open_clip config) and the run's tokenizer
+    ft = tmp_path / "ft"
+    cfg = compose_run(
+        ft,
+        20,
+        f"init_from_open_clip={hub / 'open_clip_model.safetensors'}",
+        f"init_from_open_clip_config={hub / 'open_clip_config.json'}",
+        f"data.tokenizer.path={pre / 'tokenizer.json'}",
+        "module.optimizer.lr=1e-4",
+        "module.optimizer.warmup_steps=0",
+    )
+    start = build_net(cfg, tokenizer)
+    for key, value in source.net.state_dict().items():
+        assert torch.equal(start.state_dict()[key], value), key
+    assert start.text.eot_id == tokenizer.eot_id
+    train(cfg)
+    after = evaluate_run(str(ft))
+    assert colour(after) >= max(0.8 * colour(before), 0.5), (before, after)
+    scale = load_stage(ft).net.logit_scale.detach().exp().item()
+    assert scale == pytest.approx(source.net.logit_scale.detach().exp().item(), rel=0.02)
+
+    # negative controls on the imported weights: what an inconsistent setup would start from
+    argmax_pooling = zeroshot(load_open_clip(hub))  # open_clip pools at the largest id, not our BPE's eot
+    captions = list(iter_captions(source.cfg.data.train_shards, 20000))
+    other = build_tokenizer("bpe", context_length=16, vocab_size=580, captions=captions)  # fewer merges
+    other_tokenizer = zeroshot(load_open_clip(hub, eot_id=other.eot_id), other)
+    for control in (argmax_pooling, other_tokenizer):
+        assert colour(control) < 0.8 * colour(before), (before, control)

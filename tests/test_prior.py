@@ -185,8 +185,8 @@ def test_prior_stage_trains_on_embedding_shards_and_exports_ema(clip_run, tmp_pa
             "data.num_workers=0",
             "data.global_batch_size=16",
             "net.use_text_tokens=true",
-            "module.warmup_steps=2",
-            "module.lr=1e-3",
+            "module.optimizer.warmup_steps=2",
+            "module.optimizer.lr=1e-3",
             "module.sample_steps=4",
             "module.val_max_samples=64",
             "trainer.max_steps=6",
@@ -237,4 +237,4 @@ def test_prior_stage_needs_a_clip(tmp_path):
 def test_paper_experiment_composes():
     cfg = _prior_cfg(["experiment=prior_paper"])
     assert cfg.net.width == 2048 and cfg.net.layers == 24 and cfg.net.heads == 32
-    assert cfg.module.lr == 1.1e-4 and cfg.data.global_batch_size == 4096
+    assert cfg.module.optimizer.lr == 1.1e-4 and cfg.data.global_batch_size == 4096

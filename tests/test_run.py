@@ -317,15 +317,16 @@ def test_launch_torchrun_wrapper_starts_two_ranks(tmp_path):
 @pytest.mark.slow
 def test_local_multirun_sweep_gives_each_point_its_run_directory(tmp_path):
     sweep = tmp_path / "sweep"
+    sweep_lr = "module.optimizer.lr=1e-3,2e-3"
     result = _python(
-        ["-m", "train.run", "--multirun", "debug=fast", "module.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep}"],
+        ["-m", "train.run", "--multirun", "debug=fast", sweep_lr, f"hydra.sweep.dir={sweep}"],
         tmp_path,
         timeout=400,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     for point, lr in (("0", 1e-3), ("1", 2e-3)):
         assert json.loads((sweep / point / "metrics.json").read_text())["trainer/global_step"] == 5
-        assert yaml.safe_load((sweep / point / "config.yaml").read_text())["module"]["lr"] == lr
+        assert yaml.safe_load((sweep / point / "config.yaml").read_text())["module"]["optimizer"]["lr"] == lr
 
 
 @pytest.mark.slow

@@ -133,3 +133,21 @@ def test_a_restart_through_the_pipeline_reopens_few_shards_and_replays_none(make
     opened.clear()
     assert [b["__key__"] for b in resumed if b["__key__"]] == full[stop:]
     assert len(opened) == 12
+
+
+def test_bench_resume_prints_the_table_and_checks_every_restart(tmp_path, capsys):
+    """`python -m eval.bench_resume` at a tiny size (CI): restarts through the throttled pipe continue with
+    the right batch; at 90% the cursor opens fewer shards and reads fewer bytes than the replay."""
+    import json
+
+    from eval.bench_resume import main
+
+    out = tmp_path / "rows.json"
+    argv = ["--shards", "8", "--shard-size", "40", "--buffer", "4", "--batch", "8", "--workers", "1"]
+    argv += ["--repeats", "1", "--rate", "2e7", "--latency", "0", "--dir", str(tmp_path), "--json", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "| 90% |" in text and "every data restart continued" in text
+    rows = {r["position"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows[0.9]["cursor_shards"] <= 3 < rows[0.9]["replay_shards"] == 8
+    assert rows[0.9]["cursor_mb"] < rows[0.9]["replay_mb"] / 3

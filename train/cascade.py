@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from data.images import to_uint8, to_unit_range
+from data.progress import Progress
 from train.checkpoint import load_stage
 from train.diffusion import GaussianDiffusion
 from train.frozen_clip import FrozenClip
@@ -253,6 +254,7 @@ class Cascade:
         generator: torch.Generator,
         known: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        progress: Progress | None = None,
     ) -> list[torch.Tensor]:
         """Each upsampler in turn on ``x`` in [-1, 1]; returns every output. With ``known`` (uint8 at any
         size) and ``mask`` (1 = keep), each stage keeps the known region (inpainting)."""
@@ -269,11 +271,18 @@ class Cascade:
                 callback = Inpainter(process, target, resize_mask(mask, size), generator)
             x = up.upsample(x, generator, steps=s.steps, sampler=s.sampler, eta=s.eta, step_callback=callback)
             outs.append(x)
+            if progress is not None:
+                progress.step(detail=f"upsampler to {x.shape[-1]} px")
         return outs
 
     def _settings(self, stages: Sequence[StageSettings] | None, n: int) -> list[StageSettings]:
         stages = list(stages or [])
         return stages + [StageSettings() for _ in range(n - len(stages))]
+
+    def _progress(self, what: str, images: int, prior: bool) -> Progress:
+        """A log line after each stage of the cascade, with the time left (sampling is where users wait)."""
+        stages = int(prior and self.prior is not None) + 1 + len(self.upsamplers)
+        return Progress(stages, f"{what} ({images} images)", unit="stages", log=log)
 
     def _generator(self, seed: int) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(seed)
@@ -294,10 +303,14 @@ class Cascade:
         seed: int = 0,
     ) -> CascadeOutput:
         g = self._generator(seed)
+        progress = self._progress("text to image", len(prompts), prior=True)
         text = self.text(prompts)
         image_emb = self.prior_sample(text, prior or StageSettings(), g)
+        if self.prior is not None:
+            progress.step(detail="prior")
         base = self.decode(image_emb, text, decoder or StageSettings(), g)
-        ups = self.upsample(base, self._settings(upsamplers, len(self.upsamplers)), g)
+        progress.step(detail=f"decoder at {base.shape[-1]} px")
+        ups = self.upsample(base, self._settings(upsamplers, len(self.upsamplers)), g, progress=progress)
         return self._finish(base, ups, image_emb)
 
     @torch.no_grad()
@@ -331,10 +344,12 @@ class Cascade:
             noise = process.ddim_encode(self.decoder.ema.shadow, x0, model_kwargs=cond).repeat_interleave(
                 n, 0
             )
+        progress = self._progress("variations", len(emb), prior=False)
         base = self.decode(
             emb, None, StageSettings(settings.steps, "ddim", eta, settings.guidance_scale), g, noise=noise
         )
-        ups = self.upsample(base, self._settings(upsamplers, len(self.upsamplers)), g)
+        progress.step(detail=f"decoder at {base.shape[-1]} px")
+        ups = self.upsample(base, self._settings(upsamplers, len(self.upsamplers)), g, progress=progress)
         return self._finish(base, ups, emb)
 
     @torch.no_grad()
@@ -360,8 +375,11 @@ class Cascade:
             )
         g = self._generator(seed)
         masks = masks.float().view(masks.shape[0], 1, *masks.shape[-2:]).to(self.device)
+        progress = self._progress("inpainting", len(prompts), prior=True)
         text = self.text(prompts)
         image_emb = self.prior_sample(text, prior or StageSettings(), g)
+        if self.prior is not None:
+            progress.step(detail="prior")
         settings = decoder or StageSettings()
         size = self.decoder.net.image_size
         known = to_unit_range(images.to(self.device), size)
@@ -372,7 +390,10 @@ class Cascade:
             base = self._inpaint_resampled(process, image_emb, text, settings, keep, resample, g)
         else:
             base = self.decode(image_emb, text, settings, g, step_callback=keep)
-        ups = self.upsample(base, self._settings(upsamplers, len(self.upsamplers)), g, images, masks)
+        progress.step(detail=f"decoder at {base.shape[-1]} px")
+        ups = self.upsample(
+            base, self._settings(upsamplers, len(self.upsamplers)), g, images, masks, progress=progress
+        )
         return self._finish(base, ups, image_emb)
 
     def _inpaint_resampled(self, process, image_emb, text, settings, keep, passes, g) -> torch.Tensor:
@@ -422,10 +443,12 @@ class Cascade:
             GaussianDiffusion._noise((1, 3, size, size), self.device, g).expand(n, -1, -1, -1).contiguous()
         )
         settings = decoder or StageSettings()
+        progress = self._progress("interpolation", n, prior=False)
         base = self.decode(
             path, None, StageSettings(settings.steps, "ddim", 0.0, settings.guidance_scale), g, noise
         )
-        ups = self.upsample(base, self._settings(upsamplers, len(self.upsamplers)), g)
+        progress.step(detail=f"decoder at {base.shape[-1]} px")
+        ups = self.upsample(base, self._settings(upsamplers, len(self.upsamplers)), g, progress=progress)
         return self._finish(base, ups, path)
 
 

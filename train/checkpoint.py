@@ -27,6 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from data.tokenizer import Tokenizer
+from train.modules.compat import upgrade_config
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def wire_net_config(net_cfg: DictConfig, tokenizer: Tokenizer | None) -> DictCon
 def _load_export(path: Path, map_location) -> LoadedStage:
     from safetensors.torch import load_file
 
-    cfg = OmegaConf.load(path / "config.yaml")
+    cfg = upgrade_config(OmegaConf.load(path / "config.yaml"))  # an export written before key renames
     tok_path = path / "tokenizer.json"
     tokenizer = Tokenizer.load(tok_path) if tok_path.exists() else None
     net = instantiate(cfg.net)
@@ -262,7 +263,7 @@ def load_stage(
         raise FileNotFoundError(
             f"{cfg_path}: the run's resolved config is missing (written by train.run at start)"
         )
-    cfg = OmegaConf.load(cfg_path)
+    cfg = upgrade_config(OmegaConf.load(cfg_path))  # a run from before key renames (module.lr, ...)
     tok_path = run / "tokenizer.json"
     tokenizer = Tokenizer.load(tok_path) if tok_path.exists() else None
     net = instantiate(wire_net_config(cfg.net, tokenizer))
@@ -305,9 +306,13 @@ def export_open_clip(path: str | Path, out: str | Path, use_ema: bool = True) ->
     if stage.tokenizer is not None and stage.tokenizer.vocab_size != 49408:
         log.warning(
             "%s: the run's tokenizer (%d ids) is not CLIP's BPE: open_clip loads the weights, but its own "
-            "tokenizer will not give this net's ids (tokenize with the run's tokenizer.json)",
+            "tokenizer will not give this net's ids (tokenize with the run's tokenizer.json), and it pools the "
+            "text at the largest id, not this tokenizer's end-of-text id %d (our load_open_clip(OUT, eot_id=%d) "
+            "pools as the run did)",
             path,
             stage.tokenizer.vocab_size,
+            stage.tokenizer.eot_id,
+            stage.tokenizer.eot_id,
         )
     preprocess = {"size": stage.net.vision_cfg["image_size"], "mode": "RGB", "interpolation": "bicubic"}
     if stage.cfg.data.get("normalize", "clip") == "clip":

@@ -56,17 +56,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "a fraction in [0, 1] or null",
     ),
     "data.manifest_check": (lambda v: v in LEVELS, " or ".join(repr(level) for level in LEVELS)),
-    "module.lr": (lambda v: _number(v) and v > 0, "a learning rate > 0"),
-    "module.weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),
-    "module.warmup_steps": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
-    "module.min_lr_ratio": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "module.ema_decay": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "module.eps": (lambda v: _number(v) and v > 0, "a number > 0"),
-    "module.betas": (
-        lambda v: isinstance(v, list | tuple) and len(v) == 2 and all(_number(b) and 0 <= b < 1 for b in v),
-        "two numbers in [0, 1), e.g. [0.9, 0.98]",
-    ),
 }
+# module.optimizer (lr, betas, eps, ...) has its rules where it is read: train/modules/optim.py
 
 
 def validate(cfg: DictConfig) -> None:
@@ -79,10 +71,20 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
         if not ok(value):
             problems.append(f"{key}={value!r}: expected {expected}")
+    problems += _optimizer_problems(cfg)
     if not problems:
         problems += _batch_problems(cfg)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _optimizer_problems(cfg: DictConfig) -> list[str]:
+    block = OmegaConf.select(cfg, "module.optimizer", default=None)
+    if not OmegaConf.is_config(block):
+        return []
+    from train.modules.optim import optimizer_problems
+
+    return optimizer_problems(OmegaConf.to_container(block, resolve=True), where="module.optimizer")
 
 
 _MISSING = object()

@@ -8,6 +8,7 @@ model needs, so :class:`ModelFlopCounter` leaves it out (as the PaLM paper's MFU
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -23,6 +24,18 @@ PEAK_TFLOPS = {
     "A10G": (70.0, 35.0),
     "L4": (121.0, 60.0),
 }
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux: /proc), or None where that is not known."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time in clock ticks
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def peak_tflops(precision: str) -> float | None:

@@ -29,6 +29,7 @@ from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
 from train.checkpoint import export_stage
+from train.modules.compat import upgrade_overrides
 from train.run import train
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ def run_stage(
         f"paths.output_dir={stage_dir.resolve()}",
         "resume=auto",
         *wiring(name, out_dir),
-        *flatten(stage_overrides),
+        *upgrade_overrides(flatten(stage_overrides)),  # a pipeline config with old key names (module.lr)
     ]
     log.info("stage %s: python -m train.run %s", name, " ".join(overrides))
     cfg = compose(config_name="train", overrides=overrides)

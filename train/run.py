@@ -151,6 +151,9 @@ def load_open_clip_weights(net: torch.nn.Module, path: str, config=None) -> None
             )
     state = from_open_clip_state_dict(raw)
     ours = net.state_dict()
+    scale = state.get("logit_scale")
+    if scale is not None and "logit_scale" in ours and scale.numel() == ours["logit_scale"].numel():
+        state["logit_scale"] = scale.reshape(ours["logit_scale"].shape)  # open_clip's is 0-dim, ours (1,)
     wrong = [
         f"{k} {tuple(v.shape)} vs net {tuple(ours[k].shape)}"
         for k, v in state.items()
@@ -190,6 +193,8 @@ def wire_clip(cfg: DictConfig):
     from data.tokenizer import Tokenizer
     from train.checkpoint import resolve_run
 
+    if _clip_retrieval_root(cfg) is not None:
+        return _wire_clip_retrieval(cfg)
     emb_dir = _embedding_dir(cfg)
     info = None
     if emb_dir is not None:
@@ -222,14 +227,67 @@ def wire_clip(cfg: DictConfig):
             f"stage={cfg.stage_name} needs a CLIP: set clip_ckpt=<CLIP run directory> (image-text shards are "
             "embedded on the fly) or train on embedding shards (data=embeddings data.train_shards=...)"
         )
+    _fill_net_sizes(cfg, sizes)
+    with open_dict(cfg):
+        if emb_dir is None and cfg.data.get("image_size") is None:
+            cfg.data.image_size = int(image_size)  # the frozen CLIP embeds the shards at its own size
+    return tokenizer
+
+
+def _fill_net_sizes(cfg: DictConfig, sizes: dict[str, int]) -> None:
+    """The net's CLIP-dependent sizes that are null in the config."""
     with open_dict(cfg):
         aliases = {"embed_dim": ("embed_dim", "cond_dim"), "text_width": ("text_width", "text_dim")}
         for key, value in sizes.items():
             for name in aliases.get(key, (key,)):
                 if name in cfg.net and cfg.net[name] is None:
                     cfg.net[name] = int(value)
-        if emb_dir is None and cfg.data.get("image_size") is None:
-            cfg.data.image_size = int(image_size)  # the frozen CLIP embeds the shards at its own size
+
+
+def _clip_retrieval_root(cfg: DictConfig) -> str | None:
+    """data.root when the data is precomputed embeddings in clip-retrieval's layout (data=clip_retrieval)."""
+    if str(cfg.data.get("_target_", "")).endswith("ClipRetrievalDataModule"):
+        return cfg.data.root
+    return None
+
+
+def _wire_clip_retrieval(cfg: DictConfig):
+    """data=clip_retrieval: embed_dim from the arrays. Without clip_ckpt there is no tokenizer and no
+    token features (net.use_text_tokens=false; text_width and context_length 0: the net has no token
+    inputs); with it, the CLIP's tokenizer tokenises the captions and the prior computes the features
+    (train/modules/prior.py, which checks the CLIP made the embeddings)."""
+    from data.embeddings import embedding_dim
+    from data.tokenizer import Tokenizer
+    from train.checkpoint import resolve_run
+
+    root = _clip_retrieval_root(cfg)
+    if cfg.stage_name != "prior":
+        raise ValueError(
+            f"data=clip_retrieval holds embeddings and captions but no images: it feeds stage=prior, not "
+            f"stage={cfg.stage_name}"
+        )
+    dim = embedding_dim(root)
+    tokenizer = None
+    if cfg.clip_ckpt:
+        run, _ = resolve_run(cfg.clip_ckpt)
+        clip_cfg = OmegaConf.load(run / "config.yaml")
+        if int(clip_cfg.net.embed_dim) != dim:
+            raise ValueError(
+                f"clip_ckpt={cfg.clip_ckpt} embeds into {clip_cfg.net.embed_dim} dimensions, data.root={root} "
+                f"holds {dim}-d embeddings: clip_ckpt must be the CLIP that made them (or null, with "
+                "net.use_text_tokens=false)"
+            )
+        tokenizer = Tokenizer.load(run / "tokenizer.json")
+        sizes = {"text_width": clip_cfg.net.text.width, "context_length": tokenizer.context_length}
+    elif cfg.net.get("use_text_tokens"):
+        raise ValueError(
+            f"data=clip_retrieval (data.root={root}) has no per-token text features: set "
+            "net.use_text_tokens=false, or clip_ckpt=<the CLIP run that made these embeddings> to compute "
+            "them from the captions"
+        )
+    else:
+        sizes = {"text_width": 0, "context_length": 0}
+    _fill_net_sizes(cfg, {"embed_dim": dim, **sizes})
     return tokenizer
 
 
@@ -301,7 +359,9 @@ def build_trainer(cfg: DictConfig, callbacks, loggers) -> pl.Trainer:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one stage from a composed config; returns the final metrics."""
     from train.config import validate
+    from train.modules.compat import upgrade_config
 
+    upgrade_config(cfg)  # renamed keys (module.lr -> module.optimizer.lr, ...) from old experiment files
     validate(cfg)  # wrong types and impossible values fail here, naming the key
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -356,4 +416,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from train.modules.compat import upgrade_overrides
+
+    sys.argv[1:] = upgrade_overrides(sys.argv[1:])  # old key names on the command line (module.lr=...)
     main()

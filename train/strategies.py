@@ -65,15 +65,163 @@ class DeepSpeedStrategy(_LightningDeepSpeed):
 
         from train.checkpoint import validate_deepspeed_checkpoint
 
-        if Path(checkpoint_path).is_dir():  # DeepSpeed unpickles its files freely: check them first
-            validate_deepspeed_checkpoint(checkpoint_path)
+        path = Path(checkpoint_path)
+        if path.is_dir():  # DeepSpeed unpickles its files freely: check them first
+            validate_deepspeed_checkpoint(path)
+            saved = saved_dp_world_size(path)
+            if saved not in (None, self.world_size):
+                if not self.zero_stage_3:
+                    raise ValueError(
+                        f"{path}: a ZeRO-{self.config['zero_optimization']['stage']} checkpoint saved on {saved} "
+                        f"ranks cannot resume on {self.world_size} (DeepSpeed partitions the optimizer state per "
+                        f"rank; only ZeRO-3 and FSDP checkpoints are resharded on load): resume on {saved} ranks"
+                    )
+                return self._load_resharded(path, saved)
         return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+
+    def _load_resharded(self, path, saved: int) -> dict:
+        """A ZeRO-3 checkpoint saved on another number of ranks: DeepSpeed refuses to load its optimizer
+        partitions directly. Rank 0 converts it to DeepSpeed's universal checkpoint (one file per weight
+        and optimizer state, ``deepspeed.checkpoint.ds_to_universal``) in a hidden directory next to it,
+        every rank loads its new partition from there, and the directory is removed. The universal load
+        restores the trained weights and Adam moments only: frozen weights (an EMA copy) and buffers are
+        restored here from the saved per-rank files."""
+        import shutil
+        from pathlib import Path
+
+        from pytorch_lightning.trainer.states import TrainerFn
+
+        path = Path(path)
+        tag = (path / "latest").read_text().strip()
+        universal = path.parent / f".{path.name}.universal"
+        if self.is_global_zero:
+            log.info("%s: saved on %d ranks, resumed on %d: converting to a universal checkpoint", path, saved,
+                     self.world_size)  # fmt: skip
+            shutil.rmtree(universal, ignore_errors=True)
+            _to_universal(path / tag, universal / tag)
+        self.barrier("universal checkpoint written")
+        engine = self.deepspeed_engine
+        engine._config.load_universal_checkpoint = True
+        try:
+            _, client_state = engine.load_checkpoint(
+                str(universal),
+                tag=tag,
+                load_optimizer_states=self.lightning_module.trainer.state.fn == TrainerFn.FITTING,
+                load_lr_scheduler_states=False,
+                load_module_strict=self.lightning_module.strict_loading,
+            )
+        finally:
+            engine._config.load_universal_checkpoint = False
+        _restore_what_universal_skips(engine, path / tag)
+        self.barrier("universal checkpoint loaded")
+        if self.is_global_zero:
+            shutil.rmtree(universal, ignore_errors=True)
+        if client_state is None:
+            raise RuntimeError(f"{path}: DeepSpeed could not load its universal conversion")
+        return client_state
 
     def on_validation_end(self) -> None:
         if getattr(self, "_gathered", None) is not None:
             self._gathered.__exit__(None, None, None)
             self._gathered = None
         super().on_validation_end()
+
+
+def saved_dp_world_size(path) -> int | None:
+    """The number of data-parallel ranks a DeepSpeed checkpoint directory was saved on (one ZeRO
+    optimizer partition file per rank), or None when it holds none."""
+    from pathlib import Path
+
+    path = Path(path)
+    latest = path / "latest"
+    if not latest.is_file():
+        return None
+    files = list((path / latest.read_text().strip()).glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    return len(files) or None
+
+
+def _to_universal(src, dst) -> None:
+    """DeepSpeed's ``ds_to_universal`` conversion of one checkpoint tag, in this process (no worker pool)."""
+    import contextlib
+    import io
+    from argparse import Namespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = Namespace(
+        input_folder=str(src),
+        output_folder=str(dst),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=False,
+    )
+    with contextlib.redirect_stdout(io.StringIO()):
+        ds_to_universal.main(args)
+
+
+def _restore_what_universal_skips(engine, tag_dir) -> None:
+    """What DeepSpeed's universal load leaves out or gets wrong under ZeRO-3: the frozen weights (each
+    saved rank holds a fragment of each: reassembled and repartitioned for this rank), the module's
+    buffers (whole in every rank's file), and the hyper-parameters of each optimizer parameter group
+    (it sets every group's from the first: the no-weight-decay group would get weight decay) and their
+    step counts."""
+    from pathlib import Path
+
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    def load(f):  # the types validate_deepspeed_checkpoint allows, no others; tensors read lazily
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
+            return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+
+    tag_dir = Path(tag_dir)
+    files = sorted(
+        tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"), key=lambda f: int(f.name.split("_")[3])
+    )
+    states = [load(f) for f in files]
+    fragments = [s.get("frozen_param_fragments") or {} for s in states]
+    shapes = states[0].get("frozen_param_shapes") or {}
+    rank = engine.global_rank
+    restored = 0
+    for param in engine.module.parameters():
+        name = engine.param_names.get(param)
+        if name not in shapes:
+            continue
+        full = torch.cat([f[name].reshape(-1) for f in fragments])[: shapes[name].numel()]
+        if hasattr(param, "ds_id"):
+            part = param.ds_tensor.numel()
+            mine = full[rank * part : (rank + 1) * part]
+            param.ds_tensor.data.zero_()
+            param.ds_tensor.data[: mine.numel()].copy_(mine.to(param.ds_tensor.dtype))
+            if param.data.numel() == full.numel():  # a persistent (small) weight, whole on every rank
+                param.data.copy_(full.view_as(param.data).to(param.dtype))
+        else:
+            param.data.copy_(full.view_as(param.data).to(param.dtype))
+        restored += 1
+    buffers = dict(engine.module.named_buffers())
+    saved = {k: v for k, v in (states[0].get("module") or {}).items() if k in buffers}
+    for key, value in saved.items():
+        buffers[key].copy_(value.to(buffers[key].dtype))
+    optimizer = getattr(engine.optimizer, "optimizer", None)
+    optim_file = next(tag_dir.glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt"), None)  # bf16_ or not
+    if optimizer is not None and optim_file is not None:
+        groups = load(optim_file)["optimizer_state_dict"]["optimizer_state_dict"]["param_groups"]
+        if len(groups) != len(optimizer.param_groups):
+            raise RuntimeError(
+                f"{tag_dir}: {len(groups)} optimizer parameter groups saved, {len(optimizer.param_groups)} now"
+            )
+        for group, was in zip(optimizer.param_groups, groups):
+            group.update({k: v for k, v in was.items() if k != "params"})
+        # It also gives every group's state the same ``step`` tensor, which Adam increments in place
+        # once per group and step: the second group's bias correction would run ahead.
+        for flat in getattr(engine.optimizer, "fp32_partitioned_groups_flat", []):
+            state = optimizer.state.get(flat, {})
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+    log.info("resharded ZeRO-3 checkpoint: %d frozen weights and %d buffers restored", restored, len(saved))
 
 
 def _committed_save(strategy, save, checkpoint: dict, filepath, storage_options) -> None:

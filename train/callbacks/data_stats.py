@@ -19,7 +19,7 @@ import time
 import pytorch_lightning as pl
 import torch
 
-from train.perf import ModelFlopCounter, peak_tflops
+from train.perf import ModelFlopCounter, peak_tflops, process_age
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,13 @@ class DataStats(pl.Callback):
         self._step_start = now
         if self._window_start is None:
             self._window_start = now
+            age = process_age()  # launch (or requeue) to the first batch: what a restart costs
+            if age is not None and trainer.is_global_zero:
+                log.info(
+                    "first training batch (step %d) %.1f s after the process started",
+                    trainer.global_step,
+                    age,
+                )
         if self.count_flops and self.flops_per_sample is None and self._counter is None:
             # The counted step runs eagerly: a compiled region first entered under a dispatch mode is
             # skipped by dynamo for good (trainer.compile would silently do nothing).

@@ -99,7 +99,7 @@ class NumericalGuard(pl.Callback):
         if self.consecutive >= self.max_consecutive:
             raise NonFiniteError(
                 f"{self.consecutive} consecutive steps with NaN/inf gradients (up to step {trainer.global_step}); "
-                "stopping. Lower module.lr, check the data, or resume from an earlier checkpoint "
+                "stopping. Lower module.optimizer.lr, check the data, or resume from an earlier checkpoint "
                 f"(callbacks.numerics.max_consecutive={self.max_consecutive})"
             )
 

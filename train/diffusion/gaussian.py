@@ -30,7 +30,7 @@ from train.diffusion.schedules import make_betas, space_timesteps
 Model = Callable[..., torch.Tensor]
 PREDICTIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned")
-CLIPS = ("none", "static", "dynamic", "l2")
+CLIP_DENOISED = ("none", "static", "dynamic", "l2")  # what sampling does to each predicted x0
 
 
 def dynamic_threshold(x0: torch.Tensor, quantile: float = 0.995) -> torch.Tensor:
@@ -83,7 +83,7 @@ class GaussianDiffusion:
         *,
         prediction: str = "eps",
         variance: str = "fixed_small",
-        clip: str = "none",
+        clip_denoised: str = "none",
         dynamic_quantile: float = 0.995,
         vlb_weight: float = 0.001,
         nll: str = "discretized",
@@ -93,14 +93,14 @@ class GaussianDiffusion:
             raise ValueError(f"diffusion prediction={prediction!r}: expected one of {PREDICTIONS}")
         if variance not in VARIANCES:
             raise ValueError(f"diffusion variance={variance!r}: expected one of {VARIANCES}")
-        if clip not in CLIPS:
-            raise ValueError(f"diffusion clip={clip!r}: expected one of {CLIPS}")
+        if clip_denoised not in CLIP_DENOISED:
+            raise ValueError(f"diffusion clip_denoised={clip_denoised!r}: expected one of {CLIP_DENOISED}")
         if nll not in ("discretized", "gaussian"):
             raise ValueError(f"diffusion nll={nll!r}: expected 'discretized' (8-bit images) or 'gaussian'")
         betas = torch.as_tensor(betas, dtype=torch.float64)
         if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
             raise ValueError("diffusion betas must be a 1-d sequence in (0, 1]")
-        self.prediction, self.variance, self.clip = prediction, variance, clip
+        self.prediction, self.variance, self.clip_denoised = prediction, variance, clip_denoised
         self.dynamic_quantile, self.vlb_weight, self.nll = dynamic_quantile, vlb_weight, nll
         self.num_timesteps = len(betas)
         self.timestep_map = torch.as_tensor(
@@ -156,7 +156,7 @@ class GaussianDiffusion:
             1.0 - abar / prev,
             prediction=self.prediction,
             variance=self.variance,
-            clip=self.clip,
+            clip_denoised=self.clip_denoised,
             dynamic_quantile=self.dynamic_quantile,
             vlb_weight=self.vlb_weight,
             nll=self.nll,
@@ -222,11 +222,13 @@ class GaussianDiffusion:
         return self.v_target(x0, t, noise)
 
     def clip_x0(self, x0: torch.Tensor) -> torch.Tensor:
-        if self.clip == "static":
+        """A predicted x0 as ``clip_denoised`` says: ``static`` clamped to [-1, 1], ``dynamic`` Imagen's
+        thresholding, ``l2`` rescaled to norm sqrt(numel), ``none`` unchanged."""
+        if self.clip_denoised == "static":
             return x0.clamp(-1, 1)
-        if self.clip == "dynamic":
+        if self.clip_denoised == "dynamic":
             return dynamic_threshold(x0, self.dynamic_quantile)
-        if self.clip == "l2":  # each sample rescaled to norm sqrt(numel): unit vectors x sqrt(D) (the prior)
+        if self.clip_denoised == "l2":  # each sample to norm sqrt(numel): unit vectors x sqrt(D) (the prior)
             flat = x0.reshape(x0.shape[0], -1)
             return (flat * (flat.shape[1] ** 0.5 / flat.norm(dim=1, keepdim=True).clamp(min=1e-12))).view_as(
                 x0

@@ -1,8 +1,9 @@
 """What every stage's LightningModule shares; each stage file (clip.py, prior.py, decoder.py, upsampler.py)
 holds only what is its own: inputs, the training step, sampling and its validation metrics.
 
-- Optimisation: AdamW over the net's parameter groups with warm-up + cosine (train/modules/optim.py);
-  the net (and its EMA copy) sharded by FSDP2 under ``strategy=fsdp`` (train/strategies.py).
+- Optimisation: AdamW over the net's parameter groups with warm-up + cosine (train/modules/optim.py),
+  set by the ``optimizer`` block (each stage's :attr:`StageModule.optimizer_defaults` fill what it leaves
+  out); the net (and its EMA copy) sharded by FSDP2 under ``strategy=fsdp`` (train/strategies.py).
 - Validation in parts: each ``validation_step`` appends a dict of CPU tensors to ``self._val``;
   :meth:`StageModule.validation_parts` returns every rank's parts at the epoch end (each rank
   evaluated its own held-out shards; the metrics need the whole set).
@@ -25,7 +26,8 @@ import torch.distributed as dist
 from data.images import save_grid
 from train.diffusion import GaussianDiffusion
 from train.ema import EMA, EMAUpdateAfterStep
-from train.modules.optim import configure_adamw
+from train.modules.compat import upgrade_module_config
+from train.modules.optim import configure_adamw, optimizer_settings
 from train.strategies import configure_sharding
 
 
@@ -34,6 +36,29 @@ class StageModule(pl.LightningModule):
     # What evaluation reads outside forward, gathered whole for validation under ZeRO-3/FSDP
     # (train/strategies.py eval_gathered); None: the whole module.
     eval_gathers: tuple[str, ...] | None = None
+    # The stage's AdamW settings where ``module.optimizer`` leaves one out (train/modules/optim.py).
+    optimizer_defaults: dict[str, Any] = {}
+
+    def settle_blocks(
+        self,
+        old_keys: dict[str, Any],
+        optimizer: Mapping[str, Any] | None,
+        diffusion: Mapping[str, Any] | None = None,
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The constructor's ``optimizer`` block, completed with :attr:`optimizer_defaults` and checked,
+        and its ``diffusion`` block, once the old flat keyword arguments (``lr``, ``eps``, ...,
+        ``diffusion.clip``: a checkpoint's hyper-parameters or a call from before ``module.optimizer``)
+        are moved into them (train/modules/compat.py). Any other unknown keyword is a TypeError."""
+        given: dict[str, Any] = {**old_keys, "optimizer": dict(optimizer or {})}
+        if diffusion is not None:
+            given["diffusion"] = dict(diffusion)
+        upgrade_module_config(given)
+        unexpected = sorted(set(given) - {"optimizer", "diffusion"})
+        if unexpected:
+            raise TypeError(
+                f"{type(self).__name__}() got unexpected keyword arguments: {', '.join(unexpected)}"
+            )
+        return optimizer_settings(given["optimizer"], self.optimizer_defaults), given.get("diffusion")
 
     def on_validation_epoch_start(self) -> None:
         self._val: list[dict] = []

@@ -10,6 +10,9 @@ Logged: ``train/loss``, ``train/logit_scale``, ``train/lr``, ``val/loss``, ``val
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from train.losses import ClipLoss
@@ -19,24 +22,30 @@ from train.validation import retrieval_recall, zeroshot_synthetic
 
 class ClipModule(StageModule):
     eval_gathers = ("net",)  # evaluation reads encode_text, encode_image and the logit scale (ZeRO-3/FSDP)
+    optimizer_defaults = {
+        "lr": 5e-4,
+        "weight_decay": 0.1,
+        "betas": [0.9, 0.98],
+        "eps": 1e-6,
+        "warmup_steps": 1000,
+        "min_lr_ratio": 0.0,
+    }
 
     def __init__(
         self,
         net: torch.nn.Module,
         *,
         tokenizer=None,
-        lr: float = 5e-4,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-6,
-        warmup_steps: int = 1000,
-        min_lr_ratio: float = 0.0,
+        optimizer: Mapping[str, Any] | None = None,
         zeroshot: bool = True,
         local_loss: bool = True,
         gather_with_grad: bool = True,
+        **old_keys: Any,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "tokenizer"])
+        optimizer, _ = self.settle_blocks(old_keys, optimizer)
+        # saved as the arguments are now: the settled blocks, not the old keys
+        self.save_hyperparameters(ignore=["net", "tokenizer", *old_keys])
         self.net = net
         self.tokenizer = tokenizer
         self.loss = ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad)

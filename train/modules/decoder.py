@@ -30,6 +30,15 @@ from train.validation import dominant_colours
 
 
 class DecoderModule(DiffusionStageModule):
+    optimizer_defaults = {
+        "lr": 3e-4,
+        "weight_decay": 0.0,
+        "betas": [0.9, 0.999],
+        "eps": 1e-8,
+        "warmup_steps": 100,
+        "min_lr_ratio": 0.1,
+    }
+
     def __init__(
         self,
         net: torch.nn.Module,
@@ -37,12 +46,7 @@ class DecoderModule(DiffusionStageModule):
         diffusion: Mapping[str, Any],
         tokenizer=None,
         clip_ckpt: str | None = None,
-        lr: float = 3e-4,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.1,
+        optimizer: Mapping[str, Any] | None = None,
         ema_decay: float = 0.9999,
         drop_image_prob: float = 0.1,
         drop_text_prob: float = 0.5,
@@ -51,9 +55,12 @@ class DecoderModule(DiffusionStageModule):
         guidance_scale: float = 3.0,
         val_max_samples: int | None = 256,
         grid_size: int = 16,
+        **old_keys: Any,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "tokenizer"])
+        optimizer, diffusion = self.settle_blocks(old_keys, optimizer, diffusion)
+        # saved as the arguments are now: the settled blocks, not the old keys
+        self.save_hyperparameters(ignore=["net", "tokenizer", *old_keys])
         if not clip_ckpt:
             raise ValueError(
                 "the decoder needs clip_ckpt=<CLIP run directory> (it embeds the images on the fly)"

@@ -1,13 +1,78 @@
-"""AdamW with decoupled weight decay on matrices only, linear warm-up then cosine decay (every stage)."""
+"""AdamW with decoupled weight decay on matrices only, linear warm-up then cosine decay (every stage).
+
+Its settings are one block, ``module.optimizer`` (conf/stage/*.yaml), read here and nowhere else:
+
+    lr            peak learning rate, > 0
+    weight_decay  decoupled weight decay of the matrices (:func:`no_decay` lists what is exempt), >= 0
+    betas         AdamW's two moment decays, each in [0, 1)
+    eps           AdamW's denominator epsilon, > 0 (not the diffusion's ``prediction: eps``)
+    warmup_steps  linear warm-up steps, an integer >= 0
+    min_lr_ratio  the cosine decay ends at min_lr_ratio x lr at trainer.max_steps, in [0, 1]
+
+:func:`optimizer_problems` holds the rules; train/config.py applies them to the composed config at
+start and :func:`optimizer_settings` to a module's block when the module is built.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
 from train.strategies import offloads_optimizer
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _integer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# key -> (accepts the value, what is expected)
+OPTIMIZER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "lr": (lambda v: _number(v) and v > 0, "a learning rate > 0"),
+    "weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "betas": (
+        lambda v: isinstance(v, list | tuple) and len(v) == 2 and all(_number(b) and 0 <= b < 1 for b in v),
+        "two numbers in [0, 1), e.g. [0.9, 0.98]",
+    ),
+    "eps": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "warmup_steps": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    "min_lr_ratio": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+}
+
+
+def optimizer_problems(block: Mapping[str, Any], where: str = "module.optimizer") -> list[str]:
+    """One line per key of an optimizer block that is not an optimizer setting or breaks its rule,
+    named as ``<where>.<key>=<value>``. Keys left out are not checked (the stage's defaults fill them)."""
+    problems = [
+        f"{where}.{key}: not an optimizer setting (expected one of {', '.join(OPTIMIZER_RULES)})"
+        for key in block
+        if key not in OPTIMIZER_RULES
+    ]
+    for key, (ok, expected) in OPTIMIZER_RULES.items():
+        if key in block and not ok(block[key]):
+            problems.append(f"{where}.{key}={block[key]!r}: expected {expected}")
+    return problems
+
+
+def optimizer_settings(block: Mapping[str, Any] | None, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """The complete optimizer block of a module: ``defaults`` (the stage's) updated by ``block``, checked
+    (ValueError naming each bad key). Plain values (``betas`` a list), as saved in the hyper-parameters."""
+    settings = {**defaults, **(block or {})}
+    problems = optimizer_problems(settings)
+    if problems:
+        raise ValueError("invalid optimizer settings:\n  " + "\n  ".join(problems))
+    missing = [key for key in OPTIMIZER_RULES if key not in settings]
+    if missing:
+        raise ValueError(f"module.optimizer: no value for {', '.join(missing)}")
+    settings["betas"] = [float(b) for b in settings["betas"]]
+    return settings
 
 
 def no_decay(name: str, param: torch.Tensor) -> bool:
@@ -42,22 +107,22 @@ def adamw(groups: list[dict], *, lr: float, betas: tuple[float, float], eps: flo
 
 
 def configure_adamw(module: pl.LightningModule, net: torch.nn.Module) -> dict:
-    """The optimizer and per-step schedule from ``module.hparams`` (lr, weight_decay, betas, eps,
-    warmup_steps, min_lr_ratio) for ``net``'s trainable parameters."""
-    hp = module.hparams
-    groups = param_groups(net, hp.weight_decay)
+    """The optimizer and per-step schedule from ``module.hparams.optimizer`` (the block above, completed
+    and checked by :func:`optimizer_settings` when the module was built) for ``net``'s trainable parameters."""
+    opt = module.hparams.optimizer
+    groups = param_groups(net, opt["weight_decay"])
+    betas = tuple(opt["betas"])
     trainer = module.trainer
     if offloads_optimizer(trainer.strategy):  # ZeRO-Offload steps on the CPU with DeepSpeed's Adam
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        optimizer = DeepSpeedCPUAdam(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, adamw_mode=True)
+        optimizer = DeepSpeedCPUAdam(groups, lr=opt["lr"], betas=betas, eps=opt["eps"], adamw_mode=True)
     else:
-        optimizer = adamw(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        optimizer = adamw(groups, lr=opt["lr"], betas=betas, eps=opt["eps"])
     total = trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
+    warmup, min_ratio = opt["warmup_steps"], opt["min_lr_ratio"]
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: warmup_cosine(
-            step, warmup_steps=hp.warmup_steps, total_steps=total, min_ratio=hp.min_lr_ratio
-        ),
+        lambda step: warmup_cosine(step, warmup_steps=warmup, total_steps=total, min_ratio=min_ratio),
     )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -33,6 +33,15 @@ from train.validation import retrieval_recall, zeroshot_synthetic
 
 
 class PriorModule(DiffusionStageModule):
+    optimizer_defaults = {
+        "lr": 1.1e-4,
+        "weight_decay": 6.0e-2,
+        "betas": [0.9, 0.96],
+        "eps": 1e-6,
+        "warmup_steps": 500,
+        "min_lr_ratio": 0.0,
+    }
+
     def __init__(
         self,
         net: torch.nn.Module,
@@ -40,21 +49,19 @@ class PriorModule(DiffusionStageModule):
         diffusion: Mapping[str, Any],
         tokenizer=None,
         clip_ckpt: str | None = None,
-        lr: float = 1.1e-4,
-        weight_decay: float = 6.0e-2,
-        betas: tuple[float, float] = (0.9, 0.96),
-        eps: float = 1e-6,
-        warmup_steps: int = 500,
-        min_lr_ratio: float = 0.0,
+        optimizer: Mapping[str, Any] | None = None,
         ema_decay: float = 0.9999,
         cond_drop_prob: float = 0.1,
         sample_steps: int = 64,
         guidance_scale: float = 1.0,
         best_of: int = 2,
         val_max_samples: int | None = 1000,
+        **old_keys: Any,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "tokenizer"])
+        optimizer, diffusion = self.settle_blocks(old_keys, optimizer, diffusion)
+        # saved as the arguments are now: the settled blocks, not the old keys
+        self.save_hyperparameters(ignore=["net", "tokenizer", *old_keys])
         self.setup_diffusion(net, diffusion, ema_decay, sample_steps)
         self.tokenizer = tokenizer
         self.scale = math.sqrt(net.embed_dim)
@@ -74,26 +81,53 @@ class PriorModule(DiffusionStageModule):
         return self._clip
 
     def embeddings(self, batch: dict) -> dict[str, torch.Tensor]:
-        """img_emb, txt_emb (B, D) and txt_feat (B, L, W) float32 + tokens (B, L) long, from either path."""
+        """img_emb, txt_emb (B, D) and txt_feat (B, L, W) float32 + tokens (B, L) long, from either path.
+
+        Precomputed embeddings without token features (clip-retrieval's LAION layout, data=clip_retrieval)
+        give img_emb and txt_emb only (and the tokens of the captions when the data has a tokenizer);
+        a net with ``use_text_tokens`` then gets the features from the frozen CLIP (``clip_ckpt``), which
+        must be the CLIP that made the embeddings (checked on every batch)."""
         if "img_emb.npy" in batch:
-            out = {
-                "img_emb": batch["img_emb.npy"].float(),
-                "txt_emb": batch["txt_emb.npy"].float(),
-                "txt_feat": batch["txt_feat.npy"].float(),
-                "tokens": batch["tokens.npy"].long(),
-            }
+            out = {"img_emb": batch["img_emb.npy"].float(), "txt_emb": batch["txt_emb.npy"].float()}
+            if "txt_feat.npy" in batch:
+                out["txt_feat"] = batch["txt_feat.npy"].float()
+            tokens = batch.get("tokens.npy", batch.get("tokens"))
+            if tokens is not None:
+                out["tokens"] = tokens.long()
+            if "txt_feat" not in out and getattr(self.net, "use_text_tokens", False):
+                out["txt_feat"] = self.token_features(out)
         else:
             out = dict(self.clip().embed(batch["image"], batch["tokens"]))
             out["tokens"] = batch["tokens"].long()
         return out
 
+    def token_features(self, emb: Mapping[str, torch.Tensor], min_cosine: float = 0.9) -> torch.Tensor:
+        """Per-token text features of the batch's captions from the frozen CLIP, for precomputed
+        embeddings that lack them; the CLIP's text embeddings of the captions must match the stored ones."""
+        if self._clip is None or "tokens" not in emb:
+            raise ValueError(
+                "net.use_text_tokens=true needs per-token text features (txt_feat.npy), and these batches "
+                "have only image and text embeddings (data=clip_retrieval): set net.use_text_tokens=false, or "
+                "clip_ckpt=<the CLIP run that made these embeddings> to compute them from the captions"
+            )
+        out = self.clip().embed(None, emb["tokens"])
+        cosine = (out["txt_emb"] * F.normalize(emb["txt_emb"], dim=-1)).sum(-1).mean().item()
+        if cosine < min_cosine:
+            raise ValueError(
+                f"clip_ckpt={self.hparams.clip_ckpt} did not make these embeddings: its text embeddings of the "
+                f"captions have a mean cosine of {cosine:.3f} with the stored ones (txt_emb). Token features "
+                "from another CLIP do not fit them: set net.use_text_tokens=false and clip_ckpt=null"
+            )
+        return out["txt_feat"]
+
     def conditioning(self, emb: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The net's keyword arguments (scaled text embedding, token features, mask)."""
-        return {
-            "text_emb": F.normalize(emb["txt_emb"], dim=-1) * self.scale,
-            "text_feat": emb["txt_feat"],
-            "text_mask": text_mask(emb["tokens"], self.tokenizer.eot_id),
-        }
+        """The net's keyword arguments (scaled text embedding; token features and their mask for a net
+        with ``use_text_tokens``)."""
+        cond = {"text_emb": F.normalize(emb["txt_emb"], dim=-1) * self.scale}
+        if getattr(self.net, "use_text_tokens", True):
+            cond["text_feat"] = emb["txt_feat"]
+            cond["text_mask"] = text_mask(emb["tokens"], self.tokenizer.eot_id)
+        return cond
 
     # ---- training ---------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

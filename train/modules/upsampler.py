@@ -63,6 +63,15 @@ class UpsamplerModule(DiffusionStageModule):
     untrained net already gives bicubic, and training only has to learn the missing detail.
     """
 
+    optimizer_defaults = {
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "betas": [0.9, 0.999],
+        "eps": 1e-8,
+        "warmup_steps": 100,
+        "min_lr_ratio": 0.1,
+    }
+
     def __init__(
         self,
         net: torch.nn.Module,
@@ -76,21 +85,19 @@ class UpsamplerModule(DiffusionStageModule):
         noise_aug_sample: float = 0.0,
         residual: bool = False,
         val_degraded: bool = True,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.1,
+        optimizer: Mapping[str, Any] | None = None,
         ema_decay: float = 0.9999,
         sample_steps: int = 27,
         eta: float = 0.0,
         val_max_samples: int | None = 128,
         grid_size: int = 8,
         seed: int = 0,
+        **old_keys: Any,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "tokenizer"])
+        optimizer, diffusion = self.settle_blocks(old_keys, optimizer, diffusion)
+        # saved as the arguments are now: the settled blocks, not the old keys
+        self.save_hyperparameters(ignore=["net", "tokenizer", *old_keys])
         if degradation not in ("none", "blur", "bsr"):
             raise ValueError(f"module.degradation={degradation!r}: expected none, blur or bsr")
         size = net.image_size
