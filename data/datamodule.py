@@ -20,8 +20,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from data.filters import Filters
 from data.manifest import LEVELS, VerifiedCache, check_shards, load_manifest, missing_shards
-from data.pipeline import BAD_SAMPLE_REASONS, SKIP_REASONS, Filters, ShardDataset, _seed
+from data.pipeline import BAD_SAMPLE_REASONS, SKIP_REASONS, ShardDataset, _seed
 from data.resume import Layout, LayoutChangeError, plan_resume
 from data.shards import expand_shards, group_samples, open_shard, read_tar
 from data.transforms import Normalize
@@ -280,6 +281,8 @@ class ShardDataModule(pl.LightningDataModule):
         manifest: str | None = None,
         manifest_check: str = "sha256",
     ) -> None:
+        """Long only by its keyword arguments, one per data option (documented in the class docstring and
+        conf/data/shards.yaml), each checked here."""
         super().__init__()
         if manifest_check not in LEVELS:
             raise ValueError(f"data.manifest_check={manifest_check!r}: expected one of {LEVELS}")
@@ -518,8 +521,8 @@ class ShardDataModule(pl.LightningDataModule):
                 position["data_world_size"],
                 "".join(
                     f" (part {p} of {m} of its unopened shards)"
-                    for (_, m, p) in {
-                        tuple(st["split"]) for st in position["streams"].values() if "split" in st
+                    for m, p in {
+                        tuple(st["split"][1:]) for st in position["streams"].values() if "split" in st
                     }
                 ),
             )

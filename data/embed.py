@@ -78,7 +78,6 @@ def embed_shards(
     rank = env_rank if rank is None else rank
     world = env_world if world_size is None else world_size
     clip = FrozenClip(ckpt, map_location=device)
-    tokenizer = clip.tokenizer
     urls = expand_shards(shards)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,39 +90,7 @@ def embed_shards(
         url = urls[index]
         name = f"{index:05d}.tar" if url.startswith("pipe:") else Path(url).name
         name = name if name.endswith(".tar") else name + ".tar"
-        ds = ShardDataset(
-            url,
-            batch_size=batch_size,
-            image_size=clip.image_size,
-            crop="center",
-            tokenizer=tokenizer,
-            keep_json=True,
-            shuffle_buffer=0,
-            shuffle_shards=False,
-            seed=0,
-        )
-        tmp = out / f".{name}.tmp{os.getpid()}"
-        n, skips = 0, {}
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-            for batch in ds:
-                skips = batch["__state__"]["skips"]  # cumulative for this shard
-                if not batch["__key__"]:
-                    continue
-                emb = clip.embed(batch["image"], batch["tokens"])
-                img = emb["img_emb"].cpu().numpy().astype(np.float16)
-                txt = emb["txt_emb"].cpu().numpy().astype(np.float16)
-                feats = emb["txt_feat"].cpu().numpy().astype(np.float16)  # (B, L, W)
-                toks = batch["tokens"].numpy().astype(np.int32)
-                for i, key in enumerate(batch["__key__"]):
-                    _add(tar, f"{key}.img_emb.npy", _npy(img[i]))
-                    _add(tar, f"{key}.txt_emb.npy", _npy(txt[i]))
-                    _add(tar, f"{key}.txt_feat.npy", _npy(feats[i]))
-                    _add(tar, f"{key}.tokens.npy", _npy(toks[i]))
-                    _add(tar, f"{key}.txt", batch["caption"][i].encode())
-                    if batch["json"][i]:
-                        _add(tar, f"{key}.json", json.dumps(batch["json"][i]).encode())
-                n += len(batch["__key__"])
-        os.replace(tmp, out / name)  # complete shards only
+        n, skips = _embed_shard(clip, url, out, name, batch_size)
         totals.update({f"skipped_{k}": v for k, v in skips.items() if v})
         totals["samples"] += n
         totals["shards"] += 1
@@ -131,26 +98,71 @@ def embed_shards(
         progress.step(detail=f"{url} -> {out / name}, {n} samples")
     _merge_sizes(out / "sizes.json", sizes)
     if rank == 0:
-        info = {
-            "checkpoint": str(clip.checkpoint.resolve()),
-            "global_step": clip.global_step,
-            "normalize": clip.normalize.kind,
-            "image_size": clip.image_size,
-            "crop": "center",
-            "embed_dim": clip.embed_dim,
-            "text_width": clip.text_width,
-            "context_length": tokenizer.context_length,
-            "tokenizer": repr(tokenizer),
-            "dtype": "float16",
-            "l2_normalised": ["img_emb", "txt_emb"],
-            "source_shards": shards,
-            "world_size": world,
-        }
-        (out / "embed_info.json").write_text(json.dumps(info, indent=2))
-        tokenizer.save(out / "tokenizer.json")
+        _write_info(out, clip, shards, world)
     result = {"rank": rank, "shards": 0, "samples": 0, **totals, "seconds": round(time.time() - start, 2)}
     log.info("embedding export, rank %d: %s", rank, result)
     return result
+
+
+def _embed_shard(clip, url: str, out: Path, name: str, batch_size: int) -> tuple[int, dict[str, int]]:
+    """One shard's embeddings as ``out/name`` (written to a temporary name, then moved: complete shards
+    only); returns the samples written and the samples skipped by reason."""
+    ds = ShardDataset(
+        url,
+        batch_size=batch_size,
+        image_size=clip.image_size,
+        crop="center",
+        tokenizer=clip.tokenizer,
+        keep_json=True,
+        shuffle_buffer=0,
+        shuffle_shards=False,
+        seed=0,
+    )
+    tmp = out / f".{name}.tmp{os.getpid()}"
+    n, skips = 0, {}
+    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        for batch in ds:
+            skips = batch["__state__"]["skips"]  # cumulative for this shard
+            if not batch["__key__"]:
+                continue
+            emb = clip.embed(batch["image"], batch["tokens"])
+            img = emb["img_emb"].cpu().numpy().astype(np.float16)
+            txt = emb["txt_emb"].cpu().numpy().astype(np.float16)
+            feats = emb["txt_feat"].cpu().numpy().astype(np.float16)  # (B, L, W)
+            toks = batch["tokens"].numpy().astype(np.int32)
+            for i, key in enumerate(batch["__key__"]):
+                _add(tar, f"{key}.img_emb.npy", _npy(img[i]))
+                _add(tar, f"{key}.txt_emb.npy", _npy(txt[i]))
+                _add(tar, f"{key}.txt_feat.npy", _npy(feats[i]))
+                _add(tar, f"{key}.tokens.npy", _npy(toks[i]))
+                _add(tar, f"{key}.txt", batch["caption"][i].encode())
+                if batch["json"][i]:
+                    _add(tar, f"{key}.json", json.dumps(batch["json"][i]).encode())
+            n += len(batch["__key__"])
+    os.replace(tmp, out / name)
+    return n, skips
+
+
+def _write_info(out: Path, clip, shards: str, world: int) -> None:
+    """embed_info.json (what made the embeddings; train/run.py reads the checkpoint from it) and the
+    CLIP's tokenizer.json beside the shards."""
+    info = {
+        "checkpoint": str(clip.checkpoint.resolve()),
+        "global_step": clip.global_step,
+        "normalize": clip.normalize.kind,
+        "image_size": clip.image_size,
+        "crop": "center",
+        "embed_dim": clip.embed_dim,
+        "text_width": clip.text_width,
+        "context_length": clip.tokenizer.context_length,
+        "tokenizer": repr(clip.tokenizer),
+        "dtype": "float16",
+        "l2_normalised": ["img_emb", "txt_emb"],
+        "source_shards": shards,
+        "world_size": world,
+    }
+    (out / "embed_info.json").write_text(json.dumps(info, indent=2))
+    clip.tokenizer.save(out / "tokenizer.json")
 
 
 def _merge_sizes(path: Path, sizes: dict[str, int]) -> None:

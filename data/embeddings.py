@@ -41,10 +41,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from data.datamodule import ShardDataModule
-from data.pipeline import _seed, shards_for
+from data.pipeline import StreamPosition, _seed, interleave, snapshot
 
 _PART = re.compile(r"img_emb_(\d+)\.npy$")
 
@@ -209,7 +209,7 @@ def _join(pieces: list[dict]) -> dict:
     }
 
 
-class ClipRetrievalDataset(IterableDataset):
+class ClipRetrievalDataset(StreamPosition, IterableDataset):
     """Yields ready batches (dicts) of a clip-retrieval directory; use with ``DataLoader(batch_size=None)``.
 
     Batch keys: ``img_emb.npy``, ``txt_emb.npy`` float32 (B, D), ``caption`` list[str], ``__key__``
@@ -241,39 +241,14 @@ class ClipRetrievalDataset(IterableDataset):
         self.shuffle, self.drop_last = shuffle, drop_last
         self.caption_column = self.layout.caption_column
         self.reasons = ["partial_batch_dropped"]
-        # Set by the DataModule (or by hand) before iterating; the meaning of each is ShardDataset's.
-        self.rank, self.world_size, self.epoch = 0, 1, 0
-        self.data_ranks: list[int] | None = None
-        self.data_world_size: int | None = None
-        self.start_positions: dict[tuple[int, int], int] = {}  # (data rank, worker) -> rows drawn
-        self.start_skips: dict[tuple[int, int], dict[str, int]] = {}
-        self.start_cursors: dict[tuple[int, int], Any] = {}  # unused: a position locates its row directly
-        self.worker_offset = 0
+        self.reset_position()  # set by the DataModule before iterating (data/pipeline.py StreamPosition)
 
     def __len__(self) -> int:
         raise TypeError("epoch mode has no declared length")
 
-    @property
-    def streams(self) -> list[int]:
-        """The data ranks this rank plays (its own rank unless a resume at another world size)."""
-        return list(self.data_ranks) if self.data_ranks is not None else [self.rank]
-
-    @property
-    def stream_world_size(self) -> int:
-        return self.data_world_size if self.data_world_size is not None else self.world_size
-
     def stream_parts(self, data_rank: int, worker: int, num_workers: int) -> list[int]:
         """The part indices of one stream this epoch, in reading order."""
-        return shards_for(
-            range(len(self.parts)),
-            rank=data_rank,
-            world_size=self.stream_world_size,
-            worker=worker,
-            num_workers=num_workers,
-            seed=self.seed,
-            epoch=self.epoch,
-            shuffle=self.shuffle,
-        )
+        return self.share(range(len(self.parts)), data_rank, worker, num_workers, shuffle=self.shuffle)
 
     def row_order(self, part: int) -> np.ndarray:
         """The order in which a part's rows are read this epoch."""
@@ -283,15 +258,7 @@ class ClipRetrievalDataset(IterableDataset):
         return np.random.default_rng(_seed(self.seed, self.epoch, "rows", part)).permutation(n)
 
     def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        worker = (worker + self.worker_offset) % num_workers
-        data_ranks = self.streams
-        if self.batch_size % len(data_ranks):
-            raise ValueError(
-                f"per-device batch {self.batch_size} does not split over the {len(data_ranks)} data ranks "
-                f"{data_ranks} this rank continues"
-            )
+        worker, num_workers, data_ranks = self.worker_streams()
         chunk = self.batch_size // len(data_ranks)
         states = {}
         for v in data_ranks:
@@ -300,53 +267,24 @@ class ClipRetrievalDataset(IterableDataset):
                 "position": int(self.start_positions.get(key, 0)),
                 "skips": Counter(self.start_skips.get(key, {})),
             }
-        active = [(v, self._stream(v, worker, num_workers, chunk, states[v])) for v in data_ranks]
-
-        def snapshot() -> dict:
-            streams = {
-                v: {"position": st["position"], "skips": {r: st["skips"].get(r, 0) for r in self.reasons}}
-                for v, st in states.items()
-            }
-            total = {r: sum(st["skips"][r] for st in streams.values()) for r in self.reasons}
-            return {
-                "rank": self.rank,
-                "worker": worker,
-                "epoch": self.epoch,
-                "streams": streams,
-                "skips": total,
-            }
-
-        # A batch is one chunk from each data rank in turn (with one data rank: its chunks). A data rank
-        # that runs dry hands its turn to the next, so the rest of the epoch is still read exactly once.
-        full: list[tuple[int, dict]] = []
-        short: list[tuple[int, dict]] = []  # each data rank's last, short chunk
-        turn, reported = 0, None
-        while active:
-            turn %= len(active)
-            v, stream = active[turn]
-            piece = next(stream, None)
-            if piece is None:
-                del active[turn]
-                continue
-            turn += 1
-            (full if len(piece["keys"]) == chunk else short).append((v, piece))
-            if len(full) * chunk == self.batch_size:
-                state = snapshot()
+        streams = [(v, self._stream(v, worker, num_workers, chunk, states[v])) for v in data_ranks]
+        reported = None
+        for full, pieces in interleave(streams, chunk, self.batch_size, lambda piece: len(piece["keys"])):
+            if full:
+                state = snapshot(self, states, worker)
                 reported = state["streams"]
-                yield self._collate([p for _, p in full], state)
-                full = []
-        rest = full + short
-        if self.drop_last:  # a short batch would break equal-size collectives (the global-batch loss)
-            for v, piece in rest:
-                states[v]["skips"]["partial_batch_dropped"] += len(piece["keys"])
-        else:
-            pool = _join([p for _, p in rest]) if rest else None
-            for start in range(0, len(pool["keys"]) if pool else 0, self.batch_size):
-                state = snapshot()
-                reported = state["streams"]
-                end = start + self.batch_size
-                yield self._collate([{name: col[start:end] for name, col in pool.items()}], state)
-        final = snapshot()
+                yield self._collate([p for _, p in pieces], state)
+            elif self.drop_last:  # a short batch would break equal-size collectives (the global-batch loss)
+                for v, piece in pieces:
+                    states[v]["skips"]["partial_batch_dropped"] += len(piece["keys"])
+            elif pieces:
+                pool = _join([p for _, p in pieces])
+                for start in range(0, len(pool["keys"]), self.batch_size):
+                    state = snapshot(self, states, worker)
+                    reported = state["streams"]
+                    end = start + self.batch_size
+                    yield self._collate([{name: col[start:end] for name, col in pool.items()}], state)
+        final = snapshot(self, states, worker)
         if final["streams"] != reported:
             # state only (no rows): the position after the last batch, or of a worker without a batch
             yield {"__key__": [], "__state__": final}

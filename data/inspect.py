@@ -17,7 +17,8 @@ import sys
 from collections import Counter
 from typing import Any
 
-from data.pipeline import Filters, check_sample
+from data.filters import Filters
+from data.pipeline import check_sample
 from data.shards import ShardError, ShardSpecError, expand_shards, group_samples, open_shard, read_tar
 from data.transforms import decode_image
 

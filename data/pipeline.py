@@ -47,19 +47,17 @@ from __future__ import annotations
 import json
 import logging
 import math
-import operator
 import os
 import random
-import re
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from data.filters import Filters
 from data.shards import ShardError, expand_shards, group_samples, open_shard, read_tar
 from data.stream import SampleStream
 from data.transforms import Crop, ImageTooLarge, decode_image, resize_crop
@@ -84,81 +82,6 @@ SKIP_REASONS = (
     "unreadable_shard",
     "empty_shard",
 )
-_OPS = {
-    "<": operator.lt,
-    "<=": operator.le,
-    ">": operator.gt,
-    ">=": operator.ge,
-    "==": operator.eq,
-    "!=": operator.ne,
-}
-_THRESHOLD = re.compile(r"^\s*(<=|>=|==|!=|<|>)\s*(-?[0-9.eE+-]+)\s*$")
-
-
-@dataclass
-class Filters:
-    """Metadata filters. Each drop is counted as ``filter_<name>``.
-
-    Sizes come from the json (``width``/``height``, as img2dataset writes them) when present, else
-    from the image header. ``fields`` maps a numeric json field to a condition that KEEPS the sample,
-    e.g. ``{"punsafe": "< 0.1", "pwatermark": "< 0.8"}``; a sample whose json lacks the field is kept
-    (LAION subsets often lack them) unless ``drop_missing_fields`` is set.
-    """
-
-    min_width: int = 0
-    min_height: int = 0
-    max_aspect_ratio: float | None = None
-    min_caption_chars: int = 1
-    max_caption_chars: int | None = None
-    fields: Mapping[str, str] = field(default_factory=dict)
-    drop_missing_fields: bool = False
-
-    def __post_init__(self) -> None:
-        self._conditions = {}
-        for name, cond in dict(self.fields).items():
-            m = _THRESHOLD.match(str(cond))
-            if not m:
-                raise ValueError(
-                    f"data.filters.fields.{name}={cond!r}: expected a comparison like '< 0.1' or '>= 0.3'"
-                )
-            self._conditions[name] = (_OPS[m.group(1)], float(m.group(2)))
-        if self.max_aspect_ratio is not None and self.max_aspect_ratio < 1:
-            raise ValueError(f"data.filters.max_aspect_ratio={self.max_aspect_ratio}: must be >= 1")
-
-    @property
-    def reasons(self) -> list[str]:
-        names = ["filter_min_size", "filter_aspect_ratio", "filter_caption_length"]
-        return names + [f"filter_{name}" for name in self._conditions]
-
-    def check_meta(self, meta: Mapping, caption: str | None) -> str | None:
-        """Filters that need no pixels. Returns the failing reason or None."""
-        if caption is not None:
-            n = len(caption.strip())
-            if n < self.min_caption_chars or (
-                self.max_caption_chars is not None and n > self.max_caption_chars
-            ):
-                return "filter_caption_length"
-        for name, (op, threshold) in self._conditions.items():
-            value = meta.get(name)
-            if value is None:
-                if self.drop_missing_fields:
-                    return f"filter_{name}"
-                continue
-            try:
-                if not op(float(value), threshold):
-                    return f"filter_{name}"
-            except (TypeError, ValueError):
-                return f"filter_{name}"
-        return None
-
-    def check_size(self, width: int, height: int) -> str | None:
-        if width < self.min_width or height < self.min_height:
-            return "filter_min_size"
-        if self.max_aspect_ratio is not None and max(width, height) > self.max_aspect_ratio * min(
-            width, height
-        ):
-            return "filter_aspect_ratio"
-        return None
 
 
 def _seed(*parts: int | str) -> int:
@@ -185,7 +108,66 @@ def shards_for(
     return order[rank::world_size][worker::num_workers]
 
 
-class ShardDataset(IterableDataset):
+class StreamPosition:
+    """What a streaming dataset (ShardDataset, data/embeddings.py's ClipRetrievalDataset) is told before it
+    iterates, by the DataModule, RankSyncedLoader and data/resume.py: its rank and epoch, and where a resume
+    starts. A stream is one (data rank, loader worker)."""
+
+    def reset_position(self) -> None:
+        self.rank, self.world_size, self.epoch = 0, 1, 0
+        # Data ranks: the (rank, world size) the shard partition, shuffle and position follow. Normally
+        # this rank's own; a resume on fewer ranks plays k of the saved ones at once (each batch = one
+        # chunk of batch_size / k from each), on more ranks a part of one (data/resume.py).
+        self.data_ranks: list[int] | None = None
+        self.data_world_size: int | None = None
+        # (data rank, worker) -> samples drawn before the restart, and the skip counts at that point
+        self.start_positions: dict[tuple[int, int], int] = {}
+        self.start_skips: dict[tuple[int, int], dict[str, int]] = {}
+        # (data rank, worker) -> the stream's cursor (data/stream.py): where a resume starts reading
+        self.start_cursors: dict[tuple[int, int], dict] = {}
+        # (data rank, worker) -> (first unopened shard, m, part): the epoch continues on m times the ranks
+        # (data/resume.py); this stream reads part `part` of the shards from that one on
+        self.start_splits: dict[tuple[int, int], tuple[int, int, int]] = {}
+        # The DataLoader hands out batches round-robin from worker 0. A resume that stopped after a
+        # batch of worker k must continue with worker k+1: loader worker i plays stream (i + offset) % W.
+        self.worker_offset = 0
+
+    @property
+    def streams(self) -> list[int]:
+        """The data ranks this rank plays (its own rank unless a resume at another world size)."""
+        return list(self.data_ranks) if self.data_ranks is not None else [self.rank]
+
+    @property
+    def stream_world_size(self) -> int:
+        return self.data_world_size if self.data_world_size is not None else self.world_size
+
+    def share(self, items: Sequence, data_rank: int, worker: int, num_workers: int, *, shuffle: bool) -> list:
+        """One stream's share of ``items`` (shards, parts) this epoch, in reading order (:func:`shards_for`)."""
+        return shards_for(
+            items,
+            rank=data_rank,
+            world_size=self.stream_world_size,
+            worker=worker,
+            num_workers=num_workers,
+            seed=self.seed,
+            epoch=self.epoch,
+            shuffle=shuffle,
+        )
+
+    def worker_streams(self) -> tuple[int, int, list[int]]:
+        """(worker, number of workers, data ranks) of the calling loader worker."""
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        data_ranks = self.streams
+        if self.batch_size % len(data_ranks):
+            raise ValueError(
+                f"per-device batch {self.batch_size} does not split over the {len(data_ranks)} data ranks "
+                f"{data_ranks} this rank continues"
+            )
+        return (worker + self.worker_offset) % num_workers, num_workers, data_ranks
+
+
+class ShardDataset(StreamPosition, IterableDataset):
     """Yields ready batches (dicts) from shards; use with ``DataLoader(batch_size=None)``.
 
     Batch keys: ``image`` uint8 (B, 3, crop, crop) when ``image_size`` is set, ``tokens`` long (B, L)
@@ -215,6 +197,8 @@ class ShardDataset(IterableDataset):
         num_samples: int | None = None,
         drop_last: bool = False,
     ) -> None:
+        """Long only by its keyword arguments, one per data option (documented in the class docstring and
+        conf/data/shards.yaml), each checked here."""
         if mode not in ("epoch", "resampled"):
             raise ValueError(f"data mode={mode!r}: expected 'epoch' or 'resampled'")
         if batch_size < 1:
@@ -236,25 +220,7 @@ class ShardDataset(IterableDataset):
         self.seed = seed
         self.num_samples = num_samples
         self.drop_last = drop_last
-        # Set by the DataModule (or by hand) before iterating:
-        self.rank, self.world_size = 0, 1
-        self.epoch = 0
-        # Data ranks: the (rank, world size) the shard partition, shuffle and position follow. Normally
-        # this rank's own; a resume at another world size plays k of the saved ranks at once (each
-        # batch = one chunk of batch_size / k from each), see data/datamodule.py.
-        self.data_ranks: list[int] | None = None
-        self.data_world_size: int | None = None
-        # (data rank, worker) -> raw samples to skip, and the skip counts at that point (resume)
-        self.start_positions: dict[tuple[int, int], int] = {}
-        self.start_skips: dict[tuple[int, int], dict[str, int]] = {}
-        # (data rank, worker) -> the stream's cursor (data/stream.py): where a resume starts reading
-        self.start_cursors: dict[tuple[int, int], dict] = {}
-        # (data rank, worker) -> (first unopened shard, m, part): the epoch continues on m times the ranks
-        # (data/resume.py); this stream reads part `part` of the shards from that one on
-        self.start_splits: dict[tuple[int, int], tuple[int, int, int]] = {}
-        # The DataLoader hands out batches round-robin from worker 0. A resume that stopped after a
-        # batch of worker k must continue with worker k+1: loader worker i plays stream (i + offset) % W.
-        self.worker_offset = 0
+        self.reset_position()
         self.reasons = list(SKIP_REASONS) + self.filters.reasons + ["partial_batch_dropped"]
         if mode == "resampled" and num_samples is None:
             self.num_samples = dataset_size(self.urls)
@@ -281,84 +247,33 @@ class ShardDataset(IterableDataset):
         )
 
     # ---- the pipeline ---------------------------------------------------------------------------
-    @property
-    def streams(self) -> list[int]:
-        """The data ranks this rank plays (its own rank unless a resume at another world size)."""
-        return list(self.data_ranks) if self.data_ranks is not None else [self.rank]
-
-    @property
-    def stream_world_size(self) -> int:
-        return self.data_world_size if self.data_world_size is not None else self.world_size
-
     def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        worker = (worker + self.worker_offset) % num_workers
-        data_ranks = self.streams
-        if self.batch_size % len(data_ranks):
-            raise ValueError(
-                f"per-device batch {self.batch_size} does not split over the {len(data_ranks)} data ranks "
-                f"{data_ranks} this rank continues"
-            )
-        chunk = self.batch_size // len(data_ranks)
+        worker, num_workers, data_ranks = self.worker_streams()
         states = {v: self._stream_state(v, worker, num_workers) for v in data_ranks}
-        active = [(v, self._stream(chunk, states[v])) for v in data_ranks]
-
-        def snapshot() -> dict:
-            streams = {
-                v: {
-                    "position": st["position"],
-                    "skips": {r: st["skips"].get(r, 0) for r in self.reasons},
-                    "cursor": st["stream"].cursor(),
-                    **({"split": list(st["split"])} if st["split"] else {}),
-                }
-                for v, st in states.items()
-            }
-            total = {r: sum(st["skips"][r] for st in streams.values()) for r in self.reasons}
-            return {
-                "rank": self.rank,
-                "worker": worker,
-                "epoch": self.epoch,
-                "streams": streams,
-                "skips": total,
-            }
-
-        # A batch is one chunk from each data rank in turn: with one data rank, its batches; with k, the
-        # concatenation of what the k ranks' same worker yields at this step. A data rank that runs dry
-        # hands its turn to the next, so the rest of the epoch is still trained exactly once.
-        parts: list[tuple[int, list[dict]]] = []  # full chunks of the batch being built
-        short: list[tuple[int, list[dict]]] = []  # each data rank's last, short chunk
-        turn = 0
         reported = None
-        while active:
-            turn %= len(active)
-            v, stream = active[turn]
-            items = next(stream, None)
-            if items is None:
-                del active[turn]
-                continue
-            turn += 1
-            (parts if len(items) == chunk else short).append((v, items))
-            if len(parts) * chunk == self.batch_size:
-                state = snapshot()
-                reported = state["streams"]
-                yield self._collate([it for _, p in parts for it in p], state)
-                parts = []
-        rest = parts + short
-        if self.drop_last:  # a short batch would break equal-size collectives (the global-batch loss)
-            for v, p in rest:
-                states[v]["skips"]["partial_batch_dropped"] += len(p)
-        else:
-            pool = [it for _, p in rest for it in p]
-            for start in range(0, len(pool), self.batch_size):
-                state = snapshot()
-                reported = state["streams"]
-                yield self._collate(pool[start : start + self.batch_size], state)
-        final = snapshot()
+        for items, state in self._batches(states, worker):
+            reported = state["streams"]
+            yield self._collate(items, state)
+        final = snapshot(self, states, worker)
         if _counts(final["streams"]) != _counts(reported):  # not when only a cursor moved (nothing new)
             # A state-only record (no samples), so positions and skips after the last batch - or in a
             # worker that never filled a batch - still reach the main process (consumers skip it).
             yield {"__key__": [], "__state__": final}
+
+    def _batches(self, states: dict[int, dict], worker: int) -> Iterator[tuple[list[dict], dict]]:
+        """(items, state after them) per batch: :func:`interleave` over this worker's data ranks."""
+        chunk = self.batch_size // len(states)
+        streams = [(v, self._stream(chunk, st)) for v, st in states.items()]
+        for full, chunks in interleave(streams, chunk, self.batch_size, len):
+            if full:
+                yield [it for _, c in chunks for it in c], snapshot(self, states, worker)
+            elif self.drop_last:  # a short batch would break equal-size collectives (the global-batch loss)
+                for v, c in chunks:
+                    states[v]["skips"]["partial_batch_dropped"] += len(c)
+            else:
+                pool = [it for _, c in chunks for it in c]
+                for start in range(0, len(pool), self.batch_size):
+                    yield pool[start : start + self.batch_size], snapshot(self, states, worker)
 
     def _stream_state(self, data_rank: int, worker: int, num_workers: int) -> dict:
         """One data rank's stream at one worker, from the start of the epoch or its saved cursor."""
@@ -416,16 +331,7 @@ class ShardDataset(IterableDataset):
         ``split`` (first unopened shard s, m, part p): part 0 keeps the shards before s (its cursor points
         into them) and every m-th from s; part p > 0 has the p-th of every m from s."""
         if self.mode == "epoch":
-            shards = shards_for(
-                self.urls,
-                rank=data_rank,
-                world_size=self.stream_world_size,
-                worker=worker,
-                num_workers=num_workers,
-                seed=self.seed,
-                epoch=self.epoch,
-                shuffle=self.shuffle_shards,
-            )
+            shards = self.share(self.urls, data_rank, worker, num_workers, shuffle=self.shuffle_shards)
             if split is not None:
                 first, m, part = split
                 shards = (shards[:first] if part == 0 else []) + shards[first + part :: m]
@@ -526,6 +432,57 @@ class ShardDataset(IterableDataset):
             batch["json"] = [it["json"] for it in items]
         batch["__state__"] = state
         return batch
+
+
+def interleave(
+    streams: list[tuple[int, Iterator]], chunk: int, batch_size: int, size
+) -> Iterator[tuple[bool, list[tuple[int, object]]]]:
+    """Batches built from several data ranks' streams of chunks (``size(chunk)`` items each, the last
+    of a stream may be shorter): ``(True, [(data rank, chunk), ...])`` per full batch of
+    ``batch_size // chunk`` chunks, one from each data rank in turn (with one data rank: its chunks; a
+    data rank that runs dry hands its turn to the next, so the rest of the epoch is still read exactly
+    once); then, once, ``(False, leftovers)``: the full chunks of an unfinished batch and each data
+    rank's short last chunk. Shared by ShardDataset and data/embeddings.py."""
+    active = list(streams)
+    full: list[tuple[int, object]] = []
+    short: list[tuple[int, object]] = []
+    turn = 0
+    while active:
+        turn %= len(active)
+        v, stream = active[turn]
+        piece = next(stream, None)
+        if piece is None:
+            del active[turn]
+            continue
+        turn += 1
+        (full if size(piece) == chunk else short).append((v, piece))
+        if len(full) * chunk == batch_size:
+            yield True, full
+            full = []
+    yield False, full + short
+
+
+def snapshot(dataset, states: dict[int, dict], worker: int) -> dict:
+    """The ``__state__`` a batch carries: each data rank's position and skips at this worker, and its
+    stream's cursor and split where it has them (data/stream.py, data/resume.py)."""
+    streams = {}
+    for v, st in states.items():
+        streams[v] = {
+            "position": st["position"],
+            "skips": {r: st["skips"].get(r, 0) for r in dataset.reasons},
+        }
+        if st.get("stream") is not None:
+            streams[v]["cursor"] = st["stream"].cursor()
+        if st.get("split"):
+            streams[v]["split"] = list(st["split"])
+    total = {r: sum(st["skips"][r] for st in streams.values()) for r in dataset.reasons}
+    return {
+        "rank": dataset.rank,
+        "worker": worker,
+        "epoch": dataset.epoch,
+        "streams": streams,
+        "skips": total,
+    }
 
 
 def _counts(streams: dict | None) -> dict | None:

@@ -90,7 +90,17 @@ def plan_resume(state: dict, layout: Layout) -> dict | None:
         return saved[layout.rank]
     if not any(r["streams"] for r in saved):
         return None
-    data_world = state["data_world_size"]
+    problems = _problems(state, layout)
+    if problems:
+        raise LayoutChangeError(saved[0]["epoch"], state["world_size"], problems)
+    if state["data_world_size"] % layout.world == 0:
+        return _fewer(saved, state["data_world_size"], layout)
+    return _more(saved, state["data_world_size"], layout)
+
+
+def _problems(state: dict, layout: Layout) -> list[str]:
+    """Why the saved epoch cannot continue on ``layout`` (empty: it can), each naming the option."""
+    saved, data_world = state["ranks"], state["data_world_size"]
     problems = [
         f"data.{key}={now!r} (saved {was!r})"
         for key, was, now in (
@@ -134,11 +144,7 @@ def plan_resume(state: dict, layout: Layout) -> dict | None:
             f"{layout.world} ranks (the saved epoch is split into {data_world} data ranks; it continues on a "
             f"number of ranks that divides {data_world} or is a multiple of it)"
         )
-    if problems:
-        raise LayoutChangeError(saved[0]["epoch"], state["world_size"], problems)
-    if data_world % layout.world == 0:
-        return _fewer(saved, data_world, layout)
-    return _more(saved, data_world, layout)
+    return problems
 
 
 def _fewer(saved: list[dict], data_world: int, layout: Layout) -> dict:

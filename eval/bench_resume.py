@@ -160,6 +160,55 @@ def end_to_end(spec: str, args, root: Path, states: dict[int, dict]) -> dict[int
     return seconds
 
 
+def restarts(spec: str, args, log_path: Path) -> tuple[list[dict], list[list[str]], dict[int, dict]]:
+    """One row per position: the data restart with cursors and by replay. Also the uninterrupted epoch's
+    batches and the positions saved in it."""
+    os.environ["UNCLIP_THROTTLE"] = "off"  # the reference epoch at full speed
+    fractions = [float(f) for f in args.fractions.split(",")]
+    probe, _ = reference_epoch(spec, args, [])
+    stops = {f: round(f * len(probe)) for f in fractions}
+    batches, states = reference_epoch(spec, args, sorted(set(stops.values()) - {0}))
+    if batches != probe:
+        raise SystemExit("two uninterrupted epochs differ: the data order is not deterministic")
+    os.environ["UNCLIP_THROTTLE"] = "on"
+    rows = []
+    for fraction in fractions:
+        stop = stops[fraction]
+        row = {"position": fraction, "batch": stop}
+        for name, state in (("cursor", states[stop]), ("replay", without_cursors(states[stop]))):
+            if name == "replay" and (args.no_replay or stop == 0):
+                continue
+            runs = [first_batch(spec, args, state, log_path) for _ in range(args.repeats)]
+            if any(keys != batches[stop] for _, keys, _, _ in runs):
+                raise SystemExit(f"resuming at batch {stop} ({name}) did not continue with the next batch")
+            row[f"{name}_s"] = statistics.median(r[0] for r in runs)
+            row[f"{name}_shards"] = runs[0][2]
+            row[f"{name}_mb"] = runs[0][3] / 1e6
+        rows.append(row)
+    return rows, batches, states
+
+
+def print_table(rows: list[dict], args, header: str) -> None:
+    print(header + "\n")
+    launch = "launch to first batch (s) | vs 0% | replay | " if args.end_to_end else ""
+    print(f"| position | batch | {launch}data: s to first batch | vs 0% | shards opened | MB read | "
+          "replay: s | shards | MB |")  # fmt: skip
+    print("|---" * (9 + 3 * args.end_to_end) + "|")
+    for r in rows:
+        replay = "- | - | -"
+        if "replay_s" in r:
+            replay = f"{r['replay_s']:.2f} | {r['replay_shards']} | {r['replay_mb']:.1f}"
+        launch = ""
+        if args.end_to_end:
+            replayed = f"{r['replay_launch_s']:.1f}" if "replay_launch_s" in r else "-"
+            launch = f"{r['launch_s']:.1f} | {r['launch_s'] / rows[0]['launch_s']:.2f}x | {replayed} | "
+        print(
+            f"| {r['position']:.0%} | {r['batch']} | {launch}{r['cursor_s']:.2f} | "
+            f"{r['cursor_s'] / rows[0]['cursor_s']:.2f}x | {r['cursor_shards']} | {r['cursor_mb']:.1f} | {replay} |"
+        )
+    print("\nevery data restart continued with the batch the uninterrupted epoch trained next")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m eval.bench_resume", description=__doc__.split("\n")[0])
     parser.add_argument("--shards", type=int, default=24)
@@ -187,68 +236,25 @@ def main(argv: list[str] | None = None) -> int:
                      shard_size=args.shard_size)  # fmt: skip
     tars = sorted(shard_dir.glob("*.tar"))
     log_path = root / "reads.txt"
-    last = f"{len(tars) - 1:05d}"
     spec = (
         f"pipe:{sys.executable} -m eval.throttled_cat --rate {args.rate:g} --latency {args.latency:g} "
-        f"--log {log_path} {shard_dir}/{{00000..{last}}}.tar"
+        f"--log {log_path} {shard_dir}/{{00000..{len(tars) - 1:05d}}}.tar"
     )
-    total_bytes = sum(p.stat().st_size for p in tars)
-
-    os.environ["UNCLIP_THROTTLE"] = "off"  # the reference epoch at full speed
-    fractions = [float(f) for f in args.fractions.split(",")]
-    probe, _ = reference_epoch(spec, args, [])
-    stops = {f: round(f * len(probe)) for f in fractions}
-    batches, states = reference_epoch(spec, args, sorted(set(stops.values()) - {0}))
-    if batches != probe:
-        raise SystemExit("two uninterrupted epochs differ: the data order is not deterministic")
-    os.environ["UNCLIP_THROTTLE"] = "on"
-
-    rows = []
-    for fraction in fractions:
-        stop = stops[fraction]
-        row = {"position": fraction, "batch": stop}
-        for name, state in (("cursor", states[stop]), ("replay", without_cursors(states[stop]))):
-            if name == "replay" and (args.no_replay or stop == 0):
-                continue
-            runs = [first_batch(spec, args, state, log_path) for _ in range(args.repeats)]
-            if any(keys != batches[stop] for _, keys, _, _ in runs):
-                raise SystemExit(f"resuming at batch {stop} ({name}) did not continue with the next batch")
-            row[f"{name}_s"] = statistics.median(r[0] for r in runs)
-            row[f"{name}_shards"] = runs[0][2]
-            row[f"{name}_mb"] = runs[0][3] / 1e6
-        rows.append(row)
+    rows, batches, states = restarts(spec, args, log_path)
     if args.end_to_end:
         launches = end_to_end(spec, args, root, {r["batch"]: states[r["batch"]] for r in rows})
         for row in rows:
             row["launch_s"] = launches[row["batch"], "cursor"]
             if (row["batch"], "replay") in launches:
                 row["replay_launch_s"] = launches[row["batch"], "replay"]
-
-    base = rows[0]["cursor_s"]
-    print(
-        f"{len(tars)} shards x {args.shard_size} samples ({total_bytes / 1e6:.1f} MB), {len(batches)} batches "
-        f"of {args.batch}; {args.workers} workers, shuffle buffer {args.buffer}; each shard read at "
-        f"{args.rate / 1e6:g} MB/s after {args.latency:g} s; median of {args.repeats} restarts\n"
+    megabytes = sum(p.stat().st_size for p in tars) / 1e6
+    print_table(
+        rows,
+        args,
+        f"{len(tars)} shards x {args.shard_size} samples ({megabytes:.1f} MB), {len(batches)} batches of "
+        f"{args.batch}; {args.workers} workers, shuffle buffer {args.buffer}; each shard read at "
+        f"{args.rate / 1e6:g} MB/s after {args.latency:g} s; median of {args.repeats} restarts",
     )
-    launch = "launch to first batch (s) | vs 0% | replay | " if args.end_to_end else ""
-    print(f"| position | batch | {launch}data: s to first batch | vs 0% | shards opened | MB read | "
-          "replay: s | shards | MB |")  # fmt: skip
-    print("|---" * (9 + 3 * args.end_to_end) + "|")
-    for r in rows:
-        replay = (
-            f"{r['replay_s']:.2f} | {r['replay_shards']} | {r['replay_mb']:.1f}"
-            if "replay_s" in r
-            else "- | - | -"
-        )
-        launch = ""
-        if args.end_to_end:
-            replayed = f"{r['replay_launch_s']:.1f}" if "replay_launch_s" in r else "-"
-            launch = f"{r['launch_s']:.1f} | {r['launch_s'] / rows[0]['launch_s']:.2f}x | {replayed} | "
-        print(
-            f"| {r['position']:.0%} | {r['batch']} | {launch}{r['cursor_s']:.2f} | {r['cursor_s'] / base:.2f}x | "
-            f"{r['cursor_shards']} | {r['cursor_mb']:.1f} | {replay} |"
-        )
-    print("\nevery data restart continued with the batch the uninterrupted epoch trained next")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     tmp.cleanup()

@@ -386,9 +386,14 @@ def measure(
     for _ in range(warmup):
         step()
     times = _timed(step, device, iters)
-    median = statistics.median(times)
     values = [float(first_loss.detach()), *(float(v) for v in losses)]
-    row = {
+    return _row(work, model, device, flops, times, first_step_s, values, ceiling_tflops)
+
+
+def _row(work, model, device, flops: float, times: list[float], first_step_s: float, values, ceiling) -> dict:
+    """A table row from one measurement: throughput, achieved TFLOP/s and MFU from the median step."""
+    median = statistics.median(times)
+    return {
         "params_M": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
         "batch": work.batch,
         "gflop_per_sample": flops / work.batch / 1e9,
@@ -397,7 +402,7 @@ def measure(
         "step_ms_max": max(times) * 1e3,
         "samples_per_s": work.batch / median,
         "tflops": flops / median / 1e12,
-        "mfu": flops / median / 1e12 / ceiling_tflops if ceiling_tflops else None,
+        "mfu": flops / median / 1e12 / ceiling if ceiling else None,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "first_step_s": first_step_s,
         "loss_first": values[0],
@@ -405,7 +410,6 @@ def measure(
         "finite": all(math.isfinite(v) for v in values),
         **work.config,
     }
-    return row
 
 
 def _timed(step: Callable[[], None], device: torch.device, iters: int) -> list[float]:
@@ -519,7 +523,7 @@ def run_case(case: Case | str, device: torch.device, args: argparse.Namespace, c
     return row
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m eval.bench_train", description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -538,6 +542,11 @@ def main(argv: list[str] | None = None) -> int:
         "--batch", type=int, default=None, help="every case at this batch (a smoke test of big shapes)"
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -118,13 +118,25 @@ def probe(
     tokens = cascade.tokens([it["prompt"] for it in items])
     emb = cascade.clip.embed(truth.to(device), tokens)
     cond = dec.conditioning(emb["img_emb"], tokens, emb.get("txt_feat"))
-    b = len(items)
+    rows += _decoder_probes(dec, cond, items, steps, guidance_scale, seed)
+    rows += _denoise_probes(dec, cond, x0, items, noise_steps, seed)
+    return {
+        "n": len(items),
+        "decoder_steps": int(dec.hparams.sample_steps if steps is None else steps),
+        "rows": rows,
+        "clip": caption_separation(cascade),
+    }
+
+
+def _decoder_probes(dec, cond: dict, items: list[dict], steps, guidance_scale, seed: int) -> list[dict]:
+    """The decoder sampled from the renders' own CLIP embedding and caption, each, and both."""
+    rows = []
     for name, drop_image, drop_text in (
         ("image + caption", False, False),
         ("caption only", True, False),
         ("image only", False, True),
     ):
-        g = torch.Generator(device).manual_seed(seed)
+        g = torch.Generator(dec.device).manual_seed(seed)
         out = dec.sample(
             cond,
             guidance_scale=guidance_scale,
@@ -135,12 +147,20 @@ def probe(
             drop_text=drop_text,
         )
         rows.append({"probe": f"decoder ({name})", **score(out, items)})
+    return rows
 
-    diffusion = dec.diffusion
+
+def _denoise_probes(
+    dec, cond: dict, x0: torch.Tensor, items: list[dict], noise_steps, seed: int
+) -> list[dict]:
+    """One denoising step from the noised renders at each of ``noise_steps``: the decoder's x0 against
+    the noised render itself (what the noise alone leaves)."""
+    b, device, diffusion = len(items), x0.device, dec.diffusion
     kwargs = dict(cond)
     kwargs["drop_image"] = torch.zeros(b, dtype=torch.bool, device=device)
     kwargs["drop_text"] = torch.zeros(b, dtype=torch.bool, device=device)
     g = torch.Generator(device).manual_seed(seed)
+    rows = []
     for step in noise_steps:
         t = torch.full((b,), step, dtype=torch.long, device=device)
         noise = torch.randn(x0.shape, generator=g, device=device)
@@ -149,12 +169,7 @@ def probe(
         abar = float(diffusion.alphas_cumprod[step])
         rows.append({"probe": f"denoise t={step}: decoder x0", **score(pred, items)})
         rows.append({"probe": f"denoise t={step}: noised render", **score(x_t / math.sqrt(abar), items)})
-    return {
-        "n": len(items),
-        "decoder_steps": int(dec.hparams.sample_steps if steps is None else steps),
-        "rows": rows,
-        "clip": caption_separation(cascade),
-    }
+    return rows
 
 
 def metrics(result: dict) -> dict[str, float]:

@@ -66,24 +66,31 @@ def make_shards(tmp_path):
     return make
 
 
+def compose_config(overrides=()):
+    """The run config exactly as ``python -m train.run OVERRIDES`` composes it (conf/train.yaml): the one way
+    tests build configs, so what they check is what users run."""
+    from hydra import compose, initialize_config_dir
+
+    from train.run import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return compose("train", overrides=list(overrides))
+
+
 @pytest.fixture(scope="session")
 def clip_run(tmp_path_factory):
     """A tiny CLIP run directory (2 steps on tiny synthetic shards) and its val shard spec."""
-    from hydra import compose, initialize_config_dir
-
-    from train.run import CONF_DIR, train
+    from train.run import train
 
     root = tmp_path_factory.mktemp("clip")
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        cfg = compose(
-            "train",
-            overrides=[
-                "debug=fast",
-                f"paths.data_dir={root / 'datasets'}",
-                f"paths.output_dir={root / 'run'}",
-                "trainer.max_steps=2",
-            ],
-        )
+    cfg = compose_config(
+        [
+            "debug=fast",
+            f"paths.data_dir={root / 'datasets'}",
+            f"paths.output_dir={root / 'run'}",
+            "trainer.max_steps=2",
+        ]
+    )
     train(cfg)
     return root / "run", cfg.data.val_shards
 

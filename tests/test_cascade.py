@@ -8,34 +8,31 @@ import logging
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 from safetensors.torch import load_file
 
 from eval import sample as sample_cli
-from tests.conftest import PicklePayload
+from tests.conftest import PicklePayload, compose_config
 from train.cascade import Cascade, StageSettings, slerp
 from train.checkpoint import export_stage, load_stage
-from train.run import CONF_DIR, train
+from train.run import train
 
 pytestmark = pytest.mark.slow
 
 
 def _train(stage: str, data_dir, out, *overrides: str) -> None:
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        cfg = compose(
-            "train",
-            overrides=[
-                f"stage={stage}",
-                "debug=fast",
-                f"paths.data_dir={data_dir}",
-                f"paths.output_dir={out}",
-                "trainer.max_steps=2",
-                "trainer.val_check_interval=2",
-                "trainer.limit_val_batches=1",
-                *overrides,
-            ],
-        )
+    cfg = compose_config(
+        [
+            f"stage={stage}",
+            "debug=fast",
+            f"paths.data_dir={data_dir}",
+            f"paths.output_dir={out}",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "trainer.limit_val_batches=1",
+            *overrides,
+        ]
+    )
     train(cfg)
 
 

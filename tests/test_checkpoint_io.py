@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import PicklePayload
+from tests.conftest import PicklePayload, compose_config
 from train.checkpoint_io import COMMIT_MARKER, AtomicCheckpointIO, atomic_torch_save, commit
 from train.run import resolve_checkpoint
 
@@ -108,14 +108,9 @@ def test_newest_checkpoint_wins_across_periodic_last_and_preemption(tmp_path):
 
 
 def test_train_run_writes_single_file_checkpoints_atomically(tmp_path):
-    from hydra import compose, initialize_config_dir
-
     from train.run import build_trainer
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = compose(
-            "train", overrides=["debug=fast", f"paths.output_dir={tmp_path}", "trainer.accelerator=cpu"]
-        )
+    cfg = compose_config(["debug=fast", f"paths.output_dir={tmp_path}", "trainer.accelerator=cpu"])
     trainer = build_trainer(cfg, [], [])
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
@@ -190,21 +185,17 @@ def test_resume_auto_skips_a_damaged_newest_checkpoint_and_names_it(tmp_path, ca
 
 @pytest.mark.slow
 def test_periodic_checkpoints_keep_the_newest_k(tmp_path):
-    from hydra import compose, initialize_config_dir
-
     from train.run import train
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = compose(
-            "train",
-            overrides=[
-                "debug=fast",
-                f"paths.output_dir={tmp_path}",
-                f"paths.data_dir={tmp_path / 'data'}",
-                "callbacks.checkpoint.every_n_train_steps=1",
-                "callbacks.checkpoint.save_top_k=2",
-            ],
-        )
+    cfg = compose_config(
+        [
+            "debug=fast",
+            f"paths.output_dir={tmp_path}",
+            f"paths.data_dir={tmp_path / 'data'}",
+            "callbacks.checkpoint.every_n_train_steps=1",
+            "callbacks.checkpoint.save_top_k=2",
+        ]
+    )
     train(cfg)
     names = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt"))
     assert names == ["last.ckpt", "step0000004.ckpt", "step0000005.ckpt"]

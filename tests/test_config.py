@@ -9,19 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
+from tests.conftest import compose_config
 from train.config import ConfigError, validate
 from train.modules.compat import upgrade_config, upgrade_overrides
-from train.run import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _compose(*overrides: str):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        return compose("train", overrides=list(overrides))
+    return compose_config(list(overrides))
 
 
 @pytest.mark.parametrize("stage", ["clip", "prior", "decoder", "upsampler_256", "upsampler_1024"])

@@ -471,3 +471,28 @@ def test_an_epoch_without_any_batch_is_an_error_not_an_endless_loop(tmp_path):
 def test_max_bad_fraction_must_be_a_fraction():
     with pytest.raises(ValueError, match="data.max_bad_fraction=1.5"):
         ShardDataModule(train_shards="unused", max_bad_fraction=1.5)
+
+
+def test_plan_resume_is_a_pure_function_of_the_saved_state_and_the_layout():
+    """data/resume.py without Lightning: 2 saved data ranks continued on 1, 2 and 4 ranks."""
+    from data.resume import Layout, plan_resume
+
+    cursor = {"shard": 3, "offset": 5, "buffer": b"", "flushing": False, "rng": b""}
+    state = _layout_state()
+    for r in state["ranks"]:
+        for st in r["streams"].values():
+            st["cursor"] = cursor
+
+    def plan(world: int, rank: int, batch: int):
+        return plan_resume(
+            state, Layout(world=world, rank=rank, num_workers=2, mode="epoch", seed=0, batch=batch)
+        )
+
+    assert plan(2, 1, 4) is state["ranks"][1]
+    assert plan(1, 0, 8)["data_ranks"] == [0, 1]
+    parts = [plan(4, rank, 2) for rank in range(4)]
+    assert [p["data_ranks"] for p in parts] == [[0], [0], [1], [1]]
+    # worker 0 of data rank 1: part 0 keeps its cursor, part 1 starts fresh at shard 4 (shard 3 is in progress)
+    assert parts[2]["streams"][(1, 0)] == {**state["ranks"][1]["streams"][(1, 0)], "split": [4, 2, 0]}
+    assert parts[3]["streams"][(1, 0)] == {"position": 0, "skips": {}, "split": [4, 2, 1]}
+    assert parts[3]["streams"][(1, 1)]["split"] == [0, 2, 1]  # a worker that never reported: all its shards

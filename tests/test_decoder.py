@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from data.synthetic import COLOURS
+from tests.conftest import compose_config
 from train.checkpoint import export_stage, load_stage
-from train.run import CONF_DIR, train
+from train.run import train
 from train.validation import colour_match, dominant_colours
 
 
@@ -26,24 +26,22 @@ def test_dominant_colours():
 def test_decoder_stage_trains_samples_and_exports(clip_run, tmp_path):
     run, _ = clip_run
     data_dir = run.parent / "datasets"
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        cfg = compose(
-            "train",
-            overrides=[
-                "stage=decoder",
-                "debug=fast",
-                f"clip_ckpt={run}",
-                f"paths.data_dir={data_dir}",
-                f"paths.output_dir={tmp_path / 'dec'}",
-                "net.model_channels=16",
-                "net.head_channels=16",
-                "trainer.max_steps=3",
-                "trainer.val_check_interval=3",
-                "module.sample_steps=3",
-                "module.val_max_samples=8",
-                "module.grid_size=4",
-            ],
-        )
+    cfg = compose_config(
+        [
+            "stage=decoder",
+            "debug=fast",
+            f"clip_ckpt={run}",
+            f"paths.data_dir={data_dir}",
+            f"paths.output_dir={tmp_path / 'dec'}",
+            "net.model_channels=16",
+            "net.head_channels=16",
+            "trainer.max_steps=3",
+            "trainer.val_check_interval=3",
+            "module.sample_steps=3",
+            "module.val_max_samples=8",
+            "module.grid_size=4",
+        ]
+    )
     metrics = train(cfg)
     assert metrics["trainer/global_step"] == 3
     for key in ("train/loss", "train/vlb", "val/loss", "val/colour_match", "val/colour_match_source"):
@@ -59,26 +57,24 @@ def test_decoder_with_its_own_text_encoder_takes_the_tokenizer_and_exports(clip_
     """net.text_encoder=trainable (GLIDE, the paper): vocabulary, context length and end-of-text id come
     from the tokenizer, and the run and its export rebuild the same net without that wiring by hand."""
     run, _ = clip_run
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        cfg = compose(
-            "train",
-            overrides=[
-                "stage=decoder",
-                "debug=fast",
-                f"clip_ckpt={run}",
-                f"paths.data_dir={run.parent / 'datasets'}",
-                f"paths.output_dir={tmp_path / 'dec'}",
-                "net.model_channels=16",
-                "net.head_channels=16",
-                "net.text_encoder=trainable",
-                "net.text_width=32",
-                "net.text_layers=1",
-                "trainer.max_steps=2",
-                "trainer.val_check_interval=2",
-                "module.sample_steps=2",
-                "module.val_max_samples=4",
-            ],
-        )
+    cfg = compose_config(
+        [
+            "stage=decoder",
+            "debug=fast",
+            f"clip_ckpt={run}",
+            f"paths.data_dir={run.parent / 'datasets'}",
+            f"paths.output_dir={tmp_path / 'dec'}",
+            "net.model_channels=16",
+            "net.head_channels=16",
+            "net.text_encoder=trainable",
+            "net.text_width=32",
+            "net.text_layers=1",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "module.sample_steps=2",
+            "module.val_max_samples=4",
+        ]
+    )
     assert train(cfg)["trainer/global_step"] == 2
     stage = load_stage(tmp_path / "dec")
     tok = stage.tokenizer
@@ -96,8 +92,7 @@ def test_decoder_with_its_own_text_encoder_takes_the_tokenizer_and_exports(clip_
 
 
 def test_paper_experiment_composes():
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        cfg = compose("train", overrides=["stage=decoder", "experiment=decoder_paper", "clip_ckpt=x"])
+    cfg = compose_config(["stage=decoder", "experiment=decoder_paper", "clip_ckpt=x"])
     assert cfg.net.model_channels == 512 and cfg.net.text_encoder == "trainable"
     assert cfg.module.diffusion.prediction == "eps" and cfg.module.diffusion.variance == "learned"
     assert cfg.module.optimizer.lr == 1.2e-4 and cfg.data.global_batch_size == 2048

@@ -16,13 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader
 
 import data.embeddings as embeddings
 from data.datamodule import RankSyncedLoader
 from data.embeddings import ClipRetrievalDataModule, ClipRetrievalDataset, LayoutError
-from train.run import CONF_DIR, train
+from tests.conftest import compose_config
+from train.run import train
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = [5, 7, 4, 9, 6]  # parts of different sizes
@@ -233,18 +233,16 @@ def test_layout_errors_name_the_file(layout):
 
 
 def _prior_cfg(root: Path, out: Path, *extra: str):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        return compose(
-            "train",
-            overrides=[
-                "stage=prior",
-                "data=clip_retrieval",
-                f"data.root={root}",
-                *TINY,
-                f"paths.output_dir={out}",
-                *extra,
-            ],
-        )
+    return compose_config(
+        [
+            "stage=prior",
+            "data=clip_retrieval",
+            f"data.root={root}",
+            *TINY,
+            f"paths.output_dir={out}",
+            *extra,
+        ]
+    )
 
 
 TINY = [  # a 2-layer prior, 8 steps of 8 rows, 2 loader workers, validation and a checkpoint every 4 steps

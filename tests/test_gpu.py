@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
 
 from eval import bench_train
-from train.run import CONF_DIR, train
+from tests.conftest import compose_config
+from train.run import train
 
 # cuBLAS is deterministic only with a fixed workspace, set before CUDA starts (exact-resume test).
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -34,18 +34,16 @@ def _accelerator() -> list[str]:
 
 
 def _cfg(tmp_path: Path, out: Path, *overrides: str):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        return compose(
-            "train",
-            overrides=[
-                "debug=fast",
-                f"paths.data_dir={tmp_path.parent / 'datasets'}",
-                f"paths.output_dir={out}",
-                "data.global_batch_size=32",
-                *_accelerator(),
-                *overrides,
-            ],
-        )
+    return compose_config(
+        [
+            "debug=fast",
+            f"paths.data_dir={tmp_path.parent / 'datasets'}",
+            f"paths.output_dir={out}",
+            "data.global_batch_size=32",
+            *_accelerator(),
+            *overrides,
+        ]
+    )
 
 
 @pytest.mark.parametrize("case", list(TINY), ids=str)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from reference import MODEL_PACKAGES, TORCHVISION_SHIM, ensure_reference_env, run_reference
 
+from tests.conftest import compose_config
 from train.models.clip import CLIP
 from train.models.openclip_import import (
     config_from_open_clip,
@@ -161,27 +162,20 @@ def test_unsupported_or_missing_files_fail_clearly(tmp_path):
 
 
 def test_train_run_initialises_the_net_from_an_open_clip_file(tmp_path):
-    from hydra import compose, initialize_config_dir
+    from train.run import build_net
 
-    from train.run import CONF_DIR, build_net
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        cfg = compose("train", overrides=["net.text.vocab_size=300"])
+    cfg = compose_config(["net.text.vocab_size=300"])
     source = build_net(cfg, None)
     # written the way open_clip names and shapes it: the text tower at the top level, a 0-dim logit scale
     open_clip_state = {k.removeprefix("text."): v for k, v in source.state_dict().items()}
     open_clip_state["logit_scale"] = open_clip_state["logit_scale"].reshape(())
     torch.save(open_clip_state, tmp_path / "ckpt.pt")
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        cfg = compose(
-            "train", overrides=["net.text.vocab_size=300", f"init_from_open_clip={tmp_path / 'ckpt.pt'}"]
-        )
+    cfg = compose_config(["net.text.vocab_size=300", f"init_from_open_clip={tmp_path / 'ckpt.pt'}"])
     torch.manual_seed(123)  # a different random init, overwritten by the file
     loaded = build_net(cfg, None)
     for key, value in source.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        cfg = compose("train", overrides=[f"init_from_open_clip={tmp_path / 'ckpt.pt'}"])
+    cfg = compose_config([f"init_from_open_clip={tmp_path / 'ckpt.pt'}"])
     with pytest.raises(
         ValueError, match=r"does not fit the configured net.*text.token_embedding.weight \(300, 128\)"
     ):
@@ -192,15 +186,13 @@ def test_init_from_open_clip_refuses_a_net_of_another_activation(tmp_path):
     """A hub directory states QuickGELU; the configured net (GELU by default) must say the same."""
     import json
 
-    from hydra import compose, initialize_config_dir
     from safetensors.torch import save_file
 
-    from train.run import CONF_DIR, build_net
+    from train.run import build_net
 
     overrides = ["net.text.vocab_size=300", "net.vision.heads=4", "net.text.heads=4", "net.vision.stem=patch",
                  "net.vision.pool=tok"]  # fmt: skip
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        source = build_net(compose("train", overrides=[*overrides, "net.quick_gelu=true"]), None)
+    source = build_net(compose_config([*overrides, "net.quick_gelu=true"]), None)
     hub = tmp_path / "hub"
     hub.mkdir()
     state = {k.removeprefix("text."): v.contiguous() for k, v in source.state_dict().items()}
@@ -219,17 +211,10 @@ def test_init_from_open_clip_refuses_a_net_of_another_activation(tmp_path):
         "text_cfg": {k: t[k] for k in ("context_length", "vocab_size", "width", "heads", "layers")},
     }
     (hub / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        gelu = compose("train", overrides=[*overrides, f"init_from_open_clip={hub}", "net.vision.stem=patch"])
-        quick = compose(
-            "train",
-            overrides=[
-                *overrides,
-                f"init_from_open_clip={hub}",
-                "net.vision.stem=patch",
-                "net.quick_gelu=true",
-            ],
-        )
+    gelu = compose_config([*overrides, f"init_from_open_clip={hub}", "net.vision.stem=patch"])
+    quick = compose_config(
+        [*overrides, f"init_from_open_clip={hub}", "net.vision.stem=patch", "net.quick_gelu=true"]
+    )
     with pytest.raises(ValueError, match="set net.quick_gelu=true"):
         build_net(gelu, None)
     assert build_net(quick, None).quick_gelu
@@ -239,25 +224,22 @@ def test_init_from_open_clip_refuses_a_net_of_another_activation(tmp_path):
 def test_a_clip_run_exports_to_an_open_clip_hub_directory_that_open_clip_loads(tmp_path, capsys):
     """python -m train.checkpoint to-open-clip RUN OUT: open_clip's own factory builds the model from the
     directory ("local-dir:OUT") and its embeddings equal ours to 1e-5."""
-    from hydra import compose, initialize_config_dir
 
     from train.checkpoint import load_stage, main
-    from train.run import CONF_DIR, train
+    from train.run import train
 
     run = tmp_path / "run"
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        cfg = compose(
-            "train",
-            overrides=[
-                "debug=fast",
-                "trainer.max_steps=2",
-                f"paths.data_dir={tmp_path / 'data'}",
-                f"paths.output_dir={run}",
-                "net.vision.stem=patch",
-                "net.vision.pool=tok",
-                "net.quick_gelu=true",
-            ],
-        )
+    cfg = compose_config(
+        [
+            "debug=fast",
+            "trainer.max_steps=2",
+            f"paths.data_dir={tmp_path / 'data'}",
+            f"paths.output_dir={run}",
+            "net.vision.stem=patch",
+            "net.vision.pool=tok",
+            "net.quick_gelu=true",
+        ]
+    )
     train(cfg)
     main(["to-open-clip", str(run), str(tmp_path / "hub")])
     assert capsys.readouterr().out.strip().endswith("hub")
@@ -304,13 +286,12 @@ def test_fine_tuning_from_an_exported_model_keeps_its_zero_shot(tmp_path):
     ``init_from_open_clip_config=``, the inputs load_open_clip takes. The import reproduces the zero-shot
     exactly; the fine-tune keeps colour zero-shot (chance 1/8) and the logit scale; reading the same
     weights with another tokenizer, or with open_clip's argmax pooling, loses it."""
-    from hydra import compose, initialize_config_dir
 
     from data.datamodule import iter_captions
     from data.tokenizer import build_tokenizer
     from eval.zeroshot import evaluate_net, evaluate_run
     from train.checkpoint import load_stage, main
-    from train.run import CONF_DIR, build_net, train
+    from train.run import build_net, train
 
     common = [
         "logger=none",
@@ -331,12 +312,12 @@ def test_fine_tuning_from_an_exported_model_keeps_its_zero_shot(tmp_path):
     ]
 
     def compose_run(out, steps, *extra):
-        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-            return compose(
-                "train",
-                overrides=[*common, f"paths.output_dir={out}", f"trainer.max_steps={steps}",
-                           f"trainer.val_check_interval={steps}", *extra],
-            )  # fmt: skip
+        overrides = [
+            f"paths.output_dir={out}",
+            f"trainer.max_steps={steps}",
+            f"trainer.val_check_interval={steps}",
+        ]
+        return compose_config([*common, *overrides, *extra])
 
     def colour(metrics):
         return metrics["zeroshot_colour_top1"]

@@ -7,15 +7,15 @@ import json
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from torch._dynamo import register_backend
 
 from eval import bench_train
+from tests.conftest import compose_config
 from train.config import ConfigError
 from train.models.unet import UNet
 from train.parallel import compile_net, fsdp_units
 from train.perf import ModelFlopCounter
-from train.run import CONF_DIR, train
+from train.run import train
 
 
 def test_bench_train_tiny_prints_every_stage_with_counted_flops(tmp_path, capsys):
@@ -108,17 +108,15 @@ def count_graphs(gm, example_inputs):
 
 
 def _fast_run(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        return compose(
-            "train",
-            overrides=[
-                "debug=fast",
-                f"paths.data_dir={tmp_path / 'datasets'}",
-                f"paths.output_dir={tmp_path / 'run'}",
-                "trainer.max_steps=2",
-                *overrides,
-            ],
-        )
+    return compose_config(
+        [
+            "debug=fast",
+            f"paths.data_dir={tmp_path / 'datasets'}",
+            f"paths.output_dir={tmp_path / 'run'}",
+            "trainer.max_steps=2",
+            *overrides,
+        ]
+    )
 
 
 def test_trainer_compile_trains_and_writes_plain_checkpoints(tmp_path):

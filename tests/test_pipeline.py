@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from data.pipeline import Filters, ShardDataset, dataset_size
+from data.filters import Filters
+from data.pipeline import ShardDataset, dataset_size
 from data.shards import ShardSpecError, expand_shards, read_tar
 from tests.conftest import image_bytes, simple_sample, write_tar
 

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from data.embed import embed_shards
 from data.pipeline import ShardDataset
+from tests.conftest import compose_config
 from train.checkpoint import load_stage
 from train.ema import EMA
 from train.models.prior import DiffusionPrior
@@ -139,8 +139,7 @@ def test_both_data_paths_give_the_same_batches(clip_run, tmp_path):
 
 
 def _prior_cfg(overrides):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        return compose("train", overrides=["stage=prior", "logger=none", *overrides])
+    return compose_config(["stage=prior", "logger=none", *overrides])
 
 
 def test_a_bf16_shadow_still_averages_small_updates_and_restores():

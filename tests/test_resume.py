@@ -250,26 +250,41 @@ SHARDED = {  # 2 CPU processes over gloo; ZeRO-3 partitions every weight, howeve
 }
 
 
+def _adam_steps(checkpoint: Path) -> list[int]:
+    """Every Adam step count of a ZeRO-3 checkpoint directory: one per parameter group and rank."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    tag = checkpoint / (checkpoint / "latest").read_text().strip()
+    steps = []
+    for f in sorted(tag.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")):
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+            state = torch.load(f, map_location="cpu", weights_only=True)["optimizer_state_dict"]
+        steps += [int(slot["step"]) for slot in state["optimizer_state_dict"]["state"].values()]
+    return steps
+
+
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_zero3"])
-def test_a_sharded_checkpoint_saved_on_two_ranks_continues_on_one(tmp_path, strategy):
+def test_a_sharded_checkpoint_saved_on_two_ranks_continues_on_one_and_back_on_two(tmp_path, strategy):
     """The same move with a sharded checkpoint (a directory, one shard of weights and optimizer state per
     rank): FSDP2's distributed checkpoint reshards on load; a ZeRO-3 checkpoint is converted to
     DeepSpeed's universal checkpoint and loaded from it (train/strategies.py). The CLIP continues at the
     saved step with the saved Adam moments: losses within 1e-5 of the uninterrupted 2-process run (measured:
-    4.8e-7 under both). Then, under ZeRO-3, a stage with an EMA (frozen weights and a buffer, which
-    DeepSpeed's universal load leaves out): the EMA carries on from the saved one."""
+    4.8e-7 under both). The 1-process run's own checkpoint at step 4 (one shard) then continues on 2
+    processes: the data goes back to its 2 saved data ranks, so again within 1e-5 of the uninterrupted run.
+    Then, under ZeRO-3, a stage with an EMA (frozen weights and a buffer, which DeepSpeed's universal load
+    leaves out): the EMA carries on from the saved one, on 1 rank and back on 2."""
     from train.checkpoint import checkpoint_format, consolidate
 
     replaced = ("strategy=", "callbacks.checkpoint.every_n_train_steps=", "trainer.max_steps=")
     args = [
         *(a for a in CLIP_ARGS if not a.startswith(replaced)),
         *SHARDED[strategy],
-        "callbacks.checkpoint.every_n_train_steps=3",
         "trainer.max_steps=6",
     ]
     (tmp_path / "outputs").mkdir()
     reference = tmp_path / "outputs" / "reference"
-    _finish(_launch(tmp_path, reference, args=args), reference)
+    _finish(_launch(tmp_path, reference, "callbacks.checkpoint.every_n_train_steps=3", args=args), reference)
     expected = _losses(reference, 0)
     assert sorted(expected) == list(range(6)), sorted(expected)
 
@@ -277,7 +292,8 @@ def test_a_sharded_checkpoint_saved_on_two_ranks_continues_on_one(tmp_path, stra
     assert checkpoint_format(saved) == {"fsdp": "dcp", "deepspeed_zero3": "deepspeed"}[strategy]
     moved = tmp_path / "outputs" / "moved"
     shutil.copytree(saved, moved / "checkpoints" / saved.name)
-    _finish(_launch(tmp_path, moved, nproc=1, args=args), moved)
+    # checkpoints at steps 4 and 6: the one at 4 goes back to 2 processes below
+    _finish(_launch(tmp_path, moved, "callbacks.checkpoint.every_n_train_steps=2", nproc=1, args=args), moved)
     log = (moved.parent / "moved.log").read_text()
     assert "continues on 1: rank 0 plays data ranks [0, 1]" in log, log[-3000:]
     if strategy == "deepspeed_zero3":
@@ -288,28 +304,51 @@ def test_a_sharded_checkpoint_saved_on_two_ranks_continues_on_one(tmp_path, stra
     worst = max(abs(resumed[s] - expected[s]) for s in resumed)
     assert worst < 1e-5, {s: (resumed[s], expected[s]) for s in resumed}
     # The 1-process run's own sharded checkpoint at the end: what the 2-process run ended with.
-    final, ref = (consolidate(run / "checkpoints" / "last.ckpt") for run in (moved, reference))
+    ref = consolidate(reference / "checkpoints" / "last.ckpt")
+    final = consolidate(moved / "checkpoints" / "last.ckpt")
+    assert final.keys() == ref.keys()
+    assert max((final[k] - ref[k]).abs().max().item() for k in ref) < 1e-5
+
+    # Back: the 1-process checkpoint at step 4 (one shard, rank 0 playing data ranks [0, 1]) on 2 processes.
+    back = tmp_path / "outputs" / "back"
+    saved = moved / "checkpoints" / "step0000004.ckpt"
+    shutil.copytree(saved, back / "checkpoints" / saved.name)
+    _finish(_launch(tmp_path, back, "callbacks.checkpoint.every_n_train_steps=3", args=args), back)
+    log = (back.parent / "back.log").read_text()
+    assert "continues on 2: rank 1 plays data ranks [1] of 2" in log, log[-3000:]
+    if strategy == "deepspeed_zero3":
+        assert "saved on 1 ranks, resumed on 2: converting to a universal checkpoint" in log, log[-3000:]
+        assert _adam_steps(back / "checkpoints" / "last.ckpt") == [6] * 4  # 2 groups x 2 ranks: 3, 4, 6
+    resumed = _losses(back, 0)
+    assert sorted(resumed) == [4, 5], sorted(resumed)
+    worst = max(abs(resumed[s] - expected[s]) for s in resumed)
+    assert worst < 1e-5, {s: (resumed[s], expected[s]) for s in resumed}
+    final = consolidate(back / "checkpoints" / "last.ckpt")
     assert final.keys() == ref.keys()
     assert max((final[k] - ref[k]).abs().max().item() for k in ref) < 1e-5
 
     if strategy == "fsdp":
         return  # (FSDP2's checkpoint reshards the EMA like the net: measured as below, 1.2e-7)
-    # ZeRO-3, the upsampler (net + EMA): 3 steps on 2 ranks, 1 more on 1 rank. Its random draws differ on
-    # another world size, so the step-4 net is its own; the step-4 EMA must be the saved step-3 EMA moved
-    # toward it by one update (decay (1 + 3) / (10 + 3) after 3 updates: the count restored too).
+    # ZeRO-3, the upsampler (net + EMA): 3 steps on 2 ranks, 1 more on 1 rank, 1 more on 2 ranks. Its random
+    # draws differ on another world size, so each later net is its own; each later EMA must be the saved
+    # one moved toward it by one update (decay (1 + n) / (10 + n) after n updates: the count restored too).
     args = [*(a for a in ARGS if not a.startswith(replaced)), *SHARDED[strategy]]  # (no validation: every 5)
-    ema_ref, ema_moved = tmp_path / "outputs" / "ema_reference", tmp_path / "outputs" / "ema_moved"
+    runs = [tmp_path / "outputs" / f"ema_{name}" for name in ("reference", "moved", "back")]
     steps = ("trainer.max_steps=3", "callbacks.checkpoint.every_n_train_steps=3")
-    _finish(_launch(tmp_path, ema_ref, *steps, args=args), ema_ref)
-    saved = ema_ref / "checkpoints" / "step0000003.ckpt"
-    shutil.copytree(saved, ema_moved / "checkpoints" / saved.name)
-    steps = ("trainer.max_steps=4", "callbacks.checkpoint.every_n_train_steps=1")
-    _finish(_launch(tmp_path, ema_moved, *steps, nproc=1, args=args), ema_moved)
-    before, after = consolidate(saved), consolidate(ema_moved / "checkpoints" / "step0000004.ckpt")
-    assert int(before["ema.num_updates"]) == 3 and int(after["ema.num_updates"]) == 4
-    decay = 4 / 13
-    shadow = [k for k in before if k.startswith("ema.shadow.")]
-    assert shadow
-    for key in shadow:
-        net = after["net." + key.removeprefix("ema.shadow.")]
-        assert torch.allclose(after[key], decay * before[key] + (1 - decay) * net, rtol=0, atol=1e-6), key
+    _finish(_launch(tmp_path, runs[0], *steps, args=args), runs[0])
+    for step, (was, run) in enumerate(zip(runs, runs[1:]), start=4):
+        saved = was / "checkpoints" / f"step{step - 1:07d}.ckpt"
+        shutil.copytree(saved, run / "checkpoints" / saved.name)
+        steps = (f"trainer.max_steps={step}", "callbacks.checkpoint.every_n_train_steps=1")
+        _finish(_launch(tmp_path, run, *steps, nproc=1 if step == 4 else 2, args=args), run)
+        before, after = consolidate(saved), consolidate(run / "checkpoints" / f"step{step:07d}.ckpt")
+        assert int(before["ema.num_updates"]) == step - 1 and int(after["ema.num_updates"]) == step
+        decay = step / (9 + step)
+        shadow = [k for k in before if k.startswith("ema.shadow.")]
+        assert shadow
+        for key in shadow:
+            net = after["net." + key.removeprefix("ema.shadow.")]
+            assert torch.allclose(after[key], decay * before[key] + (1 - decay) * net, rtol=0, atol=1e-6), (
+                step,
+                key,
+            )

@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from eval.zeroshot import evaluate_run
-from tests.conftest import free_port
+from tests.conftest import compose_config, free_port
 from train.run import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,8 +56,7 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
 
 
 def test_overrides_and_named_architectures_compose(tmp_path):
-    with initialize_config_dir(config_dir=CONF, version_base=None):
-        cfg = compose("train", overrides=["net=clip_vit_b16", "data.global_batch_size=256", "strategy=ddp"])
+    cfg = compose_config(["net=clip_vit_b16", "data.global_batch_size=256", "strategy=ddp"])
     assert cfg.net.vision.patch_size == 16 and cfg.net.vision.width == 768
     assert cfg.data.image_size == 224, "the data resolution follows the architecture"
     assert cfg.data.tokenizer.context_length == 77
@@ -84,16 +82,14 @@ def test_global_batch_that_does_not_divide_fails_before_training(tmp_path):
 
 
 def _fast_cfg(tmp_path: Path, out: Path, *extra: str):
-    with initialize_config_dir(config_dir=CONF, version_base=None):
-        return compose(
-            "train",
-            overrides=[
-                "debug=fast",
-                f"paths.data_dir={tmp_path / 'datasets'}",
-                f"paths.output_dir={out}",
-                *extra,
-            ],
-        )
+    return compose_config(
+        [
+            "debug=fast",
+            f"paths.data_dir={tmp_path / 'datasets'}",
+            f"paths.output_dir={out}",
+            *extra,
+        ]
+    )
 
 
 TB = ("logger=tensorboard", "trainer.log_every_n_steps=1")

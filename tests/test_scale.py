@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import compose_config
 from train.callbacks.rng import seed_rank
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,12 +67,7 @@ def test_two_ranks_draw_differently_from_identical_weights_and_a_smaller_world_d
 
 
 def _compose(*overrides: str):
-    from hydra import compose, initialize_config_dir
-
-    from train.run import CONF_DIR
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        return compose("train", overrides=["logger=none", *overrides])
+    return compose_config(["logger=none", *overrides])
 
 
 def test_decoder_without_clip_ckpt_names_the_option(tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import compose_config
 from train.checkpoint import checkpoint_format
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,12 +210,10 @@ def test_a_stage_trains_evaluates_resumes_and_exports_under(tmp_path, strategy, 
 def test_paper_scale_experiments_name_their_strategy_and_batch(
     stage, experiment, strategy, global_batch, params
 ):
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        wiring = ["clip_ckpt=x"] if stage in ("prior", "decoder") else []
-        cfg = compose("train", overrides=[f"stage={stage}", f"experiment={experiment}", *wiring])
+    wiring = ["clip_ckpt=x"] if stage in ("prior", "decoder") else []
+    cfg = compose_config([f"stage={stage}", f"experiment={experiment}", *wiring])
     assert cfg.strategy._target_.endswith(strategy)
     assert cfg.data.global_batch_size == global_batch
     if params:  # the paper's size, on the meta device (no memory)

@@ -151,3 +151,47 @@ def test_bench_resume_prints_the_table_and_checks_every_restart(tmp_path, capsys
     rows = {r["position"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows[0.9]["cursor_shards"] <= 3 < rows[0.9]["replay_shards"] == 8
     assert rows[0.9]["cursor_mb"] < rows[0.9]["replay_mb"] / 3
+
+
+def test_a_resampled_stream_resumes_from_its_cursor_through_the_pipeline(make_shards, monkeypatch):
+    """data.mode=resampled: shards drawn with replacement; a restart continues the same draws exactly and
+    opens only the shards its buffer still holds samples of (the replay opened every draw so far)."""
+    import data.pipeline as pipeline
+
+    directory, _ = make_shards([6, 9, 4, 7])
+    opened: list[str] = []
+    real_open = pipeline.open_shard
+    monkeypatch.setattr(pipeline, "open_shard", lambda url: opened.append(url) or real_open(url))
+
+    def dataset():
+        return ShardDataset(
+            str(directory),
+            batch_size=3,
+            image_size=8,
+            shuffle_buffer=5,
+            seed=2,
+            mode="resampled",
+            num_samples=10**6,
+        )
+
+    reference, states = [], []
+    for batch in dataset():
+        reference.append(batch["__key__"])
+        states.append(batch["__state__"]["streams"][0])
+        if len(reference) == 40:
+            break
+    saved = states[24]
+    resumed = dataset()
+    resumed.start_positions = {(0, 0): saved["position"]}
+    resumed.start_skips = {(0, 0): saved["skips"]}
+    resumed.start_cursors = {(0, 0): saved["cursor"]}
+    opened.clear()
+    rest = []
+    for batch in resumed:
+        rest.append(batch["__key__"])
+        if len(rest) == 1:
+            reopened = len(opened)
+        if len(rest) == 15:
+            break
+    assert rest == reference[25:]
+    assert reopened <= 4 and saved["cursor"]["shard"] >= 10, (reopened, saved["cursor"]["shard"])

@@ -206,3 +206,159 @@ def test_paper_sizes(name, expected, tolerance):
         net = instantiate(cfg)
     n = sum(p.numel() for p in net.parameters())
     assert abs(n / expected - 1) <= tolerance, n
+
+
+# ---- UNet.__init__ is split into builders: state-dict keys, their order, shapes and init are pinned --
+# (config file, overrides, sha256 of "key:shape" lines in state-dict order, sha256 of the weights built
+# after torch.manual_seed(0), or None for a paper-size net built on the meta device). The overrides fill
+# the fields train/run.py sets and reach every branch of __init__: CLIP token features with the image
+# embedding, the trainable caption encoder, noise-conditioning augmentation, plain (non-residual)
+# resampling. Recompute a constant only for an intended change of the parameters or their initialisation.
+FINGERPRINTS = [
+    (
+        "decoder_tiny",
+        {"cond_dim": 24, "text_dim": 40},
+        240,
+        "542c1ac7e341544e04871c1449c947d1e3283bc87a60098c596f373944c50f70",
+        "0dcd9b51aabdca2ee24f7e54bbb93e95517d92e52cef31a6d2e34cc26fb7cf8e",
+    ),
+    (
+        "decoder_tiny",
+        {
+            "cond_dim": 24,
+            "text_encoder": "trainable",
+            "text_vocab_size": 100,
+            "text_context_length": 16,
+            "text_eot_id": 99,
+        },
+        268,
+        "ede82191ffe8b5d505f77cc6678c9e4719bbf7465ae8b1be787b0cb2086639e9",
+        "3a180d48935b17ea4dd71309254d64d594aba44b2d01e2e273d7aee633898472",
+    ),
+    (
+        "decoder_tiny",
+        {"cond_dim": 24, "text_encoder": None, "text_pooled": False, "resblock_updown": False},
+        205,
+        "fc4ac8cbfae8a576696874dde720ed9ed9a637f54f02ee5726de7125f77f246c",
+        "bfde7e4c1b21a742a34ca16a6f6c48aabf49bb3d468a11ee9a6083993ae61241",
+    ),
+    (
+        "upsampler_256_tiny",
+        {},
+        174,
+        "9a2c4e64475d9ea559482c0c74d3030a6d3f2c80451c441e2e8106cb450b0203",
+        "68bf70a1ab31d372e9fe1346d549e3413d76a76582aa6b2b699d9205660b392a",
+    ),
+    (
+        "upsampler_256_tiny",
+        {"low_res_noise_cond": True, "resblock_updown": False},
+        146,
+        "526d4e9dcc49b6485343b0065563871679dc232e7cfa306b0a8dca981513228d",
+        "e8a1b7f1079eb0aa9993219c552b1b280848796fc939fdb7c7c694fcd1eaa6e4",
+    ),
+    (
+        "upsampler_1024_tiny",
+        {},
+        174,
+        "3c34e65a37176b19b2eed503b1f5b1bd9dd6840f4aa7723c82b908641f22bf8b",
+        "e4492aa26db05ee54b4d770a91ac4ed0dc03e19bc81c11dc854268a3ca303582",
+    ),
+    (
+        "decoder_paper",
+        {"cond_dim": 1024, "text_eot_id": 49407},
+        886,  # 3.56B parameters: meta device
+        "e95b6e6bedcc669a49b56bc845c975f563767808614844d97f582da80f5a94e1",
+        None,
+    ),
+    (
+        "upsampler_256_paper",
+        {},
+        408,
+        "3de6e77a5371907feaf795243e047802d104b1b15c54f5851fef5f6ce6caf86b",
+        None,
+    ),
+    (
+        "upsampler_1024_paper",
+        {},
+        470,
+        "682319325f5956a599d56454313b38e9da3d6a12c79d2ff3d39c22de3b7a837c",
+        None,
+    ),
+]
+
+
+def _build(name: str, overrides: dict, meta: bool) -> UNet:
+    cfg = OmegaConf.merge(OmegaConf.load(Path(CONF_DIR) / "net" / f"{name}.yaml"), overrides)
+    if meta:
+        with torch.device("meta"):
+            return instantiate(cfg)
+    torch.manual_seed(0)
+    return instantiate(cfg)
+
+
+def _fingerprint(net: UNet, weights: bool) -> tuple[int, str, str | None]:
+    import hashlib
+
+    state = net.state_dict()
+    keys = "".join(f"{k}:{tuple(v.shape)}\n" for k, v in state.items())
+    digest = None
+    if weights:
+        h = hashlib.sha256()
+        for v in state.values():
+            h.update(v.detach().contiguous().numpy().tobytes())
+        digest = h.hexdigest()
+    return len(state), hashlib.sha256(keys.encode()).hexdigest(), digest
+
+
+@pytest.mark.parametrize(
+    "name,overrides,n_keys,keys_sha,weights_sha",
+    FINGERPRINTS,
+    ids=[f"{f[0]}-{i}" for i, f in enumerate(FINGERPRINTS)],
+)
+def test_builders_keep_state_dict_keys_and_init(name, overrides, n_keys, keys_sha, weights_sha):
+    """Checkpoints load by key (and DeepSpeed/FSDP shard by registration order), and a seeded run must
+    start from the same weights: the builders register the same modules in the same order, drawing the
+    same random numbers."""
+    net = _build(name, overrides, meta=weights_sha is None)
+    assert _fingerprint(net, weights=weights_sha is not None) == (n_keys, keys_sha, weights_sha)
+
+
+def test_first_end_of_text_is_decided_in_one_place():
+    """``first_eot_index`` (train/models/layers.py) is where every caption ends: the first end-of-text
+    token (a later one is padding); a row without one is all caption (its last position). CLIP's text
+    pooling, the caption masks (train/frozen_clip.py) and the UNet's own caption encoder all use it."""
+    from train.frozen_clip import text_mask
+    from train.models.clip import CLIP
+    from train.models.layers import first_eot_index
+
+    eot = 2
+    tokens = torch.tensor([[1, 7, 2, 5, 2, 0], [1, 7, 8, 9, 4, 5], [2, 2, 2, 2, 2, 2], [1, 9, 8, 7, 6, 2]])
+    first = first_eot_index(tokens, eot)
+    assert first.tolist() == [2, 5, 0, 5] and first.dtype == torch.int64
+    assert text_mask(tokens, eot).sum(1).tolist() == [3, 6, 1, 6]
+    clip = CLIP(
+        embed_dim=8,
+        vision=dict(image_size=8, patch_size=4, width=16, layers=1, heads=2),
+        text=dict(context_length=6, vocab_size=10, width=16, layers=1, heads=2),
+        eot_id=eot,
+    )
+    assert clip.text.pool_index(tokens).tolist() == [2, 5, 0, 5]
+    # the UNet's caption encoder pools at, and masks after, the first end-of-text: what follows is unseen
+    net = randomise(
+        decoder(
+            text_encoder="trainable",
+            text_dim=None,
+            text_vocab_size=10,
+            text_context_length=6,
+            text_width=32,
+            text_layers=1,
+            text_heads=4,
+            text_eot_id=eot,
+        )
+    ).eval()
+    x, t, emb = torch.randn(4, 3, 16, 16), torch.tensor([3, 700, 50, 9]), torch.randn(4, 12)
+    after = torch.arange(6)[None] > first[:, None]
+    ref = net(x, t, image_emb=emb, tokens=tokens)
+    torch.testing.assert_close(net(x, t, image_emb=emb, tokens=torch.where(after, 3, tokens)), ref)
+    changed = net(x, t, image_emb=emb, tokens=torch.where(after, 3, 4))  # every row: its caption changes
+    assert all(not torch.allclose(changed[i], ref[i]) for i in range(4))

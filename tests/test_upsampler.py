@@ -6,12 +6,12 @@ import random
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 
 from data.degrade import bsr_degrade, gaussian_kernel, jpeg, light_blur
+from tests.conftest import compose_config
 from train.modules.upsampler import psnr
-from train.run import CONF_DIR, train
+from train.run import train
 
 
 def test_gaussian_kernel_and_blur():
@@ -47,17 +47,15 @@ def test_psnr():
 
 
 def _cfg(stage: str, data_dir, output_dir, *overrides: str):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        return compose(
-            "train",
-            overrides=[
-                f"stage={stage}",
-                "debug=fast",
-                f"paths.data_dir={data_dir}",
-                f"paths.output_dir={output_dir}",
-                *overrides,
-            ],
-        )
+    return compose_config(
+        [
+            f"stage={stage}",
+            "debug=fast",
+            f"paths.data_dir={data_dir}",
+            f"paths.output_dir={output_dir}",
+            *overrides,
+        ]
+    )
 
 
 @pytest.mark.parametrize(

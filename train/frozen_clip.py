@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from data.transforms import Normalize
+from train.models.layers import first_eot_index
 
 
 class FrozenClip:
@@ -81,8 +82,5 @@ class FrozenClip:
 
 def text_mask(tokens: torch.Tensor, eot_id: int) -> torch.Tensor:
     """(B, L) bool: True up to and including each caption's first end-of-text token (the rest is padding)."""
-    is_eot = tokens == eot_id
-    first = torch.where(
-        is_eot.any(1), is_eot.int().argmax(1), torch.full_like(tokens[:, 0], tokens.shape[1] - 1)
-    )
+    first = first_eot_index(tokens, eot_id)  # a row without one is all caption
     return torch.arange(tokens.shape[1], device=tokens.device)[None] <= first[:, None]

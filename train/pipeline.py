@@ -143,23 +143,28 @@ def run_sample(
     )
     shutil.copy(stage_dir / "samples.png", out_dir / "samples.png")
     if int(options.get("probe") or 0) > 0:  # each stage on ground-truth renders: where shapes are lost
-        from eval import probe
-
         start = time.time()
-        result = probe.probe(
-            cascade,
-            n=int(options["probe"]),
-            steps=settings["decoder"].steps,
-            guidance_scale=settings["decoder"].guidance_scale,
-            upsampler_steps=[u.steps for u in ups],
-            seed=int(options.get("seed", 0)),
-        )
-        (stage_dir / "probe.json").write_text(json.dumps(result, indent=1))
-        (stage_dir / "probe.md").write_text(probe.table(result) + "\n")
-        metrics.update(probe.metrics(result))
+        metrics.update(_probe(cascade, options, settings["decoder"], ups, stage_dir))
         metrics["bench/seconds"] += time.time() - start
     done.write_text(json.dumps({"metrics": metrics, "seconds": metrics["bench/seconds"]}, indent=2))
     return metrics
+
+
+def _probe(cascade, options: Mapping[str, Any], decoder, ups: list, stage_dir: Path) -> dict[str, float]:
+    """eval/probe.py on the trained cascade: probe.json, probe.md and its metrics."""
+    from eval import probe
+
+    result = probe.probe(
+        cascade,
+        n=int(options["probe"]),
+        steps=decoder.steps,
+        guidance_scale=decoder.guidance_scale,
+        upsampler_steps=[u.steps for u in ups],
+        seed=int(options.get("seed", 0)),
+    )
+    (stage_dir / "probe.json").write_text(json.dumps(result, indent=1))
+    (stage_dir / "probe.md").write_text(probe.table(result) + "\n")
+    return probe.metrics(result)
 
 
 def run_stage(

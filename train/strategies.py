@@ -182,6 +182,19 @@ def _restore_what_universal_skips(engine, tag_dir) -> None:
         tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"), key=lambda f: int(f.name.split("_")[3])
     )
     states = [load(f) for f in files]
+    restored = _restore_frozen(engine, states)
+    buffers = dict(engine.module.named_buffers())
+    saved = {k: v for k, v in (states[0].get("module") or {}).items() if k in buffers}
+    for key, value in saved.items():
+        buffers[key].copy_(value.to(buffers[key].dtype))
+    optim_file = next(tag_dir.glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt"), None)  # bf16_ or not
+    if optim_file is not None:
+        _restore_groups(engine, load(optim_file), tag_dir)
+    log.info("resharded ZeRO-3 checkpoint: %d frozen weights and %d buffers restored", restored, len(saved))
+
+
+def _restore_frozen(engine, states: list[dict]) -> int:
+    """Frozen weights from the saved ranks' fragments, repartitioned for this rank; returns how many."""
     fragments = [s.get("frozen_param_fragments") or {} for s in states]
     shapes = states[0].get("frozen_param_shapes") or {}
     rank = engine.global_rank
@@ -201,27 +214,27 @@ def _restore_what_universal_skips(engine, tag_dir) -> None:
         else:
             param.data.copy_(full.view_as(param.data).to(param.dtype))
         restored += 1
-    buffers = dict(engine.module.named_buffers())
-    saved = {k: v for k, v in (states[0].get("module") or {}).items() if k in buffers}
-    for key, value in saved.items():
-        buffers[key].copy_(value.to(buffers[key].dtype))
+    return restored
+
+
+def _restore_groups(engine, optim_state: dict, tag_dir) -> None:
+    """Each optimizer parameter group's saved hyper-parameters, and a step counter of its own."""
     optimizer = getattr(engine.optimizer, "optimizer", None)
-    optim_file = next(tag_dir.glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt"), None)  # bf16_ or not
-    if optimizer is not None and optim_file is not None:
-        groups = load(optim_file)["optimizer_state_dict"]["optimizer_state_dict"]["param_groups"]
-        if len(groups) != len(optimizer.param_groups):
-            raise RuntimeError(
-                f"{tag_dir}: {len(groups)} optimizer parameter groups saved, {len(optimizer.param_groups)} now"
-            )
-        for group, was in zip(optimizer.param_groups, groups):
-            group.update({k: v for k, v in was.items() if k != "params"})
-        # It also gives every group's state the same ``step`` tensor, which Adam increments in place
-        # once per group and step: the second group's bias correction would run ahead.
-        for flat in getattr(engine.optimizer, "fp32_partitioned_groups_flat", []):
-            state = optimizer.state.get(flat, {})
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
-    log.info("resharded ZeRO-3 checkpoint: %d frozen weights and %d buffers restored", restored, len(saved))
+    if optimizer is None:
+        return
+    groups = optim_state["optimizer_state_dict"]["optimizer_state_dict"]["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        raise RuntimeError(
+            f"{tag_dir}: {len(groups)} optimizer parameter groups saved, {len(optimizer.param_groups)} now"
+        )
+    for group, was in zip(optimizer.param_groups, groups):
+        group.update({k: v for k, v in was.items() if k != "params"})
+    # It also gives every group's state the same ``step`` tensor, which Adam increments in place
+    # once per group and step: the second group's bias correction would run ahead.
+    for flat in getattr(engine.optimizer, "fp32_partitioned_groups_flat", []):
+        state = optimizer.state.get(flat, {})
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def _committed_save(strategy, save, checkpoint: dict, filepath, storage_options) -> None:

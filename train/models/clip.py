@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.models.layers import LayerNorm, Transformer, transformer_flops
+from train.models.layers import LayerNorm, Transformer, first_eot_index, transformer_flops
 
 VISION_KEYS = {"image_size", "patch_size", "width", "layers", "heads", "mlp_ratio", "stem", "pool"}
 TEXT_KEYS = {"context_length", "vocab_size", "width", "layers", "heads", "mlp_ratio"}
@@ -196,9 +196,7 @@ class TextTransformer(nn.Module):
 
     def pool_index(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B,) position of the first eot token per row; the last position where a row has none."""
-        is_eot = tokens == self.eot_id
-        first = is_eot.int().argmax(dim=1)  # argmax returns the first maximal index
-        return torch.where(is_eot.any(dim=1), first, torch.full_like(first, tokens.shape[1] - 1))
+        return first_eot_index(tokens, self.eot_id)
 
     def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L, W) per-token features after ``ln_final`` (the prior and decoder consume these)."""

@@ -12,6 +12,8 @@ Design:
   precision in the normalisation statistics.
 - ``Transformer(grad_checkpointing=True)`` recomputes each block in backward
   (``torch.utils.checkpoint.checkpoint(use_reentrant=False)``), only in training mode with grad enabled.
+- ``first_eot_index``: where a caption ends (the one place that decides it): CLIP's text tower pools
+  there, the decoder's own caption encoder too, and the caption masks of the prior and decoder stop there.
 """
 
 from __future__ import annotations
@@ -141,6 +143,15 @@ class Transformer(nn.Module):
             nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
             nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+
+
+def first_eot_index(tokens: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """(B, L) token ids -> (B,) int64: the position of each row's first end-of-text token (later ones
+    are padding or noise). A row without one (cut without its end-of-text) gets the last position, L - 1:
+    the whole row is caption."""
+    is_eot = tokens == eot_id
+    first = is_eot.int().argmax(dim=1)  # argmax returns the first maximal index
+    return torch.where(is_eot.any(dim=1), first, torch.full_like(first, tokens.shape[1] - 1))
 
 
 def transformer_flops(

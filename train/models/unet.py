@@ -24,13 +24,14 @@ nn.Module, single device, no trainer imports; ``grad_checkpointing`` recomputes 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from train.models.layers import LayerNorm, Transformer
+from train.models.layers import LayerNorm, Transformer, first_eot_index
 from train.models.prior import timestep_embedding
 
 
@@ -151,7 +152,98 @@ class Block(nn.Module):
         return self.attn(x, context, context_mask) if self.attn is not None else x
 
 
+@dataclass(frozen=True)
+class _Blocks:
+    """What every block of one UNet shares; builds its resblocks, attention and resampling blocks."""
+
+    emb_dim: int
+    dropout: float
+    head_channels: int
+    context_dim: int | None
+    attention_resolutions: frozenset[int]
+    resblock_updown: bool
+
+    def res(self, ch: int, out: int) -> ResBlock:
+        return ResBlock(ch, self.emb_dim, out, self.dropout)
+
+    def attention(self, ch: int, resolution: int | None = None) -> AttentionBlock | None:
+        """Attention at ``attention_resolutions``; the middle (``resolution=None``) has it if any level does."""
+        at = self.attention_resolutions
+        wanted = bool(at) if resolution is None else resolution in at
+        return AttentionBlock(ch, self.head_channels, self.context_dim) if wanted else None
+
+    def down(self, ch: int) -> nn.Module:
+        return (
+            ResBlock(ch, self.emb_dim, ch, self.dropout, down=True)
+            if self.resblock_updown
+            else Downsample(ch)
+        )
+
+    def up(self, ch: int) -> nn.Module:
+        return ResBlock(ch, self.emb_dim, ch, self.dropout, up=True) if self.resblock_updown else Upsample(ch)
+
+
+def _embedding_mlp(model_channels: int, emb_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+
+def _down_path(
+    blocks: _Blocks, model_channels: int, channel_mult: Sequence[int], num_res_blocks: int, image_size: int
+) -> tuple[nn.ModuleList, list[int]]:
+    """Per level: resblocks (with attention where configured), then a downsampling block but at the
+    deepest level. Returns the blocks and the channels of every skip (the input conv's first, the
+    bottleneck's last)."""
+    path, ch, skips, resolution = nn.ModuleList(), model_channels, [model_channels], image_size
+    for level, mult in enumerate(channel_mult):
+        for _ in range(num_res_blocks):
+            out = model_channels * mult
+            path.append(Block(blocks.res(ch, out), blocks.attention(out, resolution)))
+            ch = out
+            skips.append(ch)
+        if level != len(channel_mult) - 1:
+            path.append(Block(blocks.down(ch)))
+            skips.append(ch)
+            resolution //= 2
+    return path, skips
+
+
+def _middle(blocks: _Blocks, ch: int) -> nn.ModuleList:
+    return nn.ModuleList([Block(blocks.res(ch, ch), blocks.attention(ch)), Block(blocks.res(ch, ch))])
+
+
+def _up_path(
+    blocks: _Blocks,
+    model_channels: int,
+    channel_mult: Sequence[int],
+    num_res_blocks: int,
+    image_size: int,
+    skips: Sequence[int],
+) -> tuple[nn.ModuleList, int]:
+    """Per level from the deepest: num_res_blocks + 1 resblocks, each on a skip concatenated (the down
+    path's, last first), with attention where configured, then an upsampling block but at the top level.
+    Returns the blocks and their output channels."""
+    path, skips, ch = nn.ModuleList(), list(skips), skips[-1]
+    resolution = image_size // 2 ** (len(channel_mult) - 1)
+    for level, mult in reversed(list(enumerate(channel_mult))):
+        for _ in range(num_res_blocks + 1):
+            out = model_channels * mult
+            path.append(Block(blocks.res(ch + skips.pop(), out), blocks.attention(out, resolution)))
+            ch = out
+        if level:
+            path.append(Block(blocks.up(ch)))
+            resolution *= 2
+    return path, ch
+
+
+def _output_head(ch: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(group_norm(ch), nn.SiLU(), zero(nn.Conv2d(ch, out_channels, 3, padding=1)))
+
+
 class UNet(nn.Module):
+    """Builders register the parameters in a fixed order (state-dict keys, sharding order and the seeded
+    initialisation depend on it; tests/test_unet.py pins them): time embeddings, caption, image
+    embedding, context norm, input conv, down path, middle, up path, output head."""
+
     def __init__(
         self,
         *,
@@ -184,112 +276,93 @@ class UNet(nn.Module):
         super().__init__()
         if text_encoder not in (None, "clip", "trainable"):
             raise ValueError(f"net.text_encoder={text_encoder!r}: expected null, 'clip' or 'trainable'")
+        if low_res_noise_cond and not low_res_channels:
+            raise ValueError("net.low_res_noise_cond needs low_res_channels (an upsampler)")
         self.image_size, self.in_channels = image_size, in_channels
         self.out_channels = out_channels * (2 if learned_variance else 1)
         self.learned_variance = learned_variance
         self.model_channels, self.channel_mult = model_channels, tuple(channel_mult)
         self.cond_dim, self.num_cond_tokens = cond_dim, num_cond_tokens
         self.text_encoder, self.low_res_channels = text_encoder, low_res_channels
-        if low_res_noise_cond and not low_res_channels:
-            raise ValueError("net.low_res_noise_cond needs low_res_channels (an upsampler)")
         self.low_res_noise_cond = low_res_noise_cond
         self.grad_checkpointing = grad_checkpointing
         emb_dim = 4 * model_channels
-        self.time_embed = nn.Sequential(
-            nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
-        )
-        if low_res_noise_cond:  # noise-conditioning augmentation: the low-res image's noise level
-            self.aug_embed = nn.Sequential(
-                nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
-            )
+        self._build_time_embeddings(emb_dim)
+        tower = dict(vocab_size=text_vocab_size, context_length=text_context_length, width=text_width)
+        tower.update(layers=text_layers, heads=text_heads, eot_id=text_eot_id)
+        self._build_conditioning(emb_dim, text_dim, text_pooled, tower)
+        attn_at = frozenset(attention_resolutions)
+        blocks = _Blocks(emb_dim, dropout, head_channels, self.context_dim, attn_at, resblock_updown)
+        mult = self.channel_mult
+        self.input_conv = nn.Conv2d(in_channels + low_res_channels, model_channels, 3, padding=1)
+        self.down, skips = _down_path(blocks, model_channels, mult, num_res_blocks, image_size)
+        self.middle = _middle(blocks, skips[-1])
+        self.up, ch = _up_path(blocks, model_channels, mult, num_res_blocks, image_size, skips)
+        self.out = _output_head(ch, self.out_channels)
 
-        # ---- conditioning -> embedding additions and context tokens (width ctx_dim)
-        ctx_dim = None
-        if text_encoder == "trainable":
-            if not (
-                text_vocab_size
-                and text_context_length
-                and text_width
-                and text_layers
-                and text_eot_id is not None
-            ):
-                raise ValueError(
-                    "net.text_encoder=trainable needs text_vocab_size, text_context_length, text_width, "
-                    "text_layers and text_eot_id"
-                )
-            self.token_embedding = nn.Embedding(text_vocab_size, text_width)
-            self.text_positional = nn.Parameter(torch.randn(text_context_length, text_width) * 0.01)
-            self.text_transformer = Transformer(
-                text_width, text_layers, text_heads, causal=True, grad_checkpointing=grad_checkpointing
-            )
-            self.text_transformer.init_weights()
-            self.text_ln = LayerNorm(text_width)
-            self.text_to_emb = nn.Linear(text_width, emb_dim)
-            self.text_eot_id = int(text_eot_id)
-            text_dim = text_width
-        elif text_encoder == "clip" and not text_dim:
-            raise ValueError("net.text_encoder=clip needs text_dim (the CLIP text width)")
-        elif text_encoder == "clip" and text_pooled:
-            self.text_to_emb = nn.Linear(text_dim, emb_dim)
-        elif text_pooled:
-            raise ValueError("net.text_pooled needs a caption: set net.text_encoder to clip or trainable")
-        self.text_pooled = text_encoder == "trainable" or bool(text_pooled)
-        if text_encoder is not None:
-            ctx_dim = text_dim
-            self.null_text = nn.Parameter(torch.randn(text_dim) * 0.02)
-        if cond_dim:
-            self.image_to_emb = nn.Linear(cond_dim, emb_dim)
-            ctx_dim = ctx_dim or model_channels * 4
-            self.image_to_tokens = nn.Linear(cond_dim, num_cond_tokens * ctx_dim)
-            self.null_image_tokens = nn.Parameter(torch.randn(num_cond_tokens, ctx_dim) * 0.02)
+    # ---- builders (in registration order) -------------------------------------------------------
+    def _build_time_embeddings(self, emb_dim: int) -> None:
+        self.time_embed = _embedding_mlp(self.model_channels, emb_dim)
+        if self.low_res_noise_cond:  # noise-conditioning augmentation: the low-res image's noise level
+            self.aug_embed = _embedding_mlp(self.model_channels, emb_dim)
+
+    def _build_conditioning(self, emb_dim: int, text_dim: int | None, text_pooled: bool, tower: dict) -> None:
+        """Conditioning -> embedding additions and context tokens; sets ``context_dim`` (None: none)."""
+        ctx_dim = self._build_caption(emb_dim, text_dim, text_pooled, tower)
+        if self.cond_dim:
+            self.image_to_emb = nn.Linear(self.cond_dim, emb_dim)
+            ctx_dim = ctx_dim or emb_dim  # without a caption the image tokens are embedding-wide
+            self.image_to_tokens = nn.Linear(self.cond_dim, self.num_cond_tokens * ctx_dim)
+            self.null_image_tokens = nn.Parameter(torch.randn(self.num_cond_tokens, ctx_dim) * 0.02)
         self.context_dim = ctx_dim
         if ctx_dim:
             self.context_norm = LayerNorm(ctx_dim)
 
-        # ---- the UNet
-        attn_at = set(attention_resolutions)
+    def _build_caption(
+        self, emb_dim: int, text_dim: int | None, text_pooled: bool, tower: dict
+    ) -> int | None:
+        """The caption's parameters; returns the width of its context tokens (None: no caption)."""
+        if self.text_encoder == "trainable":
+            text_dim = self._build_text_tower(emb_dim, **tower)
+        elif self.text_encoder == "clip" and not text_dim:
+            raise ValueError("net.text_encoder=clip needs text_dim (the CLIP text width)")
+        elif self.text_encoder == "clip" and text_pooled:
+            self.text_to_emb = nn.Linear(text_dim, emb_dim)
+        elif text_pooled:
+            raise ValueError("net.text_pooled needs a caption: set net.text_encoder to clip or trainable")
+        self.text_pooled = self.text_encoder == "trainable" or bool(text_pooled)
+        if self.text_encoder is None:
+            return None
+        self.null_text = nn.Parameter(torch.randn(text_dim) * 0.02)
+        return text_dim
 
-        def attention(ch: int, resolution: int) -> AttentionBlock | None:
-            return AttentionBlock(ch, head_channels, ctx_dim) if resolution in attn_at else None
-
-        ch = model_channels
-        self.input_conv = nn.Conv2d(in_channels + low_res_channels, ch, 3, padding=1)
-        self.down = nn.ModuleList()
-        skips, resolution = [ch], image_size
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                self.down.append(Block(ResBlock(ch, emb_dim, model_channels * mult, dropout), None))
-                ch = model_channels * mult
-                self.down[-1].attn = attention(ch, resolution)
-                skips.append(ch)
-            if level != len(channel_mult) - 1:
-                res = ResBlock(ch, emb_dim, ch, dropout, down=True) if resblock_updown else Downsample(ch)
-                self.down.append(Block(res))
-                skips.append(ch)
-                resolution //= 2
-        self.middle = nn.ModuleList(
-            [
-                Block(
-                    ResBlock(ch, emb_dim, ch, dropout),
-                    AttentionBlock(ch, head_channels, ctx_dim) if attn_at else None,
-                ),
-                Block(ResBlock(ch, emb_dim, ch, dropout)),
-            ]
+    def _build_text_tower(
+        self,
+        emb_dim: int,
+        *,
+        vocab_size: int | None,
+        context_length: int | None,
+        width: int | None,
+        layers: int,
+        heads: int,
+        eot_id: int | None,
+    ) -> int:
+        """The net's own causal caption transformer (``text_encoder=trainable``); returns its width."""
+        if not (vocab_size and context_length and width and layers and eot_id is not None):
+            raise ValueError(
+                "net.text_encoder=trainable needs text_vocab_size, text_context_length, text_width, "
+                "text_layers and text_eot_id"
+            )
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.text_positional = nn.Parameter(torch.randn(context_length, width) * 0.01)
+        self.text_transformer = Transformer(
+            width, layers, heads, causal=True, grad_checkpointing=self.grad_checkpointing
         )
-        self.up = nn.ModuleList()
-        for level, mult in list(enumerate(channel_mult))[::-1]:
-            for i in range(num_res_blocks + 1):
-                out = model_channels * mult
-                block = Block(ResBlock(ch + skips.pop(), emb_dim, out, dropout), attention(out, resolution))
-                ch = out
-                self.up.append(block)
-                if level and i == num_res_blocks:
-                    res = ResBlock(ch, emb_dim, ch, dropout, up=True) if resblock_updown else Upsample(ch)
-                    self.up.append(Block(res))
-                    resolution *= 2
-        self.out = nn.Sequential(
-            group_norm(ch), nn.SiLU(), zero(nn.Conv2d(ch, self.out_channels, 3, padding=1))
-        )
+        self.text_transformer.init_weights()
+        self.text_ln = LayerNorm(width)
+        self.text_to_emb = nn.Linear(width, emb_dim)
+        self.text_eot_id = int(eot_id)
+        return width
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
@@ -313,10 +386,7 @@ class UNet(nn.Module):
                     )
                 h = self.token_embedding(tokens) + self.text_positional[: tokens.shape[1]].to(emb.dtype)
                 h = self.text_ln(self.text_transformer(h))
-                is_eot = tokens == self.text_eot_id
-                last = torch.where(
-                    is_eot.any(1), is_eot.int().argmax(1), torch.full_like(tokens[:, 0], tokens.shape[1] - 1)
-                )
+                last = first_eot_index(tokens, self.text_eot_id)
                 feat = h
                 if text_mask is None:
                     text_mask = torch.arange(tokens.shape[1], device=device)[None] <= last[:, None]
