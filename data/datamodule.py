@@ -7,11 +7,8 @@ Images arrive as uint8 and are normalised on the device (``on_after_batch_transf
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
-from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +18,12 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from data.filters import Filters
+from data.loader import DataError, RankSyncedLoader
 from data.manifest import LEVELS, VerifiedCache, check_shards, load_manifest, missing_shards
-from data.pipeline import BAD_SAMPLE_REASONS, SKIP_REASONS, ShardDataset, _seed
+from data.pipeline import SKIP_REASONS, ShardDataset
 from data.resume import Layout, LayoutChangeError, plan_resume
-from data.shards import expand_shards, group_samples, open_shard, read_tar
+from data.shards import expand_shards, iter_captions
+from data.synthetic import ensure_synthetic
 from data.transforms import Normalize
 
 log = logging.getLogger(__name__)
@@ -48,203 +47,6 @@ def per_device_batch_size(global_batch_size: int, world_size: int, accumulate_gr
             f"that is a multiple of {per_step}"
         )
     return global_batch_size // per_step
-
-
-SHARD_REASONS = tuple(r for r in SKIP_REASONS if r not in BAD_SAMPLE_REASONS)
-
-
-class DataError(RuntimeError):
-    """The training data cannot continue (too many broken samples, or a rank without data)."""
-
-
-class RankSyncedLoader:
-    """Wraps a DataLoader so that all ranks end an epoch at the same step.
-
-    In epoch mode ranks can hold different numbers of samples (shards of different sizes, more
-    shards than ranks). DDP would hang when one rank leaves the epoch while the others enter the
-    next gradient all-reduce. Before yielding each batch, every rank contributes "I have a batch" to
-    an all-reduce(MIN) on a gloo group (a CPU tensor: no device sync, works beside NCCL); when any
-    rank is dry, all stop together and the rest is counted as ``epoch_tail_dropped``.
-
-    The same vote carries the data checks (``checks``, on for training): when the broken samples of an
-    epoch pass ``max_bad_fraction`` of those read, or a rank gets no batch at all in an epoch (which
-    would otherwise loop over empty epochs forever), every rank raises ``DataError`` together.
-
-    Also the keeper of the data position (see data/pipeline.py). Each batch carries its worker's
-    position; the loader remembers, per worker, the position of the last batch the training step
-    *consumed* (``mark_consumed``, called as a batch enters the step). Lightning fetches one batch
-    ahead, so the position of the last batch *yielded* would skip a batch on resume.
-    ``position_state``/``restore`` save and restore it; ``epoch_fn`` gives the epoch whose order the
-    next ``iter()`` follows.
-    """
-
-    def __init__(
-        self,
-        loader: DataLoader,
-        group: Any | None = None,
-        epoch_fn: Any | None = None,
-        *,
-        checks: bool = False,
-        max_bad_fraction: float | None = 0.1,
-    ) -> None:
-        self.loader = loader
-        self.checks, self.max_bad_fraction = checks, max_bad_fraction
-        self._resumed = False
-        self.group = group
-        self.epoch_fn = epoch_fn
-        self.worker_states: dict[int, dict] = {}
-        self.tail_dropped = 0
-        self.consumed: dict[int, dict] = {}  # worker -> state after its last batch a step consumed
-        self.last_worker: int | None = None
-        self._in_flight: deque[dict] = deque(maxlen=64)  # states of yielded, not yet consumed batches
-        self._pending: dict | None = None  # this rank's saved position, applied by the next iter()
-
-    def __iter__(self) -> Iterator[dict]:
-        self._start_epoch()
-        iterator = iter(self.loader)
-        yielded = 0
-        while True:
-            batch = next(iterator, None)
-            while batch is not None and not batch["__key__"]:  # state-only record from a finished worker
-                self._record(batch["__state__"])
-                batch = next(iterator, None)
-            state = batch.pop("__state__") if batch is not None else None
-            if state is not None:
-                self._record(state)
-            problem = self._data_problem(dry=batch is None, yielded=yielded) if self.checks else None
-            status = self._agree(-1 if problem else 0 if batch is None else 1)
-            if status < 0:
-                raise DataError(problem or "another rank's training data failed its checks (see its log)")
-            if status == 0:
-                if batch is not None:  # another rank is dry: drain ours, counting what the epoch leaves out
-                    self.tail_dropped += len(batch["__key__"])
-                    for rest in iterator:
-                        self.tail_dropped += len(rest["__key__"])
-                        self._record(rest["__state__"])
-                return
-            self._in_flight.append(state)
-            yielded += 1
-            yield batch
-
-    def _start_epoch(self) -> None:
-        ds = self.loader.dataset
-        if self.epoch_fn is not None:
-            ds.epoch = int(self.epoch_fn())
-        # counts are per epoch; a resume within the same epoch starts from the saved ones
-        self.worker_states, self.tail_dropped, self.consumed, self.last_worker = {}, 0, {}, None
-        self._in_flight.clear()
-        ds.start_positions, ds.start_skips, ds.start_cursors, ds.worker_offset = {}, {}, {}, 0
-        ds.start_splits = {}
-        ds.data_ranks = ds.data_world_size = None  # a new epoch: this rank's own partition
-        pending, self._pending = self._pending, None
-        self._resumed = pending is not None and pending["epoch"] == ds.epoch
-        if self._resumed:
-            streams = {(int(v), int(w)): st for (v, w), st in pending["streams"].items()}
-            ds.data_ranks = [int(v) for v in pending.get("data_ranks", [ds.rank])]
-            ds.data_world_size = int(pending.get("data_world_size", ds.world_size))
-            ds.start_positions = {key: st["position"] for key, st in streams.items()}
-            ds.start_skips = {key: dict(st["skips"]) for key, st in streams.items()}
-            ds.start_cursors = {key: st["cursor"] for key, st in streams.items() if st.get("cursor")}
-            ds.start_splits = {key: tuple(st["split"]) for key, st in streams.items() if st.get("split")}
-            for (v, w), st in streams.items():
-                record = self.worker_states.setdefault(w, {"worker": w, "streams": {}})
-                record["streams"][v] = {**st, "skips": dict(st["skips"])}
-            self.consumed = {
-                w: {"worker": w, "streams": dict(st["streams"])} for w, st in self.worker_states.items()
-            }
-            self.last_worker = pending["last_worker"]
-            self.tail_dropped = pending.get("tail_dropped", 0)
-            n = max(self.loader.num_workers, 1)
-            ds.worker_offset = 0 if self.last_worker is None else (self.last_worker + 1) % n
-            log.info(
-                "data: resuming epoch %d of rank %d (data ranks %s of %d) at stream positions %s",
-                ds.epoch,
-                ds.rank,
-                ds.data_ranks,
-                ds.data_world_size,
-                ds.start_positions,
-            )
-        if self.loader.generator is not None:  # worker seeds: a function of (seed, epoch) only
-            self.loader.generator.manual_seed(int(_seed(ds.seed, ds.epoch, "loader")))
-
-    def _record(self, state: dict) -> None:
-        self.worker_states[state["worker"]] = state
-
-    def mark_consumed(self) -> None:
-        """The oldest yielded batch has entered a training step."""
-        if self._in_flight:
-            state = self._in_flight.popleft()
-            self.consumed[state["worker"]] = state
-            self.last_worker = state["worker"]
-
-    def position_state(self) -> dict:
-        """This rank's data position: what a resume needs to continue with the next unconsumed batch."""
-        ds = self.loader.dataset
-        return {
-            "epoch": ds.epoch,
-            "data_ranks": ds.streams,
-            "data_world_size": ds.stream_world_size,
-            "streams": {  # (data rank, worker) -> position, skips, cursor after its last consumed batch
-                (v, w): {**st, "skips": dict(st["skips"])}
-                for w, record in self.consumed.items()
-                for v, st in record["streams"].items()
-            },
-            "last_worker": self.last_worker,
-            "tail_dropped": self.tail_dropped,
-        }
-
-    def restore(self, state: dict) -> None:
-        """Continue from ``position_state()`` at the next ``iter()`` (if it is for the same epoch)."""
-        self._pending = state
-
-    def _agree(self, status: int) -> int:
-        """The ranks' common decision: 1 all have a batch, 0 some rank is dry (end the epoch together),
-        -1 some rank's data failed its checks (every rank raises, so none hangs in a collective)."""
-        if self.group is None:
-            return status
-        flag = torch.tensor([status], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)  # collective: every rank, every batch
-        return int(flag.item())
-
-    def _data_problem(self, *, dry: bool, yielded: int) -> str | None:
-        """Why this rank's training data cannot go on, or None."""
-        ds = self.loader.dataset
-        counts = self.skip_counts()
-        bad = {r: counts.get(r, 0) for r in BAD_SAMPLE_REASONS if counts.get(r, 0)}
-        read = sum(st["position"] for _, st in self._streams()) + counts.get("duplicate_key", 0)
-        limit = self.max_bad_fraction
-        if limit is not None and sum(bad.values()) > limit * max(read, 1) and (read >= 100 or dry):
-            return (
-                f"rank {ds.rank}: {sum(bad.values())} of the {read} samples read this epoch are broken "
-                f"({', '.join(f'{r} {n}' for r, n in bad.items())}), more than data.max_bad_fraction={limit}. "
-                f"Check the shards (`python -m data.inspect {ds.spec}`) or raise the limit"
-            )
-        if dry and yielded == 0 and not self._resumed:
-            shard_skips = {r: counts[r] for r in SHARD_REASONS if counts.get(r)}
-            return (
-                f"rank {ds.rank} of {ds.world_size}: no training batch this epoch from data.train_shards="
-                f"{ds.spec!r} ({len(ds.urls)} shards in all; bad shards here: {shard_skips or 'none'}; "
-                f"samples skipped: {({r: n for r, n in counts.items() if n}) or 'none'}). Every rank needs "
-                "at least one shard with a full batch of good samples"
-            )
-        return None
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def _streams(self) -> Iterator[tuple[tuple[int, int], dict]]:
-        """((data rank, worker), latest state) of every stream this rank has heard from this epoch."""
-        for w, record in self.worker_states.items():
-            for v, st in record["streams"].items():
-                yield (v, w), st
-
-    def skip_counts(self) -> dict[str, int]:
-        totals: dict[str, int] = {}
-        for _, state in self._streams():
-            for reason, n in state["skips"].items():
-                totals[reason] = totals.get(reason, 0) + n
-        totals["epoch_tail_dropped"] = self.tail_dropped
-        return totals
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -549,66 +351,3 @@ class ShardDataModule(pl.LightningDataModule):
         ]  # identical on every rank
         counts = self._train_loader.skip_counts() if self._train_loader is not None else {}
         return {k: counts.get(k, 0) for k in keys}
-
-
-def iter_captions(shards: str | Sequence[str], limit: int) -> Iterator[str]:
-    """Captions of the first ``limit`` samples, reading only the txt members' bytes."""
-    n = 0
-    for url in expand_shards(shards):
-        try:
-            with open_shard(url) as stream:
-                members = read_tar(stream, skip_data_of=frozenset(("jpg", "jpeg", "png", "webp", "npy")))
-                for sample in group_samples(members):
-                    if "txt" in sample:
-                        yield sample["txt"].decode("utf-8", "replace").strip()
-                        n += 1
-                        if n >= limit:
-                            return
-        except Exception as e:  # noqa: BLE001 - a bad shard only shortens the tokenizer corpus
-            log.warning("tokenizer corpus: shard %s: %s", url, e)
-
-
-def ensure_synthetic(
-    train_shards,
-    val_shards,
-    *,
-    train_samples: int,
-    val_samples: int,
-    image_size: int = 64,
-    shard_size: int = 1000,
-    train_seed: int = 0,
-    val_seed: int = 1,
-) -> None:
-    """Generate the embedded default dataset (data/synthetic.py) into the configured directories, which
-    must be new, empty or a dataset it wrote before (its marker file): never into anything else."""
-    from data.synthetic import MARKER, is_synthetic_dir, write_shards
-
-    for spec, samples, seed in (
-        (train_shards, train_samples, train_seed),
-        (val_shards, val_samples, val_seed),
-    ):
-        if not spec or not isinstance(spec, str | os.PathLike):
-            continue
-        out = Path(spec)
-        if is_synthetic_dir(out) and (out / "sizes.json").exists():
-            continue  # generated already
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):  # never write into the user's data
-            key = "train_shards" if spec == train_shards else "val_shards"
-            raise ValueError(
-                f"data.{key}={spec} is not a synthetic dataset written by data/synthetic.py (no "
-                f"{MARKER}): data=synthetic generates its shards only into a new or empty directory. "
-                f"To train on your own shards select data=shards (python -m train.run data=shards "
-                f"data.{key}=...)"
-            )
-        log.info("writing %d synthetic samples (seed %d, %d px) to %s", samples, seed, image_size, out)
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        # At least 4 shards (a small held-out split still feeds every loader worker); the samples do not
-        # depend on the sharding.
-        size = min(shard_size, max(1, -(-samples // 4)))
-        write_shards(tmp, samples, seed=seed, image_size=image_size, shard_size=size)
-        try:
-            os.replace(tmp, out)  # atomic: a half-written dataset is never picked up
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not (out / "sizes.json").exists():  # not a concurrent writer that finished first
-                raise

@@ -11,7 +11,7 @@ given a tokenizer), so the prior reads either; :class:`ClipRetrievalDataModule` 
 with ``net.use_text_tokens=false``, or computes them from the captions with ``clip_ckpt`` (the CLIP that
 made the embeddings; train/modules/prior.py checks that it is).
 
-Split and position (the protocol of data/pipeline.py's ShardDataset, so data/datamodule.py's
+Split and position (the protocol of data/pipeline.py's ShardDataset, so data/loader.py's
 RankSyncedLoader and the DataModule's checkpointed position work unchanged):
 
 - A stream is one (data rank, worker). The parts are shuffled by (seed, epoch) and dealt out like shards

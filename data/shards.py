@@ -260,3 +260,20 @@ def group_samples(members: Iterator[Member]) -> Iterator[dict[str, bytes | str]]
         raise
     if current is not None:
         yield current
+
+
+def iter_captions(shards: str | Sequence[str], limit: int) -> Iterator[str]:
+    """Captions of the first ``limit`` samples, reading only the txt members' bytes."""
+    n = 0
+    for url in expand_shards(shards):
+        try:
+            with open_shard(url) as stream:
+                members = read_tar(stream, skip_data_of=frozenset(("jpg", "jpeg", "png", "webp", "npy")))
+                for sample in group_samples(members):
+                    if "txt" in sample:
+                        yield sample["txt"].decode("utf-8", "replace").strip()
+                        n += 1
+                        if n >= limit:
+                            return
+        except Exception as e:  # noqa: BLE001 - a bad shard only shortens the tokenizer corpus
+            log.warning("tokenizer corpus: shard %s: %s", url, e)

@@ -40,9 +40,11 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import math
 import os
 import random
+import shutil
 import sys
 import tarfile
 import time
@@ -50,6 +52,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+log = logging.getLogger(__name__)
 
 # Shapes chosen to stay distinguishable at low resolution (no hexagon: it is a circle at 16 px).
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross", "star")
@@ -464,6 +468,50 @@ def main(argv: list[str] | None = None) -> int:
         f"seed {a.seed} -> {a.out} in {secs:.2f} s ({a.samples / secs:,.0f} samples/s)"
     )
     return 0
+
+
+def ensure_synthetic(
+    train_shards,
+    val_shards,
+    *,
+    train_samples: int,
+    val_samples: int,
+    image_size: int = 64,
+    shard_size: int = 1000,
+    train_seed: int = 0,
+    val_seed: int = 1,
+) -> None:
+    """Generate the embedded default dataset (data/synthetic.py) into the configured directories, which
+    must be new, empty or a dataset it wrote before (its marker file): never into anything else."""
+    for spec, samples, seed in (
+        (train_shards, train_samples, train_seed),
+        (val_shards, val_samples, val_seed),
+    ):
+        if not spec or not isinstance(spec, str | os.PathLike):
+            continue
+        out = Path(spec)
+        if is_synthetic_dir(out) and (out / "sizes.json").exists():
+            continue  # generated already
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):  # never write into the user's data
+            key = "train_shards" if spec == train_shards else "val_shards"
+            raise ValueError(
+                f"data.{key}={spec} is not a synthetic dataset written by data/synthetic.py (no "
+                f"{MARKER}): data=synthetic generates its shards only into a new or empty directory. "
+                f"To train on your own shards select data=shards (python -m train.run data=shards "
+                f"data.{key}=...)"
+            )
+        log.info("writing %d synthetic samples (seed %d, %d px) to %s", samples, seed, image_size, out)
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        # At least 4 shards (a small held-out split still feeds every loader worker); the samples do not
+        # depend on the sharding.
+        size = min(shard_size, max(1, -(-samples // 4)))
+        write_shards(tmp, samples, seed=seed, image_size=image_size, shard_size=size)
+        try:
+            os.replace(tmp, out)  # atomic: a half-written dataset is never picked up
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (out / "sizes.json").exists():  # not a concurrent writer that finished first
+                raise
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-from data.datamodule import iter_captions
 from data.pipeline import ShardDataset
+from data.shards import iter_captions
 from data.synthetic import write_shards
 from data.tokenizer import train_bpe
 

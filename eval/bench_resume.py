@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from data.datamodule import RankSyncedLoader
+from data.loader import RankSyncedLoader
 from data.pipeline import ShardDataset
 from data.synthetic import write_shards
 

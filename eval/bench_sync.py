@@ -5,7 +5,7 @@
 
 Rows (median over ``--iters``, after warm-up):
 - ``all_reduce(2) + read``: the one small collective the numerics guard and the preemption flag share,
-  and the data loader's vote (train/callbacks/numerics.py, data/datamodule.py RankSyncedLoader), each
+  and the data loader's vote (train/callbacks/numerics.py, data/loader.py RankSyncedLoader), each
   followed by reading the result on the host;
 - ``grad norms + read``: the numerics guard's check of ``--params`` gradient elements (fused per-tensor
   norms, one host read), the part that grows with the model.

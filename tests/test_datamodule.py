@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from data.datamodule import RankSyncedLoader, ShardDataModule, per_device_batch_size
+from data.datamodule import ShardDataModule, per_device_batch_size
+from data.loader import RankSyncedLoader
 from data.pipeline import ShardDataset
 
 
@@ -439,7 +440,7 @@ def _dm(shards, **kw) -> ShardDataModule:
 
 
 def test_too_many_broken_samples_stop_the_run_naming_the_option(tmp_path):
-    from data.datamodule import DataError
+    from data.loader import DataError
     from tests.conftest import simple_sample, write_tar
 
     samples = []
@@ -458,7 +459,7 @@ def test_too_many_broken_samples_stop_the_run_naming_the_option(tmp_path):
 
 
 def test_an_epoch_without_any_batch_is_an_error_not_an_endless_loop(tmp_path):
-    from data.datamodule import DataError
+    from data.loader import DataError
 
     (tmp_path / "0.tar").write_bytes(b"not a tar at all" * 64)
     (tmp_path / "1.tar").write_bytes(b"")

@@ -19,8 +19,8 @@ import yaml
 from torch.utils.data import DataLoader
 
 import data.embeddings as embeddings
-from data.datamodule import RankSyncedLoader
 from data.embeddings import ClipRetrievalDataModule, ClipRetrievalDataset, LayoutError
+from data.loader import RankSyncedLoader
 from tests.conftest import compose_config
 from train.run import train
 

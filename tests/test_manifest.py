@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 
-from data.datamodule import DataError, ShardDataModule
+from data.datamodule import ShardDataModule
+from data.loader import DataError
 from data.manifest import ManifestError, check_shards, load_manifest, main, write_manifest
 from data.shards import expand_shards
 

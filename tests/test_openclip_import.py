@@ -287,7 +287,7 @@ def test_fine_tuning_from_an_exported_model_keeps_its_zero_shot(tmp_path):
     exactly; the fine-tune keeps colour zero-shot (chance 1/8) and the logit scale; reading the same
     weights with another tokenizer, or with open_clip's argmax pooling, loses it."""
 
-    from data.datamodule import iter_captions
+    from data.shards import iter_captions
     from data.tokenizer import build_tokenizer
     from eval.zeroshot import evaluate_net, evaluate_run
     from train.checkpoint import load_stage, main

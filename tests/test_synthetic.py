@@ -289,8 +289,7 @@ def test_zeroshot_prompts_ensemble_templates_and_the_other_attribute():
 def test_data_synthetic_never_writes_into_a_users_directory(tmp_path):
     """data=synthetic with data.train_shards pointing at the user's own shards (data=shards forgotten):
     an error naming data=shards, and the directory untouched (nothing written beside it either)."""
-    from data.datamodule import ensure_synthetic
-    from data.synthetic import MARKER
+    from data.synthetic import MARKER, ensure_synthetic
 
     laion = tmp_path / "laion"
     laion.mkdir()
