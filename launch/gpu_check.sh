@@ -173,6 +173,10 @@ for stage in ("clip", "embed", "prior", "decoder", "upsampler_256", "sample"):
         shown = [f"{k[6:]} {v:.3f}" for k, v in sorted(m.items())
                  if k.startswith("bench/") and k.endswith(("colour_shape", "/count", "/correct", "clip_score"))]
     print(f"CASCADE | {stage} | {'-' if secs is None else round(secs)} | {', '.join(shown)} |")
+lever = {k[6:]: v for k, v in report.get("sample", {}).items() if k.startswith("lever/")}
+if lever:  # sample.lever: the same benchmark with one setting changed
+    shown = [f"{k[6:]} {v:.3f}" for k, v in sorted(lever.items()) if k.endswith(("colour_shape", "/count", "/correct"))]
+    print(f"CASCADE | lever (sample.lever) | - | {', '.join(shown)} |")
 EOF
         sed -i 's/^CASCADE //' "$OUT/logs/cascade.log"
       fi

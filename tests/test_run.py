@@ -343,3 +343,9 @@ def test_gpu_preset_runs_the_whole_cascade_at_smoke_size(tmp_path):
     assert "shapes256px" in up["data"]["train_shards"]
     assert Image.open(out / "sample" / "samples.png").size[0] >= 2 * 256  # 256 px samples, two per row
     assert report["sample"]["bench/n"] == 8 and "probe/renders_at_64_px/shape" in report["sample"]
+    # sample.lever: the benchmark again with the prior's guidance changed, compared in report.md
+    lever = {k for k in report["sample"] if k.startswith("lever/bench/")}
+    assert "lever/bench/n" in lever and {k[6:] for k in lever} <= set(report["sample"]), lever
+    assert report["sample"]["lever/bench/clip_score"] != report["sample"]["bench/clip_score"]  # other images
+    assert (out / "sample" / "lever" / "samples.png").exists()
+    assert "## lever" in (out / "report.md").read_text()

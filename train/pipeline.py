@@ -142,12 +142,51 @@ def run_sample(
         **settings,
     )
     shutil.copy(stage_dir / "samples.png", out_dir / "samples.png")
+    if options.get("lever"):  # the same benchmark with one setting changed: does it move binding, counting?
+        start = time.time()
+        metrics.update(_lever(cascade, options, settings, ups, stage_dir))
+        metrics["bench/seconds"] += time.time() - start
     if int(options.get("probe") or 0) > 0:  # each stage on ground-truth renders: where shapes are lost
         start = time.time()
         metrics.update(_probe(cascade, options, settings["decoder"], ups, stage_dir))
         metrics["bench/seconds"] += time.time() - start
     done.write_text(json.dumps({"metrics": metrics, "seconds": metrics["bench/seconds"]}, indent=2))
     return metrics
+
+
+def _lever(
+    cascade, options: Mapping[str, Any], settings: dict, ups: list, stage_dir: Path
+) -> dict[str, float]:
+    """``sample.lever`` (e.g. ``{prior: {guidance_scale: 4.0}}``): the benchmark again, same prompts and
+    seed, with those sampling settings changed; its figures as ``lever/bench/...`` (images: sample/lever/)."""
+    import dataclasses
+
+    from eval.benchmark import evaluate_cascade
+
+    lever = dict(options["lever"])
+    unknown = sorted(set(lever) - set(settings))
+    if unknown:
+        raise ValueError(f"sample.lever.{unknown[0]}: expected a stage among {sorted(settings)}")
+    changed = {}
+    for stage, base in settings.items():
+        try:
+            changed[stage] = dataclasses.replace(base, **dict(lever.get(stage) or {}))
+        except TypeError as e:
+            raise ValueError(
+                f"sample.lever.{stage}: {e} (settings: {[f.name for f in dataclasses.fields(base)]})"
+            ) from e
+    log.info("stage sample: lever %s", lever)
+    result = evaluate_cascade(
+        cascade,
+        stage_dir / "lever",
+        per_category=int(options.get("per_category", 32)),
+        batch=int(options.get("batch", 64)),
+        seed=int(options.get("seed", 0)),
+        grid_per_category=int(options.get("grid_per_category", 6)),
+        upsamplers=ups,
+        **changed,
+    )
+    return {f"lever/{k}": v for k, v in result.items() if k.startswith("bench/") and k != "bench/seconds"}
 
 
 def _probe(cascade, options: Mapping[str, Any], decoder, ups: list, stage_dir: Path) -> dict[str, float]:
@@ -219,6 +258,17 @@ def write_report(out_dir: Path, results: dict[str, dict[str, float]]) -> None:
         lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())]
         where = out_dir / stage / ("checkpoints" if stage not in ("embed", "sample") else "")
         lines += ["", f"outputs: `{where}`", ""]
+    lever = {k[len("lever/") :]: v for k, v in results.get("sample", {}).items() if k.startswith("lever/")}
+    if lever:
+        base = results["sample"]
+        lines += ["## lever: the benchmark with sample.lever's settings, same prompts and seed", ""]
+        lines += ["| metric | base | lever | change |", "|---|---|---|---|"]
+        lines += [
+            f"| {k} | {base[k]:.3f} | {v:.3f} | {v - base[k]:+.3f} |"
+            for k, v in sorted(lever.items())
+            if k in base
+        ]
+        lines += [""]
     probe = out_dir / "sample" / "probe.md"
     if "sample" in results and probe.exists():
         lines += ["## probe: each stage on ground-truth renders (eval/probe.py)", "", probe.read_text()]
