@@ -107,7 +107,7 @@ def plans(trials: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     return [
         {
-            "signal": rng.choice(["SIGUSR1", "SIGTERM"]),
+            "signal": rng.choice(["SIGUSR1", "SIGUSR2", "SIGTERM"]),
             "target": rng.choice(["rank0", "rank1", "all"]),
             "hook": rng.choice([*HOOKS, "thread"]),
             "step": rng.randrange(1, 6),

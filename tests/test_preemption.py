@@ -61,6 +61,7 @@ def test_random_preemptions_checkpoint_once_requeue_once_and_never_hang(tmp_path
     assert {t["plan"]["target"] for t in trials} == {"rank0", "rank1", "all"}
     assert len({t["plan"]["hook"] for t in trials}) >= 4 and {t["plan"]["signal"] for t in trials} == {
         "SIGUSR1",
+        "SIGUSR2",  # submitit's time-limit signal (the real SLURM path is tests/test_slurm.py with USR1)
         "SIGTERM",
     }
     for trial in trials:
