@@ -79,7 +79,6 @@ class SampleStream:
         self.buffer: list[tuple[dict, int]] = []  # (sample, provenance) per slot
         self.shard, self.offset = 0, 0  # next sample to enter the buffer: sample `offset` of shard `shard`
         self.flushing = False
-        self.shards_reopened = 0  # shards read again to continue from the cursor
         # a restart: the buffer's slots (shard, sample) until every sample is read back into _found
         self._slots: list[tuple[int, int]] | None = None
         self._found: dict[tuple[int, int], dict] = {}
@@ -148,11 +147,9 @@ class SampleStream:
                 if j >= max(wanted[k]):
                     reader.close()
                     break
-            self.shards_reopened += 1
         if self.flushing:  # the sequence was exhausted: the buffer drains
             self._refill()
             return iter(())
-        self.shards_reopened += self.offset > 0
         return self._read(self.shard, self.offset, wanted.get(self.shard, set()))
 
     def _refill(self) -> None:

@@ -40,6 +40,17 @@ def _stream(shards: FakeShards, buffer: int, cursor=None, endless: bool = False)
     return SampleStream(sequence, shards.read_shard, Counter(), buffer_size=buffer, seed=7, cursor=cursor)
 
 
+@pytest.fixture
+def opened(monkeypatch) -> list[str]:
+    """Every shard the pipeline opens, in order (what a restart reads)."""
+    import data.pipeline as pipeline
+
+    urls: list[str] = []
+    real_open = pipeline.open_shard
+    monkeypatch.setattr(pipeline, "open_shard", lambda url: urls.append(url) or real_open(url))
+    return urls
+
+
 @pytest.mark.parametrize("buffer", [0, 1, 5, 40])
 def test_a_stream_continued_from_its_cursor_at_every_position_equals_the_uninterrupted_one(buffer):
     shards = FakeShards([13, 0, 9, 21, 4, 17])
@@ -100,14 +111,9 @@ def test_the_cursor_is_small_and_stores_in_a_weights_only_checkpoint(tmp_path):
     assert len(rest) == 200 - 60
 
 
-def test_a_restart_through_the_pipeline_reopens_few_shards_and_replays_none(make_shards, monkeypatch):
+def test_a_restart_through_the_pipeline_reopens_few_shards_and_replays_none(make_shards, opened):
     """ShardDataset with real tars: resuming at ~90% of the epoch opens 2 shards of 12 for the rest."""
-    import data.pipeline as pipeline
-
     directory, keys = make_shards([10] * 12)
-    opened: list[str] = []
-    real_open = pipeline.open_shard
-    monkeypatch.setattr(pipeline, "open_shard", lambda url: opened.append(url) or real_open(url))
 
     def dataset():
         return ShardDataset(str(directory), batch_size=4, image_size=8, shuffle_buffer=6, seed=1)
@@ -153,15 +159,10 @@ def test_bench_resume_prints_the_table_and_checks_every_restart(tmp_path, capsys
     assert rows[0.9]["cursor_mb"] < rows[0.9]["replay_mb"] / 3
 
 
-def test_a_resampled_stream_resumes_from_its_cursor_through_the_pipeline(make_shards, monkeypatch):
+def test_a_resampled_stream_resumes_from_its_cursor_through_the_pipeline(make_shards, opened):
     """data.mode=resampled: shards drawn with replacement; a restart continues the same draws exactly and
     opens only the shards its buffer still holds samples of (the replay opened every draw so far)."""
-    import data.pipeline as pipeline
-
     directory, _ = make_shards([6, 9, 4, 7])
-    opened: list[str] = []
-    real_open = pipeline.open_shard
-    monkeypatch.setattr(pipeline, "open_shard", lambda url: opened.append(url) or real_open(url))
 
     def dataset():
         return ShardDataset(

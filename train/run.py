@@ -151,9 +151,6 @@ def load_open_clip_weights(net: torch.nn.Module, path: str, config=None) -> None
             )
     state = from_open_clip_state_dict(raw)
     ours = net.state_dict()
-    scale = state.get("logit_scale")
-    if scale is not None and "logit_scale" in ours and scale.numel() == ours["logit_scale"].numel():
-        state["logit_scale"] = scale.reshape(ours["logit_scale"].shape)  # open_clip's is 0-dim, ours (1,)
     wrong = [
         f"{k} {tuple(v.shape)} vs net {tuple(ours[k].shape)}"
         for k, v in state.items()

@@ -324,12 +324,14 @@ def flops_per_sample(net: CLIP | Mapping[str, Any]) -> float:
 
 def from_open_clip_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename an open_clip ``CLIP`` state dict (ViT towers without layer scale) to ours: its top-level
-    text-tower keys gain the ``text.`` prefix; ``visual.*`` and ``logit_scale`` are unchanged. Load the
+    text-tower keys gain the ``text.`` prefix; ``visual.*`` is unchanged, ``logit_scale`` becomes (1,). Load the
     result with ``net.load_state_dict(..., strict=True)`` to check shapes and completeness. The text
     pooling position differs only if the tokenizer's eot id is not its largest id (see the module doc)."""
     out = {}
     for key, value in state_dict.items():
         if key == "attn_mask":  # a buffer in older open_clip versions; we use is_causal instead
             continue
+        if key == "logit_scale" and value.dim() == 0:  # open_clip's is 0-dim, ours a 1-element vector
+            value = value.reshape(1)
         out[f"text.{key}" if key.startswith(TEXT_TOWER) else key] = value
     return out

@@ -2,8 +2,8 @@
 holds only what is its own: inputs, the training step, sampling and its validation metrics.
 
 - Optimisation: AdamW over the net's parameter groups with warm-up + cosine (train/modules/optim.py),
-  set by the ``optimizer`` block (each stage's :attr:`StageModule.optimizer_defaults` fill what it leaves
-  out); the net (and its EMA copy) sharded by FSDP2 under ``strategy=fsdp`` (train/strategies.py).
+  set by the ``optimizer`` block (:attr:`StageModule.optimizer_defaults`, which a stage may override,
+  fill what it leaves out); the net (and its EMA copy) sharded by FSDP2 under ``strategy=fsdp`` (train/strategies.py).
 - Validation in parts: each ``validation_step`` appends a dict of CPU tensors to ``self._val``;
   :meth:`StageModule.validation_parts` returns every rank's parts at the epoch end (each rank
   evaluated its own held-out shards; the metrics need the whole set).
@@ -36,8 +36,16 @@ class StageModule(pl.LightningModule):
     # What evaluation reads outside forward, gathered whole for validation under ZeRO-3/FSDP
     # (train/strategies.py eval_gathered); None: the whole module.
     eval_gathers: tuple[str, ...] | None = None
-    # The stage's AdamW settings where ``module.optimizer`` leaves one out (train/modules/optim.py).
-    optimizer_defaults: dict[str, Any] = {}
+    # AdamW settings where ``module.optimizer`` leaves one out (train/modules/optim.py); a stage states
+    # only where its own differ (conf/stage/*.yaml holds every value a run uses).
+    optimizer_defaults: dict[str, Any] = {
+        "lr": 3e-4,
+        "weight_decay": 0.0,
+        "betas": [0.9, 0.999],
+        "eps": 1e-8,
+        "warmup_steps": 100,
+        "min_lr_ratio": 0.1,
+    }
 
     def settle_blocks(
         self,

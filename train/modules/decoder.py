@@ -30,15 +30,6 @@ from train.validation import dominant_colours
 
 
 class DecoderModule(DiffusionStageModule):
-    optimizer_defaults = {
-        "lr": 3e-4,
-        "weight_decay": 0.0,
-        "betas": [0.9, 0.999],
-        "eps": 1e-8,
-        "warmup_steps": 100,
-        "min_lr_ratio": 0.1,
-    }
-
     def __init__(
         self,
         net: torch.nn.Module,

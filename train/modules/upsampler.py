@@ -63,14 +63,7 @@ class UpsamplerModule(DiffusionStageModule):
     untrained net already gives bicubic, and training only has to learn the missing detail.
     """
 
-    optimizer_defaults = {
-        "lr": 1e-3,
-        "weight_decay": 0.0,
-        "betas": [0.9, 0.999],
-        "eps": 1e-8,
-        "warmup_steps": 100,
-        "min_lr_ratio": 0.1,
-    }
+    optimizer_defaults = {**DiffusionStageModule.optimizer_defaults, "lr": 1e-3}
 
     def __init__(
         self,
