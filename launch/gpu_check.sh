@@ -14,6 +14,8 @@
 #   bench     python -m eval.bench_train: our stages at the anchors' shapes, eager
 #   sync      python -m eval.bench_sync: the per-step agreement (all-reduce + host read, gradient check)
 #   anchors   the same table for open_clip / diffusers / DALLE2-pytorch (eager), next to ours
+#   data      python -m eval.bench_data on the machine's cores: photo-like 256 px JPEGs -> 224 crops, ours and
+#             plain webdataset + PIL, 1 and 12 workers, and the workers needed to feed bench's fastest CLIP
 #   compiled  ours (regional) and the anchors (full) under torch.compile: first step 1-3 min each
 #   runs      a short real run of every stage from shards (bf16-mixed, GPU batch sizes), perf metrics
 #   cascade   python -m train.pipeline preset=gpu: the one-GPU recipe end to end (<= 7 min), its benchmark
@@ -21,12 +23,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 cpu=0
-steps="tests,bench,sync,anchors,compiled,runs,cascade"
+steps="tests,bench,sync,anchors,data,compiled,runs,cascade"
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu) cpu=1 ;;
     --steps) steps="$2"; shift ;;
-    *) echo "usage: bash launch/gpu_check.sh [--cpu] [--steps tests,bench,sync,anchors,compiled,runs,cascade]" >&2; exit 2 ;;
+    *) echo "usage: bash launch/gpu_check.sh [--cpu] [--steps tests,bench,sync,anchors,data,compiled,runs,cascade]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -52,6 +54,7 @@ export UNCLIP_DATA_DIR="$WORK/datasets"
 if [ $cpu = 1 ]; then
   export UNCLIP_TEST_DEVICE=cpu CUDA_VISIBLE_DEVICES=""
   T_TESTS=300 T_SYNC=60 SYNC_PARAMS=1e6 T_BENCH=120 T_ANCHORS=60 T_COMPILED=120 T_RUNS=300 T_CASCADE=300 PRESET=gpu_smoke
+  T_DATA=60 data_args=(--samples 96 --sizes 48 --crop 32 --workers 0 2 --batch 8)
   test_args=(-m gpu -k "not compiled")         # the compiled path is tested on CPU by tests/test_perf.py
   bench_args=(--device cpu --size tiny --iters 2)
   anchor_cases=(--cases open_clip_b16,dalle2_prior)   # not installed on CPU: reported as such
@@ -62,6 +65,7 @@ if [ $cpu = 1 ]; then
     upsampler_1024.module.val_max_samples=4 +prior.module.sample_steps=4)
 else
   T_TESTS=240 T_SYNC=60 SYNC_PARAMS=400e6 T_BENCH=150 T_ANCHORS=120 T_COMPILED=300 T_RUNS=240 T_CASCADE=540 PRESET=gpu
+  T_DATA=100 data_args=(--samples 16000 --sizes 256 --crop 224 --workers 1 12 --seconds 6)
   test_args=(-m gpu)
   bench_args=(--size anchor)
   anchor_cases=(--cases open_clip_b16,open_clip_l14,diffusers_unet64,dalle2_prior)
@@ -115,6 +119,18 @@ for step in ${steps//,/ }; do
       run anchors "$T_ANCHORS" $py -m eval.bench_train "${bench_args[@]}" "${anchor_cases[@]}" \
         --json "$OUT/anchors.json"
       section "Training step, what users run instead" anchors '^[#|]' ;;
+    data)
+      # the target: bench's fastest CLIP case (samples/s of one GPU), else issue 28's 1.2x open_clip compiled
+      target=$($py -c 'import json, sys
+try:
+    rows = json.load(open(sys.argv[1]))["rows"]
+    print(max(r["samples_per_s"] for r in rows if r["case"].startswith("clip") and r.get("samples_per_s")))
+except Exception:
+    print(3350)' "$OUT/bench.json" 2>/dev/null)
+      run data "$T_DATA" $py -m eval.bench_data --content photo "${data_args[@]}" --baseline \
+        --target "${target:-3350}" --dir "$WORK/bench_data" --json "$OUT/data.json"
+      section "Data loading on this machine's cores (python -m eval.bench_data --content photo ${data_args[*]})" \
+        data '^\||workers ->' ;;
     compiled)
       if [ $cpu = 1 ]; then cases=(--cases clip); else cases=(--cases clip_b16,decoder,prior,open_clip_b16); fi
       run compiled "$T_COMPILED" $py -m eval.bench_train "${bench_args[@]}" "${cases[@]}" --compile regional \
@@ -182,7 +198,7 @@ EOF
       fi
       section "The one-GPU cascade (python -m train.pipeline preset=$PRESET; samples: cascade/samples.png)" \
         cascade '^\|' ;;
-    *) echo "unknown step $step (expected tests, bench, sync, anchors, compiled, runs, cascade)" >&2; exit 2 ;;
+    *) echo "unknown step $step (expected tests, bench, sync, anchors, data, compiled, runs, cascade)" >&2; exit 2 ;;
   esac
 done
 cat "$sections" >> "$report"

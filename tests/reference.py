@@ -6,8 +6,9 @@ against open_clip install it once with ``pip install --target`` into a cache dir
 reference code in a subprocess with that directory on ``PYTHONPATH``. Inputs and outputs travel as
 ``torch.save`` files.
 
-Cache: ``$UNCLIP_REFERENCE_DIR`` or ``~/.cache/unclip/reference-<hash of the package list>``; written to a
-temporary directory and renamed, so a failed or concurrent install never leaves a half environment.
+Cache: ``$UNCLIP_REFERENCE_DIR`` or ``~/.cache/unclip/reference-<hash>`` (of the interpreter and the
+package list); written to a temporary directory and renamed, so a failed or concurrent install never
+leaves a half environment.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ import torch
 TOKENIZER_PACKAGES = ("open_clip_torch==3.3.0", "ftfy==6.3.1", "wcwidth==0.9.4", "regex==2026.11.19")
 
 
-def reference_dir(packages: tuple[str, ...]) -> Path:
-    digest = hashlib.sha256("\n".join(packages).encode()).hexdigest()[:12]
+def reference_dir(packages: tuple[str, ...], abi: str = sys.implementation.cache_tag) -> Path:
+    """One directory per package list and interpreter (``cpython-311``): the packages hold compiled
+    extensions (regex), so another Python must not reuse them."""
+    digest = hashlib.sha256("\n".join((abi, *packages)).encode()).hexdigest()[:12]
     root = os.environ.get("UNCLIP_REFERENCE_DIR") or Path.home() / ".cache" / "unclip"
     return Path(root) / f"reference-{digest}"
 

@@ -33,7 +33,7 @@ def test_gpu_check_cpu_mode_runs_every_step_and_writes_the_report(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = (out / "report.md").read_text()
-    for step in ("tests", "bench", "sync", "anchors", "compiled", "runs", "cascade"):
+    for step in ("tests", "bench", "sync", "anchors", "data", "compiled", "runs", "cascade"):
         assert f"| {step} | 0 |" in report, (step, report[:2000])
     assert " passed" in report and " failed" not in report  # the GPU tier's device-agnostic tests
     bench = json.loads((out / "bench.json").read_text())["rows"]
@@ -42,6 +42,11 @@ def test_gpu_check_cpu_mode_runs_every_step_and_writes_the_report(tmp_path):
     anchors = json.loads((out / "anchors.json").read_text())["rows"]
     assert all(r["status"].startswith("not installed") for r in anchors)  # no [bench] extra on CPU
     assert "compile=regional" in report
+    data = json.loads((out / "data.json").read_text())  # the loaders on this machine's cores
+    assert {(r["loader"], r["workers"]) for r in data} == {
+        (x, w) for x in ("ours", "webdataset+PIL") for w in (0, 2)
+    }
+    assert "| 48 | " in report and "48 px, ours: " in report and "needs" in report
     assert "| all_reduce(2) + read |" in report and "| grad norms of 1M + read |" in report
     runs = [line for line in report.splitlines() if line.startswith("| upsampler_1024 | 3 |")]
     assert runs, report[-2000:]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
-from reference import MODEL_PACKAGES, TORCHVISION_SHIM, ensure_reference_env, run_reference
+from reference import MODEL_PACKAGES, TORCHVISION_SHIM, ensure_reference_env, reference_dir, run_reference
 
 from tests.conftest import compose_config
 from train.models.clip import CLIP
@@ -128,6 +130,14 @@ def test_shapes_alone_are_refused_naming_the_configs_that_fit(reference):
                                 "mlp_ratio": 4.0}  # fmt: skip
     net = load_open_clip(b32, heads=(12, 8), quick_gelu=False)  # stated explicitly: accepted
     _check(reference["b32"], net)
+
+
+def test_reference_environments_are_per_interpreter():
+    """Python 3.11's compiled packages (regex) in a Python 3.12 run fail to import: one cache each."""
+    packages = ("regex==2026.11.19",)
+    py311, py312 = reference_dir(packages, "cpython-311"), reference_dir(packages, "cpython-312")
+    assert py311 != py312 and py311.parent == py312.parent
+    assert reference_dir(packages) == reference_dir(packages, sys.implementation.cache_tag)
 
 
 def test_named_configs_cover_the_big_vits_exactly():

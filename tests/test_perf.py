@@ -142,3 +142,22 @@ def test_bench_sync_prints_the_per_step_costs(capsys, monkeypatch):
     assert bench_sync.main(["--params", "1e5", "--tensors", "10", "--iters", "20"]) == 0
     out = capsys.readouterr().out
     assert "| all_reduce(2) + read |" in out and "| grad norms of 0M + read |" in out
+
+
+def test_bench_data_photo_rows_for_ours_and_the_webdataset_baseline(tmp_path, capsys):
+    from eval import bench_data
+
+    out = tmp_path / "data.json"
+    argv = ["--content", "photo", "--samples", "96", "--sizes", "48", "--crop", "32", "--workers", "0", "2",
+            "--batch", "8", "--baseline", "--target", "1000", "--dir", str(tmp_path), "--json", str(out)]  # fmt: skip
+    assert bench_data.main(argv) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["loader"], r["workers"]) for r in rows] == [
+        ("ours", 0), ("ours", 2), ("webdataset+PIL", 0), ("webdataset+PIL", 2)
+    ]  # fmt: skip
+    for r in rows:  # 12 batches of 8, the first round untimed; the baseline drops each worker's partial batch
+        assert r["crop"] == 32 and 40 <= r["samples"] <= 88 and r["samples_per_s"] > 0, r
+    # 64x48 photo-like JPEGs at quality 95 weigh what photos do
+    assert rows[0]["kb"] > 2.5  # a 48 px shapes image: 1.4 KB
+    printed = capsys.readouterr().out
+    assert "| 48 | " in printed and "48 px, webdataset+PIL:" in printed and "needs" in printed

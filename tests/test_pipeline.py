@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import random
 import tarfile
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -14,6 +16,8 @@ from torch.utils.data import DataLoader
 from data.filters import Filters
 from data.pipeline import ShardDataset, dataset_size
 from data.shards import ShardSpecError, expand_shards, read_tar
+from data.transforms import Crop, resize_crop
+from eval.bench_data import photo_like
 from tests.conftest import image_bytes, simple_sample, write_tar
 
 
@@ -420,3 +424,34 @@ def test_playing_two_data_ranks_keeps_batches_whole_and_every_sample_once(make_s
         dropped = batch["__state__"]["skips"]["partial_batch_dropped"]
     assert len(seen) == len(set(seen))
     assert len(seen) + dropped == len(keys) and (dropped > 0) == drop_last
+
+
+@pytest.mark.parametrize(
+    "size, image_size, crop_size, crop",
+    [
+        ((341, 256), 224, 224, Crop.RANDOM),  # 4:3 photo, shrink 0.875
+        ((200, 300), 64, 48, Crop.RANDOM),  # portrait, shrink < 0.5 (reducing_gap)
+        ((40, 30), 64, 64, Crop.CENTER),  # enlarged
+        ((64, 64), 64, 32, Crop.RANDOM),  # no resize: a plain crop
+    ],
+)
+def test_resize_crop_resamples_only_the_crop_with_the_full_resizes_pixels(size, image_size, crop_size, crop):
+    """resize_crop resamples the crop's source box; the reference resizes the whole image, then crops."""
+    w, h = size
+    img = Image.fromarray(photo_like(np.random.default_rng(0), h, w))
+    scale = image_size / min(w, h)
+    new_w, new_h = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+    for seed in range(4):
+        rng = random.Random(seed)
+        if crop == Crop.RANDOM:
+            left, top = rng.randint(0, new_w - crop_size), rng.randint(0, new_h - crop_size)
+        else:
+            left, top = (new_w - crop_size) // 2, (new_h - crop_size) // 2
+        full = img.resize((new_w, new_h), Image.BICUBIC, reducing_gap=None if scale > 0.5 else 3.0)
+        reference = torch.from_numpy(
+            np.asarray(full.crop((left, top, left + crop_size, top + crop_size))).copy()
+        )
+        out = resize_crop(img, image_size, crop_size, crop=crop, rng=random.Random(seed))
+        assert out.shape == (3, crop_size, crop_size) and out.dtype == torch.uint8
+        diff = (out.permute(1, 2, 0).int() - reference.int()).abs()
+        assert diff.max() <= 1 and diff.float().mean() < 0.01, (seed, diff.max(), diff.float().mean())
