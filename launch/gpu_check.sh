@@ -7,6 +7,9 @@
 #   bash launch/gpu_check.sh                       # on the GPU machine (device tool: carry [".whl"])
 #   bash launch/gpu_check.sh --steps bench,runs    # a subset (e.g. the second call of a session)
 #   bash launch/gpu_check.sh --cpu                 # every step at tiny size on this CPU (CI runs this)
+#   bash launch/gpu_check.sh --budget 440          # finish within 440 s of starting: each step's timeout is
+#                                                  # cut to what is left (30 s kept for the report), a step
+#                                                  # with under 5 s left is skipped; give the device call more
 #
 # Steps (default order = value order; about 6 minutes for the first call on one H200, see launch/README.md):
 #   tests     pytest -m gpu: bf16 steps of every stage, compiled vs eager, flash attention, ZeRO-2/3 and
@@ -24,11 +27,14 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 cpu=0
 steps="tests,bench,sync,anchors,data,compiled,runs,cascade"
+budget=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu) cpu=1 ;;
     --steps) steps="$2"; shift ;;
-    *) echo "usage: bash launch/gpu_check.sh [--cpu] [--steps tests,bench,sync,anchors,data,compiled,runs,cascade]" >&2; exit 2 ;;
+    --budget) budget="$2"; shift
+      [[ "$budget" =~ ^[0-9]+$ ]] || { echo "--budget: expected whole seconds, got '$budget'" >&2; exit 2; } ;;
+    *) echo "usage: bash launch/gpu_check.sh [--cpu] [--budget SECONDS] [--steps tests,bench,sync,anchors,data,compiled,runs,cascade]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -87,10 +93,22 @@ EOF
 } > "$report"
 sections=$(mktemp)
 
-# run STEP TIMEOUT CMD...: log to $OUT/logs/STEP.log, a status row in the report, keep going
+# run STEP TIMEOUT CMD...: log to $OUT/logs/STEP.log, a status row in the report, keep going.
+# With --budget, the timeout is cut to what the budget leaves (less 30 s: the INT -> KILL grace of 20 s,
+# copying and the report), and a step with under 5 s left does not start.
 run() {
   local step=$1 limit=$2; shift 2
   local start=$SECONDS rc
+  if [ -n "$budget" ]; then
+    local left=$((budget - SECONDS - 30))
+    if [ $left -lt 5 ]; then
+      echo "| $step | skipped (budget: ${budget} s) | 0 |" >> "$report"
+      echo "skipped: $((budget - SECONDS)) s of the ${budget} s budget left" > "$OUT/logs/$step.log"
+      echo "== $step: skipped, $((budget - SECONDS)) s of the ${budget} s budget left" >&2
+      return 0
+    fi
+    [ $left -lt "$limit" ] && limit=$left
+  fi
   echo "== $step (timeout ${limit}s): $*" >&2
   timeout --signal=INT --kill-after=20 "$limit" "$@" > "$OUT/logs/$step.log" 2>&1
   rc=$?
@@ -151,7 +169,7 @@ except Exception:
         upsampler_1024.trainer.max_steps=$S upsampler_1024.trainer.val_check_interval=$S \
         "${run_extra[@]}"
       cp "$WORK/runs/report.json" "$OUT/runs_report.json" 2>/dev/null
-      $py - "$WORK/runs/report.json" >> "$OUT/logs/runs.log" 2>&1 <<'EOF'
+      [ -f "$WORK/runs/report.json" ] && $py - "$WORK/runs/report.json" >> "$OUT/logs/runs.log" 2>&1 <<'EOF'
 import json, sys
 report = json.load(open(sys.argv[1]))
 keys = ("trainer/global_step", "seconds", "perf/samples_per_sec", "perf/tflops_per_device", "perf/mfu",

@@ -242,6 +242,13 @@ def test_pipeline_runs_every_stage_writes_a_report_and_skips_finished_stages(tmp
     second = _python(args, tmp_path)
     assert second.returncode == 0, second.stderr[-4000:]
     assert (second.stderr + second.stdout).count("already finished") == 7
+    # a run that fails in a stage leaves the report of the stages before it
+    (out / "prior" / "done.json").unlink()
+    third = _python([*args, "stages=[clip,embed,prior]", "+prior.module.optimizer.lr=-1"], tmp_path)
+    assert third.returncode != 0 and "module.optimizer.lr=-1" in third.stderr
+    assert set(json.loads((out / "report.json").read_text())) == {"clip", "embed"}
+    unknown = _python([*args, "stages=[clip,upsampler]"], tmp_path)
+    assert unknown.returncode != 0 and "stages: unknown ['upsampler']" in unknown.stderr
 
 
 @pytest.mark.slow

@@ -10,8 +10,8 @@ of ``<out_dir>/clip`` over its train and val shards into ``<out_dir>/embed/{trai
 trains on those (``data=embeddings``), the decoder embeds on the fly with that CLIP. ``sample`` runs the
 compositional benchmark through the exported cascade (eval/benchmark.py) and copies its labelled grid
 to ``<out_dir>/samples.png``. A stage with a ``done.json`` is skipped on rerun; an interrupted one
-resumes from its ``checkpoints/last.ckpt``. At the end, ``report.json`` and ``report.md`` in ``out_dir``
-hold every stage's metrics and seconds.
+resumes from its ``checkpoints/last.ckpt``. ``report.json`` and ``report.md`` in ``out_dir`` hold every
+finished stage's metrics and seconds, rewritten after each stage (a run cut short reports what finished).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from train.run import train
 
 log = logging.getLogger(__name__)
 UPSAMPLERS = ("upsampler_256", "upsampler_1024")
+STAGES = ("clip", "embed", "prior", "decoder", *UPSAMPLERS, "sample")
 
 
 def flatten(overrides: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -277,13 +278,16 @@ def write_report(out_dir: Path, results: dict[str, dict[str, float]]) -> None:
 
 @hydra.main(version_base=None, config_path="../conf", config_name="pipeline")
 def main(cfg: DictConfig) -> None:
+    unknown = [name for name in cfg.stages if name not in STAGES]
+    if unknown:
+        raise SystemExit(f"stages: unknown {unknown}; expected names from {list(STAGES)}")
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for name in cfg.stages:
         stage_overrides = OmegaConf.to_container(cfg.get(name) or {}, resolve=True)
         results[name] = run_stage(name, stage_overrides, out_dir, tuple(cfg.stages))
-    write_report(out_dir, results)
+        write_report(out_dir, results)  # after every stage: a run cut short still reports what finished
     print(f"\npipeline finished: {', '.join(cfg.stages)}")
     for name, metrics in results.items():
         shown = {
