@@ -45,6 +45,7 @@ import math
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tarfile
 import time
@@ -470,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+PARALLEL_FROM = 10_000  # samples in a split from which ensure_synthetic writes with one process per core
+
+
 def ensure_synthetic(
     train_shards,
     val_shards,
@@ -480,9 +484,14 @@ def ensure_synthetic(
     shard_size: int = 1000,
     train_seed: int = 0,
     val_seed: int = 1,
+    workers: int | None = None,
 ) -> None:
     """Generate the embedded default dataset (data/synthetic.py) into the configured directories, which
-    must be new, empty or a dataset it wrote before (its marker file): never into anything else."""
+    must be new, empty or a dataset it wrote before (its marker file): never into anything else.
+
+    ``workers``: processes writing shards in parallel (the bytes do not change). Default: one per core
+    (at most 16) for a split of ``PARALLEL_FROM`` samples or more, else one (starting processes costs
+    more than a small split takes)."""
     for spec, samples, seed in (
         (train_shards, train_samples, train_seed),
         (val_shards, val_samples, val_seed),
@@ -505,7 +514,17 @@ def ensure_synthetic(
         # At least 4 shards (a small held-out split still feeds every loader worker); the samples do not
         # depend on the sharding.
         size = min(shard_size, max(1, -(-samples // 4)))
-        write_shards(tmp, samples, seed=seed, image_size=image_size, shard_size=size)
+        procs = workers or (min(os.cpu_count() or 1, 16) if samples >= PARALLEL_FROM else 1)
+        if procs > 1:  # a fresh process forks the writers, not the caller (threads, CUDA, a training run)
+            cmd = [sys.executable, "-m", "data.synthetic", "--out", str(tmp), "--samples", str(samples),
+                   "--seed", str(seed), "--image-size", str(image_size), "--shard-size", str(size),
+                   "--workers", str(procs)]  # fmt: skip
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise RuntimeError(f"writing {out} failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
+        else:
+            write_shards(tmp, samples, seed=seed, image_size=image_size, shard_size=size)
         try:
             os.replace(tmp, out)  # atomic: a half-written dataset is never picked up
         except OSError:

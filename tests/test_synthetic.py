@@ -307,3 +307,29 @@ def test_data_synthetic_never_writes_into_a_users_directory(tmp_path):
     (tmp_path / "empty2").mkdir()
     ensure_synthetic(str(ours), str(tmp_path / "empty2"), train_samples=8, val_samples=4)
     assert (tmp_path / "empty2" / "sizes.json").exists()
+
+
+def test_ensure_synthetic_writes_a_large_split_with_a_process_per_core(tmp_path, monkeypatch):
+    """The one-GPU preset writes 100,000 samples before its first step: with every core, not one. The
+    writers are forked by a fresh `python -m data.synthetic`, never by the (training) caller."""
+    from data import synthetic
+
+    monkeypatch.setattr(synthetic, "PARALLEL_FROM", 40)
+    monkeypatch.setattr(synthetic.os, "cpu_count", lambda: 2)
+    writes = []
+    real = synthetic.write_shards
+    monkeypatch.setattr(synthetic, "write_shards", lambda *a, **kw: writes.append(a[1]) or real(*a, **kw))
+    synthetic.ensure_synthetic(str(tmp_path / "t"), str(tmp_path / "v"), train_samples=48, val_samples=8)
+    assert writes == [8]  # the small split in this process; the large one in a subprocess
+    assert json.loads((tmp_path / "t" / "sizes.json").read_text()) == {f"{k:05d}.tar": 12 for k in range(4)}
+    real(tmp_path / "ref", 48, seed=0, image_size=64, shard_size=12)
+    for k in range(4):  # the same bytes as one process writes
+        assert (tmp_path / "t" / f"{k:05d}.tar").read_bytes() == (
+            tmp_path / "ref" / f"{k:05d}.tar"
+        ).read_bytes()
+    monkeypatch.setattr(
+        synthetic.sys, "executable", "false"
+    )  # a writer that fails: an error naming the split
+    with pytest.raises(RuntimeError, match="writing .*t3 failed"):
+        synthetic.ensure_synthetic(str(tmp_path / "t3"), None, train_samples=48, val_samples=0)
+    assert not (tmp_path / "t3").exists()
