@@ -346,6 +346,7 @@ def measure(
     *,
     dtype: torch.dtype | None,
     compile: str = "none",
+    compile_backend: str = "inductor",
     channels_last: bool = False,
     warmup: int = 3,
     iters: int = 10,
@@ -367,7 +368,7 @@ def measure(
         first_loss.backward()
     flops = counter.get_total_flops()
     optimizer.zero_grad(set_to_none=True)
-    compile_net(model, compile)
+    compile_net(model, compile, backend=compile_backend)
     losses: list[torch.Tensor] = []
 
     def step() -> None:
@@ -506,6 +507,7 @@ def run_case(case: Case | str, device: torch.device, args: argparse.Namespace, c
                 device,
                 dtype=dtype,
                 compile=args.compile,
+                compile_backend=args.compile_backend,
                 channels_last=args.channels_last,
                 warmup=args.warmup,
                 iters=args.iters,
@@ -533,6 +535,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
                         help="autocast dtype (default: bf16 on a GPU, fp32 on CPU)")  # fmt: skip
     parser.add_argument("--compile", choices=("none", "full", "regional"), default="none")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend (aot_eager: the graphs without inductor's code generation)")  # fmt: skip
     parser.add_argument("--channels-last", action="store_true", help="UNets: channels_last memory format")
     parser.add_argument(
         "--warmup", type=int, default=None, help="untimed steps after the first (default 5; CPU 1)"
@@ -570,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# bench_train: {device_name}, torch {torch.__version__}, "
         f"{'fp32 (no autocast)' if args.precision == 'fp32' else args.precision + ' autocast'}, compile={args.compile}"
+        f"{'' if args.compile == 'none' or args.compile_backend == 'inductor' else f' ({args.compile_backend})'}"
         f"{', channels_last' if args.channels_last else ''}; measured {args.precision} matmul ceiling "
         f"{ceiling:.1f} TFLOP/s; median of {args.iters} steps after {args.warmup} + 1",
         flush=True,

@@ -64,17 +64,17 @@ def test_gpu_check_budget_cuts_a_step_short_and_skips_the_rest(tmp_path):
     out = tmp_path / "check"
     env = {**os.environ, "OUT": str(out), "WORK": str(tmp_path / "work"), "PYTHON": sys.executable}
     result = subprocess.run(
-        ["bash", "launch/gpu_check.sh", "--cpu", "--budget", "45", "--steps", "tests,data"],
+        ["bash", "launch/gpu_check.sh", "--cpu", "--budget", "40", "--steps", "tests,data"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     report = (out / "report.md").read_text()
     assert "| tests | 124 (timed out) |" in report, report  # its 300 s cut to what the budget left
-    assert "| data | skipped (budget: 45 s) | 0 |" in report, report
+    assert "| data | skipped (budget: 40 s) | 0 |" in report, report
     seconds = sum(
         int(line.split("|")[3]) for line in report.splitlines() if line.startswith(("| tests |", "| data |"))
     )
-    assert seconds <= 45 - 30 + 20 + 2  # cut to at most budget - 30 s, plus timeout's 20 s kill grace
+    assert seconds <= 40 - 30 + 20 + 2  # cut to at most budget - 30 s, plus timeout's 20 s kill grace
     bad = subprocess.run(["bash", "launch/gpu_check.sh", "--budget", "soon"], cwd=REPO, env=env,
                          capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "--budget: expected whole seconds, got 'soon'" in bad.stderr

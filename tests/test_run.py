@@ -247,8 +247,14 @@ def test_pipeline_runs_every_stage_writes_a_report_and_skips_finished_stages(tmp
     third = _python([*args, "stages=[clip,embed,prior]", "+prior.module.optimizer.lr=-1"], tmp_path)
     assert third.returncode != 0 and "module.optimizer.lr=-1" in third.stderr
     assert set(json.loads((out / "report.json").read_text())) == {"clip", "embed"}
-    unknown = _python([*args, "stages=[clip,upsampler]"], tmp_path)
-    assert unknown.returncode != 0 and "stages: unknown ['upsampler']" in unknown.stderr
+
+
+def test_pipeline_refuses_unknown_stage_names_before_running_any():
+    from train.pipeline import check_stages
+
+    check_stages(["clip", "embed", "prior", "decoder", "upsampler_256", "upsampler_1024", "sample"])
+    with pytest.raises(SystemExit, match=r"stages: unknown \['upsampler'\]; expected names from \['clip'"):
+        check_stages(["clip", "upsampler"])
 
 
 @pytest.mark.slow

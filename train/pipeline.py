@@ -276,11 +276,16 @@ def write_report(out_dir: Path, results: dict[str, dict[str, float]]) -> None:
     (out_dir / "report.md").write_text("\n".join(lines))
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="pipeline")
-def main(cfg: DictConfig) -> None:
-    unknown = [name for name in cfg.stages if name not in STAGES]
+def check_stages(stages) -> None:
+    """Stop before any stage runs when ``stages`` names one this pipeline does not have."""
+    unknown = [name for name in stages if name not in STAGES]
     if unknown:
         raise SystemExit(f"stages: unknown {unknown}; expected names from {list(STAGES)}")
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="pipeline")
+def main(cfg: DictConfig) -> None:
+    check_stages(cfg.stages)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
