@@ -239,13 +239,13 @@ def _diffusion_workload(cfg, net: torch.nn.Module, case: Case, rand: _Random) ->
 
 
 # ---- anchors: what users run instead (the shapes of ../shared/device/README.md) -------------------------
-def _open_clip(arch: str, rand: _Random) -> Workload:
+def _open_clip(arch: str, rand: _Random, b: int = 256) -> Workload:
     import open_clip
     from open_clip.loss import ClipLoss as OpenClipLoss
 
     model = open_clip.create_model(arch, pretrained=None, device=rand.device).train()
-    images = rand.randn(256, 3, 224, 224)
-    tokens = torch.randint(1, 49407, (256, 77), device=rand.device, generator=rand.g)
+    images = rand.randn(b, 3, 224, 224)
+    tokens = torch.randint(1, 49407, (b, 77), device=rand.device, generator=rand.g)
     clip_loss = OpenClipLoss()
 
     def loss() -> torch.Tensor:
@@ -254,10 +254,10 @@ def _open_clip(arch: str, rand: _Random) -> Workload:
             return clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
         return clip_loss(*out[:3])
 
-    return Workload(model, loss, 256, 0.1, {"model": f"open_clip {open_clip.__version__} {arch}"})
+    return Workload(model, loss, b, 0.1, {"model": f"open_clip {open_clip.__version__} {arch}"})
 
 
-def _diffusers_unet64(rand: _Random) -> Workload:
+def _diffusers_unet64(rand: _Random, b: int = 64) -> Workload:
     """diffusers' UNet2DConditionModel at the GLIDE-64 widths, eps MSE on the cosine schedule."""
     import diffusers
     from diffusers import UNet2DConditionModel
@@ -279,10 +279,10 @@ def _diffusers_unet64(rand: _Random) -> Workload:
     model.train()
     steps = torch.linspace(0, 1, 1001, device=rand.device)[:-1]
     abar = torch.cos((steps + 0.008) / 1.008 * math.pi / 2) ** 2
-    x0, context, emb = rand.randn(64, 3, 64, 64).clamp(-1, 1), rand.randn(64, 81, 768), rand.randn(64, 768)
+    x0, context, emb = rand.randn(b, 3, 64, 64).clamp(-1, 1), rand.randn(b, 81, 768), rand.randn(b, 768)
 
     def loss() -> torch.Tensor:
-        t = torch.randint(0, 1000, (64,), device=rand.device)
+        t = torch.randint(0, 1000, (b,), device=rand.device)
         noise = torch.randn_like(x0)
         a = abar[t].view(-1, 1, 1, 1)
         pred = model(
@@ -290,12 +290,10 @@ def _diffusers_unet64(rand: _Random) -> Workload:
         )
         return F.mse_loss(pred.sample.float(), noise)
 
-    return Workload(
-        model, loss, 64, 0.0, {"model": f"diffusers {diffusers.__version__} UNet2DConditionModel"}
-    )
+    return Workload(model, loss, b, 0.0, {"model": f"diffusers {diffusers.__version__} UNet2DConditionModel"})
 
 
-def _dalle2_prior(rand: _Random) -> Workload:
+def _dalle2_prior(rand: _Random, b: int = 512) -> Workload:
     from dalle2_pytorch import DiffusionPrior, DiffusionPriorNetwork
 
     network = DiffusionPriorNetwork(
@@ -312,27 +310,28 @@ def _dalle2_prior(rand: _Random) -> Workload:
         net=network, image_embed_dim=768, timesteps=1000, cond_drop_prob=0.1, condition_on_text_encodings=True
     ).to(rand.device)
     model.train()
-    text, tokens = rand.randn(512, 768), rand.randn(512, 77, 768)
-    image = F.normalize(rand.randn(512, 768), dim=-1)
+    text, tokens = rand.randn(b, 768), rand.randn(b, 77, 768)
+    image = F.normalize(rand.randn(b, 768), dim=-1)
 
     def loss() -> torch.Tensor:  # the library scales image_embed in place: hand it a copy
         return model(text_embed=text, image_embed=image.clone(), text_encodings=tokens)
 
-    return Workload(model, loss, 512, 0.0, {"model": "dalle2-pytorch DiffusionPrior"})
+    return Workload(model, loss, b, 0.0, {"model": "dalle2-pytorch DiffusionPrior"})
 
 
-ANCHOR_BUILDERS = {
-    "open_clip_b16": lambda rand: _open_clip("ViT-B-16", rand),
-    "open_clip_l14": lambda rand: _open_clip("ViT-L-14", rand),
-    "diffusers_unet64": _diffusers_unet64,
-    "dalle2_prior": _dalle2_prior,
+ANCHOR_BUILDERS = {  # (random source, batch or None for the anchor's own) -> Workload
+    "open_clip_b16": lambda rand, b: _open_clip("ViT-B-16", rand, *([b] if b else [])),
+    "open_clip_l14": lambda rand, b: _open_clip("ViT-L-14", rand, *([b] if b else [])),
+    "diffusers_unet64": lambda rand, b: _diffusers_unet64(rand, *([b] if b else [])),
+    "dalle2_prior": lambda rand, b: _dalle2_prior(rand, *([b] if b else [])),
 }
 
 
-def build_anchor(name: str, device: torch.device) -> Workload:
+def build_anchor(name: str, device: torch.device, batch: int | None = None) -> Workload:
+    """An anchor at its own batch (the shapes measured in ../shared/device/README.md) or at ``batch``."""
     if name not in ANCHOR_BUILDERS:
         raise ValueError(f"unknown anchor {name!r}: expected one of {', '.join(ANCHORS)}")
-    return ANCHOR_BUILDERS[name](_Random(device))
+    return ANCHOR_BUILDERS[name](_Random(device), batch)
 
 
 # ---- measurement --------------------------------------------------------------------------------------
@@ -492,7 +491,7 @@ def run_case(case: Case | str, device: torch.device, args: argparse.Namespace, c
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
     work = None
     try:
-        work = build_stage(case, device) if isinstance(case, Case) else build_anchor(case, device)
+        work = build_stage(case, device) if isinstance(case, Case) else build_anchor(case, device, args.batch)
     except ImportError as e:
         row["status"] = f"not installed ({e.name}): pip install -e .[bench]"
         return row

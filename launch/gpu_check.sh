@@ -56,14 +56,19 @@ export WANDB_MODE=offline TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTH
 # $OUT gets the report, logs, JSON rows and the cascade's report, samples and probe.
 WORK=${WORK:-/tmp/unclip-gpu-check}
 export UNCLIP_DATA_DIR="$WORK/datasets"
+# Datasets are reused from call to call; run directories are new for each call, or a rerun (after a fix,
+# on a machine still warm) would find the stages "already finished" and report the old results.
+stamp=$(date -u +%Y%m%dT%H%M%S)
+RUNS="$WORK/runs-$stamp" CASCADE="$WORK/cascade-$stamp"
 
 if [ $cpu = 1 ]; then
   export UNCLIP_TEST_DEVICE=cpu CUDA_VISIBLE_DEVICES=""
-  T_TESTS=300 T_SYNC=60 SYNC_PARAMS=1e6 T_BENCH=120 T_ANCHORS=60 T_COMPILED=120 T_RUNS=300 T_CASCADE=300 PRESET=gpu_smoke
+  T_TESTS=300 T_SYNC=60 SYNC_PARAMS=1e6 T_BENCH=120 T_ANCHORS=240 T_COMPILED=120 T_RUNS=300 T_CASCADE=300 PRESET=gpu_smoke
   T_DATA=60 data_args=(--samples 96 --sizes 48 --crop 32 --workers 0 2 --batch 8)
   test_args=(-m gpu -k "not compiled")         # the compiled path is tested on CPU by tests/test_perf.py
   bench_args=(--device cpu --size tiny --iters 2)
-  anchor_cases=(--cases open_clip_b16,dalle2_prior)   # not installed on CPU: reported as such
+  # every anchor at batch 2: "not installed" here (no torchvision); built and stepped by gpu_rehearse.sh
+  anchor_cases=(--cases open_clip_b16,open_clip_l14,diffusers_unet64,dalle2_prior --batch 2)
   S=3 B_CLIP=16 B_PRIOR=16 B_DEC=8 B_UP=8 WORKERS=0
   run_extra=(+clip.debug=fast +decoder.debug=fast +upsampler_256.debug=fast +upsampler_1024.debug=fast
     +prior.data.num_workers=0 +decoder.net.model_channels=16 +decoder.net.head_channels=16
@@ -156,7 +161,7 @@ except Exception:
         --json "$OUT/compiled.json"
       section "Training step, torch.compile regional" compiled '^[#|]' ;;
     runs)
-      run runs "$T_RUNS" $py -m train.pipeline "out_dir=$WORK/runs" \
+      run runs "$T_RUNS" $py -m train.pipeline "out_dir=$RUNS" \
         'stages=[clip,embed,prior,decoder,upsampler_256,upsampler_1024]' \
         +clip.data.global_batch_size=$B_CLIP +prior.data.global_batch_size=$B_PRIOR \
         +decoder.data.global_batch_size=$B_DEC +upsampler_256.data.global_batch_size=$B_UP \
@@ -169,8 +174,8 @@ except Exception:
         upsampler_256.trainer.max_steps=$S upsampler_256.trainer.val_check_interval=$S \
         upsampler_1024.trainer.max_steps=$S upsampler_1024.trainer.val_check_interval=$S \
         "${run_extra[@]}"
-      cp "$WORK/runs/report.json" "$OUT/runs_report.json" 2>/dev/null
-      [ -f "$WORK/runs/report.json" ] && $py - "$WORK/runs/report.json" >> "$OUT/logs/runs.log" 2>&1 <<'EOF'
+      cp "$RUNS/report.json" "$OUT/runs_report.json" 2>/dev/null
+      [ -f "$RUNS/report.json" ] && $py - "$RUNS/report.json" >> "$OUT/logs/runs.log" 2>&1 <<'EOF'
 import json, sys
 report = json.load(open(sys.argv[1]))
 keys = ("trainer/global_step", "seconds", "perf/samples_per_sec", "perf/tflops_per_device", "perf/mfu",
@@ -186,10 +191,10 @@ EOF
       sed -i 's/^RUNS //' "$OUT/logs/runs.log"
       section "Short real runs from shards (python -m train.pipeline, $S steps per stage)" runs '^\|' ;;
     cascade)
-      run cascade "$T_CASCADE" $py -m train.pipeline preset=$PRESET "out_dir=$WORK/cascade"
+      run cascade "$T_CASCADE" $py -m train.pipeline preset=$PRESET "out_dir=$CASCADE"
       mkdir -p "$OUT/cascade"
       for f in report.md report.json samples.png sample/probe.md sample/benchmark.json; do
-        [ -f "$WORK/cascade/$f" ] && cp "$WORK/cascade/$f" "$OUT/cascade/"
+        [ -f "$CASCADE/$f" ] && cp "$CASCADE/$f" "$OUT/cascade/"
       done
       if [ -f "$OUT/cascade/report.json" ]; then
         $py - "$OUT/cascade/report.json" >> "$OUT/logs/cascade.log" 2>&1 <<'EOF'

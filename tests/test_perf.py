@@ -39,9 +39,29 @@ def test_bench_train_tiny_prints_every_stage_with_counted_flops(tmp_path, capsys
 def test_bench_train_rejects_unknown_cases_and_reports_missing_anchors(capsys):
     with pytest.raises(SystemExit, match="unknown \\['nope'\\]"):
         bench_train.main(["--device", "cpu", "--cases", "nope"])
-    args = argparse.Namespace(precision="fp32", compile="none", channels_last=False, warmup=0, iters=1)
+    args = argparse.Namespace(
+        precision="fp32", compile="none", channels_last=False, warmup=0, iters=1, batch=None
+    )
     row = bench_train.run_case("dalle2_prior", torch.device("cpu"), args, None)
     assert row["status"].startswith("not installed (dalle2_pytorch)")
+
+
+def test_bench_train_batch_reaches_the_anchors(tmp_path, monkeypatch):
+    """--batch N builds the anchors at N too (gpu_check's CPU mode steps each one at batch 2)."""
+    asked = []
+
+    def tiny_anchor(rand, batch):
+        asked.append(batch)
+        net = torch.nn.Linear(4, 1)
+        x = rand.randn(batch or 512, 4)
+        return bench_train.Workload(net, lambda: net(x).square().mean(), batch or 512)
+
+    monkeypatch.setitem(bench_train.ANCHOR_BUILDERS, "dalle2_prior", tiny_anchor)
+    out = tmp_path / "rows.json"
+    argv = ["--device", "cpu", "--cases", "dalle2_prior", "--iters", "1", "--warmup", "0", "--json", str(out)]
+    assert bench_train.main([*argv, "--batch", "3"]) == 0 and bench_train.main(argv) == 0
+    assert asked == [3, None]  # None: the anchor's own batch (512 for DALLE2-pytorch's prior)
+    assert json.loads(out.read_text())["rows"][0]["batch"] == 512
 
 
 @pytest.mark.parametrize("anchor", [c for c in bench_train.SIZES["anchor"]], ids=lambda c: c.name)
