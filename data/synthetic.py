@@ -519,7 +519,12 @@ def ensure_synthetic(
             cmd = [sys.executable, "-m", "data.synthetic", "--out", str(tmp), "--samples", str(samples),
                    "--seed", str(seed), "--image-size", str(image_size), "--shard-size", str(size),
                    "--workers", str(procs)]  # fmt: skip
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            root = str(Path(__file__).resolve().parents[1])  # this checkout, installed or not
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+            }
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise RuntimeError(f"writing {out} failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")

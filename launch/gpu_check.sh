@@ -9,7 +9,8 @@
 #   bash launch/gpu_check.sh --cpu                 # every step at tiny size on this CPU (CI runs this)
 #   bash launch/gpu_check.sh --budget 440          # finish within 440 s of starting: each step's timeout is
 #                                                  # cut to what is left (30 s kept for the report), a step
-#                                                  # with under 5 s left is skipped; give the device call more
+#                                                  # with under 5 s left is skipped (the device call's
+#                                                  # timeout_s: ~20 s more than the budget)
 #
 # Steps (default order = value order; about 6 minutes for the first call on one H200, see launch/README.md):
 #   tests     pytest -m gpu: bf16 steps of every stage, compiled vs eager, flash attention, ZeRO-2/3 and
