@@ -239,10 +239,11 @@ def _diffusion_workload(cfg, net: torch.nn.Module, case: Case, rand: _Random) ->
 
 
 # ---- anchors: what users run instead (the shapes of ../shared/device/README.md) -------------------------
-def _open_clip(arch: str, rand: _Random, b: int = 256) -> Workload:
+def _open_clip(arch: str, rand: _Random, b: int | None = None) -> Workload:
     import open_clip
     from open_clip.loss import ClipLoss as OpenClipLoss
 
+    b = b or 256
     model = open_clip.create_model(arch, pretrained=None, device=rand.device).train()
     images = rand.randn(b, 3, 224, 224)
     tokens = torch.randint(1, 49407, (b, 77), device=rand.device, generator=rand.g)
@@ -257,11 +258,12 @@ def _open_clip(arch: str, rand: _Random, b: int = 256) -> Workload:
     return Workload(model, loss, b, 0.1, {"model": f"open_clip {open_clip.__version__} {arch}"})
 
 
-def _diffusers_unet64(rand: _Random, b: int = 64) -> Workload:
+def _diffusers_unet64(rand: _Random, b: int | None = None) -> Workload:
     """diffusers' UNet2DConditionModel at the GLIDE-64 widths, eps MSE on the cosine schedule."""
     import diffusers
     from diffusers import UNet2DConditionModel
 
+    b = b or 64
     widths = (192, 384, 576, 768)
     model = UNet2DConditionModel(
         sample_size=64,
@@ -293,8 +295,10 @@ def _diffusers_unet64(rand: _Random, b: int = 64) -> Workload:
     return Workload(model, loss, b, 0.0, {"model": f"diffusers {diffusers.__version__} UNet2DConditionModel"})
 
 
-def _dalle2_prior(rand: _Random, b: int = 512) -> Workload:
+def _dalle2_prior(rand: _Random, b: int | None = None) -> Workload:
     from dalle2_pytorch import DiffusionPrior, DiffusionPriorNetwork
+
+    b = b or 512
 
     network = DiffusionPriorNetwork(
         dim=768,
@@ -320,10 +324,10 @@ def _dalle2_prior(rand: _Random, b: int = 512) -> Workload:
 
 
 ANCHOR_BUILDERS = {  # (random source, batch or None for the anchor's own) -> Workload
-    "open_clip_b16": lambda rand, b: _open_clip("ViT-B-16", rand, *([b] if b else [])),
-    "open_clip_l14": lambda rand, b: _open_clip("ViT-L-14", rand, *([b] if b else [])),
-    "diffusers_unet64": lambda rand, b: _diffusers_unet64(rand, *([b] if b else [])),
-    "dalle2_prior": lambda rand, b: _dalle2_prior(rand, *([b] if b else [])),
+    "open_clip_b16": lambda rand, b: _open_clip("ViT-B-16", rand, b),
+    "open_clip_l14": lambda rand, b: _open_clip("ViT-L-14", rand, b),
+    "diffusers_unet64": _diffusers_unet64,
+    "dalle2_prior": _dalle2_prior,
 }
 
 
