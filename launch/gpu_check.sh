@@ -228,6 +228,8 @@ EOF
 done
 cat "$sections" >> "$report"
 rm -f "$sections"
+# issue 28's targets, met or not, from the rows the steps above wrote (ours, anchors, compiled, data)
+{ echo; echo "## Targets"; echo; $py -m eval.targets "$OUT" 2>&1; } >> "$report"
 echo >> "$report"
 echo "Logs: $OUT/logs/" >> "$report"
 cat "$report"

@@ -181,3 +181,39 @@ def test_bench_data_photo_rows_for_ours_and_the_webdataset_baseline(tmp_path, ca
     assert rows[0]["kb"] > 2.5  # a 48 px shapes image: 1.4 KB
     printed = capsys.readouterr().out
     assert "| 48 | " in printed and "48 px, webdataset+PIL:" in printed and "needs" in printed
+
+
+def test_targets_give_each_issue_target_a_verdict_from_the_check_rows(tmp_path, capsys):
+    from eval import targets
+
+    def write(name, rows):
+        (tmp_path / name).write_text(json.dumps({"rows": rows} if name != "data.json" else rows))
+
+    ok = {"status": "ok"}
+    write("bench.json", [{"case": "clip_b16", "samples_per_s": 3400, "mfu": 0.56, **ok},
+                         {"case": "clip_l14", "samples_per_s": 900, "mfu": 0.60, **ok},
+                         {"case": "prior", "samples_per_s": 7000, "mfu": 0.2, **ok},
+                         {"case": "decoder", "status": "error building: OOM"}])  # fmt: skip
+    write("compiled.json", [{"case": "clip_b16", "samples_per_s": 3000, "mfu": 0.5, **ok},
+                            {"case": "open_clip_b16", "samples_per_s": 2700, "mfu": 0.44, **ok}])  # fmt: skip
+    write("anchors.json", [{"case": "dalle2_prior", "samples_per_s": 2000, "mfu": 0.1, **ok}])
+    write("data.json", [{"loader": "ours", "workers": 12, "samples_per_s": 5000},
+                        {"loader": "ours", "workers": 1, "samples_per_s": 450},
+                        {"loader": "webdataset+PIL", "workers": 12, "samples_per_s": 4000}])  # fmt: skip
+    rows = {r["workload"].split(",")[0].split(" at")[0]: r for r in targets.verdicts(tmp_path)}
+    assert rows["CLIP ViT-B/16"]["met"] == "met" and "1.26x the anchor" in rows["CLIP ViT-B/16"]["ours"]
+    assert "(eager)" in rows["CLIP ViT-B/16"]["ours"] and "(this run)" in rows["CLIP ViT-B/16"]["anchor"]
+    assert rows["CLIP ViT-L/14"]["met"] == "not met"  # 60% MFU < 65%
+    assert (
+        "1.13x the anchor" in rows["CLIP ViT-L/14"]["ours"]
+        and "(documented)" in rows["CLIP ViT-L/14"]["anchor"]
+    )
+    assert rows["prior 768 wide x 12"]["met"] == "met"  # 3.5x DALLE2-pytorch
+    assert rows["decoder"]["met"] == "not measured"  # its row did not run
+    data = rows["data: JPEG decode + crop + batch"]
+    assert data["met"] == "met" and "(3,400/s)" in data["target"] and "4,000/s" in data["anchor"]
+    # nothing measured: every verdict says so, and the documented anchors still show
+    (tmp_path / "empty").mkdir()
+    assert targets.main([str(tmp_path / "empty")]) == 0
+    printed = capsys.readouterr().out
+    assert "0 of 5 targets met; 5 not measured" in printed and "2,790/s compiled (documented)" in printed

@@ -1,0 +1,155 @@
+"""Issue 28's targets, met or not, from the rows a GPU check wrote.
+
+    python -m eval.targets DIR    # DIR: gpu_check's $OUT (bench.json, anchors.json, compiled.json, data.json)
+
+Prints one markdown row per target: ours (the faster of eager and compiled), the anchor (measured in the
+same run when it is there, else the figure measured on the same kind of machine, ../shared/device/README.md)
+and the verdict: met, not met, or not measured (a file or a row missing, or a row that did not run).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+# One H200, bf16, measured by an earlier session (../shared/device/README.md): samples/s.
+DOCUMENTED = {
+    ("open_clip_b16", "eager"): 1905.0,
+    ("open_clip_b16", "compiled"): 2790.0,
+    ("open_clip_l14", "compiled"): 796.0,
+    ("diffusers_unet64", "compiled"): 354.0,
+    ("dalle2_prior", "eager"): 2016.0,
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    workload: str
+    ours: str  # bench_train case
+    mfu: float | None = None  # at least this model-FLOPs utilisation
+    anchor: str | None = None  # bench_train anchor case, shown (and compared when speedup is set)
+    anchor_mode: str = "eager"  # which of the anchor's figures: eager or compiled
+    speedup: float | None = None  # at least this many times the anchor's samples/s
+
+    def wanted(self) -> str:
+        parts = [f">= {self.speedup:g}x {self.anchor} {self.anchor_mode}"] if self.speedup else []
+        return ", ".join(parts + ([f">= {self.mfu:.0%} MFU"] if self.mfu else []))
+
+
+TARGETS = (
+    Target("CLIP ViT-B/16, batch 256", "clip_b16", mfu=0.55, anchor="open_clip_b16", anchor_mode="compiled", speedup=1.2),
+    Target("CLIP ViT-L/14, batch 256", "clip_l14", mfu=0.65, anchor="open_clip_l14", anchor_mode="compiled"),
+    Target("prior 768 wide x 12, batch 512", "prior", anchor="dalle2_prior", speedup=3.0),
+    Target("decoder at GLIDE-64 widths, batch 64", "decoder", mfu=0.50, anchor="diffusers_unet64", anchor_mode="compiled"),
+)  # fmt: skip
+DATA_WORKERS = 12  # the data target: the fastest stage's per-GPU rate from at most this many cores
+
+
+def _rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    return data["rows"] if isinstance(data, dict) else data
+
+
+def _ok(rows: list[dict], case: str) -> dict | None:
+    return next((r for r in rows if r.get("case") == case and r.get("status") == "ok"), None)
+
+
+def ours_best(out: Path, case: str) -> tuple[dict, str] | None:
+    """The faster of the eager (bench.json) and compiled (compiled.json) rows of ``case``."""
+    found = [(r, mode) for name, mode in (("bench", "eager"), ("compiled", "compiled"))
+             if (r := _ok(_rows(out / f"{name}.json"), case))]  # fmt: skip
+    return max(found, key=lambda f: f[0]["samples_per_s"]) if found else None
+
+
+def anchor_rate(out: Path, case: str, mode: str) -> tuple[float, str] | None:
+    """The anchor's samples/s in this run (anchors.json eager, compiled.json compiled), else documented."""
+    row = _ok(_rows(out / ("anchors.json" if mode == "eager" else "compiled.json")), case)
+    if row:
+        return row["samples_per_s"], "this run"
+    if (case, mode) in DOCUMENTED:
+        return DOCUMENTED[case, mode], "documented"
+    return None
+
+
+def verdicts(out: Path) -> list[dict]:
+    rows = []
+    for t in TARGETS:
+        row = {
+            "workload": t.workload,
+            "target": t.wanted(),
+            "ours": "-",
+            "anchor": "-",
+            "met": "not measured",
+        }
+        best = ours_best(out, t.ours)
+        anchor = anchor_rate(out, t.anchor, t.anchor_mode) if t.anchor else None
+        if anchor:
+            row["anchor"] = f"{anchor[0]:,.0f}/s {t.anchor_mode} ({anchor[1]})"
+        if best:
+            r, mode = best
+            row["ours"] = f"{r['samples_per_s']:,.0f}/s, {r['mfu']:.1%} MFU ({mode})"
+            checks = [r["mfu"] >= t.mfu] if t.mfu else []
+            ratio = r["samples_per_s"] / anchor[0] if anchor else None
+            if ratio is not None:
+                row["ours"] += f", {ratio:.2f}x the anchor"
+            if t.speedup:
+                checks.append(None if ratio is None else ratio >= t.speedup)
+            row["met"] = "not measured" if None in checks else ("met" if all(checks) else "not met")
+        rows.append(row)
+    rows.append(data_verdict(out))
+    return rows
+
+
+def data_verdict(out: Path) -> dict:
+    """Our loader at <= DATA_WORKERS workers against the fastest CLIP case's samples/s of this run."""
+    row = {"workload": "data: JPEG decode + crop + batch", "ours": "-", "anchor": "-", "met": "not measured",
+           "target": f"the fastest CLIP case's rate from <= {DATA_WORKERS} cores"}  # fmt: skip
+    clip = [b for c in ("clip_b16", "clip_l14") if (b := ours_best(out, c))]
+    loads = [
+        r for r in _rows(out / "data.json") if r.get("loader") == "ours" and r["workers"] <= DATA_WORKERS
+    ]
+    plain = [
+        r for r in _rows(out / "data.json") if r.get("loader") != "ours" and r["workers"] <= DATA_WORKERS
+    ]
+    if plain:
+        best_plain = max(plain, key=lambda r: r["samples_per_s"])
+        row["anchor"] = (
+            f"{best_plain['samples_per_s']:,.0f}/s, {best_plain['workers']} workers ({best_plain['loader']})"
+        )
+    if loads:
+        best = max(loads, key=lambda r: r["samples_per_s"])
+        row["ours"] = f"{best['samples_per_s']:,.0f}/s, {best['workers']} workers"
+        if clip:
+            need = max(r["samples_per_s"] for r, _ in clip)
+            row["target"] += f" ({need:,.0f}/s)"
+            row["met"] = "met" if best["samples_per_s"] >= need else "not met"
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| workload | target | ours | anchor | met |", "|---|---|---|---|---|"]
+    lines += [f"| {r['workload']} | {r['target']} | {r['ours']} | {r['anchor']} | {r['met']} |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or not Path(argv[0]).is_dir():
+        print(
+            "usage: python -m eval.targets DIR  (a gpu_check $OUT: bench.json, anchors.json, ...)",
+            file=sys.stderr,
+        )
+        return 2
+    rows = verdicts(Path(argv[0]))
+    print(table(rows))
+    met = sum(r["met"] == "met" for r in rows)
+    print(f"\n{met} of {len(rows)} targets met; {sum(r['met'] == 'not measured' for r in rows)} not measured")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
