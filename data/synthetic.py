@@ -317,7 +317,8 @@ def make_sample(seed: int, index: int, image_size: int, fmt: str = "jpg", qualit
     return {"__key__": key, fmt: buf.getvalue(), "txt": caption.encode(), "json": json.dumps(meta).encode()}
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """One tar member with fixed mtime and mode (identical arguments give identical tars)."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o644
     tar.addfile(info, io.BytesIO(data))
@@ -331,7 +332,7 @@ def _write_shard(path: Path, indices: range, seed: int, image_size: int, fmt: st
         for i in indices:
             sample = make_sample(seed, i, image_size, fmt, quality)
             for ext in (fmt, "txt", "json"):
-                _add(tar, f"{sample['__key__']}.{ext}", sample[ext])
+                add_member(tar, f"{sample['__key__']}.{ext}", sample[ext])
     os.replace(tmp, path)
     end = time.time()
     stats = {

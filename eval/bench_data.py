@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 
 from data.pipeline import ShardDataset
 from data.shards import iter_captions
-from data.synthetic import caption_for, make_scene, write_shards
+from data.synthetic import add_member, caption_for, make_scene, write_shards
 from data.tokenizer import train_bpe
 
 PHOTO_ASPECT = 4 / 3
@@ -62,12 +62,6 @@ def photo_like(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     return np.clip(x, 0, 255).astype(np.uint8)
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode = len(data), 0o644
-    tar.addfile(info, io.BytesIO(data))
-
-
 def _write_photo_shard(job: tuple[Path, range, int]) -> tuple[str, int, int]:
     path, indices, short_side = job
     height, width = short_side, round(short_side * PHOTO_ASPECT)
@@ -80,9 +74,9 @@ def _write_photo_shard(job: tuple[Path, range, int]) -> tuple[str, int, int]:
             Image.fromarray(photo_like(rng, height, width)).save(buf, "JPEG", quality=PHOTO_QUALITY)
             key, caption = f"{i:09d}", caption_for(make_scene(0, i), 0, i)
             meta = {"key": key, "caption": caption, "status": "success", "width": width, "height": height}
-            _add(tar, f"{key}.jpg", buf.getvalue())
-            _add(tar, f"{key}.txt", caption.encode())
-            _add(tar, f"{key}.json", json.dumps(meta).encode())
+            add_member(tar, f"{key}.jpg", buf.getvalue())
+            add_member(tar, f"{key}.txt", caption.encode())
+            add_member(tar, f"{key}.json", json.dumps(meta).encode())
             nbytes += buf.tell()
     os.replace(tmp, path)
     return path.name, len(indices), nbytes

@@ -1,6 +1,8 @@
 """Issue 28's targets, met or not, from the rows a GPU check wrote.
 
     python -m eval.targets DIR    # DIR: gpu_check's $OUT (bench.json, anchors.json, compiled.json, data.json)
+    python -m eval.targets --data-target DIR    # the samples/s the data step must feed: the fastest CLIP
+                                                # case in DIR, else 1.2x open_clip B/16 compiled (3,348)
 
 Prints one markdown row per target: ours (the faster of eager and compiled), the anchor (measured in the
 same run when it is there, else the figure measured on the same kind of machine, ../shared/device/README.md)
@@ -45,6 +47,7 @@ TARGETS = (
     Target("decoder at GLIDE-64 widths, batch 64", "decoder", mfu=0.50, anchor="diffusers_unet64", anchor_mode="compiled"),
 )  # fmt: skip
 DATA_WORKERS = 12  # the data target: the fastest stage's per-GPU rate from at most this many cores
+CLIP_B16_TARGET = 1.2 * DOCUMENTED["open_clip_b16", "compiled"]  # the data target without a CLIP row
 
 
 def _rows(path: Path) -> list[dict]:
@@ -104,11 +107,17 @@ def verdicts(out: Path) -> list[dict]:
     return rows
 
 
+def fastest_clip(out: Path) -> float | None:
+    """The fastest CLIP case's samples/s in this run (eager or compiled), or None."""
+    clip = [b for c in ("clip_b16", "clip_l14") if (b := ours_best(out, c))]
+    return max(r["samples_per_s"] for r, _ in clip) if clip else None
+
+
 def data_verdict(out: Path) -> dict:
     """Our loader at <= DATA_WORKERS workers against the fastest CLIP case's samples/s of this run."""
     row = {"workload": "data: JPEG decode + crop + batch", "ours": "-", "anchor": "-", "met": "not measured",
            "target": f"the fastest CLIP case's rate from <= {DATA_WORKERS} cores"}  # fmt: skip
-    clip = [b for c in ("clip_b16", "clip_l14") if (b := ours_best(out, c))]
+    need = fastest_clip(out)
     loads = [
         r for r in _rows(out / "data.json") if r.get("loader") == "ours" and r["workers"] <= DATA_WORKERS
     ]
@@ -123,8 +132,7 @@ def data_verdict(out: Path) -> dict:
     if loads:
         best = max(loads, key=lambda r: r["samples_per_s"])
         row["ours"] = f"{best['samples_per_s']:,.0f}/s, {best['workers']} workers"
-        if clip:
-            need = max(r["samples_per_s"] for r, _ in clip)
+        if need:
             row["target"] += f" ({need:,.0f}/s)"
             row["met"] = "met" if best["samples_per_s"] >= need else "not met"
     return row
@@ -138,11 +146,11 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--data-target"] and len(argv) == 2:  # the samples/s gpu_check's data step must feed
+        print(f"{fastest_clip(Path(argv[1])) or CLIP_B16_TARGET:.0f}")
+        return 0
     if len(argv) != 1 or not Path(argv[0]).is_dir():
-        print(
-            "usage: python -m eval.targets DIR  (a gpu_check $OUT: bench.json, anchors.json, ...)",
-            file=sys.stderr,
-        )
+        print("usage: python -m eval.targets [--data-target] DIR  (a gpu_check $OUT)", file=sys.stderr)
         return 2
     rows = verdicts(Path(argv[0]))
     print(table(rows))

@@ -145,14 +145,9 @@ for step in ${steps//,/ }; do
       section "Training step, what users run instead" anchors '^[#|]' ;;
     data)
       # the target: bench's fastest CLIP case (samples/s of one GPU), else issue 28's 1.2x open_clip compiled
-      target=$($py -c 'import json, sys
-try:
-    rows = json.load(open(sys.argv[1]))["rows"]
-    print(max(r["samples_per_s"] for r in rows if r["case"].startswith("clip") and r.get("samples_per_s")))
-except Exception:
-    print(3350)' "$OUT/bench.json" 2>/dev/null)
+      target=$($py -m eval.targets --data-target "$OUT")
       run data "$T_DATA" $py -m eval.bench_data --content photo "${data_args[@]}" --baseline \
-        --target "${target:-3350}" --dir "$WORK/bench_data" --json "$OUT/data.json"
+        --target "${target:-3348}" --dir "$WORK/bench_data" --json "$OUT/data.json"
       section "Data loading on this machine's cores (python -m eval.bench_data --content photo ${data_args[*]})" \
         data '^\||workers ->' ;;
     compiled)

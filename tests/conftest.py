@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -93,6 +95,32 @@ def clip_run(tmp_path_factory):
     )
     train(cfg)
     return root / "run", cfg.data.val_shards
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a CLI run in a test: datasets and logs under tmp_path, W&B offline, this checkout."""
+    return {
+        **os.environ,
+        "UNCLIP_DATA_DIR": str(tmp_path / "datasets"),
+        "UNCLIP_LOG_DIR": str(tmp_path / "outputs"),
+        "WANDB_MODE": "offline",
+        "PYTHONPATH": str(REPO),
+    }
+
+
+def run_python(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python ARGS`` in tmp_path with :func:`cli_env`; output captured."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def free_port() -> int:

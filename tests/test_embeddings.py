@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +18,9 @@ from torch.utils.data import DataLoader
 import data.embeddings as embeddings
 from data.embeddings import ClipRetrievalDataModule, ClipRetrievalDataset, LayoutError
 from data.loader import RankSyncedLoader
-from tests.conftest import compose_config
+from tests.conftest import compose_config, run_python
 from train.run import train
 
-REPO = Path(__file__).resolve().parents[1]
 ROWS = [5, 7, 4, 9, 6]  # parts of different sizes
 D = 8
 
@@ -335,15 +331,7 @@ def test_the_prior_trains_on_clip_retrieval_embeddings_from_the_cli_and_resumes_
     val = write_layout(tmp_path / "val", rows=[10, 6], dim=16, seed=1)
     out = tmp_path / "run"
     args = ["stage=prior", "data=clip_retrieval", f"data.root={root}", f"data.val_root={val}", *TINY]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "UNCLIP_LOG_DIR": str(tmp_path / "logs")}
-    result = subprocess.run(
-        [sys.executable, "-m", "train.run", *args, f"paths.output_dir={out}"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_python(["-m", "train.run", *args, f"paths.output_dir={out}"], tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["trainer/global_step"] == 8 and math.isfinite(metrics["train/loss"])

@@ -217,3 +217,8 @@ def test_targets_give_each_issue_target_a_verdict_from_the_check_rows(tmp_path, 
     assert targets.main([str(tmp_path / "empty")]) == 0
     printed = capsys.readouterr().out
     assert "0 of 5 targets met; 5 not measured" in printed and "2,790/s compiled (documented)" in printed
+    # gpu_check's data step feeds the fastest CLIP case of its run, else 1.2x open_clip B/16 compiled
+    assert targets.main(["--data-target", str(tmp_path)]) == 0 and capsys.readouterr().out == "3400\n"
+    assert (
+        targets.main(["--data-target", str(tmp_path / "empty")]) == 0 and capsys.readouterr().out == "3348\n"
+    )

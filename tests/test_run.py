@@ -15,37 +15,14 @@ import yaml
 from PIL import Image
 
 from eval.zeroshot import evaluate_run
-from tests.conftest import compose_config, free_port
+from tests.conftest import REPO, cli_env, compose_config, free_port, run_python
 from train.run import train
 
-REPO = Path(__file__).resolve().parents[1]
 CONF = str(REPO / "conf")
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "UNCLIP_DATA_DIR": str(tmp_path / "datasets"),
-        "UNCLIP_LOG_DIR": str(tmp_path / "outputs"),
-        "WANDB_MODE": "offline",
-        "PYTHONPATH": str(REPO),
-    }
-
-
-def _python(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, *args],
-        cwd=tmp_path,
-        env=_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    return result
-
-
 def test_cfg_job_prints_the_composed_config(tmp_path):
-    result = _python(["-m", "train.run", "--cfg", "job"], tmp_path)
+    result = run_python(["-m", "train.run", "--cfg", "job"], tmp_path)
     assert result.returncode == 0, result.stderr
     cfg = yaml.safe_load(result.stdout)
     assert cfg["stage_name"] == "clip"
@@ -64,7 +41,7 @@ def test_overrides_and_named_architectures_compose(tmp_path):
 
 
 def test_global_batch_that_does_not_divide_fails_before_training(tmp_path):
-    result = _python(
+    result = run_python(
         [
             "-m",
             "train.run",
@@ -160,7 +137,7 @@ def _tensorboard_scalars(directory: Path) -> dict[str, dict[int, float]]:
 @pytest.mark.multiprocess
 def test_two_process_ddp_run_over_gloo(tmp_path):
     run_dir = tmp_path / "run"
-    result = _python(
+    result = run_python(
         [
             "-m",
             "train.run",
@@ -184,7 +161,7 @@ def test_two_process_ddp_run_over_gloo(tmp_path):
 def test_cli_keeps_a_paths_output_dir_override(tmp_path):
     out, hydra_dir = tmp_path / "out", tmp_path / "hydra"
     args = ["-m", "train.run", "debug=fast", f"paths.output_dir={out}", f"hydra.run.dir={hydra_dir}"]
-    result = _python(args, tmp_path)
+    result = run_python(args, tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     assert (out / "metrics.json").exists() and (out / "checkpoints" / "last.ckpt").exists()
     assert not (hydra_dir / "metrics.json").exists()  # Hydra's directory keeps only its own logs
@@ -219,7 +196,7 @@ def test_pipeline_runs_every_stage_writes_a_report_and_skips_finished_stages(tmp
         "sample.upsamplers=[{steps:2},{steps:2}]",
         "sample.probe=4",
     ]
-    first = _python(args, tmp_path)
+    first = run_python(args, tmp_path)
     assert first.returncode == 0, first.stderr[-4000:]
     report = json.loads((out / "report.json").read_text())
     assert report["clip"]["trainer/global_step"] == 5
@@ -239,12 +216,12 @@ def test_pipeline_runs_every_stage_writes_a_report_and_skips_finished_stages(tmp
     # the probe: ground-truth renders through each stage, in report.json and report.md
     assert bench["probe/renders_at_16_px/shape"] >= 0.75 and "probe/decoder_caption_only/colour" in bench
     assert "| renders -> upsampler 2 (64 px) |" in md
-    second = _python(args, tmp_path)
+    second = run_python(args, tmp_path)
     assert second.returncode == 0, second.stderr[-4000:]
     assert (second.stderr + second.stdout).count("already finished") == 7
     # a run that fails in a stage leaves the report of the stages before it
     (out / "prior" / "done.json").unlink()
-    third = _python([*args, "stages=[clip,embed,prior]", "+prior.module.optimizer.lr=-1"], tmp_path)
+    third = run_python([*args, "stages=[clip,embed,prior]", "+prior.module.optimizer.lr=-1"], tmp_path)
     assert third.returncode != 0 and "module.optimizer.lr=-1" in third.stderr
     assert set(json.loads((out / "report.json").read_text())) == {"clip", "embed"}
 
@@ -261,7 +238,7 @@ def test_pipeline_refuses_unknown_stage_names_before_running_any():
 def test_wandb_offline_logs_config_and_perf_resumes_the_same_run_and_keeps_no_secret(tmp_path):
     run_dir = tmp_path / "run"
     canary = "canary-7d1e0c5a9b3f4e21"
-    env = {**_env(tmp_path), "WANDB_API_KEY": canary}
+    env = {**cli_env(tmp_path), "WANDB_API_KEY": canary}
     for steps in (5, 7):
         result = subprocess.run(
             [
@@ -297,7 +274,7 @@ def test_launch_torchrun_wrapper_starts_two_ranks(tmp_path):
     port = free_port()
     run_dir = tmp_path / "run"
     env = {
-        **_env(tmp_path),
+        **cli_env(tmp_path),
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "NPROC_PER_NODE": "2",
         "MASTER_PORT": str(port),
@@ -327,7 +304,7 @@ def test_launch_torchrun_wrapper_starts_two_ranks(tmp_path):
 def test_local_multirun_sweep_gives_each_point_its_run_directory(tmp_path):
     sweep = tmp_path / "sweep"
     sweep_lr = "module.optimizer.lr=1e-3,2e-3"
-    result = _python(
+    result = run_python(
         ["-m", "train.run", "--multirun", "debug=fast", sweep_lr, f"hydra.sweep.dir={sweep}"],
         tmp_path,
         timeout=400,
@@ -345,7 +322,7 @@ def test_gpu_preset_runs_the_whole_cascade_at_smoke_size(tmp_path):
     runs full size."""
     out = tmp_path / "gpu"
     args = ["-m", "train.pipeline", "preset=gpu_smoke", f"out_dir={out}"]
-    result = _python(args, tmp_path, timeout=600)
+    result = run_python(args, tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((out / "report.json").read_text())
     assert set(report) == {"clip", "embed", "prior", "decoder", "upsampler_256", "sample"}
