@@ -7,14 +7,14 @@ sample records, at shard granularity:
 - ``shard``, ``offset``: the shard being read (its index in the stream's sequence) and how many samples
   of it have entered the buffer;
 - ``buffer``: where each sample in the buffer came from, ``(shard index << 32) | sample index``, slot by
-  slot (int64, as bytes), and ``flushing`` once the sequence is exhausted and the buffer drains;
-- ``rng``: the shuffle generator's state (the 625 words of Python's Mersenne Twister, as bytes).
+  slot (int64, as base64 text), and ``flushing`` once the sequence is exhausted and the buffer drains;
+- ``rng``: the shuffle generator's state (the 625 words of Python's Mersenne Twister, as base64 text).
 
 A stream started from a cursor opens only the shards the buffer still holds samples of (read up to the
 last one needed) and the shard in progress (re-read up to ``offset``, since a ``pipe:`` cannot seek),
 then continues bit-identically. With shards larger than the buffer that is one or two shards whatever
 the position in the epoch; the old resume replayed every sample drawn this epoch. A cursor is about
-8 bytes per buffer slot plus 2.5 KB.
+11 bytes per buffer slot plus 3.3 KB.
 
 ``read_shard(url, skips, count_from)`` yields ``(index, sample)`` for every kept sample of a shard and
 counts skips only from sample ``count_from`` on (what comes before was counted before the restart).
@@ -22,6 +22,7 @@ counts skips only from sample ``count_from`` on (what comes before was counted b
 
 from __future__ import annotations
 
+import base64
 import itertools
 import logging
 import random
@@ -35,22 +36,33 @@ log = logging.getLogger(__name__)
 ShardReader = Callable[[str, Counter, int], Iterator[tuple[int, dict]]]
 
 
-def _pack(provenance: Iterable[int]) -> bytes:
-    return np.fromiter(provenance, dtype=np.int64).tobytes()
+def _text(data: bytes) -> str:
+    """Bytes as base64 text. A checkpoint holds text, not bytes: pickle writes an empty ``bytes`` as a call
+    of the ``bytes`` global, which ``torch.load(weights_only=True)`` (our exports, Lightning's resume)
+    refuses, so a checkpoint taken while a shuffle buffer was empty could not be loaded."""
+    return base64.b64encode(data).decode("ascii")
 
 
-def _unpack(data: bytes) -> list[tuple[int, int]]:
-    return [(int(p) >> 32, int(p) & 0xFFFFFFFF) for p in np.frombuffer(data, dtype=np.int64)]
+def _bytes(data: str | bytes) -> bytes:
+    return data if isinstance(data, bytes) else base64.b64decode(data)  # bytes: a cursor saved before
 
 
-def rng_state(rng: random.Random) -> bytes:
+def _pack(provenance: Iterable[int]) -> str:
+    return _text(np.fromiter(provenance, dtype=np.int64).tobytes())
+
+
+def _unpack(data: str | bytes) -> list[tuple[int, int]]:
+    return [(int(p) >> 32, int(p) & 0xFFFFFFFF) for p in np.frombuffer(_bytes(data), dtype=np.int64)]
+
+
+def rng_state(rng: random.Random) -> str:
     version, words, _ = rng.getstate()
     assert version == 3, version
-    return np.asarray(words, dtype=np.uint32).tobytes()
+    return _text(np.asarray(words, dtype=np.uint32).tobytes())
 
 
-def set_rng_state(rng: random.Random, data: bytes) -> None:
-    rng.setstate((3, tuple(int(w) for w in np.frombuffer(data, dtype=np.uint32)), None))
+def set_rng_state(rng: random.Random, data: str | bytes) -> None:
+    rng.setstate((3, tuple(int(w) for w in np.frombuffer(_bytes(data), dtype=np.uint32)), None))
 
 
 class SampleStream:

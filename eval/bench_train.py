@@ -582,17 +582,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{ceiling:.1f} TFLOP/s; median of {args.iters} steps after {args.warmup} + 1",
         flush=True,
     )
+    meta = {"device": device_name, "torch": torch.__version__, "ceiling_tflops": ceiling, **vars(args)}
     rows = []
     for case in cases:
         rows.append(run_case(case, device, args, ceiling))
         print(f"  {rows[-1]['case']}: {rows[-1]['status']}", file=sys.stderr, flush=True)
-    compare(rows)
+        compare(rows)
+        if args.json:  # after every case: a run stopped at its time limit keeps the rows it measured
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"meta": {**meta, "json": str(args.json)}, "rows": rows},
+                                            indent=2, default=str))  # fmt: skip
     print(table(rows))
-    if args.json:
-        meta = {"device": device_name, "torch": torch.__version__, "ceiling_tflops": ceiling, **vars(args)}
-        meta["json"] = str(args.json)
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
     failed = [
         r["case"] for r in rows if r["status"] not in ("ok",) and not r["status"].startswith("not installed")
     ]

@@ -1,6 +1,7 @@
 """Issue 28's targets, met or not, from the rows a GPU check wrote.
 
-    python -m eval.targets DIR    # DIR: gpu_check's $OUT (bench.json, anchors.json, compiled.json, data.json)
+    python -m eval.targets DIR    # DIR: a gpu_check's results (its check.tar.gz unpacked): bench.json,
+                                  # anchors.json, compiled.json, data.json
     python -m eval.targets --data-target DIR    # the samples/s the data step must feed: the fastest CLIP
                                                 # case in DIR, else 1.2x open_clip B/16 compiled (3,348)
 
@@ -150,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{fastest_clip(Path(argv[1])) or CLIP_B16_TARGET:.0f}")
         return 0
     if len(argv) != 1 or not Path(argv[0]).is_dir():
-        print("usage: python -m eval.targets [--data-target] DIR  (a gpu_check $OUT)", file=sys.stderr)
+        print(
+            "usage: python -m eval.targets [--data-target] DIR  (a gpu_check check.tar.gz, unpacked)",
+            file=sys.stderr,
+        )
         return 2
     rows = verdicts(Path(argv[0]))
     print(table(rows))

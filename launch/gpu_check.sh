@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The prepared GPU command: what a session lent a GPU runs, most valuable first, each step under its own
-# timeout so one failure does not eat the rest. Writes $OUT/report.md (a section per step) and
-# $OUT/logs/<step>.log (everything each printed). From the repository root:
+# timeout so one failure does not eat the rest. Writes $OUT/report.md (a section per step),
+# $OUT/samples.png (the cascade's) and $OUT/check.tar.gz (logs/<step>.log with everything each step printed,
+# the JSON rows, the cascade's report and probe): the device tool brings back at most 8 files from $OUT, so
+# everything else travels in the archive, refreshed after every step. From the repository root:
 #
 #   bash launch/gpu_wheels.sh                      # here, first: fills .whl/ (carried to the GPU machine)
 #   bash launch/gpu_check.sh                       # on the GPU machine (device tool: carry [".whl"])
@@ -39,32 +41,44 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+for step in ${steps//,/ }; do
+  case "$step" in
+    tests|bench|sync|anchors|data|compiled|runs|cascade) ;;
+    *) echo "--steps: unknown step '$step' (expected tests, bench, sync, anchors, data, compiled, runs, cascade)" >&2
+       exit 2 ;;
+  esac
+done
 OUT=${OUT:-outputs/gpu_check}
-mkdir -p "$OUT/logs"
-report="$OUT/report.md"
 py=${PYTHON:-python3}   # the interpreter (the GPU image's python3; tests pass their own)
 
-# ---- install what the machine lacks (carried wheels), into a private site dir
-if ls .whl/*.whl >/dev/null 2>&1; then
-  $py -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/unclip-site .whl/*.whl \
-    > "$OUT/logs/install.log" 2>&1 || echo "wheel install failed: $OUT/logs/install.log" >&2
-  export PYTHONPATH="$PWD:/tmp/unclip-site${PYTHONPATH:+:$PYTHONPATH}"
-else
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
 export WANDB_MODE=offline TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1
-# Datasets, checkpoints and run directories stay out of $OUT (it travels back from the device machine);
-# $OUT gets the report, logs, JSON rows and the cascade's report, samples and probe.
+# Datasets, checkpoints and run directories stay out of $OUT (it travels back from the device machine).
 WORK=${WORK:-/tmp/unclip-gpu-check}
 export UNCLIP_DATA_DIR="$WORK/datasets"
 # Datasets are reused from call to call; run directories are new for each call, or a rerun (after a fix,
 # on a machine still warm) would find the stages "already finished" and report the old results.
 stamp=$(date -u +%Y%m%dT%H%M%S)
 RUNS="$WORK/runs-$stamp" CASCADE="$WORK/cascade-$stamp"
+# RES: everything this call writes (report.md, logs/, the JSON rows, cascade/); publish() puts the report,
+# the samples and an archive of RES into $OUT.
+RES="$WORK/check-$stamp"
+mkdir -p "$OUT" "$RES/logs"
+rows="$RES/rows.md" sections="$RES/sections.md"
+: > "$sections"
+
+# ---- install what the machine lacks (carried wheels), into a private site dir
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $py -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/unclip-site .whl/*.whl \
+    > "$RES/logs/install.log" 2>&1 || echo "wheel install failed: $RES/logs/install.log" >&2
+  export PYTHONPATH="$PWD:/tmp/unclip-site${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 if [ $cpu = 1 ]; then
   export UNCLIP_TEST_DEVICE=cpu CUDA_VISIBLE_DEVICES=""
   T_TESTS=300 T_SYNC=60 SYNC_PARAMS=1e6 T_BENCH=120 T_ANCHORS=240 T_COMPILED=120 T_RUNS=300 T_CASCADE=300 PRESET=gpu_smoke
+  TB_CASCADE=240
   T_DATA=60 data_args=(--samples 96 --sizes 48 --crop 32 --workers 0 2 --batch 8)
   test_args=(-m gpu -k "not compiled")         # the compiled path is tested on CPU by tests/test_perf.py
   bench_args=(--device cpu --size tiny --iters 2)
@@ -77,6 +91,7 @@ if [ $cpu = 1 ]; then
     upsampler_1024.module.val_max_samples=4 +prior.module.sample_steps=4)
 else
   T_TESTS=240 T_SYNC=60 SYNC_PARAMS=400e6 T_BENCH=150 T_ANCHORS=120 T_COMPILED=300 T_RUNS=240 T_CASCADE=540 PRESET=gpu
+  TB_CASCADE=420   # issue 26: the cascade in at most 7 minutes
   T_DATA=100 data_args=(--samples 16000 --sizes 256 --crop 224 --workers 1 12 --seconds 6)
   test_args=(-m gpu)
   bench_args=(--size anchor)
@@ -96,10 +111,21 @@ EOF
   echo
   echo "| step | exit | seconds |"
   echo "|---|---|---|"
-} > "$report"
-sections=$(mktemp)
+} > "$rows"
 
-# run STEP TIMEOUT CMD...: log to $OUT/logs/STEP.log, a status row in the report, keep going.
+# publish: RES/report.md = the step rows, each finished step's section and issue 28's targets from the rows
+# so far (python -m eval.targets); then $OUT gets report.md, samples.png and check.tar.gz (all of RES).
+# Run after every step, so a call cut short still brings back what its finished steps measured.
+publish() {
+  { cat "$rows" "$sections"; echo; echo "## Targets"; echo; $py -m eval.targets "$RES" 2>&1
+    echo; echo "Everything: check.tar.gz beside this report (logs/<step>.log, the JSON rows, cascade/); here: $RES"
+  } > "$RES/report.md"
+  cp "$RES/report.md" "$OUT/report.md"
+  [ -f "$RES/cascade/samples.png" ] && cp "$RES/cascade/samples.png" "$OUT/samples.png"
+  tar -czf "$OUT/check.tar.gz.part" -C "$RES" . && mv "$OUT/check.tar.gz.part" "$OUT/check.tar.gz"
+}
+
+# run STEP TIMEOUT CMD...: log to $RES/logs/STEP.log, a status row in the report, keep going.
 # With --budget, the timeout is cut to what the budget leaves (less 30 s: the INT -> KILL grace of 20 s,
 # copying and the report), and a step with under 5 s left does not start.
 run() {
@@ -108,24 +134,24 @@ run() {
   if [ -n "$budget" ]; then
     local left=$((budget - SECONDS - 30))
     if [ $left -lt 5 ]; then
-      echo "| $step | skipped (budget: ${budget} s) | 0 |" >> "$report"
-      echo "skipped: $((budget - SECONDS)) s of the ${budget} s budget left" > "$OUT/logs/$step.log"
+      echo "| $step | skipped (budget: ${budget} s) | 0 |" >> "$rows"
+      echo "skipped: $((budget - SECONDS)) s of the ${budget} s budget left" > "$RES/logs/$step.log"
       echo "== $step: skipped, $((budget - SECONDS)) s of the ${budget} s budget left" >&2
       return 0
     fi
     [ $left -lt "$limit" ] && limit=$left
   fi
   echo "== $step (timeout ${limit}s): $*" >&2
-  timeout --signal=INT --kill-after=20 "$limit" "$@" > "$OUT/logs/$step.log" 2>&1
+  timeout --signal=INT --kill-after=20 "$limit" "$@" > "$RES/logs/$step.log" 2>&1
   rc=$?
   [ $rc = 124 ] && rc="124 (timed out)"
-  echo "| $step | $rc | $((SECONDS - start)) |" >> "$report"
+  echo "| $step | $rc | $((SECONDS - start)) |" >> "$rows"
   echo "== $step: exit $rc after $((SECONDS - start)) s" >&2
 }
 
 # section TITLE STEP PATTERN: the lines of a step's log that match PATTERN, under a heading
 section() {
-  { echo; echo "## $1"; echo; grep -E "$3" "$OUT/logs/$2.log" || echo "(nothing: see logs/$2.log)"; } >> "$sections"
+  { echo; echo "## $1"; echo; grep -E "$3" "$RES/logs/$2.log" || echo "(nothing: see logs/$2.log)"; } >> "$sections"
 }
 
 for step in ${steps//,/ }; do
@@ -134,27 +160,27 @@ for step in ${steps//,/ }; do
       run tests "$T_TESTS" $py -m pytest -p no:cacheprovider -q -rfEs "${test_args[@]}" tests/test_gpu.py
       section "GPU tests (pytest -m gpu)" tests '^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|error' ;;
     bench)
-      run bench "$T_BENCH" $py -m eval.bench_train "${bench_args[@]}" --json "$OUT/bench.json"
+      run bench "$T_BENCH" $py -m eval.bench_train "${bench_args[@]}" --json "$RES/bench.json"
       section "Training step, ours (python -m eval.bench_train ${bench_args[*]})" bench '^[#|]' ;;
     sync)
       run sync "$T_SYNC" $py -m eval.bench_sync --params "$SYNC_PARAMS"
       section "Per-step agreement cost (python -m eval.bench_sync --params $SYNC_PARAMS)" sync '^[#|]' ;;
     anchors)
       run anchors "$T_ANCHORS" $py -m eval.bench_train "${bench_args[@]}" "${anchor_cases[@]}" \
-        --json "$OUT/anchors.json"
+        --json "$RES/anchors.json"
       section "Training step, what users run instead" anchors '^[#|]' ;;
     data)
       # the target: bench's fastest CLIP case (samples/s of one GPU), else issue 28's 1.2x open_clip compiled
-      target=$($py -m eval.targets --data-target "$OUT")
+      target=$($py -m eval.targets --data-target "$RES")
       run data "$T_DATA" $py -m eval.bench_data --content photo "${data_args[@]}" --baseline \
-        --target "${target:-3348}" --dir "$WORK/bench_data" --json "$OUT/data.json"
+        --target "${target:-3348}" --dir "$WORK/bench_data" --json "$RES/data.json"
       section "Data loading on this machine's cores (python -m eval.bench_data --content photo ${data_args[*]})" \
         data '^\||workers ->' ;;
     compiled)
       # on CPU without inductor: its C++ build is ~30 s of CI and says nothing of the GPU's Triton kernels
       if [ $cpu = 1 ]; then cases=(--cases clip --compile-backend aot_eager); else cases=(--cases clip_b16,decoder,prior,open_clip_b16); fi
       run compiled "$T_COMPILED" $py -m eval.bench_train "${bench_args[@]}" "${cases[@]}" --compile regional \
-        --json "$OUT/compiled.json"
+        --json "$RES/compiled.json"
       section "Training step, torch.compile regional" compiled '^[#|]' ;;
     runs)
       run runs "$T_RUNS" $py -m train.pipeline "out_dir=$RUNS" \
@@ -170,8 +196,8 @@ for step in ${steps//,/ }; do
         upsampler_256.trainer.max_steps=$S upsampler_256.trainer.val_check_interval=$S \
         upsampler_1024.trainer.max_steps=$S upsampler_1024.trainer.val_check_interval=$S \
         "${run_extra[@]}"
-      cp "$RUNS/report.json" "$OUT/runs_report.json" 2>/dev/null
-      [ -f "$RUNS/report.json" ] && $py - "$RUNS/report.json" >> "$OUT/logs/runs.log" 2>&1 <<'EOF'
+      cp "$RUNS/report.json" "$RES/runs_report.json" 2>/dev/null
+      [ -f "$RUNS/report.json" ] && $py - "$RUNS/report.json" >> "$RES/logs/runs.log" 2>&1 <<'EOF'
 import json, sys
 report = json.load(open(sys.argv[1]))
 keys = ("trainer/global_step", "seconds", "perf/samples_per_sec", "perf/tflops_per_device", "perf/mfu",
@@ -184,20 +210,25 @@ for stage in ("clip", "prior", "decoder", "upsampler_256", "upsampler_1024"):
     cells = [f"{m[k]:.4g}" if isinstance(m.get(k), (int, float)) else "-" for k in keys]
     print(f"RUNS | {stage} | " + " | ".join(cells) + " |")
 EOF
-      sed -i 's/^RUNS //' "$OUT/logs/runs.log"
+      sed -i 's/^RUNS //' "$RES/logs/runs.log"
       section "Short real runs from shards (python -m train.pipeline, $S steps per stage)" runs '^\|' ;;
     cascade)
-      run cascade "$T_CASCADE" $py -m train.pipeline preset=$PRESET "out_dir=$CASCADE"
-      mkdir -p "$OUT/cascade"
+      # the pipeline's time_budget (preset=gpu: 420 s) cut to fit this step's limit, less 40 s for the process
+      # start and the sample stage's overrun, so the cascade reaches `sample` inside the device call
+      limit=$T_CASCADE
+      [ -n "$budget" ] && [ $((budget - SECONDS - 30)) -lt $limit ] && limit=$((budget - SECONDS - 30))
+      tb=$((limit - 40)); [ $tb -gt $TB_CASCADE ] && tb=$TB_CASCADE; [ $tb -lt 1 ] && tb=1
+      run cascade "$T_CASCADE" $py -m train.pipeline preset=$PRESET "out_dir=$CASCADE" time_budget=$tb
+      mkdir -p "$RES/cascade"
       for f in report.md report.json samples.png sample/probe.md sample/benchmark.json; do
-        [ -f "$CASCADE/$f" ] && cp "$CASCADE/$f" "$OUT/cascade/"
+        [ -f "$CASCADE/$f" ] && cp "$CASCADE/$f" "$RES/cascade/"
       done
-      if [ -f "$OUT/cascade/report.json" ]; then
-        $py - "$OUT/cascade/report.json" >> "$OUT/logs/cascade.log" 2>&1 <<'EOF'
+      if [ -f "$RES/cascade/report.json" ]; then
+        $py - "$RES/cascade/report.json" >> "$RES/logs/cascade.log" 2>&1 <<'EOF'
 import json, sys
 report = json.load(open(sys.argv[1]))
-print("CASCADE | stage | seconds | key figures |")
-print("CASCADE |---|---|---|")
+print("CASCADE | stage | seconds | steps (allotted s) | key figures |")
+print("CASCADE |---|---|---|---|")
 keys = {"clip": ("val/zeroshot_shape_top1", "val/zeroshot_colour_top1", "val/zeroshot_count_top1"),
         "prior": ("val/cos_pred_image", "val/cos_text_image"), "decoder": ("val/colour_match",),
         "upsampler_256": ("val/psnr", "val/psnr_bicubic")}
@@ -208,23 +239,21 @@ for stage in ("clip", "embed", "prior", "decoder", "upsampler_256", "sample"):
     if stage == "sample":
         shown = [f"{k[6:]} {v:.3f}" for k, v in sorted(m.items())
                  if k.startswith("bench/") and k.endswith(("colour_shape", "/count", "/correct", "clip_score"))]
-    print(f"CASCADE | {stage} | {'-' if secs is None else round(secs)} | {', '.join(shown)} |")
+    steps = m.get("trainer/global_step")
+    allotted = m.get(f"{stage}/seconds_allotted")
+    ran = "-" if steps is None else f"{steps:.0f}" + ("" if allotted is None else f" ({allotted:.0f})")
+    print(f"CASCADE | {stage} | {'-' if secs is None else round(secs)} | {ran} | {', '.join(shown)} |")
 lever = {k[6:]: v for k, v in report.get("sample", {}).items() if k.startswith("lever/")}
 if lever:  # sample.lever: the same benchmark with one setting changed
     shown = [f"{k[6:]} {v:.3f}" for k, v in sorted(lever.items()) if k.endswith(("colour_shape", "/count", "/correct"))]
-    print(f"CASCADE | lever (sample.lever) | - | {', '.join(shown)} |")
+    print(f"CASCADE | lever (sample.lever) | - | - | {', '.join(shown)} |")
 EOF
-        sed -i 's/^CASCADE //' "$OUT/logs/cascade.log"
+        sed -i 's/^CASCADE //' "$RES/logs/cascade.log"
       fi
       section "The one-GPU cascade (python -m train.pipeline preset=$PRESET; samples: cascade/samples.png)" \
         cascade '^\|' ;;
-    *) echo "unknown step $step (expected tests, bench, sync, anchors, data, compiled, runs, cascade)" >&2; exit 2 ;;
   esac
+  publish
 done
-cat "$sections" >> "$report"
-rm -f "$sections"
-# issue 28's targets, met or not, from the rows the steps above wrote (ours, anchors, compiled, data)
-{ echo; echo "## Targets"; echo; $py -m eval.targets "$OUT" 2>&1; } >> "$report"
-echo >> "$report"
-echo "Logs: $OUT/logs/" >> "$report"
-cat "$report"
+publish
+cat "$OUT/report.md"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -32,14 +34,21 @@ def test_gpu_check_cpu_mode_runs_every_step_and_writes_the_report(tmp_path):
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # the device tool brings back at most 8 files from $OUT, at most 2 folders down, plainly named
+    sent = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert sent == ["check.tar.gz", "report.md", "samples.png"], sent
+    res = tmp_path / "res"  # everything else, in the archive
+    with tarfile.open(out / "check.tar.gz") as tar:
+        tar.extractall(res, filter="data")
     report = (out / "report.md").read_text()
+    assert report == (res / "report.md").read_text()
     for step in ("tests", "bench", "sync", "anchors", "data", "compiled", "runs", "cascade"):
         assert f"| {step} | 0 |" in report, (step, report[:2000])
     assert " passed" in report and " failed" not in report  # the GPU tier's device-agnostic tests
-    bench = json.loads((out / "bench.json").read_text())["rows"]
+    bench = json.loads((res / "bench.json").read_text())["rows"]
     assert [r["status"] for r in bench] == ["ok"] * 5
     assert "| clip | 1.1 | 32 |" in report
-    anchors = json.loads((out / "anchors.json").read_text())["rows"]
+    anchors = json.loads((res / "anchors.json").read_text())["rows"]
     # each anchor steps at batch 2, or is reported not installed (CI has no [bench] extra and no torchvision;
     # a checkout with launch/gpu_wheels.sh's .whl/ has some of them)
     assert [r["case"] for r in anchors] == [
@@ -53,7 +62,7 @@ def test_gpu_check_cpu_mode_runs_every_step_and_writes_the_report(tmp_path):
     assert (
         "## Targets" in report and "targets met;" in report
     )  # tiny CPU cases: the verdicts say not measured
-    data = json.loads((out / "data.json").read_text())  # the loaders on this machine's cores
+    data = json.loads((res / "data.json").read_text())  # the loaders on this machine's cores
     assert {(r["loader"], r["workers"]) for r in data} == {
         (x, w) for x in ("ours", "webdataset+PIL") for w in (0, 2)
     }
@@ -62,11 +71,10 @@ def test_gpu_check_cpu_mode_runs_every_step_and_writes_the_report(tmp_path):
     runs = [line for line in report.splitlines() if line.startswith("| upsampler_1024 | 3 |")]
     assert runs, report[-2000:]
     assert "| sample |" in report and "single/colour_shape" in report  # the preset cascade's benchmark
-    assert (out / "cascade" / "samples.png").exists() and (out / "cascade" / "probe.md").exists()
+    assert re.search(r"\| decoder \| \d+ \| 2 \(\d+\) \|", report), report  # steps (seconds allotted)
+    assert (res / "cascade" / "samples.png").exists() and (res / "cascade" / "probe.md").exists()
+    assert (res / "logs" / "cascade.log").exists() and (out / "samples.png").stat().st_size > 1000
     assert not (out / "datasets").exists() and (tmp_path / "work" / "datasets").exists()  # $OUT stays small
-    with pytest.raises(subprocess.CalledProcessError):
-        subprocess.run(["bash", "launch/gpu_check.sh", "--steps", "nope"], cwd=REPO, env=env, check=True,
-                       capture_output=True)  # fmt: skip
 
 
 @pytest.mark.slow
@@ -89,3 +97,24 @@ def test_gpu_check_budget_cuts_a_step_short_and_skips_the_rest(tmp_path):
     bad = subprocess.run(["bash", "launch/gpu_check.sh", "--budget", "soon"], cwd=REPO, env=env,
                          capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "--budget: expected whole seconds, got 'soon'" in bad.stderr
+
+
+def test_gpu_check_sends_back_few_files_and_refuses_unknown_steps(tmp_path):
+    """$OUT holds the report and one archive of the rest: the device tool brings back 8 files at most."""
+    out, work = tmp_path / "check", tmp_path / "work"
+    env = {**os.environ, "OUT": str(out), "WORK": str(work), "PYTHON": sys.executable}
+    result = subprocess.run(["bash", "launch/gpu_check.sh", "--cpu", "--steps", "sync"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.rglob("*")) == ["check.tar.gz", "report.md"]
+    with tarfile.open(out / "check.tar.gz") as tar:
+        names = set(tar.getnames())
+        log = tar.extractfile("./logs/sync.log").read().decode()
+    assert {"./report.md", "./logs/sync.log"} <= names, names
+    assert "| all_reduce(2) + read |" in log
+    report = (out / "report.md").read_text()
+    assert "| sync | 0 |" in report and "## Targets" in report and "check.tar.gz" in report
+    bad = subprocess.run(["bash", "launch/gpu_check.sh", "--cpu", "--steps", "sync,nope"], cwd=REPO,
+                         env={**env, "OUT": str(tmp_path / "bad")}, capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "--steps: unknown step 'nope'" in bad.stderr
+    assert not (tmp_path / "bad").exists()  # refused before any step ran

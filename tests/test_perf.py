@@ -64,6 +64,22 @@ def test_bench_train_batch_reaches_the_anchors(tmp_path, monkeypatch):
     assert json.loads(out.read_text())["rows"][0]["batch"] == 512
 
 
+def test_bench_train_writes_its_rows_after_every_case(tmp_path, monkeypatch):
+    """A bench stopped at its time limit (gpu_check --budget) keeps the rows of the cases it finished."""
+    real = bench_train.run_case
+
+    def stop_at_second(case, *args):
+        if case != "dalle2_prior":
+            raise KeyboardInterrupt  # what timeout's SIGINT does to the second case
+        return real(case, *args)
+
+    monkeypatch.setattr(bench_train, "run_case", stop_at_second)
+    out = tmp_path / "rows.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench_train.main(["--device", "cpu", "--cases", "dalle2_prior,open_clip_b16", "--json", str(out)])
+    assert [r["case"] for r in json.loads(out.read_text())["rows"]] == ["dalle2_prior"]
+
+
 @pytest.mark.parametrize("anchor", [c for c in bench_train.SIZES["anchor"]], ids=lambda c: c.name)
 def test_bench_anchor_size_cases_compose_at_the_anchors_shapes(anchor):
     """Every GPU-size case composes from the real config and builds (on the meta device: no memory)."""

@@ -72,6 +72,17 @@ def _fast_cfg(tmp_path: Path, out: Path, *extra: str):
 TB = ("logger=tensorboard", "trainer.log_every_n_steps=1")
 
 
+def test_last_checkpoint_is_the_final_step_when_max_steps_is_not_a_multiple_of_the_interval(tmp_path):
+    """7 steps, a checkpoint every 5: last.ckpt holds step 7 (Lightning's own kept step 5), so resume and
+    the export take the weights the run's metrics describe."""
+    out = tmp_path / "run"
+    cfg = _fast_cfg(tmp_path, out, "trainer.max_steps=7", "trainer.val_check_interval=7",
+                    "callbacks.checkpoint.every_n_train_steps=5")  # fmt: skip
+    assert train(cfg)["trainer/global_step"] == 7
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt", "step0000005.ckpt"]
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 7
+
+
 @pytest.mark.slow
 def test_fast_run_trains_checkpoints_resumes_and_continues_its_tensorboard_curves(tmp_path, caplog):
     out = tmp_path / "run"
@@ -234,6 +245,50 @@ def test_pipeline_refuses_unknown_stage_names_before_running_any():
         check_stages(["clip", "upsampler"])
 
 
+def test_time_budget_splits_the_time_left_by_shares_and_refuses_bad_values():
+    from omegaconf import OmegaConf
+
+    from train.pipeline import check_time_budget, dhms, time_allotment
+
+    shares = {"clip": 1, "prior": 1, "decoder": 5, "upsampler_256": 1, "sample": 2}
+    stages = ["clip", "embed", "prior", "decoder", "upsampler_256", "sample"]
+    assert time_allotment(420, 20, stages, shares) == pytest.approx(40)  # 400 s left, 1 of 10 shares
+    assert time_allotment(420, 100, stages[3:], shares) == pytest.approx(320 * 5 / 8)
+    assert time_allotment(420, 500, stages[3:], shares) == 1.0  # over budget: one second, not zero
+    assert time_allotment(60, 0, ["clip"], {}) == 60.0  # no shares: all that is left
+    assert dhms(754.9) == "00:00:12:34" and dhms(90061) == "01:01:01:01"  # Lightning's max_time format
+    check_time_budget(OmegaConf.create({"time_budget": 420, "time_shares": shares}))
+    check_time_budget(OmegaConf.create({"time_budget": None}))
+    with pytest.raises(SystemExit, match=r"time_budget: expected seconds > 0 or null, got '7min'"):
+        check_time_budget(OmegaConf.create({"time_budget": "7min"}))
+    with pytest.raises(SystemExit, match=r"time_shares.decodr: unknown stage"):
+        check_time_budget(OmegaConf.create({"time_budget": 60, "time_shares": {"decodr": 1}}))
+    with pytest.raises(SystemExit, match=r"time_shares.clip: expected a number >= 0, got -1"):
+        check_time_budget(OmegaConf.create({"time_budget": 60, "time_shares": {"clip": -1}}))
+
+
+@pytest.mark.slow
+def test_time_budget_stops_a_stage_early_validated_checkpointed_and_exported(tmp_path):
+    """time_budget=12: the CLIP stage's 100,000 steps are cut at its 12 s (trainer.max_time); it still
+    validates, checkpoints and exports the step where it stopped, and the report says so."""
+    out = tmp_path / "pipeline"
+    args = ["-m", "train.pipeline", f"out_dir={out}", "stages=[clip]", "time_budget=12", "+clip.debug=fast",
+            "clip.trainer.max_steps=100000", "clip.trainer.val_check_interval=100000"]  # fmt: skip
+    result = run_python(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    clip = json.loads((out / "report.json").read_text())["clip"]
+    assert 0 < clip["trainer/global_step"] < 100000 and clip["clip/seconds_allotted"] <= 12
+    assert "val/zeroshot_colour_top1" in clip  # validated at the step it stopped
+    assert clip["clip/seconds"] < 12 + 45  # setup, the final validation and the export are not cut
+    export = json.loads((out / "clip" / "export" / "export.json").read_text())
+    assert export["global_step"] == clip["trainer/global_step"]
+    steps = int(clip["trainer/global_step"])
+    assert f"| clip | {clip['clip/seconds']:.0f} | {steps} | " in (out / "report.md").read_text()
+    bad = run_python(["-m", "train.pipeline", f"out_dir={tmp_path / 'bad'}", "stages=[clip]",
+                      "+clip.trainer.max_time=5min"], tmp_path)  # fmt: skip
+    assert bad.returncode != 0 and "trainer.max_time" in bad.stderr and "DD:HH:MM:SS" in bad.stderr
+
+
 @pytest.mark.slow
 def test_wandb_offline_logs_config_and_perf_resumes_the_same_run_and_keeps_no_secret(tmp_path):
     run_dir = tmp_path / "run"
@@ -339,3 +394,5 @@ def test_gpu_preset_runs_the_whole_cascade_at_smoke_size(tmp_path):
     assert report["sample"]["lever/bench/clip_score"] != report["sample"]["bench/clip_score"]  # other images
     assert (out / "sample" / "lever" / "samples.png").exists()
     assert "## lever" in (out / "report.md").read_text()
+    for stage in ("clip", "prior", "decoder", "upsampler_256"):  # preset=gpu's time_budget reaches each stage
+        assert 1 <= report[stage][f"{stage}/seconds_allotted"] <= 420, stage

@@ -3,6 +3,7 @@ one shuffle buffer's worth of shards, wherever in the epoch it stopped."""
 
 from __future__ import annotations
 
+import base64
 import itertools
 import random
 from collections import Counter
@@ -104,11 +105,19 @@ def test_the_cursor_is_small_and_stores_in_a_weights_only_checkpoint(tmp_path):
     for _ in range(60):
         next(it)
     cursor = stream.cursor()
-    assert len(cursor["buffer"]) == 8 * 40 and len(cursor["rng"]) == 4 * 625
+    assert len(cursor["buffer"]) == 428 and len(cursor["rng"]) == 3336  # 8 x 40 and 4 x 625 bytes, base64
     torch.save({"cursor": cursor}, tmp_path / "c.pt")
     loaded = torch.load(tmp_path / "c.pt", weights_only=True)["cursor"]
     rest = [s["__key__"] for s in _stream(shards, 40, cursor=loaded)]
     assert len(rest) == 200 - 60
+    # a cursor taken when the buffer is empty (before the first sample, or drained) loads too
+    empty = _stream(shards, 40).cursor()
+    torch.save({"cursor": empty}, tmp_path / "e.pt")
+    loaded = torch.load(tmp_path / "e.pt", weights_only=True)["cursor"]
+    assert len([s["__key__"] for s in _stream(shards, 40, cursor=loaded)]) == 200
+    # a cursor saved as bytes (before the change to text) still restores
+    old = {**cursor, "buffer": base64.b64decode(cursor["buffer"]), "rng": base64.b64decode(cursor["rng"])}
+    assert [s["__key__"] for s in _stream(shards, 40, cursor=old)] == rest
 
 
 def test_a_restart_through_the_pipeline_reopens_few_shards_and_replays_none(make_shards, opened):

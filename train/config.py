@@ -11,6 +11,7 @@ rule applies when its key is present, so a stage without EMA or without a module
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,12 @@ def _integer(v: Any) -> bool:
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (_integer, "an integer"),
     "trainer.max_steps": (lambda v: _integer(v) and (v > 0 or v == -1), "a positive integer (or -1)"),
+    "trainer.max_time": (
+        lambda v: (
+            v is None or (isinstance(v, str) and re.fullmatch(r"\d+:\d\d:\d\d:\d\d", v.strip()) is not None)
+        ),
+        "null or 'DD:HH:MM:SS' (e.g. '00:00:05:00')",
+    ),
     "trainer.val_check_interval": (lambda v: v is None or (_number(v) and v > 0), "a number > 0"),
     "trainer.accumulate_grad_batches": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     "trainer.gradient_clip_val": (lambda v: v is None or (_number(v) and v >= 0), "a number >= 0 or null"),

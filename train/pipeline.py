@@ -20,7 +20,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -252,8 +252,16 @@ def write_report(out_dir: Path, results: dict[str, dict[str, float]]) -> None:
     seconds.update(
         {s: m[k] for s, m in results.items() for k in ("embed/seconds", "bench/seconds") if k in m}
     )
-    if seconds:
-        lines += ["| stage | seconds |", "|---|---|", *[f"| {s} | {v:.0f} |" for s, v in seconds.items()], ""]
+    if seconds:  # steps: where a training stage stopped; allotted: its share of time_budget
+        lines += ["| stage | seconds | steps | seconds allotted |", "|---|---|---|---|"]
+        for s, v in seconds.items():
+            steps = results[s].get("trainer/global_step")
+            allotted = results[s].get(f"{s}/seconds_allotted")
+            lines.append(
+                f"| {s} | {v:.0f} | {'-' if steps is None else f'{steps:.0f}'} | "
+                f"{'-' if allotted is None else f'{allotted:.0f}'} |"
+            )
+        lines += [""]
     for stage, metrics in results.items():
         lines += [f"## {stage}", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())]
@@ -276,6 +284,39 @@ def write_report(out_dir: Path, results: dict[str, dict[str, float]]) -> None:
     (out_dir / "report.md").write_text("\n".join(lines))
 
 
+def time_allotment(
+    budget: float, elapsed: float, stages: Sequence[str], shares: Mapping[str, float]
+) -> float:
+    """Seconds for ``stages[0]`` when ``elapsed`` of ``budget`` seconds are spent and ``stages`` are still
+    to run: the time left split by ``shares`` (a stage not listed has none), at least one second."""
+    weights = [float(shares.get(name) or 0) for name in stages]
+    left = max(float(budget) - elapsed, 0.0)
+    share = left * weights[0] / sum(weights) if sum(weights) > 0 else left
+    return max(share, 1.0)
+
+
+def dhms(seconds: float) -> str:
+    """Whole seconds as Lightning's ``max_time`` string: 754.2 -> '00:00:12:34'."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    return f"{days:02d}:{hours:02d}:{minutes:02d}:{secs:02d}"
+
+
+def check_time_budget(cfg: DictConfig) -> None:
+    """time_budget and time_shares: numbers, and shares only of stages this pipeline has."""
+    budget, shares = cfg.get("time_budget"), cfg.get("time_shares") or {}
+    if budget is not None and (
+        isinstance(budget, bool) or not isinstance(budget, int | float) or budget <= 0
+    ):
+        raise SystemExit(f"time_budget: expected seconds > 0 or null, got {budget!r}")
+    for name, share in shares.items():
+        if name not in STAGES:
+            raise SystemExit(f"time_shares.{name}: unknown stage; expected names from {list(STAGES)}")
+        if isinstance(share, bool) or not isinstance(share, int | float) or share < 0:
+            raise SystemExit(f"time_shares.{name}: expected a number >= 0, got {share!r}")
+
+
 def check_stages(stages) -> None:
     """Stop before any stage runs when ``stages`` names one this pipeline does not have."""
     unknown = [name for name in stages if name not in STAGES]
@@ -286,14 +327,28 @@ def check_stages(stages) -> None:
 @hydra.main(version_base=None, config_path="../conf", config_name="pipeline")
 def main(cfg: DictConfig) -> None:
     check_stages(cfg.stages)
+    check_time_budget(cfg)
+    start = time.monotonic()
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
-    for name in cfg.stages:
+    budget, shares = cfg.get("time_budget"), cfg.get("time_shares") or {}
+    for i, name in enumerate(cfg.stages):
         stage_overrides = OmegaConf.to_container(cfg.get(name) or {}, resolve=True)
+        allotted = None
+        if budget is not None and name not in ("embed", "sample"):
+            allotted = time_allotment(budget, time.monotonic() - start, cfg.stages[i:], shares)
+            trainer = stage_overrides.setdefault("trainer", {})
+            if trainer.get("max_time") is None:  # a stage's own max_time wins
+                trainer["max_time"] = dhms(allotted)
+            log.info("stage %s: stops at %s (time_budget %s s)", name, trainer["max_time"], budget)
         results[name] = run_stage(name, stage_overrides, out_dir, tuple(cfg.stages))
+        if allotted is not None:
+            results[name][f"{name}/seconds_allotted"] = allotted
         write_report(out_dir, results)  # after every stage: a run cut short still reports what finished
-    print(f"\npipeline finished: {', '.join(cfg.stages)}")
+    elapsed = time.monotonic() - start
+    print(f"\npipeline finished: {', '.join(cfg.stages)} in {elapsed:.0f} s"
+          + (f" (time_budget {budget} s)" if budget is not None else ""))  # fmt: skip
     for name, metrics in results.items():
         shown = {
             k: round(v, 4)
