@@ -11,6 +11,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import yaml
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,6 +77,30 @@ def test_gpu_check_cpu_mode_runs_every_step_and_writes_the_report(tmp_path):
     assert (res / "cascade" / "samples.png").exists() and (res / "cascade" / "probe.md").exists()
     assert (res / "logs" / "cascade.log").exists() and (out / "samples.png").stat().st_size > 1000
     assert not (out / "datasets").exists() and (tmp_path / "work" / "datasets").exists()  # $OUT stays small
+    _check_gpu_preset_cascade(next((tmp_path / "work").glob("cascade-*")))
+
+
+def _check_gpu_preset_cascade(out):
+    """The cascade step's run of preset=gpu (conf/preset/gpu.yaml) through every stage, shrunk
+    (preset=gpu_smoke): 64 px decoder, 64 -> 256 upsampler trained on the 256 px renders, sampling at
+    256 px, the lever, and the time budget reaching every training stage; what a GPU session runs full size."""
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) == {"clip", "embed", "prior", "decoder", "upsampler_256", "sample"}
+    decoder = yaml.safe_load((out / "decoder" / "config.yaml").read_text())
+    assert decoder["net"]["image_size"] == 64 and decoder["net"]["channel_mult"] == [1, 2, 3, 4]
+    up = yaml.safe_load((out / "upsampler_256" / "config.yaml").read_text())
+    assert up["net"]["image_size"] == 256 and up["module"]["low_res_size"] == 64
+    assert "shapes256px" in up["data"]["train_shards"]
+    assert Image.open(out / "sample" / "samples.png").size[0] >= 2 * 256  # 256 px samples, two per row
+    assert report["sample"]["bench/n"] == 8 and "probe/renders_at_64_px/shape" in report["sample"]
+    # sample.lever: the benchmark again with the prior's guidance changed, compared in report.md
+    lever = {k for k in report["sample"] if k.startswith("lever/bench/")}
+    assert "lever/bench/n" in lever and {k[6:] for k in lever} <= set(report["sample"]), lever
+    assert report["sample"]["lever/bench/clip_score"] != report["sample"]["bench/clip_score"]  # other images
+    assert (out / "sample" / "lever" / "samples.png").exists()
+    assert "## lever" in (out / "report.md").read_text()
+    for stage in ("clip", "prior", "decoder", "upsampler_256"):  # gpu_check's time_budget (CPU: <= 240 s)
+        assert 1 <= report[stage][f"{stage}/seconds_allotted"] <= 240, stage
 
 
 @pytest.mark.slow
