@@ -14,7 +14,7 @@
 #                                                  # with under 5 s left is skipped (the device call's
 #                                                  # timeout_s: ~20 s more than the budget)
 #
-# Steps (default order = value order; about 6 minutes for the first call on one H200, see launch/README.md):
+# Steps (default order = value order; a session runs them in two calls, see launch/README.md):
 #   tests     pytest -m gpu: bf16 steps of every stage, compiled vs eager, flash attention, ZeRO-2/3 and
 #             FSDP2 on one GPU, bitwise resume, data.embed, the EMA under a bf16 DeepSpeed engine
 #   bench     python -m eval.bench_train: our stages at the anchors' shapes, eager
@@ -90,9 +90,9 @@ if [ $cpu = 1 ]; then
     decoder.module.val_max_samples=4 upsampler_256.module.val_max_samples=4
     upsampler_1024.module.val_max_samples=4 +prior.module.sample_steps=4)
 else
-  T_TESTS=240 T_SYNC=60 SYNC_PARAMS=400e6 T_BENCH=150 T_ANCHORS=120 T_COMPILED=300 T_RUNS=240 T_CASCADE=540 PRESET=gpu
+  T_TESTS=200 T_SYNC=30 SYNC_PARAMS=400e6 T_BENCH=90 T_ANCHORS=120 T_COMPILED=300 T_RUNS=240 T_CASCADE=540 PRESET=gpu
   TB_CASCADE=420   # issue 26: the cascade in at most 7 minutes
-  T_DATA=100 data_args=(--samples 16000 --sizes 256 --crop 224 --workers 1 12 --seconds 6)
+  T_DATA=60 data_args=(--samples 16000 --sizes 256 --crop 224 --workers 1 12 --seconds 6)
   test_args=(-m gpu)
   bench_args=(--size anchor)
   anchor_cases=(--cases open_clip_b16,open_clip_l14,diffusers_unet64,dalle2_prior)
