@@ -284,6 +284,9 @@ def test_time_budget_stops_a_stage_early_validated_checkpointed_and_exported(tmp
     assert export["global_step"] == clip["trainer/global_step"]
     steps = int(clip["trainer/global_step"])
     assert f"| clip | {clip['clip/seconds']:.0f} | {steps} | " in (out / "report.md").read_text()
+    again = run_python(args, tmp_path)  # a finished stage is skipped: no time allotted to it
+    printed = again.stdout + again.stderr
+    assert again.returncode == 0 and "already finished" in printed and "stops at" not in printed
     bad = run_python(["-m", "train.pipeline", f"out_dir={tmp_path / 'bad'}", "stages=[clip]",
                       "+clip.trainer.max_time=5min"], tmp_path)  # fmt: skip
     assert bad.returncode != 0 and "trainer.max_time" in bad.stderr and "DD:HH:MM:SS" in bad.stderr

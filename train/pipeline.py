@@ -336,7 +336,8 @@ def main(cfg: DictConfig) -> None:
     for i, name in enumerate(cfg.stages):
         stage_overrides = OmegaConf.to_container(cfg.get(name) or {}, resolve=True)
         allotted = None
-        if budget is not None and name not in ("embed", "sample"):
+        finished = (out_dir / name / "done.json").exists()  # skipped below: nothing to allot
+        if budget is not None and name not in ("embed", "sample") and not finished:
             allotted = time_allotment(budget, time.monotonic() - start, cfg.stages[i:], shares)
             trainer = stage_overrides.setdefault("trainer", {})
             if trainer.get("max_time") is None:  # a stage's own max_time wins
