@@ -62,10 +62,9 @@ def photo_like(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     return np.clip(x, 0, 255).astype(np.uint8)
 
 
-def _write_photo_shard(job: tuple[Path, range, int]) -> tuple[str, int, int]:
+def _write_photo_shard(job: tuple[Path, range, int]) -> tuple[str, int]:
     path, indices, short_side = job
     height, width = short_side, round(short_side * PHOTO_ASPECT)
-    nbytes = 0
     tmp = path.with_name(path.name + ".tmp")
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for i in indices:
@@ -77,14 +76,13 @@ def _write_photo_shard(job: tuple[Path, range, int]) -> tuple[str, int, int]:
             add_member(tar, f"{key}.jpg", buf.getvalue())
             add_member(tar, f"{key}.txt", caption.encode())
             add_member(tar, f"{key}.json", json.dumps(meta).encode())
-            nbytes += buf.tell()
     os.replace(tmp, path)
-    return path.name, len(indices), nbytes
+    return path.name, len(indices)
 
 
-def write_photo_shards(out: Path, samples: int, short_side: int, shards: int, processes: int) -> float:
+def write_photo_shards(out: Path, samples: int, short_side: int, shards: int, processes: int) -> None:
     """Write ``samples`` photo-like samples into ``shards`` tars (img2dataset layout + sizes.json) with
-    ``processes`` processes; returns the mean JPEG size in KB."""
+    ``processes`` processes."""
     out.mkdir(parents=True, exist_ok=True)
     per = math.ceil(samples / shards)
     jobs = [
@@ -93,8 +91,7 @@ def write_photo_shards(out: Path, samples: int, short_side: int, shards: int, pr
     jobs = [j for j in jobs if len(j[1])]
     with multiprocessing.get_context("spawn").Pool(max(1, min(processes, len(jobs)))) as pool:
         written = pool.map(_write_photo_shard, jobs)
-    (out / "sizes.json").write_text(json.dumps({name: n for name, n, _ in written}))
-    return sum(b for *_, b in written) / samples / 1024
+    (out / "sizes.json").write_text(json.dumps(dict(written)))
 
 
 def mean_jpeg_kb(shards: Path) -> float:

@@ -63,8 +63,7 @@ RUNS="$WORK/runs-$stamp" CASCADE="$WORK/cascade-$stamp"
 # the samples and an archive of RES into $OUT.
 RES="$WORK/check-$stamp"
 mkdir -p "$OUT" "$RES/logs"
-rows="$RES/rows.md" sections="$RES/sections.md"
-: > "$sections"
+rows=$(mktemp) sections=$(mktemp)   # the report's two parts, joined by publish()
 
 # ---- install what the machine lacks (carried wheels), into a private site dir
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -125,21 +124,26 @@ publish() {
   tar -czf "$OUT/check.tar.gz.part" -C "$RES" . && mv "$OUT/check.tar.gz.part" "$OUT/check.tar.gz"
 }
 
-# run STEP TIMEOUT CMD...: log to $RES/logs/STEP.log, a status row in the report, keep going.
-# With --budget, the timeout is cut to what the budget leaves (less 30 s: the INT -> KILL grace of 20 s,
-# copying and the report), and a step with under 5 s left does not start.
+# step_limit TIMEOUT: the step's timeout, cut with --budget to what the budget leaves (less 30 s: the INT -> KILL
+# grace of 20 s, copying and the report)
+step_limit() {
+  local t=$1
+  [ -n "$budget" ] && [ $((budget - SECONDS - 30)) -lt "$t" ] && t=$((budget - SECONDS - 30))
+  echo "$t"
+}
+
+# run STEP TIMEOUT CMD...: log to $RES/logs/STEP.log, a status row in the report, keep going. A step with
+# under 5 s left of the budget does not start.
 run() {
-  local step=$1 limit=$2; shift 2
+  local step=$1 limit; limit=$(step_limit "$2"); shift 2
   local start=$SECONDS rc
   if [ -n "$budget" ]; then
-    local left=$((budget - SECONDS - 30))
-    if [ $left -lt 5 ]; then
+    if [ "$limit" -lt 5 ]; then
       echo "| $step | skipped (budget: ${budget} s) | 0 |" >> "$rows"
       echo "skipped: $((budget - SECONDS)) s of the ${budget} s budget left" > "$RES/logs/$step.log"
       echo "== $step: skipped, $((budget - SECONDS)) s of the ${budget} s budget left" >&2
       return 0
     fi
-    [ $left -lt "$limit" ] && limit=$left
   fi
   echo "== $step (timeout ${limit}s): $*" >&2
   timeout --signal=INT --kill-after=20 "$limit" "$@" > "$RES/logs/$step.log" 2>&1
@@ -215,9 +219,7 @@ EOF
     cascade)
       # the pipeline's time_budget (preset=gpu: 420 s) cut to fit this step's limit, less 40 s for the process
       # start and the sample stage's overrun, so the cascade reaches `sample` inside the device call
-      limit=$T_CASCADE
-      [ -n "$budget" ] && [ $((budget - SECONDS - 30)) -lt $limit ] && limit=$((budget - SECONDS - 30))
-      tb=$((limit - 40)); [ $tb -gt $TB_CASCADE ] && tb=$TB_CASCADE; [ $tb -lt 1 ] && tb=1
+      tb=$(($(step_limit "$T_CASCADE") - 40)); [ $tb -gt $TB_CASCADE ] && tb=$TB_CASCADE; [ $tb -lt 1 ] && tb=1
       run cascade "$T_CASCADE" $py -m train.pipeline preset=$PRESET "out_dir=$CASCADE" time_budget=$tb
       mkdir -p "$RES/cascade"
       for f in report.md report.json samples.png sample/probe.md sample/benchmark.json; do
@@ -256,4 +258,5 @@ EOF
   publish
 done
 publish
+rm -f "$rows" "$sections"
 cat "$OUT/report.md"

@@ -12,13 +12,13 @@ from __future__ import annotations
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from train.callbacks.preemption import Preemption
+
 
 class Checkpoint(ModelCheckpoint):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a preemption stop already wrote this step (preempt.ckpt, which resume=auto takes): not twice
-        preempted = any(
-            getattr(c, "checkpoint", None) is not None for c in trainer.callbacks if c is not self
-        )
+        preempted = any(isinstance(c, Preemption) and c.checkpoint is not None for c in trainer.callbacks)
         if self.save_last and not preempted and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)
