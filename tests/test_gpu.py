@@ -7,6 +7,7 @@ DeepSpeed and FSDP2 on a GPU) skip there with their reason.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 
 from eval import bench_train
-from tests.conftest import compose_config
+from tests.conftest import compose_config, run_python
 from train.run import train
 
 # cuBLAS is deterministic only with a fixed workspace, set before CUDA starts (exact-resume test).
@@ -196,3 +197,22 @@ def test_ema_keeps_an_fp32_average_under_a_real_deepspeed_bf16_engine(tmp_path, 
     )
     train(cfg)
     assert EMAProbe.seen == {"shadow": torch.bfloat16, "master": torch.float32, "updates": 4}
+
+
+@pytest.mark.skipif(
+    DEVICE.type != "cuda", reason="on a CPU, launch/gpu_check.sh --cpu's cascade step runs this preset"
+)
+def test_the_smoke_cascade_trains_embeds_and_samples_on_the_device(tmp_path):
+    """preset=gpu_smoke end to end: each stage trains on the GPU, and embed and sample, which run outside
+    a Trainer, run there too. A device mix-up in the sampling code shows here, in the first device call,
+    and not at the end of preset=gpu's 7 minutes (gpu_check's cascade step)."""
+    out = tmp_path / "cascade"
+    result = run_python(["-m", "train.pipeline", "preset=gpu_smoke", f"out_dir={out}"], tmp_path, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for stage in ("embed", "sample"):
+        assert json.loads((out / stage / "done.json").read_text())["device"].startswith(DEVICE.type), stage
+    sample = json.loads((out / "report.json").read_text())["sample"]
+    assert (
+        sample["bench/n"] == 8 and "lever/bench/n" in sample and "probe/decoder_caption_only/colour" in sample
+    )
+    assert (out / "samples.png").is_file()

@@ -221,6 +221,8 @@ def test_pipeline_runs_every_stage_writes_a_report_and_skips_finished_stages(tmp
     assert bench["bench/n"] == 8 and 0 <= bench["bench/single/colour_shape"] <= 1
     assert "bench/clip_fid" in bench and "bench/clip_score" in bench
     assert Image.open(out / "samples.png").size[0] > 2 * 128
+    for stage in ("embed", "sample"):  # where they ran (no GPU here)
+        assert json.loads((out / stage / "done.json").read_text())["device"] == "cpu", stage
     assert (out / "clip" / "checkpoints" / "last.ckpt").exists()
     md = (out / "report.md").read_text()
     assert "| val/zeroshot_colour_top1 |" in md and "bench/single/colour_shape" in md and "samples.png" in md
@@ -235,6 +237,39 @@ def test_pipeline_runs_every_stage_writes_a_report_and_skips_finished_stages(tmp
     third = run_python([*args, "stages=[clip,embed,prior]", "+prior.module.optimizer.lr=-1"], tmp_path)
     assert third.returncode != 0 and "module.optimizer.lr=-1" in third.stderr
     assert set(json.loads((out / "report.json").read_text())) == {"clip", "embed"}
+
+
+def test_pipeline_embeds_and_samples_on_the_gpu_when_there_is_one(tmp_path, monkeypatch):
+    """embed and sample run in the pipeline's own process, not under a Trainer: with a GPU they must ask
+    for it (they used to embed and sample preset=gpu's cascade on the CPU); embed.device overrides."""
+    import data.embed
+    import train.cascade
+    from train import pipeline
+
+    class Called(Exception):
+        pass
+
+    def record(*args, **kwargs):
+        seen.append(kwargs.get("device"))
+        raise Called
+
+    seen: list = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(train.cascade.Cascade, "load", record)
+    monkeypatch.setattr(data.embed, "embed_shards", record)
+    for stage in ("decoder", "upsampler_256"):
+        (tmp_path / stage / "export").mkdir(parents=True)
+        (tmp_path / stage / "export" / "config.yaml").write_text("{}")
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "done.json").write_text("{}")
+    (tmp_path / "clip" / "config.yaml").write_text("data: {train_shards: x, val_shards: y}")
+    with pytest.raises(Called):
+        pipeline.run_sample({}, tmp_path, ("upsampler_256",))
+    for options in ({}, {"device": "cpu"}):
+        with pytest.raises(Called):
+            pipeline.run_embed(options, tmp_path)
+    assert seen == ["cuda:1", "cuda:1", "cpu"]
 
 
 def test_pipeline_refuses_unknown_stage_names_before_running_any():

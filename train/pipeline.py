@@ -28,6 +28,7 @@ import hydra
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
+from data.embed import resolve_device
 from train.checkpoint import export_stage
 from train.modules.compat import upgrade_overrides
 from train.run import train
@@ -85,16 +86,23 @@ def run_embed(options: Mapping[str, Any], out_dir: Path) -> dict[str, float]:
             f"stage embed needs a finished CLIP stage in {clip_dir} (stages=[clip,embed,...])"
         )
     clip_cfg = OmegaConf.load(clip_dir / "config.yaml")
+    device = resolve_device(options.get("device"))
+    log.info("stage embed: on %s", device)
     start, metrics = time.time(), {}
     for split in ("train", "val"):
         shards = clip_cfg.data.get(f"{split}_shards")
         if shards:
             result = embed_shards(
-                str(clip_dir), shards, stage_dir / split, batch_size=int(options.get("batch", 256))
+                str(clip_dir),
+                shards,
+                stage_dir / split,
+                batch_size=int(options.get("batch", 256)),
+                device=device,
             )
             metrics[f"embed/{split}_samples"] = float(result["samples"])
     metrics["embed/seconds"] = time.time() - start
-    done.write_text(json.dumps({"metrics": metrics, "seconds": metrics["embed/seconds"]}, indent=2))
+    record = {"metrics": metrics, "seconds": metrics["embed/seconds"], "device": device}
+    done.write_text(json.dumps(record, indent=2))
     return metrics
 
 
@@ -117,11 +125,14 @@ def run_sample(
         raise FileNotFoundError(
             f"stage sample needs the finished stages {missing} in {out_dir} (their export/ directories)"
         )
+    device = resolve_device(options.get("device"))
+    log.info("stage sample: on %s", device)
     cascade = Cascade.load(
         found["decoder"],
         prior=found["prior"] if (found["prior"] / "config.yaml").exists() else None,
         upsamplers=[found[n] for n in upsamplers],
         clip=out_dir / "clip",
+        device=device,
     )
     settings = {
         k: StageSettings(**{key: v for key, v in (options.get(k) or {}).items() if v is not None})
@@ -151,7 +162,8 @@ def run_sample(
         start = time.time()
         metrics.update(_probe(cascade, options, settings["decoder"], ups, stage_dir))
         metrics["bench/seconds"] += time.time() - start
-    done.write_text(json.dumps({"metrics": metrics, "seconds": metrics["bench/seconds"]}, indent=2))
+    record = {"metrics": metrics, "seconds": metrics["bench/seconds"], "device": device}
+    done.write_text(json.dumps(record, indent=2))
     return metrics
 
 
