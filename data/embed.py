@@ -1,6 +1,7 @@
 """Embedding export: a frozen CLIP over image-text shards -> embedding shards for the prior and decoder.
 
     python -m data.embed ckpt=outputs/clip/RUN shards='data/{00000..00099}.tar' out=embeddings/ [batch=256]
+        [workers=8]                 # loader processes decoding whole shards while this one embeds
     torchrun --nproc_per_node=8 -m data.embed ckpt=... shards=... out=...     # each rank its own shards
 
 ``ckpt`` is a CLIP run directory (or a checkpoint inside its ``checkpoints/``). For every input shard
@@ -29,11 +30,13 @@ import sys
 import tarfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.pipeline import ShardDataset
 from data.progress import Progress
@@ -68,12 +71,17 @@ def embed_shards(
     *,
     batch_size: int = 256,
     device: str = "cpu",
+    workers: int = 0,
     rank: int | None = None,
     world_size: int | None = None,
 ) -> dict[str, Any]:
-    """Embed this rank's share of ``shards`` into ``out``; returns counts (samples, skips, shards)."""
+    """Embed this rank's share of ``shards`` into ``out``; returns counts (samples, skips, shards).
+    ``workers``: loader processes that read and decode whole shards (0: this process does), while
+    this process embeds and writes; the output does not depend on it."""
     from train.frozen_clip import FrozenClip
 
+    if workers < 0:
+        raise ValueError(f"workers={workers}: expected an integer >= 0 (loader processes)")
     env_rank, env_world = rank_and_world()
     rank = env_rank if rank is None else rank
     world = env_world if world_size is None else world_size
@@ -84,18 +92,26 @@ def embed_shards(
     totals: Counter = Counter()
     sizes: dict[str, int] = {}
     start = time.time()
-    mine = range(rank, len(urls), world)
+    mine = list(range(rank, len(urls), world))
     progress = Progress(len(mine), f"embedding export, rank {rank}", log=log)
-    for index in mine:
-        url = urls[index]
-        name = f"{index:05d}.tar" if url.startswith("pipe:") else Path(url).name
-        name = name if name.endswith(".tar") else name + ".tar"
-        n, skips = _embed_shard(clip, url, out, name, batch_size)
+    jobs = _ShardJobs([(i, urls[i]) for i in mine], clip.image_size, clip.tokenizer, batch_size)
+    workers = min(workers, len(mine))
+    loader = DataLoader(jobs, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
+    writing: dict[int, _ShardWriter] = {}  # shards whose batches are arriving (one per loader worker)
+    for index, batch in loader:
+        if index not in writing:
+            writing[index] = _ShardWriter(out, _output_name(index, urls[index]))
+        writer = writing[index]
+        if batch is not None:
+            writer.add(clip, batch)
+            continue
+        n, skips = writer.close()  # the shard's last record: its tar is complete
+        del writing[index]
         totals.update({f"skipped_{k}": v for k, v in skips.items() if v})
         totals["samples"] += n
         totals["shards"] += 1
-        sizes[name] = n
-        progress.step(detail=f"{url} -> {out / name}, {n} samples")
+        sizes[writer.name] = n
+        progress.step(detail=f"{urls[index]} -> {out / writer.name}, {n} samples")
     _merge_sizes(out / "sizes.json", sizes)
     if rank == 0:
         _write_info(out, clip, shards, world)
@@ -104,43 +120,80 @@ def embed_shards(
     return result
 
 
-def _embed_shard(clip, url: str, out: Path, name: str, batch_size: int) -> tuple[int, dict[str, int]]:
-    """One shard's embeddings as ``out/name`` (written to a temporary name, then moved: complete shards
-    only); returns the samples written and the samples skipped by reason."""
-    ds = ShardDataset(
-        url,
-        batch_size=batch_size,
-        image_size=clip.image_size,
-        crop="center",
-        tokenizer=clip.tokenizer,
-        keep_json=True,
-        shuffle_buffer=0,
-        shuffle_shards=False,
-        seed=0,
-    )
-    tmp = out / f".{name}.tmp{os.getpid()}"
-    n, skips = 0, {}
-    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-        for batch in ds:
-            skips = batch["__state__"]["skips"]  # cumulative for this shard
-            if not batch["__key__"]:
-                continue
-            emb = clip.embed(batch["image"], batch["tokens"])
-            img = emb["img_emb"].cpu().numpy().astype(np.float16)
-            txt = emb["txt_emb"].cpu().numpy().astype(np.float16)
-            feats = emb["txt_feat"].cpu().numpy().astype(np.float16)  # (B, L, W)
-            toks = batch["tokens"].numpy().astype(np.int32)
-            for i, key in enumerate(batch["__key__"]):
-                _add(tar, f"{key}.img_emb.npy", _npy(img[i]))
-                _add(tar, f"{key}.txt_emb.npy", _npy(txt[i]))
-                _add(tar, f"{key}.txt_feat.npy", _npy(feats[i]))
-                _add(tar, f"{key}.tokens.npy", _npy(toks[i]))
-                _add(tar, f"{key}.txt", batch["caption"][i].encode())
-                if batch["json"][i]:
-                    _add(tar, f"{key}.json", json.dumps(batch["json"][i]).encode())
-            n += len(batch["__key__"])
-    os.replace(tmp, out / name)
-    return n, skips
+def _output_name(index: int, url: str) -> str:
+    name = f"{index:05d}.tar" if url.startswith("pipe:") else Path(url).name
+    return name if name.endswith(".tar") else name + ".tar"
+
+
+class _WholeShard(ShardDataset):
+    """A ShardDataset read whole by whichever process iterates it: data.embed hands each loader worker
+    whole shards, where a ShardDataset would split its shards over the workers."""
+
+    def worker_streams(self) -> tuple[int, int, list[int]]:
+        return 0, 1, super().worker_streams()[2]
+
+
+class _ShardJobs(IterableDataset):
+    """This rank's shards for data.embed, ``[(index, url)]``, dealt out whole to the loader workers:
+    yields ``(index, batch)`` for each of a shard's batches (centre crops, in order), then
+    ``(index, None)`` when the shard is complete."""
+
+    def __init__(self, jobs: list[tuple[int, str]], image_size: int, tokenizer, batch_size: int) -> None:
+        self.jobs, self.image_size, self.tokenizer, self.batch_size = jobs, image_size, tokenizer, batch_size
+
+    def __iter__(self) -> Iterator[tuple[int, dict | None]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for index, url in self.jobs[worker::workers]:
+            ds = _WholeShard(
+                url,
+                batch_size=self.batch_size,
+                image_size=self.image_size,
+                crop="center",
+                tokenizer=self.tokenizer,
+                keep_json=True,
+                shuffle_buffer=0,
+                shuffle_shards=False,
+                seed=0,
+            )
+            for batch in ds:
+                yield index, batch
+            yield index, None
+
+
+class _ShardWriter:
+    """One output shard, written to a temporary name and moved into place by :meth:`close` (complete
+    shards only)."""
+
+    def __init__(self, out: Path, name: str) -> None:
+        self.name, self.path = name, out / name
+        self.tmp = out / f".{name}.tmp{os.getpid()}"
+        self.tar = tarfile.open(self.tmp, "w", format=tarfile.PAX_FORMAT)
+        self.n, self.skips = 0, {}
+
+    def add(self, clip, batch: dict) -> None:
+        self.skips = batch["__state__"]["skips"]  # cumulative for this shard
+        if not batch["__key__"]:
+            return
+        emb = clip.embed(batch["image"], batch["tokens"])
+        img = emb["img_emb"].cpu().numpy().astype(np.float16)
+        txt = emb["txt_emb"].cpu().numpy().astype(np.float16)
+        feats = emb["txt_feat"].cpu().numpy().astype(np.float16)  # (B, L, W)
+        toks = batch["tokens"].numpy().astype(np.int32)
+        for i, key in enumerate(batch["__key__"]):
+            _add(self.tar, f"{key}.img_emb.npy", _npy(img[i]))
+            _add(self.tar, f"{key}.txt_emb.npy", _npy(txt[i]))
+            _add(self.tar, f"{key}.txt_feat.npy", _npy(feats[i]))
+            _add(self.tar, f"{key}.tokens.npy", _npy(toks[i]))
+            _add(self.tar, f"{key}.txt", batch["caption"][i].encode())
+            if batch["json"][i]:
+                _add(self.tar, f"{key}.json", json.dumps(batch["json"][i]).encode())
+        self.n += len(batch["__key__"])
+
+    def close(self) -> tuple[int, dict[str, int]]:
+        self.tar.close()
+        os.replace(self.tmp, self.path)
+        return self.n, dict(self.skips)
 
 
 def _write_info(out: Path, clip, shards: str, world: int) -> None:
@@ -206,12 +259,15 @@ def parse_args(argv: list[str]) -> dict[str, str]:
         key, sep, value = arg.lstrip("-").partition("=")
         if not sep:
             raise ValueError(
-                f"argument {arg!r}: expected key=value (ckpt=..., shards=..., out=..., batch=..., device=...)"
+                f"argument {arg!r}: expected key=value (ckpt=..., shards=..., out=..., batch=..., device=..., "
+                "workers=...)"
             )
         args[key] = value
-    unknown = set(args) - {"ckpt", "shards", "out", "batch", "device"}
+    unknown = set(args) - {"ckpt", "shards", "out", "batch", "device", "workers"}
     if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)}; valid: ckpt, shards, out, batch, device")
+        raise ValueError(
+            f"unknown option(s) {sorted(unknown)}; valid: ckpt, shards, out, batch, device, workers"
+        )
     missing = {"ckpt", "shards", "out"} - set(args)
     if missing:
         raise ValueError(
@@ -220,12 +276,22 @@ def parse_args(argv: list[str]) -> dict[str, str]:
     return args
 
 
+def _integer(args: dict[str, str], key: str, default: int) -> int:
+    try:
+        return int(args.get(key, default))
+    except ValueError:
+        raise ValueError(f"{key}={args[key]!r}: expected an integer") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help", "help") for a in argv):
         usage = "\n\n".join(__doc__.split("\n\n")[:2])
-        print(f"{usage}\n\n    options: ckpt=RUN shards=SPEC out=DIR [batch=256] [device=cuda|cpu|cuda:N]")
+        print(
+            f"{usage}\n\n    options: ckpt=RUN shards=SPEC out=DIR [batch=256] [device=cuda|cpu|cuda:N] "
+            "[workers=0]"
+        )
         return 0
     try:
         args = parse_args(argv)
@@ -233,7 +299,12 @@ def main(argv: list[str] | None = None) -> int:
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
         result = embed_shards(
-            args["ckpt"], args["shards"], args["out"], batch_size=int(args.get("batch", 256)), device=device
+            args["ckpt"],
+            args["shards"],
+            args["out"],
+            batch_size=_integer(args, "batch", 256),
+            device=device,
+            workers=_integer(args, "workers", 0),
         )
     except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -13,6 +13,7 @@ import torch
 from data.embed import embed_shards, main
 from data.pipeline import ShardDataset
 from data.transforms import Normalize
+from tests.conftest import simple_sample, write_tar
 from train.checkpoint import load_stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,6 +76,31 @@ def test_embedding_shards_match_the_model_and_ranks_split_the_shards(clip_run, t
     assert all("scene" in j for b in batches for j in b["json"]), "the input json travels along"
 
 
+def test_loader_workers_write_the_same_shards_and_count_the_same_skips(clip_run, tmp_path):
+    """workers=2: whole shards decoded in two loader processes, embedded and written by this one. The
+    output tars are byte for byte those of workers=0, and a corrupt sample is skipped and counted once."""
+    run, val = clip_run
+    shards = sorted(Path(val).glob("*.tar"))
+    bad = [simple_sample("b0"), {**simple_sample("b1"), "jpg": b"not a jpeg"}, simple_sample("b2")]
+    write_tar(tmp_path / "in" / "bad.tar", bad)
+    spec = "::".join([*map(str, shards[:2]), str(tmp_path / "in" / "bad.tar")])
+    results = {w: embed_shards(str(run), spec, tmp_path / f"w{w}", batch_size=10, workers=w) for w in (0, 2)}
+    for r in results.values():
+        r.pop("seconds")
+    assert results[0] == results[2] and results[2]["shards"] == 3 and results[2]["samples"] == 32 + 2
+    assert [k for k in results[2] if k.startswith("skipped_")] and sum(
+        v for k, v in results[2].items() if k.startswith("skipped_")
+    ) == 1
+    names = sorted(p.name for p in (tmp_path / "w0").glob("*.tar"))
+    assert names == sorted([*(p.name for p in shards[:2]), "bad.tar"])
+    for name in names:
+        assert (tmp_path / "w0" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
+    assert (tmp_path / "w0" / "sizes.json").read_text() == (tmp_path / "w2" / "sizes.json").read_text()
+    assert not list((tmp_path / "w2").glob(".*tmp*"))  # no temporary file left
+    with pytest.raises(ValueError, match="workers=-1: expected an integer >= 0"):
+        embed_shards(str(run), spec, tmp_path / "x", workers=-1)
+
+
 def test_cli_and_its_errors(clip_run, tmp_path, capsys):
     run, val = clip_run
     assert main([f"ckpt={run}", f"shards={val}", f"out={tmp_path / 'e'}", "batch=32"]) == 0
@@ -83,6 +109,8 @@ def test_cli_and_its_errors(clip_run, tmp_path, capsys):
     assert "missing option(s) ['out']" in capsys.readouterr().err
     assert main([f"ckpt={tmp_path / 'nope'}", f"shards={val}", f"out={tmp_path}"]) == 2
     assert "expected a run directory" in capsys.readouterr().err
+    assert main([f"ckpt={run}", f"shards={val}", f"out={tmp_path}", "workers=two"]) == 2
+    assert "workers='two': expected an integer" in capsys.readouterr().err
 
 
 @pytest.mark.multiprocess

@@ -98,6 +98,7 @@ def run_embed(options: Mapping[str, Any], out_dir: Path) -> dict[str, float]:
                 stage_dir / split,
                 batch_size=int(options.get("batch", 256)),
                 device=device,
+                workers=int(options.get("workers") or 0),
             )
             metrics[f"embed/{split}_samples"] = float(result["samples"])
     metrics["embed/seconds"] = time.time() - start
