@@ -161,8 +161,9 @@ section() {
 for step in ${steps//,/ }; do
   case "$step" in
     tests)
-      run tests "$T_TESTS" $py -m pytest -p no:cacheprovider -q -rfEs "${test_args[@]}" tests/test_gpu.py
-      section "GPU tests (pytest -m gpu)" tests '^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|error' ;;
+      # -v: a line per test as it ends, so a step cut at its limit still says which tests passed
+      run tests "$T_TESTS" $py -m pytest -p no:cacheprovider -v -rfEs "${test_args[@]}" tests/test_gpu.py
+      section "GPU tests (pytest -m gpu)" tests '(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|error' ;;
     bench)
       run bench "$T_BENCH" $py -m eval.bench_train "${bench_args[@]}" --json "$RES/bench.json"
       section "Training step, ours (python -m eval.bench_train ${bench_args[*]})" bench '^[#|]' ;;

@@ -47,6 +47,26 @@ def _cfg(tmp_path: Path, out: Path, *overrides: str):
     )
 
 
+@pytest.mark.skipif(
+    DEVICE.type != "cuda", reason="on a CPU, launch/gpu_check.sh --cpu's cascade step runs this preset"
+)
+def test_the_smoke_cascade_trains_embeds_and_samples_on_the_device(tmp_path):
+    """preset=gpu_smoke end to end: each stage trains on the GPU, and embed and sample, which run outside
+    a Trainer, run there too. A device mix-up in the sampling code shows here, in the first device call,
+    and not at the end of preset=gpu's 7 minutes (gpu_check's cascade step). First in this file, so that a
+    tests step cut at its time limit has run it."""
+    out = tmp_path / "cascade"
+    result = run_python(["-m", "train.pipeline", "preset=gpu_smoke", f"out_dir={out}"], tmp_path, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for stage in ("embed", "sample"):
+        assert json.loads((out / stage / "done.json").read_text())["device"].startswith(DEVICE.type), stage
+    sample = json.loads((out / "report.json").read_text())["sample"]
+    assert (
+        sample["bench/n"] == 8 and "lever/bench/n" in sample and "probe/decoder_caption_only/colour" in sample
+    )
+    assert (out / "samples.png").is_file()
+
+
 @pytest.mark.parametrize("case", list(TINY), ids=str)
 def test_bf16_steps_of_every_stage_are_finite_and_decrease(case):
     """Each stage's real step (bench_train's workload) under bf16 autocast learns its fixed batch."""
@@ -197,22 +217,3 @@ def test_ema_keeps_an_fp32_average_under_a_real_deepspeed_bf16_engine(tmp_path, 
     )
     train(cfg)
     assert EMAProbe.seen == {"shadow": torch.bfloat16, "master": torch.float32, "updates": 4}
-
-
-@pytest.mark.skipif(
-    DEVICE.type != "cuda", reason="on a CPU, launch/gpu_check.sh --cpu's cascade step runs this preset"
-)
-def test_the_smoke_cascade_trains_embeds_and_samples_on_the_device(tmp_path):
-    """preset=gpu_smoke end to end: each stage trains on the GPU, and embed and sample, which run outside
-    a Trainer, run there too. A device mix-up in the sampling code shows here, in the first device call,
-    and not at the end of preset=gpu's 7 minutes (gpu_check's cascade step)."""
-    out = tmp_path / "cascade"
-    result = run_python(["-m", "train.pipeline", "preset=gpu_smoke", f"out_dir={out}"], tmp_path, timeout=240)
-    assert result.returncode == 0, result.stderr[-4000:]
-    for stage in ("embed", "sample"):
-        assert json.loads((out / stage / "done.json").read_text())["device"].startswith(DEVICE.type), stage
-    sample = json.loads((out / "report.json").read_text())["sample"]
-    assert (
-        sample["bench/n"] == 8 and "lever/bench/n" in sample and "probe/decoder_caption_only/colour" in sample
-    )
-    assert (out / "samples.png").is_file()

@@ -47,6 +47,7 @@ def test_gpu_check_cpu_mode_runs_every_step_and_writes_the_report(tmp_path):
     for step in ("tests", "bench", "sync", "anchors", "data", "compiled", "runs", "cascade"):
         assert f"| {step} | 0 |" in report, (step, report[:2000])
     assert " passed" in report and " failed" not in report  # the GPU tier's device-agnostic tests
+    assert "test_exact_resume_on_the_device_is_bitwise PASSED" in report  # a line per test (-v)
     bench = json.loads((res / "bench.json").read_text())["rows"]
     assert [r["status"] for r in bench] == ["ok"] * 5
     assert "| clip | 1.1 | 32 |" in report
