@@ -70,27 +70,35 @@ def _templates() -> tuple[list[str], torch.Tensor]:
 
 
 def _components(mask: np.ndarray) -> list[np.ndarray]:
-    """8-connected components of a bool (H, W) mask, each as an (n, 2) array of (y, x)."""
-    labels = np.zeros(mask.shape, dtype=np.int32)
-    out = []
+    """8-connected components of a bool (H, W) mask, each as an (n, 2) array of (y, x) in raster order,
+    ordered by their first pixel in raster order. Every object pixel starts labelled with its own index;
+    labels spread as the minimum over each 3x3 neighbourhood (background never wins), and a pixel then
+    takes its label's label (pointer jumping), until nothing changes: a component ends labelled with its
+    first pixel's index. Tensor operations, not a per-pixel loop: a noisy 256 px sample has ~30,000
+    object pixels."""
     h, w = mask.shape
-    for start in zip(*np.nonzero(mask)):
-        if labels[start]:
-            continue
-        label = len(out) + 1
-        labels[start] = label
-        stack, pixels = [start], []
-        while stack:
-            y, x = stack.pop()
-            pixels.append((y, x))
-            for dy in (-1, 0, 1):
-                for dx in (-1, 0, 1):
-                    ny, nx = y + dy, x + dx
-                    if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not labels[ny, nx]:
-                        labels[ny, nx] = label
-                        stack.append((ny, nx))
-        out.append(np.array(pixels))
-    return out
+    fg = torch.from_numpy(np.ascontiguousarray(mask, dtype=bool))
+    if not bool(fg.any()):
+        return []
+    dtype = torch.float32 if h * w < 2**24 else torch.float64  # indices exact in the float type
+    background = torch.tensor(float(h * w), dtype=dtype)
+    labels = torch.where(fg, torch.arange(h * w, dtype=dtype).view(h, w), background)
+    while True:
+        spread = -F.max_pool2d(-labels[None, None], 3, stride=1, padding=1)[0, 0]
+        new = torch.where(fg, torch.minimum(labels, spread), background)
+        jumped = new.flatten()[new.flatten().long().clamp(max=h * w - 1)].view(h, w)
+        new = torch.where(fg, jumped, background)
+        if torch.equal(new, labels):
+            break
+        labels = new
+    where = torch.nonzero(fg.flatten()).squeeze(1)  # object pixels in raster order
+    component = labels.flatten()[where].long()
+    order = torch.argsort(component, stable=True)  # by component, raster order within
+    counts = torch.unique_consecutive(component[order], return_counts=True)[1]
+    return [
+        torch.stack([pixels // w, pixels % w], 1).numpy()
+        for pixels in torch.split(where[order], counts.tolist())
+    ]
 
 
 def _as_hwc(image) -> np.ndarray:
