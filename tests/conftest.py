@@ -101,13 +101,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cli_env(tmp_path: Path) -> dict[str, str]:
-    """The environment of a CLI run in a test: datasets and logs under tmp_path, W&B offline, this checkout."""
+    """The environment of a CLI run in a test: datasets and logs under tmp_path, W&B offline, this checkout
+    first on the path. The path inherited stays after it: on the GPU machine the carried wheels are there
+    (launch/gpu_check.sh installs them with --target)."""
+    inherited = os.environ.get("PYTHONPATH")
     return {
         **os.environ,
         "UNCLIP_DATA_DIR": str(tmp_path / "datasets"),
         "UNCLIP_LOG_DIR": str(tmp_path / "outputs"),
         "WANDB_MODE": "offline",
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": os.pathsep.join([str(REPO), *([inherited] if inherited else [])]),
     }
 
 

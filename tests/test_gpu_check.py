@@ -145,3 +145,15 @@ def test_gpu_check_sends_back_few_files_and_refuses_unknown_steps(tmp_path):
                          env={**env, "OUT": str(tmp_path / "bad")}, capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "--steps: unknown step 'nope'" in bad.stderr
     assert not (tmp_path / "bad").exists()  # refused before any step ran
+
+
+def test_a_test_s_cli_run_keeps_the_carried_wheels_on_its_path(tmp_path, monkeypatch):
+    """On the GPU machine hydra, webdataset and deepspeed are carried wheels that gpu_check.sh installs
+    with --target and puts on PYTHONPATH. A test's CLI subprocess (the GPU tier's smoke cascade) used to
+    replace PYTHONPATH with the checkout alone, and failed there with "No module named 'hydra'"."""
+    from tests.conftest import cli_env
+
+    monkeypatch.setenv("PYTHONPATH", "/tmp/unclip-site")
+    assert cli_env(tmp_path)["PYTHONPATH"].split(os.pathsep) == [str(REPO), "/tmp/unclip-site"]
+    monkeypatch.delenv("PYTHONPATH")
+    assert cli_env(tmp_path)["PYTHONPATH"] == str(REPO)
