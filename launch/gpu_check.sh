@@ -15,8 +15,9 @@
 #                                                  # timeout_s: ~20 s more than the budget)
 #
 # Steps (default order = value order; a session runs them in two calls, see launch/README.md):
-#   tests     pytest -m gpu: bf16 steps of every stage, compiled vs eager, flash attention, ZeRO-2/3 and
-#             FSDP2 on one GPU, bitwise resume, data.embed, the EMA under a bf16 DeepSpeed engine
+#   tests     pytest -m gpu: preset=gpu_smoke end to end on the GPU, bf16 steps of every stage, flash
+#             attention, ZeRO-2/3 and FSDP2 on one GPU, bitwise resume, data.embed, the EMA under a bf16
+#             DeepSpeed engine, last compiled vs eager
 #   bench     python -m eval.bench_train: our stages at the anchors' shapes, eager
 #   sync      python -m eval.bench_sync: the per-step agreement (all-reduce + host read, gradient check)
 #   anchors   the same table for open_clip / diffusers / DALLE2-pytorch (eager), next to ours

@@ -71,6 +71,12 @@ def wiring(name: str, out_dir: Path) -> list[str]:
     return []
 
 
+def write_done(done: Path, metrics: dict[str, float], seconds: float, **extra: Any) -> None:
+    """A finished stage's done.json (its metrics and seconds; ``extra``, e.g. the device it ran on): a
+    rerun skips the stage and reports these."""
+    done.write_text(json.dumps({"metrics": metrics, "seconds": seconds, **extra}, indent=2))
+
+
 def run_embed(options: Mapping[str, Any], out_dir: Path) -> dict[str, float]:
     """Embedding shards of the CLIP stage's train and val shards (with its trained weights)."""
     from data.embed import embed_shards
@@ -102,8 +108,7 @@ def run_embed(options: Mapping[str, Any], out_dir: Path) -> dict[str, float]:
             )
             metrics[f"embed/{split}_samples"] = float(result["samples"])
     metrics["embed/seconds"] = time.time() - start
-    record = {"metrics": metrics, "seconds": metrics["embed/seconds"], "device": device}
-    done.write_text(json.dumps(record, indent=2))
+    write_done(done, metrics, metrics["embed/seconds"], device=device)
     return metrics
 
 
@@ -163,8 +168,7 @@ def run_sample(
         start = time.time()
         metrics.update(_probe(cascade, options, settings["decoder"], ups, stage_dir))
         metrics["bench/seconds"] += time.time() - start
-    record = {"metrics": metrics, "seconds": metrics["bench/seconds"], "device": device}
-    done.write_text(json.dumps(record, indent=2))
+    write_done(done, metrics, metrics["bench/seconds"], device=device)
     return metrics
 
 
@@ -252,7 +256,7 @@ def run_stage(
         )
     export_stage(stage_dir)  # <stage>/export: EMA weights as safetensors, config, tokenizer
     metrics[f"{name}/seconds"] = time.time() - start
-    done.write_text(json.dumps({"metrics": metrics, "seconds": metrics[f"{name}/seconds"]}, indent=2))
+    write_done(done, metrics, metrics[f"{name}/seconds"])
     return metrics
 
 
