@@ -1,6 +1,7 @@
 """Evaluate a trained cascade on the compositional benchmark, with CLIP score and FID.
 
     python -m eval.benchmark --cascade outputs/pipeline [--per-category 32] [--out DIR]
+        [--prior-guidance 4] [--best-of 2] [--decoder-guidance 3] [--upsampler-steps 15,10] ...
 
 Prompts come from :func:`eval.composition.benchmark_prompts` (single object, colour-shape binding,
 counting, spatial relation; the dataset's caption grammar); each generated image is scored by program
@@ -13,6 +14,7 @@ prompt order) and ``benchmark.json`` (metrics and, per prompt, what the scorer f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -28,6 +30,7 @@ from PIL import Image, ImageDraw, ImageFont
 from data.images import save_grid
 from data.pipeline import ShardDataset
 from eval import composition
+from eval.sample import add_sampling_arguments, settings
 from train.cascade import Cascade, StageSettings
 
 log = logging.getLogger(__name__)
@@ -132,9 +135,14 @@ def evaluate_cascade(
     save_grid(
         [images[k : k + per_category] for k in range(0, len(images), per_category)], out_dir / "all.png"
     )
+    asked = {  # the sampling settings as given; null: the stage's training config (module.*)
+        "prior": dataclasses.asdict(prior) if prior else None,
+        "decoder": dataclasses.asdict(decoder) if decoder else None,
+        "upsamplers": [dataclasses.asdict(u) for u in upsamplers or []],
+    }
     details = [{**item, "found": composition.detect_objects(img)} for item, img in zip(items, images)]
     (out_dir / "benchmark.json").write_text(
-        json.dumps({"metrics": metrics, "samples": details}, indent=1, default=str)
+        json.dumps({"metrics": metrics, "settings": asked, "samples": details}, indent=1, default=str)
     )
     return metrics
 
@@ -167,10 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fid-reference", type=int, default=512, help="held-out images for CLIP-FID (0: skip)")
-    p.add_argument("--decoder-steps", type=int, help="DDIM steps (default: the decoder's training config)")
-    p.add_argument("--decoder-guidance", type=float)
+    p.add_argument("--grid-per-category", type=int, default=6, help="columns of samples.png")
     p.add_argument("--out", help="output directory (default: <cascade>/benchmark)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_sampling_arguments(p)  # the same options as eval.sample's
     args = p.parse_args(argv)
     try:
         cascade = Cascade.from_dir(args.cascade, device=args.device)
@@ -180,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             per_category=args.per_category,
             batch=args.batch,
             seed=args.seed,
+            grid_per_category=args.grid_per_category,
             reference=reference_images(Path(cascade.clip.run), args.fid_reference),
-            decoder=StageSettings(steps=args.decoder_steps, guidance_scale=args.decoder_guidance),
+            **settings(args, len(cascade.upsamplers)),
         )
     except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

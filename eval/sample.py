@@ -63,8 +63,29 @@ def read_mask(path: str, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy((np.asarray(img) >= 128).astype(np.float32))[None]
 
 
+def add_sampling_arguments(parser: argparse.ArgumentParser, eta: float | None = None):
+    """The cascade's sampling options (``settings`` reads them back); also eval.benchmark's."""
+    s = parser.add_argument_group("sampling (default: each stage's training config)")
+    s.add_argument("--prior-guidance", type=float, help="classifier-free guidance scale of the prior")
+    s.add_argument("--prior-steps", type=int)
+    s.add_argument("--best-of", type=int, help="prior samples per prompt; the closest to the text is kept")
+    s.add_argument("--decoder-guidance", type=float, help="classifier-free guidance scale of the decoder")
+    s.add_argument("--decoder-steps", type=int)
+    s.add_argument("--decoder-sampler", choices=("ddim", "ddpm"), default="ddim")
+    s.add_argument("--eta", type=float, default=eta, help="the decoder's DDIM eta")
+    s.add_argument("--upsampler-steps", help="DDIM steps per upsampler: N or N1,N2 (paper: 27,15)")
+    s.add_argument("--upsampler-sampler", choices=("ddim", "ddpm"), default="ddim")
+    return s
+
+
 def settings(args: argparse.Namespace, n_up: int) -> dict:
-    up_steps = [int(s) for s in args.upsampler_steps.split(",")] if args.upsampler_steps else []
+    """``prior``, ``decoder`` and ``upsamplers`` StageSettings from ``add_sampling_arguments``' options."""
+    try:
+        up_steps = [int(s) for s in args.upsampler_steps.split(",")] if args.upsampler_steps else []
+    except ValueError:
+        raise ValueError(
+            f"--upsampler-steps {args.upsampler_steps}: expected integers separated by commas"
+        ) from None
     if len(up_steps) == 1:
         up_steps *= n_up
     if up_steps and len(up_steps) != n_up:
@@ -133,18 +154,9 @@ def _parser() -> argparse.ArgumentParser:
         g.add_argument("--decoder", help="decoder run directory (or export)")
         g.add_argument("--upsampler", action="append", help="upsampler run directory, in order (repeat)")
         g.add_argument("--clip", help="CLIP run directory (default: the decoder's clip_ckpt)")
-        s = m.add_argument_group("sampling (default: each stage's training config)")
+        s = add_sampling_arguments(m, eta=0.8 if name == "variations" else None)
         s.add_argument("--n", type=int, default=5 if name == "interpolate" else 4, help="images per row")
         s.add_argument("--seed", type=int, default=0)
-        s.add_argument("--prior-guidance", type=float)
-        s.add_argument("--prior-steps", type=int)
-        s.add_argument("--best-of", type=int)
-        s.add_argument("--decoder-guidance", type=float)
-        s.add_argument("--decoder-steps", type=int)
-        s.add_argument("--decoder-sampler", choices=("ddim", "ddpm"), default="ddim")
-        s.add_argument("--eta", type=float, default=0.8 if name == "variations" else None, help="DDIM eta")
-        s.add_argument("--upsampler-steps", help="DDIM steps per upsampler: N or N1,N2 (paper: 27,15)")
-        s.add_argument("--upsampler-sampler", choices=("ddim", "ddpm"), default="ddim")
         o = m.add_argument_group("output")
         o.add_argument("--out", default="samples", help="output directory")
         o.add_argument("--all-stages", action="store_true", help="also a grid per stage")

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from eval import benchmark
 from eval import sample as sample_cli
 from tests.conftest import PicklePayload, compose_config
 from train.cascade import Cascade, StageSettings, slerp
@@ -159,6 +160,33 @@ def test_export_round_trips_and_the_cli_samples_from_it(cascade_dir, cascade, tm
     ref = cascade.text_to_image(["a red circle"] * 2 + ["a blue square"] * 2, seed=3, **FAST)
     written = torch.from_numpy(np.asarray(Image.open(out / "001_01.png")).copy()).permute(2, 0, 1)
     assert torch.equal(written, ref.images[3])
+
+
+def test_benchmark_cli_samples_with_the_settings_it_is_given(cascade_dir, tmp_path, monkeypatch, capsys):
+    """eval.benchmark takes eval.sample's sampling options (a lever measured without the pipeline)."""
+    seen = []
+    original = Cascade.text_to_image
+    monkeypatch.setattr(
+        Cascade, "text_to_image", lambda self, prompts, **kw: seen.append(kw) or original(self, prompts, **kw)
+    )
+    out = tmp_path / "bench"
+    argv = ["--cascade", str(cascade_dir), "--per-category", "1", "--fid-reference", "0", "--out", str(out)]
+    argv += ["--prior-steps", "2", "--prior-guidance", "2.5", "--best-of", "1", "--decoder-steps", "2"]
+    argv += ["--decoder-guidance", "1.5", "--eta", "0.5", "--upsampler-steps", "2,3", "--device", "cpu"]
+    assert benchmark.main(argv) == 0
+    assert len(seen) == 1  # the 4 prompts (a category each) in one batch
+    assert seen[0]["prior"] == StageSettings(steps=2, guidance_scale=2.5, best_of=1)
+    assert seen[0]["decoder"] == StageSettings(steps=2, guidance_scale=1.5, eta=0.5)
+    assert [u.steps for u in seen[0]["upsamplers"]] == [2, 3]
+    report = json.loads((out / "benchmark.json").read_text())
+    assert report["metrics"]["bench/n"] == 4 and len(report["samples"]) == 4
+    assert report["settings"]["prior"]["guidance_scale"] == 2.5
+    assert [u["steps"] for u in report["settings"]["upsamplers"]] == [2, 3]
+    assert (out / "samples.png").exists() and (out / "all.png").exists()
+    for bad, expected in (("2,3,4", "expected 1 or 2 comma-separated values"), ("2,x", "expected integers")):
+        argv[argv.index("--upsampler-steps") + 1] = bad
+        assert benchmark.main(argv) == 2
+        assert f"--upsampler-steps {bad}: {expected}" in capsys.readouterr().err
 
 
 def test_cli_errors_name_what_is_missing(tmp_path, capsys):

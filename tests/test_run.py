@@ -280,6 +280,30 @@ def test_pipeline_refuses_unknown_stage_names_before_running_any():
         check_stages(["clip", "upsampler"])
 
 
+@pytest.mark.parametrize("preset", [None, "gpu", "gpu_smoke"])
+def test_pipeline_checks_that_decoder_and_upsamplers_chain_before_any_stage_runs(preset, tmp_path):
+    """A 32 px decoder before the default 16 -> 32 upsampler would train every stage, then fail when
+    `sample` loads the cascade; the check stops it at the start and names the keys."""
+    from hydra import compose, initialize_config_dir
+
+    from train.pipeline import check_image_sizes
+    from train.run import CONF_DIR
+
+    def pipeline(*overrides):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            cfg = compose("pipeline", overrides=[*([f"preset={preset}"] if preset else []), *overrides])
+            check_image_sizes(cfg, tmp_path)
+
+    pipeline()  # the shipped configs chain
+    pipeline("stages=[clip,decoder,sample]")  # nothing to chain
+    with pytest.raises(SystemExit, match=r"upsampler_256.module.low_res_size=\d+, but decoder outputs 40 px"):
+        pipeline("++decoder.net.image_size=40")
+    if preset is None:  # the 32 px cascade of docs/results.md: the decoder straight into the 32 -> 64 stage
+        pipeline("stages=[clip,embed,prior,decoder,upsampler_1024,sample]", "++decoder.net.image_size=32")
+        with pytest.raises(SystemExit, match=r"upsampler_1024.module.low_res_size=32, but upsampler_256 "):
+            pipeline("++upsampler_256.net.image_size=64")
+
+
 def test_time_budget_splits_the_time_left_by_shares_and_refuses_bad_values():
     from omegaconf import OmegaConf
 

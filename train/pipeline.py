@@ -224,6 +224,39 @@ def _probe(cascade, options: Mapping[str, Any], decoder, ups: list, stage_dir: P
     return probe.metrics(result)
 
 
+def stage_overrides_list(name: str, stage_overrides: Mapping[str, Any], out_dir: Path) -> list[str]:
+    """The ``train.run`` overrides of training stage ``name`` in this pipeline."""
+    return [
+        f"stage={name}",
+        f"paths.output_dir={(out_dir / name).resolve()}",
+        "resume=auto",
+        *wiring(name, out_dir),
+        *upgrade_overrides(flatten(stage_overrides)),  # a pipeline config with old key names (module.lr)
+    ]
+
+
+def check_image_sizes(cfg: DictConfig, out_dir: Path) -> None:
+    """Stop before any stage runs when the decoder and the upsamplers this run trains do not chain (each
+    upsampler's ``module.low_res_size`` is the side of the stage before it): the cascade would otherwise
+    fail only when ``sample`` loads it, after every stage has trained."""
+    chain = [n for n in ("decoder", *UPSAMPLERS) if n in cfg.stages]
+    if len(chain) < 2:
+        return
+    sizes = {}
+    for name in chain:
+        options = OmegaConf.to_container(cfg.get(name) or {}, resolve=True)
+        stage = compose(config_name="train", overrides=stage_overrides_list(name, options, out_dir))
+        sizes[name] = (stage.net.image_size, stage.module.get("low_res_size"))
+    for before, after in zip(chain, chain[1:]):
+        side, takes = sizes[before][0], sizes[after][1]
+        if side != takes:
+            raise SystemExit(
+                f"{after}.module.low_res_size={takes}, but {before} outputs {side} px "
+                f"({before}.net.image_size): in a cascade each upsampler takes the side of the stage "
+                f"before it; set {after}.module.low_res_size={side} or leave {after} out of stages"
+            )
+
+
 def run_stage(
     name: str, stage_overrides: Mapping[str, Any], out_dir: Path, stages: tuple[str, ...] = UPSAMPLERS
 ) -> dict[str, float]:
@@ -239,13 +272,7 @@ def run_stage(
     if done.exists():
         log.info("stage %s: already finished (%s), skipping", name, done)
         return json.loads(done.read_text())["metrics"]
-    overrides = [
-        f"stage={name}",
-        f"paths.output_dir={stage_dir.resolve()}",
-        "resume=auto",
-        *wiring(name, out_dir),
-        *upgrade_overrides(flatten(stage_overrides)),  # a pipeline config with old key names (module.lr)
-    ]
+    overrides = stage_overrides_list(name, stage_overrides, out_dir)
     log.info("stage %s: python -m train.run %s", name, " ".join(overrides))
     cfg = compose(config_name="train", overrides=overrides)
     start = time.time()
@@ -347,6 +374,7 @@ def main(cfg: DictConfig) -> None:
     check_time_budget(cfg)
     start = time.monotonic()
     out_dir = Path(cfg.out_dir)
+    check_image_sizes(cfg, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     budget, shares = cfg.get("time_budget"), cfg.get("time_shares") or {}
