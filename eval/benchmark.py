@@ -147,6 +147,42 @@ def evaluate_cascade(
     return metrics
 
 
+CATEGORY_COLUMNS = (  # (metric, header) of category_table
+    ("colour", "colour"),
+    ("shape", "shape"),
+    ("colour_shape", "colour+shape"),
+    ("count", "count"),
+    ("relation", "relation"),
+    ("objects_bound", "objects bound"),
+    ("objects_swapped", "objects swapped"),
+    ("correct", "all correct"),
+)
+
+
+def category_table(metrics: dict[str, float], prefix: str = "bench/") -> list[str]:
+    """The benchmark's figures as a markdown table, a row per category, with each category's gap in
+    "all correct" to single objects (the paper's failure modes: binding, counting, spatial relations)."""
+    cats = [c for c in composition.CATEGORIES if f"{prefix}{c}/correct" in metrics]
+    if not cats:
+        return []
+    lines = [
+        "| category | " + " | ".join(h for _, h in CATEGORY_COLUMNS) + " | vs single |",
+        "|---" * (len(CATEGORY_COLUMNS) + 2) + "|",
+    ]
+    single = metrics.get(f"{prefix}single/correct")
+    for c in cats:
+        cells = [metrics.get(f"{prefix}{c}/{k}") for k, _ in CATEGORY_COLUMNS]
+        gap = (
+            "-"
+            if single is None or c == "single"
+            else f"{100 * (metrics[f'{prefix}{c}/correct'] - single):+.0f} pts"
+        )
+        lines.append(
+            f"| {c} | " + " | ".join("-" if v is None else f"{100 * v:.0f}%" for v in cells) + f" | {gap} |"
+        )
+    return lines
+
+
 def reference_images(clip_dir: Path, n: int) -> torch.Tensor | None:
     """Up to ``n`` uint8 held-out images (the CLIP stage's val shards), for FID."""
     data = OmegaConf.load(clip_dir / "config.yaml").data
@@ -198,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'metric':<28} {'value':>8}")
     for key, value in sorted(metrics.items()):
         print(f"{key:<28} {value:>8.4f}")
+    print("\n" + "\n".join(category_table(metrics)))
     return 0
 
 

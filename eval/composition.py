@@ -196,8 +196,10 @@ def _holds(a: dict, relation: str, b: dict) -> bool:
     raise ValueError(f"unknown relation {relation!r}; expected one of {RELATIONS}")
 
 
-def score(objects: Sequence[dict], spec: dict) -> dict[str, bool]:
-    """Criteria met by the detected ``objects`` for one prompt's ``spec``."""
+def score(objects: Sequence[dict], spec: dict) -> dict[str, bool | float]:
+    """Criteria met by the detected ``objects`` for one prompt's ``spec``. Prompts of two objects also get
+    ``objects_bound`` (the fraction of the two whose colour is drawn with its shape) and
+    ``objects_swapped`` (whose colour is drawn with the other object's shape and not its own)."""
     groups, relation = spec["groups"], spec.get("relation")
     total = sum(g["count"] for g in groups)
 
@@ -215,6 +217,13 @@ def score(objects: Sequence[dict], spec: dict) -> dict[str, bool]:
         "colour_shape": all(len(matching(g)) == g["count"] for g in groups),
     }
     out["correct"] = out["colour_shape"] and out["count"]
+    if len(groups) == 2:  # the paper's binding failure: an object's colour drawn with the other's shape
+        bound = swapped = 0
+        for g, other in ((groups[0], groups[1]), (groups[1], groups[0])):
+            shapes = {o["shape"] for o in matching(g, shape=False)}  # of the objects in g's colour
+            bound += g["shape"] in shapes
+            swapped += g["shape"] not in shapes and other["shape"] in shapes
+        out["objects_bound"], out["objects_swapped"] = bound / 2, swapped / 2
     if relation:
         subj, obj = matching(groups[relation["subject"]]), matching(groups[relation["object"]])
         out["relation"] = bool(subj and obj and _holds(subj[0], relation["relation"], obj[0]))

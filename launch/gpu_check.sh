@@ -242,14 +242,14 @@ for stage in ("clip", "embed", "prior", "decoder", "upsampler_256", "sample"):
     shown = [f"{k.split('/')[-1]} {m[k]:.3f}" for k in keys.get(stage, ()) if k in m]
     if stage == "sample":
         shown = [f"{k[6:]} {v:.3f}" for k, v in sorted(m.items())
-                 if k.startswith("bench/") and k.endswith(("colour_shape", "/count", "/correct", "clip_score"))]
+                 if k.startswith("bench/") and k.endswith(("colour_shape", "/count", "/correct", "objects_swapped", "clip_score"))]
     steps = m.get("trainer/global_step")
     allotted = m.get(f"{stage}/seconds_allotted")
     ran = "-" if steps is None else f"{steps:.0f}" + ("" if allotted is None else f" ({allotted:.0f})")
     print(f"CASCADE | {stage} | {'-' if secs is None else round(secs)} | {ran} | {', '.join(shown)} |")
 lever = {k[6:]: v for k, v in report.get("sample", {}).items() if k.startswith("lever/")}
 if lever:  # sample.lever: the same benchmark with one setting changed
-    shown = [f"{k[6:]} {v:.3f}" for k, v in sorted(lever.items()) if k.endswith(("colour_shape", "/count", "/correct"))]
+    shown = [f"{k[6:]} {v:.3f}" for k, v in sorted(lever.items()) if k.endswith(("colour_shape", "/count", "/correct", "objects_swapped"))]
     print(f"CASCADE | lever (sample.lever) | - | - | {', '.join(shown)} |")
 EOF
         sed -i 's/^CASCADE //' "$RES/logs/cascade.log"

@@ -101,6 +101,12 @@ def test_evaluate_is_perfect_on_renders_and_catches_wrong_images():
     swapped = {"groups": [{**a, "colour": b["colour"]}, {**b, "colour": a["colour"]}], "relation": None}
     result = score(detect_objects(render_spec(swapped)), binding["spec"])
     assert result["count"] and result["colour"] and result["shape"] and not result["colour_shape"]
+    assert (result["objects_bound"], result["objects_swapped"]) == (0.0, 1.0)  # the paper's failure mode
+    half = {"groups": [a, {**b, "shape": a["shape"]}], "relation": None}  # b drawn with a's shape
+    result = score(detect_objects(render_spec(half)), binding["spec"])
+    assert (result["objects_bound"], result["objects_swapped"]) == (0.5, 0.5)
+    assert (metrics["binding/objects_bound"], metrics["binding/objects_swapped"]) == (1.0, 0.0)
+    assert metrics["spatial/objects_bound"] == 1.0 and "single/objects_bound" not in metrics
     spatial = next(it for it in items if it["category"] == "spatial")
     flipped = {**spatial["spec"], "relation": {**spatial["spec"]["relation"], "subject": 1, "object": 0}}
     result = score(detect_objects(render_spec(flipped)), spatial["spec"])
@@ -158,3 +164,21 @@ def test_components_are_the_8_connected_ones_of_a_flood_fill():
         assert [set(map(tuple, c.tolist())) for c in found] == _flood_fill_components(mask)
         assert all(c.shape[1] == 2 for c in found)
     assert len(_components(snake)) == 1
+
+
+def test_category_table_gives_each_category_and_its_gap_to_single_objects():
+    from eval.benchmark import category_table
+
+    items = benchmark_prompts(2, seed=0)
+    renders = [render_spec(it["spec"], 64, seed=k) for k, it in enumerate(items)]
+    grey = Image.new("RGB", (64, 64), (128, 128, 128))
+    mixed = [grey if it["category"] == "binding" else r for it, r in zip(items, renders)]  # binding fails
+    metrics = {f"bench/{k}": v for k, v in evaluate(mixed, items).items()}
+    table = category_table(metrics)
+    assert table[0].startswith("| category | colour | shape | colour+shape | count | relation |")
+    rows = {line.split(" | ")[0][2:]: line for line in table[2:]}
+    assert list(rows) == list(CATEGORIES)
+    assert rows["single"] == "| single | 100% | 100% | 100% | 100% | - | - | - | 100% | - |"
+    assert rows["binding"] == "| binding | 0% | 0% | 0% | 0% | - | 0% | 0% | 0% | -100 pts |"
+    assert rows["spatial"].endswith("| 100% | 100% | 100% | 100% | 100% | 100% | 0% | 100% | +0 pts |")
+    assert category_table(metrics, "lever/bench/") == []  # no lever in these metrics

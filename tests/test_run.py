@@ -226,6 +226,7 @@ def test_pipeline_runs_every_stage_writes_a_report_and_skips_finished_stages(tmp
     assert (out / "clip" / "checkpoints" / "last.ckpt").exists()
     md = (out / "report.md").read_text()
     assert "| val/zeroshot_colour_top1 |" in md and "bench/single/colour_shape" in md and "samples.png" in md
+    assert "## benchmark, per category (program-scored)" in md and "| binding | " in md and "vs single" in md
     # the probe: ground-truth renders through each stage, in report.json and report.md
     assert bench["probe/renders_at_16_px/shape"] >= 0.75 and "probe/decoder_caption_only/colour" in bench
     assert "| renders -> upsampler 2 (64 px) |" in md
@@ -280,7 +281,7 @@ def test_pipeline_refuses_unknown_stage_names_before_running_any():
         check_stages(["clip", "upsampler"])
 
 
-@pytest.mark.parametrize("preset", [None, "gpu", "gpu_smoke"])
+@pytest.mark.parametrize("preset", [None, "gpu", "gpu_smoke", "cpu_shapes"])
 def test_pipeline_checks_that_decoder_and_upsamplers_chain_before_any_stage_runs(preset, tmp_path):
     """A 32 px decoder before the default 16 -> 32 upsampler would train every stage, then fail when
     `sample` loads the cascade; the check stops it at the start and names the keys."""
@@ -296,7 +297,8 @@ def test_pipeline_checks_that_decoder_and_upsamplers_chain_before_any_stage_runs
 
     pipeline()  # the shipped configs chain
     pipeline("stages=[clip,decoder,sample]")  # nothing to chain
-    with pytest.raises(SystemExit, match=r"upsampler_256.module.low_res_size=\d+, but decoder outputs 40 px"):
+    first = "upsampler_1024" if preset == "cpu_shapes" else "upsampler_256"  # its decoder is 32 px
+    with pytest.raises(SystemExit, match=rf"{first}.module.low_res_size=\d+, but decoder outputs 40 px"):
         pipeline("++decoder.net.image_size=40")
     if preset is None:  # the 32 px cascade of docs/results.md: the decoder straight into the 32 -> 64 stage
         pipeline("stages=[clip,embed,prior,decoder,upsampler_1024,sample]", "++decoder.net.image_size=32")

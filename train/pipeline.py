@@ -306,6 +306,12 @@ def write_report(out_dir: Path, results: dict[str, dict[str, float]]) -> None:
                 f"{'-' if allotted is None else f'{allotted:.0f}'} |"
             )
         lines += [""]
+    if "sample" in results:  # the compositional benchmark per category (and with sample.lever's settings)
+        from eval.benchmark import category_table
+
+        for prefix, title in (("bench/", "benchmark"), ("lever/bench/", "benchmark with sample.lever")):
+            table = category_table(results["sample"], prefix)
+            lines += [f"## {title}, per category (program-scored)", "", *table, ""] if table else []
     for stage, metrics in results.items():
         lines += [f"## {stage}", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())]
