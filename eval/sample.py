@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from data.images import save_grid
-from train.cascade import Cascade, CascadeOutput, StageSettings
+from train.cascade import DECODER_CONDITIONS, Cascade, CascadeOutput, StageSettings
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,12 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, eta: float | None = 
     s.add_argument("--decoder-guidance", type=float, help="classifier-free guidance scale of the decoder")
     s.add_argument("--decoder-steps", type=int)
     s.add_argument("--decoder-sampler", choices=("ddim", "ddpm"), default="ddim")
+    s.add_argument(
+        "--decoder-condition",
+        choices=DECODER_CONDITIONS,
+        default="both",
+        help="what the decoder sees: the image embedding and the caption, the caption alone, or the embedding alone",
+    )
     s.add_argument("--eta", type=float, default=eta, help="the decoder's DDIM eta")
     s.add_argument("--upsampler-steps", help="DDIM steps per upsampler: N or N1,N2 (paper: 27,15)")
     s.add_argument("--upsampler-sampler", choices=("ddim", "ddpm"), default="ddim")
@@ -101,6 +107,7 @@ def settings(args: argparse.Namespace, n_up: int) -> dict:
             sampler=args.decoder_sampler,
             eta=args.eta,
             guidance_scale=args.decoder_guidance,
+            condition=args.decoder_condition,
         ),
         "upsamplers": [
             StageSettings(steps=up_steps[k] if up_steps else None, sampler=args.upsampler_sampler)

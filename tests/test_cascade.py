@@ -173,10 +173,11 @@ def test_benchmark_cli_samples_with_the_settings_it_is_given(cascade_dir, tmp_pa
     argv = ["--cascade", str(cascade_dir), "--per-category", "1", "--fid-reference", "0", "--out", str(out)]
     argv += ["--prior-steps", "2", "--prior-guidance", "2.5", "--best-of", "1", "--decoder-steps", "2"]
     argv += ["--decoder-guidance", "1.5", "--eta", "0.5", "--upsampler-steps", "2,3", "--device", "cpu"]
+    argv += ["--decoder-condition", "caption"]
     assert benchmark.main(argv) == 0
     assert len(seen) == 1  # the 4 prompts (a category each) in one batch
     assert seen[0]["prior"] == StageSettings(steps=2, guidance_scale=2.5, best_of=1)
-    assert seen[0]["decoder"] == StageSettings(steps=2, guidance_scale=1.5, eta=0.5)
+    assert seen[0]["decoder"] == StageSettings(steps=2, guidance_scale=1.5, eta=0.5, condition="caption")
     assert [u.steps for u in seen[0]["upsamplers"]] == [2, 3]
     report = json.loads((out / "benchmark.json").read_text())
     assert report["metrics"]["bench/n"] == 4 and len(report["samples"]) == 4
@@ -245,6 +246,26 @@ def test_decoder_sample_can_drop_the_image_embedding(cascade):
     # dropped, the embedding is replaced by the null tokens: any embedding gives the same images
     assert torch.equal(run(cond, drop_image=True), run(other, drop_image=True))
     assert not torch.equal(run(cond), run(other))
+
+
+def test_decoder_condition_setting_chooses_what_the_decoder_sees(cascade):
+    """StageSettings(condition=...): caption alone (a lever: the prior's embedding is not used), the image
+    embedding alone (the caption is not used), or both (the default)."""
+    a, b = cascade.text(["a red circle", "a red circle"]), cascade.text(["two blue squares", "a green star"])
+    emb = cascade.clip.embed(None, a["tokens"])["txt_emb"]
+
+    def decode(e, text, condition):
+        settings = StageSettings(steps=2, condition=condition)
+        return cascade.decode(e, text, settings, torch.Generator().manual_seed(0))
+
+    assert torch.equal(decode(emb, a, "caption"), decode(-emb, a, "caption"))
+    assert not torch.equal(decode(emb, a, "both"), decode(-emb, a, "both"))
+    assert torch.equal(decode(emb, a, "image"), decode(emb, b, "image"))
+    assert not torch.equal(decode(emb, a, "both"), decode(emb, b, "both"))
+    with pytest.raises(
+        ValueError, match=r"decoder condition 'text': expected one of \['both', 'caption', 'image'\]"
+    ):
+        decode(emb, a, "text")
 
 
 def test_probe_scores_every_stage_on_ground_truth_renders(cascade, cascade_dir, tmp_path, capsys):

@@ -58,6 +58,9 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     return torch.sin((1 - t) * omega) / so * a + torch.sin(t * omega) / so * b
 
 
+DECODER_CONDITIONS = ("both", "caption", "image")
+
+
 @dataclass
 class StageSettings:
     """Sampling settings of one stage (None: the stage's own config, ``module.*``)."""
@@ -67,6 +70,7 @@ class StageSettings:
     eta: float | None = None  # DDIM only
     guidance_scale: float | None = None  # prior and decoder
     best_of: int | None = None  # prior only
+    condition: str = "both"  # decoder only: both (image embedding and caption) | caption | image
 
 
 @dataclass
@@ -228,7 +232,14 @@ class Cascade:
         noise: torch.Tensor | None = None,
         step_callback=None,
     ) -> torch.Tensor:
-        """Decoder images in [-1, 1]; ``text=None`` decodes from the image embedding alone."""
+        """Decoder images in [-1, 1]; ``text=None`` decodes from the image embedding alone, as does
+        ``settings.condition="image"``; ``"caption"`` from the caption alone (the embedding is dropped)."""
+        if settings.condition not in DECODER_CONDITIONS:
+            raise ValueError(
+                f"decoder condition {settings.condition!r}: expected one of {list(DECODER_CONDITIONS)}"
+            )
+        if settings.condition == "image":
+            text = None
         b = image_emb.shape[0]
         if text is None:  # the caption is dropped (null tokens), so any tokens of the right shape do
             tokens = self.tokens([""] * b)
@@ -244,6 +255,7 @@ class Cascade:
             eta=settings.eta,
             noise=noise,
             drop_text=text is None,
+            drop_image=settings.condition == "caption",
             step_callback=step_callback,
         )
 
