@@ -183,6 +183,19 @@ def category_table(metrics: dict[str, float], prefix: str = "bench/") -> list[st
     return lines
 
 
+def ceiling(per_category: int, base: int, size: int = 64, seed: int = 0) -> dict[str, float]:
+    """The benchmark's scores of its own prompts' ground-truth renders at ``size`` px, bicubic down to
+    ``base`` px and back: what a cascade whose decoder draws ``base`` px can reach at best."""
+    items = composition.benchmark_prompts(per_category, seed=seed)
+    images = []
+    for k, item in enumerate(items):
+        img = composition.render_spec(item["spec"], size, seed=k)
+        if base != size:
+            img = img.resize((base, base), Image.BICUBIC).resize((size, size), Image.BICUBIC)
+        images.append(img)
+    return {f"bench/{k}": v for k, v in composition.evaluate(images, items).items()}
+
+
 def reference_images(clip_dir: Path, n: int) -> torch.Tensor | None:
     """Up to ``n`` uint8 held-out images (the CLIP stage's val shards), for FID."""
     data = OmegaConf.load(clip_dir / "config.yaml").data
@@ -206,7 +219,15 @@ def reference_images(clip_dir: Path, n: int) -> torch.Tensor | None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     p = argparse.ArgumentParser(prog="python -m eval.benchmark", description=__doc__.split("\n\n")[0])
-    p.add_argument("--cascade", required=True, help="a train.pipeline output directory")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--cascade", help="a train.pipeline output directory")
+    what.add_argument(
+        "--ceiling",
+        type=int,
+        metavar="BASE",
+        help="no cascade: score the prompts' ground-truth renders at 64 px, resampled through BASE px "
+        "(the best a cascade whose decoder draws BASE px can score)",
+    )
     p.add_argument("--per-category", type=int, default=32)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -216,6 +237,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_sampling_arguments(p)  # the same options as eval.sample's
     args = p.parse_args(argv)
+    if args.ceiling is not None:
+        if args.ceiling < 1:
+            print(
+                f"error: --ceiling {args.ceiling}: expected a side in pixels of at least 1", file=sys.stderr
+            )
+            return 2
+        metrics = ceiling(args.per_category, args.ceiling, seed=args.seed)
+        print(
+            f"ground-truth renders at 64 px through {args.ceiling} px, {args.per_category} prompts per category"
+        )
+        print("\n".join(category_table(metrics)))
+        return 0
     try:
         cascade = Cascade.from_dir(args.cascade, device=args.device)
         metrics = evaluate_cascade(

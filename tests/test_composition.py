@@ -182,3 +182,17 @@ def test_category_table_gives_each_category_and_its_gap_to_single_objects():
     assert rows["binding"] == "| binding | 0% | 0% | 0% | 0% | - | 0% | 0% | 0% | -100 pts |"
     assert rows["spatial"].endswith("| 100% | 100% | 100% | 100% | 100% | 100% | 0% | 100% | +0 pts |")
     assert category_table(metrics, "lever/bench/") == []  # no lever in these metrics
+
+
+def test_ceiling_scores_ground_truth_renders_through_a_base_size(capsys):
+    from eval.benchmark import ceiling, main
+
+    full = ceiling(4, 64)
+    assert all(full[f"bench/{c}/correct"] == 1.0 for c in CATEGORIES)
+    tiny = ceiling(4, 8)  # an 8 px base keeps the colours and loses the shapes
+    assert tiny["bench/single/colour"] == 1.0 and tiny["bench/single/shape"] < 0.5
+    assert main(["--ceiling", "8", "--per-category", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "through 8 px, 4 prompts per category" in printed and "| binding | 100% | " in printed
+    assert main(["--ceiling", "0"]) == 2
+    assert "--ceiling 0: expected a side in pixels" in capsys.readouterr().err
