@@ -281,6 +281,34 @@ def test_pipeline_refuses_unknown_stage_names_before_running_any():
         check_stages(["clip", "upsampler"])
 
 
+def test_pipeline_checks_sample_settings_and_the_lever_before_any_stage_runs():
+    """`sample` and `sample.lever` are read after every stage has trained: a key or value they cannot take
+    stops the run at its start, named."""
+    from hydra import compose, initialize_config_dir
+
+    from train.pipeline import check_sample
+    from train.run import CONF_DIR
+
+    def check(*overrides):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            check_sample(compose("pipeline", overrides=list(overrides)))
+
+    check()
+    check("preset=gpu")  # its lever: guidance on the prior
+    check("+sample.lever={decoder: {condition: caption}}")
+    check("stages=[clip]", "+sample.lever={decodr: {}}")  # no sample stage: nothing to check
+    with pytest.raises(
+        SystemExit, match=r"sample.lever.decodr: expected a stage among \['decoder', 'prior'\]"
+    ):
+        check("+sample.lever={decodr: {steps: 2}}")
+    with pytest.raises(SystemExit, match=r"sample.lever.decoder: .*'guidance'.* \(settings: \['steps'"):
+        check("+sample.lever={decoder: {guidance: 2}}")
+    with pytest.raises(SystemExit, match=r"sample.lever.decoder.condition=text: expected one of \['both'"):
+        check("+sample.lever={decoder: {condition: text}}")
+    with pytest.raises(SystemExit, match=r"sample.upsamplers\[1\]: .*'step'"):
+        check("sample.upsamplers=[{steps: 2},{step: 2}]")
+
+
 @pytest.mark.parametrize("preset", [None, "gpu", "gpu_smoke", "cpu_shapes"])
 def test_pipeline_checks_that_decoder_and_upsamplers_chain_before_any_stage_runs(preset, tmp_path):
     """A 32 px decoder before the default 16 -> 32 upsampler would train every stage, then fail when

@@ -118,7 +118,7 @@ def run_sample(
     """Text -> image through the trained cascade on the compositional benchmark; samples.png, scores.
     ``upsamplers``: the upsampler stages of this run, in order (preset=gpu stops at 256 px)."""
     from eval.benchmark import evaluate_cascade, reference_images
-    from train.cascade import Cascade, StageSettings
+    from train.cascade import Cascade
 
     stage_dir = out_dir / "sample"
     done = stage_dir / "done.json"
@@ -140,14 +140,7 @@ def run_sample(
         clip=out_dir / "clip",
         device=device,
     )
-    settings = {
-        k: StageSettings(**{key: v for key, v in (options.get(k) or {}).items() if v is not None})
-        for k in ("prior", "decoder")
-    }
-    ups = [
-        StageSettings(**{k: v for k, v in u.items() if v is not None})
-        for u in options.get("upsamplers") or []
-    ]
+    settings, ups = sample_settings(options)
     metrics = evaluate_cascade(
         cascade,
         stage_dir,
@@ -172,16 +165,30 @@ def run_sample(
     return metrics
 
 
-def _lever(
-    cascade, options: Mapping[str, Any], settings: dict, ups: list, stage_dir: Path
-) -> dict[str, float]:
-    """``sample.lever`` (e.g. ``{prior: {guidance_scale: 4.0}}``): the benchmark again, same prompts and
-    seed, with those sampling settings changed; its figures as ``lever/bench/...`` (images: sample/lever/)."""
+def sample_settings(options: Mapping[str, Any]) -> tuple[dict, list]:
+    """The ``sample`` stage's prior and decoder StageSettings and the upsamplers', from its options."""
     import dataclasses
 
-    from eval.benchmark import evaluate_cascade
+    from train.cascade import StageSettings
 
-    lever = dict(options["lever"])
+    def make(key: str, values: Mapping[str, Any]) -> StageSettings:
+        try:
+            return StageSettings(**{k: v for k, v in values.items() if v is not None})
+        except TypeError as e:
+            names = [f.name for f in dataclasses.fields(StageSettings)]
+            raise ValueError(f"sample.{key}: {e} (settings: {names})") from e
+
+    settings = {k: make(k, options.get(k) or {}) for k in ("prior", "decoder")}
+    ups = [make(f"upsamplers[{i}]", u) for i, u in enumerate(options.get("upsamplers") or [])]
+    return settings, ups
+
+
+def lever_settings(lever: Mapping[str, Any], settings: dict) -> dict:
+    """``settings`` with ``sample.lever``'s changes; a ValueError names a key or value it cannot take."""
+    import dataclasses
+
+    from train.cascade import DECODER_CONDITIONS
+
     unknown = sorted(set(lever) - set(settings))
     if unknown:
         raise ValueError(f"sample.lever.{unknown[0]}: expected a stage among {sorted(settings)}")
@@ -193,6 +200,37 @@ def _lever(
             raise ValueError(
                 f"sample.lever.{stage}: {e} (settings: {[f.name for f in dataclasses.fields(base)]})"
             ) from e
+    if changed["decoder"].condition not in DECODER_CONDITIONS:
+        raise ValueError(
+            f"sample.lever.decoder.condition={changed['decoder'].condition}: expected one of "
+            f"{list(DECODER_CONDITIONS)}"
+        )
+    return changed
+
+
+def check_sample(cfg: DictConfig) -> None:
+    """Stop before any stage runs when ``sample``'s settings or ``sample.lever`` cannot be taken: they are
+    read only after every stage has trained."""
+    if "sample" not in cfg.stages:
+        return
+    options = OmegaConf.to_container(cfg.get("sample") or {}, resolve=True)
+    try:
+        settings, _ = sample_settings(options)
+        if options.get("lever"):
+            lever_settings(dict(options["lever"]), settings)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+
+
+def _lever(
+    cascade, options: Mapping[str, Any], settings: dict, ups: list, stage_dir: Path
+) -> dict[str, float]:
+    """``sample.lever`` (e.g. ``{prior: {guidance_scale: 4.0}}``): the benchmark again, same prompts and
+    seed, with those sampling settings changed; its figures as ``lever/bench/...`` (images: sample/lever/)."""
+    from eval.benchmark import evaluate_cascade
+
+    lever = dict(options["lever"])
+    changed = lever_settings(lever, settings)
     log.info("stage sample: lever %s", lever)
     result = evaluate_cascade(
         cascade,
@@ -381,6 +419,7 @@ def main(cfg: DictConfig) -> None:
     start = time.monotonic()
     out_dir = Path(cfg.out_dir)
     check_image_sizes(cfg, out_dir)
+    check_sample(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     budget, shares = cfg.get("time_budget"), cfg.get("time_shares") or {}
