@@ -307,6 +307,11 @@ def test_pipeline_checks_sample_settings_and_the_lever_before_any_stage_runs():
         check("+sample.lever={decoder: {condition: text}}")
     with pytest.raises(SystemExit, match=r"sample.upsamplers\[1\]: .*'step'"):
         check("sample.upsamplers=[{steps: 2},{step: 2}]")
+    with pytest.raises(
+        SystemExit, match=r"sample.upsamplers: 2 settings for the 1 upsampler\(s\) of stages "
+    ):
+        check("stages=[clip,embed,prior,decoder,upsampler_256,sample]")  # the default lists two
+    check("stages=[clip,embed,prior,decoder,upsampler_256,sample]", "sample.upsamplers=[{steps: 27}]")
 
 
 @pytest.mark.parametrize("preset", [None, "gpu", "gpu_smoke", "cpu_shapes"])

@@ -215,11 +215,17 @@ def check_sample(cfg: DictConfig) -> None:
         return
     options = OmegaConf.to_container(cfg.get("sample") or {}, resolve=True)
     try:
-        settings, _ = sample_settings(options)
+        settings, ups = sample_settings(options)
         if options.get("lever"):
             lever_settings(dict(options["lever"]), settings)
     except ValueError as e:
         raise SystemExit(str(e)) from e
+    listed = [n for n in UPSAMPLERS if n in cfg.stages]
+    if listed and len(ups) > len(listed):
+        raise SystemExit(
+            f"sample.upsamplers: {len(ups)} settings for the {len(listed)} upsampler(s) of stages "
+            f"({', '.join(listed)}); give one per upsampler, in order"
+        )
 
 
 def _lever(
