@@ -180,14 +180,20 @@ def sample_settings(options: Mapping[str, Any]) -> tuple[dict, list]:
 
     settings = {k: make(k, options.get(k) or {}) for k in ("prior", "decoder")}
     ups = [make(f"upsamplers[{i}]", u) for i, u in enumerate(options.get("upsamplers") or [])]
+    _check_condition("sample.decoder", settings["decoder"])
     return settings, ups
+
+
+def _check_condition(where: str, decoder) -> None:
+    from train.cascade import DECODER_CONDITIONS
+
+    if decoder.condition not in DECODER_CONDITIONS:
+        raise ValueError(f"{where}.condition={decoder.condition}: expected one of {list(DECODER_CONDITIONS)}")
 
 
 def lever_settings(lever: Mapping[str, Any], settings: dict) -> dict:
     """``settings`` with ``sample.lever``'s changes; a ValueError names a key or value it cannot take."""
     import dataclasses
-
-    from train.cascade import DECODER_CONDITIONS
 
     unknown = sorted(set(lever) - set(settings))
     if unknown:
@@ -200,11 +206,7 @@ def lever_settings(lever: Mapping[str, Any], settings: dict) -> dict:
             raise ValueError(
                 f"sample.lever.{stage}: {e} (settings: {[f.name for f in dataclasses.fields(base)]})"
             ) from e
-    if changed["decoder"].condition not in DECODER_CONDITIONS:
-        raise ValueError(
-            f"sample.lever.decoder.condition={changed['decoder'].condition}: expected one of "
-            f"{list(DECODER_CONDITIONS)}"
-        )
+    _check_condition("sample.lever.decoder", changed["decoder"])
     return changed
 
 
