@@ -27,7 +27,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 
-from data.images import save_grid
+from data.images import save_grid, to_unit_range
 from data.pipeline import ShardDataset
 from eval import composition
 from eval.sample import add_sampling_arguments, settings
@@ -183,16 +183,14 @@ def category_table(metrics: dict[str, float], prefix: str = "bench/") -> list[st
     return lines
 
 
-def ceiling(per_category: int, base: int, size: int = 64, seed: int = 0) -> dict[str, float]:
-    """The benchmark's scores of its own prompts' ground-truth renders at ``size`` px, bicubic down to
-    ``base`` px and back: what a cascade whose decoder draws ``base`` px can reach at best."""
+def ceiling(per_category: int, base: int, seed: int = 0) -> dict[str, float]:
+    """The benchmark's scores of its own prompts' ground-truth renders brought to ``base`` px and back to
+    the scorer's size, as eval.probe's "renders at N px" row: what a cascade whose decoder draws ``base``
+    px can reach at best."""
+    from eval import probe
+
     items = composition.benchmark_prompts(per_category, seed=seed)
-    images = []
-    for k, item in enumerate(items):
-        img = composition.render_spec(item["spec"], size, seed=k)
-        if base != size:
-            img = img.resize((base, base), Image.BICUBIC).resize((size, size), Image.BICUBIC)
-        images.append(img)
+    images = probe.at_scorer_size(to_unit_range(probe.renders(items), base))
     return {f"bench/{k}": v for k, v in composition.evaluate(images, items).items()}
 
 
@@ -244,9 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         metrics = ceiling(args.per_category, args.ceiling, seed=args.seed)
-        print(
-            f"ground-truth renders at 64 px through {args.ceiling} px, {args.per_category} prompts per category"
-        )
+        print(f"ground-truth renders through {args.ceiling} px, {args.per_category} prompts per category")
         print("\n".join(category_table(metrics)))
         return 0
     try:

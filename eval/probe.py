@@ -64,14 +64,17 @@ def renders(items: Sequence[dict]) -> torch.Tensor:
     )
 
 
-def score(images: torch.Tensor, items: Sequence[dict]) -> dict[str, float]:
-    """Colour, shape and count accuracy of float images in [-1, 1] at any size (bicubic to 64 px)."""
+def at_scorer_size(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [-1, 1] at any size -> uint8 at the scorer's 64 px (bicubic)."""
     x = images.float().clamp(-1, 1)
     if x.shape[-1] != SCORER_SIZE:
-        x = F.interpolate(x, size=(SCORER_SIZE, SCORER_SIZE), mode="bicubic", align_corners=False).clamp(
-            -1, 1
-        )
-    metrics = composition.evaluate(to_uint8(x), items)
+        x = F.interpolate(x, size=(SCORER_SIZE, SCORER_SIZE), mode="bicubic", align_corners=False)
+    return to_uint8(x)
+
+
+def score(images: torch.Tensor, items: Sequence[dict]) -> dict[str, float]:
+    """Colour, shape and count accuracy of float images in [-1, 1] at any size (bicubic to 64 px)."""
+    metrics = composition.evaluate(at_scorer_size(images), items)
     return {c: metrics[f"single/{c}"] for c in CRITERIA}
 
 

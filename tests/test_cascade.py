@@ -262,10 +262,8 @@ def test_decoder_condition_setting_chooses_what_the_decoder_sees(cascade):
     assert not torch.equal(decode(emb, a, "both"), decode(-emb, a, "both"))
     assert torch.equal(decode(emb, a, "image"), decode(emb, b, "image"))
     assert not torch.equal(decode(emb, a, "both"), decode(emb, b, "both"))
-    with pytest.raises(
-        ValueError, match=r"decoder condition 'text': expected one of \['both', 'caption', 'image'\]"
-    ):
-        decode(emb, a, "text")
+    with pytest.raises(ValueError, match=r"condition='text': expected one of \['both', 'caption', 'image'\]"):
+        StageSettings(condition="text")
 
 
 def test_probe_scores_every_stage_on_ground_truth_renders(cascade, cascade_dir, tmp_path, capsys):

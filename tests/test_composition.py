@@ -193,6 +193,6 @@ def test_ceiling_scores_ground_truth_renders_through_a_base_size(capsys):
     assert tiny["bench/single/colour"] == 1.0 and tiny["bench/single/shape"] < 0.5
     assert main(["--ceiling", "8", "--per-category", "4"]) == 0
     printed = capsys.readouterr().out
-    assert "through 8 px, 4 prompts per category" in printed and "| binding | 100% | " in printed
+    assert "renders through 8 px, 4 prompts per category" in printed and "| binding | 100% | " in printed
     assert main(["--ceiling", "0"]) == 2
     assert "--ceiling 0: expected a side in pixels" in capsys.readouterr().err

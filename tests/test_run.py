@@ -303,9 +303,9 @@ def test_pipeline_checks_sample_settings_and_the_lever_before_any_stage_runs():
         check("+sample.lever={decodr: {steps: 2}}")
     with pytest.raises(SystemExit, match=r"sample.lever.decoder: .*'guidance'.* \(settings: \['steps'"):
         check("+sample.lever={decoder: {guidance: 2}}")
-    with pytest.raises(SystemExit, match=r"sample.lever.decoder.condition=text: expected one of \['both'"):
+    with pytest.raises(SystemExit, match=r"sample.lever.decoder.condition='text': expected one of \['both'"):
         check("+sample.lever={decoder: {condition: text}}")
-    with pytest.raises(SystemExit, match=r"sample.decoder.condition=captions: expected one of \['both'"):
+    with pytest.raises(SystemExit, match=r"sample.decoder.condition='captions': expected one of \['both'"):
         check("+sample.decoder.condition=captions")
     with pytest.raises(SystemExit, match=r"sample.upsamplers\[1\]: .*'step'"):
         check("sample.upsamplers=[{steps: 2},{step: 2}]")

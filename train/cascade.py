@@ -72,6 +72,10 @@ class StageSettings:
     best_of: int | None = None  # prior only
     condition: str = "both"  # decoder only: both (image embedding and caption) | caption | image
 
+    def __post_init__(self):
+        if self.condition not in DECODER_CONDITIONS:
+            raise ValueError(f"condition={self.condition!r}: expected one of {list(DECODER_CONDITIONS)}")
+
 
 @dataclass
 class CascadeOutput:
@@ -234,10 +238,6 @@ class Cascade:
     ) -> torch.Tensor:
         """Decoder images in [-1, 1]; ``text=None`` decodes from the image embedding alone, as does
         ``settings.condition="image"``; ``"caption"`` from the caption alone (the embedding is dropped)."""
-        if settings.condition not in DECODER_CONDITIONS:
-            raise ValueError(
-                f"decoder condition {settings.condition!r}: expected one of {list(DECODER_CONDITIONS)}"
-            )
         if settings.condition == "image":
             text = None
         b = image_emb.shape[0]

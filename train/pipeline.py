@@ -177,18 +177,12 @@ def sample_settings(options: Mapping[str, Any]) -> tuple[dict, list]:
         except TypeError as e:
             names = [f.name for f in dataclasses.fields(StageSettings)]
             raise ValueError(f"sample.{key}: {e} (settings: {names})") from e
+        except ValueError as e:
+            raise ValueError(f"sample.{key}.{e}") from e
 
     settings = {k: make(k, options.get(k) or {}) for k in ("prior", "decoder")}
     ups = [make(f"upsamplers[{i}]", u) for i, u in enumerate(options.get("upsamplers") or [])]
-    _check_condition("sample.decoder", settings["decoder"])
     return settings, ups
-
-
-def _check_condition(where: str, decoder) -> None:
-    from train.cascade import DECODER_CONDITIONS
-
-    if decoder.condition not in DECODER_CONDITIONS:
-        raise ValueError(f"{where}.condition={decoder.condition}: expected one of {list(DECODER_CONDITIONS)}")
 
 
 def lever_settings(lever: Mapping[str, Any], settings: dict) -> dict:
@@ -206,7 +200,8 @@ def lever_settings(lever: Mapping[str, Any], settings: dict) -> dict:
             raise ValueError(
                 f"sample.lever.{stage}: {e} (settings: {[f.name for f in dataclasses.fields(base)]})"
             ) from e
-    _check_condition("sample.lever.decoder", changed["decoder"])
+        except ValueError as e:
+            raise ValueError(f"sample.lever.{stage}.{e}") from e
     return changed
 
 
