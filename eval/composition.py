@@ -172,15 +172,40 @@ def benchmark_prompts(per_category: int, seed: int = 0) -> list[dict]:
                 groups = [first, _group(rng, avoid=(first["colour"], first["shape"]))]
                 if category == "spatial":
                     relation = {"subject": 0, "relation": rng.choice(RELATIONS), "object": 1}
-            parts = [describe_group(g) for g in groups]
-            if relation:
-                prompt = f"{parts[0]} {relation['relation']} {parts[1]}"
-            else:
-                prompt = " and ".join(parts)
-            items.append(
-                {"category": category, "prompt": prompt, "spec": {"groups": groups, "relation": relation}}
-            )
+            spec = {"groups": groups, "relation": relation}
+            items.append({"category": category, "prompt": prompt_for(spec), "spec": spec})
     return items
+
+
+def prompt_for(spec: dict) -> str:
+    """A spec's prompt in the dataset's grammar (bare template): "a red circle and two blue squares",
+    "a red circle left of a blue square"."""
+    parts = [describe_group(g) for g in spec["groups"]]
+    relation = spec.get("relation")
+    if relation:
+        return f"{parts[relation['subject']]} {relation['relation']} {parts[relation['object']]}"
+    return " and ".join(parts)
+
+
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def contrast(item: dict) -> dict:
+    """The two-object prompt that differs from ``item`` only where its category is tested: binding, the
+    two colours exchanged ("a red circle and a blue square" -> "a blue circle and a red square");
+    spatial, the relation reversed ("... left of ..." -> "... right of ...")."""
+    spec = {"groups": [dict(g) for g in item["spec"]["groups"]], "relation": item["spec"].get("relation")}
+    if item["category"] == "binding" and len(spec["groups"]) == 2:
+        a, b = spec["groups"]
+        a["colour"], b["colour"] = b["colour"], a["colour"]
+    elif item["category"] == "spatial" and spec["relation"]:
+        spec["relation"] = {**spec["relation"], "relation": OPPOSITE[spec["relation"]["relation"]]}
+    else:
+        raise ValueError(
+            f"contrast: {item['prompt']!r} ({item['category']}): expected a binding prompt of two groups "
+            "or a spatial prompt with a relation"
+        )
+    return {"category": item["category"], "prompt": prompt_for(spec), "spec": spec}
 
 
 def _holds(a: dict, relation: str, b: dict) -> bool:

@@ -1,6 +1,7 @@
 """Where a trained cascade loses the shapes: each stage probed on ground-truth renders.
 
-    python -m eval.probe --cascade outputs/pipeline [--n 48] [--steps 25] [--upsampler-steps 15,10] [--json F]
+    python -m eval.probe --cascade outputs/pipeline [--n 48] [--steps 25] [--upsampler-steps 15,10]
+        [--prior-guidance G] [--json F]
 
 The pipeline's ``sample`` stage runs it too (``sample.probe``: prompts, 0 to skip) into
 ``<out_dir>/sample/probe.md`` and report.md.
@@ -24,6 +25,21 @@ and scores every result with the same program scorer:
   conditioning does not distinguish.
 
 Chance is 1/6 for shape, 1/8 for colour.
+
+``pairs``: where two-object prompts lose what the benchmark's binding and spatial categories test.
+Each prompt is set against its contrast (composition.contrast: binding, the two colours exchanged;
+spatial, the relation reversed), both rendered with the same layout and background:
+
+- ``clip_image``: the render's CLIP image embedding is closer to its caption's text embedding than to
+  the contrast's; ``clip_text``: the caption's is closer to the render's than to the contrast render's
+  (chance 50%: the DALL-E 2 paper's explanation of unCLIP's binding failures is that CLIP's
+  embeddings do not tell the two apart);
+- ``prior``: the prior's image embedding sampled from the caption is closer to the render's than to
+  the contrast render's;
+- ``text_cos``, ``image_cos``: mean cosine between the two captions' and the two renders' embeddings;
+- the decoder sampled from the render's own embedding and caption (each, and both), scored by the
+  benchmark's criteria (all correct; binding: objects bound and swapped; spatial: relation), next to
+  the renders at the decoder's size (the ceiling).
 """
 
 from __future__ import annotations
@@ -41,10 +57,16 @@ import torch.nn.functional as F
 from data.images import to_uint8, to_unit_range
 from data.synthetic import SHAPES
 from eval import composition
-from train.cascade import Cascade
+from train.cascade import Cascade, StageSettings
 
 SCORER_SIZE = 64
 CRITERIA = ("colour", "shape", "count")
+PAIRS = ("binding", "spatial")
+DECODER_PROBES = (  # name, drop the image embedding, drop the caption
+    ("image + caption", False, False),
+    ("caption only", True, False),
+    ("image only", False, True),
+)
 
 
 def single_object_items(n: int, seed: int = 0) -> list[dict]:
@@ -96,10 +118,13 @@ def probe(
     noise_steps: Sequence[int] = (20, 50, 100, 200, 300),
     upsampler_steps: Sequence[int | None] = (),
     seed: int = 0,
+    prior: StageSettings | None = None,
 ) -> dict:
-    """Every probe of the module docstring: ``{"rows": [{"probe", "colour", "shape", "count"}], "clip": ...}``.
-    ``n``: prompts per benchmark category (the single-object ones are used); ``steps``: decoder DDIM
-    steps and ``upsampler_steps`` per upsampler (None or missing: the stage's training config)."""
+    """Every probe of the module docstring: ``{"rows": [{"probe", "colour", "shape", "count"}], "clip": ...,
+    "pairs": {"binding": ..., "spatial": ...}}``. ``n``: prompts per benchmark category (the
+    single-object, binding and spatial ones are used); ``steps``: decoder DDIM steps and
+    ``upsampler_steps`` per upsampler (None or missing: the stage's training config); ``prior``: the
+    prior's sampling settings for the pairs (default: its training config)."""
     dec = cascade.decoder
     for step in noise_steps:
         if not 0 <= step < dec.diffusion.num_timesteps:
@@ -121,24 +146,34 @@ def probe(
     tokens = cascade.tokens([it["prompt"] for it in items])
     emb = cascade.clip.embed(truth.to(device), tokens)
     cond = dec.conditioning(emb["img_emb"], tokens, emb.get("txt_feat"))
-    rows += _decoder_probes(dec, cond, items, steps, guidance_scale, seed)
+    rows += [
+        {"probe": f"decoder ({name})", **score(out, items)}
+        for name, out in _decoder_samples(dec, cond, steps, guidance_scale, seed)
+    ]
     rows += _denoise_probes(dec, cond, x0, items, noise_steps, seed)
+    all_items = composition.benchmark_prompts(n, seed=seed)
     return {
         "n": len(items),
         "decoder_steps": int(dec.hparams.sample_steps if steps is None else steps),
         "rows": rows,
         "clip": caption_separation(cascade),
+        "pairs": {
+            category: pairs(
+                cascade,
+                [i for i in all_items if i["category"] == category],
+                prior or StageSettings(),
+                steps,
+                guidance_scale,
+                seed,
+            )
+            for category in PAIRS
+        },
     }
 
 
-def _decoder_probes(dec, cond: dict, items: list[dict], steps, guidance_scale, seed: int) -> list[dict]:
-    """The decoder sampled from the renders' own CLIP embedding and caption, each, and both."""
-    rows = []
-    for name, drop_image, drop_text in (
-        ("image + caption", False, False),
-        ("caption only", True, False),
-        ("image only", False, True),
-    ):
+def _decoder_samples(dec, cond: dict, steps, guidance_scale, seed: int):
+    """(name, images in [-1, 1]) of the decoder sampled from ``cond`` with each of DECODER_PROBES."""
+    for name, drop_image, drop_text in DECODER_PROBES:
         g = torch.Generator(dec.device).manual_seed(seed)
         out = dec.sample(
             cond,
@@ -149,8 +184,66 @@ def _decoder_probes(dec, cond: dict, items: list[dict], steps, guidance_scale, s
             drop_image=drop_image,
             drop_text=drop_text,
         )
-        rows.append({"probe": f"decoder ({name})", **score(out, items)})
-    return rows
+        yield name, out
+
+
+def _closer(query: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fraction of rows whose ``query`` is closer (cosine) to ``a`` than to ``b``; a tie counts half."""
+    query, a, b = (F.normalize(t.float(), dim=-1) for t in (query, a, b))
+    sim_a, sim_b = (query * a).sum(-1), (query * b).sum(-1)
+    return float(((sim_a > sim_b).float() + 0.5 * (sim_a == sim_b).float()).mean())
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.float(), b.float(), dim=-1).mean())
+
+
+def pair_score(images: torch.Tensor, items: Sequence[dict]) -> dict[str, float]:
+    """The benchmark's criteria of two-object prompts of one category: ``correct`` (all of them), and
+    ``objects_bound``, ``objects_swapped`` (binding) or ``relation`` (spatial)."""
+    category = items[0]["category"]
+    metrics = composition.evaluate(at_scorer_size(images), items)
+    keys = ("correct", "objects_bound", "objects_swapped", "relation")
+    return {k: metrics[f"{category}/{k}"] for k in keys if f"{category}/{k}" in metrics}
+
+
+@torch.no_grad()
+def pairs(
+    cascade: Cascade,
+    items: Sequence[dict],
+    prior: StageSettings,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    seed: int = 0,
+) -> dict:
+    """The ``pairs`` probes of the module docstring for the benchmark ``items`` of one two-object category."""
+    contrasts = [composition.contrast(it) for it in items]
+    device, dec = cascade.device, cascade.decoder
+    truth, other = renders(items), renders(contrasts)
+    text, text_other = (
+        cascade.text([it["prompt"] for it in items]),
+        cascade.text([c["prompt"] for c in contrasts]),
+    )
+    img, img_other = cascade.image_embedding(truth), cascade.image_embedding(other)
+    result: dict = {
+        "n": len(items),
+        "clip_image": _closer(img, text["txt_emb"], text_other["txt_emb"]),
+        "clip_text": _closer(text["txt_emb"], img, img_other),
+        "text_cos": _cosine(text["txt_emb"], text_other["txt_emb"]),
+        "image_cos": _cosine(img, img_other),
+    }
+    if cascade.prior is not None:
+        sampled = cascade.prior_sample(text, prior, torch.Generator(device).manual_seed(seed))
+        result["prior"] = _closer(sampled, img, img_other)
+    size = dec.net.image_size
+    rows = [{"probe": f"renders at {size} px", **pair_score(to_unit_range(truth.to(device), size), items)}]
+    cond = dec.conditioning(img, text["tokens"], text["txt_feat"])
+    rows += [
+        {"probe": f"decoder ({name})", **pair_score(out, items)}
+        for name, out in _decoder_samples(dec, cond, steps, guidance_scale, seed)
+    ]
+    result["rows"] = rows
+    return result
 
 
 def _denoise_probes(
@@ -175,18 +268,73 @@ def _denoise_probes(
     return rows
 
 
+def _slug(name: str) -> str:
+    slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+    while "__" in slug:
+        slug = slug.replace("__", "_")
+    return slug
+
+
 def metrics(result: dict) -> dict[str, float]:
-    """Flat ``probe/<row>/shape`` figures (and the decoder rows' colour) for reports."""
+    """Flat ``probe/<row>/shape`` figures (and the decoder rows' colour) for reports, and the pairs'
+    ``probe/<category>/<probe>`` (``probe/binding/clip_image``, ``probe/binding/decoder_image_caption/
+    objects_bound``, ...)."""
     out = {}
     for r in result["rows"]:
-        slug = "".join(c if c.isalnum() else "_" for c in r["probe"]).strip("_")
-        while "__" in slug:
-            slug = slug.replace("__", "_")
+        slug = _slug(r["probe"])
         out[f"probe/{slug}/shape"] = r["shape"]
         if r["probe"].startswith("decoder"):
             out[f"probe/{slug}/colour"] = r["colour"]
     out["probe/clip_shape_caption_max_cos"] = result["clip"]["max_cos"]
+    for category, pair in result.get("pairs", {}).items():
+        for key in PAIR_PROBES:
+            if key in pair:
+                out[f"probe/{category}/{key}"] = pair[key]
+        for r in pair["rows"]:
+            for key, value in r.items():
+                if key != "probe":
+                    out[f"probe/{category}/{_slug(r['probe'])}/{key}"] = value
     return out
+
+
+PAIR_PROBES = {  # key -> the table's words
+    "clip_image": "CLIP: a render's embedding is closer to its caption than to the contrast's",
+    "clip_text": "CLIP: a caption's embedding is closer to its render than to the contrast's render",
+    "prior": "prior: its embedding from the caption is closer to the render than to the contrast's",
+    "text_cos": "cosine between the caption's and the contrast's text embeddings",
+    "image_cos": "cosine between the render's and the contrast render's image embeddings",
+}
+
+
+def pairs_table(pairs: dict) -> str:
+    """Markdown: one column per two-object category, the picks (chance 50%) and the decoder rows."""
+    cats = list(pairs)
+    n = ", ".join(f"{c} {pairs[c]['n']}" for c in cats)
+    lines = [
+        f"Two-object prompts ({n}) against their contrast (binding: the two colours exchanged; spatial: the "
+        "relation reversed), rendered with the same layout; chance for the picks: 50%",
+        "",
+        "| probe | " + " | ".join(cats) + " |",
+        "|---|" + "---|" * len(cats),
+    ]
+    for key, words in PAIR_PROBES.items():
+        if all(key in pairs[c] for c in cats):
+            fmt = "{:.3f}" if key.endswith("_cos") else "{:.0%}"
+            lines.append(f"| {words} | " + " | ".join(fmt.format(pairs[c][key]) for c in cats) + " |")
+
+    def cell(r: dict) -> str:
+        extra = [
+            f"{k.split('_')[-1]} {r[k]:.0%}"
+            for k in ("objects_bound", "objects_swapped", "relation")
+            if k in r
+        ]
+        return f"{r['correct']:.0%}" + (f" ({', '.join(extra)})" if extra else "")
+
+    for i, r in enumerate(pairs[cats[0]]["rows"]):
+        lines.append(
+            f"| {r['probe']}: all correct | " + " | ".join(cell(pairs[c]["rows"][i]) for c in cats) + " |"
+        )
+    return "\n".join(lines)
 
 
 def table(result: dict) -> str:
@@ -205,6 +353,8 @@ def table(result: dict) -> str:
         f"CLIP text embeddings of captions differing only in shape: cosine mean {c['mean_cos']:.3f}, "
         f"max {c['max_cos']:.3f}",
     ]
+    if result.get("pairs"):
+        lines += ["", pairs_table(result["pairs"])]
     return "\n".join(lines)
 
 
@@ -218,6 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--upsampler-steps", default="", help="DDIM steps per upsampler, e.g. 15,10 (default: their configs)"
     )
+    p.add_argument(
+        "--prior-guidance", type=float, help="the prior's guidance for the pairs (default: its config)"
+    )
+    p.add_argument("--prior-steps", type=int, help="the prior's sampling steps (default: its config)")
+    p.add_argument("--best-of", type=int, help="prior samples per prompt, the closest to the text kept")
     p.add_argument("--json", help="also write the result here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -235,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
             guidance_scale=args.guidance,
             noise_steps=noise_steps,
             upsampler_steps=up_steps,
+            prior=StageSettings(
+                steps=args.prior_steps, guidance_scale=args.prior_guidance, best_of=args.best_of
+            ),
         )
     except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -293,6 +293,24 @@ def test_probe_scores_every_stage_on_ground_truth_renders(cascade, cascade_dir, 
     assert rows["denoise t=300: noised render"]["count"] < 1.0
     sep = result["clip"]
     assert -1.0 <= sep["mean_cos"] <= sep["max_cos"] <= 1.0 + 1e-6
+    # the pairs: each two-object prompt against its contrast, through CLIP, the prior and the decoder
+    assert list(result["pairs"]) == ["binding", "spatial"]
+    for category, pair in result["pairs"].items():
+        assert pair["n"] == 6 and all(0.0 <= pair[k] <= 1.0 for k in ("clip_image", "clip_text", "prior"))
+        assert -1.0 <= pair["image_cos"] <= 1.0 + 1e-6 and -1.0 <= pair["text_cos"] <= 1.0 + 1e-6
+        names = [r["probe"] for r in pair["rows"]]
+        assert names == ["renders at 16 px"] + [f"decoder ({n})" for n, _, _ in probe.DECODER_PROBES]
+        extra = {"objects_bound", "objects_swapped"} | ({"relation"} if category == "spatial" else set())
+        assert all(set(r) == {"probe", "correct"} | extra for r in pair["rows"]), pair["rows"]
+    flat = probe.metrics(result)
+    assert flat["probe/binding/prior"] == result["pairs"]["binding"]["prior"]
+    assert (
+        flat["probe/spatial/decoder_caption_only/relation"]
+        == result["pairs"]["spatial"]["rows"][2]["relation"]
+    )
+    table = probe.table(result)
+    assert "| probe | binding | spatial |" in table and "| decoder (image only): all correct | " in table
+    assert "| CLIP: a render's embedding is closer to its caption than to the contrast's | " in table
 
     out = tmp_path / "probe.json"
     argv = ["--cascade", str(cascade_dir), "--n", "6", "--steps", "2", "--noise-steps", "0"]
@@ -303,3 +321,13 @@ def test_probe_scores_every_stage_on_ground_truth_renders(cascade, cascade_dir, 
     assert "noise step 1000: expected 0..999" in capsys.readouterr().err
     assert probe.main(argv[:-1] + ["a"]) == 2
     assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_probe_picks_count_the_closer_of_two_and_ties_half():
+    from eval.probe import _closer
+
+    query = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]])
+    a = torch.tensor([[1.0, 0.1], [0.0, 1.0], [1.0, 0.0]])  # closer, farther, tie
+    b = torch.tensor([[0.0, 1.0], [3.0, 0.1], [-1.0, 0.0]])
+    assert _closer(query, a, b) == pytest.approx(0.5)
+    assert _closer(query[:2], a[:2], b[:2]) == pytest.approx(0.5) and _closer(query[:1], a[:1], b[:1]) == 1.0

@@ -10,7 +10,16 @@ import torch
 from PIL import Image
 
 from data.synthetic import SHAPES, make_scene, render
-from eval.composition import CATEGORIES, benchmark_prompts, detect_objects, evaluate, render_spec, score
+from eval.composition import (
+    CATEGORIES,
+    benchmark_prompts,
+    contrast,
+    detect_objects,
+    evaluate,
+    prompt_for,
+    render_spec,
+    score,
+)
 
 
 def _match(found: list[dict], obj: dict) -> dict | None:
@@ -86,6 +95,35 @@ def test_benchmark_prompts_are_deterministic_and_in_the_dataset_grammar():
         if it["category"] == "binding":
             assert " and " in it["prompt"]
         assert all(g["shape"] in it["prompt"] and g["colour"] in it["prompt"] for g in groups)
+
+
+def test_contrast_changes_only_what_the_category_tests():
+    items = benchmark_prompts(4, seed=3)
+    for k, it in enumerate(items):
+        assert prompt_for(it["spec"]) == it["prompt"]
+        if it["category"] not in ("binding", "spatial"):
+            with pytest.raises(
+                ValueError, match=rf"contrast: '{it['prompt']}' \({it['category']}\): expected"
+            ):
+                contrast(it)
+            continue
+        other = contrast(it)
+        (a, b), (a2, b2) = it["spec"]["groups"], other["spec"]["groups"]
+        assert (a2["shape"], b2["shape"], a2["count"], b2["count"]) == (a["shape"], b["shape"], 1, 1)
+        assert contrast(other) == it  # an involution: the contrast of the contrast is the prompt
+        # the contrast's render fails exactly the criterion of the category, nothing else
+        result = score(detect_objects(render_spec(other["spec"], 64, seed=k)), it["spec"])
+        assert result["count"] and result["colour"] and result["shape"] and not result["correct"]
+        if it["category"] == "binding":
+            assert (a2["colour"], b2["colour"]) == (b["colour"], a["colour"]) and other["prompt"] != it[
+                "prompt"
+            ]
+            assert (result["objects_bound"], result["objects_swapped"]) == (0.0, 1.0)
+        else:
+            assert (a2, b2) == (a, b) and other["spec"]["relation"]["relation"] != it["spec"]["relation"][
+                "relation"
+            ]
+            assert result["colour_shape"] and not result["relation"]
 
 
 def test_evaluate_is_perfect_on_renders_and_catches_wrong_images():

@@ -230,6 +230,8 @@ def test_pipeline_runs_every_stage_writes_a_report_and_skips_finished_stages(tmp
     # the probe: ground-truth renders through each stage, in report.json and report.md
     assert bench["probe/renders_at_16_px/shape"] >= 0.75 and "probe/decoder_caption_only/colour" in bench
     assert "| renders -> upsampler 2 (64 px) |" in md
+    assert 0 <= bench["probe/binding/prior"] <= 1 and "probe/spatial/decoder_image_caption/relation" in bench
+    assert "| probe | binding | spatial |" in md
     second = run_python(args, tmp_path)
     assert second.returncode == 0, second.stderr[-4000:]
     assert (second.stderr + second.stdout).count("already finished") == 7

@@ -159,7 +159,7 @@ def run_sample(
         metrics["bench/seconds"] += time.time() - start
     if int(options.get("probe") or 0) > 0:  # each stage on ground-truth renders: where shapes are lost
         start = time.time()
-        metrics.update(_probe(cascade, options, settings["decoder"], ups, stage_dir))
+        metrics.update(_probe(cascade, options, settings, ups, stage_dir))
         metrics["bench/seconds"] += time.time() - start
     write_done(done, metrics, metrics["bench/seconds"], device=device)
     return metrics
@@ -248,17 +248,20 @@ def _lever(
     return {f"lever/{k}": v for k, v in result.items() if k.startswith("bench/") and k != "bench/seconds"}
 
 
-def _probe(cascade, options: Mapping[str, Any], decoder, ups: list, stage_dir: Path) -> dict[str, float]:
+def _probe(
+    cascade, options: Mapping[str, Any], settings: dict, ups: list, stage_dir: Path
+) -> dict[str, float]:
     """eval/probe.py on the trained cascade: probe.json, probe.md and its metrics."""
     from eval import probe
 
     result = probe.probe(
         cascade,
         n=int(options["probe"]),
-        steps=decoder.steps,
-        guidance_scale=decoder.guidance_scale,
+        steps=settings["decoder"].steps,
+        guidance_scale=settings["decoder"].guidance_scale,
         upsampler_steps=[u.steps for u in ups],
         seed=int(options.get("seed", 0)),
+        prior=settings["prior"],
     )
     (stage_dir / "probe.json").write_text(json.dumps(result, indent=1))
     (stage_dir / "probe.md").write_text(probe.table(result) + "\n")
