@@ -15,7 +15,7 @@ import torch
 from data.pipeline import ShardDataset
 from data.transforms import Normalize
 from train.checkpoint import load_stage
-from train.validation import retrieval_recall, zeroshot_synthetic
+from train.validation import contrast_picks, retrieval_recall, zeroshot_synthetic
 
 
 @torch.no_grad()
@@ -83,6 +83,8 @@ def evaluate_net(
     metrics.update(retrieval_recall(img_t, txt_t, captions))
     if tokenizer is not None and all(s is not None for s in scenes):
         metrics.update(zeroshot_synthetic(img_t, scenes, net.encode_text, tokenizer, device=device))
+    if tokenizer is not None:
+        metrics.update(contrast_picks(img_t, txt_t, captions, net.encode_text, tokenizer, device=device))
     return metrics
 
 

@@ -43,12 +43,23 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     return images, tokens
 
 
+def negative_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard-negative tokens for the batch (its tokens with two positions exchanged) and their mask."""
+    tokens = data()[1][:, [1, 0, 2, 3, 4, 5]]
+    mask = torch.tensor([True, False, True, True, False, True, True, False])
+    return tokens, mask
+
+
 @functools.cache
-def reference() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def reference(negatives: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One process over the whole batch of 8 (computed once per test session)."""
     net = tiny()
     out = net(*data())
-    loss = ClipLoss()(out["image_features"], out["text_features"], out["logit_scale"])
+    extra = {}
+    if negatives:
+        tokens, mask = negative_data()
+        extra = {"negatives": net.encode_text(tokens), "negative_mask": mask}
+    loss = ClipLoss()(out["image_features"], out["text_features"], out["logit_scale"], **extra)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}
 
@@ -73,6 +84,28 @@ def test_single_process_loss_is_symmetric_cross_entropy():
     row0 = -(logits[0, 0] - logits[0].logsumexp(0))
     torch.testing.assert_close(F.cross_entropy(logits[:1], torch.tensor([0])), row0)
     assert ClipLoss()(img, img, torch.tensor(100.0)) < ClipLoss()(img, txt, torch.tensor(100.0))
+
+
+def test_hard_negatives_are_extra_columns_of_the_image_rows_only():
+    g = torch.Generator().manual_seed(3)
+    img, txt, neg = (F.normalize(torch.randn(5, 8, generator=g), dim=-1) for _ in range(3))
+    scale = torch.tensor(10.0)
+    mask = torch.tensor([True, False, True, False, True])
+    logits = scale * img @ txt.T
+    extra = (scale * img @ neg.T)[:, mask]  # the masked negatives are no column at all
+    labels = torch.arange(5)
+    want = (F.cross_entropy(torch.cat([logits, extra], 1), labels) + F.cross_entropy(logits.T, labels)) / 2
+    for local_loss in (True, False):
+        got = ClipLoss(local_loss=local_loss)(img, txt, scale, negatives=neg, negative_mask=mask)
+        torch.testing.assert_close(got, want)
+    # no negative unmasked: the plain loss; a negative equal to its own caption: a harder task
+    none = torch.zeros(5, dtype=torch.bool)
+    torch.testing.assert_close(ClipLoss()(img, txt, scale, neg, none), manual_loss(img, txt, scale))
+    assert ClipLoss()(img, txt, scale, txt, ~none) > manual_loss(img, txt, scale) + 0.1
+    with pytest.raises(
+        ValueError, match=r"hard negatives \(5, 8\) need a bool mask of shape \(5,\), got \(4,\)"
+    ):
+        ClipLoss()(img, txt, scale, neg, mask[:4])
 
 
 def test_labels_are_cached_and_shapes_checked():
@@ -112,6 +145,21 @@ def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
             mean_loss = loss.detach().clone()
             dist.all_reduce(mean_loss)  # what Lightning logs with sync_dist: the mean of the rank losses
             results[(local_loss, with_grad)] = {
+                "loss": mean_loss / world,
+                "grads": {n: p.grad.clone() for n, p in net.module.named_parameters()},
+            }
+        neg_tokens, neg_mask = negative_data()
+        for local_loss in (True, False):  # hard negatives: gathered like the texts
+            net = torch.nn.parallel.DistributedDataParallel(tiny())
+            res = net(images[part], tokens[part])
+            negatives = net.module.encode_text(neg_tokens[part])
+            loss = ClipLoss(local_loss=local_loss)(
+                res["image_features"], res["text_features"], res["logit_scale"], negatives, neg_mask[part]
+            )
+            loss.backward()
+            mean_loss = loss.detach().clone()
+            dist.all_reduce(mean_loss)
+            results[("negatives", local_loss)] = {
                 "loss": mean_loss / world,
                 "grads": {n: p.grad.clone() for n, p in net.module.named_parameters()},
             }
@@ -163,6 +211,17 @@ def test_two_processes_match_one_process_over_the_concatenated_batch(two_process
     ref_loss, ref_grads = reference()
     for rank in range(WORLD):  # DDP leaves identical averaged gradients on every rank
         got = two_process[rank][(local_loss, True)]
+        torch.testing.assert_close(got["loss"], ref_loss, rtol=1e-6, atol=0)
+        assert_same(got["grads"], ref_grads)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("local_loss", [True, False], ids=["local_loss", "full_loss"])
+def test_two_processes_with_hard_negatives_match_one_process(two_process, local_loss):
+    ref_loss, ref_grads = reference(negatives=True)
+    assert not torch.allclose(ref_loss, reference()[0])  # the negatives change the loss
+    for rank in range(WORLD):
+        got = two_process[rank][("negatives", local_loss)]
         torch.testing.assert_close(got["loss"], ref_loss, rtol=1e-6, atol=0)
         assert_same(got["grads"], ref_grads)
 

@@ -30,6 +30,11 @@ each rank's loss and then AVERAGES parameter gradients over ranks.
   rank r gets ``dL/df_r`` exactly, so after DDP's mean the tower gradients are exactly ``1/world`` of
   the global-batch gradient while ``logit_scale``'s is exact (tests/test_losses.py checks all four).
 
+Hard negatives (``negatives``, M text features per rank, and a bool ``negative_mask``; optional):
+extra text columns for the image rows only, gathered like the texts, masked out (-inf) where a caption
+has none; the text rows are unchanged (a negative caption has no image). The same scaling argument holds
+for them as for the texts: they are one more gathered input of each rank's loss.
+
 Exact means up to float32 summation order; tests/test_losses.py compares 2 gloo processes under DDP
 with one process over the concatenated batch. A single process (or world size 1) needs no gathering.
 """
@@ -108,26 +113,57 @@ class ClipLoss(nn.Module):
             )
 
     def forward(
-        self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        negatives: torch.Tensor | None = None,
+        negative_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if image_features.shape != text_features.shape:
             raise ValueError(
                 f"image features {tuple(image_features.shape)} and text features "
                 f"{tuple(text_features.shape)} must have the same shape (B, D)"
             )
+        if negatives is not None and (
+            negative_mask is None or negative_mask.shape != negatives.shape[:1] or negatives.ndim != 2
+        ):
+            raise ValueError(
+                f"hard negatives {tuple(negatives.shape)} need a bool mask of shape ({negatives.shape[0]},), "
+                f"got {None if negative_mask is None else tuple(negative_mask.shape)}"
+            )
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         b = image_features.shape[0]
         if world == 1:
             logits = logit_scale * image_features @ text_features.T
-            return _symmetric_ce(logits, logits.T, self._targets(logits.device, b, 0))
+            logits_img = self._with_negatives(logits, image_features, negatives, negative_mask, logit_scale)
+            return _symmetric_ce(logits_img, logits.T, self._targets(logits.device, b, 0))
 
         self._check_equal_batches(b, image_features.device, world)
         all_img = gather_features(image_features, with_grad=self.gather_with_grad)
         all_txt = gather_features(text_features, with_grad=self.gather_with_grad)
+        if negatives is not None:
+            negatives = gather_features(negatives, with_grad=self.gather_with_grad)
+            mask = negative_mask.to(torch.uint8).contiguous()  # gloo gathers no bool tensors
+            masks = [torch.empty_like(mask) for _ in range(world)]
+            dist.all_gather(masks, mask)
+            negative_mask = torch.cat(masks).bool()
         if self.local_loss:
             logits_img = logit_scale * image_features @ all_txt.T  # (B, N): my images vs every text
             logits_txt = logit_scale * text_features @ all_img.T  # (B, N): my texts vs every image
+            logits_img = self._with_negatives(
+                logits_img, image_features, negatives, negative_mask, logit_scale
+            )
             labels = self._targets(logits_img.device, b, dist.get_rank() * b)
             return _symmetric_ce(logits_img, logits_txt, labels)
         logits = logit_scale * all_img @ all_txt.T  # (N, N)
-        return _symmetric_ce(logits, logits.T, self._targets(logits.device, logits.shape[0], 0))
+        logits_img = self._with_negatives(logits, all_img, negatives, negative_mask, logit_scale)
+        return _symmetric_ce(logits_img, logits.T, self._targets(logits.device, logits.shape[0], 0))
+
+    @staticmethod
+    def _with_negatives(logits, images, negatives, mask, logit_scale) -> torch.Tensor:
+        """The image rows' logits with one more column per hard negative (-inf where there is none)."""
+        if negatives is None:
+            return logits
+        extra = (logit_scale * images @ negatives.T).masked_fill(~mask.bool()[None], float("-inf"))
+        return torch.cat([logits, extra], dim=1)

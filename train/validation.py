@@ -9,6 +9,10 @@ into each of the dataset's caption templates ("a picture of {}", "{} on a grey b
 ensembles its ImageNet templates the same way) and ensembled over the attribute that is not being
 classified (the colour classifier averages "a red circle", "a picture of a red square", …).
 
+Hard-negative picks (any captions): an image's own caption against the same caption with two colour
+words exchanged or its spatial word reversed (data/negatives.py), chance 50%: whether the CLIP binds
+colours to objects and reads relations, or matches captions as bags of words.
+
 Retrieval recall@k in both directions; a retrieved caption counts as correct when it is the query's
 own caption or an identical string (synthetic captions repeat: "a red circle" describes many images).
 
@@ -27,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from data import synthetic
+from data.negatives import KINDS, hard_negatives
 from data.synthetic import COLOURS
 
 EncodeText = Callable[[torch.Tensor], torch.Tensor]
@@ -102,6 +107,42 @@ def zeroshot_synthetic(
     if "zeroshot_colour_top1" in metrics and "zeroshot_shape_top1" in metrics:
         metrics["zeroshot_top1"] = (metrics["zeroshot_colour_top1"] + metrics["zeroshot_shape_top1"]) / 2
     return metrics
+
+
+@torch.no_grad()
+def contrast_picks(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    captions: Sequence[str],
+    encode_text: EncodeText,
+    tokenizer,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """``pick_<kind>``: the fraction of images closer to their own caption than to its hard negative of
+    that kind (data/negatives.py: two colour words exchanged, the spatial word reversed), over the
+    captions that have one (``pick_<kind>_n``); chance 50%, a tie counts half. A CLIP that matches
+    captions as bags of words stays near 50% on ``colour``."""
+    img = F.normalize(image_features.float(), dim=-1)
+    txt = F.normalize(text_features.float(), dim=-1)
+    out: dict[str, float] = {}
+    for kind, negatives in zip(KINDS, hard_negatives(captions, KINDS)):
+        rows = [i for i, c in enumerate(negatives) if c is not None]
+        if not rows:
+            continue
+        neg = torch.cat(
+            [
+                encode_text(tokenizer([negatives[i] for i in rows[k : k + batch_size]]).to(device))
+                .float()
+                .cpu()
+                for k in range(0, len(rows), batch_size)
+            ]
+        )
+        own = (img[rows] * txt[rows]).sum(-1)
+        other = (img[rows] * F.normalize(neg, dim=-1)).sum(-1)
+        out[f"pick_{kind}"] = float(((own > other).float() + 0.5 * (own == other).float()).mean())
+        out[f"pick_{kind}_n"] = float(len(rows))
+    return out
 
 
 @torch.no_grad()

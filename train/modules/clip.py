@@ -4,8 +4,14 @@ The net (train/models/clip.py) is injected; this module wires the global-batch c
 (train/losses.py), AdamW with decay only on matrices, warm-up + cosine schedule, and evaluation:
 zero-shot accuracy and retrieval recall on the held-out shards (eval/zeroshot.py).
 
+``hard_negatives`` (e.g. ``[colour, relation]``; data/negatives.py): each caption with two colour words
+exchanged, or its spatial word reversed, is one more negative for its image (NegCLIP's recipe against
+bag-of-words matching, which the DALL-E 2 paper names as the cause of unCLIP's binding failures). The
+negatives go through the text tower in the same call as the captions; a caption without one is masked.
+
 Logged: ``train/loss``, ``train/logit_scale``, ``train/lr``, ``val/loss``, ``val/zeroshot_{colour,shape,count}_top1``,
-``val/zeroshot_top1``, ``val/{i2t,t2i}_r{1,5,10}``; learning rate and throughput come from callbacks.
+``val/zeroshot_top1``, ``val/{i2t,t2i}_r{1,5,10}``, ``val/pick_{colour,relation}`` (an image's caption
+preferred to its hard negative; chance 50%); learning rate and throughput come from callbacks.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ from typing import Any
 
 import torch
 
+from data.negatives import check_kinds, hard_negatives
 from train.losses import ClipLoss
 from train.modules.base import StageModule
-from train.validation import retrieval_recall, zeroshot_synthetic
+from train.validation import contrast_picks, retrieval_recall, zeroshot_synthetic
 
 
 class ClipModule(StageModule):
@@ -40,9 +47,13 @@ class ClipModule(StageModule):
         zeroshot: bool = True,
         local_loss: bool = True,
         gather_with_grad: bool = True,
+        hard_negatives: list[str] | tuple[str, ...] = (),
         **old_keys: Any,
     ) -> None:
         super().__init__()
+        self.kinds = check_kinds(hard_negatives, "module.hard_negatives")
+        if self.kinds and tokenizer is None:
+            raise ValueError("module.hard_negatives needs the tokenizer (the negatives are captions)")
         optimizer, _ = self.settle_blocks(old_keys, optimizer)
         # saved as the arguments are now: the settled blocks, not the old keys
         self.save_hyperparameters(ignore=["net", "tokenizer", *old_keys])
@@ -54,8 +65,18 @@ class ClipModule(StageModule):
         return self.net(images, tokens)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = self.net(batch["image"], batch["tokens"])
-        loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"])
+        if not self.kinds:
+            out = self.net(batch["image"], batch["tokens"])
+            loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"])
+        else:
+            negatives = [c for kind in hard_negatives(batch["caption"], self.kinds) for c in kind]
+            tokens = self.tokenizer([c or "" for c in negatives]).to(batch["tokens"].device)
+            mask = torch.tensor([c is not None for c in negatives], device=tokens.device)
+            b = batch["tokens"].shape[0]
+            out = self.net(batch["image"], torch.cat([batch["tokens"], tokens]))  # one pass of the text tower
+            txt = out["text_features"]
+            loss = self.loss(out["image_features"], txt[:b], out["logit_scale"], txt[b:], mask)
+            self.log("train/negatives_frac", mask.float().mean())
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/logit_scale", out["logit_scale"].detach())
         self.log_lr()
@@ -93,5 +114,10 @@ class ClipModule(StageModule):
         if self.hparams.zeroshot and self.tokenizer is not None and all(s is not None for s in scenes):
             zs = zeroshot_synthetic(img, scenes, self.net.encode_text, self.tokenizer, device=self.device)
             metrics.update({f"val/{k}": v for k, v in zs.items()})
+        if self.tokenizer is not None:
+            picks = contrast_picks(
+                img, txt, captions, self.net.encode_text, self.tokenizer, device=self.device
+            )
+            metrics.update({f"val/{k}": v for k, v in picks.items()})
         # Identical on every rank (computed from the gathered set): no further reduction needed.
         self.log_dict(metrics, prog_bar=False, sync_dist=False)

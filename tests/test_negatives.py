@@ -1,0 +1,116 @@
+"""Hard-negative captions (data/negatives.py) and the CLIP picks that measure them (train/validation.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from data.negatives import flip_relation, hard_negatives, swap_colours
+from data.synthetic import caption_for, make_scene
+
+
+@pytest.mark.parametrize(
+    "caption, want",
+    [
+        ("a red circle and a blue square", "a blue circle and a red square"),
+        ("an orange triangle and a yellow diamond", "a yellow triangle and an orange diamond"),
+        (
+            "A picture of two cyan stars left of an orange cross",
+            "A picture of two orange stars left of a cyan cross",
+        ),
+        ("Red car, GREEN door", "Green car, RED door"),
+        ("a red square and a red circle", None),  # one colour: nothing to exchange
+        ("three blue squares", None),
+        ("a pink triangle on a grey background", "a grey triangle on a pink background"),
+    ],
+)
+def test_swap_colours_exchanges_the_first_two_distinct_colours_and_fits_the_articles(caption, want):
+    assert swap_colours(caption) == want
+
+
+def test_flip_relation_reverses_the_first_spatial_word():
+    assert flip_relation("a red star left of a blue circle") == "a red star right of a blue circle"
+    assert flip_relation("Above: a cat below a dog") == "Below: a cat below a dog"
+    assert flip_relation("a red star and a blue circle") is None
+
+
+def test_every_two_group_synthetic_caption_has_a_negative_that_no_longer_describes_it():
+    captions = [caption_for(make_scene(0, i), 0, i) for i in range(300)]
+    scenes = [make_scene(0, i) for i in range(300)]
+    colour, relation = hard_negatives(captions, ["colour", "relation"])
+    for caption, scene, neg_c, neg_r in zip(captions, scenes, colour, relation):
+        groups = scene["groups"]
+        if len(groups) == 2 and groups[0]["colour"] != groups[1]["colour"]:
+            assert neg_c is not None and neg_c != caption
+        if scene["relation"] is not None:
+            assert neg_r is not None and neg_r != caption
+        else:
+            assert neg_r is None, caption
+        if neg_c is not None:  # the same words, two of them exchanged (articles aside)
+            changed = [(a, b) for a, b in zip(caption.split(), neg_c.split()) if a != b]
+            assert len(caption.split()) == len(neg_c.split()) and 2 <= len(changed) <= 4, (caption, neg_c)
+    assert sum(c is not None for c in colour) > 100 and sum(r is not None for r in relation) > 50
+    with pytest.raises(ValueError, match=r"hard_negatives=\['color'\]: expected distinct kinds among"):
+        hard_negatives(captions, ["color"])
+
+
+def test_contrast_picks_measure_whether_the_text_side_tells_a_caption_from_its_negative():
+    from data.tokenizer import build_tokenizer
+    from train.validation import contrast_picks
+
+    captions = ["a red circle and a blue square", "a red star left of a green cross", "two pink stars"]
+    corpus = [caption_for(make_scene(0, i), 0, i) for i in range(200)]
+    tok = build_tokenizer("bpe", context_length=16, vocab_size=1024, captions=corpus)
+    vocab = {}
+
+    def bag_of_words(tokens: torch.Tensor) -> torch.Tensor:
+        """A text encoder that sees only which tokens occur: blind to which colour goes with which shape."""
+        out = torch.zeros(tokens.shape[0], 64)
+        for i, row in enumerate(tokens.tolist()):
+            for t in row:
+                out[i, vocab.setdefault(t, len(vocab) % 64)] += 1.0
+        return out
+
+    img = bag_of_words(tok(captions))
+    picks = contrast_picks(img, img, captions, bag_of_words, tok)
+    # exchanged colours leave the bag unchanged (a tie: half); a reversed relation changes a word
+    assert picks == {"pick_colour": 0.5, "pick_colour_n": 2.0, "pick_relation": 1.0, "pick_relation_n": 1.0}
+
+    def ordered(tokens: torch.Tensor) -> torch.Tensor:
+        """One that also sees word order: the image features equal its caption's, so it always picks it."""
+        return torch.nn.functional.one_hot(tokens % 32, 32).float().flatten(1)
+
+    img = ordered(tok(captions))
+    assert contrast_picks(img, img, captions, ordered, tok)["pick_colour"] == 1.0
+
+
+@pytest.mark.slow
+def test_clip_trains_with_hard_negatives_and_validation_reports_the_picks(tmp_path):
+    from hydra.errors import InstantiationException
+
+    from tests.conftest import compose_config
+    from train.run import train
+
+    overrides = [
+        "debug=fast",
+        f"paths.data_dir={tmp_path / 'datasets'}",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+    ]
+    metrics = train(
+        compose_config(
+            [*overrides, f"paths.output_dir={tmp_path / 'neg'}", "module.hard_negatives=[colour,relation]"]
+        )
+    )
+    assert 0.0 <= float(metrics["val/pick_colour"]) <= 1.0 and float(metrics["val/pick_colour_n"]) > 5
+    assert float(metrics["val/pick_relation_n"]) > 2
+    # a third of the synthetic captions or so have a negative of a kind: the mean over both kinds
+    assert 0.1 < float(metrics["train/negatives_frac"]) < 0.7
+    with pytest.raises(
+        InstantiationException, match=r"module.hard_negatives=\['shape'\]: expected distinct kinds"
+    ):
+        train(
+            compose_config(
+                [*overrides, f"paths.output_dir={tmp_path / 'bad'}", "module.hard_negatives=[shape]"]
+            )
+        )
