@@ -9,14 +9,18 @@ shapes, and picks at chance). The DALL-E 2 paper names this as the cause of unCL
 Training against such a caption as an extra negative for its image (as NegCLIP does with swapped
 words) makes the difference count.
 
-Two kinds, each a word-level edit that keeps the caption grammatical:
+Three kinds, each a word-level edit that keeps the caption grammatical:
 
 - ``colour``: the first two distinct colour words are exchanged, with the articles before them
   corrected ("an orange triangle and a yellow diamond" -> "a yellow triangle and an orange diamond",
   so that the article gives nothing away);
+- ``binding``: the same, between colour words of single objects only (each after "a" or "an", neither
+  before "background"): a negative no shortcut tells apart. ``colour`` also exchanges "two red circles
+  and a blue square" (which colour has more objects) and "a pink triangle on a grey background" (which
+  colour is the background's), and a CLIP learns those without learning to bind;
 - ``relation``: the first spatial word is replaced by its opposite (left/right, above/below).
 
-A caption without two distinct colours, or without a spatial word, has no negative of that kind (None).
+A caption without two such colours, or without a spatial word, has no negative of that kind (None).
 Works on any English caption, not only the synthetic grammar: the colour list covers common colour
 names.
 """
@@ -26,7 +30,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-KINDS = ("colour", "relation")
+KINDS = ("colour", "binding", "relation")
 COLOUR_WORDS = frozenset(
     "red orange yellow green blue purple pink cyan magenta violet brown black white grey gray gold silver".split()
 )
@@ -46,16 +50,25 @@ def _article(before: str, noun: str) -> str:
     return _with_case(fitted, before)
 
 
-def swap_colours(caption: str) -> str | None:
-    """The caption with its first two distinct colour words exchanged (articles fitted); None without two."""
+def swap_colours(caption: str, objects_only: bool = False) -> str | None:
+    """The caption with its first two distinct colour words exchanged (articles fitted); None without two.
+    ``objects_only``: only colour words of single objects count (after "a"/"an", not before "background")."""
     words = list(_WORD.finditer(caption))
-    first = next((k for k, w in enumerate(words) if w.group().lower() in COLOUR_WORDS), None)
+    lower = [w.group().lower() for w in words]
+
+    def eligible(k: int) -> bool:
+        if lower[k] not in COLOUR_WORDS:
+            return False
+        if not objects_only:
+            return True
+        after = lower[k + 1] if k + 1 < len(lower) else ""
+        return k > 0 and lower[k - 1] in ("a", "an") and after != "background"
+
+    first = next((k for k in range(len(words)) if eligible(k)), None)
     if first is None:
         return None
-    a = words[first].group().lower()
-    second = next(
-        (k for k in range(first + 1, len(words)) if words[k].group().lower() in COLOUR_WORDS - {a}), None
-    )
+    a = lower[first]
+    second = next((k for k in range(first + 1, len(words)) if eligible(k) and lower[k] != a), None)
     if second is None:
         return None
     new = {first: words[second].group().lower(), second: a}  # word index -> replacement (lower case)
@@ -79,7 +92,12 @@ def flip_relation(caption: str) -> str | None:
     return None
 
 
-PERTURB = {"colour": swap_colours, "relation": flip_relation}
+def swap_object_colours(caption: str) -> str | None:
+    """``swap_colours`` between single objects only: the ``binding`` kind."""
+    return swap_colours(caption, objects_only=True)
+
+
+PERTURB = {"colour": swap_colours, "binding": swap_object_colours, "relation": flip_relation}
 
 
 def check_kinds(kinds: Sequence[str], where: str = "hard_negatives") -> list[str]:

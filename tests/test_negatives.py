@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data.negatives import flip_relation, hard_negatives, swap_colours
+from data.negatives import flip_relation, hard_negatives, swap_colours, swap_object_colours
 from data.synthetic import caption_for, make_scene
 
 
@@ -28,6 +28,27 @@ def test_swap_colours_exchanges_the_first_two_distinct_colours_and_fits_the_arti
     assert swap_colours(caption) == want
 
 
+@pytest.mark.parametrize(
+    "caption, want",
+    [
+        ("a red circle and a blue square", "a blue circle and a red square"),
+        (
+            "a picture of an orange star left of a cyan cross",
+            "a picture of a cyan star left of an orange cross",
+        ),
+        ("two red circles and a blue square", None),  # which colour has more objects: a shortcut
+        (
+            "a red circle and a blue square on a grey background",
+            "a blue circle and a red square on a grey background",
+        ),
+        ("a pink triangle on a grey background", None),  # which colour is the background's: a shortcut
+        ("two red circles and two blue squares", None),  # equal counts, but no article to say so
+    ],
+)
+def test_binding_negatives_exchange_the_colours_of_single_objects_only(caption, want):
+    assert swap_object_colours(caption) == want
+
+
 def test_flip_relation_reverses_the_first_spatial_word():
     assert flip_relation("a red star left of a blue circle") == "a red star right of a blue circle"
     assert flip_relation("Above: a cat below a dog") == "Below: a cat below a dog"
@@ -37,11 +58,13 @@ def test_flip_relation_reverses_the_first_spatial_word():
 def test_every_two_group_synthetic_caption_has_a_negative_that_no_longer_describes_it():
     captions = [caption_for(make_scene(0, i), 0, i) for i in range(300)]
     scenes = [make_scene(0, i) for i in range(300)]
-    colour, relation = hard_negatives(captions, ["colour", "relation"])
-    for caption, scene, neg_c, neg_r in zip(captions, scenes, colour, relation):
+    colour, binding, relation = hard_negatives(captions, ["colour", "binding", "relation"])
+    for caption, scene, neg_c, neg_b, neg_r in zip(captions, scenes, colour, binding, relation):
         groups = scene["groups"]
         if len(groups) == 2 and groups[0]["colour"] != groups[1]["colour"]:
             assert neg_c is not None and neg_c != caption
+        single_objects = len(groups) == 2 and groups[0]["count"] == groups[1]["count"] == 1
+        assert (neg_b is not None) == (single_objects and groups[0]["colour"] != groups[1]["colour"]), caption
         if scene["relation"] is not None:
             assert neg_r is not None and neg_r != caption
         else:
@@ -50,7 +73,11 @@ def test_every_two_group_synthetic_caption_has_a_negative_that_no_longer_describ
             changed = [(a, b) for a, b in zip(caption.split(), neg_c.split()) if a != b]
             assert len(caption.split()) == len(neg_c.split()) and 2 <= len(changed) <= 4, (caption, neg_c)
     assert sum(c is not None for c in colour) > 100 and sum(r is not None for r in relation) > 50
-    with pytest.raises(ValueError, match=r"hard_negatives=\['color'\]: expected distinct kinds among"):
+    assert 20 < sum(b is not None for b in binding) < sum(c is not None for c in colour)
+    with pytest.raises(
+        ValueError,
+        match=r"hard_negatives=\['color'\]: expected distinct kinds among \['colour', 'binding', 'relation'\]",
+    ):
         hard_negatives(captions, ["color"])
 
 
@@ -74,7 +101,14 @@ def test_contrast_picks_measure_whether_the_text_side_tells_a_caption_from_its_n
     img = bag_of_words(tok(captions))
     picks = contrast_picks(img, img, captions, bag_of_words, tok)
     # exchanged colours leave the bag unchanged (a tie: half); a reversed relation changes a word
-    assert picks == {"pick_colour": 0.5, "pick_colour_n": 2.0, "pick_relation": 1.0, "pick_relation_n": 1.0}
+    assert picks == {
+        "pick_colour": 0.5,
+        "pick_colour_n": 2.0,
+        "pick_binding": 0.5,
+        "pick_binding_n": 2.0,
+        "pick_relation": 1.0,
+        "pick_relation_n": 1.0,
+    }
 
     def ordered(tokens: torch.Tensor) -> torch.Tensor:
         """One that also sees word order: the image features equal its caption's, so it always picks it."""

@@ -4,13 +4,14 @@ The net (train/models/clip.py) is injected; this module wires the global-batch c
 (train/losses.py), AdamW with decay only on matrices, warm-up + cosine schedule, and evaluation:
 zero-shot accuracy and retrieval recall on the held-out shards (eval/zeroshot.py).
 
-``hard_negatives`` (e.g. ``[colour, relation]``; data/negatives.py): each caption with two colour words
-exchanged, or its spatial word reversed, is one more negative for its image (NegCLIP's recipe against
-bag-of-words matching, which the DALL-E 2 paper names as the cause of unCLIP's binding failures). The
-negatives go through the text tower in the same call as the captions; a caption without one is masked.
+``hard_negatives`` (any of ``colour``, ``binding``, ``relation``; data/negatives.py): each caption with
+two colour words exchanged, or its spatial word reversed, is one more negative for its image (NegCLIP's
+recipe against bag-of-words matching, which the DALL-E 2 paper names as the cause of unCLIP's binding
+failures). The negatives go through the text tower in the same call as the captions; a caption without
+one is masked.
 
 Logged: ``train/loss``, ``train/logit_scale``, ``train/lr``, ``val/loss``, ``val/zeroshot_{colour,shape,count}_top1``,
-``val/zeroshot_top1``, ``val/{i2t,t2i}_r{1,5,10}``, ``val/pick_{colour,relation}`` (an image's caption
+``val/zeroshot_top1``, ``val/{i2t,t2i}_r{1,5,10}``, ``val/pick_{colour,binding,relation}`` (an image's caption
 preferred to its hard negative; chance 50%); learning rate and throughput come from callbacks.
 """
 
