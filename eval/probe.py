@@ -199,8 +199,8 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def pair_score(images: torch.Tensor, items: Sequence[dict]) -> dict[str, float]:
-    """The benchmark's criteria of two-object prompts of one category: ``correct`` (all of them), and
-    ``objects_bound``, ``objects_swapped`` (binding) or ``relation`` (spatial)."""
+    """The benchmark's criteria of two-object prompts of one category: ``correct`` (all of them),
+    ``objects_bound``, ``objects_swapped`` and, for spatial prompts, ``relation``."""
     category = items[0]["category"]
     metrics = composition.evaluate(at_scorer_size(images), items)
     keys = ("correct", "objects_bound", "objects_swapped", "relation")
@@ -306,10 +306,10 @@ PAIR_PROBES = {  # key -> the table's words
 }
 
 
-def pairs_table(pairs: dict) -> str:
+def pairs_table(result: dict) -> str:
     """Markdown: one column per two-object category, the picks (chance 50%) and the decoder rows."""
-    cats = list(pairs)
-    n = ", ".join(f"{c} {pairs[c]['n']}" for c in cats)
+    cats = list(result)
+    n = ", ".join(f"{c} {result[c]['n']}" for c in cats)
     lines = [
         f"Two-object prompts ({n}) against their contrast (binding: the two colours exchanged; spatial: the "
         "relation reversed), rendered with the same layout; chance for the picks: 50%",
@@ -318,9 +318,9 @@ def pairs_table(pairs: dict) -> str:
         "|---|" + "---|" * len(cats),
     ]
     for key, words in PAIR_PROBES.items():
-        if all(key in pairs[c] for c in cats):
+        if all(key in result[c] for c in cats):
             fmt = "{:.3f}" if key.endswith("_cos") else "{:.0%}"
-            lines.append(f"| {words} | " + " | ".join(fmt.format(pairs[c][key]) for c in cats) + " |")
+            lines.append(f"| {words} | " + " | ".join(fmt.format(result[c][key]) for c in cats) + " |")
 
     def cell(r: dict) -> str:
         extra = [
@@ -330,9 +330,9 @@ def pairs_table(pairs: dict) -> str:
         ]
         return f"{r['correct']:.0%}" + (f" ({', '.join(extra)})" if extra else "")
 
-    for i, r in enumerate(pairs[cats[0]]["rows"]):
+    for i, r in enumerate(result[cats[0]]["rows"]):
         lines.append(
-            f"| {r['probe']}: all correct | " + " | ".join(cell(pairs[c]["rows"][i]) for c in cats) + " |"
+            f"| {r['probe']}: all correct | " + " | ".join(cell(result[c]["rows"][i]) for c in cats) + " |"
         )
     return "\n".join(lines)
 

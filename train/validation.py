@@ -120,9 +120,9 @@ def contrast_picks(
     batch_size: int = 256,
 ) -> dict[str, float]:
     """``pick_<kind>``: the fraction of images closer to their own caption than to its hard negative of
-    that kind (data/negatives.py: two colour words exchanged, the spatial word reversed), over the
-    captions that have one (``pick_<kind>_n``); chance 50%, a tie counts half. A CLIP that matches
-    captions as bags of words stays near 50% on ``colour``."""
+    that kind (data/negatives.py: two colour words exchanged, between single objects only for
+    ``binding``; the spatial word reversed), over the captions that have one (``pick_<kind>_n``); chance
+    50%, a tie counts half. A CLIP that matches captions as bags of words stays near 50% on ``binding``."""
     img = F.normalize(image_features.float(), dim=-1)
     txt = F.normalize(text_features.float(), dim=-1)
     out: dict[str, float] = {}
