@@ -58,6 +58,7 @@ from data.images import to_uint8, to_unit_range
 from data.synthetic import SHAPES
 from eval import composition
 from train.cascade import Cascade, StageSettings
+from train.validation import closer_rate
 
 SCORER_SIZE = 64
 CRITERIA = ("colour", "shape", "count")
@@ -187,13 +188,6 @@ def _decoder_samples(dec, cond: dict, steps, guidance_scale, seed: int):
         yield name, out
 
 
-def _closer(query: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
-    """Fraction of rows whose ``query`` is closer (cosine) to ``a`` than to ``b``; a tie counts half."""
-    query, a, b = (F.normalize(t.float(), dim=-1) for t in (query, a, b))
-    sim_a, sim_b = (query * a).sum(-1), (query * b).sum(-1)
-    return float(((sim_a > sim_b).float() + 0.5 * (sim_a == sim_b).float()).mean())
-
-
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a.float(), b.float(), dim=-1).mean())
 
@@ -227,14 +221,14 @@ def pairs(
     img, img_other = cascade.image_embedding(truth), cascade.image_embedding(other)
     result: dict = {
         "n": len(items),
-        "clip_image": _closer(img, text["txt_emb"], text_other["txt_emb"]),
-        "clip_text": _closer(text["txt_emb"], img, img_other),
+        "clip_image": closer_rate(img, text["txt_emb"], text_other["txt_emb"]),
+        "clip_text": closer_rate(text["txt_emb"], img, img_other),
         "text_cos": _cosine(text["txt_emb"], text_other["txt_emb"]),
         "image_cos": _cosine(img, img_other),
     }
     if cascade.prior is not None:
         sampled = cascade.prior_sample(text, prior, torch.Generator(device).manual_seed(seed))
-        result["prior"] = _closer(sampled, img, img_other)
+        result["prior"] = closer_rate(sampled, img, img_other)
     size = dec.net.image_size
     rows = [{"probe": f"renders at {size} px", **pair_score(to_unit_range(truth.to(device), size), items)}]
     cond = dec.conditioning(img, text["tokens"], text["txt_feat"])

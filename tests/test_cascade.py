@@ -324,10 +324,13 @@ def test_probe_scores_every_stage_on_ground_truth_renders(cascade, cascade_dir, 
 
 
 def test_probe_picks_count_the_closer_of_two_and_ties_half():
-    from eval.probe import _closer
+    from train.validation import closer_rate
 
     query = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]])
     a = torch.tensor([[1.0, 0.1], [0.0, 1.0], [1.0, 0.0]])  # closer, farther, tie
     b = torch.tensor([[0.0, 1.0], [3.0, 0.1], [-1.0, 0.0]])
-    assert _closer(query, a, b) == pytest.approx(0.5)
-    assert _closer(query[:2], a[:2], b[:2]) == pytest.approx(0.5) and _closer(query[:1], a[:1], b[:1]) == 1.0
+    assert closer_rate(query, a, b) == pytest.approx(0.5)
+    assert (
+        closer_rate(query[:2], a[:2], b[:2]) == pytest.approx(0.5)
+        and closer_rate(query[:1], a[:1], b[:1]) == 1.0
+    )

@@ -123,8 +123,7 @@ def contrast_picks(
     that kind (data/negatives.py: two colour words exchanged, between single objects only for
     ``binding``; the spatial word reversed), over the captions that have one (``pick_<kind>_n``); chance
     50%, a tie counts half. A CLIP that matches captions as bags of words stays near 50% on ``binding``."""
-    img = F.normalize(image_features.float(), dim=-1)
-    txt = F.normalize(text_features.float(), dim=-1)
+    img, txt = image_features.float(), text_features.float()
     out: dict[str, float] = {}
     for kind, negatives in zip(KINDS, hard_negatives(captions, KINDS)):
         rows = [i for i, c in enumerate(negatives) if c is not None]
@@ -138,11 +137,16 @@ def contrast_picks(
                 for k in range(0, len(rows), batch_size)
             ]
         )
-        own = (img[rows] * txt[rows]).sum(-1)
-        other = (img[rows] * F.normalize(neg, dim=-1)).sum(-1)
-        out[f"pick_{kind}"] = float(((own > other).float() + 0.5 * (own == other).float()).mean())
+        out[f"pick_{kind}"] = closer_rate(img[rows], txt[rows], neg)
         out[f"pick_{kind}_n"] = float(len(rows))
     return out
+
+
+def closer_rate(query: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fraction of rows whose ``query`` is closer (cosine) to ``a`` than to ``b``; a tie counts half."""
+    query, a, b = (F.normalize(t.float(), dim=-1) for t in (query, a, b))
+    sim_a, sim_b = (query * a).sum(-1), (query * b).sum(-1)
+    return float(((sim_a > sim_b).float() + 0.5 * (sim_a == sim_b).float()).mean())
 
 
 @torch.no_grad()
