@@ -36,7 +36,8 @@ class ClipFeatures(nn.Module):
         self.num_features = clip.embed_dim
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.clip.embed(images.to(torch.uint8), None)["img_emb"].double()
+        # on the CPU, where the metric keeps its sums, whichever device the CLIP runs on
+        return self.clip.embed(images.to(torch.uint8), None)["img_emb"].double().cpu()
 
 
 class InceptionFeatures(nn.Module):

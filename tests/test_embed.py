@@ -146,3 +146,20 @@ def test_each_torchrun_rank_embeds_on_its_own_gpu_and_help_prints_usage(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "python -m data.embed ckpt=" in out and "device=" in out
+
+
+def test_the_clip_lands_on_the_device_it_is_loaded_to(clip_run, tmp_path):
+    """data.embed on a GPU loads its CLIP with map_location=cuda:N. The net was built on the CPU and the
+    weights copied into it there, so embedding ran on the CPU while done.json said cuda:0. The meta
+    device stands in for a GPU: the net, its weights and the CLIP's device are where they were asked to
+    be, from a run directory and from an export."""
+    from train.checkpoint import export_stage
+    from train.frozen_clip import FrozenClip
+
+    run, _ = clip_run
+    export = export_stage(run, tmp_path / "export")
+    assert FrozenClip(run, map_location="meta").device.type == "meta"
+    for path in (run, export):
+        net = load_stage(path, map_location="cpu").net
+        assert {p.device.type for p in net.parameters()} == {"cpu"}
+    assert {p.device.type for p in load_stage(run, map_location="meta").net.parameters()} == {"meta"}

@@ -150,8 +150,10 @@ def test_exact_resume_on_the_device_is_bitwise(tmp_path):
 def test_data_embed_on_the_device_matches_the_cpu(clip_run, tmp_path):
     from data.embed import embed_shards
     from data.pipeline import ShardDataset
+    from train.frozen_clip import FrozenClip
 
     run, val = clip_run
+    assert FrozenClip(run, map_location=DEVICE).device.type == DEVICE.type  # (it stayed on the CPU)
     fields = ["img_emb.npy", "txt_emb.npy"]
     out = {}
     for device in ("cpu", str(DEVICE)):

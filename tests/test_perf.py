@@ -166,6 +166,38 @@ def test_trainer_compile_trains_and_writes_plain_checkpoints(tmp_path):
     assert not [k for k in state if "_orig_mod" in k] and "net.logit_scale" in state
 
 
+@pytest.mark.parametrize("stage", ["clip", "upsampler_256"])
+def test_bf16_mixed_with_the_fused_adamw_clips_gradients(tmp_path, monkeypatch, stage):
+    """On CUDA every stage trains with the fused AdamW under bf16-mixed, and trainer.gradient_clip_val is
+    1.0: Lightning's mixed-precision plugin refused to clip for a fused optimizer ("does not allow for
+    gradient clipping"), so no stage could take its first GPU step. The CPU has a fused AdamW too: the
+    same run here, each step's gradients clipped to the norm asked for before the fused step."""
+    from train.modules import optim
+
+    norms = []
+
+    class Recording(torch.optim.AdamW):
+        def step(self, closure=None):  # Lightning's closure: forward, backward, then the clipping
+            with torch.enable_grad():
+                loss = closure()
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+            super().step()
+            return loss
+
+    def fused_adamw(groups, *, lr, betas, eps):
+        return Recording(groups, lr=lr, betas=betas, eps=eps, fused=True)
+
+    monkeypatch.setattr(optim, "adamw", fused_adamw)
+    clip = 1e-3  # far below the tiny nets' gradient norms, so every step is clipped
+    cfg = _fast_run(
+        tmp_path, f"stage={stage}", "trainer.precision=bf16-mixed", f"trainer.gradient_clip_val={clip}"
+    )
+    metrics = train(cfg)
+    assert metrics["trainer/global_step"] == 2 and torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert len(norms) == 2 and all(n == pytest.approx(clip, rel=1e-3) for n in norms), norms
+
+
 def test_trainer_compile_rejects_unknown_modes(tmp_path):
     with pytest.raises(ConfigError, match="trainer.compile='fast'"):
         train(_fast_run(tmp_path, "trainer.compile=fast"))

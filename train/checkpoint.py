@@ -97,7 +97,9 @@ def _load_export(path: Path, map_location) -> LoadedStage:
     cfg = upgrade_config(OmegaConf.load(path / "config.yaml"))  # an export written before key renames
     tok_path = path / "tokenizer.json"
     tokenizer = Tokenizer.load(tok_path) if tok_path.exists() else None
-    net = instantiate(cfg.net)
+    net = instantiate(cfg.net).to(
+        map_location
+    )  # the net where its weights go: load_state_dict copies in place
     weights = load_file(path / EXPORT_WEIGHTS, device=str(map_location))
     missing, unexpected = net.load_state_dict(weights, strict=False)
     if missing or unexpected:
@@ -266,7 +268,7 @@ def load_stage(
     cfg = upgrade_config(OmegaConf.load(cfg_path))  # a run from before key renames (module.lr, ...)
     tok_path = run / "tokenizer.json"
     tokenizer = Tokenizer.load(tok_path) if tok_path.exists() else None
-    net = instantiate(wire_net_config(cfg.net, tokenizer))
+    net = instantiate(wire_net_config(cfg.net, tokenizer)).to(map_location)  # (as in _load_export)
     if checkpoint_format(ckpt_path) == "file":
         ckpt = load_checkpoint(ckpt_path, map_location)
     else:

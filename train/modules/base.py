@@ -99,6 +99,25 @@ class StageModule(pl.LightningModule):
     def configure_optimizers(self):
         return configure_adamw(self, self.net)
 
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """``trainer.gradient_clip_val`` under bf16-mixed with the fused AdamW (ours on CUDA). Lightning's
+        mixed-precision plugin refuses to clip for an optimizer that unscales gradients in its own step,
+        as a fused one does under a GradScaler; bf16 has no scaler, so the gradients are the true ones and
+        are clipped as at full precision (the base plugin's clipping). fp16 keeps Lightning's refusal."""
+        from pytorch_lightning.plugins.precision import MixedPrecision, Precision
+        from pytorch_lightning.utilities.enums import GradClipAlgorithmType
+
+        plugin = self.trainer.precision_plugin
+        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+        if isinstance(plugin, MixedPrecision) and plugin.scaler is None and fused:
+            val = self.trainer.gradient_clip_val if gradient_clip_val is None else gradient_clip_val
+            algorithm = gradient_clip_algorithm or self.trainer.gradient_clip_algorithm or "norm"
+            Precision.clip_gradients(plugin, optimizer, float(val or 0.0), GradClipAlgorithmType(algorithm))
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
 
 class DiffusionStageModule(EMAUpdateAfterStep, StageModule):
     """A stage trained as a diffusion model (prior, decoder, upsamplers). Evaluation runs the EMA copy
