@@ -30,6 +30,7 @@ from PIL import Image
 
 from data.images import save_grid
 from train.cascade import DECODER_CONDITIONS, Cascade, CascadeOutput, StageSettings
+from train.diffusion import SAMPLERS
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +69,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, eta: float | None = 
     s = parser.add_argument_group("sampling (default: each stage's training config)")
     s.add_argument("--prior-guidance", type=float, help="classifier-free guidance scale of the prior")
     s.add_argument("--prior-steps", type=int)
+    s.add_argument("--prior-sampler", choices=SAMPLERS, default="ddim")
     s.add_argument("--best-of", type=int, help="prior samples per prompt; the closest to the text is kept")
     s.add_argument("--decoder-guidance", type=float, help="classifier-free guidance scale of the decoder")
     s.add_argument("--decoder-steps", type=int)
-    s.add_argument("--decoder-sampler", choices=("ddim", "ddpm"), default="ddim")
+    s.add_argument("--decoder-sampler", choices=SAMPLERS, default="ddim")
     s.add_argument(
         "--decoder-condition",
         choices=DECODER_CONDITIONS,
@@ -79,8 +81,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, eta: float | None = 
         help="what the decoder sees: the image embedding and the caption, the caption alone, or the embedding alone",
     )
     s.add_argument("--eta", type=float, default=eta, help="the decoder's DDIM eta")
-    s.add_argument("--upsampler-steps", help="DDIM steps per upsampler: N or N1,N2 (paper: 27,15)")
-    s.add_argument("--upsampler-sampler", choices=("ddim", "ddpm"), default="ddim")
+    s.add_argument("--upsampler-steps", help="sampling steps per upsampler: N or N1,N2 (paper: 27,15)")
+    s.add_argument("--upsampler-sampler", choices=SAMPLERS, default="ddim")
     return s
 
 
@@ -100,7 +102,10 @@ def settings(args: argparse.Namespace, n_up: int) -> dict:
         )
     return {
         "prior": StageSettings(
-            steps=args.prior_steps, guidance_scale=args.prior_guidance, best_of=args.best_of
+            steps=args.prior_steps,
+            sampler=args.prior_sampler,
+            guidance_scale=args.prior_guidance,
+            best_of=args.best_of,
         ),
         "decoder": StageSettings(
             steps=args.decoder_steps,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -86,6 +87,28 @@ def test_text_to_image_runs_every_stage_and_is_seeded(cascade, caplog):
     again = cascade.text_to_image(["a red circle", "two blue squares"], seed=3, **FAST)
     other = cascade.text_to_image(["a red circle", "two blue squares"], seed=4, **FAST)
     assert torch.equal(out.images, again.images) and not torch.equal(out.images, other.images)
+
+
+def test_every_stage_samples_with_dpm_solver_and_unknown_samplers_are_refused(cascade):
+    """DPM-Solver++(2M) through the whole cascade: from its third step on (5 steps here) it is not DDIM."""
+    settings = {
+        "prior": StageSettings(steps=5, best_of=1, sampler="dpmpp_2m"),
+        "decoder": StageSettings(steps=5, sampler="dpmpp_2m"),
+        "upsamplers": [StageSettings(steps=4, sampler="dpmpp_2m")] * 2,
+    }
+    out = cascade.text_to_image(["a red circle", "two blue squares"], seed=3, **settings)
+    assert [s.shape for s in out.stages] == [(2, 3, 16, 16), (2, 3, 32, 32), (2, 3, 64, 64)]
+    again = cascade.text_to_image(["a red circle", "two blue squares"], seed=3, **settings)
+    assert torch.equal(out.images, again.images)
+    ddim = {
+        k: [replace(u, sampler="ddim") for u in v] if k == "upsamplers" else replace(v, sampler="ddim")
+        for k, v in settings.items()
+    }
+    other = cascade.text_to_image(["a red circle", "two blue squares"], seed=3, **ddim)
+    assert not torch.allclose(out.image_emb, other.image_emb, atol=1e-4)  # the prior's 5 steps differ
+    assert not torch.equal(out.stages[0], other.stages[0])
+    with pytest.raises(ValueError, match=r"sampler='euler': expected one of \['ddim', 'ddpm', 'dpmpp_2m'\]"):
+        StageSettings(sampler="euler")
 
 
 def test_inpainting_keeps_the_known_region(cascade):
@@ -173,12 +196,12 @@ def test_benchmark_cli_samples_with_the_settings_it_is_given(cascade_dir, tmp_pa
     argv = ["--cascade", str(cascade_dir), "--per-category", "1", "--fid-reference", "0", "--out", str(out)]
     argv += ["--prior-steps", "2", "--prior-guidance", "2.5", "--best-of", "1", "--decoder-steps", "2"]
     argv += ["--decoder-guidance", "1.5", "--eta", "0.5", "--upsampler-steps", "2,3", "--device", "cpu"]
-    argv += ["--decoder-condition", "caption"]
+    argv += ["--decoder-condition", "caption", "--prior-sampler", "dpmpp_2m", "--upsampler-sampler", "ddpm"]
     assert benchmark.main(argv) == 0
     assert len(seen) == 1  # the 4 prompts (a category each) in one batch
-    assert seen[0]["prior"] == StageSettings(steps=2, guidance_scale=2.5, best_of=1)
+    assert seen[0]["prior"] == StageSettings(steps=2, guidance_scale=2.5, best_of=1, sampler="dpmpp_2m")
     assert seen[0]["decoder"] == StageSettings(steps=2, guidance_scale=1.5, eta=0.5, condition="caption")
-    assert [u.steps for u in seen[0]["upsamplers"]] == [2, 3]
+    assert [(u.steps, u.sampler) for u in seen[0]["upsamplers"]] == [(2, "ddpm"), (3, "ddpm")]
     report = json.loads((out / "benchmark.json").read_text())
     assert report["metrics"]["bench/n"] == 4 and len(report["samples"]) == 4
     assert report["settings"]["prior"]["guidance_scale"] == 2.5

@@ -32,7 +32,7 @@ from hydra.utils import instantiate
 from data.images import to_uint8, to_unit_range
 from data.progress import Progress
 from train.checkpoint import load_stage
-from train.diffusion import GaussianDiffusion
+from train.diffusion import SAMPLERS, GaussianDiffusion
 from train.frozen_clip import FrozenClip
 from train.modules.decoder import DecoderModule
 from train.modules.upsampler import UpsamplerModule
@@ -66,13 +66,15 @@ class StageSettings:
     """Sampling settings of one stage (None: the stage's own config, ``module.*``)."""
 
     steps: int | None = None
-    sampler: str = "ddim"  # ddim | ddpm
+    sampler: str = "ddim"  # ddim | ddpm | dpmpp_2m (DPM-Solver++(2M): as good in fewer steps)
     eta: float | None = None  # DDIM only
     guidance_scale: float | None = None  # prior and decoder
     best_of: int | None = None  # prior only
     condition: str = "both"  # decoder only: both (image embedding and caption) | caption | image
 
     def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler={self.sampler!r}: expected one of {list(SAMPLERS)}")
         if self.condition not in DECODER_CONDITIONS:
             raise ValueError(f"condition={self.condition!r}: expected one of {list(DECODER_CONDITIONS)}")
 
@@ -225,6 +227,7 @@ class Cascade:
             best_of=settings.best_of,
             generator=generator,
             steps=settings.steps,
+            sampler=settings.sampler,
         )
 
     def decode(

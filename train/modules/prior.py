@@ -151,9 +151,11 @@ class PriorModule(DiffusionStageModule):
         generator: torch.Generator | None = None,
         use_ema: bool = True,
         steps: int | None = None,
+        sampler: str = "ddim",
     ) -> torch.Tensor:
         """L2-normalised predicted image embeddings (B, D) for text embeddings ``emb`` (see embeddings());
-        ``steps``: DDIM steps (default ``module.sample_steps``)."""
+        ``steps``: sampling steps (default ``module.sample_steps``); ``sampler``: ddim (eta 0), ddpm or
+        dpmpp_2m (GaussianDiffusion.sample)."""
         scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
         n = self.hparams.best_of if best_of is None else best_of
         net = self.ema.shadow if use_ema else self.net
@@ -162,9 +164,10 @@ class PriorModule(DiffusionStageModule):
         cond["drop"] = torch.zeros(b, dtype=torch.bool, device=self.device)
         uncond = {"drop": torch.ones(b, dtype=torch.bool, device=self.device)}
         process = self.sampler if steps is None else self.diffusion.respace(steps)
-        x = process.ddim_sample_loop(
+        x = process.sample(
             net,
             (b, net.embed_dim),
+            sampler=sampler,
             device=self.device,
             generator=generator,
             model_kwargs=cond,
