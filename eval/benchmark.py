@@ -30,8 +30,8 @@ from PIL import Image, ImageDraw, ImageFont
 from data.images import save_grid, to_unit_range
 from data.pipeline import ShardDataset
 from eval import composition
-from eval.sample import add_sampling_arguments, settings
-from train.cascade import Cascade, StageSettings
+from eval.sample import PRECISION_HELP, add_sampling_arguments, settings
+from train.cascade import PRECISIONS, Cascade, StageSettings
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid-per-category", type=int, default=6, help="columns of samples.png")
     p.add_argument("--out", help="output directory (default: <cascade>/benchmark)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     add_sampling_arguments(p)  # the same options as eval.sample's
     args = p.parse_args(argv)
     if args.ceiling is not None:
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(category_table(metrics)))
         return 0
     try:
-        cascade = Cascade.from_dir(args.cascade, device=args.device)
+        cascade = Cascade.from_dir(args.cascade, device=args.device, precision=args.precision)
         metrics = evaluate_cascade(
             cascade,
             Path(args.out or Path(args.cascade) / "benchmark"),

@@ -57,7 +57,8 @@ import torch.nn.functional as F
 from data.images import to_uint8, to_unit_range
 from data.synthetic import SHAPES
 from eval import composition
-from train.cascade import Cascade, StageSettings
+from eval.sample import PRECISION_HELP
+from train.cascade import PRECISIONS, Cascade, StageSettings
 from train.validation import closer_rate
 
 SCORER_SIZE = 64
@@ -141,17 +142,19 @@ def probe(
     x = x0
     for k, up in enumerate(cascade.upsamplers):
         s = upsampler_steps[k] if k < len(upsampler_steps) else None
-        x = up.upsample(x.clamp(-1, 1), g, steps=s).clamp(-1, 1)
+        with cascade.autocast():
+            x = up.upsample(x.clamp(-1, 1), g, steps=s).float().clamp(-1, 1)
         rows.append({"probe": f"renders -> upsampler {k + 1} ({x.shape[-1]} px)", **score(x, items)})
 
     tokens = cascade.tokens([it["prompt"] for it in items])
     emb = cascade.clip.embed(truth.to(device), tokens)
     cond = dec.conditioning(emb["img_emb"], tokens, emb.get("txt_feat"))
-    rows += [
-        {"probe": f"decoder ({name})", **score(out, items)}
-        for name, out in _decoder_samples(dec, cond, steps, guidance_scale, seed)
-    ]
-    rows += _denoise_probes(dec, cond, x0, items, noise_steps, seed)
+    with cascade.autocast():  # the nets as the cascade runs them (bf16 on a GPU)
+        rows += [
+            {"probe": f"decoder ({name})", **score(out.float(), items)}
+            for name, out in _decoder_samples(dec, cond, steps, guidance_scale, seed)
+        ]
+        rows += _denoise_probes(dec, cond, x0, items, noise_steps, seed)
     all_items = composition.benchmark_prompts(n, seed=seed)
     return {
         "n": len(items),
@@ -232,10 +235,11 @@ def pairs(
     size = dec.net.image_size
     rows = [{"probe": f"renders at {size} px", **pair_score(to_unit_range(truth.to(device), size), items)}]
     cond = dec.conditioning(img, text["tokens"], text["txt_feat"])
-    rows += [
-        {"probe": f"decoder ({name})", **pair_score(out, items)}
-        for name, out in _decoder_samples(dec, cond, steps, guidance_scale, seed)
-    ]
+    with cascade.autocast():
+        rows += [
+            {"probe": f"decoder ({name})", **pair_score(out.float(), items)}
+            for name, out in _decoder_samples(dec, cond, steps, guidance_scale, seed)
+        ]
     result["rows"] = rows
     return result
 
@@ -369,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--best-of", type=int, help="prior samples per prompt, the closest to the text kept")
     p.add_argument("--json", help="also write the result here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     args = p.parse_args(argv)
     try:
         noise_steps = [int(s) for s in args.noise_steps.split(",") if s.strip()]
@@ -378,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = probe(
-            Cascade.from_dir(args.cascade, device=args.device),
+            Cascade.from_dir(args.cascade, device=args.device, precision=args.precision),
             n=args.n,
             steps=args.steps,
             guidance_scale=args.guidance,

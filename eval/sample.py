@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from data.images import save_grid
-from train.cascade import DECODER_CONDITIONS, Cascade, CascadeOutput, StageSettings
+from train.cascade import DECODER_CONDITIONS, PRECISIONS, Cascade, CascadeOutput, StageSettings
 from train.diffusion import SAMPLERS
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ def load_cascade(args: argparse.Namespace) -> Cascade:
         upsamplers=args.upsampler or (),
         clip=args.clip,
         device=args.device,
+        precision=args.precision,
     )
 
 
@@ -62,6 +63,9 @@ def read_mask(path: str, size: tuple[int, int]) -> torch.Tensor:
     if img.size != size:
         img = img.resize(size, Image.NEAREST)
     return torch.from_numpy((np.asarray(img) >= 128).astype(np.float32))[None]
+
+
+PRECISION_HELP = "what the diffusion nets sample in (auto: bf16 on a GPU, fp32 on the CPU)"
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, eta: float | None = None):
@@ -173,6 +177,7 @@ def _parser() -> argparse.ArgumentParser:
         o.add_argument("--out", default="samples", help="output directory")
         o.add_argument("--all-stages", action="store_true", help="also a grid per stage")
         o.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        o.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     return p
 
 

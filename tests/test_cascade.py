@@ -111,6 +111,74 @@ def test_every_stage_samples_with_dpm_solver_and_unknown_samplers_are_refused(ca
         StageSettings(sampler="euler")
 
 
+def test_the_diffusion_nets_sample_under_bf16_autocast_when_asked(cascade, monkeypatch):
+    """precision=auto is bf16 on a GPU (as the stages trained, bf16-mixed) and fp32 on the CPU; bf16 runs
+    the prior, decoder and upsamplers' layers in bf16 while the images come out as before."""
+    from train.cascade import resolve_precision
+
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32" and cascade.precision == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", torch.device("cuda:1")) == "bf16"
+    assert resolve_precision("fp32", torch.device("cuda:1")) == "fp32"
+    with pytest.raises(ValueError, match=r"precision='fp16': expected one of \['auto', 'bf16', 'fp32'\]"):
+        resolve_precision("fp16", torch.device("cpu"))
+    seen = []
+    nets = [cascade.prior.ema.shadow, cascade.decoder.ema.shadow, *(u.ema.shadow for u in cascade.upsamplers)]
+    linears = [
+        next(m for m in net.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)) for net in nets
+    ]
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(o.dtype)) for m in linears]
+    try:
+        bf16 = Cascade(cascade.decoder, cascade.prior, cascade.upsamplers, precision="bf16")
+        out = bf16.text_to_image(["a red circle"], seed=3, **FAST)
+        assert set(seen) == {torch.bfloat16} and len(seen) > 4, seen
+        seen.clear()
+        ref = cascade.text_to_image(["a red circle"], seed=3, **FAST)
+        assert set(seen) == {torch.float32}
+    finally:
+        for h in hooks:
+            h.remove()
+    assert [s.shape for s in out.stages] == [s.shape for s in ref.stages] and out.images.dtype == torch.uint8
+    assert out.image_emb.dtype == torch.float32
+    # the same samples up to bf16 rounding (8 bits of mantissa through 3+3+2+2 tiny-net steps)
+    assert (out.stages[0].float() - ref.stages[0].float()).abs().mean() < 12
+
+
+def test_bench_sampler_compares_samplers_to_a_many_step_reference(cascade_dir, tmp_path, capsys):
+    from eval import bench_sampler
+
+    out = tmp_path / "sampler.json"
+    argv = [
+        "--cascade",
+        str(cascade_dir),
+        "--steps",
+        "3,6",
+        "--reference",
+        "6",
+        "--n",
+        "4",
+        "--device",
+        "cpu",
+    ]
+    assert bench_sampler.main([*argv, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["sampler"], r["steps"]) for r in rows] == [
+        ("ddim", 3), ("ddim", 6), ("dpmpp_2m", 3), ("dpmpp_2m", 6), ("ddim", 6)
+    ]  # fmt: skip
+    assert (
+        rows[1]["mean_abs_diff"] == 0.0
+    )  # DDIM at the reference's steps, from the same noise, is the reference
+    assert (
+        rows[0]["mean_abs_diff"] > 0 and rows[3]["mean_abs_diff"] > 0
+    )  # (DPM-Solver++ is not DDIM from step 3)
+    assert all(0 <= r["shape"] <= 1 and r["seconds"] > 0 for r in rows)
+    assert "| dpmpp_2m | 6 |" in capsys.readouterr().out
+    assert bench_sampler.main([*argv[:-4], "--samplers", "ddim,euler", "--device", "cpu"]) == 2
+    assert "--samplers ddim,euler: expected some of ddim, ddpm, dpmpp_2m" in capsys.readouterr().err
+    assert bench_sampler.main(["--cascade", str(cascade_dir), "--steps", "0,x"]) == 2
+    assert "--steps 0,x: expected positive integers" in capsys.readouterr().err
+
+
 def test_inpainting_keeps_the_known_region(cascade):
     image = torch.zeros(2, 3, 64, 64, dtype=torch.uint8)
     image[:, 0] = 200  # a red input

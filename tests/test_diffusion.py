@@ -225,6 +225,30 @@ def test_dpm_solver_pp_solves_the_ode_in_fewer_steps_than_ddim(schedule, mu, sig
         assert err["dpmpp_2m", 20] < err["ddim", 100], err
 
 
+@pytest.mark.parametrize("variance", ["learned", "fixed_large"])
+def test_each_per_step_table_is_copied_to_the_device_once(variance):
+    """A copy from host memory to a GPU blocks the host until the GPU has caught up; the schedule's tables
+    were copied at every use, 10-20 times per training or sampling step. Now each goes to a device once,
+    however many steps follow, and a table computed per call (log beta, the fixed_large variance) is
+    not among them (a cache of those would grow at every step)."""
+    d = GaussianDiffusion(make_betas("cosine", 100), variance=variance).respace(10)
+    channels = 2 if variance == "learned" else 1
+
+    def model(x, t, **kw):
+        return torch.cat([x * 0.1] * channels, dim=1)
+
+    x0 = torch.randn(4, 3, 4, 4)
+    for sampler in ("ddpm", "ddim", "dpmpp_2m"):
+        d.sample(model, x0.shape, sampler=sampler, generator=torch.Generator().manual_seed(0))
+    d.training_losses(model, x0)
+    tables = {id(v) for v in vars(d).values() if torch.is_tensor(v)}
+    cached = dict(d._on_device)
+    assert cached and {key[0] for key in cached} <= tables and len(cached) == len({k[0] for k in cached})
+    for _ in range(2):
+        d.sample(model, x0.shape, sampler="ddpm", generator=torch.Generator().manual_seed(0))
+    assert d._on_device.keys() == cached.keys()
+
+
 def test_classifier_free_guidance_combines_cond_and_uncond():
     d = GaussianDiffusion(make_betas("linear", 100))
 

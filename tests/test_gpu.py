@@ -60,6 +60,9 @@ def test_the_smoke_cascade_trains_embeds_and_samples_on_the_device(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     for stage in ("embed", "sample"):
         assert json.loads((out / stage / "done.json").read_text())["device"].startswith(DEVICE.type), stage
+    assert (
+        json.loads((out / "sample" / "done.json").read_text())["precision"] == "bf16"
+    )  # sample.precision=auto
     sample = json.loads((out / "report.json").read_text())["sample"]
     assert (
         sample["bench/n"] == 8 and "lever/bench/n" in sample and "probe/decoder_caption_only/colour" in sample

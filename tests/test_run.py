@@ -307,6 +307,12 @@ def test_pipeline_checks_sample_settings_and_the_lever_before_any_stage_runs():
         check("+sample.lever={decoder: {guidance: 2}}")
     with pytest.raises(SystemExit, match=r"sample.lever.decoder.condition='text': expected one of \['both'"):
         check("+sample.lever={decoder: {condition: text}}")
+    with pytest.raises(
+        SystemExit, match=r"sample.precision='fp8': expected one of \['auto', 'bf16', 'fp32'\]"
+    ):
+        check("sample.precision=fp8")
+    with pytest.raises(SystemExit, match=r"sample.decoder.sampler='euler': expected one of \['ddim', 'ddpm'"):
+        check("+sample.decoder.sampler=euler")
     with pytest.raises(SystemExit, match=r"sample.decoder.condition='captions': expected one of \['both'"):
         check("+sample.decoder.condition=captions")
     with pytest.raises(SystemExit, match=r"sample.upsamplers\[1\]: .*'step'"):

@@ -20,6 +20,7 @@ in training. The CLIP is the decoder's (its ``clip_ckpt``) unless given; every s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -59,6 +60,16 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
 
 
 DECODER_CONDITIONS = ("both", "caption", "image")
+PRECISIONS = ("auto", "bf16", "fp32")  # what the diffusion nets sample in (Cascade precision=)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 on a CUDA device that has it (as the stages trained, bf16-mixed), else fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: expected one of {list(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
 @dataclass
@@ -127,9 +138,14 @@ class Cascade:
         prior=None,
         upsamplers: Sequence[UpsamplerModule] = (),
         device: str | torch.device = "cpu",
+        precision: str = "auto",
     ) -> None:
+        """``precision``: the prior, decoder and upsamplers run under bf16 autocast or in fp32 (``auto``:
+        bf16 on a GPU that has it, as they were trained; fp32 on the CPU). The diffusion arithmetic around
+        each net call and the CLIP embeddings stay fp32."""
         self.decoder, self.prior, self.upsamplers = decoder, prior, list(upsamplers)
         self.device = torch.device(device)
+        self.precision = resolve_precision(precision, self.device)
         for m in (decoder, prior, *self.upsamplers):
             if m is not None:
                 m.to(self.device)
@@ -156,6 +172,7 @@ class Cascade:
         upsamplers: Sequence[str | Path] = (),
         clip: str | Path | None = None,
         device: str | torch.device = "cpu",
+        precision: str = "auto",
     ) -> Cascade:
         """From run directories (or checkpoints, or inference exports). ``clip``: the CLIP run, when the
         decoder's ``clip_ckpt`` no longer points at it (moved or exported)."""
@@ -164,7 +181,7 @@ class Cascade:
         if prior is not None:  # embeddings come from the decoder's CLIP, so the prior needs none of its own
             pri = load_module(prior, clip_ckpt=None, tokenizer=dec.clip().tokenizer)
         ups = [load_module(p) for p in upsamplers]
-        return cls(dec, pri, ups, device=device)
+        return cls(dec, pri, ups, device=device, precision=precision)
 
     @classmethod
     def from_dir(
@@ -176,6 +193,7 @@ class Cascade:
         upsamplers: Sequence[str | Path] = (),
         clip: str | Path | None = None,
         device: str | torch.device = "cpu",
+        precision: str = "auto",
     ) -> Cascade:
         """From a train.pipeline output directory ``root`` (its ``prior``, ``decoder``, ``upsampler_256``
         and ``upsampler_1024`` stages, each an ``export/`` or a run directory); stages given explicitly
@@ -195,7 +213,7 @@ class Cascade:
                 "no decoder: give --cascade DIR (with DIR/decoder) or --decoder RUN"
                 + (f"; {root}/decoder has no config.yaml" if root is not None else "")
             )
-        return cls.load(decoder, prior=prior, upsamplers=ups, clip=clip, device=device)
+        return cls.load(decoder, prior=prior, upsamplers=ups, clip=clip, device=device, precision=precision)
 
     @property
     def image_size(self) -> int:
@@ -221,14 +239,16 @@ class Cascade:
         if self.prior is None:
             log.warning("no prior in this cascade: decoding from the CLIP text embedding itself")
             return text["txt_emb"]
-        return self.prior.sample(
-            text,
-            guidance_scale=settings.guidance_scale,
-            best_of=settings.best_of,
-            generator=generator,
-            steps=settings.steps,
-            sampler=settings.sampler,
-        )
+        with self.autocast():
+            emb = self.prior.sample(
+                text,
+                guidance_scale=settings.guidance_scale,
+                best_of=settings.best_of,
+                generator=generator,
+                steps=settings.steps,
+                sampler=settings.sampler,
+            )
+        return emb.float()
 
     def decode(
         self,
@@ -249,18 +269,19 @@ class Cascade:
             cond = self.decoder.conditioning(image_emb, tokens)
         else:
             cond = self.decoder.conditioning(image_emb, text["tokens"], text["txt_feat"])
-        return self.decoder.sample(
-            cond,
-            guidance_scale=settings.guidance_scale,
-            generator=generator,
-            steps=settings.steps,
-            sampler=settings.sampler,
-            eta=settings.eta,
-            noise=noise,
-            drop_text=text is None,
-            drop_image=settings.condition == "caption",
-            step_callback=step_callback,
-        )
+        with self.autocast():
+            return self.decoder.sample(
+                cond,
+                guidance_scale=settings.guidance_scale,
+                generator=generator,
+                steps=settings.steps,
+                sampler=settings.sampler,
+                eta=settings.eta,
+                noise=noise,
+                drop_text=text is None,
+                drop_image=settings.condition == "caption",
+                step_callback=step_callback,
+            ).float()
 
     def upsample(
         self,
@@ -284,11 +305,21 @@ class Cascade:
                     target = target - up.base(x, size)
                 process = up.sampler if s.steps is None else up.diffusion.respace(s.steps)
                 callback = Inpainter(process, target, resize_mask(mask, size), generator)
-            x = up.upsample(x, generator, steps=s.steps, sampler=s.sampler, eta=s.eta, step_callback=callback)
+            with self.autocast():
+                x = up.upsample(
+                    x, generator, steps=s.steps, sampler=s.sampler, eta=s.eta, step_callback=callback
+                )
+            x = x.float()
             outs.append(x)
             if progress is not None:
                 progress.step(detail=f"upsampler to {x.shape[-1]} px")
         return outs
+
+    def autocast(self):
+        """The context the diffusion nets sample in: bf16 autocast under ``precision=bf16``."""
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def _settings(self, stages: Sequence[StageSettings] | None, n: int) -> list[StageSettings]:
         stages = list(stages or [])
@@ -356,9 +387,9 @@ class Cascade:
             cond["drop_text"] = torch.ones(len(images), dtype=torch.bool, device=self.device)
             steps = settings.steps or self.decoder.hparams.sample_steps
             process = self.decoder.diffusion.respace(steps)
-            noise = process.ddim_encode(self.decoder.ema.shadow, x0, model_kwargs=cond).repeat_interleave(
-                n, 0
-            )
+            with self.autocast():
+                noise = process.ddim_encode(self.decoder.ema.shadow, x0, model_kwargs=cond)
+            noise = noise.repeat_interleave(n, 0)
         progress = self._progress("variations", len(emb), prior=False)
         base = self.decode(
             emb, None, StageSettings(settings.steps, "ddim", eta, settings.guidance_scale), g, noise=noise
@@ -402,7 +433,8 @@ class Cascade:
         process = self.decoder.diffusion.respace(settings.steps or self.decoder.hparams.sample_steps)
         keep = Inpainter(process, known, mask, g)
         if resample:
-            base = self._inpaint_resampled(process, image_emb, text, settings, keep, resample, g)
+            with self.autocast():
+                base = self._inpaint_resampled(process, image_emb, text, settings, keep, resample, g)
         else:
             base = self.decode(image_emb, text, settings, g, step_callback=keep)
         progress.step(detail=f"decoder at {base.shape[-1]} px")

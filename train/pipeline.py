@@ -139,7 +139,9 @@ def run_sample(
         upsamplers=[found[n] for n in upsamplers],
         clip=out_dir / "clip",
         device=device,
+        precision=str(options.get("precision") or "auto"),
     )
+    log.info("stage sample: the diffusion nets sample in %s", cascade.precision)
     settings, ups = sample_settings(options)
     metrics = evaluate_cascade(
         cascade,
@@ -161,7 +163,7 @@ def run_sample(
         start = time.time()
         metrics.update(_probe(cascade, options, settings, ups, stage_dir))
         metrics["bench/seconds"] += time.time() - start
-    write_done(done, metrics, metrics["bench/seconds"], device=device)
+    write_done(done, metrics, metrics["bench/seconds"], device=device, precision=cascade.precision)
     return metrics
 
 
@@ -215,8 +217,13 @@ def check_sample(cfg: DictConfig) -> None:
         settings, ups = sample_settings(options)
         if options.get("lever"):
             lever_settings(dict(options["lever"]), settings)
+        import torch
+
+        from train.cascade import resolve_precision
+
+        resolve_precision(str(options.get("precision") or "auto"), torch.device("cpu"))
     except ValueError as e:
-        raise SystemExit(str(e)) from e
+        raise SystemExit(f"sample.{e}" if str(e).startswith("precision=") else str(e)) from e
     listed = [n for n in UPSAMPLERS if n in cfg.stages]
     if listed and len(ups) > len(listed):
         raise SystemExit(

@@ -131,6 +131,14 @@ class GaussianDiffusion:
         self.posterior_mean_coef2 = (
             (1.0 - self.alphas_cumprod_prev) * alphas.sqrt() / (1.0 - self.alphas_cumprod)
         )
+        self.log_betas = torch.log(betas)
+        # fixed_large: beta_t, with the posterior variance at t=0 (DDPM)
+        self.large_variance = (
+            torch.cat([self.posterior_variance[1:2], betas[1:]]) if self.num_timesteps > 1 else betas
+        )
+        self.large_log_variance = torch.log(self.large_variance)
+        # Each table above, copied once to each device it is read on (_table).
+        self._on_device: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_config(
@@ -166,14 +174,23 @@ class GaussianDiffusion:
         )
 
     # ---- helpers ----------------------------------------------------------------------------------
-    @staticmethod
-    def _at(arr: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _table(self, arr: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``arr`` (one of this process's per-step tables) on ``device``, copied there once: a copy from
+        host memory at every call would make the host wait for the GPU at every one (a blocking copy
+        synchronises), 10-20 times per training or sampling step."""
+        key = (id(arr), device)
+        hit = self._on_device.get(key)
+        if hit is None or hit[0] is not arr:
+            hit = self._on_device[key] = (arr, arr.to(device))
+        return hit[1]
+
+    def _at(self, arr: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """arr[t] shaped (B, 1, ..., 1) for broadcasting against x, in float32 on x's device."""
-        out = arr.to(t.device).index_select(0, t).to(x.device, torch.float32)
+        out = self._table(arr, t.device).index_select(0, t).to(x.device, torch.float32)
         return out.view(-1, *([1] * (x.ndim - 1)))
 
     def _call(self, model: Model, x: torch.Tensor, t: torch.Tensor, model_kwargs: Mapping) -> torch.Tensor:
-        return model(x, self.timestep_map.to(t.device)[t], **model_kwargs)
+        return model(x, self._table(self.timestep_map, t.device)[t], **model_kwargs)
 
     def sample_timesteps(self, batch: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randint(0, self.num_timesteps, (batch,), device=device, generator=generator)
@@ -292,7 +309,7 @@ class GaussianDiffusion:
             out, v = out[:, :channels], out[:, channels:]
             frac = (v.clamp(-1, 1) + 1) / 2
             min_log = self._at(self.posterior_log_variance_clipped, t, x)
-            max_log = self._at(torch.log(self.betas), t, x)
+            max_log = self._at(self.log_betas, t, x)
             log_variance = frac * max_log + (1 - frac) * min_log
             variance = torch.exp(log_variance)
         else:
@@ -301,14 +318,9 @@ class GaussianDiffusion:
             if self.variance == "fixed_small":
                 variance = self._at(self.posterior_variance, t, x).expand_as(x)
                 log_variance = self._at(self.posterior_log_variance_clipped, t, x).expand_as(x)
-            else:  # fixed_large: beta_t, with the posterior variance at t=0 (DDPM)
-                large = (
-                    torch.cat([self.posterior_variance[1:2], self.betas[1:]])
-                    if self.num_timesteps > 1
-                    else self.betas
-                )
-                variance = self._at(large, t, x).expand_as(x)
-                log_variance = self._at(torch.log(large), t, x).expand_as(x)
+            else:  # fixed_large
+                variance = self._at(self.large_variance, t, x).expand_as(x)
+                log_variance = self._at(self.large_log_variance, t, x).expand_as(x)
         if self.prediction == "eps":
             x0 = self.x0_from_eps(x, t, out)
         elif self.prediction == "x0":
