@@ -97,9 +97,8 @@ def _load_export(path: Path, map_location) -> LoadedStage:
     cfg = upgrade_config(OmegaConf.load(path / "config.yaml"))  # an export written before key renames
     tok_path = path / "tokenizer.json"
     tokenizer = Tokenizer.load(tok_path) if tok_path.exists() else None
-    net = instantiate(cfg.net).to(
-        map_location
-    )  # the net where its weights go: load_state_dict copies in place
+    # the net on map_location before its weights are loaded: load_state_dict copies into it in place
+    net = instantiate(cfg.net).to(map_location)
     weights = load_file(path / EXPORT_WEIGHTS, device=str(map_location))
     missing, unexpected = net.load_state_dict(weights, strict=False)
     if missing or unexpected:

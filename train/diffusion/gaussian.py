@@ -13,9 +13,9 @@ or mask them; every internal computation runs in float32/float64 whatever the mo
 Samplers: ancestral DDPM (``p_sample_loop``), DDIM with eta (``ddim_sample_loop``; eta=0 is
 deterministic and invertible with ``ddim_encode``) and DPM-Solver++(2M) (``dpmpp_2m_sample_loop``: the
 same ODE as DDIM at second order, for fewer steps at one model call each). For fewer steps,
-``respace(64)`` returns the same process restricted to 64 of the T steps (alpha_bar kept at those steps). Classifier-free guidance is
-an argument of every sampler: ``guidance_scale`` with ``uncond_kwargs`` (the model kwargs that drop the
-conditioning); cond and uncond run as one batch.
+``respace(64)`` returns the same process restricted to 64 of the T steps (alpha_bar kept at those
+steps). Classifier-free guidance is an argument of every sampler: ``guidance_scale`` with
+``uncond_kwargs`` (the model kwargs that drop the conditioning); cond and uncond run as one batch.
 """
 
 from __future__ import annotations
