@@ -475,11 +475,16 @@ def compare(rows: list[dict]) -> None:
 
 def select_cases(size: str, names: str | None) -> list[Case | str]:
     """The cases of ``size`` (ours, then its anchors), or those named in ``names`` (comma-separated; the
-    anchors, at their fixed shapes, can be named at any size)."""
+    anchors, at their fixed shapes, can be named at any size; ``ours`` is every case of ours at ``size``)."""
     if not names:
         return [*SIZES[size], *ANCHOR_SIZES[size]]
     by_name: dict[str, Case | str] = {c.name: c for c in SIZES[size]} | {a: a for a in ANCHORS}
-    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    wanted = [
+        m
+        for n in names.split(",")
+        if n.strip()
+        for m in ([c.name for c in SIZES[size]] if n.strip() == "ours" else [n.strip()])
+    ]
     unknown = [n for n in wanted if n not in by_name]
     if unknown:
         raise SystemExit(f"--cases: unknown {unknown} at --size {size}; known: {', '.join(by_name)}")
@@ -534,7 +539,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--size", choices=sorted(SIZES), default=None, help="default: anchor on a GPU, tiny on CPU"
     )
-    parser.add_argument("--cases", default=None, help="comma-separated case names (default: all of --size)")
+    parser.add_argument(
+        "--cases",
+        default=None,
+        help="comma-separated case names, `ours` for every stage of ours (default: all of --size, ours then the anchors)",
+    )
     parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
                         help="autocast dtype (default: bf16 on a GPU, fp32 on CPU)")  # fmt: skip
     parser.add_argument("--compile", choices=("none", "full", "regional"), default="none")

@@ -166,8 +166,9 @@ for step in ${steps//,/ }; do
       run tests "$T_TESTS" $py -m pytest -p no:cacheprovider -v -rfEs "${test_args[@]}" tests/test_gpu.py
       section "GPU tests (pytest -m gpu)" tests '(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|error' ;;
     bench)
-      run bench "$T_BENCH" $py -m eval.bench_train "${bench_args[@]}" --json "$RES/bench.json"
-      section "Training step, ours (python -m eval.bench_train ${bench_args[*]})" bench '^[#|]' ;;
+      # ours only: the anchors are the anchors step's (without --cases, --size anchor runs them here too)
+      run bench "$T_BENCH" $py -m eval.bench_train "${bench_args[@]}" --cases ours --json "$RES/bench.json"
+      section "Training step, ours (python -m eval.bench_train ${bench_args[*]} --cases ours)" bench '^[#|]' ;;
     sync)
       run sync "$T_SYNC" $py -m eval.bench_sync --params "$SYNC_PARAMS"
       section "Per-step agreement cost (python -m eval.bench_sync --params $SYNC_PARAMS)" sync '^[#|]' ;;

@@ -99,3 +99,21 @@ class CollectiveProbe(pl.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"collectives_rank{trainer.global_rank}.json").write_text(json.dumps(self.counts))
+
+
+class EMAProbe(pl.Callback):
+    """Writes ``out`` (JSON) at the end of training: the dtypes of the EMA shadow and of its fp32 average,
+    and the update count. (A file, not a class attribute: Hydra imports this module as ``tests.rank_probe``,
+    and a test module imported by pytest under another name would be a second copy with its own class.)"""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        ema = pl_module.ema
+        record = {
+            "shadow": str(next(ema.shadow.parameters()).dtype),
+            "master": None if ema._master is None else str(ema._master[0].dtype),
+            "updates": int(ema.num_updates),
+        }
+        self.out.write_text(json.dumps(record))

@@ -163,3 +163,25 @@ def test_the_clip_lands_on_the_device_it_is_loaded_to(clip_run, tmp_path):
         net = load_stage(path, map_location="cpu").net
         assert {p.device.type for p in net.parameters()} == {"cpu"}
     assert {p.device.type for p in load_stage(run, map_location="meta").net.parameters()} == {"meta"}
+
+
+def test_the_clip_embeds_in_fp32_under_a_training_steps_bf16_autocast(clip_run):
+    """A decoder trained on image-text shards embeds each batch inside its bf16-mixed training step, while
+    data.embed and the cascade embed outside any autocast: the same images gave embeddings 0.7% apart
+    (token features), so the decoder trained on other conditionings than it sampled from. FrozenClip
+    now embeds in fp32 under any autocast."""
+    from data.pipeline import ShardDataset
+    from train.frozen_clip import FrozenClip
+
+    run, val = clip_run
+    clip = FrozenClip(run)
+    batch = next(
+        b
+        for b in ShardDataset(val, batch_size=8, image_size=64, crop="center", tokenizer=clip.tokenizer)
+        if b["__key__"]
+    )
+    plain = clip.embed(batch["image"], batch["tokens"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = clip.embed(batch["image"], batch["tokens"])
+    for key in ("img_emb", "txt_emb", "txt_feat"):
+        assert mixed[key].dtype == torch.float32 and torch.equal(mixed[key], plain[key]), key

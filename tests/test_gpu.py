@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
 
 from eval import bench_train
@@ -169,26 +168,12 @@ def test_data_embed_on_the_device_matches_the_cpu(clip_run, tmp_path):
         torch.testing.assert_close(out[str(DEVICE)][key].float(), emb.float(), atol=5e-3, rtol=0)
 
 
-class EMAProbe(pl.Callback):
-    """Records, at the end of training, the dtypes of the EMA shadow and of its fp32 average."""
-
-    seen: dict = {}
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        ema = pl_module.ema
-        EMAProbe.seen = {
-            "shadow": next(ema.shadow.parameters()).dtype,
-            "master": None if ema._master is None else ema._master[0].dtype,
-            "updates": int(ema.num_updates),
-        }
-
-
 @cuda_only
 def test_ema_keeps_an_fp32_average_under_a_real_deepspeed_bf16_engine(tmp_path, clip_run):
     """The prior under DeepSpeed ZeRO-2 in bf16 on the GPU: the engine casts the module, EMA copy
     included, to bf16; the average is kept in fp32 outside it (train/ema.py), updated every step."""
     clip, _ = clip_run
-    EMAProbe.seen = {}
+    probe = tmp_path / "ema.json"
     cfg = _cfg(
         tmp_path,
         tmp_path / "prior",
@@ -196,10 +181,15 @@ def test_ema_keeps_an_fp32_average_under_a_real_deepspeed_bf16_engine(tmp_path, 
         f"clip_ckpt={clip}",
         "strategy=deepspeed_zero2",
         "trainer.max_steps=4",
-        "+callbacks.ema_probe._target_=tests.test_gpu.EMAProbe",
+        "+callbacks.ema_probe._target_=tests.rank_probe.EMAProbe",
+        f"+callbacks.ema_probe.out={probe}",
     )
     train(cfg)
-    assert EMAProbe.seen == {"shadow": torch.bfloat16, "master": torch.float32, "updates": 4}
+    assert json.loads(probe.read_text()) == {
+        "shadow": "torch.bfloat16",
+        "master": "torch.float32",
+        "updates": 4,
+    }
 
 
 @pytest.mark.parametrize("case", ["clip", "decoder"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from train.models.unet import UNet
 from train.parallel import compile_net, fsdp_units
 from train.perf import ModelFlopCounter
 from train.run import train
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_bench_train_tiny_prints_every_stage_with_counted_flops(tmp_path, capsys):
@@ -39,6 +42,14 @@ def test_bench_train_tiny_prints_every_stage_with_counted_flops(tmp_path, capsys
 def test_bench_train_rejects_unknown_cases_and_reports_missing_anchors(capsys):
     with pytest.raises(SystemExit, match="unknown \\['nope'\\]"):
         bench_train.main(["--device", "cpu", "--cases", "nope"])
+    # `ours`: gpu_check's bench step, which ran the four anchors too at --size anchor (the anchors step's)
+    ours = [c.name for c in bench_train.select_cases("anchor", "ours")]
+    assert ours == [c.name for c in bench_train.SIZES["anchor"]] and not set(ours) & set(bench_train.ANCHORS)
+    assert len(bench_train.select_cases("anchor", None)) == len(ours) + len(bench_train.ANCHORS)
+    bench_step = [
+        ln for ln in (REPO / "launch" / "gpu_check.sh").read_text().splitlines() if "run bench " in ln
+    ]
+    assert len(bench_step) == 1 and "--cases ours" in bench_step[0], bench_step
     args = argparse.Namespace(
         precision="fp32", compile="none", channels_last=False, warmup=0, iters=1, batch=None
     )

@@ -59,7 +59,14 @@ class FrozenClip:
     def embed(self, images: torch.Tensor | None, tokens: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """uint8 images (B, 3, H, W) and/or tokens (B, L) -> ``img_emb`` (B, D), ``txt_emb`` (B, D),
         ``txt_feat`` (B, L, W): L2-normalised embeddings and per-token features, float16-rounded,
-        returned as float32 on the CLIP's device. Images of another size are resized (bicubic)."""
+        returned as float32 on the CLIP's device. Images of another size are resized (bicubic).
+        Always in fp32, also under a caller's autocast (a stage's bf16-mixed training step): the
+        embedding shards and the cascade compute them in fp32, and the decoder must be conditioned on the
+        same embeddings in training as in sampling."""
+        with torch.autocast(self.device.type, enabled=False):
+            return self._embed(images, tokens)
+
+    def _embed(self, images: torch.Tensor | None, tokens: torch.Tensor | None) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         device = self.device
         if images is not None:
