@@ -52,7 +52,7 @@ def sweep(
         start = time.perf_counter()
         with cascade.autocast():
             out = dec.sample(cond, steps=k, sampler=sampler, eta=0.0, noise=noise.clone())
-        return out.float().clamp(-1, 1), time.perf_counter() - start
+        return out.clamp(-1, 1), time.perf_counter() - start
 
     ref, ref_seconds = run("ddim", reference)
     rows = []

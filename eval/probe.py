@@ -143,7 +143,7 @@ def probe(
     for k, up in enumerate(cascade.upsamplers):
         s = upsampler_steps[k] if k < len(upsampler_steps) else None
         with cascade.autocast():
-            x = up.upsample(x.clamp(-1, 1), g, steps=s).float().clamp(-1, 1)
+            x = up.upsample(x.clamp(-1, 1), g, steps=s).clamp(-1, 1)
         rows.append({"probe": f"renders -> upsampler {k + 1} ({x.shape[-1]} px)", **score(x, items)})
 
     tokens = cascade.tokens([it["prompt"] for it in items])
@@ -151,7 +151,7 @@ def probe(
     cond = dec.conditioning(emb["img_emb"], tokens, emb.get("txt_feat"))
     with cascade.autocast():  # the nets as the cascade runs them (bf16 on a GPU)
         rows += [
-            {"probe": f"decoder ({name})", **score(out.float(), items)}
+            {"probe": f"decoder ({name})", **score(out, items)}
             for name, out in _decoder_samples(dec, cond, steps, guidance_scale, seed)
         ]
         rows += _denoise_probes(dec, cond, x0, items, noise_steps, seed)
@@ -237,7 +237,7 @@ def pairs(
     cond = dec.conditioning(img, text["tokens"], text["txt_feat"])
     with cascade.autocast():
         rows += [
-            {"probe": f"decoder ({name})", **pair_score(out.float(), items)}
+            {"probe": f"decoder ({name})", **pair_score(out, items)}
             for name, out in _decoder_samples(dec, cond, steps, guidance_scale, seed)
         ]
     result["rows"] = rows

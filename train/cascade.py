@@ -239,8 +239,8 @@ class Cascade:
         if self.prior is None:
             log.warning("no prior in this cascade: decoding from the CLIP text embedding itself")
             return text["txt_emb"]
-        with self.autocast():
-            emb = self.prior.sample(
+        with self.autocast():  # (the samplers return float32 whatever the nets compute in)
+            return self.prior.sample(
                 text,
                 guidance_scale=settings.guidance_scale,
                 best_of=settings.best_of,
@@ -248,7 +248,6 @@ class Cascade:
                 steps=settings.steps,
                 sampler=settings.sampler,
             )
-        return emb.float()
 
     def decode(
         self,
@@ -281,7 +280,7 @@ class Cascade:
                 drop_text=text is None,
                 drop_image=settings.condition == "caption",
                 step_callback=step_callback,
-            ).float()
+            )
 
     def upsample(
         self,
@@ -309,7 +308,6 @@ class Cascade:
                 x = up.upsample(
                     x, generator, steps=s.steps, sampler=s.sampler, eta=s.eta, step_callback=callback
                 )
-            x = x.float()
             outs.append(x)
             if progress is not None:
                 progress.step(detail=f"upsampler to {x.shape[-1]} px")
