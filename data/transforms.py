@@ -115,14 +115,21 @@ class Normalize:
             self.mean, self.std = torch.full((3,), 127.5), torch.full((3,), 127.5)
         else:
             self.mean, self.std = torch.zeros(3), torch.full((3,), 255.0)
+        self._on_device: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _constants(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std as (1, 3, 1, 1) on ``device``, copied there once: a copy from host memory at every
+        batch would block the host until the GPU has caught up (twice a step)."""
+        key = (device, dtype)
+        if key not in self._on_device:
+            self._on_device[key] = tuple(t.to(device, dtype).view(1, 3, 1, 1) for t in (self.mean, self.std))
+        return self._on_device[key]
 
     def __call__(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        mean = self.mean.to(images.device, dtype).view(1, 3, 1, 1)
-        std = self.std.to(images.device, dtype).view(1, 3, 1, 1)
+        mean, std = self._constants(images.device, dtype)
         return (images.to(dtype) - mean) / std
 
     def invert(self, images: torch.Tensor) -> torch.Tensor:
         """float normalised -> uint8, for saving sample grids."""
-        mean = self.mean.to(images.device).view(1, 3, 1, 1)
-        std = self.std.to(images.device).view(1, 3, 1, 1)
+        mean, std = self._constants(images.device, torch.float32)
         return (images.float() * std + mean).round().clamp(0, 255).to(torch.uint8)

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from data.datamodule import ShardDataModule, per_device_batch_size
 from data.loader import RankSyncedLoader
 from data.pipeline import ShardDataset
+from data.transforms import CLIP_MEAN, CLIP_STD, Normalize
 
 
 @pytest.mark.parametrize(
@@ -497,3 +498,31 @@ def test_plan_resume_is_a_pure_function_of_the_saved_state_and_the_layout():
     assert parts[2]["streams"][(1, 0)] == {**state["ranks"][1]["streams"][(1, 0)], "split": [4, 2, 0]}
     assert parts[3]["streams"][(1, 0)] == {"position": 0, "skips": {}, "split": [4, 2, 1]}
     assert parts[3]["streams"][(1, 1)]["split"] == [0, 2, 1]  # a worker that never reported: all its shards
+
+
+def test_normalize_copies_its_constants_to_a_device_once():
+    """Every batch is normalised on the device; a copy of mean/std from host memory per batch would block
+    the host on a GPU. Counted here as the copies (aten._to_copy) each call makes, in bf16 on the CPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default:
+                self.shapes.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    normalize = Normalize("clip")
+    first = normalize(images, torch.bfloat16)
+    with Copies() as copies:
+        again = normalize(images, torch.bfloat16)
+    assert copies.shapes == [(2, 3, 4, 4)], copies.shapes  # the images' own cast only (before: + mean, std)
+    assert torch.equal(first, again) and again.dtype == torch.bfloat16
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255
+    torch.testing.assert_close(normalize(images), (images.float() - mean) / std)
+    assert torch.equal(normalize.invert(normalize(images)), images)

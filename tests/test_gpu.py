@@ -192,6 +192,64 @@ def test_ema_keeps_an_fp32_average_under_a_real_deepspeed_bf16_engine(tmp_path, 
     }
 
 
+@cuda_only
+def test_the_ema_update_and_the_batch_normalisation_never_block_the_host():
+    """Both run at every step of a diffusion stage; a read of a value or a copy from host memory would make
+    the host wait for the GPU (the EMA read its update count, Normalize copied its mean and std)."""
+    from data.transforms import Normalize
+    from train.ema import EMA
+
+    net = torch.nn.Linear(8, 8, device=DEVICE)
+    ema = EMA(net, decay=0.99).to(DEVICE)
+    normalize = Normalize("minus_one_one")
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, device=DEVICE)
+    normalize(images, torch.bfloat16)  # copies the constants to the device, once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            ema.update(net)
+            normalize(images, torch.bfloat16)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(ema.num_updates) == 3
+
+
+@cuda_only
+@pytest.mark.parametrize("case", list(TINY), ids=str)
+def test_a_training_step_of_every_stage_never_blocks_the_host(case):
+    """Forward, backward, gradient clipping and the fused AdamW step of each stage (bench_train's workload)
+    queue their kernels without waiting for the GPU. On failure, the lines that synchronise."""
+    import warnings
+
+    from train.modules.optim import adamw, param_groups
+
+    torch.manual_seed(0)
+    work = bench_train.build_stage(TINY[case], DEVICE)
+    optimizer = adamw(param_groups(work.model, 0.0), lr=1e-4, betas=(0.9, 0.99), eps=1e-8)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            loss = work.loss()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(work.model.parameters(), 1.0, foreach=True)
+        optimizer.step()
+
+    step()  # the optimizer's state is created at its first step
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    places = sorted({f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)})
+    assert not places, places
+
+
 @pytest.mark.parametrize("case", ["clip", "decoder"])
 def test_compiled_step_matches_eager_within_bf16_tolerance(case):
     """torch.compile (inductor, regional) computes the same loss and gradients as eager, to bf16 rounding.

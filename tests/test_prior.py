@@ -111,6 +111,27 @@ def test_ema_tracks_with_warmup_and_is_not_trained():
     torch.testing.assert_close(ema.shadow.weight, torch.ones(2, 2), atol=1e-6, rtol=0)
 
 
+def test_ema_updates_never_read_the_device_and_a_restore_brings_back_the_count():
+    """On the meta device every read of a value raises, like the host sync it would be on a GPU."""
+    with torch.device("meta"):
+        net = torch.nn.Linear(2, 2)
+        ema = EMA(net, decay=0.9)
+    assert ema.num_updates.is_meta
+    for _ in range(3):
+        ema.update(net)  # before: int(num_updates) at every update, "cannot be called on meta tensors"
+    assert ema.current_decay() == 4 / 13
+    # A restore, through load_state_dict or straight into the buffer (DeepSpeed's resharding load), is read
+    # back once: the decay continues from the restored count, not from this object's.
+    cpu = EMA(torch.nn.Linear(2, 2), decay=0.9)
+    cpu.load_state_dict({**cpu.state_dict(), "num_updates": torch.tensor(20)})
+    assert cpu.current_decay() == 21 / 30
+    cpu.update(torch.nn.Linear(2, 2))
+    assert cpu.current_decay() == 22 / 31 and int(cpu.num_updates) == 21
+    cpu.num_updates.fill_(5)
+    cpu.resync()  # what the diffusion stages do at the start of every fit
+    assert cpu.current_decay() == 6 / 15
+
+
 def test_both_data_paths_give_the_same_batches(clip_run, tmp_path):
     """Embedding shards (data.embed) and on-the-fly embedding with the frozen CLIP: identical tensors."""
     run, val = clip_run

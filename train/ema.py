@@ -15,6 +15,10 @@ copy of this rank's shards (outside the module, so nothing casts it; 4 bytes per
 the shadow is rounded from it after every update. The copy is rebuilt from the shadow after a
 restore (one rounding per resume, not one per step).
 
+The update count is a buffer (saved, restored) with a copy on the host, so that the decay of a step
+never reads the device (on a GPU that read blocks the host until the step has run); the host copy is
+read back from the buffer once after a restore.
+
 Decay warm-up: the effective decay at update n is min(decay, (1 + n) / (10 + n)), so early, random
 weights are forgotten quickly (a 0.9999 average would otherwise remember them for ~10^4 steps).
 """
@@ -38,11 +42,15 @@ class EMA(nn.Module):
         self.decay, self.warmup = decay, warmup
         self.shadow = copy.deepcopy(net).eval().requires_grad_(False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        # the count on the host too: reading the buffer on a GPU would block the host at every step
+        self._count: int | None = 0
         self._master: list[torch.Tensor] | None = None  # fp32 accumulator for a bf16/fp16 shadow
-        self.register_load_state_dict_post_hook(_forget_master)
+        self.register_load_state_dict_post_hook(_resync_after_load)
 
     def current_decay(self) -> float:
-        n = int(self.num_updates)
+        if self._count is None:  # restored: read the buffer once
+            self._count = int(self.num_updates)
+        n = self._count
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
@@ -78,6 +86,13 @@ class EMA(nn.Module):
         for e, b in zip(self.shadow.buffers(), net.buffers()):
             e.copy_(b)
         self.num_updates += 1
+        self._count += 1
+
+    def resync(self) -> None:
+        """Rebuild what is kept outside the module (the host count, the fp32 copy) from the buffer and
+        the shadow at the next update: after a restore by any route (a ``load_state_dict``, or
+        DeepSpeed's resharding load, which copies into them directly)."""
+        self._count, self._master = None, None
 
     def train(self, mode: bool = True) -> EMA:  # the shadow stays in eval mode (no dropout)
         super().train(mode)
@@ -94,15 +109,19 @@ class EMAUpdateAfterStep:
     step also keeps the decay per step under gradient accumulation.
     """
 
+    def on_train_start(self) -> None:  # whatever restored the checkpoint is done by now
+        super().on_train_start()
+        self.ema.resync()
+
     def optimizer_step(self, *args, **kwargs):
         result = super().optimizer_step(*args, **kwargs)
         self.ema.update(self.net)
         return result
 
 
-def _forget_master(module: EMA, _incompatible_keys) -> None:
-    """After a restore the shadow holds the truth: rebuild the fp32 copy from it at the next update."""
-    module._master = None
+def _resync_after_load(module: EMA, _incompatible_keys) -> None:
+    """After a restore the shadow and the buffer hold the truth."""
+    module.resync()
 
 
 def local_shard(t: torch.Tensor) -> torch.Tensor:
