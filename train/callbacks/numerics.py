@@ -26,6 +26,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 
+from train.callbacks.log_step import logs_this_step
 from train.ema import local_shard
 
 log = logging.getLogger(__name__)
@@ -112,8 +113,9 @@ class NumericalGuard(pl.Callback):
             value = float(loss.detach())
             if math.isfinite(value):
                 self._track(value, trainer.global_step)
-        pl_module.log("train/skipped_nonfinite", float(self.skipped), rank_zero_only=True)
-        pl_module.log("train/loss_spikes", float(self.spikes), rank_zero_only=True)
+        if logs_this_step(trainer):
+            pl_module.log("train/skipped_nonfinite", float(self.skipped), rank_zero_only=True)
+            pl_module.log("train/loss_spikes", float(self.spikes), rank_zero_only=True)
 
     def _track(self, value: float, step: int) -> None:
         self._seen += 1

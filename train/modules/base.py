@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from data.images import save_grid
+from train.callbacks.log_step import logs_this_step
 from train.diffusion import GaussianDiffusion
 from train.ema import EMA, EMAUpdateAfterStep
 from train.modules.compat import upgrade_module_config
@@ -81,7 +82,8 @@ class StageModule(pl.LightningModule):
         return parts
 
     def log_lr(self) -> None:
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        if logs_this_step(self.trainer):
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
 
     def log_grid(self, rows: list[torch.Tensor], scale: int = 1) -> None:
         """Rows of uint8 (N, 3, H, W) images as ``<run>/samples/step<N>.png`` and ``val/samples`` (rank 0)."""

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from data.negatives import check_kinds, hard_negatives
+from train.callbacks.log_step import logs_this_step
 from train.losses import ClipLoss
 from train.modules.base import StageModule
 from train.validation import contrast_picks, retrieval_recall, zeroshot_synthetic
@@ -77,9 +78,11 @@ class ClipModule(StageModule):
             out = self.net(batch["image"], torch.cat([batch["tokens"], tokens]))  # one pass of the text tower
             txt = out["text_features"]
             loss = self.loss(out["image_features"], txt[:b], out["logit_scale"], txt[b:], mask)
-            self.log("train/negatives_frac", mask.float().mean())
+            if logs_this_step(self.trainer):
+                self.log("train/negatives_frac", mask.float().mean())
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/logit_scale", out["logit_scale"].detach())
+        if logs_this_step(self.trainer):
+            self.log("train/logit_scale", out["logit_scale"].detach())
         self.log_lr()
         return loss
 

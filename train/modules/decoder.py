@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from data.images import to_uint8, to_unit_range
+from train.callbacks.log_step import logs_this_step
 from train.frozen_clip import FrozenClip, text_mask
 from train.modules.base import DiffusionStageModule
 from train.validation import dominant_colours
@@ -99,9 +100,10 @@ class DecoderModule(DiffusionStageModule):
         terms = self.diffusion.training_losses(self.net, x0, model_kwargs=cond)
         loss = terms["loss"].mean()
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/mse", terms["mse"].mean())
-        if "vlb" in terms:
-            self.log("train/vlb", terms["vlb"].mean())
+        if logs_this_step(self.trainer):
+            self.log("train/mse", terms["mse"].mean())
+            if "vlb" in terms:
+                self.log("train/vlb", terms["vlb"].mean())
         self.log_lr()
         return loss
 
