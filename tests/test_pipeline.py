@@ -455,3 +455,55 @@ def test_resize_crop_resamples_only_the_crop_with_the_full_resizes_pixels(size, 
         assert out.shape == (3, crop_size, crop_size) and out.dtype == torch.uint8
         diff = (out.permute(1, 2, 0).int() - reference.int()).abs()
         assert diff.max() <= 1 and diff.float().mean() < 0.01, (seed, diff.max(), diff.float().mean())
+
+
+def test_npy_fields_load_as_numpy_loads_them_parsing_each_header_once():
+    """Embedding shards repeat one header per field: parsed once, the arrays equal np.load's."""
+    from data import pipeline
+
+    def npy(array, version=None):
+        buf = io.BytesIO()
+        np.lib.format.write_array(buf, array, version=version, allow_pickle=True)
+        return buf.getvalue()
+
+    arrays = [
+        np.arange(12, dtype=np.float16).reshape(3, 4),
+        np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+        np.arange(6, dtype=">i4"),
+        np.array(7, dtype=np.int32),
+        np.zeros((0, 5), dtype=np.float32),
+    ]
+    pipeline._NPY_HEADERS.clear()
+    for version in (None, (2, 0)):
+        for array in arrays:
+            for _ in range(3):
+                out = pipeline._load_npy(npy(array, version))
+                assert out.dtype == array.dtype and out.shape == array.shape and np.array_equal(out, array)
+    assert len(pipeline._NPY_HEADERS) == len(arrays)  # version 1 headers only; version 2 goes to np.load
+    for bad, match in [
+        (npy(np.arange(4.0))[:-3], "29 bytes, its header says 32"),  # truncated, with its header cached
+        (b"\x93NUMPY\x01\x00\x10\x00{'descr': '<f4'", "EOF"),
+        (npy(np.array([{}], dtype=object)), "Python objects"),
+        (b"not an npy file at all", "pickled|magic"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            pipeline._load_npy(bad)
+
+
+def test_tar_headers_with_a_bad_checksum_are_corrupt_and_signed_checksums_are_accepted(tmp_path):
+    from data.shards import CorruptShard, read_tar
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo("caf\u00e9.txt")  # bytes above 127: the signed and unsigned sums differ
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    data = bytearray(buf.getvalue())
+    assert [(m.name, m.data) for m in read_tar(io.BytesIO(bytes(data)))] == [("caf\u00e9.txt", b"abc")]
+    header = bytes(data[:512])
+    signed = sum(b - 256 if b > 127 else b for b in header[:148] + b" " * 8 + header[156:])
+    data[148:156] = b"%06o\0 " % signed  # what old writers that sum signed chars store
+    assert [m.data for m in read_tar(io.BytesIO(bytes(data)))] == [b"abc"]
+    data[148:156] = b"%06o\0 " % (signed + 1)
+    with pytest.raises(CorruptShard, match="bad tar header checksum"):
+        list(read_tar(io.BytesIO(bytes(data))))
