@@ -21,6 +21,8 @@
 #   bench     python -m eval.bench_train: our stages at the anchors' shapes, eager
 #   sync      python -m eval.bench_sync: the per-step agreement (all-reduce + host read, gradient check)
 #   anchors   the same table for open_clip / diffusers / DALLE2-pytorch (eager), next to ours
+#   layout    the UNet stages (decoder, 64 -> 256 upsampler) in channels_last, against bench's rows: whether
+#             the memory format pays for our convolutions and GroupNorms (issue 28; training does not use it)
 #   data      python -m eval.bench_data on the machine's cores: photo-like 256 px JPEGs -> 224 crops, ours and
 #             plain webdataset + PIL, 1 and 12 workers, and the workers needed to feed bench's fastest CLIP
 #   compiled  ours (regional) and the anchors (full) under torch.compile: first step 1-3 min each
@@ -30,7 +32,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 cpu=0
-steps="tests,bench,sync,anchors,data,compiled,runs,cascade"
+steps="tests,bench,sync,anchors,layout,data,compiled,runs,cascade"
 budget=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -38,14 +40,14 @@ while [ $# -gt 0 ]; do
     --steps) steps="$2"; shift ;;
     --budget) budget="$2"; shift
       [[ "$budget" =~ ^[0-9]+$ ]] || { echo "--budget: expected whole seconds, got '$budget'" >&2; exit 2; } ;;
-    *) echo "usage: bash launch/gpu_check.sh [--cpu] [--budget SECONDS] [--steps tests,bench,sync,anchors,data,compiled,runs,cascade]" >&2; exit 2 ;;
+    *) echo "usage: bash launch/gpu_check.sh [--cpu] [--budget SECONDS] [--steps tests,bench,sync,anchors,layout,data,compiled,runs,cascade]" >&2; exit 2 ;;
   esac
   shift
 done
 for step in ${steps//,/ }; do
   case "$step" in
-    tests|bench|sync|anchors|data|compiled|runs|cascade) ;;
-    *) echo "--steps: unknown step '$step' (expected tests, bench, sync, anchors, data, compiled, runs, cascade)" >&2
+    tests|bench|sync|anchors|layout|data|compiled|runs|cascade) ;;
+    *) echo "--steps: unknown step '$step' (expected tests, bench, sync, anchors, layout, data, compiled, runs, cascade)" >&2
        exit 2 ;;
   esac
 done
@@ -84,6 +86,7 @@ if [ $cpu = 1 ]; then
   # and the decoder (a UNet) stand for the five (each is 4-9 s of CI; the GPU runs all five)
   test_args=(-m gpu -k "not compiled and not decrease[prior] and not decrease[upsampler")
   bench_args=(--device cpu --size tiny --iters 2)
+  T_LAYOUT=120 layout_cases=(--cases decoder)
   # every anchor at batch 2: "not installed" here (no torchvision); built and stepped by gpu_rehearse.sh
   anchor_cases=(--cases open_clip_b16,open_clip_l14,diffusers_unet64,dalle2_prior --batch 2)
   S=3 B_CLIP=16 B_PRIOR=16 B_DEC=8 B_UP=8 WORKERS=0
@@ -97,6 +100,7 @@ else
   T_DATA=60 data_args=(--samples 16000 --sizes 256 --crop 224 --workers 1 12 --seconds 6)
   test_args=(-m gpu)
   bench_args=(--size anchor)
+  T_LAYOUT=90 layout_cases=(--cases decoder,upsampler_256)
   anchor_cases=(--cases open_clip_b16,open_clip_l14,diffusers_unet64,dalle2_prior)
   S=100 B_CLIP=512 B_PRIOR=1024 B_DEC=256 B_UP=128 WORKERS=8
   run_extra=()
@@ -178,6 +182,10 @@ for step in ${steps//,/ }; do
       run anchors "$T_ANCHORS" $py -m eval.bench_train "${bench_args[@]}" "${anchor_cases[@]}" \
         --json "$RES/anchors.json"
       section "Training step, what users run instead" anchors '^[#|]' ;;
+    layout)
+      run layout "$T_LAYOUT" $py -m eval.bench_train "${bench_args[@]}" "${layout_cases[@]}" --channels-last \
+        --json "$RES/layout.json"
+      section "Training step, UNets in channels_last (against the bench step's rows)" layout '^[#|]' ;;
     data)
       # the target: bench's fastest CLIP case (samples/s of one GPU), else issue 28's 1.2x open_clip compiled
       target=$($py -m eval.targets --data-target "$RES")

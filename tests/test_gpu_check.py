@@ -44,13 +44,18 @@ def test_gpu_check_cpu_mode_runs_every_step_and_writes_the_report(tmp_path):
         tar.extractall(res, filter="data")
     report = (out / "report.md").read_text()
     assert report == (res / "report.md").read_text()
-    for step in ("tests", "bench", "sync", "anchors", "data", "compiled", "runs", "cascade"):
+    for step in ("tests", "bench", "sync", "anchors", "layout", "data", "compiled", "runs", "cascade"):
         assert f"| {step} | 0 |" in report, (step, report[:2000])
     assert " passed" in report and " failed" not in report  # the GPU tier's device-agnostic tests
     assert "test_exact_resume_on_the_device_is_bitwise PASSED" in report  # a line per test (-v)
     bench = json.loads((res / "bench.json").read_text())["rows"]
     assert [r["status"] for r in bench] == ["ok"] * 5
     assert "| clip | 1.1 | 32 |" in report
+    layout = json.loads((res / "layout.json").read_text())  # the decoder again, in channels_last
+    assert layout["meta"]["channels_last"] and [(r["case"], r["status"]) for r in layout["rows"]] == [
+        ("decoder", "ok")
+    ]
+    assert "## Training step, UNets in channels_last" in report
     anchors = json.loads((res / "anchors.json").read_text())["rows"]
     # each anchor steps at batch 2, or is reported not installed (CI has no [bench] extra and no torchvision;
     # a checkout with launch/gpu_wheels.sh's .whl/ has some of them)
