@@ -68,6 +68,17 @@ def make_shards(tmp_path):
     return make
 
 
+def first_batch(shards, tokenizer, batch_size: int, image_size: int = 64) -> dict:
+    """The first non-empty batch of ``shards``, centre-cropped and tokenised (e.g. clip_run's held-out
+    shards through its FrozenClip's tokenizer)."""
+    from data.pipeline import ShardDataset
+
+    ds = ShardDataset(
+        shards, batch_size=batch_size, image_size=image_size, crop="center", tokenizer=tokenizer
+    )
+    return next(b for b in ds if b["__key__"])
+
+
 def compose_config(overrides=()):
     """The run config exactly as ``python -m train.run OVERRIDES`` composes it (conf/train.yaml): the one way
     tests build configs, so what they check is what users run."""

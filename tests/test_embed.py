@@ -13,7 +13,7 @@ import torch
 from data.embed import embed_shards, main
 from data.pipeline import ShardDataset
 from data.transforms import Normalize
-from tests.conftest import simple_sample, write_tar
+from tests.conftest import first_batch, simple_sample, write_tar
 from train.checkpoint import load_stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,16 +171,11 @@ def test_the_clip_embeds_in_fp32_under_a_training_steps_bf16_autocast(clip_run):
     by 0.2-0.5% (mean relative, CPU autocast, the 32 px recipe's CLIP on 64 held-out images), so the
     decoder trained on other conditionings than it sampled from. FrozenClip now embeds in fp32 under
     any autocast."""
-    from data.pipeline import ShardDataset
     from train.frozen_clip import FrozenClip
 
     run, val = clip_run
     clip = FrozenClip(run)
-    batch = next(
-        b
-        for b in ShardDataset(val, batch_size=8, image_size=64, crop="center", tokenizer=clip.tokenizer)
-        if b["__key__"]
-    )
+    batch = first_batch(val, clip.tokenizer, 8)
     plain = clip.embed(batch["image"], batch["tokens"])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = clip.embed(batch["image"], batch["tokens"])

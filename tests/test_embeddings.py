@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 import data.embeddings as embeddings
 from data.embeddings import ClipRetrievalDataModule, ClipRetrievalDataset, LayoutError
 from data.loader import RankSyncedLoader
-from tests.conftest import compose_config, run_python
+from tests.conftest import compose_config, first_batch, run_python
 from train.run import train
 
 ROWS = [5, 7, 4, 9, 6]  # parts of different sizes
@@ -275,7 +275,6 @@ def test_token_features_are_refused_clearly_without_a_clip(tmp_path):
 def test_token_features_from_the_clip_that_made_the_embeddings(clip_run, tmp_path):
     """clip_ckpt with data=clip_retrieval: the captions are tokenised with the CLIP's tokenizer and the
     prior's token features computed by that CLIP; a CLIP that did not make the embeddings is refused."""
-    from data.pipeline import ShardDataset
     from train.frozen_clip import FrozenClip
     from train.models.prior import DiffusionPrior
     from train.modules.prior import PriorModule
@@ -283,11 +282,7 @@ def test_token_features_from_the_clip_that_made_the_embeddings(clip_run, tmp_pat
 
     run, val = clip_run
     clip = FrozenClip(run)
-    batch = next(
-        b
-        for b in ShardDataset(val, batch_size=16, image_size=64, crop="center", tokenizer=clip.tokenizer)
-        if b["__key__"]
-    )
+    batch = first_batch(val, clip.tokenizer, 16)
     emb = clip.embed(batch["image"], batch["tokens"])
     root = tmp_path / "made_by_clip"
     for d in ("img_emb", "text_emb", "metadata"):

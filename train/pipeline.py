@@ -212,18 +212,18 @@ def check_sample(cfg: DictConfig) -> None:
     read only after every stage has trained."""
     if "sample" not in cfg.stages:
         return
+    from train.cascade import PRECISIONS
+
     options = OmegaConf.to_container(cfg.get("sample") or {}, resolve=True)
     try:
         settings, ups = sample_settings(options)
         if options.get("lever"):
             lever_settings(dict(options["lever"]), settings)
-        import torch
-
-        from train.cascade import resolve_precision
-
-        resolve_precision(str(options.get("precision") or "auto"), torch.device("cpu"))
     except ValueError as e:
-        raise SystemExit(f"sample.{e}" if str(e).startswith("precision=") else str(e)) from e
+        raise SystemExit(str(e)) from e
+    precision = str(options.get("precision") or "auto")
+    if precision not in PRECISIONS:
+        raise SystemExit(f"sample.precision={precision!r}: expected one of {list(PRECISIONS)}")
     listed = [n for n in UPSAMPLERS if n in cfg.stages]
     if listed and len(ups) > len(listed):
         raise SystemExit(

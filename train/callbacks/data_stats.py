@@ -19,6 +19,7 @@ import time
 import pytorch_lightning as pl
 import torch
 
+from train.callbacks.log_step import logs_this_step
 from train.perf import ModelFlopCounter, peak_tflops, process_age
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,7 @@ class DataStats(pl.Callback):
         self._busy += now - self._step_start
         self._batch_end = now
         self._samples += n
-        last = trainer.is_last_batch or 0 < trainer.max_steps <= trainer.global_step
-        if trainer.global_step % max(trainer.log_every_n_steps, 1) and not last:
+        if not logs_this_step(trainer):  # the window runs on to the next step the loggers write
             return
         elapsed = now - self._window_start
         per_device = self._samples / max(elapsed, 1e-9)

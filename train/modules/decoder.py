@@ -128,9 +128,9 @@ class DecoderModule(DiffusionStageModule):
 
         ``steps``: respace to this many steps (default ``module.sample_steps``); ``sampler``: ddim
         (``eta``, default ``module.eta``), ddpm or dpmpp_2m (DPM-Solver++(2M)); ``noise``: the starting
-        x_T (e.g. a DDIM inversion); ``drop_text``: condition on the image embedding alone (variations); ``drop_image``: on the
-        caption alone (guidance then amplifies the caption only); ``step_callback(i, x)``: see
-        GaussianDiffusion.ddim_sample_loop (inpainting).
+        x_T (e.g. a DDIM inversion); ``drop_text``: condition on the image embedding alone (variations);
+        ``drop_image``: on the caption alone (guidance then amplifies the caption only);
+        ``step_callback(i, x)``: see GaussianDiffusion.ddim_sample_loop (inpainting).
         """
         net = self.ema.shadow if use_ema else self.net
         b = cond["image_emb"].shape[0]
