@@ -77,6 +77,7 @@ class ShardDataModule(pl.LightningDataModule):
         synthetic: Mapping[str, Any] | None = None,
         keep_val_json: bool = True,
         prefetch_factor: int = 4,
+        persistent_workers: bool = True,
         pin_memory: bool | None = None,
         on_layout_change: str = "error",
         max_bad_fraction: float | None = 0.1,
@@ -118,6 +119,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.synthetic = dict(synthetic) if synthetic else None
         self.keep_val_json = keep_val_json
         self.prefetch_factor = prefetch_factor
+        self.persistent_workers = persistent_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.tokenizer = None
         self.batch_size: int | None = None
@@ -213,7 +215,11 @@ class ShardDataModule(pl.LightningDataModule):
             ds.epoch = self.trainer.current_epoch
         return ds
 
-    def _loader(self, ds: ShardDataset, *, sync: bool, checks: bool = False) -> RankSyncedLoader:
+    def _loader(self, ds: ShardDataset, *, train: bool) -> RankSyncedLoader:
+        """The train loader is rank-synchronised, checks the data and keeps its workers through the fit
+        (the epoch reaches them in shared memory: data/pipeline.py StreamPosition). Validation runs no
+        collective per step, so every rank evaluates all of its shards (nothing dropped) and the module
+        gathers the results at the end; its workers live while it runs."""
         workers = self.num_workers
         if workers > len(ds.urls) // ds.world_size:
             log.warning(
@@ -229,29 +235,29 @@ class ShardDataModule(pl.LightningDataModule):
             num_workers=workers,
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if workers > 0 else None,
-            persistent_workers=False,  # workers re-created each epoch so they see the new epoch number
+            persistent_workers=train and workers > 0 and self.persistent_workers,
             generator=torch.Generator().manual_seed(self.seed),
         )
         return RankSyncedLoader(
-            loader, self._group if sync else None, checks=checks, max_bad_fraction=self.max_bad_fraction
+            loader, self._group if train else None, checks=train, max_bad_fraction=self.max_bad_fraction
         )
 
     def train_dataloader(self) -> RankSyncedLoader:
-        self._train_loader = self._loader(
-            self._dataset(self.train_shards, train=True), sync=True, checks=True
-        )
+        self._train_loader = self._loader(self._dataset(self.train_shards, train=True), train=True)
         self._train_loader.epoch_fn = lambda: self.trainer.current_epoch if self.trainer else 0
         if self._resume_state is not None:
             self._train_loader.restore(self._resume_state)
             self._resume_state = None
         return self._train_loader
 
+    def teardown(self, stage: str) -> None:
+        if self._train_loader is not None:  # its persistent workers end with the fit
+            self._train_loader.close()
+
     def val_dataloader(self) -> RankSyncedLoader | list:
         if not self.val_shards:
             return []
-        # Not rank-synchronised: validation runs no collective per step, so every rank evaluates all of
-        # its shards (nothing dropped) and the module gathers the results at the end.
-        return self._loader(self._dataset(self.val_shards, train=False), sync=False)
+        return self._loader(self._dataset(self.val_shards, train=False), train=False)
 
     # ---- exact resume: the data position travels in the checkpoint --------------------------------
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
@@ -331,10 +337,12 @@ class ShardDataModule(pl.LightningDataModule):
         self._set_resume(position)
 
     def _set_resume(self, position: dict) -> None:
+        # Kept for the next train_dataloader(): Lightning restores a DataModule before it asks for the
+        # fit's loader, so an existing loader may be a previous fit's. That one is told as well, in case
+        # it is iterated again.
         self._resume_state = position
-        if self._train_loader is not None:  # the loader exists already (a restore after setup)
-            self._train_loader.restore(self._resume_state)
-            self._resume_state = None
+        if self._train_loader is not None:
+            self._train_loader.restore(position)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self.normalize is not None and "image" in batch and batch["image"].dtype == torch.uint8:

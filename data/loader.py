@@ -101,9 +101,7 @@ class RankSyncedLoader:
         # counts are per epoch; a resume within the same epoch starts from the saved ones
         self.worker_states, self.tail_dropped, self.consumed, self.last_worker = {}, 0, {}, None
         self._in_flight.clear()
-        ds.start_positions, ds.start_skips, ds.start_cursors, ds.worker_offset = {}, {}, {}, 0
-        ds.start_splits = {}
-        ds.data_ranks = ds.data_world_size = None  # a new epoch: this rank's own partition
+        ds.start_fresh()  # a new epoch: this rank's own partition, from its start
         pending, self._pending = self._pending, None
         self._resumed = pending is not None and pending["epoch"] == ds.epoch
         if self._resumed:
@@ -132,10 +130,27 @@ class RankSyncedLoader:
                 ds.data_world_size,
                 ds.start_positions,
             )
+            self.close()  # persistent workers hold the fields of their start: new ones take the position
+        ds.publish()  # the epoch persistent workers take up
         if self.loader.generator is not None:  # worker seeds: a function of (seed, epoch) only
             self.loader.generator.manual_seed(int(_seed(ds.seed, ds.epoch, "loader")))
 
+    def close(self) -> None:
+        """Stop the loader's persistent workers (the next ``iter()`` starts new ones). Nothing to do for
+        workers that end with each epoch. The DataModule calls it when a fit ends, so a pipeline's next
+        stage does not run beside this one's idle workers."""
+        iterator = getattr(self.loader, "_iterator", None)  # where DataLoader keeps persistent workers
+        if iterator is not None:
+            iterator._shutdown_workers()
+            self.loader._iterator = None
+
     def _record(self, state: dict) -> None:
+        epoch = self.loader.dataset.epoch
+        if state["epoch"] != epoch:  # a worker that missed the epoch's publication would repeat an order
+            raise RuntimeError(
+                f"data: loader worker {state['worker']} read epoch {state['epoch']} while the trainer is in "
+                f"epoch {epoch}; run with data.persistent_workers=false and report this"
+            )
         self.worker_states[state["worker"]] = state
 
     def mark_consumed(self) -> None:

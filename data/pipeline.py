@@ -111,10 +111,23 @@ def shards_for(
 class StreamPosition:
     """What a streaming dataset (ShardDataset, data/embeddings.py's ClipRetrievalDataset) is told before it
     iterates, by the DataModule, RankSyncedLoader and data/resume.py: its rank and epoch, and where a resume
-    starts. A stream is one (data rank, loader worker)."""
+    starts. A stream is one (data rank, loader worker).
+
+    Loader workers that persist across epochs hold the copy of these fields made when they started, so
+    each epoch is also published to shared memory (:meth:`publish`, by RankSyncedLoader before every
+    ``iter()``). A worker whose copy is older than the latest publication takes up the published epoch
+    from its start (:meth:`worker_streams`). Only an epoch's start travels that way: a resume position
+    reaches workers started after it was set (RankSyncedLoader starts new ones for it)."""
 
     def reset_position(self) -> None:
         self.rank, self.world_size, self.epoch = 0, 1, 0
+        # [publication count, epoch]: shared with the loader's workers (a fork or pickle keeps the memory)
+        self._published = torch.zeros(2, dtype=torch.int64).share_memory_()
+        self._publication = 0  # the publication this copy's fields belong to
+        self.start_fresh()
+
+    def start_fresh(self) -> None:
+        """From the start of ``self.epoch`` on this rank's own partition: no resume position."""
         # Data ranks: the (rank, world size) the shard partition, shuffle and position follow. Normally
         # this rank's own; a resume on fewer ranks plays k of the saved ones at once (each batch = one
         # chunk of batch_size / k from each), on more ranks a part of one (data/resume.py).
@@ -131,6 +144,20 @@ class StreamPosition:
         # The DataLoader hands out batches round-robin from worker 0. A resume that stopped after a
         # batch of worker k must continue with worker k+1: loader worker i plays stream (i + offset) % W.
         self.worker_offset = 0
+
+    def publish(self) -> None:
+        """Main process, before each ``iter()`` of the loader: the epoch its persistent workers play."""
+        self._publication += 1
+        self._published[1] = self.epoch
+        self._published[0] = self._publication
+
+    def _follow_publication(self) -> None:
+        """In a loader worker: an epoch published after this copy was made starts from its beginning."""
+        publication = int(self._published[0])
+        if publication != self._publication:
+            self.epoch = int(self._published[1])
+            self.start_fresh()
+            self._publication = publication
 
     @property
     def streams(self) -> list[int]:
@@ -155,7 +182,9 @@ class StreamPosition:
         )
 
     def worker_streams(self) -> tuple[int, int, list[int]]:
-        """(worker, number of workers, data ranks) of the calling loader worker."""
+        """(worker, number of workers, data ranks) of the calling loader worker, at the start of its
+        iteration (which takes up a newly published epoch first)."""
+        self._follow_publication()
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         data_ranks = self.streams

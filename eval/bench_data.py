@@ -1,7 +1,8 @@
 """Data-pipeline benchmark: samples/s of the streaming pipeline, next to plain webdataset + PIL.
 
     python -m eval.bench_data [--content shapes|photo] [--samples 4000] [--sizes 64 256] [--crop N]
-                              [--workers 0 1 2] [--batch 64] [--seconds S] [--baseline] [--target 3350] [--json F]
+                              [--workers 0 1 2] [--batch 64] [--seconds S] [--baseline] [--target 3350]
+                              [--epochs N [--hold-gb G]] [--json F]
 
 Writes shards once per stored size (into --dir, or a temporary directory), then times full passes of a
 DataLoader over them: tar read, shuffle, JPEG decode, resize + random crop, tokenise, batch (uint8).
@@ -16,6 +17,12 @@ quality 95 (img2dataset's ``resize_mode=keep_ratio`` and its default quality), ~
 ``.decode("pil")``, a PIL resize of the shorter side + random crop, and the same tokeniser. ``--target``
 turns the measured per-worker rate of the row with the most workers into the workers (cores) a
 loader needs to feed one GPU at that many samples/s.
+
+``--epochs N`` also times N whole epochs of the first size through the training loader (RankSyncedLoader,
+the most workers given), with workers started anew each epoch and with workers that persist
+(``data.persistent_workers``): the wait for each epoch's first batch, and the epoch's seconds.
+``--hold-gb G`` holds G GB of memory meanwhile, as a training process does: starting workers (a fork
+each) costs more in a bigger process.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from data.loader import RankSyncedLoader
 from data.pipeline import ShardDataset
 from data.shards import iter_captions
 from data.synthetic import add_member, caption_for, make_scene, write_shards
@@ -158,6 +166,31 @@ def time_pass(dataset, workers: int, seconds: float | None = None) -> tuple[int,
     return n, time.perf_counter() - (start or time.perf_counter())
 
 
+def time_epochs(dataset, workers: int, epochs: int, persistent: bool) -> list[tuple[float, float]]:
+    """(seconds to the first batch, seconds of the epoch) of each of ``epochs`` whole epochs through the
+    training loader, the epoch order changing as in training."""
+    loader = RankSyncedLoader(
+        DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=4 if workers else None,
+            persistent_workers=persistent and workers > 0,
+            generator=torch.Generator(),
+        )
+    )
+    times = []
+    for epoch in range(epochs):
+        loader.epoch_fn = lambda epoch=epoch: epoch
+        start = time.perf_counter()
+        first = None
+        for _ in loader:
+            first = first or time.perf_counter() - start
+        times.append((first or float("nan"), time.perf_counter() - start))
+    loader.close()
+    return times
+
+
 def _dataset(content: str, root: Path, size: int, samples: int, shards: int) -> tuple[Path, float]:
     path = root / f"{content}{size}"
     if not (path / "sizes.json").exists():
@@ -179,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=None, help="time at most this long per pass")
     p.add_argument("--baseline", action="store_true", help="also time plain webdataset + PIL")
     p.add_argument("--target", type=float, default=None, help="samples/s one GPU needs: workers to reach it")
+    p.add_argument(
+        "--epochs", type=int, default=0, help="time this many whole epochs, workers persisting or not"
+    )
+    p.add_argument("--hold-gb", type=float, default=0.0, help="memory held while timing --epochs")
     p.add_argument("--dir", type=Path, default=None, help="where to write the shards (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="write the rows here")
     args = p.parse_args(argv)
@@ -231,10 +268,36 @@ def main(argv: list[str] | None = None) -> int:
                     f"{size} px, {loader}: {best['per_worker']:,.0f} samples/s per worker at {best['workers']} "
                     f"workers -> {args.target:,.0f}/s needs {need} workers"
                 )
+    epoch_rows = _epoch_rows(args, root, shards) if args.epochs else []
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1))
+        args.json.write_text(json.dumps(rows + epoch_rows, indent=1))
     return 0
+
+
+def _epoch_rows(args: argparse.Namespace, root: Path, shards: int) -> list[dict]:
+    """--epochs: the epoch boundaries of the first size at the most workers, printed and returned."""
+    size, workers = args.sizes[0], max(args.workers)
+    path, _ = _dataset(args.content, root, size, args.samples, shards)
+    tokenizer = train_bpe(iter_captions(str(path), 2000), vocab_size=1024, context_length=32)
+    held = torch.ones(int(args.hold_gb * 1e9) // 4)  # touched: its pages are mapped, as a model's are
+    rows = []
+    print(
+        f"\n{args.epochs} epochs of {args.samples} samples ({size} px, batch {args.batch}, {workers} workers, "
+        f"{held.numel() * 4 / 1e9:.1f} GB held)"
+    )
+    print("| loader workers | epoch | first batch ms | epoch seconds |")
+    print("|---|---|---|---|")
+    for persistent in (False, True):
+        ds = ShardDataset(str(path), batch_size=args.batch, image_size=args.crop or size, tokenizer=tokenizer)
+        for epoch, (first, seconds) in enumerate(time_epochs(ds, workers, args.epochs, persistent)):
+            kind = "persistent" if persistent else "started each epoch"
+            print(f"| {kind} | {epoch} | {first * 1000:.0f} | {seconds:.2f} |")
+            rows.append({"epochs": args.epochs, "stored": size, "workers": workers, "persistent": persistent,
+                         "hold_gb": args.hold_gb, "epoch": epoch, "first_batch_s": round(first, 4),
+                         "epoch_s": round(seconds, 3)})  # fmt: skip
+    del held
+    return rows
 
 
 if __name__ == "__main__":

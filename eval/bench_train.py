@@ -13,8 +13,8 @@ The decoder and prior take random CLIP features in place of a frozen CLIP's.
 Method: ``--warmup`` steps, then ``--iters`` steps each timed by CUDA events (wall clock on a CPU); the
 median is reported. FLOPs of one forward+backward are counted once on the eager net by
 ``train.perf.ModelFlopCounter`` (activation-checkpoint recompute excluded); MFU divides the achieved
-FLOP/s by the dense matmul ceiling measured at the start of the same run (bf16 8192^3 on a GPU; at the
-run's dtype on a CPU). Peak memory: ``torch.cuda.max_memory_allocated`` over the case.
+FLOP/s by the dense matmul ceiling measured at the start of the same run (the fastest of 20 bf16 8192^3
+products on a GPU; at the run's dtype on a CPU). Peak memory: ``torch.cuda.max_memory_allocated`` over the case.
 
 Anchors (``open_clip_b16``, ``open_clip_l14``, ``diffusers_unet64``, ``dalle2_prior``) run when their
 packages are installed (``pip install -e .[bench]``); otherwise their row says so. Each of our cases

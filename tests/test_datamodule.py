@@ -179,14 +179,99 @@ def test_interrupted_twice_an_epoch_trains_every_key_once_in_the_uninterrupted_o
 # ---- another world size: save on 2 ranks, continue on 1 ---------------------------------------------
 
 
-def _rank_loader(directory, workers: int, rank: int, world: int, batch: int) -> RankSyncedLoader:
+def _rank_loader(
+    directory, workers: int, rank: int, world: int, batch: int, persistent: bool = False
+) -> RankSyncedLoader:
     ds = ShardDataset(
         str(directory), batch_size=batch, image_size=8, shuffle_buffer=3, seed=5, drop_last=True
     )
     ds.rank, ds.world_size = rank, world
     return RankSyncedLoader(
-        torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, generator=torch.Generator())
+        torch.utils.data.DataLoader(
+            ds,
+            batch_size=None,
+            num_workers=workers,
+            generator=torch.Generator(),
+            persistent_workers=persistent,
+        )
     )
+
+
+def _epoch(loader: RankSyncedLoader, epoch: int, batches: int | None = None) -> list[list[str]]:
+    """The keys of an epoch's batches (the first ``batches`` of them), each consumed by a step."""
+    loader.epoch_fn = lambda: epoch
+    keys = []
+    for batch in loader:
+        loader.mark_consumed()
+        keys.append(batch["__key__"])
+        if len(keys) == batches:
+            break
+    return keys
+
+
+def _worker_pids(loader: RankSyncedLoader) -> list[int]:
+    return [w.pid for w in loader.loader._iterator._workers]
+
+
+def test_persistent_workers_play_each_new_epoch_and_a_resume_position(make_shards):
+    directory, _ = make_shards([6, 6, 6, 6])
+    fresh = [_epoch(_rank_loader(directory, 2, 0, 1, 2), e) for e in range(4)]  # workers started per epoch
+    assert len({str(keys) for keys in fresh}) == 4  # each epoch its own order
+
+    loader = _rank_loader(directory, 2, 0, 1, 2, persistent=True)
+    assert _epoch(loader, 0) == fresh[0]
+    pids = _worker_pids(loader)
+    assert _epoch(loader, 1) == fresh[1]  # the same processes, the new epoch's order
+    assert _epoch(loader, 2, batches=3) == fresh[2][:3]  # left after 3 batches (a limit, a stop)
+    assert _epoch(loader, 3) == fresh[3]
+    assert _worker_pids(loader) == pids
+
+    # A resume position: new workers start from it (the old ones hold their start's fields)
+    reference = _rank_loader(directory, 2, 0, 1, 2)
+    _epoch(reference, 1, batches=5)
+    loader.restore(reference.position_state())
+    assert _epoch(loader, 1) == fresh[1][5:]
+    assert _worker_pids(loader) != pids
+    assert _epoch(loader, 2) == fresh[2]  # and the epoch after it from the start
+
+    processes = loader.loader._iterator._workers
+    loader.close()
+    assert loader.loader._iterator is None and not any(p.is_alive() for p in processes)
+
+
+def test_a_datamodule_restored_for_a_second_fit_resumes_in_the_loader_that_fit_makes(make_shards):
+    shards, _ = make_shards([6, 6])
+
+    def dm() -> ShardDataModule:
+        module = ShardDataModule(train_shards=str(shards), global_batch_size=2, num_workers=0, image_size=8)
+        module.setup("fit")
+        return module
+
+    epoch = [b["__key__"] for b in dm().train_dataloader()]
+    first = dm()
+    loader = first.train_dataloader()
+    for _, _batch in zip(range(3), loader):
+        loader.mark_consumed()
+    state = first.state_dict()
+    # Lightning restores the DataModule before it asks for the next fit's loader
+    first.load_state_dict(state)
+    assert [b["__key__"] for b in first.train_dataloader()] == epoch[3:]
+
+
+def test_the_train_loader_keeps_its_workers_through_the_fit_and_validation_does_not(make_shards):
+    shards, _ = make_shards([4, 4])
+    options = dict(train_shards=str(shards), val_shards=str(shards), global_batch_size=2, num_workers=2)
+    dm = ShardDataModule(**options, image_size=8, tokenizer=None)
+    dm.setup("fit")
+    train, val = dm.train_dataloader(), dm.val_dataloader()
+    assert train.loader.persistent_workers and not val.loader.persistent_workers
+    list(train)
+    processes = train.loader._iterator._workers
+    dm.teardown("fit")  # the fit's end stops them
+    assert not any(p.is_alive() for p in processes)
+    dm = ShardDataModule(**options, image_size=8, tokenizer=None, persistent_workers=False)
+    dm.setup("fit")
+    assert not dm.train_dataloader().loader.persistent_workers
 
 
 def _saved_on_two_ranks(directory, workers: int, steps: int) -> tuple[dict, list[list[str]]]:

@@ -61,10 +61,13 @@ def _check_aligned(root: Path, batch: dict) -> None:
             assert torch.equal(batch[name][i], torch.from_numpy(stored)), (key, name)
 
 
-def _loader(root, *, rank=0, world=1, workers=0, batch=3, drop_last=False, seed=1, epoch=0):
+def _loader(root, *, rank=0, world=1, workers=0, batch=3, drop_last=False, seed=1, epoch=0, persistent=False):
     ds = ClipRetrievalDataset(root, batch_size=batch, seed=seed, drop_last=drop_last)
     ds.rank, ds.world_size, ds.epoch = rank, world, epoch
-    return RankSyncedLoader(DataLoader(ds, batch_size=None, num_workers=workers, generator=torch.Generator()))
+    loader = DataLoader(
+        ds, batch_size=None, num_workers=workers, generator=torch.Generator(), persistent_workers=persistent
+    )
+    return RankSyncedLoader(loader)
 
 
 def test_every_row_once_per_epoch_across_two_ranks_and_two_workers(layout):
@@ -79,6 +82,13 @@ def test_every_row_once_per_epoch_across_two_ranks_and_two_workers(layout):
         assert sorted(seen) == sorted(_all_keys()) and len(seen) == len(set(seen))
         orders.append(seen)
     assert orders[0] != orders[1], "parts and rows are reshuffled every epoch"
+    # workers that persist across epochs (the DataModule's train loader) play each epoch's order too
+    persistent = _loader(layout, rank=1, world=2, workers=2, persistent=True)
+    for epoch in (0, 1):
+        persistent.epoch_fn = lambda epoch=epoch: epoch
+        expected = [b["__key__"] for b in _loader(layout, rank=1, world=2, workers=2, epoch=epoch)]
+        assert [b["__key__"] for b in persistent] == expected
+    persistent.close()
     # the order is a function of (seed, epoch) only
     again = [k for b in _loader(layout, epoch=1, workers=0) for k in b["__key__"]]
     assert again == [k for b in _loader(layout, epoch=1, workers=0) for k in b["__key__"]]

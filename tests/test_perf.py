@@ -226,9 +226,17 @@ def test_bench_data_photo_rows_for_ours_and_the_webdataset_baseline(tmp_path, ca
 
     out = tmp_path / "data.json"
     argv = ["--content", "photo", "--samples", "96", "--sizes", "48", "--crop", "32", "--workers", "0", "2",
-            "--batch", "8", "--baseline", "--target", "1000", "--dir", str(tmp_path), "--json", str(out)]  # fmt: skip
+            "--batch", "8", "--baseline", "--target", "1000", "--epochs", "2", "--dir", str(tmp_path),
+            "--json", str(out)]  # fmt: skip
     assert bench_data.main(argv) == 0
     rows = json.loads(out.read_text())
+    epochs = [r for r in rows if "epoch" in r]
+    rows = [r for r in rows if "loader" in r]
+    # --epochs: whole epochs through the training loader at the most workers, started anew or persisting
+    assert [(r["persistent"], r["epoch"], r["workers"]) for r in epochs] == [
+        (False, 0, 2), (False, 1, 2), (True, 0, 2), (True, 1, 2)
+    ]  # fmt: skip
+    assert all(0 < r["first_batch_s"] <= r["epoch_s"] for r in epochs), epochs
     assert [(r["loader"], r["workers"]) for r in rows] == [
         ("ours", 0), ("ours", 2), ("webdataset+PIL", 0), ("webdataset+PIL", 2)
     ]  # fmt: skip
@@ -238,6 +246,7 @@ def test_bench_data_photo_rows_for_ours_and_the_webdataset_baseline(tmp_path, ca
     assert rows[0]["kb"] > 2.5  # a 48 px shapes image: 1.4 KB
     printed = capsys.readouterr().out
     assert "| 48 | " in printed and "48 px, webdataset+PIL:" in printed and "needs" in printed
+    assert "| persistent | 1 | " in printed and "| started each epoch | 1 | " in printed
 
 
 def test_targets_give_each_issue_target_a_verdict_from_the_check_rows(tmp_path, capsys):
