@@ -99,3 +99,20 @@ def test_values_only_the_loggers_read_are_logged_at_the_steps_they_are_written(t
     written = {key: [int(r["step"]) for r in rows if r.get(key)] for key in ("train/loss", "train/lr")}
     assert written == {"train/loss": [4, 9], "train/lr": [4, 9]}, written
     assert float(trainer.callback_metrics["train/skipped_nonfinite"]) == 0.0  # the last step's values too
+
+
+def test_the_progress_bar_redraws_at_the_logging_steps_only(tmp_path):
+    """Each redraw reads the logged loss from the device (a host sync on a GPU): once per logging step."""
+    from pytorch_lightning.callbacks import TQDMProgressBar
+
+    from tests.conftest import compose_config
+    from train.run import build_callbacks
+
+    out = f"paths.output_dir={tmp_path}"
+    cfg = compose_config(["stage=clip", "trainer.log_every_n_steps=25", out])
+    bars = [c for c in build_callbacks(cfg) if isinstance(c, TQDMProgressBar)]
+    assert [bar.refresh_rate for bar in bars] == [25]
+    assert not any(
+        isinstance(c, TQDMProgressBar)
+        for c in build_callbacks(compose_config(["stage=clip", "debug=fast", out]))
+    )

@@ -216,6 +216,42 @@ def test_the_ema_update_and_the_batch_normalisation_never_block_the_host():
 
 
 @cuda_only
+def test_the_numerical_guard_skips_a_nan_step_without_blocking_the_host():
+    """On CUDA the guard's check is deferred (the fused AdamW skips on the agreed flag; the host reads it a
+    step later) and the loss is tracked on the device: a Lightning fit's steps 2-4 (bf16-mixed, a NaN at
+    step 3) never wait for the GPU in our code, and the NaN step is still skipped and counted. On failure,
+    the lines of ours that synchronise (and Lightning's, for the record)."""
+    import warnings
+
+    import pytorch_lightning as pl
+
+    from tests.conftest import REPO
+    from tests.test_numerics import Poisoned, _fit
+    from train.callbacks.numerics import NumericalGuard
+
+    class Watch(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if 2 <= trainer.global_step <= 4:  # the optimizer's state and the guard's buffers exist by then
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("warn")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            torch.cuda.set_sync_debug_mode("default")
+
+    module, guard = Poisoned(bad={3}, fused=True), NumericalGuard(max_consecutive=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            _fit(module, [guard, Watch()], steps=6, accelerator="gpu", precision="bf16-mixed")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    places = sorted({f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)})
+    ours = [p for p in places if p.startswith(str(REPO)) and "/tests/" not in p]
+    assert not ours, places
+    assert guard.skipped == 1 and torch.equal(module.after[4], module.after[3])
+
+
+@cuda_only
 @pytest.mark.parametrize("case", list(TINY), ids=str)
 def test_a_training_step_of_every_stage_never_blocks_the_host(case):
     """Forward, backward, gradient clipping and the fused AdamW step of each stage (bench_train's workload)

@@ -4,23 +4,33 @@ weight is ever written; loss spikes are logged.
 
 Checked after backward, before the optimizer step (``on_before_optimizer_step``): every rank tests its
 own gradients (under FSDP only its shard) and the ranks agree with one all-reduce, so all of them skip
-or none does. Skipping drops every gradient (``grad = None``): torch optimizers then leave the weights
-and their state (Adam moments, step count) untouched. The learning-rate schedule still advances.
-DeepSpeed keeps gradients inside its engine (no ``.grad``): there its own overflow check applies, and
-this callback only guards checkpoints and logs spikes.
+or none does. DeepSpeed keeps gradients inside its engine (no ``.grad``): there its own overflow check
+applies, and this callback only guards checkpoints and logs spikes.
 
-One collective per optimizer step carries both this check and the preemption flag (when the
-Preemption callback is configured, it reads the agreed signal from here instead of a second
-all-reduce): one small all-reduce and one host sync per step for both.
+How a step is skipped, and when the host learns of it (``defer``):
 
-Logged: ``train/skipped_nonfinite`` (steps skipped so far), ``train/loss_spikes`` (loss above
-``spike_factor`` x its running mean after ``spike_warmup`` steps).
+- **On the device** (torch's fused Adam/AdamW, our optimizer on CUDA; ``defer=auto`` there): the agreed
+  flag goes to the optimizer as ``found_inf``, and the fused kernel leaves the weights and their state
+  (moments, step count) untouched when it is set, as it does for a GradScaler. Nothing in the step
+  waits for the GPU: the flag is copied to pinned host memory behind the step and read at the next
+  step's check (or at a checkpoint, or the end of training), where it is counted, logged, and stops the
+  run after ``max_consecutive``, one step later than it happened.
+- **On the host** (any other optimizer, a GradScaler, FSDP's sharded tensors, the CPU; ``defer=false``):
+  the flag is read at once (a host sync) and a bad step drops every gradient (``grad = None``), so the
+  optimizer skips its update.
+
+The learning-rate schedule advances either way. One collective per optimizer step carries both this
+check and the preemption flag (when the Preemption callback is configured, it reads the agreed signal
+from here instead of a second all-reduce; deferred, one step later).
+
+Loss spikes (a loss above ``spike_factor`` x its running mean after ``spike_warmup`` steps) are counted
+on the device too, and read when they are logged: ``train/skipped_nonfinite`` (steps skipped so far)
+and ``train/loss_spikes``, at the logging steps.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 
 import pytorch_lightning as pl
 import torch
@@ -30,6 +40,8 @@ from train.callbacks.log_step import logs_this_step
 from train.ema import local_shard
 
 log = logging.getLogger(__name__)
+
+DEFER = ("auto", True, False)
 
 
 class NonFiniteError(RuntimeError):
@@ -44,17 +56,24 @@ class NumericalGuard(pl.Callback):
         spike_warmup: int = 50,
         spike_decay: float = 0.99,
         check_checkpoints: bool = True,
+        defer: str | bool = "auto",
     ) -> None:
         if max_consecutive < 1:
             raise ValueError(f"callbacks.numerics.max_consecutive={max_consecutive}: expected >= 1")
+        if defer not in DEFER:
+            raise ValueError(f"callbacks.numerics.defer={defer!r}: expected auto, true or false")
         self.max_consecutive = max_consecutive
         self.spike_factor, self.spike_warmup, self.spike_decay = spike_factor, spike_warmup, spike_decay
         self.check_checkpoints = check_checkpoints
+        self.defer = defer
         self.skipped = 0
         self.consecutive = 0
-        self.spikes = 0
-        self._loss_mean: float | None = None
-        self._seen = 0
+        # [losses seen (finite), running mean, spikes] on the training device, read when logged or saved
+        self._loss: torch.Tensor | None = None
+        self._loss_saved: list[float] = [0.0, 0.0, 0.0]
+        self._spikes_logged = 0
+        self._pending: tuple[int, torch.Tensor, torch.cuda.Event | None] | None = None
+        self._host: torch.Tensor | None = None  # pinned: where a deferred verdict lands
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         from train.callbacks.preemption import Preemption
@@ -65,41 +84,90 @@ class NumericalGuard(pl.Callback):
 
     # ---- gradients, before the step ----------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        grads = [
-            local_shard(p.grad)
-            for group in optimizer.param_groups
-            for p in group["params"]
-            if p.grad is not None
-        ]
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's torch optimizer
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grads = [local_shard(p.grad) for p in params if p.grad is not None]
         preemption = getattr(self, "_preemption", None)
-        signum = float((preemption.received or 0) if preemption is not None else 0)
-        flags = torch.tensor([0.0, signum], device=pl_module.device)  # [non-finite anywhere, signal]
+        signum = (preemption.received or 0) if preemption is not None else 0
+        flags = torch.zeros(
+            2, device=pl_module.device
+        )  # [non-finite anywhere, signal]: no copy from the host
+        if signum:
+            flags[1] = float(signum)
         if grads:  # one norm per gradient in a few fused kernels: NaN/inf norm <=> NaN/inf entry
             norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
-            flags[0] = (~torch.isfinite(norms).all()).float().to(pl_module.device)
+            flags[0] = (~torch.isfinite(norms).all()).float().to(flags.device)
         if _world() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        bad, signum = flags.tolist()  # the one host sync of the step's checks
+        if self._defers(trainer, optimizer, params, flags.device):
+            self._settle()  # the previous step's verdict
+            optimizer.found_inf = flags[0]  # the fused kernel skips the update when it is 1
+            self._pending = (trainer.global_step, *self._to_host(flags))
+            return
+        bad, signum = flags.tolist()  # the step's one host sync for both checks
+        if bad:
+            for p in params:
+                p.grad = None
+        self._verdict(bool(bad), int(signum), trainer.global_step)
+
+    def _defers(self, trainer: pl.Trainer, optimizer, params: list, device: torch.device) -> bool:
+        """Whether the optimizer can skip a step on the device (see the module docstring)."""
+        if self.defer is False:
+            return False
+        fused = isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and all(
+            g.get("fused") for g in optimizer.param_groups
+        )
+        plain = all(type(p.data) is torch.Tensor for p in params)  # not DTensor shards (FSDP2)
+        scaler = getattr(trainer.precision_plugin, "scaler", None) is not None  # it sets found_inf itself
+        able = fused and plain and not scaler
+        if self.defer is True and not able:
+            raise ValueError(
+                "callbacks.numerics.defer=true needs torch's fused Adam/AdamW over plain tensors and no "
+                f"GradScaler (got {type(optimizer).__name__}, fused={fused}, plain tensors={plain}, "
+                f"GradScaler={scaler}); use defer=auto or false"
+            )
+        return able and (self.defer is True or device.type == "cuda")
+
+    def _to_host(self, flags: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        if flags.device.type != "cuda":
+            return flags, None
+        if self._host is None:
+            self._host = torch.empty(2, pin_memory=True)
+        self._host.copy_(flags, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return self._host, event
+
+    def _settle(self) -> None:
+        """Count the deferred verdict of the last step (waiting for it if the GPU has not got there)."""
+        if self._pending is None:
+            return
+        step, values, event = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        bad, signum = values.tolist()
+        self._verdict(bool(bad), int(signum), step)
+
+    def _verdict(self, bad: bool, signum: int, step: int) -> None:
+        preemption = getattr(self, "_preemption", None)
         if preemption is not None:
-            preemption.agree(int(signum))
-        if bad == 0:
+            preemption.agree(signum)
+        if not bad:
             self.consecutive = 0
             return
         self.skipped += 1
         self.consecutive += 1
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None
         log.warning(
             "step %d: non-finite gradients on at least one rank; step skipped on all ranks "
             "(%d in a row, %d in total)",
-            trainer.global_step,
+            step,
             self.consecutive,
             self.skipped,
         )
         if self.consecutive >= self.max_consecutive:
             raise NonFiniteError(
-                f"{self.consecutive} consecutive steps with NaN/inf gradients (up to step {trainer.global_step}); "
+                f"{self.consecutive} consecutive steps with NaN/inf gradients (up to step {step}); "
                 "stopping. Lower module.optimizer.lr, check the data, or resume from an earlier checkpoint "
                 f"(callbacks.numerics.max_consecutive={self.max_consecutive})"
             )
@@ -110,33 +178,53 @@ class NumericalGuard(pl.Callback):
     ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if torch.is_tensor(loss) and loss.numel() == 1:
-            value = float(loss.detach())
-            if math.isfinite(value):
-                self._track(value, trainer.global_step)
+            self._track(loss.detach().reshape(()).to(torch.float64))
         if logs_this_step(trainer):
+            spikes = self.spikes  # a host read, at the logging steps only
+            if spikes > self._spikes_logged:
+                log.warning(
+                    "step %d: %d loss spike(s) since the last report (above %.3g x the running mean, now %.4g)",
+                    trainer.global_step,
+                    spikes - self._spikes_logged,
+                    self.spike_factor,
+                    self._loss_state()[1],
+                )
+                self._spikes_logged = spikes
             pl_module.log("train/skipped_nonfinite", float(self.skipped), rank_zero_only=True)
-            pl_module.log("train/loss_spikes", float(self.spikes), rank_zero_only=True)
+            pl_module.log("train/loss_spikes", float(spikes), rank_zero_only=True)
 
-    def _track(self, value: float, step: int) -> None:
-        self._seen += 1
-        if self._loss_mean is None:
-            self._loss_mean = value
-            return
-        if self._seen > self.spike_warmup and value > self.spike_factor * self._loss_mean:
-            self.spikes += 1
-            log.warning("step %d: loss spike %.4g (running mean %.4g)", step, value, self._loss_mean)
-        self._loss_mean = self.spike_decay * self._loss_mean + (1 - self.spike_decay) * value
+    def _track(self, value: torch.Tensor) -> None:
+        """Count the loss and update its running mean, on its device (no host sync)."""
+        if self._loss is None or self._loss.device != value.device:
+            self._loss = torch.tensor(self._loss_state(), dtype=torch.float64).to(value.device)
+        seen, mean, spikes = self._loss.unbind()
+        finite = torch.isfinite(value)
+        spike = finite & (seen > 0) & (seen + 1 > self.spike_warmup) & (value > self.spike_factor * mean)
+        updated = torch.where(seen > 0, self.spike_decay * mean + (1 - self.spike_decay) * value, value)
+        self._loss = torch.stack([seen + finite, torch.where(finite, updated, mean), spikes + spike])
+
+    def _loss_state(self) -> list[float]:
+        return self._loss.tolist() if self._loss is not None else list(self._loss_saved)
+
+    @property
+    def spikes(self) -> int:
+        return int(self._loss_state()[2])
 
     # ---- checkpoints -------------------------------------------------------------------------------
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._settle()
+
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict
     ) -> None:
+        self._settle()  # the counts up to this step
+        seen, mean, spikes = self._loss_state()
         checkpoint["numerics"] = {
             "skipped": self.skipped,
-            "spikes": self.spikes,
+            "spikes": int(spikes),
             "consecutive": self.consecutive,
-            "loss_mean": self._loss_mean,
-            "seen": self._seen,
+            "loss_mean": mean if seen else None,
+            "seen": int(seen),
         }
         if not self.check_checkpoints:
             return
@@ -157,10 +245,11 @@ class NumericalGuard(pl.Callback):
     ) -> None:
         state = checkpoint.get("numerics") or {}
         self.skipped = int(state.get("skipped", 0))
-        self.spikes = int(state.get("spikes", 0))
         self.consecutive = int(state.get("consecutive", 0))
-        self._loss_mean = state.get("loss_mean")
-        self._seen = int(state.get("seen", 0))
+        mean = state.get("loss_mean")
+        self._loss_saved = [float(state.get("seen", 0)), float(mean or 0.0), float(state.get("spikes", 0))]
+        self._loss = None
+        self._spikes_logged = int(self._loss_saved[2])
 
 
 def _owned(p: torch.Tensor) -> torch.Tensor:
