@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +118,41 @@ class EMAProbe(pl.Callback):
             "updates": int(ema.num_updates),
         }
         self.out.write_text(json.dumps(record))
+
+
+class SyncWatch(pl.Callback):
+    """Records where the host waits for the GPU (``torch.cuda.set_sync_debug_mode("warn")``) from the start
+    of training step ``first`` to the start of step ``last``: every hook, the optimizer step and the next
+    batches' fetch and transfer between them. Writes ``{"places": ["file:line", ...]}`` to ``out`` at the
+    end of training (``+callbacks.sync_watch._target_=tests.rank_probe.SyncWatch``)."""
+
+    def __init__(self, out: str, first: int = 2, last: int = 5) -> None:
+        self.out, self.first, self.last = Path(out), first, last
+        self._catch = None
+        self.places: list[str] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.first and self._catch is None:
+            torch.cuda.synchronize()
+            self._catch = warnings.catch_warnings(record=True)
+            self._caught = self._catch.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        elif trainer.global_step == self.last:
+            self._stop()
+
+    def _stop(self) -> None:
+        if self._catch is None:
+            return
+        torch.cuda.set_sync_debug_mode("default")
+        self._catch.__exit__(None, None, None)
+        self._catch = None
+        messages = [w for w in self._caught if "synchroniz" in str(w.message)]
+        self.places = sorted({f"{w.filename}:{w.lineno}" for w in messages})
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._stop()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._stop()
+        self.out.write_text(json.dumps({"places": self.places}))

@@ -286,6 +286,33 @@ def test_a_training_step_of_every_stage_never_blocks_the_host(case):
     assert not places, places
 
 
+@cuda_only
+@pytest.mark.parametrize("stage", ["clip", "decoder"])
+def test_a_training_run_never_blocks_the_host_between_logging_steps(tmp_path, clip_run, stage):
+    """A whole Lightning run of the stage (bf16-mixed, our callbacks, the loader, the frozen CLIP of the
+    decoder): from step 2 to step 5 no line of ours makes the host wait for the GPU (nothing is logged
+    there). On failure, every place that synchronised, Lightning's included."""
+    from tests.conftest import REPO
+
+    watched = tmp_path / "sync.json"
+    cfg = _cfg(
+        tmp_path,
+        tmp_path / stage,
+        f"stage={stage}",
+        *([f"clip_ckpt={clip_run[0]}"] if stage != "clip" else []),
+        "trainer.max_steps=7",
+        "trainer.log_every_n_steps=100",
+        "trainer.limit_val_batches=0",
+        "callbacks.checkpoint.every_n_train_steps=100",
+        "+callbacks.sync_watch._target_=tests.rank_probe.SyncWatch",
+        f"+callbacks.sync_watch.out={watched}",
+    )
+    train(cfg)
+    places = json.loads(watched.read_text())["places"]
+    ours = [p for p in places if p.startswith(str(REPO)) and f"{os.sep}tests{os.sep}" not in p]
+    assert not ours, places
+
+
 @pytest.mark.parametrize("case", ["clip", "decoder"])
 def test_compiled_step_matches_eager_within_bf16_tolerance(case):
     """torch.compile (inductor, regional) computes the same loss and gradients as eager, to bf16 rounding.
