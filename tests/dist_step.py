@@ -78,7 +78,11 @@ class SGDClip(EMAUpdateAfterStep, ClipModule):
             {**batch, "caption": [str(i) for i in range(len(batch["tokens"]))]}, batch_idx
         )
 
+    fused: bool = False  # --fused: a fused AdamW (--deferred: the guard skips its NaN steps on the device)
+
     def configure_optimizers(self):
+        if self.fused:
+            return torch.optim.AdamW(self.net.parameters(), lr=0.01, fused=True)
         return torch.optim.SGD(self.net.parameters(), lr=0.05, momentum=0.9)
 
 
@@ -107,9 +111,9 @@ def build(seed: int, data: Batches) -> SGDClip:
     return module
 
 
-def trainer(name: str, world: int, steps: int) -> pl.Trainer:
+def trainer(name: str, world: int, steps: int, defer: bool = False) -> pl.Trainer:
     return pl.Trainer(
-        callbacks=[NumericalGuard(max_consecutive=2)],
+        callbacks=[NumericalGuard(max_consecutive=2, defer=defer)],
         accelerator="cpu",
         devices=world,
         strategy=strategy(name),
@@ -146,6 +150,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--split", default="right", choices=["right", "wrong"])
     parser.add_argument("--nan-at", default=None, help="RANK,STEP: that rank's loss is NaN at that step")
+    parser.add_argument("--fused", action="store_true", help="a fused AdamW in place of SGD")
+    parser.add_argument("--deferred", action="store_true", help="with --fused: the guard's verdict deferred")
     args = parser.parse_args()
     out = Path(args.out)
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -154,13 +160,14 @@ def main() -> None:
     loader = DataLoader(range(STEPS), batch_size=None, shuffle=False)
 
     SGDClip.nan_at = tuple(int(v) for v in args.nan_at.split(",")) if args.nan_at else None
-    first = trainer(args.strategy, world, STEPS - 1)
+    SGDClip.fused = args.fused
+    first = trainer(args.strategy, world, STEPS - 1, defer=args.deferred)
     val_loader = DataLoader(range(1), batch_size=None)
     first.fit(build(0, data), train_dataloaders=loader, val_dataloaders=val_loader)
     first.save_checkpoint(out / "mid.ckpt")
     first.strategy.barrier()
 
-    second = trainer(args.strategy, world, STEPS)
+    second = trainer(args.strategy, world, STEPS, defer=args.deferred)
     module = build(1, data)  # a different initialisation: everything must come from the checkpoint
     second.fit(module, train_dataloaders=loader, val_dataloaders=val_loader, ckpt_path=out / "mid.ckpt")
     val_loss = float(second.callback_metrics["val/loss"])

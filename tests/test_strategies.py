@@ -134,6 +134,21 @@ def test_a_nan_loss_on_one_rank_skips_that_step_on_every_rank(tmp_path, strategy
     assert overall <= 1e-6 and worst <= 1e-5, (overall, worst)
 
 
+def test_a_nan_step_skipped_on_the_device_under_ddp_equals_one_skipped_on_the_host(tmp_path):
+    """The guard's way on CUDA (a fused AdamW skips on the agreed flag; the host counts it a step later) on
+    2 DDP processes, rank 1's loss NaN at step 1: the same weights, bit for bit, as the host's way (the
+    gradients dropped), and the skip counted once through the checkpoint round trip. (Adam's update is
+    not compared with one process's: it amplifies reduction-order differences of near-zero gradients.)"""
+    runs = {}
+    for way in ("host", "deferred"):
+        extra = ["--deferred"] if way == "deferred" else []
+        out = _run(tmp_path / way, "ddp", 2, "--nan-at", "1,1", "--fused", *extra)
+        assert json.loads((out / "info.json").read_text())["skipped"] == 1, way
+        runs[way] = torch.load(out / "weights.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in runs["deferred"].values())
+    assert all(torch.equal(runs["deferred"][k], runs["host"][k]) for k in runs["host"])
+
+
 def test_negative_control_wrong_data_split_is_caught(tmp_path, reference):
     """Both ranks train on the same half of every global batch: the comparison above must fail."""
     out = _run(tmp_path, "ddp", 2, "--split", "wrong")
