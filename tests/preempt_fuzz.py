@@ -2,11 +2,12 @@
 every rank at a random point of a random step (from inside a hook of the step, or from a timer thread
 while the rank may be inside a collective). Run by tests/test_preemption.py under torchrun:
 
-    SLURM_JOB_ID=4242 torchrun --nproc_per_node=2 tests/preempt_fuzz.py --trials 20 --out DIR
+    SLURM_JOB_ID=4242 torchrun --nproc_per_node=2 tests/preempt_fuzz.py --trials 20 --out DIR [--deferred]
 
 With a recording ``scontrol`` first on PATH. Rank 0 writes DIR/results.json: per trial the plan, the step
 each rank stopped at, the files of the checkpoint directory, the checkpoint's step and whether its
-weights equal every rank's live weights.
+weights equal every rank's live weights. ``--deferred``: the numerics guard carries the preemption flag
+in its all-reduce, read a step later (its way on CUDA, with a fused AdamW here on the CPU).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from train.callbacks.numerics import NumericalGuard  # noqa: E402
 from train.callbacks.preemption import Preemption  # noqa: E402
 
 MAX_STEPS = 1_000_000  # never reached: every trial's signal stops it
@@ -45,14 +47,17 @@ class Rows(IterableDataset):
 
 
 class Tiny(pl.LightningModule):
-    def __init__(self) -> None:
+    def __init__(self, fused: bool = False) -> None:
         super().__init__()
+        self.fused = fused
         self.net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         return self.net(batch).pow(2).mean()
 
     def configure_optimizers(self):
+        if self.fused:
+            return torch.optim.AdamW(self.parameters(), lr=1e-3, fused=True)
         return torch.optim.SGD(self.parameters(), lr=1e-3, momentum=0.9)
 
 
@@ -122,6 +127,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--deferred", action="store_true", help="the flag travels in the deferred guard's check"
+    )
     args = parser.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     out = Path(args.out)
@@ -136,13 +144,13 @@ def main() -> None:
             devices=world,
             strategy=pl.strategies.DDPStrategy(process_group_backend="gloo"),
             max_steps=MAX_STEPS,
-            callbacks=[signaller, preemption],
+            callbacks=[signaller, preemption, *([NumericalGuard(defer=True)] if args.deferred else [])],
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
         )
-        module = Tiny()
+        module = Tiny(fused=args.deferred)
         trainer.fit(module, DataLoader(Rows(), batch_size=4))
         live = {k: v.clone() for k, v in module.state_dict().items()}
         ckpt = directory / "preempt.ckpt"

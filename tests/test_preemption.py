@@ -22,7 +22,10 @@ TRIALS = 20
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_random_preemptions_checkpoint_once_requeue_once_and_never_hang(tmp_path):
+@pytest.mark.parametrize("carrier", ["preemption", "deferred_guard"])
+def test_random_preemptions_checkpoint_once_requeue_once_and_never_hang(tmp_path, carrier):
+    """``deferred_guard``: the flag travels in the numerics guard's all-reduce and is read a step later
+    (the guard's way on CUDA), so the ranks may stop up to two steps later than without it."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"
@@ -49,6 +52,7 @@ def test_random_preemptions_checkpoint_once_requeue_once_and_never_hang(tmp_path
             str(REPO / "tests" / "preempt_fuzz.py"),
             f"--trials={TRIALS}",
             f"--out={out}",
+            *(["--deferred"] if carrier == "deferred_guard" else []),
         ],
         env=env,
         capture_output=True,
@@ -69,7 +73,9 @@ def test_random_preemptions_checkpoint_once_requeue_once_and_never_hang(tmp_path
         assert len(stopped) == 1, trial  # the ranks agreed on one step
         (step,) = stopped
         sent = min(r["sent_at"] for r in trial["ranks"] if r["sent_at"] is not None)
-        assert step - sent in (0, 1), trial  # stopped at the end of the step the signal arrived in
+        # stopped at the end of the step the signal arrived in; deferred, up to two steps after that one
+        # (a signal just after a step's check travels in the next step's, read at the step after it)
+        assert 0 <= step - sent <= (1 if carrier == "preemption" else 3), trial
         assert step > 0, trial
         assert trial["files"] == ["preempt.ckpt"], trial  # exactly one checkpoint, no temporary left
         assert trial["checkpoint_step"] == step, trial
