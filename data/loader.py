@@ -6,6 +6,8 @@ saves (data/datamodule.py saves and restores it; data/resume.py maps it to anoth
 from __future__ import annotations
 
 import logging
+import os
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +25,15 @@ SHARD_REASONS = tuple(r for r in SKIP_REASONS if r not in BAD_SAMPLE_REASONS)
 
 class DataError(RuntimeError):
     """The training data cannot continue (too many broken samples, or a rank without data)."""
+
+
+def _stop_workers(loader: DataLoader, owner: int) -> None:
+    """Stop ``loader``'s persistent workers, in the process that owns them (a forked worker holds a copy
+    of the loader and must not)."""
+    iterator = getattr(loader, "_iterator", None)  # where DataLoader keeps persistent workers
+    if iterator is not None and os.getpid() == owner:
+        iterator._shutdown_workers()
+        loader._iterator = None
 
 
 class RankSyncedLoader:
@@ -66,6 +77,10 @@ class RankSyncedLoader:
         self.last_worker: int | None = None
         self._in_flight: deque[dict] = deque(maxlen=64)  # states of yielded, not yet consumed batches
         self._pending: dict | None = None  # this rank's saved position, applied by the next iter()
+        # Persistent workers are stopped when this loader is dropped, not when the garbage collector gets
+        # to the DataLoader: by then it may have closed the pipes that tell a worker to stop (each then
+        # takes 5 s to be killed), or a worker forked meanwhile may do it from its copy.
+        self._finalizer = weakref.finalize(self, _stop_workers, loader, os.getpid())
 
     def __iter__(self) -> Iterator[dict]:
         self._start_epoch()
@@ -137,12 +152,20 @@ class RankSyncedLoader:
 
     def close(self) -> None:
         """Stop the loader's persistent workers (the next ``iter()`` starts new ones). Nothing to do for
-        workers that end with each epoch. The DataModule calls it when a fit ends, so a pipeline's next
-        stage does not run beside this one's idle workers."""
-        iterator = getattr(self.loader, "_iterator", None)  # where DataLoader keeps persistent workers
-        if iterator is not None:
-            iterator._shutdown_workers()
-            self.loader._iterator = None
+        workers that end with each epoch. Lightning calls it when a fit ends or fails (through
+        ``_iterator``, as for a DataLoader), so a pipeline's next stage does not run beside this one's
+        idle workers."""
+        _stop_workers(self.loader, os.getpid())
+
+    @property
+    def _iterator(self):
+        """The DataLoader's persistent workers: Lightning's teardown stops a loader's through this name."""
+        return getattr(self.loader, "_iterator", None)
+
+    @_iterator.setter
+    def _iterator(self, value) -> None:
+        if value is None:
+            self.close()
 
     def _record(self, state: dict) -> None:
         epoch = self.loader.dataset.epoch

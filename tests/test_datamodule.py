@@ -239,6 +239,51 @@ def test_persistent_workers_play_each_new_epoch_and_a_resume_position(make_shard
     assert loader.loader._iterator is None and not any(p.is_alive() for p in processes)
 
 
+def test_persistent_workers_stop_cleanly_when_their_loader_is_dropped_or_a_fit_fails(make_shards):
+    """Dropped mid-epoch, a loader's workers exit on their own (exit code 0, not killed) when it is
+    collected. A fit that fails stops them (Lightning's teardown, through the loader's ``_iterator``):
+    before, they ran on until the garbage collector reached the DataLoader, whose clean-up could then no
+    longer tell them to stop (test_embeddings' resume test waited 5 s for each of its workers)."""
+    import gc
+
+    import pytorch_lightning as pl
+
+    shards, _ = make_shards([200, 200])  # the workers are still reading when the loader is dropped
+    options = dict(train_shards=str(shards), global_batch_size=2, num_workers=2, image_size=8, tokenizer=None)
+    dm = ShardDataModule(**options)
+    dm.setup("fit")
+    loader = dm.train_dataloader()  # the DataModule and its loader refer to each other: a cycle
+    iterator = iter(loader)
+    next(iterator)
+    processes = loader.loader._iterator._workers
+    del dm, loader, iterator
+    gc.collect()
+    for p in processes:
+        p.join(timeout=30)
+    assert [p.exitcode for p in processes] == [0, 0]
+
+    class Fails(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 2:
+                raise RuntimeError("a failing step")
+            return self.w * batch["image"].float().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = ShardDataModule(**options)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    with pytest.raises(RuntimeError, match="a failing step"):
+        trainer.fit(Fails(), datamodule=dm)
+    assert dm._train_loader.loader._iterator is None
+
+
 def test_a_datamodule_restored_for_a_second_fit_resumes_in_the_loader_that_fit_makes(make_shards):
     shards, _ = make_shards([6, 6])
 
