@@ -75,31 +75,39 @@ class GatherProbe(pl.Callback):
 
 class CollectiveProbe(pl.Callback):
     """Counts ``torch.distributed.all_reduce`` calls per training step (from one step's end to the next:
-    the data vote, the numerics and preemption flags, metric syncs) and writes them at the end."""
+    the data vote, the numerics and preemption flags, metric syncs), and ``broadcast_object_list`` calls
+    (Lightning's Timer made one a step), and writes them at the end."""
 
     def __init__(self, out: str) -> None:
         self.out = Path(out)
         self.counts: list[int] = []
-        self._n = 0
+        self.broadcasts: list[int] = []
+        self._n = {"all_reduce": 0, "broadcast": 0}
 
     def setup(self, trainer, pl_module, stage) -> None:
         import torch.distributed as dist
 
-        real = dist.all_reduce
+        def counting(name: str, kind: str):
+            real = getattr(dist, name)
 
-        def counted(*args, **kwargs):
-            self._n += 1
-            return real(*args, **kwargs)
+            def counted(*args, **kwargs):
+                self._n[kind] += 1
+                return real(*args, **kwargs)
 
-        dist.all_reduce = counted
+            setattr(dist, name, counted)
+
+        counting("all_reduce", "all_reduce")
+        counting("broadcast_object_list", "broadcast")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.counts.append(self._n)
-        self._n = 0
+        self.counts.append(self._n["all_reduce"])
+        self.broadcasts.append(self._n["broadcast"])
+        self._n = {"all_reduce": 0, "broadcast": 0}
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"collectives_rank{trainer.global_rank}.json").write_text(json.dumps(self.counts))
+        (self.out / f"broadcasts_rank{trainer.global_rank}.json").write_text(json.dumps(self.broadcasts))
 
 
 class EMAProbe(pl.Callback):

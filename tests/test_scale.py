@@ -130,16 +130,20 @@ def test_sharded_validation_gathers_only_what_evaluation_reads(tmp_path, stage, 
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_per_step_checks_share_one_all_reduce(tmp_path):
-    """The numerics guard and the preemption flag agree in one all-reduce per step (with the data vote:
-    two; DDP's gradient buckets do not go through torch.distributed.all_reduce), where each made its own."""
+    """The numerics guard, the preemption flag and the time limit agree in one all-reduce per step (with
+    the data vote: two; DDP's gradient buckets do not go through torch.distributed.all_reduce), where each
+    made its own; no object broadcast (Lightning's Timer, which trainer.max_time used to start, made one a
+    step). Not counted: Lightning 2.6's own broadcast of a SIGTERM flag at every step."""
     run, probe = tmp_path / "run", tmp_path / "probe"
     _train_run(
         tmp_path, run, "stage=upsampler_256", "module.val_max_samples=4", "module.sample_steps=2",
         "trainer.devices=2", "trainer.accelerator=cpu", "strategy=ddp", "trainer.max_steps=8",
-        "trainer.val_check_interval=8", "trainer.log_every_n_steps=4",
+        "trainer.val_check_interval=8", "trainer.log_every_n_steps=4", "trainer.max_time=00:01:00:00",
         "+callbacks.collective_probe._target_=tests.rank_probe.CollectiveProbe",
         f"+callbacks.collective_probe.out={probe}",
     )  # fmt: skip
     counts = json.loads((probe / "collectives_rank0.json").read_text())
     steady = [c for step, c in enumerate(counts[1:], start=2) if step % 4]  # steps that log no metrics
     assert steady and set(steady) == {2}, counts
+    broadcasts = json.loads((probe / "broadcasts_rank0.json").read_text())
+    assert set(broadcasts[1:]) == {0}, broadcasts

@@ -336,14 +336,21 @@ def wandb_run_id(output_dir: Path) -> str:
 
 
 def build_trainer(cfg: DictConfig, callbacks, loggers) -> pl.Trainer:
-    """The Trainer from ``cfg.trainer``; its ``compile`` keys are ours (a CompileNet callback), not Lightning's."""
+    """The Trainer from ``cfg.trainer``. Its ``compile`` keys are ours (a CompileNet callback), not
+    Lightning's; ``max_time`` goes to our TimeLimit rather than Lightning's Timer, which has the ranks agree
+    in a broadcast at every step (train/callbacks/time_limit.py)."""
     trainer_cfg = cfg.trainer.copy()
     with open_dict(trainer_cfg):
         mode, backend = trainer_cfg.pop("compile", False), trainer_cfg.pop("compile_backend", "inductor")
+        max_time = trainer_cfg.pop("max_time", None)
     if mode not in (None, False, "none", "false"):
         from train.callbacks.compile import CompileNet
 
         callbacks = [*callbacks, CompileNet(mode, backend)]
+    if max_time is not None:
+        from train.callbacks.time_limit import TimeLimit
+
+        callbacks = [*callbacks, TimeLimit(max_time)]
     strategy_cfg = cfg.strategy
     strategy = instantiate(strategy_cfg) if "_target_" in strategy_cfg else strategy_cfg.get("name", "auto")
     from pytorch_lightning.strategies import DeepSpeedStrategy, ModelParallelStrategy

@@ -19,9 +19,9 @@ How a step is skipped, and when the host learns of it (``defer``):
   the flag is read at once (a host sync) and a bad step drops every gradient (``grad = None``), so the
   optimizer skips its update.
 
-The learning-rate schedule advances either way. One collective per optimizer step carries both this
-check and the preemption flag (when the Preemption callback is configured, it reads the agreed signal
-from here instead of a second all-reduce; deferred, one step later).
+The learning-rate schedule advances either way. One collective per optimizer step carries this check,
+the preemption flag and the time limit's (when the Preemption and TimeLimit callbacks are configured,
+they read the ranks' agreement from here instead of making their own; deferred, one step later).
 
 Loss spikes (a loss above ``spike_factor`` x its running mean after ``spike_warmup`` steps) are counted
 on the device too, and read when they are logged: ``train/skipped_nonfinite`` (steps skipped so far)
@@ -77,10 +77,13 @@ class NumericalGuard(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         from train.callbacks.preemption import Preemption
+        from train.callbacks.time_limit import TimeLimit
 
         self._preemption = next((c for c in trainer.callbacks if isinstance(c, Preemption)), None)
-        if self._preemption is not None:
-            self._preemption.carried = True  # its flag travels in this callback's all-reduce
+        self._time_limit = next((c for c in trainer.callbacks if isinstance(c, TimeLimit)), None)
+        for carried in (self._preemption, self._time_limit):
+            if carried is not None:
+                carried.carried = True  # its flag travels in this callback's all-reduce
 
     # ---- gradients, before the step ----------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
@@ -88,12 +91,14 @@ class NumericalGuard(pl.Callback):
         params = [p for group in optimizer.param_groups for p in group["params"]]
         grads = [local_shard(p.grad) for p in params if p.grad is not None]
         preemption = getattr(self, "_preemption", None)
+        time_limit = getattr(self, "_time_limit", None)
         signum = (preemption.received or 0) if preemption is not None else 0
-        flags = torch.zeros(
-            2, device=pl_module.device
-        )  # [non-finite anywhere, signal]: no copy from the host
+        # [non-finite anywhere, signal, time is up]: made on the device, not copied from the host
+        flags = torch.zeros(3, device=pl_module.device)
         if signum:
             flags[1] = float(signum)
+        if time_limit is not None and time_limit.due():
+            flags[2] = 1.0
         if grads:  # one norm per gradient in a few fused kernels: NaN/inf norm <=> NaN/inf entry
             norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
             flags[0] = (~torch.isfinite(norms).all()).float().to(flags.device)
@@ -104,11 +109,11 @@ class NumericalGuard(pl.Callback):
             optimizer.found_inf = flags[0]  # the fused kernel skips the update when it is 1
             self._pending = (trainer.global_step, *self._to_host(flags))
             return
-        bad, signum = flags.tolist()  # the step's one host sync for both checks
+        bad, signum, due = flags.tolist()  # the step's one host sync, for every check
         if bad:
             for p in params:
                 p.grad = None
-        self._verdict(bool(bad), int(signum), trainer.global_step)
+        self._verdict(bool(bad), int(signum), bool(due), trainer.global_step)
 
     def _defers(self, trainer: pl.Trainer, optimizer, params: list, device: torch.device) -> bool:
         """Whether the optimizer can skip a step on the device (see the module docstring)."""
@@ -132,7 +137,7 @@ class NumericalGuard(pl.Callback):
         if flags.device.type != "cuda":
             return flags, None
         if self._host is None:
-            self._host = torch.empty(2, pin_memory=True)
+            self._host = torch.empty(3, pin_memory=True)
         self._host.copy_(flags, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
@@ -146,13 +151,15 @@ class NumericalGuard(pl.Callback):
         self._pending = None
         if event is not None:
             event.synchronize()
-        bad, signum = values.tolist()
-        self._verdict(bool(bad), int(signum), step)
+        bad, signum, due = values.tolist()
+        self._verdict(bool(bad), int(signum), bool(due), step)
 
-    def _verdict(self, bad: bool, signum: int, step: int) -> None:
-        preemption = getattr(self, "_preemption", None)
+    def _verdict(self, bad: bool, signum: int, due: bool, step: int) -> None:
+        preemption, time_limit = getattr(self, "_preemption", None), getattr(self, "_time_limit", None)
         if preemption is not None:
             preemption.agree(signum)
+        if time_limit is not None:
+            time_limit.agree(due)
         if not bad:
             self.consecutive = 0
             return
