@@ -75,8 +75,8 @@ class GatherProbe(pl.Callback):
 
 class CollectiveProbe(pl.Callback):
     """Counts ``torch.distributed.all_reduce`` calls per training step (from one step's end to the next:
-    the data vote, the numerics and preemption flags, metric syncs), and ``broadcast_object_list`` calls
-    (Lightning's Timer made one a step), and writes them at the end."""
+    the data vote, the numerics and preemption flags, metric syncs), and broadcasts (Lightning's Timer made
+    one a step, and its SIGTERM flag another), and writes them at the end."""
 
     def __init__(self, out: str) -> None:
         self.out = Path(out)
@@ -97,7 +97,7 @@ class CollectiveProbe(pl.Callback):
             setattr(dist, name, counted)
 
         counting("all_reduce", "all_reduce")
-        counting("broadcast_object_list", "broadcast")
+        counting("broadcast", "broadcast")  # broadcast_object_list makes two of these
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.counts.append(self._n["all_reduce"])

@@ -132,8 +132,8 @@ def test_sharded_validation_gathers_only_what_evaluation_reads(tmp_path, stage, 
 def test_per_step_checks_share_one_all_reduce(tmp_path):
     """The numerics guard, the preemption flag and the time limit agree in one all-reduce per step (with
     the data vote: two; DDP's gradient buckets do not go through torch.distributed.all_reduce), where each
-    made its own; no object broadcast (Lightning's Timer, which trainer.max_time used to start, made one a
-    step). Not counted: Lightning 2.6's own broadcast of a SIGTERM flag at every step."""
+    made its own; and no broadcast: Lightning's Timer, which trainer.max_time used to start, made one a step,
+    and Lightning 2.6 broadcast its SIGTERM flag at every step (our Preemption handles SIGTERM)."""
     run, probe = tmp_path / "run", tmp_path / "probe"
     _train_run(
         tmp_path, run, "stage=upsampler_256", "module.val_max_samples=4", "module.sample_steps=2",

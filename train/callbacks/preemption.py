@@ -11,7 +11,11 @@ need every rank), rank 0 calls ``scontrol requeue $SLURM_JOB_ID`` once when runn
 the trainer stops.
 ``resume=auto`` picks the checkpoint up on the next start (train/run.py: the newest checkpoint wins).
 
-This replaces Lightning's own SLURM handler, which saves from within the signal handler.
+This replaces Lightning's own SLURM handler, which saves from within the signal handler. Lightning
+(2.6) also broadcasts rank 0's SIGTERM flag at every step of a multi-process run, a tensor made from host
+memory and read back (on GPUs the host waits for the device at every step); the flag is set by Lightning's
+SIGTERM handler, which this one replaces, so while this callback handles SIGTERM that broadcast is
+skipped.
 """
 
 from __future__ import annotations
@@ -61,6 +65,10 @@ class Preemption(pl.Callback):
         self.received, self.checkpoint = None, None
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handler)
+        loop = trainer.fit_loop.epoch_loop
+        if signal.SIGTERM in self.signals and hasattr(loop, "_broadcast_sigterm_tensor"):
+            loop._broadcast_sigterm_tensor = _no_broadcast  # it could only send 0 (module docstring)
+            self._loop = loop
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()
@@ -74,6 +82,10 @@ class Preemption(pl.Callback):
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}
+        loop = getattr(self, "_loop", None)
+        if loop is not None and "_broadcast_sigterm_tensor" in vars(loop):
+            del loop._broadcast_sigterm_tensor  # Lightning's again
+        self._loop = None
 
     def agree(self, signum: int) -> None:
         """The signal every rank agreed on at this optimizer step (0: none), from NumericalGuard."""
@@ -127,3 +139,7 @@ class Preemption(pl.Callback):
                         result.stderr.strip(),
                     )
         trainer.should_stop = True
+
+
+def _no_broadcast() -> None:
+    """Stands in for Lightning's per-step broadcast of its SIGTERM flag while Preemption handles SIGTERM."""
