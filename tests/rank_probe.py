@@ -97,7 +97,8 @@ class CollectiveProbe(pl.Callback):
             setattr(dist, name, counted)
 
         counting("all_reduce", "all_reduce")
-        counting("broadcast", "broadcast")  # broadcast_object_list makes two of these
+        counting("broadcast", "broadcast")  # Lightning's SIGTERM flag
+        counting("broadcast_object_list", "broadcast")  # Lightning's Timer (its own broadcasts are not seen)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.counts.append(self._n["all_reduce"])
