@@ -4,9 +4,11 @@
     python -m eval.bench_sync --params 400e6                            # one process: the host sync alone
 
 Rows (median over ``--iters``, after warm-up):
-- ``all_reduce(2) + read``: the one small collective the numerics guard and the preemption flag share,
-  and the data loader's vote (train/callbacks/numerics.py, data/loader.py RankSyncedLoader), each
-  followed by reading the result on the host;
+- ``all_reduce(2) + read``: the one small collective the numerics guard, the preemption flag and the
+  time limit share, and the data loader's vote (train/callbacks/numerics.py, data/loader.py
+  RankSyncedLoader), each followed by reading the result on the host: what a step costs where the
+  guard reads its flags at once (on CUDA with the fused AdamW it reads them a step later, and the data
+  vote runs on the CPU);
 - ``grad norms + read``: the numerics guard's check of ``--params`` gradient elements (fused per-tensor
   norms, one host read), the part that grows with the model.
 """
