@@ -4,27 +4,33 @@ survives a checkpoint."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from tests.conftest import REPO, free_port
 from tests.test_numerics import Poisoned, _fit
 from train.callbacks.numerics import NumericalGuard
 from train.callbacks.time_limit import TimeLimit, seconds
 
 
 class Clock(pl.Callback):
-    """A clock that moves 10 s at every training step."""
+    """A clock that moves ``step`` seconds at every training step."""
 
-    def __init__(self) -> None:
-        self.now = 0.0
+    def __init__(self, step: float = 10.0) -> None:
+        self.now, self.step = 0.0, step
 
     def __call__(self) -> float:
         return self.now
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.now += 10.0
+        self.now += self.step
 
 
 @pytest.mark.parametrize(
@@ -66,3 +72,19 @@ def test_max_time_is_days_hours_minutes_seconds_and_a_wrong_one_is_named():
     assert seconds("01:02:03:04") == ((24 + 2) * 60 + 3) * 60 + 4
     with pytest.raises(ValueError, match=r"trainer.max_time='5min': expected 'DD:HH:MM:SS'"):
         TimeLimit("5min")
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_ranks_whose_clocks_disagree_stop_at_the_same_step(tmp_path):
+    """Rank 1's clock finds the time up at step 1, rank 0's at step 3: both stop after step 1 (read at
+    once) or step 2 (deferred), where each stopping at its own step would leave the other in a collective."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+         str(REPO / "tests" / "time_limit_ranks.py"), f"--out={tmp_path}"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    stopped = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*_rank*.json")}
+    assert stopped == {"host_rank0": 2, "host_rank1": 2, "deferred_rank0": 3, "deferred_rank1": 3}
