@@ -250,10 +250,6 @@ class ShardDataModule(pl.LightningDataModule):
             self._resume_state = None
         return self._train_loader
 
-    def teardown(self, stage: str) -> None:
-        if self._train_loader is not None:  # its persistent workers end with the fit
-            self._train_loader.close()
-
     def val_dataloader(self) -> RankSyncedLoader | list:
         if not self.val_shards:
             return []

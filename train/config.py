@@ -11,7 +11,6 @@ rule applies when its key is present, so a stage without EMA or without a module
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -32,16 +31,21 @@ def _integer(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _dhms(v: Any) -> bool:
+    from train.callbacks.time_limit import seconds
+
+    try:
+        seconds(v)
+    except ValueError:
+        return False
+    return isinstance(v, str)
+
+
 # key -> (accepts the value, what is expected)
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (_integer, "an integer"),
     "trainer.max_steps": (lambda v: _integer(v) and (v > 0 or v == -1), "a positive integer (or -1)"),
-    "trainer.max_time": (
-        lambda v: (
-            v is None or (isinstance(v, str) and re.fullmatch(r"\d+:\d\d:\d\d:\d\d", v.strip()) is not None)
-        ),
-        "null or 'DD:HH:MM:SS' (e.g. '00:00:05:00')",
-    ),
+    "trainer.max_time": (lambda v: v is None or _dhms(v), "null or 'DD:HH:MM:SS' (e.g. '00:00:05:00')"),
     "trainer.val_check_interval": (lambda v: v is None or (_number(v) and v > 0), "a number > 0"),
     "trainer.accumulate_grad_batches": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     "trainer.gradient_clip_val": (lambda v: v is None or (_number(v) and v >= 0), "a number >= 0 or null"),

@@ -116,9 +116,13 @@ class NumericalGuard(pl.Callback):
         self._verdict(bool(bad), int(signum), bool(due), trainer.global_step)
 
     def _defers(self, trainer: pl.Trainer, optimizer, params: list, device: torch.device) -> bool:
-        """Whether the optimizer can skip a step on the device (see the module docstring)."""
+        """Whether the optimizer can skip a step on the device (see the module docstring); decided once
+        for each optimizer."""
         if self.defer is False:
             return False
+        cached = getattr(self, "_decided", None)
+        if cached is not None and cached[0] is optimizer:
+            return cached[1]
         fused = isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and all(
             g.get("fused") for g in optimizer.param_groups
         )
@@ -131,7 +135,8 @@ class NumericalGuard(pl.Callback):
                 f"GradScaler (got {type(optimizer).__name__}, fused={fused}, plain tensors={plain}, "
                 f"GradScaler={scaler}); use defer=auto or false"
             )
-        return able and (self.defer is True or device.type == "cuda")
+        self._decided = (optimizer, able and (self.defer is True or device.type == "cuda"))
+        return self._decided[1]
 
     def _to_host(self, flags: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         if flags.device.type != "cuda":
@@ -273,3 +278,13 @@ def _owned(p: torch.Tensor) -> torch.Tensor:
 
 def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def agree_max(value: float, device: torch.device) -> float:
+    """The largest of the ranks' ``value`` (this rank's alone in one process): what a callback that the
+    guard does not carry agrees on by itself, a small all-reduce read at once."""
+    if _world() == 1:
+        return value
+    flag = torch.tensor([value], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return float(flag.item())

@@ -27,8 +27,8 @@ import subprocess
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
-import torch.distributed as dist
+
+from train.callbacks.numerics import agree_max
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +100,7 @@ class Preemption(pl.Callback):
         if self.carried:  # agreed at this optimizer step by NumericalGuard (None: not a step boundary)
             signum, self._agreed = self._agreed, None
         else:
-            flag = torch.tensor([float(self.received or 0)], device=pl_module.device)
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            signum = int(flag.item())
+            signum = int(agree_max(float(self.received or 0), pl_module.device))
         if not signum:
             return
         dirpath = Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "checkpoints"

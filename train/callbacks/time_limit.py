@@ -21,8 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
-import torch.distributed as dist
+
+from train.callbacks.numerics import agree_max
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +61,7 @@ class TimeLimit(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx
     ) -> None:
-        if self.carried:
-            stop = self._agreed
-        elif dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            flag = torch.tensor([float(self.due())], device=pl_module.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag.item())
-        else:
-            stop = self.due()
+        stop = self._agreed if self.carried else bool(agree_max(float(self.due()), pl_module.device))
         if stop and not trainer.should_stop:
             log.info(
                 "trainer.max_time=%s reached (%.0f s of training): stopping at step %d",
