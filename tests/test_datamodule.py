@@ -83,8 +83,13 @@ def _rank_main(rank: int, world: int, port: int, shards: str, workers: int, out:
             drop_last=True,
         )
         ds.rank, ds.world_size = rank, world
+        # Workers forked, as under torchrun or Lightning's launcher (this process was spawned, and spawned
+        # processes spawn their workers too: 2 s of imports per epoch)
+        context = "fork" if workers else None
         loader = RankSyncedLoader(
-            torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers),
+            torch.utils.data.DataLoader(
+                ds, batch_size=None, num_workers=workers, multiprocessing_context=context
+            ),
             dist.new_group(backend="gloo"),
         )
         for _ in range(2):  # two epochs: the vote must not leave a collective dangling between epochs

@@ -130,6 +130,7 @@ def test_clip_trains_with_hard_negatives_and_validation_reports_the_picks(tmp_pa
         f"paths.data_dir={tmp_path / 'datasets'}",
         "trainer.max_steps=3",
         "trainer.val_check_interval=3",
+        "data.val_batch_size=64",  # every held-out caption: enough of each kind of negative to pick among
     ]
     metrics = train(
         compose_config(

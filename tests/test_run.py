@@ -87,7 +87,9 @@ def test_last_checkpoint_is_the_final_step_when_max_steps_is_not_a_multiple_of_t
 def test_fast_run_trains_checkpoints_resumes_and_continues_its_tensorboard_curves(tmp_path, caplog):
     out = tmp_path / "run"
     with caplog.at_level("INFO", logger="train.callbacks.val_log"):
-        metrics = train(_fast_cfg(tmp_path, out, *TB, "callbacks.checkpoint.every_n_train_steps=5"))
+        # validation on the whole held-out set (64), as the standalone evaluation below reads it
+        metrics = train(_fast_cfg(tmp_path, out, *TB, "callbacks.checkpoint.every_n_train_steps=5",
+                                  "data.val_batch_size=64"))  # fmt: skip
     assert metrics["trainer/global_step"] == 5
     # a text-log line per validation: step, then the val/ metrics without their prefix
     line = next(r.getMessage() for r in caplog.records if r.name == "train.callbacks.val_log")

@@ -197,7 +197,8 @@ def test_a_stage_trains_evaluates_resumes_and_exports_under(tmp_path, strategy, 
     from train.checkpoint import export_stage, load_stage
 
     run = tmp_path / "run"
-    metrics = _train_run(tmp_path, run, strategy)
+    whole = "data.val_batch_size=64"  # validation on the whole held-out set, as evaluate_run reads it
+    metrics = _train_run(tmp_path, run, strategy, whole)
     assert metrics["trainer/global_step"] == 5 and "val/zeroshot_shape_top1" in metrics
     assert checkpoint_format(run / "checkpoints" / "last.ckpt") == ckpt_format
     assert (run / "checkpoints" / "last.ckpt" / "COMMITTED").is_file()  # every rank finished writing
@@ -206,7 +207,7 @@ def test_a_stage_trains_evaluates_resumes_and_exports_under(tmp_path, strategy, 
     for key in ("zeroshot_colour_top1", "zeroshot_shape_top1", "i2t_r1"):
         assert evaluated[key] == pytest.approx(metrics[f"val/{key}"], abs=1e-6), key
     # resume=auto continues from the sharded checkpoint
-    metrics = _train_run(tmp_path, run, strategy, "trainer.max_steps=7")
+    metrics = _train_run(tmp_path, run, strategy, whole, "trainer.max_steps=7")
     assert metrics["trainer/global_step"] == 7
     export = export_stage(run)
     assert load_stage(export).global_step == 7
