@@ -471,3 +471,6 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
+    import gc
+
+    gc.freeze()  # skip the interpreter's last collections over torch's objects (as train/run.py does)

@@ -434,3 +434,8 @@ if __name__ == "__main__":
 
     sys.argv[1:] = upgrade_overrides(sys.argv[1:])  # old key names on the command line (module.lr=...)
     main()
+    # The run is over: loggers finalised, files closed, workers stopped. Without this the interpreter's
+    # last garbage collections walk every object torch and Lightning made: 0.7 s more per process.
+    import gc
+
+    gc.freeze()
