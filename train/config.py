@@ -34,11 +34,13 @@ def _integer(v: Any) -> bool:
 def _dhms(v: Any) -> bool:
     from train.callbacks.time_limit import seconds
 
+    if not isinstance(v, str):
+        return False
     try:
         seconds(v)
     except ValueError:
         return False
-    return isinstance(v, str)
+    return True
 
 
 # key -> (accepts the value, what is expected)

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from data.embed import resolve_device
 from train.checkpoint import export_stage
 from train.modules.compat import upgrade_overrides
-from train.run import train
+from train.run import exit_collections_off, train
 
 log = logging.getLogger(__name__)
 UPSAMPLERS = ("upsampler_256", "upsampler_1024")
@@ -471,6 +471,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
-    import gc
-
-    gc.freeze()  # skip the interpreter's last collections over torch's objects (as train/run.py does)
+    exit_collections_off()
