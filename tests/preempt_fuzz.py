@@ -179,4 +179,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from train.run import end_process
+
     main()
+    end_process()  # leaves the process group: gloo's threads can abort an exit without it

@@ -477,3 +477,23 @@ def test_local_multirun_sweep_gives_each_point_its_run_directory(tmp_path):
     for point, lr in (("0", 1e-3), ("1", 2e-3)):
         assert json.loads((sweep / point / "metrics.json").read_text())["trainer/global_step"] == 5
         assert yaml.safe_load((sweep / point / "config.yaml").read_text())["module"]["optimizer"]["lr"] == lr
+
+
+def test_a_cli_that_ended_well_leaves_its_process_group(tmp_path):
+    """train.run and train.pipeline end with train.run.end_process: the process group is destroyed
+    (Lightning keeps it; left to the interpreter's exit, gloo's threads can abort the process), and the
+    objects made so far are out of the last garbage collections."""
+    import gc
+
+    import torch.distributed as dist
+
+    from train.run import end_process
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        end_process()
+        assert not dist.is_initialized() and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        if dist.is_initialized():
+            dist.destroy_process_group()

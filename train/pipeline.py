@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from data.embed import resolve_device
 from train.checkpoint import export_stage
 from train.modules.compat import upgrade_overrides
-from train.run import exit_collections_off, train
+from train.run import end_process, train
 
 log = logging.getLogger(__name__)
 UPSAMPLERS = ("upsampler_256", "upsampler_1024")
@@ -471,4 +471,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
-    exit_collections_off()
+    end_process()
