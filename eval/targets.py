@@ -6,8 +6,10 @@
                                                 # case in DIR, else 1.2x open_clip B/16 compiled (3,348)
 
 Prints one markdown row per target: ours (the faster of eager and compiled), the anchor (measured in the
-same run when it is there, else the figure measured on the same kind of machine, ../shared/device/README.md)
-and the verdict: met, not met, or not measured (a file or a row missing, or a row that did not run).
+same run when it is there, else the figure an earlier session measured on an H200,
+../shared/device/README.md, used only when the rows' ``meta.device`` is an H200 too or is not given) and
+the verdict: met, not met, or not measured (a file or a row missing, a row that did not run, or a
+speed-up with no anchor measured on this run's GPU).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # One H200, bf16, measured by an earlier session (../shared/device/README.md): samples/s.
+DOCUMENTED_ON = "H200"
 DOCUMENTED = {
     ("open_clip_b16", "eager"): 1905.0,
     ("open_clip_b16", "compiled"): 2790.0,
@@ -69,13 +72,28 @@ def ours_best(out: Path, case: str) -> tuple[dict, str] | None:
     return max(found, key=lambda f: f[0]["samples_per_s"]) if found else None
 
 
-def anchor_rate(out: Path, case: str, mode: str) -> tuple[float, str] | None:
-    """The anchor's samples/s in this run (anchors.json eager, compiled.json compiled), else documented."""
+def run_device(out: Path) -> str | None:
+    """The GPU the rows were measured on (their files' ``meta.device``), or None where none says."""
+    for name in ("bench", "compiled", "anchors"):
+        path = out / f"{name}.json"
+        if path.exists() and isinstance(meta := json.loads(path.read_text()), dict):
+            if device := (meta.get("meta") or {}).get("device"):
+                return device
+    return None
+
+
+def anchor_rate(out: Path, case: str, mode: str) -> tuple[float | None, str] | None:
+    """The anchor's samples/s in this run (anchors.json eager, compiled.json compiled), else the documented
+    H200 figure where the rows are from an H200 too (or do not say): another GPU, an H100's slower memory
+    say, would make the comparison unfair, so there the rate is None and the label says why."""
     row = _ok(_rows(out / ("anchors.json" if mode == "eager" else "compiled.json")), case)
     if row:
         return row["samples_per_s"], "this run"
     if (case, mode) in DOCUMENTED:
-        return DOCUMENTED[case, mode], "documented"
+        device = run_device(out)
+        if device is None or DOCUMENTED_ON in device:
+            return DOCUMENTED[case, mode], "documented"
+        return None, f"documented on an {DOCUMENTED_ON} only, this run on {device}"
     return None
 
 
@@ -90,14 +108,16 @@ def verdicts(out: Path) -> list[dict]:
             "met": "not measured",
         }
         best = ours_best(out, t.ours)
-        anchor = anchor_rate(out, t.anchor, t.anchor_mode) if t.anchor else None
-        if anchor:
-            row["anchor"] = f"{anchor[0]:,.0f}/s {t.anchor_mode} ({anchor[1]})"
+        rate, label = (anchor_rate(out, t.anchor, t.anchor_mode) if t.anchor else None) or (None, None)
+        if label:
+            row["anchor"] = (
+                f"{rate:,.0f}/s {t.anchor_mode} ({label})" if rate else f"{t.anchor_mode}: {label}"
+            )
         if best:
             r, mode = best
             row["ours"] = f"{r['samples_per_s']:,.0f}/s, {r['mfu']:.1%} MFU ({mode})"
             checks = [r["mfu"] >= t.mfu] if t.mfu else []
-            ratio = r["samples_per_s"] / anchor[0] if anchor else None
+            ratio = r["samples_per_s"] / rate if rate else None
             if ratio is not None:
                 row["ours"] += f", {ratio:.2f}x the anchor"
             if t.speedup:

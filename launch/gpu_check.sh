@@ -97,6 +97,10 @@ if [ $cpu = 1 ]; then
 else
   T_TESTS=200 T_SYNC=30 SYNC_PARAMS=400e6 T_BENCH=90 T_ANCHORS=120 T_COMPILED=300 T_RUNS=240 T_CASCADE=540 PRESET=gpu
   TB_CASCADE=420   # issue 26: the cascade in at most 7 minutes
+  # the bench steps build case after case in one process: grow the allocator's segments rather than cut
+  # new ones, so a case near the card's memory (ViT-L/14 at 256 needs ~76 GB by launch/plan.py; an H100
+  # has 80) does not fail on what the cases before it left fragmented
+  export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
   T_DATA=60 data_args=(--samples 16000 --sizes 256 --crop 224 --workers 1 12 --seconds 6)
   test_args=(-m gpu)
   bench_args=(--size anchor)
@@ -110,9 +114,11 @@ fi
   echo "# GPU check: $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(date -u +%Y-%m-%dT%H:%MZ)"
   echo
   $py - <<'EOF' 2>&1
-import platform, torch
+import os, platform, torch
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU mode)"
-print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}, GPU: {gpu}")
+alloc = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "default")
+print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}, GPU: {gpu}, "
+      f"allocator: {alloc}")
 EOF
   echo
   echo "| step | exit | seconds |"

@@ -6,7 +6,8 @@
 Takes the same overrides as ``python -m train.run``. The net is built on the meta device (no memory, no
 weights): parameter counts are exact. Activations are measured, not guessed: one training forward of
 the net at the per-GPU batch runs on the meta device in bf16 and every tensor autograd saves for
-backward is added up (with the configured activation checkpointing, only what checkpointing keeps).
+backward is added up (with the configured activation checkpointing, only what checkpointing keeps;
+attention as a GPU's fused kernels keep it, not as the meta device's math path would).
 Model states follow the strategies' layouts with N parameters over W GPUs (Adam: two fp32 moments):
 
     ddp            weights 4N, grads 4N, Adam 8N, EMA 4N       (fp32 weights, bf16 autocast)
@@ -29,6 +30,7 @@ of the optimizer step. A frozen CLIP used for on-the-fly embeddings is counted a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import weakref
 from pathlib import Path
@@ -67,6 +69,10 @@ def compose_cfg(overrides: list[str]):
         for key in ("eot_id", "text_eot_id"):
             if key in cfg.net and cfg.net[key] is None:
                 cfg.net[key] = 1
+        if cfg.net.get("text_encoder") == "clip" and not cfg.net.get(
+            "text_dim"
+        ):  # a paper net switched to it
+            cfg.net.text_dim = CLIP_DEFAULTS["text_dim"]
     return cfg
 
 
@@ -94,12 +100,49 @@ def example_batch(cfg, net, b: int) -> tuple[tuple, dict]:
             ctx = cfg.net.text_context_length
             kwargs["tokens"] = torch.zeros(b, ctx, dtype=torch.long, **meta)
             kwargs["text_mask"] = torch.ones(b, ctx, dtype=torch.bool, **meta)
+        elif cfg.net.get("text_encoder") == "clip":  # the frozen CLIP's token features, at its context
+            ctx = OmegaConf.select(cfg, "data.tokenizer.context_length") or CLIP_DEFAULTS["context_length"]
+            kwargs["text_feat"] = torch.empty(b, ctx, cfg.net.text_dim, **bf16)
+            kwargs["text_mask"] = torch.ones(b, ctx, dtype=torch.bool, **meta)
         return (torch.empty(b, 3, size, size, **bf16), t), kwargs
     crop = int(size * cfg.module.get("crop_fraction", 1.0))  # upsamplers train on crops
     return (torch.empty(b, 3, crop, crop, **bf16), t), {"low_res": torch.empty(b, 3, crop, crop, **bf16)}
 
 
+class _FusedAttention(torch.autograd.Function):
+    """What a GPU's flash or memory-efficient SDPA kernel keeps for its backward: q, k, v, the output and
+    one float32 log-sum-exp per query and head (and the mask, where one is given), never the N x N
+    weights that SDPA's math path, the only one on the meta device, saves."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask):
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse, *([] if mask is None else [mask]))
+        return out
+
+
+@contextlib.contextmanager
+def fused_attention(training: bool):
+    """``F.scaled_dot_product_attention`` as a GPU runs it, for the meta device's measurements: in
+    training, :class:`_FusedAttention`; without grad, the output alone (all those kernels allocate)."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def fused(q, k, v, attn_mask=None, *args, **kwargs):
+        if training:
+            return _FusedAttention.apply(q, k, v, attn_mask)
+        return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+    torch.nn.functional.scaled_dot_product_attention = fused
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+
+
 def activation_bytes(net, args, kwargs) -> int:
+    """Bytes autograd saves for backward in one training forward (attention as a GPU's fused kernels
+    save it, :func:`fused_attention`)."""
     saved: dict[int, int] = {}
     weights = {p.untyped_storage()._cdata for p in net.parameters()}  # saved for backward, not activations
 
@@ -110,7 +153,7 @@ def activation_bytes(net, args, kwargs) -> int:
         return x
 
     net.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+    with fused_attention(training=True), torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         out = net(*args, **kwargs)
     del out
     return sum(saved.values())
@@ -151,20 +194,11 @@ class LivePeak(TorchDispatchMode):
 
 def inference_peak_bytes(net, args, kwargs) -> int:
     """Peak activation bytes of one no-grad forward (validation, sampling) on the meta device. Attention
-    runs as on a GPU, in a fused kernel that never holds the N x N matrix (the meta device would take
-    SDPA's math path, which does)."""
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def fused(q, k, v, *args, **kwargs):  # the output only: what flash / memory-efficient kernels allocate
-        return q.new_empty(*q.shape[:-1], v.shape[-1])
-
+    runs as on a GPU, in a fused kernel that never holds the N x N matrix (:func:`fused_attention`)."""
     net.eval()
-    torch.nn.functional.scaled_dot_product_attention = fused
-    try:
-        with torch.no_grad(), LivePeak(ignore=[*net.parameters(), *net.buffers()]) as mode:
+    with fused_attention(training=False), torch.no_grad():
+        with LivePeak(ignore=[*net.parameters(), *net.buffers()]) as mode:
             net(*args, **kwargs)
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = sdpa
     return mode.peak
 
 

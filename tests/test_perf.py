@@ -283,6 +283,22 @@ def test_targets_give_each_issue_target_a_verdict_from_the_check_rows(tmp_path, 
     assert targets.main([str(tmp_path / "empty")]) == 0
     printed = capsys.readouterr().out
     assert "0 of 5 targets met; 5 not measured" in printed and "2,790/s compiled (documented)" in printed
+    # the documented anchors were measured on an H200: rows from another GPU are not set against them
+    # (an MFU target still gets its verdict), rows from an H200 are
+    for device, comparable in (("NVIDIA H100 80GB HBM3", False), ("NVIDIA H200", True)):
+        (tmp_path / device).mkdir()
+        (tmp_path / device / "bench.json").write_text(json.dumps({
+            "meta": {"device": device}, "rows": [{"case": "prior", "samples_per_s": 7000, "mfu": 0.2, **ok},
+                                                 {"case": "clip_l14", "samples_per_s": 900, "mfu": 0.7, **ok}]}))  # fmt: skip
+        rows = {r["workload"].split(",")[0]: r for r in targets.verdicts(tmp_path / device)}
+        prior, l14 = rows["prior 768 wide x 12"], rows["CLIP ViT-L/14"]
+        assert l14["met"] == "met"  # 70% MFU, its own GPU's ceiling
+        if comparable:
+            assert prior["met"] == "met" and "3.47x the anchor" in prior["ours"]
+            assert "2,016/s eager (documented)" in prior["anchor"]
+        else:
+            assert prior["met"] == "not measured" and "x the anchor" not in prior["ours"]
+            assert prior["anchor"] == "eager: documented on an H200 only, this run on NVIDIA H100 80GB HBM3"
     # gpu_check's data step feeds the fastest CLIP case of its run, else 1.2x open_clip B/16 compiled
     assert targets.main(["--data-target", str(tmp_path)]) == 0 and capsys.readouterr().out == "3400\n"
     assert (

@@ -239,6 +239,70 @@ def test_paper_scale_experiments_name_their_strategy_and_batch(
         assert abs(n - params) / params < 0.07, n
 
 
+def test_memory_plan_counts_attention_as_a_gpus_fused_kernels_keep_it():
+    """Training activations: flash / memory-efficient SDPA keep q, k, v, the output and a log-sum-exp,
+    linear in the sequence; the meta device's math path would keep the N x N weights as well."""
+    sys.path.insert(0, str(REPO / "launch"))
+    import plan
+
+    from train.models.layers import SelfAttention
+
+    b, w, heads = 2, 64, 4
+    with torch.device("meta"):
+        attn = SelfAttention(w, heads).to(torch.bfloat16)
+
+    def saved(n: int) -> int:
+        x = torch.empty(b, n, w, device="meta", dtype=torch.bfloat16)
+        return plan.activation_bytes(attn, (x,), {})
+
+    bf16_token = b * w * 2  # one (B, N, W) bf16 activation, per token
+    # the input (for in_proj's weight gradient), q, k and v (one storage), SDPA's output (its backward),
+    # the output as out_proj reads it, and a float32 log-sum-exp per query and head
+    assert saved(128) == 128 * (6 * bf16_token + b * heads * 4)
+    assert saved(256) == 2 * saved(128)
+
+
+@pytest.mark.parametrize("stage", ["clip", "upsampler_256"])
+def test_memory_plan_activations_agree_with_a_real_forward(stage):
+    """plan.py's meta-device count against the tensors autograd saves in a real bf16-autocast forward on
+    the CPU (whose SDPA, like a GPU's, is a flash kernel), per sample: batches 4 and 2, differenced."""
+    sys.path.insert(0, str(REPO / "launch"))
+    import plan
+    from hydra.utils import instantiate
+
+    cfg = plan.compose_cfg([f"stage={stage}"])
+    with torch.device("meta"):
+        meta_net = instantiate(cfg.net).to(torch.bfloat16)
+    planned = plan.activation_bytes(meta_net, *plan.example_batch(cfg, meta_net, 2)) / 2
+
+    torch.manual_seed(0)
+    net = instantiate(cfg.net).train()
+    weights = {p.untyped_storage()._cdata for p in net.parameters()}
+
+    def real(b: int) -> int:
+        def on_cpu(t):
+            if t.dtype == torch.bool:
+                return torch.ones(t.shape, dtype=torch.bool)
+            return torch.randn(t.shape) if t.is_floating_point() else torch.zeros(t.shape, dtype=t.dtype)
+
+        args, kwargs = plan.example_batch(cfg, meta_net, b)
+        saved = {}
+
+        def pack(t):
+            if t.untyped_storage()._cdata not in weights:
+                saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = net(*map(on_cpu, args), **{k: on_cpu(v) for k, v in kwargs.items()})
+        del out
+        return sum(saved.values())
+
+    per_sample = (real(4) - real(2)) / 2
+    assert planned == pytest.approx(per_sample, rel=0.1)
+
+
 def test_memory_plan_counts_model_states_and_measures_activations():
     sys.path.insert(0, str(REPO / "launch"))
     import plan
@@ -279,3 +343,13 @@ def test_memory_plan_counts_model_states_and_measures_activations():
     fsdp = {r[0]: r[1:] for r in rows}["fsdp"]
     assert info["val_batch"] == 16
     assert fsdp[6] == pytest.approx(sum(fsdp[:4]) + info["inference"])
+    # a decoder on the frozen CLIP's token features (decoder_tiny, preset=gpu's) reads them at the CLIP's
+    # context: the paper's width when no CLIP is named, or the one given
+    for overrides, text_dim in (([], 1024), (["net.text_dim=64"], 64)):
+        cfg = plan.compose_cfg(["stage=decoder", "data.tokenizer.context_length=77", *overrides])
+        assert cfg.net.text_encoder == "clip" and cfg.net.text_dim == text_dim
+        assert plan.plan(cfg, gpus=8, batch_per_gpu=8)[1]["activations"] > 0
+    paper_clip = plan.compose_cfg(["stage=decoder", "experiment=decoder_paper", "net.text_encoder=clip"])
+    assert (
+        paper_clip.net.text_dim == 1024 and plan.plan(paper_clip, gpus=32, batch_per_gpu=2)[1]["activations"]
+    )
