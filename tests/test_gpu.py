@@ -91,15 +91,18 @@ def test_bf16_steps_of_every_stage_are_finite_and_decrease(case):
 
 
 @cuda_only
-def test_clip_and_prior_attention_runs_on_the_flash_kernel():
-    """Only the flash kernel allowed: the CLIP towers and the token-free prior must still run (a mask or a
-    layout flash cannot take would raise). The UNet's attention has a context mask: not flash."""
+def test_attention_runs_on_the_fused_kernels():
+    """No math path (a mask or a layout the fused kernels cannot take would raise): the CLIP towers and the
+    token-free prior on the flash kernel alone; the UNets (the decoder's caption mask, which flash does
+    not take) on flash or the memory-efficient kernel (the upsamplers' tiny nets have no attention)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    for name in ("clip", "prior"):
-        case = TINY[name] if name == "clip" else bench_train.Case("prior", "prior", 8, "prior_tiny")
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    for name in ("clip", "prior", "decoder"):
+        case = TINY[name] if name != "prior" else bench_train.Case("prior", "prior", 8, "prior_tiny")
         work = bench_train.build_stage(case, DEVICE)
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast("cuda", dtype=torch.bfloat16):
+        backends = fused if name == "decoder" else fused[:1]
+        with sdpa_kernel(backends), torch.autocast("cuda", dtype=torch.bfloat16):
             loss = work.loss()
         loss.backward()
         assert torch.isfinite(loss), name

@@ -144,6 +144,31 @@ def test_model_flops_exclude_checkpoint_recompute():
     assert counts[True, "FlopCounterMode"] > counts[False, "FlopCounterMode"]  # the recompute is real
 
 
+def test_model_flops_count_attention_the_same_on_every_kernel():
+    """Attention: the forward's two matmuls, the backward's four, on the math path and on the CPU's flash
+    kernel alike (torch's counter did not know the CPU kernel: it counted nothing there) and on the GPU's
+    fused kernels (where torch counts a fifth matmul, the scores computed again in the backward)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from train.perf import _ATTENTION
+
+    b, h, n, m, d = 2, 4, 64, 80, 32
+    q = torch.randn(b, h, n, d, requires_grad=True)
+    kv = torch.randn(b, h, m, d, requires_grad=True)
+    matmul = 2 * b * h * n * m * d  # one (n x d) @ (d x m) per head
+    for backend in (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION):
+        with sdpa_kernel(backend), ModelFlopCounter(display=False) as c:
+            out = torch.nn.functional.scaled_dot_product_attention(q, kv, kv)
+        assert c.get_total_flops() == 2 * matmul, backend
+        with sdpa_kernel(backend), ModelFlopCounter(display=False) as c:
+            torch.nn.functional.scaled_dot_product_attention(q, kv, kv).sum().backward()
+        assert c.get_total_flops() == 6 * matmul, backend
+    assert out.grad_fn.name().startswith("ScaledDotProductFlashAttentionForCpu")  # the kernel counted
+    gpu_backward = _ATTENTION[torch.ops.aten._scaled_dot_product_efficient_attention_backward]
+    shapes = [(b, h, n, d), (b, h, n, d), (b, h, m, d), (b, h, m, d)]  # grad_out, q, k, v
+    assert gpu_backward(*shapes) == 4 * matmul
+
+
 GRAPHS: list = []
 
 

@@ -262,7 +262,7 @@ def test_memory_plan_counts_attention_as_a_gpus_fused_kernels_keep_it():
     assert saved(256) == 2 * saved(128)
 
 
-@pytest.mark.parametrize("stage", ["clip", "upsampler_256"])
+@pytest.mark.parametrize("stage", ["clip", "decoder", "upsampler_256"])
 def test_memory_plan_activations_agree_with_a_real_forward(stage):
     """plan.py's meta-device count against the tensors autograd saves in a real bf16-autocast forward on
     the CPU (whose SDPA, like a GPU's, is a flash kernel), per sample: batches 4 and 2, differenced."""

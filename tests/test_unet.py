@@ -362,3 +362,44 @@ def test_first_end_of_text_is_decided_in_one_place():
     torch.testing.assert_close(net(x, t, image_emb=emb, tokens=torch.where(after, 3, tokens)), ref)
     changed = net(x, t, image_emb=emb, tokens=torch.where(after, 3, 4))  # every row: its caption changes
     assert all(not torch.allclose(changed[i], ref[i]) for i in range(4))
+
+
+@pytest.mark.parametrize("with_context", [False, True], ids=["spatial", "context"])
+def test_attention_reaches_sdpa_in_a_layout_its_fused_kernels_take(with_context):
+    """q, k and v go to SDPA with their head dimension contiguous: with only the flash kernel allowed (the
+    CPU's takes masks; a GPU's memory-efficient kernel the same layout), the block runs forward and
+    backward, where the (B, C, N) layout fell back to the math path and its N x N weights. The result is
+    attention over [spatial; context] keys, computed here by hand from the block's own weights."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from train.models.unet import AttentionBlock
+
+    torch.manual_seed(0)
+    c, heads, m = 64, 4, 5
+    block = AttentionBlock(c, c // heads, 32)
+    for p in block.parameters():  # the output projection starts at zero: make every path count
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, c, 4, 6, requires_grad=True)
+    context = torch.randn(2, m, 32) if with_context else None
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool) if with_context else None
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        out = block(x, context, mask)
+    out.square().sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+    def split(t):  # (B, L, C) -> (B, heads, L, C/heads)
+        return t.unflatten(-1, (heads, c // heads)).transpose(1, 2)
+
+    tokens = block.norm(x).flatten(2).transpose(1, 2)  # (B, N, C)
+    q, k, v = (tokens @ block.qkv.weight[:, :, 0].T + block.qkv.bias).chunk(3, dim=-1)
+    bias = torch.zeros(2, 1, 1, 24 + (m if with_context else 0))
+    if with_context:
+        ck, cv = block.context_kv(context).chunk(2, dim=-1)
+        k, v = torch.cat([k, ck], 1), torch.cat([v, cv], 1)
+        bias[..., 24:] = torch.where(mask, 0.0, float("-inf"))[:, None, None, :]
+    weights = torch.softmax(split(q) @ split(k).transpose(-1, -2) / (c // heads) ** 0.5 + bias, dim=-1)
+    attended = (weights @ split(v)).transpose(1, 2).flatten(2)  # (B, N, C)
+    expected = x + (attended @ block.proj.weight[:, :, 0].T + block.proj.bias).transpose(1, 2).reshape(
+        x.shape
+    )
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -12,6 +12,7 @@ import os
 import time
 
 import torch
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 # Dense peak TFLOP/s per GPU: (bf16/fp16, tf32) by device-name fragment (datasheets, without sparsity).
@@ -56,9 +57,35 @@ def in_recompute() -> bool:
     return torch._C._current_graph_task_id() != -1 and torch.is_grad_enabled()
 
 
+def _attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)  # q @ k^T and weights @ v
+
+
+def _attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return 2 * flop_counter.sdpa_flop_count(query, key, value)  # two matmuls back through each forward one
+
+
+_aten = torch.ops.aten
+# Attention counts the same on every SDPA kernel: the forward's two matmuls and the backward's four, as the
+# math path runs them. torch's counter does not know the CPU's flash kernel (it counted nothing there), and
+# counts five matmuls in the fused GPU kernels' backward: the fifth computes the scores again, recompute
+# like activation checkpointing's, which model FLOPs leave out.
+_ATTENTION = {
+    _aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward_flops,
+    _aten._scaled_dot_product_flash_attention_backward: _attention_backward_flops,
+    _aten._scaled_dot_product_efficient_attention_backward: _attention_backward_flops,
+    _aten._scaled_dot_product_cudnn_attention_backward: _attention_backward_flops,
+}
+
+
 class ModelFlopCounter(FlopCounterMode):
     """``FlopCounterMode`` that does not count activation-checkpoint recompute (see the module docstring):
-    a step with ``grad_checkpointing`` counts exactly the FLOPs of the same step without it."""
+    a step with ``grad_checkpointing`` counts exactly the FLOPs of the same step without it, and attention
+    counts the same on every kernel (:data:`_ATTENTION`)."""
+
+    def __init__(self, custom_mapping: dict | None = None, **kwargs) -> None:
+        super().__init__(custom_mapping={**_ATTENTION, **(custom_mapping or {})}, **kwargs)
 
     def _count_flops(self, func_packet, out, args, kwargs):
         if in_recompute():

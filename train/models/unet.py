@@ -123,21 +123,23 @@ class AttentionBlock(nn.Module):
         self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         b, c, hgt, wid = x.shape
-        q, k, v = self.qkv(self.norm(x).flatten(2)).chunk(3, dim=1)  # (B, C, N) each
+        # Token-major (B, N, C) so that q, k and v reach SDPA with their head dimension contiguous, as its
+        # flash and memory-efficient kernels require (from (B, C, N) they would take the math path, which
+        # holds the N x N weights). The 1x1 convolutions' weights, applied as linear maps.
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, N, C)
+        qkv = F.linear(tokens, self.qkv.weight.squeeze(-1), self.qkv.bias)  # (B, N, 3C)
+        q, k, v = qkv.unflatten(-1, (3, self.heads, c // self.heads)).permute(2, 0, 3, 1, 4)  # (B, h, N, c/h)
         mask = None
         if context is not None and self.context_kv is not None:
-            ck, cv = self.context_kv(context.to(q.dtype)).transpose(1, 2).chunk(2, dim=1)  # (B, C, M)
+            ckv = self.context_kv(context.to(qkv.dtype))  # (B, M, 2C)
+            ck, cv = ckv.unflatten(-1, (2, self.heads, c // self.heads)).permute(2, 0, 3, 1, 4)
             k, v = torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)
             if context_mask is not None:  # spatial keys always visible: no empty attention rows
                 visible = torch.ones(b, hgt * wid, dtype=torch.bool, device=x.device)
                 mask = torch.cat([visible, context_mask.bool()], dim=1)[:, None, None, :]  # (B, 1, 1, N+M)
-
-        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, C, N) -> (B, heads, N, C/heads)
-            return t.reshape(b, self.heads, c // self.heads, -1).transpose(2, 3)
-
-        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask)
-        out = out.transpose(2, 3).reshape(b, c, -1)
-        return x + self.proj(out).reshape(b, c, hgt, wid)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, N, c/h)
+        out = F.linear(out.transpose(1, 2).flatten(2), self.proj.weight.squeeze(-1), self.proj.bias)
+        return x + out.transpose(1, 2).reshape(b, c, hgt, wid)
 
 
 class Block(nn.Module):
