@@ -58,6 +58,10 @@ def test_an_unknown_group_option_lists_the_available_ones():
         ("data.max_bad_fraction=2", "data.max_bad_fraction=2: expected a fraction in [0, 1]"),
         ("trainer.max_time=300", "trainer.max_time=300: expected null or 'DD:HH:MM:SS'"),
         ("trainer.max_time=5min", "trainer.max_time='5min': expected null or 'DD:HH:MM:SS'"),
+        (
+            "trainer.float32_matmul_precision=tf32",
+            "trainer.float32_matmul_precision='tf32': expected 'highest' or 'high' or 'medium'",
+        ),
     ],
 )
 def test_wrong_types_and_impossible_values_name_the_key(override, named):

@@ -191,6 +191,54 @@ def _fast_run(tmp_path, *overrides):
     )
 
 
+def test_trainer_autotunes_convolutions_and_sets_the_matmul_precision(tmp_path, monkeypatch):
+    """What eval.bench_train measures the stages with, training runs with: cuDNN's autotuner on (off
+    when every kernel must be deterministic) and fp32 matmuls on TF32 on a GPU (never on the CPU)."""
+    from train import perf
+    from train.run import build_trainer
+
+    asked = []
+    monkeypatch.setattr(perf, "set_matmul_precision", asked.append)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    for overrides, benchmark in (((), True), (("trainer.deterministic=true",), False),
+                                 (("trainer.benchmark=false",), False)):  # fmt: skip
+        trainer = build_trainer(_fast_run(tmp_path, *overrides), [], [])
+        assert torch.backends.cudnn.benchmark is benchmark and trainer is not None, overrides
+    build_trainer(_fast_run(tmp_path, "trainer.float32_matmul_precision=highest"), [], [])
+    assert asked == ["high", "high", "high", "highest"]
+    monkeypatch.undo()
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        perf.set_matmul_precision("medium")  # no CUDA here: the CPU's numerics are left alone
+        assert torch.get_float32_matmul_precision() == before
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        perf.set_matmul_precision("medium")
+        assert torch.get_float32_matmul_precision() == "medium"
+        with pytest.raises(ValueError, match="'tf32': expected one of"):
+            perf.set_matmul_precision("tf32")
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_the_frozen_clip_embeds_with_one_matmul_precision_whatever_the_process_set(monkeypatch):
+    """On a GPU the frozen CLIP's fp32 embeddings use TF32 in every process (the decoder's training steps,
+    data.embed, the cascade), so the decoder is conditioned alike in training and sampling; the process's
+    setting comes back after. On the CPU: untouched."""
+    from train.frozen_clip import FrozenClip
+
+    seen = []
+    clip = FrozenClip.__new__(FrozenClip)
+    monkeypatch.setattr(FrozenClip, "_embed", lambda self, images, tokens: seen.append(
+        torch.get_float32_matmul_precision()))  # fmt: skip
+    before = torch.get_float32_matmul_precision()
+    for device, inside in (("cpu", before), ("cuda", "high")):
+        monkeypatch.setattr(FrozenClip, "device", property(lambda self, d=device: torch.device(d)))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            clip.embed(None, None)
+        assert seen[-1] == inside and torch.get_float32_matmul_precision() == before, device
+
+
 def test_trainer_compile_trains_and_writes_plain_checkpoints(tmp_path):
     """The blocks are compiled and run compiled after the first (FLOP-counted, eager) step."""
     cfg = _fast_run(tmp_path, "trainer.compile=regional", "trainer.compile_backend=count_graphs")

@@ -18,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.manifest import LEVELS
 
+MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision's (train.perf)
+
 
 class ConfigError(ValueError):
     pass
@@ -56,6 +58,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.compile": (
         lambda v: v in (None, False, True, "none", "full", "regional"),
         "false, true (the whole net) or regional (each block)",
+    ),
+    "trainer.float32_matmul_precision": (
+        lambda v: v in (None, *MATMUL_PRECISIONS),
+        " or ".join(repr(p) for p in MATMUL_PRECISIONS),
     ),
     "data.global_batch_size": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     "data.val_batch_size": (lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1 or null"),

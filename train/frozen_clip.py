@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from data.transforms import Normalize
 from train.models.layers import first_eot_index
+from train.perf import matmul_precision
 
 
 class FrozenClip:
@@ -60,10 +61,11 @@ class FrozenClip:
         """uint8 images (B, 3, H, W) and/or tokens (B, L) -> ``img_emb`` (B, D), ``txt_emb`` (B, D),
         ``txt_feat`` (B, L, W): L2-normalised embeddings and per-token features, float16-rounded,
         returned as float32 on the CLIP's device. Images of another size are resized (bicubic).
-        Always in fp32, also under a caller's autocast (a stage's bf16-mixed training step): the
-        embedding shards and the cascade compute them in fp32, and the decoder must be conditioned on the
-        same embeddings in training as in sampling."""
-        with torch.autocast(self.device.type, enabled=False):
+        Always in fp32, also under a caller's autocast (a stage's bf16-mixed training step), and on a GPU
+        with TF32 matmuls whatever the process set: the embedding shards, the cascade and the decoder's
+        training step compute them alike, and the decoder must be conditioned on the same embeddings in
+        training as in sampling."""
+        with torch.autocast(self.device.type, enabled=False), matmul_precision(self.device, "high"):
             return self._embed(images, tokens)
 
     def _embed(self, images: torch.Tensor | None, tokens: torch.Tensor | None) -> dict[str, torch.Tensor]:

@@ -8,12 +8,15 @@ model needs, so :class:`ModelFlopCounter` leaves it out (as the PaLM paper's MFU
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
 import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
+
+from train.config import MATMUL_PRECISIONS
 
 # Dense peak TFLOP/s per GPU: (bf16/fp16, tf32) by device-name fragment (datasheets, without sparsity).
 PEAK_TFLOPS = {
@@ -91,6 +94,33 @@ class ModelFlopCounter(FlopCounterMode):
         if in_recompute():
             return out
         return super()._count_flops(func_packet, out, args, kwargs)
+
+
+def set_matmul_precision(precision: str) -> None:
+    """``torch.set_float32_matmul_precision`` on a CUDA machine: ``high`` lets the fp32 matmuls left
+    under bf16 autocast (the frozen CLIP's embeddings, the losses) run on TF32 tensor cores, as
+    convolutions already do by torch's default. Without CUDA nothing changes, so CPU numerics stay exact.
+    torch's per-backend setting (``torch.backends.cuda.matmul.fp32_precision``) is not used: mixed with
+    this one, Lightning's own check of the precision raises."""
+    if precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"float32 matmul precision {precision!r}: expected one of {MATMUL_PRECISIONS}")
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision(precision)
+
+
+@contextlib.contextmanager
+def matmul_precision(device: torch.device, precision: str = "high"):
+    """``precision`` for fp32 matmuls on ``device`` while inside, then the process's setting again (CPU: a
+    no-op). For code whose numbers must not depend on the calling process's setting."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def synchronize(device: torch.device) -> None:

@@ -338,11 +338,18 @@ def wandb_run_id(output_dir: Path) -> str:
 def build_trainer(cfg: DictConfig, callbacks, loggers) -> pl.Trainer:
     """The Trainer from ``cfg.trainer``. Its ``compile`` keys are ours (a CompileNet callback), not
     Lightning's; ``max_time`` goes to our TimeLimit rather than Lightning's Timer, which has the ranks agree
-    in a broadcast at every step (train/callbacks/time_limit.py)."""
+    in a broadcast at every step (train/callbacks/time_limit.py); ``float32_matmul_precision`` is set for
+    the process on a GPU (train.perf.set_matmul_precision); ``benchmark`` (cuDNN's autotuner) left null is
+    on unless ``deterministic``, as eval.bench_train measures the stages."""
+    from train.perf import set_matmul_precision
+
     trainer_cfg = cfg.trainer.copy()
     with open_dict(trainer_cfg):
         mode, backend = trainer_cfg.pop("compile", False), trainer_cfg.pop("compile_backend", "inductor")
         max_time = trainer_cfg.pop("max_time", None)
+        set_matmul_precision(trainer_cfg.pop("float32_matmul_precision", None) or "high")
+        if trainer_cfg.get("benchmark") is None:  # autotuned convolutions, unless every kernel is pinned
+            trainer_cfg.benchmark = not trainer_cfg.get("deterministic")
     if mode not in (None, False, "none", "false"):
         from train.callbacks.compile import CompileNet
 
