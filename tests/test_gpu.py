@@ -93,19 +93,20 @@ def test_bf16_steps_of_every_stage_are_finite_and_decrease(case):
 @cuda_only
 def test_attention_runs_on_the_fused_kernels():
     """No math path (a mask or a layout the fused kernels cannot take would raise): the CLIP towers and the
-    token-free prior on the flash kernel alone; the UNets (the decoder's caption mask, which flash does
-    not take) on flash or the memory-efficient kernel (the upsamplers' tiny nets have no attention)."""
+    token-free prior on the flash kernel alone; the prior over caption tokens and the decoder (their
+    masks, which flash does not take) on flash or the memory-efficient kernel (the upsamplers' tiny nets
+    have no attention)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-    for name in ("clip", "prior", "decoder"):
-        case = TINY[name] if name != "prior" else bench_train.Case("prior", "prior", 8, "prior_tiny")
+    token_free = bench_train.Case("prior_token_free", "prior", 8, "prior_tiny")
+    for case in (TINY["clip"], token_free, TINY["prior"], TINY["decoder"]):
         work = bench_train.build_stage(case, DEVICE)
-        backends = fused if name == "decoder" else fused[:1]
+        backends = fused[:1] if case.name in ("clip", "prior_token_free") else fused
         with sdpa_kernel(backends), torch.autocast("cuda", dtype=torch.bfloat16):
             loss = work.loss()
         loss.backward()
-        assert torch.isfinite(loss), name
+        assert torch.isfinite(loss), case.name
 
 
 @cuda_only
@@ -120,6 +121,8 @@ def test_sharded_strategies_train_resume_and_export_on_one_gpu(tmp_path, strateg
     run = tmp_path / "run"
     metrics = train(_cfg(tmp_path, run, f"strategy={strategy}", "trainer.max_steps=4"))
     assert metrics["trainer/global_step"] == 4 and torch.isfinite(torch.tensor(metrics["train/loss"]))
+    # a GPU run's process settings, as eval.bench_train measures with (train.run.build_trainer)
+    assert torch.backends.cudnn.benchmark and torch.get_float32_matmul_precision() == "high"
     assert (run / "checkpoints" / "last.ckpt" / "COMMITTED").is_file()
     metrics = train(_cfg(tmp_path, run, f"strategy={strategy}", "trainer.max_steps=6"))
     assert metrics["trainer/global_step"] == 6
