@@ -403,3 +403,48 @@ def test_attention_reaches_sdpa_in_a_layout_its_fused_kernels_take(with_context)
         x.shape
     )
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("resblock_updown", [False, True], ids=["upsample_conv", "resblock_updown"])
+def test_activations_stay_bf16_under_cudas_autocast_policy(monkeypatch, resblock_updown):
+    """CUDA's autocast runs group_norm and nearest upsampling in float32 and returns float32 (the CPU's
+    keeps bf16): emulated here on the CPU, a plain GroupNorm made the SiLU, scale-shift and what they keep
+    for backward float32, and an upsample made the up path's residual stream float32. Block outputs stay
+    bf16, and autograd keeps almost nothing in float32."""
+    import torch.nn.functional as F
+
+    from train.models.unet import Block
+
+    group_norm, interpolate = F.group_norm, F.interpolate
+
+    def cuda_policy(op):  # float32 in, float32 out, while autocast is on
+        def run(x, *args, **kwargs):
+            on = torch.is_autocast_enabled("cpu")
+            args = [a.float() if on and torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+            return op(x.float() if on else x, *args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(F, "group_norm", cuda_policy(group_norm))
+    monkeypatch.setattr(F, "interpolate", cuda_policy(interpolate))
+    net = randomise(decoder(channel_mult=[1, 2, 2], resblock_updown=resblock_updown))
+    outputs, kept = [], {}
+    for m in net.modules():
+        if isinstance(m, Block):
+            m.register_forward_hook(lambda module, args, out: outputs.append(out.dtype))
+
+    def keep(t):
+        kept[t.untyped_storage()._cdata] = (t.untyped_storage().nbytes(), t.dtype)
+        return t
+
+    with (
+        torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t),
+        torch.autocast("cpu", dtype=torch.bfloat16),
+    ):
+        out = net(torch.randn(3, 3, 16, 16), torch.tensor([1, 2, 3]), **cond())
+    out.float().square().mean().backward()
+    assert set(outputs) == {torch.bfloat16} and len(outputs) == len(net.down) + len(net.middle) + len(net.up)
+    weights = {p.untyped_storage()._cdata for p in net.parameters()}
+    activations = {k: v for k, v in kept.items() if k not in weights}
+    fp32 = sum(n for n, dtype in activations.values() if dtype == torch.float32)
+    assert fp32 < 0.02 * sum(n for n, _ in activations.values()), fp32

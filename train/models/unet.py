@@ -35,9 +35,31 @@ from train.models.layers import LayerNorm, Transformer, first_eot_index
 from train.models.prior import timestep_embedding
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm in the input's dtype, also under autocast (the statistics accumulate in float32 inside
+    the kernel either way). CUDA's autocast runs group_norm in float32 and returns float32, so under
+    bf16-mixed a plain GroupNorm would make the SiLU, the scale-shift and every tensor they keep for
+    backward float32 up to the next convolution: twice the bytes read, written and kept. The CPU's
+    autocast already keeps bf16, and in fp32 this is a plain GroupNorm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = (None if p is None else p.to(x.dtype) for p in (self.weight, self.bias))
+        if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return F.group_norm(x, self.num_groups, weight, bias, self.eps)
+        return F.group_norm(x, self.num_groups, weight, bias, self.eps)
+
+
+def group_norm(channels: int) -> GroupNorm:
     groups = 32 if channels % 32 == 0 else next(g for g in (16, 8, 4, 2, 1) if channels % g == 0)
-    return nn.GroupNorm(groups, channels)
+    return GroupNorm(groups, channels)
+
+
+def upsample(x: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour x2, in x's dtype: CUDA's autocast returns float32 from it, which would turn the
+    rest of the UNet's up path (its residual stream, the skip concatenations) float32. Nearest copies
+    values, so casting back loses nothing."""
+    return F.interpolate(x, scale_factor=2.0, mode="nearest").to(x.dtype)
 
 
 def zero(module: nn.Module) -> nn.Module:
@@ -61,7 +83,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(upsample(x))
 
 
 class ResBlock(nn.Module):
@@ -89,7 +111,7 @@ class ResBlock(nn.Module):
 
     def _resample(self, x: torch.Tensor) -> torch.Tensor:
         if self.up:
-            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+            return upsample(x)
         if self.down:
             return F.avg_pool2d(x, 2)
         return x
