@@ -448,3 +448,46 @@ def test_activations_stay_bf16_under_cudas_autocast_policy(monkeypatch, resblock
     activations = {k: v for k, v in kept.items() if k not in weights}
     fp32 = sum(n for n, dtype in activations.values() if dtype == torch.float32)
     assert fp32 < 0.02 * sum(n for n, _ in activations.values()), fp32
+
+
+@pytest.mark.parametrize("case", ["clip", "prior", "decoder", "upsampler_256"])
+def test_each_weight_is_read_inside_its_own_modules_call(case):
+    """Sharding gathers a module's weights when the module is called: ZeRO-3 in each module's forward
+    pre-hook, on its prefetch schedule. A weight read without calling its module (the decoder's attention
+    once read its 1x1 convolutions' weights so) is gathered on access by DeepSpeed, synchronously, and
+    registered to whatever module is running; a scheme without that fallback would read a shard. Every
+    op's parameter arguments must belong to a module on the call stack."""
+    from torch.overrides import TorchFunctionMode
+
+    from eval import bench_train
+
+    cases = {c.name: c for c in bench_train.SIZES["tiny"]}
+    work = bench_train.build_stage(cases[case], torch.device("cpu"))
+    owner = {id(p): m for m in work.model.modules() for p in m.parameters(recurse=False)}
+    active: list[torch.nn.Module] = []
+    outside: set[str] = set()
+    names = {id(p): n for n, p in work.model.named_parameters()}
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if not getattr(func, "__name__", "").endswith("__get__"):  # .dtype, .shape: no data read
+                for a in torch.utils._pytree.tree_leaves((args, kwargs or {})):
+                    if isinstance(a, torch.nn.Parameter) and owner.get(id(a)) not in active:
+                        outside.add(names.get(id(a), "?"))
+            return func(*args, **(kwargs or {}))
+
+    def enter(module, args) -> None:
+        active.append(module)
+
+    def leave(module, args, out) -> None:
+        active.pop()
+
+    pre = torch.nn.modules.module.register_module_forward_pre_hook(enter)
+    post = torch.nn.modules.module.register_module_forward_hook(leave)
+    try:
+        with Watch():
+            work.loss()
+    finally:
+        pre.remove()
+        post.remove()
+    assert not outside, sorted(outside)

@@ -126,6 +126,18 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+class TokenProjection(nn.Conv1d):
+    """A 1x1 convolution's parameters (``nn.Conv1d(c_in, c_out, 1)``, the checkpoint layout) applied to
+    token-major (B, N, c_in) input as a linear map. A module of its own, called rather than read from:
+    ZeRO-3 gathers a module's weights, on its prefetch schedule, when the module is called."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__(c_in, c_out, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.squeeze(-1), self.bias)
+
+
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over the H*W positions, keys/values extended with context tokens."""
 
@@ -137,9 +149,9 @@ class AttentionBlock(nn.Module):
             )
         self.heads = channels // head_channels
         self.norm = group_norm(channels)
-        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.qkv = TokenProjection(channels, 3 * channels)
         self.context_kv = nn.Linear(context_dim, 2 * channels) if context_dim else None
-        self.proj = zero(nn.Conv1d(channels, channels, 1))
+        self.proj = zero(TokenProjection(channels, channels))
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
@@ -147,9 +159,8 @@ class AttentionBlock(nn.Module):
         b, c, hgt, wid = x.shape
         # Token-major (B, N, C) so that q, k and v reach SDPA with their head dimension contiguous, as its
         # flash and memory-efficient kernels require (from (B, C, N) they would take the math path, which
-        # holds the N x N weights). The 1x1 convolutions' weights, applied as linear maps.
-        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, N, C)
-        qkv = F.linear(tokens, self.qkv.weight.squeeze(-1), self.qkv.bias)  # (B, N, 3C)
+        # holds the N x N weights).
+        qkv = self.qkv(self.norm(x).flatten(2).transpose(1, 2))  # (B, N, 3C)
         q, k, v = qkv.unflatten(-1, (3, self.heads, c // self.heads)).permute(2, 0, 3, 1, 4)  # (B, h, N, c/h)
         mask = None
         if context is not None and self.context_kv is not None:
@@ -160,7 +171,7 @@ class AttentionBlock(nn.Module):
                 visible = torch.ones(b, hgt * wid, dtype=torch.bool, device=x.device)
                 mask = torch.cat([visible, context_mask.bool()], dim=1)[:, None, None, :]  # (B, 1, 1, N+M)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, N, c/h)
-        out = F.linear(out.transpose(1, 2).flatten(2), self.proj.weight.squeeze(-1), self.proj.bias)
+        out = self.proj(out.transpose(1, 2).flatten(2))  # (B, N, C)
         return x + out.transpose(1, 2).reshape(b, c, hgt, wid)
 
 
