@@ -69,9 +69,8 @@ def compose_cfg(overrides: list[str]):
         for key in ("eot_id", "text_eot_id"):
             if key in cfg.net and cfg.net[key] is None:
                 cfg.net[key] = 1
-        if cfg.net.get("text_encoder") == "clip" and not cfg.net.get(
-            "text_dim"
-        ):  # a paper net switched to it
+        # a net on the frozen CLIP's token features with no width given (a paper net switched to them)
+        if cfg.net.get("text_encoder") == "clip" and not cfg.net.get("text_dim"):
             cfg.net.text_dim = CLIP_DEFAULTS["text_dim"]
     return cfg
 
