@@ -97,9 +97,10 @@ class ModelFlopCounter(FlopCounterMode):
 
 
 def set_matmul_precision(precision: str) -> None:
-    """``torch.set_float32_matmul_precision`` on a CUDA machine: ``high`` lets the fp32 matmuls left
-    under bf16 autocast (autocast-free regions, the contrastive logits) run on TF32 tensor cores, as
-    convolutions already do by torch's default. Without CUDA nothing changes, so CPU numerics stay exact.
+    """``torch.set_float32_matmul_precision`` on a CUDA machine: ``high`` lets the fp32 matmuls outside
+    bf16 autocast's reach (regions that turn it off, code outside the training step) run on TF32 tensor
+    cores, as convolutions already do by torch's default. Without CUDA nothing changes, so CPU numerics
+    stay exact.
     torch's per-backend setting (``torch.backends.cuda.matmul.fp32_precision``) is not used: mixed with
     this one, Lightning's own check of the precision raises."""
     if precision not in MATMUL_PRECISIONS:
