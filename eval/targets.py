@@ -82,15 +82,15 @@ def run_device(out: Path) -> str | None:
     return None
 
 
-def anchor_rate(out: Path, case: str, mode: str) -> tuple[float | None, str] | None:
+def anchor_rate(out: Path, case: str, mode: str, device: str | None) -> tuple[float | None, str] | None:
     """The anchor's samples/s in this run (anchors.json eager, compiled.json compiled), else the documented
     H200 figure where the rows are from an H200 too (or do not say): another GPU, an H100's slower memory
-    say, would make the comparison unfair, so there the rate is None and the label says why."""
+    say, would make the comparison unfair, so there the rate is None and the label says why. ``device``:
+    :func:`run_device`."""
     row = _ok(_rows(out / ("anchors.json" if mode == "eager" else "compiled.json")), case)
     if row:
         return row["samples_per_s"], "this run"
     if (case, mode) in DOCUMENTED:
-        device = run_device(out)
         if device is None or DOCUMENTED_ON in device:
             return DOCUMENTED[case, mode], "documented"
         return None, f"documented on an {DOCUMENTED_ON} only, this run on {device}"
@@ -98,7 +98,7 @@ def anchor_rate(out: Path, case: str, mode: str) -> tuple[float | None, str] | N
 
 
 def verdicts(out: Path) -> list[dict]:
-    rows = []
+    rows, device = [], run_device(out)
     for t in TARGETS:
         row = {
             "workload": t.workload,
@@ -108,7 +108,10 @@ def verdicts(out: Path) -> list[dict]:
             "met": "not measured",
         }
         best = ours_best(out, t.ours)
-        rate, label = (anchor_rate(out, t.anchor, t.anchor_mode) if t.anchor else None) or (None, None)
+        rate, label = (anchor_rate(out, t.anchor, t.anchor_mode, device) if t.anchor else None) or (
+            None,
+            None,
+        )
         if label:
             row["anchor"] = (
                 f"{rate:,.0f}/s {t.anchor_mode} ({label})" if rate else f"{t.anchor_mode}: {label}"
