@@ -17,7 +17,7 @@
 # Steps (default order = value order; a session runs them in two calls, see launch/README.md):
 #   tests     pytest -m gpu: preset=gpu_smoke end to end on the GPU, bf16 steps of every stage, flash
 #             attention, ZeRO-2/3 and FSDP2 on one GPU, bitwise resume, data.embed, the EMA under a bf16
-#             DeepSpeed engine, last compiled vs eager
+#             DeepSpeed engine, no host sync in the step (compiled vs eager is the compiled step's)
 #   bench     python -m eval.bench_train: our stages at the anchors' shapes, eager
 #   sync      python -m eval.bench_sync: the per-step agreement (all-reduce + host read, gradient check)
 #   anchors   the same table for open_clip / diffusers / DALLE2-pytorch (eager), next to ours
@@ -25,7 +25,8 @@
 #             the memory format pays for our convolutions and GroupNorms (issue 28; training does not use it)
 #   data      python -m eval.bench_data on the machine's cores: photo-like 256 px JPEGs -> 224 crops, ours and
 #             plain webdataset + PIL, 1 and 12 workers, and the workers needed to feed bench's fastest CLIP
-#   compiled  ours (regional) and the anchors (full) under torch.compile: first step 1-3 min each
+#   compiled  pytest's compiled vs eager test (its first compiles are the tier's slowest), then ours (regional)
+#             and open_clip B/16 under torch.compile in bench_train: first step 1-3 min each
 #   runs      a short real run of every stage from shards (bf16-mixed, GPU batch sizes), perf metrics
 #   cascade   python -m train.pipeline preset=gpu: the one-GPU recipe end to end (<= 7 min), its benchmark
 #             per category, samples.png (256 px) and the stage probe
@@ -79,12 +80,12 @@ fi
 
 if [ $cpu = 1 ]; then
   export UNCLIP_TEST_DEVICE=cpu CUDA_VISIBLE_DEVICES=""
-  T_TESTS=300 T_SYNC=60 SYNC_PARAMS=1e6 T_BENCH=120 T_ANCHORS=240 T_COMPILED=120 T_RUNS=300 T_CASCADE=300 PRESET=gpu_smoke
+  T_TESTS=300 T_SYNC=60 SYNC_PARAMS=1e6 T_BENCH=120 T_ANCHORS=240 T_COMPILED=120 T_COMPILED_TESTS=120 T_RUNS=300 T_CASCADE=300 PRESET=gpu_smoke
   TB_CASCADE=240
   T_DATA=60 data_args=(--samples 96 --sizes 48 --crop 32 --workers 0 2 --batch 8)
-  # the compiled path is tested on CPU by tests/test_perf.py; the bf16 steps of the CLIP (a transformer)
-  # and the decoder (a UNet) stand for the five (each is 4-9 s of CI; the GPU runs all five)
-  test_args=(-m gpu -k "not compiled and not decrease[prior] and not decrease[upsampler")
+  # the bf16 steps of the CLIP (a transformer) and the decoder (a UNet) stand for the five (each is 4-9 s of
+  # CI; the GPU runs all five); the compiled step's test runs with aot_eager (no inductor C++ build)
+  test_args=(-m gpu -k "not compiled_step and not decrease[prior] and not decrease[upsampler")
   bench_args=(--device cpu --size tiny --iters 2)
   T_LAYOUT=120 layout_cases=(--cases decoder)
   # every anchor at batch 2: "not installed" here (no torchvision); built and stepped by gpu_rehearse.sh
@@ -95,14 +96,14 @@ if [ $cpu = 1 ]; then
     decoder.module.val_max_samples=4 upsampler_256.module.val_max_samples=4
     upsampler_1024.module.val_max_samples=4 +prior.module.sample_steps=4)
 else
-  T_TESTS=200 T_SYNC=30 SYNC_PARAMS=400e6 T_BENCH=90 T_ANCHORS=120 T_COMPILED=300 T_RUNS=240 T_CASCADE=540 PRESET=gpu
+  T_TESTS=200 T_SYNC=30 SYNC_PARAMS=400e6 T_BENCH=90 T_ANCHORS=120 T_COMPILED=300 T_COMPILED_TESTS=150 T_RUNS=240 T_CASCADE=540 PRESET=gpu
   TB_CASCADE=420   # issue 26: the cascade in at most 7 minutes
   # the bench steps build case after case in one process: grow the allocator's segments rather than cut
   # new ones, so a case near the card's memory (ViT-L/14 at 256 needs ~76 GB by launch/plan.py; an H100
   # has 80) does not fail on what the cases before it left fragmented
   export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
   T_DATA=60 data_args=(--samples 16000 --sizes 256 --crop 224 --workers 1 12 --seconds 6)
-  test_args=(-m gpu)
+  test_args=(-m gpu -k "not compiled_step")   # the compiled step runs that one
   bench_args=(--size anchor)
   T_LAYOUT=90 layout_cases=(--cases decoder,upsampler_256)
   anchor_cases=(--cases open_clip_b16,open_clip_l14,diffusers_unet64,dalle2_prior)
@@ -121,9 +122,42 @@ print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {tor
       f"allocator: {alloc}")
 EOF
   echo
-  echo "| step | exit | seconds |"
-  echo "|---|---|---|"
+  echo "| step | exit | seconds | host memory in use, peak GiB | disk free, least GiB |"
+  echo "|---|---|---|---|---|"
 } > "$rows"
+
+# ---- host watch: every 2 s, the machine's memory in use (MemTotal - MemAvailable) and the disk free under
+# $WORK go to logs/host.log (epoch s, kB in use, kB available, kB free), and each step's row gets its peak
+# and least. A step that leaves under HOST_MIN_MEM_GIB of memory available or HOST_MIN_DISK_GIB of disk free
+# is interrupted as its timeout would (INT to its process group, KILL 20 s later), its row says so, and the
+# next step runs: one step must not take the device machine down with the other steps' results (the first
+# device call of 2026-12-05 "stopped answering" and brought nothing back, cause unknown).
+HOST_MIN_MEM_GIB=${HOST_MIN_MEM_GIB:-4} HOST_MIN_DISK_GIB=${HOST_MIN_DISK_GIB:-2}
+host_sample() {
+  local total avail disk
+  total=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo 2>/dev/null) total=${total:-0}
+  avail=$(awk '/^MemAvailable:/ {print $2}' /proc/meminfo 2>/dev/null) avail=${avail:-$total}   # kB
+  disk=$(df -Pk "$WORK" 2>/dev/null | awk 'NR == 2 {print $4}') disk=${disk:-0}
+  [ "$total" -gt 0 ] && [ "$disk" -gt 0 ] || return 0   # a machine without these: no watch, no figures
+  echo "$(date +%s) $((total - avail)) $avail $disk" >> "$RES/logs/host.log"
+  if [ -f "$RES/.step" ] && { [ "$avail" -lt $((HOST_MIN_MEM_GIB * 1048576)) ] ||
+                              [ "$disk" -lt $((HOST_MIN_DISK_GIB * 1048576)) ]; }; then
+    local pid step; read -r pid step < "$RES/.step"; rm -f "$RES/.step"
+    echo "host: $((avail / 1048576)) GiB of memory available, $((disk / 1048576)) GiB of disk free" > "$RES/.interrupted"
+    kill -INT "$pid" 2>/dev/null   # timeout passes it to the step's process group, and KILLs 20 s later
+  fi
+}
+# the watcher stops with this script, killed or not (it holds no pipe of ours: a caller waiting for our
+# output would otherwise wait for it too)
+( while kill -0 $$ 2>/dev/null; do host_sample; sleep 2; done ) > /dev/null 2>&1 &
+watcher=$!
+trap 'kill $watcher 2>/dev/null' EXIT
+# host_peak EPOCH: "peak GiB in use | least GiB free" since EPOCH
+host_peak() {
+  [ -f "$RES/logs/host.log" ] || { echo "- | -"; return; }
+  awk -v t0="$1" '$1 >= t0 { if ($2 > m) m = $2; if (d == "" || $4 < d) d = $4 }
+    END { if (d == "") print "- | -"; else printf "%.1f | %.1f\n", m / 1048576, d / 1048576 }' "$RES/logs/host.log"
+}
 
 # publish: RES/report.md = the step rows, each finished step's section and issue 28's targets from the rows
 # so far (python -m eval.targets); then $OUT gets report.md, samples.png and check.tar.gz (all of RES).
@@ -152,17 +186,30 @@ run() {
   local start=$SECONDS rc
   if [ -n "$budget" ]; then
     if [ "$limit" -lt 5 ]; then
-      echo "| $step | skipped (budget: ${budget} s) | 0 |" >> "$rows"
+      echo "| $step | skipped (budget: ${budget} s) | 0 | - | - |" >> "$rows"
       echo "skipped: $((budget - SECONDS)) s of the ${budget} s budget left" > "$RES/logs/$step.log"
       echo "== $step: skipped, $((budget - SECONDS)) s of the ${budget} s budget left" >&2
       return 0
     fi
   fi
   echo "== $step (timeout ${limit}s): $*" >&2
-  timeout --signal=INT --kill-after=20 "$limit" "$@" > "$RES/logs/$step.log" 2>&1
+  local t0 pid; t0=$(date +%s)
+  host_sample
+  # in the background, so that the host watch can interrupt it (the shell makes a background command ignore
+  # SIGINT; timeout handles it, so the step it starts gets the default back)
+  timeout --signal=INT --kill-after=20 "$limit" "$@" > "$RES/logs/$step.log" 2>&1 &
+  pid=$!
+  echo "$pid $step" > "$RES/.step"
+  wait $pid
   rc=$?
+  rm -f "$RES/.step"
+  host_sample
   [ $rc = 124 ] && rc="124 (timed out)"
-  echo "| $step | $rc | $((SECONDS - start)) |" >> "$rows"
+  if [ -f "$RES/.interrupted" ]; then
+    rc="$rc (interrupted: $(cat "$RES/.interrupted"))"
+    rm -f "$RES/.interrupted"
+  fi
+  echo "| $step | $rc | $((SECONDS - start)) | $(host_peak "$t0") |" >> "$rows"
   echo "== $step: exit $rc after $((SECONDS - start)) s" >&2
 }
 
@@ -202,6 +249,10 @@ for step in ${steps//,/ }; do
     compiled)
       # on CPU without inductor: its C++ build is ~30 s of CI and says nothing of the GPU's Triton kernels
       if [ $cpu = 1 ]; then cases=(--cases clip --compile-backend aot_eager); else cases=(--cases clip_b16,decoder,prior,open_clip_b16); fi
+      [ $cpu = 1 ] && export UNCLIP_TEST_COMPILE_BACKEND=aot_eager
+      run compiled-tests "$T_COMPILED_TESTS" $py -m pytest -p no:cacheprovider -v -rfEs -m gpu -k compiled_step \
+        tests/test_gpu.py
+      section "Compiled vs eager (pytest -m gpu -k compiled_step)" compiled-tests '(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|error'
       run compiled "$T_COMPILED" $py -m eval.bench_train "${bench_args[@]}" "${cases[@]}" --compile regional \
         --json "$RES/compiled.json"
       section "Training step, torch.compile regional" compiled '^[#|]' ;;

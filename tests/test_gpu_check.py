@@ -44,10 +44,28 @@ def test_gpu_check_cpu_mode_runs_every_step_and_writes_the_report(tmp_path):
         tar.extractall(res, filter="data")
     report = (out / "report.md").read_text()
     assert report == (res / "report.md").read_text()
-    for step in ("tests", "bench", "sync", "anchors", "layout", "data", "compiled", "runs", "cascade"):
+    steps = (
+        "tests",
+        "bench",
+        "sync",
+        "anchors",
+        "layout",
+        "data",
+        "compiled-tests",
+        "compiled",
+        "runs",
+        "cascade",
+    )
+    for step in steps:
         assert f"| {step} | 0 |" in report, (step, report[:2000])
     assert " passed" in report and " failed" not in report  # the GPU tier's device-agnostic tests
     assert "test_exact_resume_on_the_device_is_bitwise PASSED" in report  # a line per test (-v)
+    # compiled vs eager runs in the compiled step (aot_eager here), not in the tests step's time
+    tests_log = (res / "logs" / "tests.log").read_text()
+    assert (
+        "test_exact_resume_on_the_device_is_bitwise PASSED" in tests_log and "compiled_step" not in tests_log
+    )
+    assert "test_compiled_step_matches_eager_within_bf16_tolerance[decoder] PASSED" in report
     bench = json.loads((res / "bench.json").read_text())["rows"]
     assert [r["status"] for r in bench] == ["ok"] * 5
     assert "| clip | 1.1 | 32 |" in report
@@ -131,6 +149,25 @@ def test_gpu_check_budget_cuts_a_step_short_and_skips_the_rest(tmp_path):
     assert bad.returncode == 2 and "--budget: expected whole seconds, got 'soon'" in bad.stderr
 
 
+def test_gpu_check_interrupts_a_step_that_leaves_the_host_short_of_memory(tmp_path):
+    """The host watch: a step that leaves less memory available than HOST_MIN_MEM_GIB is interrupted within
+    seconds, its row says why, and the run goes on to its report (here every machine is short of 10^5 GiB)."""
+    out = tmp_path / "check"
+    env = {**os.environ, "OUT": str(out), "WORK": str(tmp_path / "work"), "PYTHON": sys.executable,
+           "HOST_MIN_MEM_GIB": "100000"}  # fmt: skip
+    result = subprocess.run(["bash", "launch/gpu_check.sh", "--cpu", "--steps", "tests,sync"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| tests |"))
+    assert "(interrupted: host: " in row and "GiB of memory available" in row, row
+    assert int(row.split("|")[3]) <= 25, row  # a ~30 s step, stopped at the watch's next look (2 s + grace)
+    assert "| sync |" in report and "## Targets" in report  # the next step ran, and the report was written
+    with tarfile.open(out / "check.tar.gz") as tar:
+        samples = tar.extractfile("./logs/host.log").read().decode().split()
+    assert len(samples) >= 8 and len(samples) % 4 == 0  # epoch s, kB in use, kB available, kB of disk free
+
+
 def test_gpu_check_sends_back_few_files_and_refuses_unknown_steps(tmp_path):
     """$OUT holds the report and one archive of the rest: the device tool brings back 8 files at most."""
     out, work = tmp_path / "check", tmp_path / "work"
@@ -146,6 +183,8 @@ def test_gpu_check_sends_back_few_files_and_refuses_unknown_steps(tmp_path):
     assert "| all_reduce(2) + read |" in log
     report = (out / "report.md").read_text()
     assert "| sync | 0 |" in report and "## Targets" in report and "check.tar.gz" in report
+    # the host watch: the step's peak memory in use and least disk free, GiB
+    assert re.search(r"\| sync \| 0 \| \d+ \| \d+\.\d \| \d+\.\d \|", report), report
     bad = subprocess.run(["bash", "launch/gpu_check.sh", "--cpu", "--steps", "sync,nope"], cwd=REPO,
                          env={**env, "OUT": str(tmp_path / "bad")}, capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "--steps: unknown step 'nope'" in bad.stderr
