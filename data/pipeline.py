@@ -201,7 +201,8 @@ class ShardDataset(StreamPosition, IterableDataset):
 
     Batch keys: ``image`` uint8 (B, 3, crop, crop) when ``image_size`` is set, ``tokens`` long (B, L)
     when a tokenizer is given, ``caption`` list[str], ``__key__`` list[str], ``json`` list[dict] when
-    ``keep_json``, one float tensor (B, ...) per entry of ``npy_fields`` (embedding shards), and
+    ``keep_json``, one tensor (B, ...) per entry of ``npy_fields`` (embedding shards: float32, or int64 for
+    integer arrays such as ``tokens.npy``), and
     ``__state__`` (after this batch: ``streams``, each data rank's position and skip counts at this
     worker, and ``skips``, their sum).
     """
@@ -455,8 +456,10 @@ class ShardDataset(StreamPosition, IterableDataset):
             batch["image"] = torch.stack([it["image"] for it in items])  # (B, 3, H, W) uint8
         if self.tokenizer is not None:
             batch["tokens"] = self.tokenizer(batch["caption"])  # (B, L) long
-        for name in self.npy_fields:
-            batch[name] = torch.from_numpy(np.stack([it[name] for it in items]).astype(np.float32))
+        for name in self.npy_fields:  # embeddings in float32, token ids as int64 (never rounded)
+            stacked = np.stack([it[name] for it in items])
+            exact = np.issubdtype(stacked.dtype, np.integer) or stacked.dtype == np.bool_
+            batch[name] = torch.from_numpy(stacked.astype(np.int64 if exact else np.float32))
         if self.keep_json:
             batch["json"] = [it["json"] for it in items]
         batch["__state__"] = state

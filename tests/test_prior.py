@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from data.embed import embed_shards
 from data.pipeline import ShardDataset
-from tests.conftest import compose_config
+from tests.conftest import compose_config, write_tar
 from train.checkpoint import load_stage
 from train.ema import EMA
 from train.models.prior import DiffusionPrior
@@ -157,6 +159,49 @@ def test_both_data_paths_give_the_same_batches(clip_run, tmp_path):
             assert torch.equal(ea[k], eb[k]), k
         n += len(a["__key__"])
     assert n == 64
+
+
+def test_a_deepspeed_bf16_run_hands_the_step_its_batch_as_loaded(tmp_path):
+    """Under DeepSpeed, Lightning's precision plugin casts every float tensor of a batch to bf16 before
+    the step: token ids read as floats round (49407 -> 49408, and the caption mask finds no end of text)
+    and stored embeddings lose bits. build_trainer's plugin hands the step the batch as loaded, and
+    embedding shards load token ids as int64."""
+    from pytorch_lightning.plugins.precision import DeepSpeedPrecision
+
+    from train.run import build_trainer
+
+    ids = torch.tensor([[49406, 320, 49407, 0]])
+    batch = {"tokens.npy": ids, "img_emb.npy": torch.randn(1, 8), "txt_feat.npy": torch.randn(1, 4, 8)}
+    assert (
+        DeepSpeedPrecision("bf16-mixed").convert_input({"t": ids.float()})["t"][0, 2] == 49408
+    )  # the defect
+    cfg = _prior_cfg([f"paths.output_dir={tmp_path}", "trainer.accelerator=cpu", "trainer.devices=1",
+                      "trainer.precision=bf16-mixed", "strategy=deepspeed_zero2",
+                      "strategy._target_=train.strategies.CPUDeepSpeedStrategy"])  # fmt: skip
+    trainer = build_trainer(cfg, [], [])
+    assert trainer.precision == "bf16-mixed"
+    out = trainer.precision_plugin.convert_input(batch)
+    for key, value in batch.items():
+        assert out[key].dtype == value.dtype and torch.equal(out[key], value), key
+    # the "true" precisions cast the module whole, and their inputs with it
+    cfg.trainer.precision = "bf16-true"
+    assert (
+        build_trainer(cfg, [], []).precision_plugin.convert_input(batch)["img_emb.npy"].dtype
+        == torch.bfloat16
+    )
+
+    def npy(array) -> bytes:
+        buf = io.BytesIO()
+        np.save(buf, array)
+        return buf.getvalue()
+
+    sample = {"__key__": "k0", "txt": "a red square", "img_emb.npy": npy(np.ones(8, np.float16)),
+              "tokens.npy": npy(ids[0].numpy().astype(np.int32))}  # fmt: skip
+    write_tar(tmp_path / "emb.tar", [sample])  # data.embed's layout: int32 token ids
+    loaded = next(iter(ShardDataset(str(tmp_path / "emb.tar"), batch_size=1, image_size=None,
+                                    npy_fields=["img_emb.npy", "tokens.npy"], shuffle_buffer=0)))  # fmt: skip
+    assert loaded["tokens.npy"].dtype == torch.int64 and torch.equal(loaded["tokens.npy"], ids)
+    assert loaded["img_emb.npy"].dtype == torch.float32
 
 
 def _prior_cfg(overrides):

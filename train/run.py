@@ -365,11 +365,18 @@ def build_trainer(cfg: DictConfig, callbacks, loggers) -> pl.Trainer:
     from train.checkpoint_io import AtomicCheckpointIO
 
     sharded = isinstance(strategy, (DeepSpeedStrategy, ModelParallelStrategy))  # they write directories
+    plugins, precision = [] if sharded else [AtomicCheckpointIO()], resolve_precision(trainer_cfg.precision)
+    if isinstance(strategy, DeepSpeedStrategy):  # the batch reaches the step uncast (DeepSpeedMixedPrecision)
+        from lightning_fabric.connector import _convert_precision_to_unified_args
+
+        from train.strategies import DeepSpeedMixedPrecision
+
+        plugins, precision = [DeepSpeedMixedPrecision(_convert_precision_to_unified_args(precision))], None
     return instantiate(
         trainer_cfg,
-        plugins=[] if sharded else [AtomicCheckpointIO()],
+        plugins=plugins,
         strategy=strategy,
-        precision=resolve_precision(trainer_cfg.precision),
+        precision=precision,
         callbacks=callbacks,
         logger=loggers or False,
     )

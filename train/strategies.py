@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from pytorch_lightning.plugins.precision import DeepSpeedPrecision
 from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy
 from pytorch_lightning.strategies import DeepSpeedStrategy as _LightningDeepSpeed
 
@@ -259,6 +260,21 @@ def _committed_save(strategy, save, checkpoint: dict, filepath, storage_options)
 def offloads_optimizer(strategy) -> bool:
     config = getattr(strategy, "config", None) or {}
     return bool((config.get("zero_optimization") or {}).get("offload_optimizer"))
+
+
+class DeepSpeedMixedPrecision(DeepSpeedPrecision):
+    """Lightning's DeepSpeed precision plugin, without its cast of every batch under mixed precision.
+
+    Lightning casts each floating tensor of a batch to the run's dtype before the step, since DeepSpeed's
+    bf16 mode holds the module's weights in bf16. Our nets cast their inputs to their weights' dtype
+    themselves, and the cast rounds what must stay exact: stored embeddings (fp16 -> bf16, so a
+    DeepSpeed step saw other inputs than a DDP or FSDP step of the same batch) and token ids read as
+    floats (49407 -> 49408 in bf16: the prior's caption mask then found no end-of-text token).
+    ``train.run.build_trainer`` gives it to every DeepSpeed strategy; the "true" precisions, whose
+    modules are cast whole, keep Lightning's cast."""
+
+    def convert_input(self, data: Any) -> Any:
+        return data if "mixed" in str(self.precision) else super().convert_input(data)
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
