@@ -199,6 +199,26 @@ def _optimizer_and_schedule(module) -> tuple[list, list]:
     return groups, schedule
 
 
+def test_the_optimizer_is_fused_for_the_device_it_will_step_on(monkeypatch):
+    """Under DeepSpeed, Lightning builds the optimizer while the module is still on the CPU: whether AdamW
+    is fused (one kernel for all tensors) follows the strategy's device, not where the weights are now."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from train.modules.optim import configure_adamw
+
+    monkeypatch.setattr(
+        torch.cuda, "is_available", lambda: True
+    )  # a GPU machine; the weights stay on the CPU
+    module = _upsampler(diffusion={"num_timesteps": 10})
+    for device, fused in (("cuda", True), ("cpu", None)):
+        module._trainer = SimpleNamespace(
+            strategy=SimpleNamespace(root_device=torch.device(device)), max_steps=20
+        )
+        assert configure_adamw(module, module.net)["optimizer"].defaults["fused"] is fused, device
+
+
 def test_old_hparams_give_the_same_module_and_optimizer(tmp_path):
     """A checkpoint's saved hyper-parameters from before module.optimizer (flat lr, eps, ...,
     diffusion.clip): the module, its saved hparams and its optimizer are those of the new keys."""

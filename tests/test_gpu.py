@@ -114,7 +114,8 @@ def test_attention_runs_on_the_fused_kernels():
     "strategy", ["deepspeed_zero2", "deepspeed_zero3", "fsdp"], ids=["zero2", "zero3", "fsdp2"]
 )
 def test_sharded_strategies_train_resume_and_export_on_one_gpu(tmp_path, strategy):
-    """DeepSpeed ZeRO-2/3 (torch's fused AdamW inside the ZeRO optimizer) and FSDP2, bf16, one GPU: train,
+    """DeepSpeed ZeRO-2/3 (torch's fused AdamW inside the ZeRO optimizer: fused for the strategy's device,
+    train.modules.optim.adamw) and FSDP2, bf16, one GPU: train,
     write a sharded checkpoint, resume from it, export."""
     from train.checkpoint import export_stage, load_stage
 

@@ -353,3 +353,64 @@ def test_memory_plan_counts_model_states_and_measures_activations():
     assert (
         paper_clip.net.text_dim == 1024 and plan.plan(paper_clip, gpus=32, batch_per_gpu=2)[1]["activations"]
     )
+
+
+def _ema_after_validation(rank: int, world: int, port: int, reshard_after_forward: bool, out: str) -> None:
+    """One rank of the FSDP2 EMA check below: configure_sharding as a stage's configure_model calls it,
+    an EMA forward without gradients (validation), a training step, then the EMA update."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from train.ema import EMA
+    from train.strategies import configure_sharding
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+
+        class Net(nn.Module):  # an input layer, a block (an FSDP unit of its own), an output layer
+            def __init__(self) -> None:
+                super().__init__()
+                self.a, self.blocks, self.b = (
+                    nn.Linear(8, 8),
+                    nn.ModuleList([nn.Linear(8, 8)]),
+                    nn.Linear(8, 8),
+                )
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.b(self.blocks[0](self.a(x)))
+
+        torch.manual_seed(0)
+        stage = nn.Module()
+        stage.net = Net()
+        stage.ema = EMA(stage.net, decay=0.5, warmup=False)
+        stage._device_mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("data_parallel",))
+        strategy = SimpleNamespace(
+            reshard_after_forward=reshard_after_forward, param_dtype=None, reduce_dtype=None
+        )
+        stage.trainer = SimpleNamespace(strategy=strategy)
+        configure_sharding(stage)
+        with torch.no_grad():
+            stage.ema.shadow(torch.randn(2, 8))  # validation evaluates the EMA weights
+        stage.net(torch.randn(2, 8)).sum().backward()
+        stage.ema.update(stage.net)
+        shapes = [tuple(p.to_local().shape) for p in stage.ema.shadow.parameters()]
+        Path(out, f"rank{rank}.json").write_text(json.dumps(shapes))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("reshard_after_forward", [True, False])
+def test_fsdp_ema_copy_stays_sharded_like_the_net_after_validation(tmp_path, reshard_after_forward):
+    """strategy=fsdp with reshard_after_forward=false (the ZeRO-2-like variant): the EMA copy runs forward
+    only (validation) and nothing would reshard it, so the first EMA update after a validation raised a
+    shard-shape mismatch on every diffusion stage. The copy now reshards after its forwards."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ema_after_validation, args=(2, _free_port(), reshard_after_forward, str(tmp_path)), nprocs=2)
+    for rank in (0, 1):  # each rank keeps half of every (8, 8) weight and (8,) bias
+        shapes = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert shapes == [[4, 8], [4]] * 3, shapes

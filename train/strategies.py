@@ -427,15 +427,20 @@ def configure_sharding(pl_module) -> None:
         return
     dp_mesh = mesh["data_parallel"]
     # The trained net and its EMA copy. A frozen CLIP (train/frozen_clip.py) is not a module: replicated.
-    roots = [name for name in ("net", "ema.shadow") if _has_submodule(pl_module, name)]
-    shard_module(
-        pl_module,
-        dp_mesh,
-        roots=roots,
-        reshard_after_forward=getattr(strategy, "reshard_after_forward", True),
-        param_dtype=getattr(strategy, "param_dtype", None),
-        reduce_dtype=getattr(strategy, "reduce_dtype", None),
-    )
+    # The copy only ever runs forward, under no_grad (validation, sampling): with reshard_after_forward
+    # false nothing would reshard it afterwards (that happens after backward), and its full weights would
+    # stay gathered and no longer match the net's shards at the next EMA update. So it reshards after
+    # every forward, whatever the strategy says for the net.
+    for root, reshard in (("net", getattr(strategy, "reshard_after_forward", True)), ("ema.shadow", True)):
+        if _has_submodule(pl_module, root):
+            shard_module(
+                pl_module,
+                dp_mesh,
+                roots=[root],
+                reshard_after_forward=reshard,
+                param_dtype=getattr(strategy, "param_dtype", None),
+                reduce_dtype=getattr(strategy, "reduce_dtype", None),
+            )
     pl_module._sharded = True
 
 

@@ -99,10 +99,20 @@ def param_groups(net: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": skip, "weight_decay": 0.0}]
 
 
-def adamw(groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float) -> torch.optim.AdamW:
-    """torch's AdamW, fused (one kernel for all tensors) when every parameter is on a CUDA device."""
+def adamw(
+    groups: list[dict],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    device: torch.device | None = None,
+) -> torch.optim.AdamW:
+    """torch's AdamW, fused (one kernel for all tensors) when it will step on a CUDA device: ``device``
+    when given (the strategy's: DeepSpeed has Lightning build the optimizer while the module is still on
+    the CPU, and moves it to the GPU afterwards), else where the parameters are."""
     params = [p for g in groups for p in g["params"]]
-    fused = torch.cuda.is_available() and bool(params) and all(p.is_cuda for p in params)
+    on_cuda = device.type == "cuda" if device is not None else bool(params) and all(p.is_cuda for p in params)
+    fused = torch.cuda.is_available() and bool(params) and on_cuda
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
@@ -118,7 +128,13 @@ def configure_adamw(module: pl.LightningModule, net: torch.nn.Module) -> dict:
 
         optimizer = DeepSpeedCPUAdam(groups, lr=opt["lr"], betas=betas, eps=opt["eps"], adamw_mode=True)
     else:
-        optimizer = adamw(groups, lr=opt["lr"], betas=betas, eps=opt["eps"])
+        optimizer = adamw(
+            groups,
+            lr=opt["lr"],
+            betas=betas,
+            eps=opt["eps"],
+            device=getattr(trainer.strategy, "root_device", None),
+        )
     total = trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
     warmup, min_ratio = opt["warmup_steps"], opt["min_lr_ratio"]
     schedule = torch.optim.lr_scheduler.LambdaLR(
