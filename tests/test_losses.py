@@ -108,6 +108,17 @@ def test_hard_negatives_are_extra_columns_of_the_image_rows_only():
         ClipLoss()(img, txt, scale, neg, mask[:4])
 
 
+def test_bf16_features_give_a_float32_cross_entropy():
+    """DeepSpeed's bf16 engine runs the CLIP without autocast: the features and logits are bf16, and the
+    softmax over them runs in float32, as autocast runs cross-entropy on a GPU."""
+    img, txt = (F.normalize(torch.randn(64, 8), dim=-1).bfloat16() for _ in range(2))
+    scale = torch.tensor(100.0, dtype=torch.bfloat16)
+    loss = ClipLoss()(img, txt, scale)
+    logits, labels = (scale * img @ txt.T).float(), torch.arange(64)
+    want = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    assert loss.dtype == torch.float32 and torch.allclose(loss, want, rtol=1e-6, atol=0)
+
+
 def test_labels_are_cached_and_shapes_checked():
     loss = ClipLoss()
     img = F.normalize(torch.randn(4, 8), dim=-1)
@@ -171,6 +182,14 @@ def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
             results["unequal"] = None
         except ValueError as e:
             results["unequal"] = str(e)
+        # the sizes are gathered at a training loss's first call only, and at every evaluation call
+        loss, checks = ClipLoss(), []
+        gather_sizes = loss._batch_sizes
+        loss._batch_sizes = lambda *a: checks.append(1) or gather_sizes(*a)
+        f = F.normalize(torch.randn(4, 16), dim=-1)
+        for mode in ("train", "train", "train", "eval", "eval"):
+            loss.train(mode == "train")(f, f, torch.tensor(1.0))
+        results["size_checks"] = len(checks)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -252,3 +271,11 @@ def test_negative_control_gather_without_grad_gives_different_gradients(two_proc
 def test_unequal_per_rank_batches_raise_on_every_rank(two_process):
     for rank in range(WORLD):
         assert "same per-device batch size on every rank, got [4, 3]" in two_process[rank]["unequal"]
+
+
+@pytest.mark.multiprocess
+def test_training_checks_the_ranks_batch_sizes_once_and_evaluation_every_call(two_process):
+    """The check is a collective and a host read (on a GPU it waits for the step so far): a training
+    batch is equal on every rank by construction, so training checks at the first call only."""
+    for rank in range(WORLD):
+        assert two_process[rank]["size_checks"] == 3  # the first training call, then both evaluation calls

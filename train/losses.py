@@ -82,6 +82,9 @@ def gather_features(x: torch.Tensor, *, with_grad: bool, group=None) -> torch.Te
 
 
 def _symmetric_ce(logits_img: torch.Tensor, logits_txt: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """In float32, as autocast runs cross-entropy on a GPU: under DeepSpeed's bf16 (weights cast whole, no
+    autocast) the logits arrive in bf16, and a softmax over thousands of them in bf16 would round."""
+    logits_img, logits_txt = logits_img.float(), logits_txt.float()
     return (F.cross_entropy(logits_img, labels) + F.cross_entropy(logits_txt, labels)) / 2
 
 
@@ -93,6 +96,7 @@ class ClipLoss(nn.Module):
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self._labels: dict[tuple[torch.device, int, int], torch.Tensor] = {}
+        self._sizes_checked = False
 
     def _targets(self, device: torch.device, n: int, offset: int) -> torch.Tensor:
         """arange(offset, offset + n), cached per (device, size, offset)."""
@@ -101,11 +105,22 @@ class ClipLoss(nn.Module):
             self._labels[key] = torch.arange(offset, offset + n, device=device)
         return self._labels[key]
 
-    def _check_equal_batches(self, b: int, device: torch.device, world: int) -> None:
+    def _batch_sizes(self, b: int, device: torch.device, world: int) -> list[int]:
+        """Every rank's batch size: a collective, and a host read (on a GPU, a wait for the step so far)."""
         size = torch.tensor([b], device=device)
         sizes = [torch.empty_like(size) for _ in range(world)]
         dist.all_gather(sizes, size)
-        sizes_list = [int(s) for s in sizes]
+        return [int(s) for s in sizes]
+
+    def _check_equal_batches(self, b: int, device: torch.device, world: int) -> None:
+        """Unequal batches would make the feature gathers mismatch (a hang or garbage on NCCL): refused.
+        In training mode only the first call checks, since every training batch has the same size on
+        every rank by construction (both data paths drop a short last batch), and a check at every step
+        would stall the GPU's queue once a step; evaluation (a short last batch) checks every call."""
+        if self.training and self._sizes_checked:
+            return
+        sizes_list = self._batch_sizes(b, device, world)
+        self._sizes_checked = self.training
         if any(s != b for s in sizes_list):
             raise ValueError(
                 f"ClipLoss needs the same per-device batch size on every rank, got {sizes_list} "
