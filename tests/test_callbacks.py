@@ -55,6 +55,26 @@ def test_counted_training_flops_are_about_three_forwards(grad_checkpointing):
     assert "perf/mfu" not in metrics  # no known peak on CPU: no made-up utilisation
 
 
+def test_peak_memory_is_each_runs_own(monkeypatch):
+    """train.pipeline runs every stage in one process: perf/max_memory_gb is the peak since this run's
+    training started, not the process's (here a fake CUDA allocator whose peak was 50 GB before)."""
+    peak = {"bytes": 50e9}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: peak.update(bytes=1e9))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peak["bytes"])
+    torch.manual_seed(0)
+    net = CLIP(
+        embed_dim=16,
+        vision={"image_size": 32, "patch_size": 8, "width": 16, "layers": 1, "heads": 1},
+        text={"context_length": 8, "vocab_size": 64, "width": 16, "layers": 1, "heads": 1},
+    )
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[DataStats(count_flops=False)], log_every_n_steps=1)  # fmt: skip
+    trainer.fit(ClipModule(net, zeroshot=False), DataLoader(_Batches(), batch_size=None))
+    assert float(trainer.callback_metrics["perf/max_memory_gb"]) == 1.0
+
+
 def test_values_only_the_loggers_read_are_logged_at_the_steps_they_are_written(tmp_path, monkeypatch):
     """The learning rate, the logit scale and the guard's counters are logged (about 0.4 ms of host time
     each) only at the steps Lightning writes to the loggers, every 5 here, and at the last; the loss at

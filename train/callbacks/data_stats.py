@@ -2,7 +2,9 @@
 waiting for data, model FLOPs utilisation and peak memory. Logged as ``data/skipped_<reason>`` (summed
 over ranks, this epoch so far), ``perf/samples_per_sec`` (all ranks), ``perf/samples_per_sec_per_device``,
 ``perf/data_wait_frac``, ``perf/tflops_per_device``, ``perf/mfu`` (when the device's peak is known) and
-``perf/max_memory_gb`` (CUDA); the skip counts also go to the text log at every epoch end.
+``perf/max_memory_gb`` (CUDA: this run's peak since its training started, not the process's, so that the
+stages of one ``train.pipeline`` process each report their own); the skip counts also go to the text log
+at every epoch end.
 
 FLOPs are counted, not estimated: the first training step runs under ``train.perf.ModelFlopCounter``
 (forward, backward and everything else the step computes, e.g. a frozen CLIP's embeddings, but not
@@ -36,6 +38,10 @@ class DataStats(pl.Callback):
         self._busy = 0.0
         self._samples = 0
         self._window_start: float | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if torch.cuda.is_available():  # the peak of this stage, not of the stages before it in this process
+            torch.cuda.reset_peak_memory_stats()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         now = time.perf_counter()
