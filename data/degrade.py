@@ -19,11 +19,13 @@ import torch.nn.functional as F
 
 
 def gaussian_kernel(
-    size: int, sigma_x: float, sigma_y: float | None = None, angle: float = 0.0
+    size: int, sigma_x: float, sigma_y: float | None = None, angle: float = 0.0, device=None
 ) -> torch.Tensor:
-    """A normalised (size, size) gaussian kernel, anisotropic when sigma_y differs (rotated by ``angle``)."""
+    """A normalised (size, size) gaussian kernel, anisotropic when sigma_y differs (rotated by ``angle``).
+    Made on ``device``: a kernel copied there from host memory would make the host wait for the GPU at
+    every training step of an upsampler."""
     sigma_y = sigma_x if sigma_y is None else sigma_y
-    r = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    r = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2
     y, x = torch.meshgrid(r, r, indexing="ij")
     c, s = math.cos(angle), math.sin(angle)
     u, v = c * x + s * y, -s * x + c * y
@@ -63,7 +65,7 @@ def jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
 
 def light_blur(x: torch.Tensor, size: int = 3, sigma: float = 0.6) -> torch.Tensor:
     """The 64->256 corruption: gaussian blur, kernel 3, sigma 0.6 (applied to the low-res image)."""
-    return blur(x, gaussian_kernel(size, sigma))
+    return blur(x, gaussian_kernel(size, sigma, device=x.device))
 
 
 def bsr_degrade(x: torch.Tensor, out_size: int, rng: random.Random) -> torch.Tensor:
@@ -77,7 +79,7 @@ def bsr_degrade(x: torch.Tensor, out_size: int, rng: random.Random) -> torch.Ten
         size = rng.choice([3, 5, 7])
         sx = rng.uniform(0.2, 2.0)
         sy = sx if rng.random() < 0.5 else rng.uniform(0.2, 2.0)
-        x = blur(x, gaussian_kernel(size, sx, sy, rng.uniform(0, math.pi)))
+        x = blur(x, gaussian_kernel(size, sx, sy, rng.uniform(0, math.pi), device=x.device))
     x = resize(x, out_size, rng.choice(["bilinear", "bicubic", "area"]))
     if rng.random() < 0.8:
         gen = torch.Generator().manual_seed(rng.getrandbits(31))

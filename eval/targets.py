@@ -1,9 +1,14 @@
 """Issue 28's targets, met or not, from the rows a GPU check wrote.
 
-    python -m eval.targets DIR    # DIR: a gpu_check's results (its check.tar.gz unpacked): bench.json,
-                                  # anchors.json, compiled.json, data.json
-    python -m eval.targets --data-target DIR    # the samples/s the data step must feed: the fastest CLIP
-                                                # case in DIR, else 1.2x open_clip B/16 compiled (3,348)
+    python -m eval.targets DIR [EARLIER ...]    # DIR: a gpu_check's results (its check.tar.gz unpacked):
+                                                # bench.json, anchors.json, compiled.json, data.json
+    python -m eval.targets --data-target DIR [EARLIER ...]    # the samples/s the data step must feed: the
+                                                # fastest CLIP case, else 1.2x open_clip B/16 compiled (3,348)
+
+EARLIER: the results of earlier calls on the same machine (gpu_check passes them, newest first): a file
+this call did not write is read from the first of them that has it, so the second call of a session (the
+cascade, the data step) is judged with the first call's benchmark rows; the output says which file came
+from where.
 
 Prints one markdown row per target: ours (the faster of eager and compiled), the anchor (measured in the
 same run when it is there, else the figure an earlier session measured on an H200,
@@ -54,6 +59,26 @@ DATA_WORKERS = 12  # the data target: the fastest stage's per-GPU rate from at m
 CLIP_B16_TARGET = 1.2 * DOCUMENTED["open_clip_b16", "compiled"]  # the data target without a CLIP row
 
 
+class Results:
+    """A call's results directory with earlier calls' behind it: ``results / name`` is the path of ``name``
+    in the first directory that has it (this call's rows win), else in this call's."""
+
+    def __init__(self, dirs) -> None:
+        self.dirs = [Path(d) for d in dirs]
+
+    def __truediv__(self, name: str) -> Path:
+        return next((d / name for d in self.dirs if (d / name).exists()), self.dirs[0] / name)
+
+    def borrowed(self) -> list[str]:
+        """``name (dir)`` for each row file read from an earlier call's directory."""
+        names = ("bench.json", "compiled.json", "anchors.json", "data.json")
+        return [
+            f"{n} ({(self / n).parent})"
+            for n in names
+            if (self / n).parent != self.dirs[0] and (self / n).exists()
+        ]
+
+
 def _rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -65,14 +90,14 @@ def _ok(rows: list[dict], case: str) -> dict | None:
     return next((r for r in rows if r.get("case") == case and r.get("status") == "ok"), None)
 
 
-def ours_best(out: Path, case: str) -> tuple[dict, str] | None:
+def ours_best(out: Path | Results, case: str) -> tuple[dict, str] | None:
     """The faster of the eager (bench.json) and compiled (compiled.json) rows of ``case``."""
     found = [(r, mode) for name, mode in (("bench", "eager"), ("compiled", "compiled"))
              if (r := _ok(_rows(out / f"{name}.json"), case))]  # fmt: skip
     return max(found, key=lambda f: f[0]["samples_per_s"]) if found else None
 
 
-def run_device(out: Path) -> str | None:
+def run_device(out: Path | Results) -> str | None:
     """The GPU the rows were measured on (their files' ``meta.device``), or None where none says."""
     for name in ("bench", "compiled", "anchors"):
         path = out / f"{name}.json"
@@ -82,7 +107,9 @@ def run_device(out: Path) -> str | None:
     return None
 
 
-def anchor_rate(out: Path, case: str, mode: str, device: str | None) -> tuple[float | None, str] | None:
+def anchor_rate(
+    out: Path | Results, case: str, mode: str, device: str | None
+) -> tuple[float | None, str] | None:
     """The anchor's samples/s in this run (anchors.json eager, compiled.json compiled), else the documented
     H200 figure where the rows are from an H200 too (or do not say): another GPU, an H100's slower memory
     say, would make the comparison unfair, so there the rate is None and the label says why. ``device``:
@@ -97,7 +124,7 @@ def anchor_rate(out: Path, case: str, mode: str, device: str | None) -> tuple[fl
     return None
 
 
-def verdicts(out: Path) -> list[dict]:
+def verdicts(out: Path | Results) -> list[dict]:
     rows, device = [], run_device(out)
     for t in TARGETS:
         row = {
@@ -131,13 +158,13 @@ def verdicts(out: Path) -> list[dict]:
     return rows
 
 
-def fastest_clip(out: Path) -> float | None:
+def fastest_clip(out: Path | Results) -> float | None:
     """The fastest CLIP case's samples/s in this run (eager or compiled), or None."""
     clip = [b for c in ("clip_b16", "clip_l14") if (b := ours_best(out, c))]
     return max(r["samples_per_s"] for r, _ in clip) if clip else None
 
 
-def data_verdict(out: Path) -> dict:
+def data_verdict(out: Path | Results) -> dict:
     """Our loader at <= DATA_WORKERS workers against the fastest CLIP case's samples/s of this run."""
     row = {"workload": "data: JPEG decode + crop + batch", "ours": "-", "anchor": "-", "met": "not measured",
            "target": f"the fastest CLIP case's rate from <= {DATA_WORKERS} cores"}  # fmt: skip
@@ -170,19 +197,25 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--data-target"] and len(argv) == 2:  # the samples/s gpu_check's data step must feed
-        print(f"{fastest_clip(Path(argv[1])) or CLIP_B16_TARGET:.0f}")
-        return 0
-    if len(argv) != 1 or not Path(argv[0]).is_dir():
+    data_target = argv[:1] == ["--data-target"]
+    dirs = argv[1:] if data_target else argv
+    if not dirs or not all(Path(d).is_dir() for d in dirs):
         print(
-            "usage: python -m eval.targets [--data-target] DIR  (a gpu_check check.tar.gz, unpacked)",
+            "usage: python -m eval.targets [--data-target] DIR [EARLIER ...]  (gpu_check results directories: "
+            "a check.tar.gz unpacked)",
             file=sys.stderr,
         )
         return 2
-    rows = verdicts(Path(argv[0]))
+    results = Results(dirs)
+    if data_target:  # the samples/s gpu_check's data step must feed
+        print(f"{fastest_clip(results) or CLIP_B16_TARGET:.0f}")
+        return 0
+    rows = verdicts(results)
     print(table(rows))
     met = sum(r["met"] == "met" for r in rows)
     print(f"\n{met} of {len(rows)} targets met; {sum(r['met'] == 'not measured' for r in rows)} not measured")
+    if borrowed := results.borrowed():
+        print(f"From earlier calls on this machine: {', '.join(borrowed)}")
     return 0
 
 

@@ -80,6 +80,7 @@ fi
 
 if [ $cpu = 1 ]; then
   export UNCLIP_TEST_DEVICE=cpu CUDA_VISIBLE_DEVICES=""
+  bench_env=()
   T_TESTS=300 T_SYNC=60 SYNC_PARAMS=1e6 T_BENCH=120 T_ANCHORS=240 T_COMPILED=120 T_COMPILED_TESTS=120 T_RUNS=300 T_CASCADE=300 PRESET=gpu_smoke
   TB_CASCADE=240
   T_DATA=60 data_args=(--samples 96 --sizes 48 --crop 32 --workers 0 2 --batch 8)
@@ -100,8 +101,10 @@ else
   TB_CASCADE=420   # issue 26: the cascade in at most 7 minutes
   # the bench steps build case after case in one process: grow the allocator's segments rather than cut
   # new ones, so a case near the card's memory (ViT-L/14 at 256 needs ~76 GB by launch/plan.py; an H100
-  # has 80) does not fail on what the cases before it left fragmented
-  export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+  # has 80) does not fail on what the cases before it left fragmented. Those steps only: the setting maps
+  # memory through the driver's virtual-memory calls, untried on these machines, and the tests, the
+  # cascade and the data step do not need it.
+  bench_env=(env "PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}")
   T_DATA=60 data_args=(--samples 16000 --sizes 256 --crop 224 --workers 1 12 --seconds 6)
   test_args=(-m gpu -k "not compiled_step")   # the compiled step runs that one
   bench_args=(--size anchor)
@@ -114,12 +117,13 @@ fi
 {
   echo "# GPU check: $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(date -u +%Y-%m-%dT%H:%MZ)"
   echo
-  $py - <<'EOF' 2>&1
+  BENCH_ALLOC="${bench_env[1]:-}" $py - <<'EOF' 2>&1
 import os, platform, torch
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU mode)"
-alloc = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "default")
+alloc = os.environ["BENCH_ALLOC"].partition("=")[2] or "default"
+memory = next((line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal:")), "0")
 print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}, GPU: {gpu}, "
-      f"allocator: {alloc}")
+      f"allocator of the bench, anchors, layout and compiled steps: {alloc}, host memory now {int(memory) / 2**20:.0f} GiB")
 EOF
   echo
   echo "| step | exit | seconds | host memory in use, peak GiB | disk free, least GiB |"
@@ -128,11 +132,15 @@ EOF
 
 # ---- host watch: every 2 s, the machine's memory in use (MemTotal - MemAvailable) and the disk free under
 # $WORK go to logs/host.log (epoch s, kB in use, kB available, kB free), and each step's row gets its peak
-# and least. A step that leaves under HOST_MIN_MEM_GIB of memory available or HOST_MIN_DISK_GIB of disk free
-# is interrupted as its timeout would (INT to its process group, KILL 20 s later), its row says so, and the
-# next step runs: one step must not take the device machine down with the other steps' results (the first
-# device call of 2026-12-05 "stopped answering" and brought nothing back, cause unknown).
+# and least. A step that uses all but HOST_MIN_MEM_GIB of the machine's HOST_MEM_GIB, or leaves under
+# HOST_MIN_DISK_GIB of disk free, is interrupted as its timeout would (INT to its process group, KILL 20 s
+# later), its row says so, and the next step runs: one step must not take the device machine down with the
+# other steps' results (the first device call of 2026-12-05 "stopped answering" and brought nothing back,
+# cause unknown). HOST_MEM_GIB: the device kinds' 128 GiB, or MemTotal where larger; not MemTotal itself,
+# which on a Firecracker machine starts far lower and grows as memory is used (the device library's H200.md).
 HOST_MIN_MEM_GIB=${HOST_MIN_MEM_GIB:-4} HOST_MIN_DISK_GIB=${HOST_MIN_DISK_GIB:-2}
+HOST_MEM_GIB=${HOST_MEM_GIB:-$(awk '/^MemTotal:/ {g = int($2 / 1048576); print (g > 128 ? g : 128)}' /proc/meminfo 2>/dev/null)}
+HOST_MEM_GIB=${HOST_MEM_GIB:-128}
 host_sample() {
   local total avail disk
   total=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo 2>/dev/null) total=${total:-0}
@@ -140,7 +148,8 @@ host_sample() {
   disk=$(df -Pk "$WORK" 2>/dev/null | awk 'NR == 2 {print $4}') disk=${disk:-0}
   [ "$total" -gt 0 ] && [ "$disk" -gt 0 ] || return 0   # a machine without these: no watch, no figures
   echo "$(date +%s) $((total - avail)) $avail $disk" >> "$RES/logs/host.log"
-  if [ -f "$RES/.step" ] && { [ "$avail" -lt $((HOST_MIN_MEM_GIB * 1048576)) ] ||
+  if [ -f "$RES/.step" ] && { { [ "$avail" -lt $((HOST_MIN_MEM_GIB * 1048576)) ] &&
+                                [ $((total - avail)) -ge $(((HOST_MEM_GIB - HOST_MIN_MEM_GIB) * 1048576)) ]; } ||
                               [ "$disk" -lt $((HOST_MIN_DISK_GIB * 1048576)) ]; }; then
     local pid step; read -r pid step < "$RES/.step"; rm -f "$RES/.step"
     echo "host: $((avail / 1048576)) GiB of memory available, $((disk / 1048576)) GiB of disk free" > "$RES/.interrupted"
@@ -159,11 +168,16 @@ host_peak() {
     END { if (d == "") print "- | -"; else printf "%.1f | %.1f\n", m / 1048576, d / 1048576 }' "$RES/logs/host.log"
 }
 
+# earlier: the results directories of this machine's earlier calls, newest first
+earlier() { ls -dt "$WORK"/check-* 2>/dev/null | grep -vxF "$RES"; }
+
 # publish: RES/report.md = the step rows, each finished step's section and issue 28's targets from the rows
-# so far (python -m eval.targets); then $OUT gets report.md, samples.png and check.tar.gz (all of RES).
+# so far (python -m eval.targets, with the rows of this machine's earlier calls behind this call's: a
+# session's second call is judged with its first call's benchmark); then $OUT gets report.md, samples.png
+# and check.tar.gz (all of RES).
 # Run after every step, so a call cut short still brings back what its finished steps measured.
 publish() {
-  { cat "$rows" "$sections"; echo; echo "## Targets"; echo; $py -m eval.targets "$RES" 2>&1
+  { cat "$rows" "$sections"; echo; echo "## Targets"; echo; $py -m eval.targets "$RES" $(earlier) 2>&1
     echo; echo "Everything: check.tar.gz beside this report (logs/<step>.log, the JSON rows, cascade/); here: $RES"
   } > "$RES/report.md"
   cp "$RES/report.md" "$OUT/report.md"
@@ -226,22 +240,22 @@ for step in ${steps//,/ }; do
       section "GPU tests (pytest -m gpu)" tests '(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|error' ;;
     bench)
       # ours only: the anchors are the anchors step's (without --cases, --size anchor runs them here too)
-      run bench "$T_BENCH" $py -m eval.bench_train "${bench_args[@]}" --cases ours --json "$RES/bench.json"
+      run bench "$T_BENCH" "${bench_env[@]}" $py -m eval.bench_train "${bench_args[@]}" --cases ours --json "$RES/bench.json"
       section "Training step, ours (python -m eval.bench_train ${bench_args[*]} --cases ours)" bench '^[#|]' ;;
     sync)
       run sync "$T_SYNC" $py -m eval.bench_sync --params "$SYNC_PARAMS"
       section "Per-step agreement cost (python -m eval.bench_sync --params $SYNC_PARAMS)" sync '^[#|]' ;;
     anchors)
-      run anchors "$T_ANCHORS" $py -m eval.bench_train "${bench_args[@]}" "${anchor_cases[@]}" \
+      run anchors "$T_ANCHORS" "${bench_env[@]}" $py -m eval.bench_train "${bench_args[@]}" "${anchor_cases[@]}" \
         --json "$RES/anchors.json"
       section "Training step, what users run instead" anchors '^[#|]' ;;
     layout)
-      run layout "$T_LAYOUT" $py -m eval.bench_train "${bench_args[@]}" "${layout_cases[@]}" --channels-last \
+      run layout "$T_LAYOUT" "${bench_env[@]}" $py -m eval.bench_train "${bench_args[@]}" "${layout_cases[@]}" --channels-last \
         --json "$RES/layout.json"
       section "Training step, UNets in channels_last (against the bench step's rows)" layout '^[#|]' ;;
     data)
       # the target: bench's fastest CLIP case (samples/s of one GPU), else issue 28's 1.2x open_clip compiled
-      target=$($py -m eval.targets --data-target "$RES")
+      target=$($py -m eval.targets --data-target "$RES" $(earlier))
       run data "$T_DATA" $py -m eval.bench_data --content photo "${data_args[@]}" --baseline \
         --target "${target:-3348}" --dir "$WORK/bench_data" --json "$RES/data.json"
       section "Data loading on this machine's cores (python -m eval.bench_data --content photo ${data_args[*]})" \
@@ -253,7 +267,7 @@ for step in ${steps//,/ }; do
       run compiled-tests "$T_COMPILED_TESTS" $py -m pytest -p no:cacheprovider -v -rfEs -m gpu -k compiled_step \
         tests/test_gpu.py
       section "Compiled vs eager (pytest -m gpu -k compiled_step)" compiled-tests '(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|error'
-      run compiled "$T_COMPILED" $py -m eval.bench_train "${bench_args[@]}" "${cases[@]}" --compile regional \
+      run compiled "$T_COMPILED" "${bench_env[@]}" $py -m eval.bench_train "${bench_args[@]}" "${cases[@]}" --compile regional \
         --json "$RES/compiled.json"
       section "Training step, torch.compile regional" compiled '^[#|]' ;;
     runs)

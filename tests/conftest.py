@@ -126,15 +126,22 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 
 
 def run_python(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python ARGS`` in tmp_path with :func:`cli_env`; output captured."""
-    return subprocess.run(
-        [sys.executable, *args],
-        cwd=tmp_path,
-        env=cli_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """``python ARGS`` in tmp_path with :func:`cli_env`; output captured. Past ``timeout`` the test fails
+    with the end of what the command printed, so a run that stalls says where."""
+    try:
+        return subprocess.run(
+            [sys.executable, *args],
+            cwd=tmp_path,
+            env=cli_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as e:
+        printed = b"".join(part or b"" for part in (e.stdout, e.stderr)).decode(errors="replace")
+        raise AssertionError(
+            f"python {' '.join(args)} ran past {timeout} s; it printed:\n{printed[-4000:]}"
+        ) from None
 
 
 def free_port() -> int:

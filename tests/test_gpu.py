@@ -55,7 +55,9 @@ def test_the_smoke_cascade_trains_embeds_and_samples_on_the_device(tmp_path):
     and not at the end of preset=gpu's 7 minutes (gpu_check's cascade step). First in this file, so that a
     tests step cut at its time limit has run it."""
     out = tmp_path / "cascade"
-    result = run_python(["-m", "train.pipeline", "preset=gpu_smoke", f"out_dir={out}"], tmp_path, timeout=240)
+    # 150 s: well inside gpu_check's tests step (200 s), so a stalled cascade fails here, with its output,
+    # and the tests after it still run
+    result = run_python(["-m", "train.pipeline", "preset=gpu_smoke", f"out_dir={out}"], tmp_path, timeout=150)
     assert result.returncode == 0, result.stderr[-4000:]
     for stage in ("embed", "sample"):
         assert json.loads((out / stage / "done.json").read_text())["device"].startswith(DEVICE.type), stage
@@ -220,6 +222,25 @@ def test_the_ema_update_and_the_batch_normalisation_never_block_the_host():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert int(ema.num_updates) == 3
+
+
+@cuda_only
+def test_the_upsampler_crops_and_blur_never_block_the_host():
+    """Every 64 -> 256 upsampler step draws crop corners and blurs its conditioning image with a gaussian
+    kernel: a tensor of host numbers copied to the device (the corners' limits, the kernel) would make the
+    host wait for the GPU."""
+    from data.degrade import light_blur, resize
+    from train.modules.upsampler import random_crops
+
+    images = torch.rand(4, 3, 64, 64, device=DEVICE) * 2 - 1
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        crops, _ = random_crops(images, 32)
+        low = light_blur(resize(crops, 8, "bicubic"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert crops.shape == (4, 3, 32, 32) and low.shape == (4, 3, 8, 8)
 
 
 @cuda_only

@@ -273,7 +273,7 @@ def test_bf16_mixed_with_the_fused_adamw_clips_gradients(tmp_path, monkeypatch):
             super().step()
             return loss
 
-    def fused_adamw(groups, *, lr, betas, eps):
+    def fused_adamw(groups, *, lr, betas, eps, device=None):
         return Recording(groups, lr=lr, betas=betas, eps=eps, fused=True)
 
     monkeypatch.setattr(optim, "adamw", fused_adamw)
@@ -381,3 +381,20 @@ def test_targets_give_each_issue_target_a_verdict_from_the_check_rows(tmp_path, 
     assert (
         targets.main(["--data-target", str(tmp_path / "empty")]) == 0 and capsys.readouterr().out == "3348\n"
     )
+    # a session's second call (no benchmark rows of its own) is judged with the first call's, named as such
+    first, second = tmp_path / "check-1", tmp_path / "check-2"
+    first.mkdir(), second.mkdir()
+    (tmp_path / "bench.json").rename(first / "bench.json")
+    (tmp_path / "data.json").rename(second / "data.json")
+    assert targets.main(["--data-target", str(second)]) == 0 and capsys.readouterr().out == "3348\n"
+    assert (
+        targets.main(["--data-target", str(second), str(first)]) == 0 and capsys.readouterr().out == "3400\n"
+    )
+    assert targets.main([str(second), str(first)]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "| 5,000/s, 12 workers |" in printed
+        and "(3,400/s)" in printed
+        and "1 of 5 targets met" not in printed
+    )
+    assert f"From earlier calls on this machine: bench.json ({first})" in printed

@@ -497,3 +497,11 @@ def test_a_cli_that_ended_well_leaves_its_process_group(tmp_path):
         gc.unfreeze()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_a_cli_run_past_its_timeout_fails_with_what_it_printed(tmp_path):
+    """tests' run_python: a stalled command (on the GPU tier, the smoke cascade) fails the test with the
+    end of its output, rather than a bare TimeoutExpired, so the report says where it stalled."""
+    script = "import sys, time; print('reached the sample stage', flush=True); time.sleep(60)"
+    with pytest.raises(AssertionError, match=r"(?s)ran past 3 s.*reached the sample stage"):
+        run_python(["-c", script], tmp_path, timeout=3)

@@ -118,6 +118,22 @@ def test_training_crops_are_drawn_per_sample():
         assert torch.equal(crops[k], images[k, :, i : i + 8, j : j + 8])
 
 
+def test_the_conditioning_image_is_float32_under_autocast_as_at_sampling():
+    """Autocast would run the blur's convolution in bf16 (on a GPU too), rounding the image the net is
+    conditioned on in training; the cascade conditions it on a float32 image."""
+    from hydra.utils import instantiate
+
+    from train.modules.upsampler import UpsamplerModule
+
+    unet = instantiate(compose_config(["stage=upsampler_256", "net.model_channels=8"]).net)
+    module = UpsamplerModule(unet, low_res_size=8, sample_steps=2, diffusion={"num_timesteps": 10})
+    hi = torch.rand(2, 3, 32, 32) * 2 - 1
+    want = module.low_res(hi, degrade=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = module.low_res(hi, degrade=True)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
 def test_old_run_configs_still_name_the_module_where_it_was():
     """Runs written before the upsampler had its own file say train.modules.decoder.UpsamplerModule."""
     from hydra.utils import get_class

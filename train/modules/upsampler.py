@@ -25,8 +25,9 @@ def random_crops(
     """A ``size`` x ``size`` crop at its own random position for each image of (B, C, H, W): the crops
     (B, C, size, size) and their top-left corners (B, 2). One gather, no per-sample loop."""
     b, _, h, w = images.shape
-    limit = torch.tensor([h - size + 1, w - size + 1], device=images.device)
-    corners = (torch.rand(b, 2, device=images.device, generator=generator) * limit).long()  # (B, 2)
+    u = torch.rand(b, 2, device=images.device, generator=generator)
+    # scaled by host numbers: a tensor of them copied to the GPU would make the host wait there every step
+    corners = torch.stack([u[:, 0] * (h - size + 1), u[:, 1] * (w - size + 1)], dim=1).long()  # (B, 2)
     offsets = torch.arange(size, device=images.device)
     rows = (corners[:, 0, None] + offsets)[:, None, :, None]  # (B, 1, size, 1)
     cols = (corners[:, 1, None] + offsets)[:, None, None, :]  # (B, 1, 1, size)
@@ -121,15 +122,19 @@ class UpsamplerModule(DiffusionStageModule):
         from data.degrade import bsr_degrade, light_blur, resize
 
         out = hi.shape[-1] * self.hparams.low_res_size // self.net.image_size
-        if not degrade or self.hparams.degradation == "none":
-            return resize(hi, out, "bicubic")
-        if self.hparams.degradation == "blur":
-            return light_blur(resize(hi, out, "bicubic"))
-        if rng is None:
-            if self._rng is None:
-                self._rng = random.Random(self.hparams.seed * 1000 + self.global_rank)
-            rng = self._rng
-        return bsr_degrade(hi, out, rng)
+        # in float32 under autocast too (it would run the blur's convolution in bf16): the cascade hands the
+        # net a float32 image at sampling, so training conditions on the same precision
+        with torch.autocast(hi.device.type, enabled=False):
+            hi = hi.float()
+            if not degrade or self.hparams.degradation == "none":
+                return resize(hi, out, "bicubic")
+            if self.hparams.degradation == "blur":
+                return light_blur(resize(hi, out, "bicubic"))
+            if rng is None:
+                if self._rng is None:
+                    self._rng = random.Random(self.hparams.seed * 1000 + self.global_rank)
+                rng = self._rng
+            return bsr_degrade(hi, out, rng)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         hi = to_unit_range(batch["image"].to(self.device), self.net.image_size)
