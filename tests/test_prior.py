@@ -238,6 +238,34 @@ def test_a_bf16_shadow_still_averages_small_updates_and_restores():
     torch.testing.assert_close(restored._master[0], ema.shadow.weight.float() * 0.999 + 1.5 * 0.001)
 
 
+def test_a_bf16_ema_averages_the_net_in_float32_a_chunk_at_a_time(monkeypatch):
+    """Under DeepSpeed's bf16 the net's weights are bf16 too: the update converts them to float32 a chunk
+    at a time (all at once was a transient 4 bytes per weight), with the same result."""
+    import copy
+
+    from train import ema as ema_module
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])  # 4 x 72 weights
+    ema = EMA(net, decay=0.9, warmup=False)
+    ema.shadow.bfloat16()
+    net.bfloat16()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    chunked = copy.deepcopy(ema)
+    ema.update(net)  # the default chunk holds them all
+    calls, lerp = [], torch._foreach_lerp_
+    monkeypatch.setattr(ema_module, "CHUNK_ELEMENTS", 150)
+    monkeypatch.setattr(
+        torch, "_foreach_lerp_", lambda a, b, w: calls.append(sum(t.numel() for t in b)) or lerp(a, b, w)
+    )
+    chunked.update(net)
+    assert calls == [144, 144], calls  # two layers (2 x 72 weights) at a time: at most 150 converted at once
+    for a, b in zip(ema.shadow.parameters(), chunked.shadow.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_prior_stage_trains_on_embedding_shards_and_exports_ema(clip_run, tmp_path):
     run, val = clip_run
     emb = tmp_path / "emb"
