@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
@@ -202,6 +204,54 @@ def test_a_deepspeed_bf16_run_hands_the_step_its_batch_as_loaded(tmp_path):
                                     npy_fields=["img_emb.npy", "tokens.npy"], shuffle_buffer=0)))  # fmt: skip
     assert loaded["tokens.npy"].dtype == torch.int64 and torch.equal(loaded["tokens.npy"], ids)
     assert loaded["img_emb.npy"].dtype == torch.float32
+
+
+class BatchDtypes(pl.Callback):
+    """Writes the dtypes of the batch a training step receives, and of the net's weights, to ``out``."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        seen = {k: str(batch[k].dtype) for k in ("tokens.npy", "img_emb.npy")}
+        seen["weights"] = str(next(pl_module.net.parameters()).dtype)
+        Path(self.out).write_text(json.dumps(seen))
+
+
+def test_a_deepspeed_bf16_engine_trains_the_prior_on_exact_embedding_batches(clip_run, tmp_path):
+    """A real DeepSpeed ZeRO-2 bf16 engine (on CPU processes here): the net's weights are bf16, the step
+    gets the shards' token ids as int64 and their embeddings in float32, and the nets cast them."""
+    run, val = clip_run
+    emb = tmp_path / "emb"
+    embed_shards(str(run), val, emb, batch_size=32)
+    seen = tmp_path / "seen.json"
+    cfg = _prior_cfg(
+        [
+            "data=embeddings",
+            f"data.train_shards={emb}",
+            f"data.val_shards={emb}",
+            "data.num_workers=0",
+            "data.global_batch_size=16",
+            "net.use_text_tokens=true",
+            "module.sample_steps=4",
+            "module.val_max_samples=16",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=4",
+            "trainer.enable_progress_bar=false",
+            "trainer.accelerator=cpu",
+            "trainer.devices=1",
+            "trainer.precision=bf16-mixed",
+            "strategy=deepspeed_zero2",
+            "strategy._target_=train.strategies.CPUDeepSpeedStrategy",
+            f"paths.output_dir={tmp_path / 'prior'}",
+            "+callbacks.batch_dtypes._target_=tests.test_prior.BatchDtypes",
+            f"+callbacks.batch_dtypes.out={seen}",
+        ]
+    )
+    metrics = train(cfg)
+    want = {"tokens.npy": "torch.int64", "img_emb.npy": "torch.float32", "weights": "torch.bfloat16"}
+    assert json.loads(seen.read_text()) == want
+    assert metrics["trainer/global_step"] == 4 and torch.isfinite(torch.tensor(metrics["train/loss"]))
 
 
 def _prior_cfg(overrides):
