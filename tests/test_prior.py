@@ -225,28 +225,19 @@ def test_a_deepspeed_bf16_engine_trains_the_prior_on_exact_embedding_batches(cli
     emb = tmp_path / "emb"
     embed_shards(str(run), val, emb, batch_size=32)
     seen = tmp_path / "seen.json"
-    cfg = _prior_cfg(
-        [
-            "data=embeddings",
-            f"data.train_shards={emb}",
-            f"data.val_shards={emb}",
-            "data.num_workers=0",
-            "data.global_batch_size=16",
-            "net.use_text_tokens=true",
-            "module.sample_steps=4",
-            "module.val_max_samples=16",
-            "trainer.max_steps=4",
-            "trainer.val_check_interval=4",
-            "trainer.enable_progress_bar=false",
-            "trainer.accelerator=cpu",
-            "trainer.devices=1",
-            "trainer.precision=bf16-mixed",
-            "strategy=deepspeed_zero2",
-            "strategy._target_=train.strategies.CPUDeepSpeedStrategy",
-            f"paths.output_dir={tmp_path / 'prior'}",
-            "+callbacks.batch_dtypes._target_=tests.test_prior.BatchDtypes",
-            f"+callbacks.batch_dtypes.out={seen}",
-        ]
+    cfg = _on_embedding_shards(
+        emb,
+        tmp_path / "prior",
+        "module.val_max_samples=16",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "trainer.precision=bf16-mixed",
+        "strategy=deepspeed_zero2",
+        "strategy._target_=train.strategies.CPUDeepSpeedStrategy",
+        "+callbacks.batch_dtypes._target_=tests.test_prior.BatchDtypes",
+        f"+callbacks.batch_dtypes.out={seen}",
     )
     metrics = train(cfg)
     want = {"tokens.npy": "torch.int64", "img_emb.npy": "torch.float32", "weights": "torch.bfloat16"}
@@ -256,6 +247,24 @@ def test_a_deepspeed_bf16_engine_trains_the_prior_on_exact_embedding_batches(cli
 
 def _prior_cfg(overrides):
     return compose_config(["stage=prior", "logger=none", *overrides])
+
+
+def _on_embedding_shards(emb, out, *overrides):
+    """The prior stage on data.embed's shards in ``emb`` (training and validation), writing to ``out``."""
+    return _prior_cfg(
+        [
+            "data=embeddings",
+            f"data.train_shards={emb}",
+            f"data.val_shards={emb}",
+            "data.num_workers=0",
+            "data.global_batch_size=16",
+            "net.use_text_tokens=true",
+            "module.sample_steps=4",
+            "trainer.enable_progress_bar=false",
+            f"paths.output_dir={out}",
+            *overrides,
+        ]
+    )
 
 
 def test_a_bf16_shadow_still_averages_small_updates_and_restores():
@@ -320,23 +329,14 @@ def test_prior_stage_trains_on_embedding_shards_and_exports_ema(clip_run, tmp_pa
     run, val = clip_run
     emb = tmp_path / "emb"
     embed_shards(str(run), val, emb, batch_size=32)
-    cfg = _prior_cfg(
-        [
-            "data=embeddings",
-            f"data.train_shards={emb}",
-            f"data.val_shards={emb}",
-            "data.num_workers=0",
-            "data.global_batch_size=16",
-            "net.use_text_tokens=true",
-            "module.optimizer.warmup_steps=2",
-            "module.optimizer.lr=1e-3",
-            "module.sample_steps=4",
-            "module.val_max_samples=64",
-            "trainer.max_steps=6",
-            "trainer.val_check_interval=6",
-            "trainer.enable_progress_bar=false",
-            f"paths.output_dir={tmp_path / 'prior'}",
-        ]
+    cfg = _on_embedding_shards(
+        emb,
+        tmp_path / "prior",
+        "module.optimizer.warmup_steps=2",
+        "module.optimizer.lr=1e-3",
+        "module.val_max_samples=64",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=6",
     )
     metrics = train(cfg)
     # clip_ckpt came from embed_info.json; the net's sizes from the CLIP
