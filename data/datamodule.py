@@ -218,8 +218,9 @@ class ShardDataModule(pl.LightningDataModule):
     def _loader(self, ds: ShardDataset, *, train: bool) -> RankSyncedLoader:
         """The train loader is rank-synchronised, checks the data and keeps its workers through the fit
         (the epoch reaches them in shared memory: data/pipeline.py StreamPosition). Validation runs no
-        collective per step, so every rank evaluates all of its shards (nothing dropped) and the module
-        gathers the results at the end; its workers live while it runs."""
+        collective per step (train/modules/base.py), so every rank evaluates all of its shards (nothing
+        dropped) and the module gathers the results at the end, except under ZeRO-3 (val_dataloader);
+        its workers live while it runs."""
         workers = self.num_workers
         if workers > len(ds.urls) // ds.world_size:
             log.warning(
@@ -253,7 +254,22 @@ class ShardDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> RankSyncedLoader | list:
         if not self.val_shards:
             return []
-        return self._loader(self._dataset(self.val_shards, train=False), train=False)
+        ds = self._dataset(self.val_shards, train=False)
+        if len(ds.urls) < ds.world_size:
+            log.warning(
+                "data.val_shards=%r: %d shards for %d ranks; a rank with no shard evaluates nothing (and "
+                "under ZeRO-3, no rank does: see val_dataloader); use at least as many shards as ranks",
+                self.val_shards,
+                len(ds.urls),
+                ds.world_size,
+            )
+        loader = self._loader(ds, train=False)
+        if getattr(self.trainer.strategy if self.trainer else None, "zero_stage_3", False):
+            # ZeRO-3 gathers weights at every module call, validation's too: a collective per forward, so
+            # every rank must run the same validation steps. All stop when one runs out (the rest of the
+            # others' shards is left out, with a warning). DDP and FSDP validate without collectives.
+            loader.group = self._group
+        return loader
 
     # ---- exact resume: the data position travels in the checkpoint --------------------------------
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:

@@ -104,6 +104,14 @@ class RankSyncedLoader:
                     for rest in iterator:
                         self.tail_dropped += len(rest["__key__"])
                         self._record(rest["__state__"])
+                if not self.checks and self.tail_dropped:  # validation in lockstep (ZeRO-3)
+                    log.warning(
+                        "validation: %d samples of this rank left out after %d batches, where another rank "
+                        "ran out of validation data (in step on every rank under ZeRO-3: its forwards gather "
+                        "weights); give data.val_shards a multiple of the ranks' count of equal shards",
+                        self.tail_dropped,
+                        yielded,
+                    )
                 return
             self._in_flight.append(state)
             yielded += 1

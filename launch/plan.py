@@ -18,9 +18,9 @@ Model states follow the strategies' layouts with N parameters over W GPUs (Adam:
     fsdp             weights 4N/W, grads 4N/W, Adam 8N/W, EMA 4N/W, + the largest units gathered in bf16
 
 Validation keeps the model states (gradients included: they live until the next step zeroes them) and
-adds what evaluation gathers whole under ZeRO-3/FSDP (a stage's ``eval_gathers``: the CLIP's net; the
-diffusion stages sample with their EMA sharded, one unit gathered at a time) plus the peak of one
-no-grad forward at the validation batch per GPU (``data.val_batch_size``), doubled by classifier-free
+adds what evaluation gathers whole under ZeRO-3/FSDP (a stage's ``eval_gathers``: the CLIP's net, the
+diffusion stages' EMA copy, which validation runs without collectives: train/modules/base.py) plus the
+peak of one no-grad forward at the validation batch per GPU (``data.val_batch_size``), doubled by classifier-free
 guidance (both branches in one batch), measured on the meta device.
 
 Not counted: the CUDA context and allocator slack (~1-3 GB), communication buckets, temporary buffers
@@ -231,7 +231,10 @@ def plan(cfg, gpus: int, batch_per_gpu: int) -> tuple[list[tuple], dict]:
     val_batch = validation_batch(cfg, batch_per_gpu)
     infer = inference_peak_bytes(net, *example_batch(cfg, net, val_batch))
     module_cls = get_class(cfg.module._target_)
-    eval_whole = 0 if getattr(module_cls, "eval_gathers", None) == () else n + frozen  # params gathered whole
+    # params gathered whole for the validation: the stage's eval_gathers (None: all of it)
+    names = getattr(module_cls, "eval_gathers", None)
+    whole = {"net": n + frozen, "ema": ema}
+    eval_whole = n + frozen + ema if names is None else sum(whole[name] for name in names)
     w = gpus
     rows = [
         ("ddp", 4 * n + 4 * frozen, 4 * n, 8 * n, 4 * ema, 0),

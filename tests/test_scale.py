@@ -98,7 +98,7 @@ def test_the_tiny_clip_takes_its_vocabulary_from_the_tokenizer():
 @pytest.mark.parametrize(
     "stage, strategy, expected",
     [
-        ("upsampler_256", ["strategy=fsdp"], {"net": 0.0, "ema": 0.0}),
+        ("upsampler_256", ["strategy=fsdp"], {"net": 0.0, "ema": 1.0}),
         (
             "upsampler_256",
             [
@@ -106,15 +106,16 @@ def test_the_tiny_clip_takes_its_vocabulary_from_the_tokenizer():
                 "strategy._target_=train.strategies.CPUDeepSpeedStrategy",
                 "strategy.param_persistence_threshold=0",  # (tiny weights would stay whole by default)
             ],
-            {"net": 0.0, "ema": 0.0},
+            {"net": 0.0, "ema": 1.0},
         ),
         ("clip", ["strategy=fsdp"], {"net": 1.0}),  # evaluation reads encode_text: gathered
     ],
     ids=["fsdp-upsampler", "zero3-upsampler", "fsdp-clip"],
 )
-def test_sharded_validation_gathers_only_what_evaluation_reads(tmp_path, stage, strategy, expected):
-    """2 processes: a diffusion stage validates and samples with its net and EMA still sharded (each
-    forward gathers one unit at a time) instead of gathering both whole in fp32 on every rank."""
+def test_sharded_validation_gathers_the_ema_copy_and_what_evaluation_reads(tmp_path, stage, strategy, expected):
+    """2 processes: a diffusion stage validates and samples with its net still sharded and its EMA copy
+    gathered whole (so that its validation forwards are no collectives: train/modules/base.py), not both
+    whole in fp32 on every rank; the CLIP gathers its net (evaluation reads encode_text)."""
     run, probe = tmp_path / "run", tmp_path / "probe"
     _train_run(
         tmp_path, run, f"stage={stage}", "trainer.devices=2", "trainer.accelerator=cpu", *strategy,

@@ -156,7 +156,9 @@ def test_negative_control_wrong_data_split_is_caught(tmp_path, reference):
     assert _rel_diff(weights, reference)[0] > 1e-3
 
 
-def _train_run(tmp_path: Path, run_dir: Path, strategy: list[str], *overrides: str) -> dict:
+def _train_run(
+    tmp_path: Path, run_dir: Path, strategy: list[str], *overrides: str, timeout: int = 400
+) -> dict:
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
@@ -174,7 +176,7 @@ def _train_run(tmp_path: Path, run_dir: Path, strategy: list[str], *overrides: s
         *overrides,
     ]
     result = subprocess.run(
-        [sys.executable, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400
+        [sys.executable, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout
     )
     assert result.returncode == 0, result.stderr[-6000:]
     return json.loads((run_dir / "metrics.json").read_text())
@@ -336,13 +338,13 @@ def test_memory_plan_counts_model_states_and_measures_activations():
     assert rows_16[0][5] == pytest.approx(2 * act)
     no_ckpt = plan.compose_cfg(["stage=clip", "experiment=clip_paper", "net.grad_checkpointing=false"])
     assert plan.plan(no_ckpt, gpus=16, batch_per_gpu=8)[1]["activations"] > 5 * info["activations"]
-    # the decoder samples with its EMA sharded: validation adds no whole copy under FSDP; guidance doubles
-    # the validation batch
+    # the decoder validates with its EMA copy gathered whole (fp32 under FSDP), so that validation runs no
+    # collective until its end; guidance doubles the validation batch
     decoder = plan.compose_cfg(["stage=decoder", "experiment=decoder_paper", "data.val_batch_size=8"])
     rows, info = plan.plan(decoder, gpus=32, batch_per_gpu=8)
     fsdp = {r[0]: r[1:] for r in rows}["fsdp"]
-    assert info["val_batch"] == 16
-    assert fsdp[6] == pytest.approx(sum(fsdp[:4]) + info["inference"])
+    assert info["val_batch"] == 16 and info["ema"] == info["trainable"]
+    assert fsdp[6] == pytest.approx(sum(fsdp[:4]) + 4 * info["ema"] + info["inference"])
     # a decoder on the frozen CLIP's token features (decoder_tiny, preset=gpu's) reads them at the CLIP's
     # context: the paper's width when no CLIP is named, or the one given
     for overrides, text_dim in (([], 1024), (["net.text_dim=64"], 64)):
@@ -414,3 +416,32 @@ def test_fsdp_ema_copy_stays_sharded_like_the_net_after_validation(tmp_path, res
     for rank in (0, 1):  # each rank keeps half of every (8, 8) weight and (8,) bias
         shapes = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert shapes == [[4, 8], [4]] * 3, shapes
+
+
+ZERO3 = ["strategy=deepspeed_zero3", "strategy._target_=train.strategies.CPUDeepSpeedStrategy"]
+
+
+@pytest.mark.parametrize(
+    "strategy, shards, evaluated",
+    [(["strategy=ddp"], 1, 16), (["strategy=fsdp"], 3, 48), (ZERO3, 3, 32)],
+    ids=["ddp", "fsdp", "zero3"],
+)
+def test_a_diffusion_stage_validates_when_the_ranks_hold_unequal_validation_shards(
+    tmp_path, strategy, shards, evaluated
+):
+    """Validation shards of 16 samples on 2 ranks, split by shard: with 1, rank 1 has none; with 3, it has
+    16 and rank 0 32. A rank done with its shards went on to gather the results while the other was still
+    in a validation forward, where DDP broadcast its buffers (the EMA's count; its first forward) and FSDP
+    and ZeRO-3 gathered weights: each hung. Now DDP and FSDP validate without collectives (every sample);
+    ZeRO-3, whose forwards gather weights whatever is done, stops every rank where the first runs out,
+    with a warning (16 per rank)."""
+    from data.synthetic import ensure_synthetic
+
+    data = tmp_path / "datasets"
+    ensure_synthetic(data / "train", data / "val", train_samples=64, val_samples=64, shard_size=16)
+    val = "::".join(str(data / "val" / f"{i:05d}.tar") for i in range(shards))
+    overrides = ["stage=upsampler_256", "data.synthetic=null", f"data.train_shards={data / 'train'}",
+                 f"data.val_shards={val}", "trainer.limit_val_batches=1.0", "module.val_max_samples=64",
+                 "module.sample_steps=2"]  # fmt: skip
+    metrics = _train_run(tmp_path, tmp_path / "run", strategy, *overrides, timeout=180)
+    assert metrics["trainer/global_step"] == 5 and metrics["val/n"] == evaluated

@@ -122,10 +122,19 @@ class StageModule(pl.LightningModule):
 
 
 class DiffusionStageModule(EMAUpdateAfterStep, StageModule):
-    """A stage trained as a diffusion model (prior, decoder, upsamplers). Evaluation runs the EMA copy
-    through its forward only, so under ZeRO-3/FSDP nothing is gathered whole for it."""
+    """A stage trained as a diffusion model (prior, decoder, upsamplers).
 
-    eval_gathers: tuple[str, ...] | None = ()
+    Validation runs no collective until its end, so that ranks may take different numbers of validation
+    steps (a rank with fewer or no validation shards, or done at ``val_max_samples``): they meet at the
+    gather of the results. A collective inside a step hung the ranks still evaluating, waiting for one
+    that had gone to the gather. So the EMA copy, which validation runs (a loss and whole sampling loops),
+    is gathered whole for the validation under FSDP (one gather, not one per unit per forward: the copy's
+    weights in full on each rank meanwhile), and DDP leaves the buffers alone (the EMA's count, the same
+    on every rank by construction), which it would otherwise broadcast before the first forward. ZeRO-3
+    gathers weights at every module call whatever is gathered before, so there the ranks validate in
+    step instead (data/datamodule.py val_dataloader)."""
+
+    eval_gathers: tuple[str, ...] | None = ("ema",)
 
     def setup_diffusion(
         self, net: torch.nn.Module, diffusion: Mapping[str, Any], ema_decay: float, sample_steps: int
@@ -136,3 +145,5 @@ class DiffusionStageModule(EMAUpdateAfterStep, StageModule):
         self.ema = EMA(net, decay=ema_decay)
         self.diffusion = GaussianDiffusion.from_config(**diffusion)
         self.sampler = self.diffusion.respace(sample_steps)
+        # read by DistributedDataParallel: no buffer broadcast before each forward (see the class docstring)
+        self._ddp_params_and_buffers_to_ignore = [name for name, _ in self.named_buffers()]
