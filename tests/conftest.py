@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -88,6 +89,46 @@ def compose_config(overrides=()):
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         return compose("train", overrides=list(overrides))
+
+
+# what Lightning and torch.distributed leave in the environment of a process that ran a distributed strategy
+_DIST_ENV = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+    "NODE_RANK",
+    "LOCAL_WORLD_SIZE",
+)
+
+
+@contextlib.contextmanager
+def distributed_state_restored():
+    """Leaves no process group and the distributed environment variables as they were. A run in this
+    process under DeepSpeed or FSDP (train(), the GPU tier's sharded tests) leaves Lightning's process
+    group, whose store keeps listening on MASTER_PORT, and MASTER_PORT in the environment: a later test's
+    subprocesses inherited that port, the SLURM sweep's jobs failed to bind it (EADDRINUSE) and their
+    other ranks waited forever."""
+    saved = {key: os.environ.get(key) for key in _DIST_ENV}
+    try:
+        yield
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_outlives_its_test():
+    with distributed_state_restored():
+        yield
 
 
 @pytest.fixture(scope="session")

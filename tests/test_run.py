@@ -505,3 +505,21 @@ def test_a_cli_run_past_its_timeout_fails_with_what_it_printed(tmp_path):
     script = "import sys, time; print('reached the sample stage', flush=True); time.sleep(60)"
     with pytest.raises(AssertionError, match=r"(?s)ran past 3 s.*reached the sample stage"):
         run_python(["-c", script], tmp_path, timeout=3)
+
+
+def test_a_process_group_made_in_a_test_ends_with_it():
+    """tests/conftest.py ends every test with no process group and its MASTER_PORT gone, so that a later
+    test's subprocesses neither inherit the port nor find it still held by this process's store."""
+    import socket
+
+    import torch.distributed as dist
+
+    from tests.conftest import distributed_state_restored
+
+    port = free_port()
+    with distributed_state_restored():
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    assert not dist.is_initialized() and "MASTER_PORT" not in os.environ
+    with socket.socket() as sock:  # the store no longer listens there
+        sock.bind(("127.0.0.1", port))

@@ -112,7 +112,9 @@ def test_the_tiny_clip_takes_its_vocabulary_from_the_tokenizer():
     ],
     ids=["fsdp-upsampler", "zero3-upsampler", "fsdp-clip"],
 )
-def test_sharded_validation_gathers_the_ema_copy_and_what_evaluation_reads(tmp_path, stage, strategy, expected):
+def test_sharded_validation_gathers_the_ema_copy_and_what_evaluation_reads(
+    tmp_path, stage, strategy, expected
+):
     """2 processes: a diffusion stage validates and samples with its net still sharded and its EMA copy
     gathered whole (so that its validation forwards are no collectives: train/modules/base.py), not both
     whole in fp32 on every rank; the CLIP gathers its net (evaluation reads encode_text)."""
