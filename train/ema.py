@@ -13,8 +13,8 @@ updated in bf16 (8 significant bits) loses every update smaller than half a unit
 so it would stay frozen at its start. When the shadow is bf16/fp16 the average is kept in an fp32
 copy of this rank's shards (outside the module, so nothing casts it; 4 bytes per local parameter) and
 the shadow is rounded from it after every update. The net's weights, bf16 too under DeepSpeed, are
-converted to float32 for the average a chunk at a time (``CHUNK_ELEMENTS``). The copy is rebuilt from the shadow after a
-restore (one rounding per resume, not one per step).
+converted to float32 for the average a chunk at a time (``CHUNK_ELEMENTS``). The copy is rebuilt from
+the shadow after a restore (one rounding per resume, not one per step).
 
 The update count is a buffer (saved, restored) with a copy on the host, so that the decay of a step
 never reads the device (on a GPU that read blocks the host until the step has run); the host copy is
