@@ -30,7 +30,10 @@ def test_bench_train_tiny_prints_every_stage_with_counted_flops(tmp_path, capsys
     assert [r["case"] for r in rows] == ["clip", "prior", "decoder", "upsampler_256", "upsampler_1024"]
     for row in rows:
         assert row["status"] == "ok" and row["finite"], row
-        assert row["samples_per_s"] > 0 and 0 < row["mfu"] < 1, row
+        # counted FLOPs against the ceiling measured in the same run: an over-count (a FLOP counted twice)
+        # shows as MFU >= 2. Not < 1: a tiny case on a CPU can beat the ceiling, the fastest of twenty
+        # 1024^3 products, by noise (seen on the 2-core CI machine: the prior at 1.13)
+        assert row["samples_per_s"] > 0 and 0 < row["mfu"] < 2, row
         assert f"| {row['case']} |" in printed
     # the CLIP case counts forward + backward = 3 analytic forwards of the same net
     cfg = bench_train.compose_stage(bench_train.SIZES["tiny"][0])
