@@ -418,7 +418,11 @@ def test_fsdp_ema_copy_stays_sharded_like_the_net_after_validation(tmp_path, res
         assert shapes == [[4, 8], [4]] * 3, shapes
 
 
-ZERO3 = ["strategy=deepspeed_zero3", "strategy._target_=train.strategies.CPUDeepSpeedStrategy"]
+ZERO3 = [
+    "strategy=deepspeed_zero3",
+    "strategy._target_=train.strategies.CPUDeepSpeedStrategy",
+    "strategy.param_persistence_threshold=0",  # (tiny weights would stay whole by default)
+]
 
 
 @pytest.mark.parametrize(
@@ -434,7 +438,11 @@ def test_a_diffusion_stage_validates_when_the_ranks_hold_unequal_validation_shar
     in a validation forward, where DDP broadcast its buffers (the EMA's count; its first forward) and FSDP
     and ZeRO-3 gathered weights: each hung. Now DDP and FSDP validate without collectives (every sample);
     ZeRO-3, whose forwards gather weights whatever is done, stops every rank where the first runs out,
-    with a warning (16 per rank)."""
+    with a warning (16 per rank).
+
+    Sharded (FSDP, ZeRO-3), each rank validates and samples with its net still sharded and its EMA copy
+    gathered whole (so that its validation forwards are no collectives: train/modules/base.py), not both
+    whole in fp32 on every rank (the CLIP's case, which gathers its net: tests/test_scale.py)."""
     from data.synthetic import ensure_synthetic
 
     data = tmp_path / "datasets"
@@ -443,5 +451,11 @@ def test_a_diffusion_stage_validates_when_the_ranks_hold_unequal_validation_shar
     overrides = ["stage=upsampler_256", "data.synthetic=null", f"data.train_shards={data / 'train'}",
                  f"data.val_shards={val}", "trainer.limit_val_batches=1.0", "module.val_max_samples=64",
                  "module.sample_steps=2"]  # fmt: skip
+    probe = tmp_path / "probe"
+    overrides += ["+callbacks.gather_probe._target_=tests.rank_probe.GatherProbe",
+                  f"+callbacks.gather_probe.out={probe}"]  # fmt: skip
     metrics = _train_run(tmp_path, tmp_path / "run", strategy, *overrides, timeout=180)
     assert metrics["trainer/global_step"] == 5 and metrics["val/n"] == evaluated
+    if strategy != ["strategy=ddp"]:
+        for rank in (0, 1):
+            assert json.loads((probe / f"gather_rank{rank}.json").read_text()) == {"net": 0.0, "ema": 1.0}
