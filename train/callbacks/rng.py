@@ -5,7 +5,9 @@ dropout, random crops and degradations all draw from the global generators (Pyth
 CPU, CUDA) of each rank, so a resumed run diverges from the uninterrupted one at its first step.
 
 - Saving: each rank's generator states are gathered into the checkpoint (``rng_states``, one entry
-  per rank; Lightning writes rank 0's file only). Called on every rank, as checkpoints are.
+  per rank; Lightning writes rank 0's file only). Called on every rank, as checkpoints are. A rank's
+  CUDA state is that of its own device only: the launchers show every task all of a node's GPUs, and a
+  run may resume with one visible GPU per task (or the other way round).
 - Loading: each rank keeps its own entry and sets it just before its first training step after the
   resume (not at load time: Lightning's setup and a sanity check would consume numbers in between).
   A checkpoint from another number of ranks has no entry to map: a warning, and the generators keep
@@ -50,8 +52,8 @@ def capture() -> dict[str, Any]:
         },
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # this rank's device only
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device()).cpu()
     return state
 
 
@@ -62,8 +64,20 @@ def apply(state: dict[str, Any]) -> None:
     keys = npy["keys"].numpy().astype(np.uint32)
     np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached"]))
     torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        device = torch.cuda.current_device()
+        if isinstance(cuda, list | tuple):  # an older checkpoint: every visible device's state
+            if len(cuda) != torch.cuda.device_count():
+                log.warning(
+                    "the checkpoint holds the CUDA generator states of %d visible GPUs; this process sees "
+                    "%d: its CUDA generator is not restored (its random draws after the resume differ)",
+                    len(cuda),
+                    torch.cuda.device_count(),
+                )
+                return
+            cuda = cuda[device]
+        torch.cuda.set_rng_state(cuda.cpu(), device)
 
 
 def seed_rank(seed: int, rank: int, step: int = 0) -> int:
