@@ -244,6 +244,70 @@ def test_pipeline_runs_every_stage_writes_a_report_and_skips_finished_stages(tmp
     assert set(json.loads((out / "report.json").read_text())) == {"clip", "embed"}
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_pipeline_under_torchrun_trains_on_every_rank_and_writes_its_files_once(tmp_path):
+    """torchrun -m train.pipeline on 2 processes: each stage trains on both (devices from the launcher),
+    each rank embeds half of the shards and the stage's counts are the sum, the prior starts only when
+    both have written theirs, and rank 0 alone exports and reports. (Each rank used to train on its own
+    here, devices=auto being one CPU process, into the same directories; and on any machine each rank
+    wrote its own done.json, export and report, embed's counting its half, with no wait between stages.)"""
+    out = tmp_path / "pipeline"
+    env = {**cli_env(tmp_path), "OMP_NUM_THREADS": "1"}
+    args = [
+        "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+        "-m", "train.pipeline", f"out_dir={out}", "stages=[clip,embed,prior]",
+        "+clip.debug=fast", "clip.trainer.max_steps=2", "clip.trainer.val_check_interval=2",
+        "+prior.data.global_batch_size=16", "+prior.data.num_workers=0", "prior.trainer.max_steps=2",
+        "prior.trainer.val_check_interval=2", "+prior.module.sample_steps=2",
+    ]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400
+    )
+    printed = result.stdout + result.stderr
+    assert result.returncode == 0, printed[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["clip"]["trainer/global_step"] == 2 and report["prior"]["trainer/global_step"] == 2
+    assert report["embed"]["embed/train_samples"] == 256 and report["embed"]["embed/val_samples"] == 64
+    sizes = json.loads((out / "embed" / "train" / "sizes.json").read_text())
+    assert sum(sizes.values()) == 256 and len(sizes) == 4, sizes
+    assert printed.count("global batch 16 = 8 per device x 2 ranks") >= 2  # the clip and the prior
+    assert printed.count("pipeline finished: clip, embed, prior") == 1  # rank 0's summary only
+    assert (out / "prior" / "export" / "model.safetensors").exists()
+
+
+def _share_on_two_ranks(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from train.pipeline import Ranks
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    ranks = Ranks(rank, 2)
+    ranks.group = dist.new_group(backend="gloo")
+    record = {"shared": ranks.share(lambda x: x + rank, 40), "gathered": ranks.gather(rank * 10)}
+    try:
+        ranks.share(lambda: 1 / 0)
+    except SystemExit as e:
+        record["failed"] = str(e)
+    except ZeroDivisionError as e:
+        record["failed"] = f"raised {type(e).__name__}"
+    Path(out, f"rank{rank}.json").write_text(json.dumps(record))
+    dist.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+def test_pipeline_ranks_take_rank_zeros_result_and_its_failure(tmp_path):
+    """Ranks.share: rank 0 runs it, every rank returns its result; its exception ends rank 0 as raised and
+    the others with a message that names it (not a wait until the group's timeout)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_share_on_two_ranks, args=(free_port(), str(tmp_path)), nprocs=2)
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["shared"] for r in records] == [40, 40] and [r["gathered"] for r in records] == [[0, 10]] * 2
+    assert records[0]["failed"] == "raised ZeroDivisionError"
+    assert records[1]["failed"] == "rank 1: rank 0 failed: ZeroDivisionError: division by zero"
+
+
 def test_pipeline_embeds_and_samples_on_the_gpu_when_there_is_one(tmp_path, monkeypatch):
     """embed and sample run in the pipeline's own process, not under a Trainer: with a GPU they must ask
     for it (they used to embed and sample preset=gpu's cascade on the CPU); embed.device overrides."""

@@ -12,23 +12,32 @@ compositional benchmark through the exported cascade (eval/benchmark.py) and cop
 to ``<out_dir>/samples.png``. A stage with a ``done.json`` is skipped on rerun; an interrupted one
 resumes from its ``checkpoints/last.ckpt``. ``report.json`` and ``report.md`` in ``out_dir`` hold every
 finished stage's metrics and seconds, rewritten after each stage (a run cut short reports what finished).
+
+On several processes (``torchrun --nproc_per_node=8 -m train.pipeline``, or ``srun``): every rank trains
+each stage (``trainer.devices`` and ``trainer.num_nodes`` from the launcher unless set) and embeds its
+share of the shards; rank 0 alone samples and writes the pipeline's files (done.json, the exports, the
+report), and a stage starts on every rank only when the one before it has finished on all (:class:`Ranks`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
+import torch.distributed as dist
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
-from data.embed import resolve_device
+from data.embed import rank_and_world, resolve_device
 from train.checkpoint import export_stage
 from train.modules.compat import upgrade_overrides
 from train.run import end_process, train
@@ -36,6 +45,113 @@ from train.run import end_process, train
 log = logging.getLogger(__name__)
 UPSAMPLERS = ("upsampler_256", "upsampler_1024")
 STAGES = ("clip", "embed", "prior", "decoder", *UPSAMPLERS, "sample")
+
+
+class Ranks:
+    """The processes of a pipeline, one unless a launcher (torchrun, srun) started several.
+
+    Every rank trains each stage together (one Lightning run over all of them) and embeds its share of the
+    shards. What reads or writes the pipeline's own files (done.json, the exports, the report) and the
+    sampling run on rank 0 alone, through :meth:`share`: the other ranks wait for its outcome on a gloo
+    group, so that no stage starts on a rank before the one it reads has finished everywhere, and every rank
+    takes rank 0's decisions (a stage finished or not, its seconds allotted) rather than its own view of a
+    shared filesystem or clock. A failure on rank 0 ends every rank with its message."""
+
+    WAIT = timedelta(hours=12)  # the others wait this long for rank 0 (sampling the cascade; a launcher ends
+    # them sooner when rank 0 dies)
+
+    def __init__(self, rank: int = 0, world: int = 1) -> None:
+        self.rank, self.world = rank, world
+        self.group: Any = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def start(cls) -> Ranks:
+        """The ranks of this process's launch, connected when there are several: the default process group
+        as Lightning would make it (NCCL on GPUs, else gloo; the stages' Trainers reuse it), and a gloo
+        group for the waits."""
+        ranks = cls(*rank_and_world())
+        if ranks.world > 1:
+            if not dist.is_initialized():
+                _connect(ranks.rank, ranks.world)
+            ranks.group = dist.new_group(backend="gloo", timeout=cls.WAIT)
+            log.info("pipeline: rank %d of %d", ranks.rank, ranks.world)
+        return ranks
+
+    def share(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` on rank 0; its result on every rank. Its exception is raised on rank 0,
+        and on the others as a SystemExit that names it."""
+        if self.world == 1:
+            return fn(*args, **kwargs)
+        outcome, error = [None], None
+        if self.main:
+            try:
+                outcome = [("ok", fn(*args, **kwargs))]
+            except BaseException as e:  # re-raised below, after the others are told
+                outcome, error = [("error", f"{type(e).__name__}: {e}")], e
+        dist.broadcast_object_list(outcome, src=0, group=self.group)
+        if error is not None:
+            raise error
+        kind, value = outcome[0]
+        if kind == "error":
+            raise SystemExit(f"rank {self.rank}: rank 0 failed: {value}")
+        return value
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, in rank order, on every rank."""
+        if self.world == 1:
+            return [value]
+        values: list[Any] = [None] * self.world
+        dist.all_gather_object(values, value, group=self.group)
+        return values
+
+    def launched(self, name: str, stage_overrides: dict[str, Any]) -> None:
+        """A training stage's ``trainer.devices`` and ``trainer.num_nodes``: what the launcher started
+        (processes per node: torchrun's LOCAL_WORLD_SIZE, SLURM's SLURM_NTASKS_PER_NODE), unless set."""
+        if self.world == 1 or name in ("embed", "sample"):
+            return
+        trainer = stage_overrides.setdefault("trainer", {})
+        if trainer.get("devices") is not None and trainer.get("num_nodes") is not None:
+            return
+        per_node = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE")
+        if not (per_node or "").isdigit() or self.world % int(per_node):
+            raise SystemExit(
+                f"{name}: {self.world} processes, but their number per node is unknown (LOCAL_WORLD_SIZE="
+                f"{os.environ.get('LOCAL_WORLD_SIZE')}, SLURM_NTASKS_PER_NODE="
+                f"{os.environ.get('SLURM_NTASKS_PER_NODE')}); set {name}.trainer.devices (per node) and "
+                f"{name}.trainer.num_nodes"
+            )
+        for key, value in (("devices", int(per_node)), ("num_nodes", self.world // int(per_node))):
+            if trainer.get(key) is None:
+                trainer[key] = value
+
+
+def _connect(rank: int, world: int) -> None:
+    """The default process group, as Lightning's strategies make it for the environment's launcher."""
+    from lightning_fabric.plugins.environments import (
+        LightningEnvironment,
+        SLURMEnvironment,
+        TorchElasticEnvironment,
+    )
+    from lightning_fabric.utilities.distributed import _init_dist_connection
+
+    found = (e() for e in (TorchElasticEnvironment, SLURMEnvironment) if e.detect())
+    environment = next(found, None) or LightningEnvironment()
+    kwargs: dict[str, Any] = {}
+    backend = "gloo"
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))))
+        torch.cuda.set_device(device)
+        backend, kwargs["device_id"] = "nccl", device
+    _init_dist_connection(environment, backend, global_rank=rank, world_size=world, **kwargs)
+
+
+def read_done(done: Path) -> dict[str, float] | None:
+    """A finished stage's metrics (its done.json), else None."""
+    return json.loads(done.read_text())["metrics"] if done.exists() else None
 
 
 def flatten(overrides: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -77,17 +193,20 @@ def write_done(done: Path, metrics: dict[str, float], seconds: float, **extra: A
     done.write_text(json.dumps({"metrics": metrics, "seconds": seconds, **extra}, indent=2))
 
 
-def run_embed(options: Mapping[str, Any], out_dir: Path) -> dict[str, float]:
-    """Embedding shards of the CLIP stage's train and val shards (with its trained weights)."""
+def run_embed(options: Mapping[str, Any], out_dir: Path, ranks: Ranks | None = None) -> dict[str, float]:
+    """Embedding shards of the CLIP stage's train and val shards (with its trained weights); on several
+    ranks each embeds its share of the shards, and the stage is done when all are."""
     from data.embed import embed_shards
 
+    ranks = ranks or Ranks()
     stage_dir = out_dir / "embed"
     done = stage_dir / "done.json"
-    if done.exists():
+    previous = ranks.share(read_done, done)
+    if previous is not None:
         log.info("stage embed: already finished (%s), skipping", done)
-        return json.loads(done.read_text())["metrics"]
+        return previous
     clip_dir = out_dir / "clip"
-    if not (clip_dir / "done.json").exists():
+    if not ranks.share((clip_dir / "done.json").exists):
         raise FileNotFoundError(
             f"stage embed needs a finished CLIP stage in {clip_dir} (stages=[clip,embed,...])"
         )
@@ -105,10 +224,12 @@ def run_embed(options: Mapping[str, Any], out_dir: Path) -> dict[str, float]:
                 batch_size=int(options.get("batch", 256)),
                 device=device,
                 workers=int(options.get("workers") or 0),
+                rank=ranks.rank,
+                world_size=ranks.world,
             )
-            metrics[f"embed/{split}_samples"] = float(result["samples"])
+            metrics[f"embed/{split}_samples"] = float(sum(ranks.gather(result["samples"])))
     metrics["embed/seconds"] = time.time() - start
-    write_done(done, metrics, metrics["embed/seconds"], device=device)
+    ranks.share(write_done, done, metrics, metrics["embed/seconds"], device=device)
     return metrics
 
 
@@ -309,33 +430,43 @@ def check_image_sizes(cfg: DictConfig, out_dir: Path) -> None:
 
 
 def run_stage(
-    name: str, stage_overrides: Mapping[str, Any], out_dir: Path, stages: tuple[str, ...] = UPSAMPLERS
+    name: str,
+    stage_overrides: Mapping[str, Any],
+    out_dir: Path,
+    stages: tuple[str, ...] = UPSAMPLERS,
+    ranks: Ranks | None = None,
 ) -> dict[str, float]:
+    ranks = ranks or Ranks()
     if name == "embed":
-        return run_embed(stage_overrides, out_dir)
+        return run_embed(stage_overrides, out_dir, ranks)
     if name == "sample":  # the upsamplers this run trains, else (stages=[sample]) those it has exported
         listed = tuple(n for n in UPSAMPLERS if n in stages) or tuple(
             n for n in UPSAMPLERS if (out_dir / n / "export" / "config.yaml").exists()
         )
-        return run_sample(stage_overrides, out_dir, listed)
+        return ranks.share(run_sample, stage_overrides, out_dir, listed)
     stage_dir = out_dir / name
     done = stage_dir / "done.json"
-    if done.exists():
+    previous = ranks.share(read_done, done)
+    if previous is not None:
         log.info("stage %s: already finished (%s), skipping", name, done)
-        return json.loads(done.read_text())["metrics"]
+        return previous
     overrides = stage_overrides_list(name, stage_overrides, out_dir)
     log.info("stage %s: python -m train.run %s", name, " ".join(overrides))
     cfg = compose(config_name="train", overrides=overrides)
     start = time.time()
     metrics = train(cfg)
-    if metrics.get("trainer/preempted"):
-        raise SystemExit(
-            f"stage {name} was preempted at step {metrics['trainer/global_step']}; rerun to resume it"
-        )
-    export_stage(stage_dir)  # <stage>/export: EMA weights as safetensors, config, tokenizer
-    metrics[f"{name}/seconds"] = time.time() - start
-    write_done(done, metrics, metrics[f"{name}/seconds"])
-    return metrics
+
+    def finish() -> dict[str, float]:
+        if metrics.get("trainer/preempted"):
+            raise SystemExit(
+                f"stage {name} was preempted at step {metrics['trainer/global_step']}; rerun to resume it"
+            )
+        export_stage(stage_dir)  # <stage>/export: EMA weights as safetensors, config, tokenizer
+        metrics[f"{name}/seconds"] = time.time() - start
+        write_done(done, metrics, metrics[f"{name}/seconds"])
+        return metrics
+
+    return ranks.share(finish)
 
 
 def write_report(out_dir: Path, results: dict[str, dict[str, float]]) -> None:
@@ -434,22 +565,29 @@ def main(cfg: DictConfig) -> None:
     check_image_sizes(cfg, out_dir)
     check_sample(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
+    ranks = Ranks.start()
     results = {}
     budget, shares = cfg.get("time_budget"), cfg.get("time_shares") or {}
     for i, name in enumerate(cfg.stages):
         stage_overrides = OmegaConf.to_container(cfg.get(name) or {}, resolve=True)
+        ranks.launched(name, stage_overrides)
         allotted = None
-        finished = (out_dir / name / "done.json").exists()  # skipped below: nothing to allot
+        finished = ranks.share((out_dir / name / "done.json").exists)  # skipped below: nothing to allot
         if budget is not None and name not in ("embed", "sample") and not finished:
-            allotted = time_allotment(budget, time.monotonic() - start, cfg.stages[i:], shares)
+            allotted = ranks.share(  # rank 0's clock
+                lambda left: time_allotment(budget, time.monotonic() - start, left, shares), cfg.stages[i:]
+            )
             trainer = stage_overrides.setdefault("trainer", {})
             if trainer.get("max_time") is None:  # a stage's own max_time wins
                 trainer["max_time"] = dhms(allotted)
             log.info("stage %s: stops at %s (time_budget %s s)", name, trainer["max_time"], budget)
-        results[name] = run_stage(name, stage_overrides, out_dir, tuple(cfg.stages))
+        results[name] = run_stage(name, stage_overrides, out_dir, tuple(cfg.stages), ranks)
         if allotted is not None:
             results[name][f"{name}/seconds_allotted"] = allotted
-        write_report(out_dir, results)  # after every stage: a run cut short still reports what finished
+        if ranks.main:  # after every stage: a run cut short still reports what finished
+            write_report(out_dir, results)
+    if not ranks.main:
+        return
     elapsed = time.monotonic() - start
     print(f"\npipeline finished: {', '.join(cfg.stages)} in {elapsed:.0f} s"
           + (f" (time_budget {budget} s)" if budget is not None else ""))  # fmt: skip
