@@ -1,11 +1,47 @@
 """Parallelism helpers that live outside the models: the nets' repeated blocks, which are the units of
-FSDP sharding and of regional compilation, and ``torch.compile`` applied to them. (The batch
-arithmetic, global batch -> per-device batch, is data.datamodule.per_device_batch_size.)
+FSDP sharding and of regional compilation, and ``torch.compile`` applied to them; one rank's long work
+that the others wait for (:func:`on_rank_zero`). (The batch arithmetic, global batch -> per-device
+batch, is data.datamodule.per_device_batch_size.)
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
 import torch.nn as nn
+
+
+def waiting_group(hours: float) -> Any:
+    """A gloo group whose collectives wait up to ``hours`` (called by every rank, as ``new_group`` is): for
+    ranks that wait on one rank's long work, which the default group's timeout (30 minutes; under NCCL
+    the watchdog then aborts the job) would cut short."""
+    return dist.new_group(backend="gloo", timeout=timedelta(hours=hours))
+
+
+def on_rank_zero(fn: Callable[..., Any], *args: Any, group: Any = None, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` on global rank 0 while the other ranks of ``group`` wait; its result on
+    every rank. Its exception is raised on rank 0 as it is, and on the others as a SystemExit that names
+    it (rather than a wait until the group's timeout). Without a process group: ``fn`` here."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return fn(*args, **kwargs)
+    rank = dist.get_rank()
+    outcome: list[Any] = [None]
+    error = None
+    if rank == 0:
+        try:
+            outcome = [("ok", fn(*args, **kwargs))]
+        except BaseException as e:  # re-raised below, after the others are told
+            outcome, error = [("error", f"{type(e).__name__}: {e}")], e
+    dist.broadcast_object_list(outcome, src=0, group=group)
+    if error is not None:
+        raise error
+    kind, value = outcome[0]
+    if kind == "error":
+        raise SystemExit(f"rank {rank}: rank 0 failed: {value}")
+    return value
 
 
 def fsdp_units(net: nn.Module) -> list[nn.Module]:

@@ -27,7 +27,6 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from data.embed import rank_and_world, resolve_device
 from train.checkpoint import export_stage
 from train.modules.compat import upgrade_overrides
+from train.parallel import on_rank_zero, waiting_group
 from train.run import end_process, train
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,6 @@ class Ranks:
     group, so that no stage starts on a rank before the one it reads has finished everywhere, and every rank
     takes rank 0's decisions (a stage finished or not, its seconds allotted) rather than its own view of a
     shared filesystem or clock. A failure on rank 0 ends every rank with its message."""
-
-    WAIT = timedelta(hours=12)  # the others wait this long for rank 0 (sampling the cascade; a launcher ends
-    # them sooner when rank 0 dies)
 
     def __init__(self, rank: int = 0, world: int = 1) -> None:
         self.rank, self.world = rank, world
@@ -77,7 +74,8 @@ class Ranks:
         if ranks.world > 1:
             if not dist.is_initialized():
                 _connect(ranks.rank, ranks.world)
-            ranks.group = dist.new_group(backend="gloo", timeout=cls.WAIT)
+            ranks.group = waiting_group(hours=12)  # sampling the cascade; a launcher ends the others
+            # sooner when rank 0 dies
             log.info("pipeline: rank %d of %d", ranks.rank, ranks.world)
         return ranks
 
@@ -86,19 +84,7 @@ class Ranks:
         and on the others as a SystemExit that names it."""
         if self.world == 1:
             return fn(*args, **kwargs)
-        outcome, error = [None], None
-        if self.main:
-            try:
-                outcome = [("ok", fn(*args, **kwargs))]
-            except BaseException as e:  # re-raised below, after the others are told
-                outcome, error = [("error", f"{type(e).__name__}: {e}")], e
-        dist.broadcast_object_list(outcome, src=0, group=self.group)
-        if error is not None:
-            raise error
-        kind, value = outcome[0]
-        if kind == "error":
-            raise SystemExit(f"rank {self.rank}: rank 0 failed: {value}")
-        return value
+        return on_rank_zero(fn, *args, group=self.group, **kwargs)
 
     def gather(self, value: Any) -> list[Any]:
         """Every rank's ``value``, in rank order, on every rank."""

@@ -23,9 +23,10 @@ from pytorch_lightning.plugins.precision import DeepSpeedPrecision
 from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy
 from pytorch_lightning.strategies import DeepSpeedStrategy as _LightningDeepSpeed
 
-from train.parallel import fsdp_units
+from train.parallel import fsdp_units, on_rank_zero, waiting_group
 
 log = logging.getLogger(__name__)
+CONVERSION_HOURS = 6  # how long the other ranks wait for rank 0's conversion of a resharded ZeRO-3 checkpoint
 
 
 class DeepSpeedStrategy(_LightningDeepSpeed):
@@ -95,12 +96,16 @@ class DeepSpeedStrategy(_LightningDeepSpeed):
         path = Path(path)
         tag = (path / "latest").read_text().strip()
         universal = path.parent / f".{path.name}.universal"
-        if self.is_global_zero:
+
+        def convert() -> None:
             log.info("%s: saved on %d ranks, resumed on %d: converting to a universal checkpoint", path, saved,
                      self.world_size)  # fmt: skip
             shutil.rmtree(universal, ignore_errors=True)
             _to_universal(path / tag, universal / tag)
-        self.barrier("universal checkpoint written")
+
+        # The others wait on a gloo group of their own, not in a barrier of the default group: a paper-size
+        # conversion on one process can outlast its 30 minutes, and a failed one ends them with its message.
+        on_rank_zero(convert, group=waiting_group(hours=CONVERSION_HOURS))
         engine = self.deepspeed_engine
         engine._config.load_universal_checkpoint = True
         try:
