@@ -18,8 +18,9 @@ Model states follow the strategies' layouts with N parameters over W GPUs (Adam:
     fsdp             weights 4N/W, grads 4N/W, Adam 8N/W, EMA 4N/W, + the largest units gathered in bf16
 
 Validation keeps the model states (gradients included: they live until the next step zeroes them) and
-adds what evaluation gathers whole under ZeRO-3/FSDP (a stage's ``eval_gathers``: the CLIP's net, the
-diffusion stages' EMA copy, which validation runs without collectives: train/modules/base.py) plus the
+adds what evaluation gathers whole under ZeRO-3/FSDP (a stage's ``eval_gathers``: the CLIP's net; under
+FSDP also the diffusion stages' EMA copy, which validation runs without collectives: train/modules/base.py)
+plus the
 peak of one no-grad forward at the validation batch per GPU (``data.val_batch_size``), doubled by classifier-free
 guidance (both branches in one batch), measured on the meta device.
 
@@ -231,10 +232,15 @@ def plan(cfg, gpus: int, batch_per_gpu: int) -> tuple[list[tuple], dict]:
     val_batch = validation_batch(cfg, batch_per_gpu)
     infer = inference_peak_bytes(net, *example_batch(cfg, net, val_batch))
     module_cls = get_class(cfg.module._target_)
-    # params gathered whole for the validation: the stage's eval_gathers (None: all of it)
+    # params gathered whole for the validation: the stage's eval_gathers (None: all of it), and under FSDP
+    # its eval_gathers_fsdp too
     names = getattr(module_cls, "eval_gathers", None)
+    fsdp_names = getattr(module_cls, "eval_gathers_fsdp", ())
     whole = {"net": n + frozen, "ema": ema}
     eval_whole = n + frozen + ema if names is None else sum(whole[name] for name in names)
+    eval_whole_fsdp = (
+        eval_whole if names is None else sum(whole[name] for name in dict.fromkeys((*names, *fsdp_names)))
+    )
     w = gpus
     rows = [
         ("ddp", 4 * n + 4 * frozen, 4 * n, 8 * n, 4 * ema, 0),
@@ -249,7 +255,7 @@ def plan(cfg, gpus: int, batch_per_gpu: int) -> tuple[list[tuple], dict]:
     eval_extra = {
         "deepspeed_zero3": 2 * eval_whole,
         "deepspeed_zero3_offload": 2 * eval_whole,
-        "fsdp": 4 * eval_whole,
+        "fsdp": 4 * eval_whole_fsdp,
     }
     info = {
         "trainable": n,

@@ -338,13 +338,15 @@ def test_memory_plan_counts_model_states_and_measures_activations():
     assert rows_16[0][5] == pytest.approx(2 * act)
     no_ckpt = plan.compose_cfg(["stage=clip", "experiment=clip_paper", "net.grad_checkpointing=false"])
     assert plan.plan(no_ckpt, gpus=16, batch_per_gpu=8)[1]["activations"] > 5 * info["activations"]
-    # the decoder validates with its EMA copy gathered whole (fp32 under FSDP), so that validation runs no
-    # collective until its end; guidance doubles the validation batch
+    # the decoder validates with its EMA copy gathered whole under FSDP (fp32), so that validation runs no
+    # collective until its end, and partitioned under ZeRO-3 (its forwards gather anyway); guidance
+    # doubles the validation batch
     decoder = plan.compose_cfg(["stage=decoder", "experiment=decoder_paper", "data.val_batch_size=8"])
     rows, info = plan.plan(decoder, gpus=32, batch_per_gpu=8)
-    fsdp = {r[0]: r[1:] for r in rows}["fsdp"]
+    fsdp, zero3 = ({r[0]: r[1:] for r in rows}[name] for name in ("fsdp", "deepspeed_zero3"))
     assert info["val_batch"] == 16 and info["ema"] == info["trainable"]
     assert fsdp[6] == pytest.approx(sum(fsdp[:4]) + 4 * info["ema"] + info["inference"])
+    assert zero3[6] == pytest.approx(sum(zero3[:4]) + info["inference"])
     # a decoder on the frozen CLIP's token features (decoder_tiny, preset=gpu's) reads them at the CLIP's
     # context: the paper's width when no CLIP is named, or the one given
     for overrides, text_dim in (([], 1024), (["net.text_dim=64"], 64)):
@@ -440,9 +442,10 @@ def test_a_diffusion_stage_validates_when_the_ranks_hold_unequal_validation_shar
     ZeRO-3, whose forwards gather weights whatever is done, stops every rank where the first runs out,
     with a warning (16 per rank).
 
-    Sharded (FSDP, ZeRO-3), each rank validates and samples with its net still sharded and its EMA copy
-    gathered whole (so that its validation forwards are no collectives: train/modules/base.py), not both
-    whole in fp32 on every rank (the CLIP's case, which gathers its net: tests/test_scale.py)."""
+    Sharded, each rank validates and samples with its net still sharded, and under FSDP its EMA copy
+    gathered whole (so that its validation forwards are no collectives: train/modules/base.py); under
+    ZeRO-3, whose forwards gather anyway, the copy stays partitioned too (it was gathered whole for
+    nothing). The CLIP gathers its net (tests/test_scale.py)."""
     from data.synthetic import ensure_synthetic
 
     data = tmp_path / "datasets"
@@ -456,6 +459,7 @@ def test_a_diffusion_stage_validates_when_the_ranks_hold_unequal_validation_shar
                   f"+callbacks.gather_probe.out={probe}"]  # fmt: skip
     metrics = _train_run(tmp_path, tmp_path / "run", strategy, *overrides, timeout=180)
     assert metrics["trainer/global_step"] == 5 and metrics["val/n"] == evaluated
-    if strategy != ["strategy=ddp"]:
+    if strategy != ["strategy=ddp"]:  # FSDP gathers the EMA copy; under ZeRO-3 it stays partitioned
+        ema = 1.0 if strategy == ["strategy=fsdp"] else 0.0
         for rank in (0, 1):
-            assert json.loads((probe / f"gather_rank{rank}.json").read_text()) == {"net": 0.0, "ema": 1.0}
+            assert json.loads((probe / f"gather_rank{rank}.json").read_text()) == {"net": 0.0, "ema": ema}

@@ -358,7 +358,7 @@ class FSDPStrategy(ModelParallelStrategy):
     def _gather(self, full: bool) -> None:
         from torch.distributed.fsdp import FSDPModule
 
-        roots = eval_gathered(self.lightning_module)
+        roots = eval_gathered(self.lightning_module, fsdp=True)
         units = list({id(m): m for r in roots for m in r.modules() if isinstance(m, FSDPModule)}.values())
         inner = {id(m) for u in units for m in u.modules() if m is not u and isinstance(m, FSDPModule)}
         for unit in units:
@@ -368,14 +368,17 @@ class FSDPStrategy(ModelParallelStrategy):
             unit.unshard() if full else unit.reshard()
 
 
-def eval_gathered(pl_module: nn.Module) -> list[nn.Module]:
+def eval_gathered(pl_module: nn.Module, fsdp: bool = False) -> list[nn.Module]:
     """The modules a stage's evaluation reads outside their ``forward``, named by its ``eval_gathers``
     (e.g. ``("net",)``: CLIP's encode_text and logit scale); all of it when a stage does not say.
-    Under ZeRO-3 and FSDP these are gathered for the whole validation, the rest stays sharded."""
+    Under ZeRO-3 and FSDP these are gathered for the whole validation, the rest stays sharded. Under FSDP
+    (``fsdp``) also its ``eval_gathers_fsdp`` (the diffusion stages' EMA copy: forwards without
+    collectives)."""
     names = getattr(pl_module, "eval_gathers", None)
     if names is None:
         return [pl_module]
-    return [pl_module.get_submodule(name) for name in names]
+    extra = tuple(getattr(pl_module, "eval_gathers_fsdp", ())) if fsdp else ()
+    return [pl_module.get_submodule(name) for name in dict.fromkeys((*names, *extra))]
 
 
 def _dtype(name: str | None, option: str) -> torch.dtype | None:

@@ -37,6 +37,9 @@ class StageModule(pl.LightningModule):
     # What evaluation reads outside forward, gathered whole for validation under ZeRO-3/FSDP
     # (train/strategies.py eval_gathered); None: the whole module.
     eval_gathers: tuple[str, ...] | None = None
+    # What validation only runs forward, gathered whole for it under FSDP as well, so that those forwards
+    # are no collectives (DiffusionStageModule). Not under ZeRO-3, whose forwards gather anyway.
+    eval_gathers_fsdp: tuple[str, ...] = ()
     # AdamW settings where ``module.optimizer`` leaves one out (train/modules/optim.py); a stage states
     # only where its own differ (conf/stage/*.yaml holds every value a run uses).
     optimizer_defaults: dict[str, Any] = {
@@ -132,9 +135,11 @@ class DiffusionStageModule(EMAUpdateAfterStep, StageModule):
     weights in full on each rank meanwhile), and DDP leaves the buffers alone (the EMA's count, the same
     on every rank by construction), which it would otherwise broadcast before the first forward. ZeRO-3
     gathers weights at every module call whatever is gathered before, so there the ranks validate in
-    step instead (data/datamodule.py val_dataloader)."""
+    step instead (data/datamodule.py val_dataloader), and the copy stays partitioned: gathered whole
+    it only held the copy's weights in full on every rank, its forwards gathering them anyway."""
 
-    eval_gathers: tuple[str, ...] | None = ("ema",)
+    eval_gathers: tuple[str, ...] | None = ()
+    eval_gathers_fsdp: tuple[str, ...] = ("ema",)
 
     def setup_diffusion(
         self, net: torch.nn.Module, diffusion: Mapping[str, Any], ema_decay: float, sample_steps: int
