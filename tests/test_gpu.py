@@ -225,22 +225,29 @@ def test_the_ema_update_and_the_batch_normalisation_never_block_the_host():
 
 
 @cuda_only
-def test_the_upsampler_crops_and_blur_never_block_the_host():
+def test_the_upsampler_crops_and_degradations_never_block_the_host():
     """Every 64 -> 256 upsampler step draws crop corners and blurs its conditioning image with a gaussian
-    kernel: a tensor of host numbers copied to the device (the corners' limits, the kernel) would make the
-    host wait for the GPU."""
-    from data.degrade import light_blur, resize
+    kernel, and every 256 -> 1024 step runs the BSR chain (blur, resize, noise, JPEG): a tensor of host
+    numbers copied to the device (the corners' limits, the kernel, noise drawn on the CPU) or an image sent
+    to the CPU (PIL's JPEG) would make the host wait for the GPU. (JPEG's tables are copied to a device
+    once, at its first use.)"""
+    import random
+
+    from data.degrade import bsr_degrade, jpeg, light_blur, resize
     from train.modules.upsampler import random_crops
 
     images = torch.rand(4, 3, 64, 64, device=DEVICE) * 2 - 1
+    jpeg(images, 50)  # the tables' one copy
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         crops, _ = random_crops(images, 32)
         low = light_blur(resize(crops, 8, "bicubic"))
+        chains = [bsr_degrade(crops, 8, random.Random(seed)) for seed in range(8)]  # every branch taken
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert crops.shape == (4, 3, 32, 32) and low.shape == (4, 3, 8, 8)
+    assert all(c.shape == (4, 3, 8, 8) for c in chains)
 
 
 @cuda_only
