@@ -100,7 +100,12 @@ def fid(
         raise ValueError(f"fid features={features!r}: expected 'clip' or 'inception'")
     if min(len(generated), len(reference)) < 2:
         raise ValueError(f"fid needs at least 2 images per set (got {len(generated)} and {len(reference)})")
-    metric = FrechetInceptionDistance(feature=extractor, reset_real_features=True, normalize=False)
+    # sync_on_compute=False: these image sets are this process's own. torchmetrics would otherwise sync
+    # its states over the default process group whenever one exists, e.g. on rank 0 of train.pipeline
+    # sampling alone while the other ranks wait on a gloo group: a collective they never enter.
+    metric = FrechetInceptionDistance(
+        feature=extractor, reset_real_features=True, normalize=False, sync_on_compute=False
+    )
     for batch in _batches(reference, batch_size):
         metric.update(batch, real=True)
     for batch in _batches(generated, batch_size):

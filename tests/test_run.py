@@ -273,18 +273,40 @@ def test_pipeline_under_torchrun_trains_on_every_rank_and_writes_its_files_once(
     assert sum(sizes.values()) == 256 and len(sizes) == 4, sizes
     assert printed.count("global batch 16 = 8 per device x 2 ranks") >= 2  # the clip and the prior
     assert printed.count("pipeline finished: clip, embed, prior") == 1  # rank 0's summary only
+    for log in ("pipeline.log", "pipeline.rank1.log"):  # each rank its own log file
+        assert (out / log).read_text().count("stage clip: python -m train.run") == 1, log
     assert (out / "prior" / "export" / "model.safetensors").exists()
 
 
+class _FakeClip:
+    """What eval.metrics.fid reads of a FrozenClip: an embedding per image."""
+
+    embed_dim = 3
+
+    def embed(self, images, tokens):
+        return {"img_emb": images.float().mean((2, 3))}
+
+
 def _share_on_two_ranks(rank: int, port: int, out: str) -> None:
+    from datetime import timedelta
+
     import torch.distributed as dist
 
+    from eval.metrics import fid
     from train.pipeline import Ranks
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=20)
+    )
     ranks = Ranks(rank, 2)
     ranks.group = dist.new_group(backend="gloo")
     record = {"shared": ranks.share(lambda x: x + rank, 40), "gathered": ranks.gather(rank * 10)}
+    images = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(0, 256, (8, 3, 4, 4), generator=images, dtype=torch.uint8) for _ in range(2))
+    try:  # the sample stage's CLIP-FID, on rank 0 alone: no collective on the default group
+        record["fid"] = ranks.share(fid, a, b, clip=_FakeClip())
+    except SystemExit as e:
+        record["fid"] = str(e)
     try:
         ranks.share(lambda: 1 / 0)
     except SystemExit as e:
@@ -304,8 +326,42 @@ def test_pipeline_ranks_take_rank_zeros_result_and_its_failure(tmp_path):
     mp.spawn(_share_on_two_ranks, args=(free_port(), str(tmp_path)), nprocs=2)
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["shared"] for r in records] == [40, 40] and [r["gathered"] for r in records] == [[0, 10]] * 2
+    # torchmetrics' FID synced its states over the default group when there was one: rank 0 waited there
+    # for ranks that were waiting for it (here until the group's 20 s timeout)
+    assert isinstance(records[0]["fid"], float) and records[1]["fid"] == records[0]["fid"], records
     assert records[0]["failed"] == "raised ZeroDivisionError"
     assert records[1]["failed"] == "rank 1: rank 0 failed: ZeroDivisionError: division by zero"
+
+
+def test_pipeline_ranks_come_from_the_launcher_as_lightning_reads_it(monkeypatch):
+    """torchrun's variables give the ranks; a SLURM allocation named bash or interactive is no launch (Lightning
+    ignores it too: each rank would have met its peers on a port of its own); the default group is made with
+    Lightning's 30-minute timeout, which the strategies would have passed (NCCL's own default is 10)."""
+    from datetime import timedelta
+
+    import lightning_fabric.utilities.distributed as fabric_distributed
+
+    from train import pipeline
+
+    for name in [k for k in os.environ if k.startswith(("SLURM_", "TORCHELASTIC"))] + [
+        "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_PORT",
+    ]:  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    assert pipeline.launch_environment() is None and pipeline.Ranks.start().world == 1
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_JOB_NAME", "interactive")
+    assert pipeline.launch_environment() is None
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                        "GROUP_RANK": "0", "TORCHELASTIC_RUN_ID": "x", "MASTER_PORT": "29999"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    environment = pipeline.launch_environment()
+    assert (environment.global_rank(), environment.world_size(), environment.local_rank()) == (1, 2, 1)
+    made = {}
+    monkeypatch.setattr(fabric_distributed, "_init_dist_connection", lambda *a, **k: made.update(k))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    pipeline._connect(environment, 1, 2)
+    assert made["timeout"] == timedelta(minutes=30) and made["world_size"] == 2 and made["global_rank"] == 1
 
 
 def test_pipeline_embeds_and_samples_on_the_gpu_when_there_is_one(tmp_path, monkeypatch):

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
-from data.embed import rank_and_world, resolve_device
+from data.embed import resolve_device
 from train.checkpoint import export_stage
 from train.modules.compat import upgrade_overrides
 from train.parallel import on_rank_zero, waiting_group
@@ -70,12 +70,17 @@ class Ranks:
         """The ranks of this process's launch, connected when there are several: the default process group
         as Lightning would make it (NCCL on GPUs, else gloo; the stages' Trainers reuse it), and a gloo
         group for the waits."""
-        ranks = cls(*rank_and_world())
+        environment = launch_environment()
+        if environment is None:
+            return cls()
+        ranks = cls(environment.global_rank(), environment.world_size())
         if ranks.world > 1:
             if not dist.is_initialized():
-                _connect(ranks.rank, ranks.world)
+                _connect(environment, ranks.rank, ranks.world)
             ranks.group = waiting_group(hours=12)  # sampling the cascade; a launcher ends the others
             # sooner when rank 0 dies
+            if not ranks.main:
+                _own_log_file(ranks.rank)
             log.info("pipeline: rank %d of %d", ranks.rank, ranks.world)
         return ranks
 
@@ -115,24 +120,54 @@ class Ranks:
                 trainer[key] = value
 
 
-def _connect(rank: int, world: int) -> None:
-    """The default process group, as Lightning's strategies make it for the environment's launcher."""
+def launch_environment() -> Any:
+    """The launcher's environment when one started several processes, chosen as Lightning's Trainer
+    chooses it (torchrun's, then SLURM's: a SLURM job named ``bash`` or ``interactive`` is not a launch),
+    else from ``RANK``/``WORLD_SIZE``/``MASTER_PORT`` (e.g. DeepSpeed's launcher); None: one process."""
     from lightning_fabric.plugins.environments import (
         LightningEnvironment,
         SLURMEnvironment,
         TorchElasticEnvironment,
     )
+
+    for kind in (TorchElasticEnvironment, SLURMEnvironment):
+        if kind.detect():
+            return kind()
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and "MASTER_PORT" in os.environ:
+        environment = LightningEnvironment()
+        environment.set_world_size(int(os.environ["WORLD_SIZE"]))
+        environment.set_global_rank(int(os.environ.get("RANK", 0)))
+        return environment
+    return None
+
+
+def _connect(environment: Any, rank: int, world: int) -> None:
+    """The default process group, as Lightning's strategies make it for the launcher's environment
+    (its backend, device and 30-minute timeout: the strategies, finding it made, skip their own)."""
+    from lightning_fabric.plugins.collectives.torch_collective import default_pg_timeout
     from lightning_fabric.utilities.distributed import _init_dist_connection
 
-    found = (e() for e in (TorchElasticEnvironment, SLURMEnvironment) if e.detect())
-    environment = next(found, None) or LightningEnvironment()
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"timeout": default_pg_timeout}
     backend = "gloo"
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))))
+        device = torch.device("cuda", environment.local_rank())
         torch.cuda.set_device(device)
         backend, kwargs["device_id"] = "nccl", device
     _init_dist_connection(environment, backend, global_rank=rank, world_size=world, **kwargs)
+
+
+def _own_log_file(rank: int) -> None:
+    """A rank other than 0 logs to ``<name>.rank<N>.log`` beside Hydra's job log, not into it (16
+    processes appending to one file on a shared filesystem interleave and lose lines)."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        path = Path(handler.baseFilename)
+        own = logging.FileHandler(path.with_name(f"{path.stem}.rank{rank}{path.suffix}"))
+        own.setFormatter(handler.formatter)
+        own.setLevel(handler.level)
+        root.removeHandler(handler)
+        handler.close()
+        root.addHandler(own)
 
 
 def read_done(done: Path) -> dict[str, float] | None:
