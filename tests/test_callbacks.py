@@ -136,3 +136,39 @@ def test_the_progress_bar_redraws_at_the_logging_steps_only(tmp_path):
         isinstance(c, TQDMProgressBar)
         for c in build_callbacks(compose_config(["stage=clip", "debug=fast", out]))
     )
+
+
+def test_no_training_metric_is_read_from_the_device_between_logging_steps(tmp_path, monkeypatch):
+    """A metric logged with prog_bar=True is converted to a Python number by Lightning after every batch
+    (on a GPU: the host waits for the whole step), whether or not the bar redraws. The stages log
+    train/loss without it; the bar reads it when it redraws, and still shows it."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.trainer.connectors.logger_connector import result
+
+    from tests.test_losses import tiny
+    from train.callbacks.progress_bar import LossProgressBar
+    from train.modules.clip import ClipModule
+
+    reads, convert = [], result.convert_tensors_to_scalars
+    monkeypatch.setattr(result, "convert_tensors_to_scalars", lambda data: reads.append(1) or convert(data))
+    seen = []
+
+    class Count(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(len(reads))
+
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        {"image": torch.randn(8, 3, 16, 16, generator=g), "tokens": torch.randint(4, 30, (8, 6), generator=g),
+         "caption": ["a red cube"] * 8, "__key__": [str(i) for i in range(8)]}
+        for _ in range(12)
+    ]  # fmt: skip
+    bar = LossProgressBar(refresh_rate=5)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=12, log_every_n_steps=5, callbacks=[bar, Count()], logger=False,
+        enable_checkpointing=False, limit_val_batches=0, enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(ClipModule(tiny(), zeroshot=False), torch.utils.data.DataLoader(batches, batch_size=None))
+    per_step = [b - a for a, b in zip(seen, seen[1:])]
+    assert per_step == [0] * 11, per_step  # before: [1] * 11
+    assert "loss" in bar.get_metrics(trainer, trainer.lightning_module)

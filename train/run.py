@@ -291,17 +291,19 @@ def _wire_clip_retrieval(cfg: DictConfig):
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     """The configured callbacks, and LoggerStepSync, which is not optional (it fixes logged steps). The
     progress bar redraws at the logging steps (``trainer.log_every_n_steps``): each redraw reads the
-    logged loss from the device, which makes the host wait for the GPU."""
-    from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
+    logged loss from the device, which makes the host wait for the GPU, and only then
+    (train/callbacks/progress_bar.py)."""
+    from pytorch_lightning.callbacks import ProgressBar
 
     from train.callbacks.log_step import LoggerStepSync
+    from train.callbacks.progress_bar import LossProgressBar
 
     configured = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     bar = cfg.trainer.get("enable_progress_bar", True) and not any(
         isinstance(c, ProgressBar) for c in configured
     )
     every = int(cfg.trainer.get("log_every_n_steps") or 50)
-    return [*configured, *([TQDMProgressBar(refresh_rate=every)] if bar else []), LoggerStepSync()]
+    return [*configured, *([LossProgressBar(refresh_rate=every)] if bar else []), LoggerStepSync()]
 
 
 def build_loggers(cfg: DictConfig) -> list:

@@ -80,7 +80,7 @@ class ClipModule(StageModule):
             loss = self.loss(out["image_features"], txt[:b], out["logit_scale"], txt[b:], mask)
             if logs_this_step(self.trainer):
                 self.log("train/negatives_frac", mask.float().mean())
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)  # (not prog_bar: train/callbacks/progress_bar.py)
         if logs_this_step(self.trainer):
             self.log("train/logit_scale", out["logit_scale"].detach())
         self.log_lr()

@@ -99,7 +99,7 @@ class DecoderModule(DiffusionStageModule):
         cond["drop_text"] = torch.rand(b, device=self.device) < self.hparams.drop_text_prob
         terms = self.diffusion.training_losses(self.net, x0, model_kwargs=cond)
         loss = terms["loss"].mean()
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)  # (not prog_bar: train/callbacks/progress_bar.py)
         if logs_this_step(self.trainer):
             self.log("train/mse", terms["mse"].mean())
             if "vlb" in terms:

@@ -136,7 +136,7 @@ class PriorModule(DiffusionStageModule):
         cond = self.conditioning(emb)
         cond["drop"] = torch.rand(x0.shape[0], device=self.device) < self.hparams.cond_drop_prob
         loss = self.diffusion.training_losses(self.net, x0, model_kwargs=cond)["loss"].mean()
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)  # (not prog_bar: train/callbacks/progress_bar.py)
         self.log_lr()
         return loss
 

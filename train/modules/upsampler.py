@@ -149,7 +149,7 @@ class UpsamplerModule(DiffusionStageModule):
             cond = self.noised_low_res(low, level)
         target = hi - self.base(low, hi.shape[-1]) if self.hparams.residual else hi
         loss = self.diffusion.training_losses(self.net, target, model_kwargs=cond)["loss"].mean()
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)  # (not prog_bar: train/callbacks/progress_bar.py)
         self.log_lr()
         return loss
 
