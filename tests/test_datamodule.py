@@ -661,3 +661,20 @@ def test_normalize_copies_its_constants_to_a_device_once():
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255
     torch.testing.assert_close(normalize(images), (images.float() - mean) / std)
     assert torch.equal(normalize.invert(normalize(images)), images)
+
+
+def test_a_batch_moves_its_tensors_and_leaves_its_keys_and_captions_alone(monkeypatch):
+    """Lightning's default transfer walked every key and caption of a batch (3 ms of host time a step at
+    1,024 captions); the data module moves the tensors only."""
+    import pytorch_lightning.core.hooks as hooks
+
+    def walk(*args, **kwargs):
+        raise AssertionError("Lightning's move_data_to_device walked the batch")
+
+    monkeypatch.setattr(hooks, "move_data_to_device", walk)
+    dm = ShardDataModule(train_shards="unused", global_batch_size=2, image_size=8, tokenizer=None)
+    captions = ["a red cube"] * 4
+    batch = {"image": torch.zeros(4, 3, 8, 8), "tokens": torch.zeros(4, 6, dtype=torch.long),
+             "caption": captions, "__key__": list("abcd")}  # fmt: skip
+    moved = dm.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert moved["image"].is_meta and moved["tokens"].is_meta and moved["caption"] is captions
