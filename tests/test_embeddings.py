@@ -358,3 +358,44 @@ def test_the_prior_trains_on_clip_retrieval_embeddings_from_the_cli_and_resumes_
     )
     for key, value in final.items():
         assert torch.equal(value, again["state_dict"][key]), key
+
+
+def test_token_features_check_their_clip_without_a_host_read_at_every_step(monkeypatch):
+    """The cosine check of token_features read the device at every training step (the host waiting for
+    the GPU after the frozen CLIP's text pass); now at the first batch and then at the logging steps, on
+    the lowest cosine since, so a CLIP that did not make the embeddings is still refused."""
+    from types import SimpleNamespace
+
+    from train.models.prior import DiffusionPrior
+    from train.modules.prior import PriorModule
+
+    class Stub:  # a frozen CLIP whose text embeddings are the stored ones, or not
+        device = torch.device("cpu")
+
+        def __init__(self) -> None:
+            self.txt_emb = None
+
+        def embed(self, images, tokens):
+            return {"txt_emb": self.txt_emb, "txt_feat": torch.zeros(len(tokens), 3, 4)}
+
+    net = DiffusionPrior(embed_dim=D, text_width=4, context_length=3, width=16, layers=1, heads=2)
+    module = PriorModule(net, diffusion={"num_timesteps": 10}, sample_steps=2)
+    module._clip = stub = Stub()
+    reads, to_float, item = [], torch.Tensor.__float__, torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda t: reads.append(1) or to_float(t))
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(1) or item(t))
+    txt = torch.nn.functional.normalize(torch.randn(4, D), dim=-1)
+    emb = {"tokens": torch.ones(4, 3, dtype=torch.long), "txt_emb": txt}
+    trainer = SimpleNamespace(training=True, global_step=1, log_every_n_steps=50)
+    module._trainer = trainer
+    per_step = []
+    for step in range(1, 6):
+        trainer.global_step, before = step, len(reads)
+        stub.txt_emb = txt if step < 4 else -txt  # another CLIP's embeddings from step 4 on
+        module.token_features(emb)
+        per_step.append(len(reads) - before)
+    assert per_step == [1, 0, 0, 0, 0], per_step  # before: a read at every step
+    trainer.global_step = 50
+    stub.txt_emb = txt  # this batch fits: the lowest cosine since the last check (steps 4, 5) does not
+    with pytest.raises(ValueError, match="did not make these embeddings"):
+        module.token_features(emb)

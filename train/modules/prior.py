@@ -68,6 +68,8 @@ class PriorModule(DiffusionStageModule):
         self._clip: FrozenClip | None = FrozenClip(clip_ckpt) if clip_ckpt else None
         if tokenizer is None and self._clip is not None:
             self.tokenizer = self._clip.tokenizer
+        self._lowest_cosine: torch.Tensor | None = None  # token_features' check, kept on the device
+        self._cosine_checked = False
 
     # ---- inputs -----------------------------------------------------------------------------------
     def clip(self) -> FrozenClip:
@@ -103,7 +105,9 @@ class PriorModule(DiffusionStageModule):
 
     def token_features(self, emb: Mapping[str, torch.Tensor], min_cosine: float = 0.9) -> torch.Tensor:
         """Per-token text features of the batch's captions from the frozen CLIP, for precomputed
-        embeddings that lack them; the CLIP's text embeddings of the captions must match the stored ones."""
+        embeddings that lack them; the CLIP's text embeddings of the captions must match the stored ones.
+        Checked at once on the first batch; in training then at the logging steps, on the lowest cosine
+        since (kept on the device: a read at every step made the host wait for the GPU)."""
         if self._clip is None or "tokens" not in emb:
             raise ValueError(
                 "net.use_text_tokens=true needs per-token text features (txt_feat.npy), and these batches "
@@ -111,7 +115,15 @@ class PriorModule(DiffusionStageModule):
                 "clip_ckpt=<the CLIP run that made these embeddings> to compute them from the captions"
             )
         out = self.clip().embed(None, emb["tokens"])
-        cosine = (out["txt_emb"] * F.normalize(emb["txt_emb"], dim=-1)).sum(-1).mean().item()
+        cosine = (out["txt_emb"] * F.normalize(emb["txt_emb"], dim=-1)).sum(-1).mean().detach()
+        lowest = self._lowest_cosine
+        self._lowest_cosine = cosine if lowest is None else torch.minimum(lowest, cosine)
+        trainer = self._trainer
+        if self._cosine_checked and trainer is not None and trainer.training:
+            if trainer.global_step % max(int(trainer.log_every_n_steps), 1):
+                return out["txt_feat"]
+        self._cosine_checked = True
+        cosine, self._lowest_cosine = float(self._lowest_cosine), None
         if cosine < min_cosine:
             raise ValueError(
                 f"clip_ckpt={self.hparams.clip_ckpt} did not make these embeddings: its text embeddings of the "
