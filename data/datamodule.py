@@ -118,6 +118,8 @@ class ShardDataModule(pl.LightningDataModule):
         self.train_num_samples = train_num_samples
         self.synthetic = dict(synthetic) if synthetic else None
         self.keep_val_json = keep_val_json
+        # the CLIP stage's module.hard_negatives (train/run.py sets it): made in the loader workers
+        self.hard_negatives: tuple[str, ...] = ()
         self.prefetch_factor = prefetch_factor
         self.persistent_workers = persistent_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
@@ -204,6 +206,7 @@ class ShardDataModule(pl.LightningDataModule):
             filters=self.filters,
             npy_fields=self.npy_fields,
             keep_json=not train and self.keep_val_json,
+            hard_negatives=self.hard_negatives if train else (),
             shuffle_buffer=self.shuffle_buffer if train else 0,
             shuffle_shards=train,
             seed=self.seed,

@@ -30,6 +30,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+import torch
+
 KINDS = ("colour", "binding", "relation")
 COLOUR_WORDS = frozenset(
     "red orange yellow green blue purple pink cyan magenta violet brown black white grey gray gold silver".split()
@@ -112,3 +114,13 @@ def check_kinds(kinds: Sequence[str], where: str = "hard_negatives") -> list[str
 def hard_negatives(captions: Sequence[str], kinds: Sequence[str]) -> list[list[str | None]]:
     """For each kind in ``kinds``, each caption's negative of that kind or None: ``[kind][caption]``."""
     return [[PERTURB[kind](c) if c else None for c in captions] for kind in check_kinds(kinds)]
+
+
+def negative_tokens(
+    captions: Sequence[str], kinds: Sequence[str], tokenizer
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hard negatives of ``captions`` for each of ``kinds`` (kind-major: K * B), tokenised, and which
+    of them exist (a caption without a negative of a kind is tokenised as the empty caption, masked out)."""
+    negatives = [c for kind in hard_negatives(captions, kinds) for c in kind]
+    tokens = tokenizer([c or "" for c in negatives])
+    return tokens, torch.tensor([c is not None for c in negatives])

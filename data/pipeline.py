@@ -58,6 +58,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data.filters import Filters
+from data.negatives import check_kinds, negative_tokens
 from data.shards import ShardError, expand_shards, group_samples, open_shard, read_tar
 from data.stream import SampleStream
 from data.transforms import Crop, ImageTooLarge, decode_image, resize_crop
@@ -202,7 +203,9 @@ class ShardDataset(StreamPosition, IterableDataset):
     Batch keys: ``image`` uint8 (B, 3, crop, crop) when ``image_size`` is set, ``tokens`` long (B, L)
     when a tokenizer is given, ``caption`` list[str], ``__key__`` list[str], ``json`` list[dict] when
     ``keep_json``, one tensor (B, ...) per entry of ``npy_fields`` (embedding shards: float32, or int64 for
-    integer arrays such as ``tokens.npy``), and
+    integer arrays such as ``tokens.npy``), ``negative_tokens`` long (K * B, L) and ``negative_mask``
+    bool (K * B,) for the K kinds of ``hard_negatives`` (data/negatives.py; the CLIP stage's, made here in
+    the loader workers rather than on the training process's host at every step), and
     ``__state__`` (after this batch: ``streams``, each data rank's position and skip counts at this
     worker, and ``skips``, their sum).
     """
@@ -221,6 +224,7 @@ class ShardDataset(StreamPosition, IterableDataset):
         npy_fields: Sequence[str] = (),
         require_caption: bool = True,
         keep_json: bool = False,
+        hard_negatives: Sequence[str] = (),
         shuffle_buffer: int = 1000,
         shuffle_shards: bool = True,
         seed: int = 0,
@@ -245,6 +249,9 @@ class ShardDataset(StreamPosition, IterableDataset):
         self.npy_fields = tuple(npy_fields)
         self.require_caption = require_caption
         self.keep_json = keep_json
+        self.hard_negatives = check_kinds(hard_negatives, "hard_negatives")
+        if self.hard_negatives and tokenizer is None:
+            raise ValueError("hard_negatives needs the tokenizer (the negatives are captions)")
         self.shuffle_buffer = shuffle_buffer
         self.shuffle_shards = shuffle_shards
         self.seed = seed
@@ -462,6 +469,10 @@ class ShardDataset(StreamPosition, IterableDataset):
             batch[name] = torch.from_numpy(stacked.astype(np.int64 if exact else np.float32))
         if self.keep_json:
             batch["json"] = [it["json"] for it in items]
+        if self.hard_negatives:
+            batch["negative_tokens"], batch["negative_mask"] = negative_tokens(
+                batch["caption"], self.hard_negatives, self.tokenizer
+            )
         batch["__state__"] = state
         return batch
 

@@ -118,6 +118,51 @@ def test_contrast_picks_measure_whether_the_text_side_tells_a_caption_from_its_n
     assert contrast_picks(img, img, captions, ordered, tok)["pick_colour"] == 1.0
 
 
+def test_hard_negatives_are_tokenised_in_the_loader_workers_and_train_as_on_the_host(tmp_path, monkeypatch):
+    """The CLIP's hard negatives were made and tokenised on the training process's host at every step (20-60
+    ms at 512 captions: host-bound on a GPU); the data workers make them with the batch now. The module takes
+    them from the batch (never tokenising) and computes the same loss as from captions."""
+    from data.pipeline import ShardDataset
+    from data.tokenizer import build_tokenizer
+    from tests.conftest import simple_sample, write_tar
+    from tests.test_losses import tiny
+    from train.modules.clip import ClipModule
+
+    captions = [
+        "a red circle and a blue square",
+        "three blue squares",
+        "a green star left of a red cross",
+    ] * 2
+    write_tar(
+        tmp_path / "s" / "0.tar", [simple_sample(f"k{i}", c, size=(16, 16)) for i, c in enumerate(captions)]
+    )
+    tok = build_tokenizer("bpe", context_length=6, vocab_size=600, captions=captions * 20)
+    kinds = ["colour", "relation"]
+    ds = ShardDataset(str(tmp_path / "s"), batch_size=6, image_size=16, tokenizer=tok, hard_negatives=kinds,
+                      shuffle_buffer=0, shuffle_shards=False)  # fmt: skip
+    batch = next(b for b in ds if b["__key__"])
+    flat = [c for kind in hard_negatives(batch["caption"], kinds) for c in kind]
+    assert torch.equal(batch["negative_tokens"], tok([c or "" for c in flat]))
+    assert (
+        batch["negative_mask"].tolist() == [c is not None for c in flat] and batch["negative_mask"].sum() == 6
+    )
+
+    net = tiny()
+    net.text.token_embedding = torch.nn.Embedding(tok.vocab_size, 32)
+    module = ClipModule(net, tokenizer=tok, zeroshot=False, hard_negatives=kinds)
+    module.log, module.log_lr, module._trainer = (lambda *a, **k: None), (lambda: None), object()
+    monkeypatch.setattr("train.modules.clip.logs_this_step", lambda trainer: False)
+    batch["image"] = batch["image"].float() / 127.5 - 1
+    torch.manual_seed(0)
+    from_batch = module.training_step(batch, 0)
+    host = {k: v for k, v in batch.items() if not k.startswith("negative_")}
+    torch.manual_seed(0)
+    from_captions = module.training_step(host, 0)
+    assert torch.equal(from_batch, from_captions)
+    monkeypatch.setattr(module, "tokenizer", None)  # a batch with its negatives: nothing to tokenise here
+    assert torch.equal(module.training_step(batch, 0), from_batch)
+
+
 @pytest.mark.slow
 def test_clip_trains_with_hard_negatives_and_validation_reports_the_picks(tmp_path):
     from hydra.errors import InstantiationException

@@ -402,6 +402,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     tokenizer = datamodule.build_tokenizer()
     net = build_net(cfg, tokenizer)
     module = instantiate(cfg.module, net=net, tokenizer=tokenizer, _convert_="all")  # plain hparams in ckpts
+    if getattr(module, "kinds", None) and hasattr(datamodule, "hard_negatives"):
+        datamodule.hard_negatives = tuple(module.kinds)  # the CLIP's negatives, made in the loader workers
     n_params = sum(p.numel() for p in net.parameters())
     log.info("stage %s: %s with %.2fM parameters", cfg.stage_name, type(net).__name__, n_params / 1e6)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from data.negatives import check_kinds, hard_negatives
+from data.negatives import check_kinds, negative_tokens
 from train.callbacks.log_step import logs_this_step
 from train.losses import ClipLoss
 from train.modules.base import StageModule
@@ -71,9 +71,11 @@ class ClipModule(StageModule):
             out = self.net(batch["image"], batch["tokens"])
             loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"])
         else:
-            negatives = [c for kind in hard_negatives(batch["caption"], self.kinds) for c in kind]
-            tokens = self.tokenizer([c or "" for c in negatives]).to(batch["tokens"].device)
-            mask = torch.tensor([c is not None for c in negatives], device=tokens.device)
+            if "negative_tokens" in batch:  # made in the loader workers (data/pipeline.py)
+                tokens, mask = batch["negative_tokens"], batch["negative_mask"]
+            else:  # here on the host: a batch from elsewhere
+                tokens, mask = negative_tokens(batch["caption"], self.kinds, self.tokenizer)
+                tokens, mask = tokens.to(batch["tokens"].device), mask.to(batch["tokens"].device)
             b = batch["tokens"].shape[0]
             out = self.net(batch["image"], torch.cat([batch["tokens"], tokens]))  # one pass of the text tower
             txt = out["text_features"]
