@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from data.datamodule import ShardDataModule
-from data.pipeline import StreamPosition, _seed, interleave, snapshot
+from data.pipeline import StreamPosition, _seed, interleave, open_npy, snapshot
 
 _PART = re.compile(r"img_emb_(\d+)\.npy$")
 
@@ -100,7 +100,7 @@ def read_captions(path: Path, column: str = "caption") -> list[str]:
 def _array_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of a .npy file from its header (a memory map: nothing is read)."""
     try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        array = open_npy(path)
     except (ValueError, OSError, EOFError) as e:
         raise LayoutError(f"{path}: not a readable .npy array ({e})") from e
     return tuple(array.shape), array.dtype
@@ -177,8 +177,8 @@ class _Part:
     def __init__(self, layout: Layout, index: int) -> None:
         img, txt, meta = layout.parts[index]
         self.label = _PART.search(img.name).group(1)
-        self.img = np.load(img, mmap_mode="r")
-        self.txt = np.load(txt, mmap_mode="r")
+        self.img = open_npy(img)  # (headers read without ast: data/pipeline.py npy_header)
+        self.txt = open_npy(txt)
         self.captions = read_captions(meta, layout.caption_column)
         if len(self.captions) != len(self.img):  # the file changed since the layout was checked
             raise LayoutError(

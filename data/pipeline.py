@@ -49,6 +49,7 @@ import logging
 import math
 import os
 import random
+import re
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -590,6 +591,41 @@ def check_sample(
 
 
 _NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool, int]] = {}
+# the header dict numpy writes: {'descr': '<f2', 'fortran_order': False, 'shape': (4, 8), }
+_NPY_DICT = re.compile(
+    r"\{'descr': '([<>|=]?[a-zA-Z]\d*)', 'fortran_order': (True|False), 'shape': \(([\d, ]*)\), \}"
+)
+
+
+def npy_header(text: str) -> tuple[np.dtype, tuple[int, ...], bool] | None:
+    """(dtype, shape, fortran order) of an .npy header as numpy writes it, read without ``ast`` (numpy
+    parses it as a Python literal: slower, and in a forked loader worker of CPython 3.11 before 3.11.8 it
+    can fail with "AST constructor recursion depth mismatch", gh-106905); None for any other form."""
+    match = _NPY_DICT.match(text.strip())
+    if match is None:
+        return None
+    dtype = np.dtype(match.group(1))
+    if dtype.hasobject:
+        return None
+    shape = tuple(int(n) for n in match.group(3).split(",") if n.strip())
+    return dtype, shape, match.group(2) == "True"
+
+
+def open_npy(path: str | os.PathLike) -> np.ndarray:
+    """A memory map of the .npy file at ``path`` (nothing read but its header); numpy's own reader for a
+    header it did not write the usual way. Never unpickles."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if head[:6] == b"\x93NUMPY" and head[6] in (1, 2, 3):
+            size, start = (int.from_bytes(head[8:10], "little"), 10) if head[6] == 1 else (
+                int.from_bytes(head[8:12], "little"), 12)  # fmt: skip
+            f.seek(start)
+            meta = npy_header(f.read(size).decode("latin1"))
+            if meta is not None and math.prod(meta[1]) > 0:
+                dtype, shape, fortran = meta
+                return np.memmap(path, dtype=dtype, mode="r", offset=start + size, shape=shape,
+                                 order="F" if fortran else "C")  # fmt: skip
+    return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
 def _load_npy(data: bytes) -> np.ndarray:
@@ -603,12 +639,18 @@ def _load_npy(data: bytes) -> np.ndarray:
     if meta is None:
         if not end or not data.startswith(b"\x93NUMPY"):  # other versions: numpy's own reader
             return np.load(io.BytesIO(data), allow_pickle=False)
-        f = io.BytesIO(data)
-        np.lib.format.read_magic(f)
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        parsed = npy_header(data[10:end].decode("latin1"))
+        if parsed is not None:
+            dtype, shape, fortran = parsed
+            offset = end
+        else:
+            f = io.BytesIO(data)
+            np.lib.format.read_magic(f)
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            offset = f.tell()
         if dtype.hasobject:
             raise ValueError("an .npy field of Python objects (it would need unpickling)")
-        meta = (dtype, shape, fortran, f.tell())
+        meta = (dtype, shape, fortran, offset)
         if len(_NPY_HEADERS) < 4096:
             _NPY_HEADERS[data[:end]] = meta
     dtype, shape, fortran, offset = meta

@@ -507,3 +507,37 @@ def test_tar_headers_with_a_bad_checksum_are_corrupt_and_signed_checksums_are_ac
     data[148:156] = b"%06o\0 " % (signed + 1)
     with pytest.raises(CorruptShard, match="bad tar header checksum"):
         list(read_tar(io.BytesIO(bytes(data))))
+
+
+def test_npy_headers_are_read_without_ast_and_as_numpy_reads_them(tmp_path, monkeypatch):
+    """Loader workers read .npy headers (embedding shards, clip-retrieval parts) without ast.literal_eval,
+    which numpy uses: in a forked worker of CPython 3.11 before 3.11.8 it failed once in CI with "AST
+    constructor recursion depth mismatch" (gh-106905). Headers numpy writes otherwise (structured dtypes)
+    still go to numpy."""
+    import ast
+    import io
+
+    from data.pipeline import _NPY_HEADERS, _load_npy, open_npy
+
+    arrays = {
+        "f16": np.zeros((4, 8), np.float16), "i64": np.arange(5), "fortran": np.ones((2, 3), np.float32, order="F"),
+        "scalar": np.array(3.5), "big_endian": np.arange(4, dtype=">f8").reshape(2, 2), "bool": np.array([True, False]),
+    }  # fmt: skip
+    for name, array in arrays.items():
+        np.save(tmp_path / f"{name}.npy", array)
+    _NPY_HEADERS.clear()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("ast.literal_eval called")
+
+    monkeypatch.setattr(ast, "literal_eval", refuse)
+    for name, array in arrays.items():
+        buf = io.BytesIO()
+        np.save(buf, array)
+        for loaded in (open_npy(tmp_path / f"{name}.npy"), _load_npy(buf.getvalue())):
+            assert loaded.dtype == array.dtype and loaded.shape == array.shape, name
+            assert np.array_equal(np.asarray(loaded), array), name
+    monkeypatch.undo()
+    structured = np.zeros(3, dtype=[("a", "<f4"), ("b", "<i2")])
+    np.save(tmp_path / "structured.npy", structured)
+    assert open_npy(tmp_path / "structured.npy").dtype == structured.dtype
