@@ -247,19 +247,25 @@ def test_pipeline_runs_every_stage_writes_a_report_and_skips_finished_stages(tmp
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_pipeline_under_torchrun_trains_on_every_rank_and_writes_its_files_once(tmp_path):
-    """torchrun -m train.pipeline on 2 processes: each stage trains on both (devices from the launcher),
-    each rank embeds half of the shards and the stage's counts are the sum, the prior starts only when
-    both have written theirs, and rank 0 alone exports and reports. (Each rank used to train on its own
+    """torchrun -m train.pipeline on 2 processes through the cascade: each stage trains on both (devices
+    from the launcher), each rank embeds half of the shards and the stage's counts are the sum, the prior
+    starts only when both have written theirs, and rank 0 alone exports, reports and samples. (Each rank used to train on its own
     here, devices=auto being one CPU process, into the same directories; and on any machine each rank
     wrote its own done.json, export and report, embed's counting its half, with no wait between stages.)"""
     out = tmp_path / "pipeline"
     env = {**cli_env(tmp_path), "OMP_NUM_THREADS": "1"}
     args = [
         "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-        "-m", "train.pipeline", f"out_dir={out}", "stages=[clip,embed,prior]",
+        "-m", "train.pipeline", f"out_dir={out}", "stages=[clip,embed,prior,decoder,upsampler_256,sample]",
         "+clip.debug=fast", "clip.trainer.max_steps=2", "clip.trainer.val_check_interval=2",
         "+prior.data.global_batch_size=16", "+prior.data.num_workers=0", "prior.trainer.max_steps=2",
         "prior.trainer.val_check_interval=2", "+prior.module.sample_steps=2",
+        *[f"{stage}.{o}" for stage in ("decoder", "upsampler_256") for o in (
+            "trainer.max_steps=2", "trainer.val_check_interval=2", "module.val_max_samples=4")],
+        "+decoder.debug=fast", "+upsampler_256.debug=fast", "+decoder.net.model_channels=16",
+        "+decoder.net.head_channels=16", "sample.per_category=2", "sample.batch=8", "sample.grid_per_category=2",
+        "sample.fid_reference=16", "sample.prior.steps=3", "sample.decoder.steps=3", "sample.upsamplers=[{steps:2}]",
+        "sample.probe=4",
     ]  # fmt: skip
     result = subprocess.run(
         [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400
@@ -273,6 +279,11 @@ def test_pipeline_under_torchrun_trains_on_every_rank_and_writes_its_files_once(
     assert sum(sizes.values()) == 256 and len(sizes) == 4, sizes
     assert printed.count("global batch 16 = 8 per device x 2 ranks") >= 2  # the clip and the prior
     assert printed.count("pipeline finished: clip, embed, prior") == 1  # rank 0's summary only
+    # the sample stage on rank 0 while rank 1 waits, its CLIP-FID included (it once synced over the group)
+    assert report["sample"]["bench/n"] == 8 and "bench/clip_fid" in report["sample"]
+    assert (out / "samples.png").exists() and (
+        out / "upsampler_256" / "export" / "model.safetensors"
+    ).exists()
     for log in ("pipeline.log", "pipeline.rank1.log"):  # each rank its own log file
         assert (out / log).read_text().count("stage clip: python -m train.run") == 1, log
     assert (out / "prior" / "export" / "model.safetensors").exists()
