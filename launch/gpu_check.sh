@@ -84,14 +84,16 @@ if [ $cpu = 1 ]; then
   T_TESTS=300 T_SYNC=60 SYNC_PARAMS=1e6 T_BENCH=120 T_ANCHORS=240 T_COMPILED=120 T_COMPILED_TESTS=120 T_RUNS=300 T_CASCADE=300 PRESET=gpu_smoke
   TB_CASCADE=240
   T_DATA=60 data_args=(--samples 96 --sizes 48 --crop 32 --workers 0 2 --batch 8)
-  # the bf16 steps of the CLIP (a transformer) and the decoder (a UNet) stand for the five (each is 4-9 s of
-  # CI; the GPU runs all five); the compiled step's test runs with aot_eager (no inductor C++ build)
-  test_args=(-m gpu -k "not compiled_step and not decrease[prior] and not decrease[upsampler")
+  # the CLIP's bf16 steps (a transformer) stand for the five (each is 4-9 s of CI; the bench step steps all
+  # five in bf16 here, the GPU runs all five tests); the compiled step's test runs with aot_eager (no
+  # inductor C++ build)
+  test_args=(-m gpu -k "not compiled_step and not decrease[prior] and not decrease[upsampler and not decrease[decoder]")
   bench_args=(--device cpu --size tiny --iters 2)
   T_LAYOUT=120 layout_cases=(--cases decoder)
   # every anchor at batch 2: "not installed" here (no torchvision); built and stepped by gpu_rehearse.sh
   anchor_cases=(--cases open_clip_b16,open_clip_l14,diffusers_unet64,dalle2_prior --batch 2)
   S=3 B_CLIP=16 B_PRIOR=16 B_DEC=8 B_UP=8 WORKERS=0
+  RUN_STAGES='[clip,upsampler_1024]'  # a transformer and a UNet stage (the cascade step runs them all here)
   run_extra=(+clip.debug=fast +decoder.debug=fast +upsampler_256.debug=fast +upsampler_1024.debug=fast
     +prior.data.num_workers=0 +decoder.net.model_channels=16 +decoder.net.head_channels=16
     decoder.module.val_max_samples=4 upsampler_256.module.val_max_samples=4
@@ -111,6 +113,7 @@ else
   T_LAYOUT=90 layout_cases=(--cases decoder,upsampler_256)
   anchor_cases=(--cases open_clip_b16,open_clip_l14,diffusers_unet64,dalle2_prior)
   S=100 B_CLIP=512 B_PRIOR=1024 B_DEC=256 B_UP=128 WORKERS=8
+  RUN_STAGES='[clip,embed,prior,decoder,upsampler_256,upsampler_1024]'
   run_extra=()
 fi
 
@@ -272,7 +275,7 @@ for step in ${steps//,/ }; do
       section "Training step, torch.compile regional" compiled '^[#|]' ;;
     runs)
       run runs "$T_RUNS" $py -m train.pipeline "out_dir=$RUNS" \
-        'stages=[clip,embed,prior,decoder,upsampler_256,upsampler_1024]' \
+        "stages=$RUN_STAGES" \
         +clip.data.global_batch_size=$B_CLIP +prior.data.global_batch_size=$B_PRIOR \
         +decoder.data.global_batch_size=$B_DEC +upsampler_256.data.global_batch_size=$B_UP \
         +upsampler_1024.data.global_batch_size=$B_UP \
