@@ -181,7 +181,15 @@ def test_cli_keeps_a_paths_output_dir_override(tmp_path):
 
 
 @pytest.mark.slow
-def test_pipeline_runs_every_stage_writes_a_report_and_skips_finished_stages(tmp_path):
+@pytest.mark.multiprocess
+def test_pipeline_runs_every_stage_on_two_ranks_reports_once_and_skips_finished_stages(tmp_path):
+    """The whole cascade under torchrun on 2 processes: each stage trains on both (devices from the
+    launcher), each rank embeds half of the shards and the stage's counts are the sum, the prior starts
+    only when both have written theirs, and rank 0 alone exports, reports and samples (each rank used to
+    train on its own here, devices=auto being one CPU process, into the same directories; and on any
+    machine each rank wrote its own done.json, export and report, with no wait between stages). Then, on
+    one process, a rerun skips every finished stage, and a run that fails in a stage keeps the report of
+    those before it."""
     out = tmp_path / "pipeline"
     tiny = ["trainer.max_steps=3", "trainer.val_check_interval=3", "module.val_max_samples=4"]
     args = [
@@ -209,17 +217,29 @@ def test_pipeline_runs_every_stage_writes_a_report_and_skips_finished_stages(tmp
         "sample.upsamplers=[{steps:2},{steps:2}]",
         "sample.probe=4",
     ]
-    first = run_python(args, tmp_path)
-    assert first.returncode == 0, first.stderr[-4000:]
+    first = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+         *args],
+        cwd=tmp_path, env={**cli_env(tmp_path), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=400,
+    )  # fmt: skip
+    printed = first.stdout + first.stderr
+    assert first.returncode == 0, printed[-4000:]
     report = json.loads((out / "report.json").read_text())
     assert report["clip"]["trainer/global_step"] == 5
     assert report["embed"]["embed/train_samples"] == 256 and report["embed"]["embed/val_samples"] == 64
+    sizes = json.loads((out / "embed" / "train" / "sizes.json").read_text())
+    assert sum(sizes.values()) == 256 and len(sizes) == 4, sizes  # each rank's shards, written once
+    assert printed.count("global batch 16 = 8 per device x 2 ranks") >= 2  # the clip and the prior
+    assert printed.count("pipeline finished:") == 1  # rank 0's summary only
+    for log in ("pipeline.log", "pipeline.rank1.log"):  # each rank its own log file
+        assert (out / log).read_text().count("stage clip: python -m train.run") == 1, log
     assert report["prior"]["trainer/global_step"] == 4 and "val/cos_pred_image" in report["prior"]
     for stage in ("decoder", "upsampler_256", "upsampler_1024"):
         assert report[stage]["trainer/global_step"] == 3, stage
         assert (out / stage / "export" / "model.safetensors").exists(), stage
     assert "val/colour_match" in report["decoder"] and "val/psnr_bicubic" in report["upsampler_1024"]
-    bench = report["sample"]
+    bench = report["sample"]  # on rank 0 while rank 1 waits, its CLIP-FID included (it synced over the group)
     assert bench["bench/n"] == 8 and 0 <= bench["bench/single/colour_shape"] <= 1
     assert "bench/clip_fid" in bench and "bench/clip_score" in bench
     assert Image.open(out / "samples.png").size[0] > 2 * 128
@@ -242,51 +262,6 @@ def test_pipeline_runs_every_stage_writes_a_report_and_skips_finished_stages(tmp
     third = run_python([*args, "stages=[clip,embed,prior]", "+prior.module.optimizer.lr=-1"], tmp_path)
     assert third.returncode != 0 and "module.optimizer.lr=-1" in third.stderr
     assert set(json.loads((out / "report.json").read_text())) == {"clip", "embed"}
-
-
-@pytest.mark.slow
-@pytest.mark.multiprocess
-def test_pipeline_under_torchrun_trains_on_every_rank_and_writes_its_files_once(tmp_path):
-    """torchrun -m train.pipeline on 2 processes through the cascade: each stage trains on both (devices
-    from the launcher), each rank embeds half of the shards and the stage's counts are the sum, the prior
-    starts only when both have written theirs, and rank 0 alone exports, reports and samples. (Each rank used to train on its own
-    here, devices=auto being one CPU process, into the same directories; and on any machine each rank
-    wrote its own done.json, export and report, embed's counting its half, with no wait between stages.)"""
-    out = tmp_path / "pipeline"
-    env = {**cli_env(tmp_path), "OMP_NUM_THREADS": "1"}
-    args = [
-        "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-        "-m", "train.pipeline", f"out_dir={out}", "stages=[clip,embed,prior,decoder,upsampler_256,sample]",
-        "+clip.debug=fast", "clip.trainer.max_steps=2", "clip.trainer.val_check_interval=2",
-        "+prior.data.global_batch_size=16", "+prior.data.num_workers=0", "prior.trainer.max_steps=2",
-        "prior.trainer.val_check_interval=2", "+prior.module.sample_steps=2",
-        *[f"{stage}.{o}" for stage in ("decoder", "upsampler_256") for o in (
-            "trainer.max_steps=2", "trainer.val_check_interval=2", "module.val_max_samples=4")],
-        "+decoder.debug=fast", "+upsampler_256.debug=fast", "+decoder.net.model_channels=16",
-        "+decoder.net.head_channels=16", "sample.per_category=2", "sample.batch=8", "sample.grid_per_category=2",
-        "sample.fid_reference=16", "sample.prior.steps=3", "sample.decoder.steps=3", "sample.upsamplers=[{steps:2}]",
-        "sample.probe=4",
-    ]  # fmt: skip
-    result = subprocess.run(
-        [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400
-    )
-    printed = result.stdout + result.stderr
-    assert result.returncode == 0, printed[-4000:]
-    report = json.loads((out / "report.json").read_text())
-    assert report["clip"]["trainer/global_step"] == 2 and report["prior"]["trainer/global_step"] == 2
-    assert report["embed"]["embed/train_samples"] == 256 and report["embed"]["embed/val_samples"] == 64
-    sizes = json.loads((out / "embed" / "train" / "sizes.json").read_text())
-    assert sum(sizes.values()) == 256 and len(sizes) == 4, sizes
-    assert printed.count("global batch 16 = 8 per device x 2 ranks") >= 2  # the clip and the prior
-    assert printed.count("pipeline finished: clip, embed, prior") == 1  # rank 0's summary only
-    # the sample stage on rank 0 while rank 1 waits, its CLIP-FID included (it once synced over the group)
-    assert report["sample"]["bench/n"] == 8 and "bench/clip_fid" in report["sample"]
-    assert (out / "samples.png").exists() and (
-        out / "upsampler_256" / "export" / "model.safetensors"
-    ).exists()
-    for log in ("pipeline.log", "pipeline.rank1.log"):  # each rank its own log file
-        assert (out / log).read_text().count("stage clip: python -m train.run") == 1, log
-    assert (out / "prior" / "export" / "model.safetensors").exists()
 
 
 class _FakeClip:
