@@ -57,14 +57,18 @@ _LUMA = (
 )  # fmt: skip
 _CHROMA = (17, 18, 24, 47, *[99] * 4, 18, 21, 26, 66, *[99] * 4, 24, 26, 56, *[99] * 5, 47, 66, *[99] * 38)
 _TABLES: dict[torch.device, torch.Tensor] = {}  # (2, 8, 8) per device: copied there once
+_DCT: dict[torch.device, torch.Tensor] = {}
 
 
 def _dct_matrix(device) -> torch.Tensor:
-    """The orthonormal 8-point DCT-II matrix D (coefficients of a block b: D b D^T), made on ``device``."""
-    n = torch.arange(8, dtype=torch.float32, device=device)
-    d = torch.cos((2 * n[None, :] + 1) * n[:, None] * math.pi / 16) * math.sqrt(2 / 8)
-    d[0] /= math.sqrt(2)
-    return d
+    """The orthonormal 8-point DCT-II matrix D (coefficients of a block b: D b D^T), made on ``device``
+    once."""
+    if device not in _DCT:
+        n = torch.arange(8, dtype=torch.float32, device=device)
+        d = torch.cos((2 * n[None, :] + 1) * n[:, None] * math.pi / 16) * math.sqrt(2 / 8)
+        d[0] /= math.sqrt(2)
+        _DCT[device] = d
+    return _DCT[device]
 
 
 def _quantisation(quality: int, device) -> torch.Tensor:

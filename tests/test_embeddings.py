@@ -386,8 +386,9 @@ def test_token_features_check_their_clip_without_a_host_read_at_every_step(monke
     monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(1) or item(t))
     txt = torch.nn.functional.normalize(torch.randn(4, D), dim=-1)
     emb = {"tokens": torch.ones(4, 3, dtype=torch.long), "txt_emb": txt}
-    trainer = SimpleNamespace(training=True, global_step=1, log_every_n_steps=50)
-    module._trainer = trainer
+    trainer = SimpleNamespace(training=True, global_step=1)
+    module._trainer = trainer  # its logging steps: every 50th (train/callbacks/log_step.py decides in a run)
+    monkeypatch.setattr("train.modules.prior.logs_this_step", lambda t: t.global_step % 50 == 0)
     per_step = []
     for step in range(1, 6):
         trainer.global_step, before = step, len(reads)

@@ -86,9 +86,7 @@ class Ranks:
 
     def share(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)`` on rank 0; its result on every rank. Its exception is raised on rank 0,
-        and on the others as a SystemExit that names it."""
-        if self.world == 1:
-            return fn(*args, **kwargs)
+        and on the others as a SystemExit that names it (one process: ``fn`` here)."""
         return on_rank_zero(fn, *args, group=self.group, **kwargs)
 
     def gather(self, value: Any) -> list[Any]:

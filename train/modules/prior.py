@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from train.callbacks.log_step import logs_this_step
 from train.frozen_clip import FrozenClip, text_mask
 from train.modules.base import DiffusionStageModule
 from train.validation import retrieval_recall, zeroshot_synthetic
@@ -119,9 +120,8 @@ class PriorModule(DiffusionStageModule):
         lowest = self._lowest_cosine
         self._lowest_cosine = cosine if lowest is None else torch.minimum(lowest, cosine)
         trainer = self._trainer
-        if self._cosine_checked and trainer is not None and trainer.training:
-            if trainer.global_step % max(int(trainer.log_every_n_steps), 1):
-                return out["txt_feat"]
+        if self._cosine_checked and trainer is not None and trainer.training and not logs_this_step(trainer):
+            return out["txt_feat"]
         self._cosine_checked = True
         cosine, self._lowest_cosine = float(self._lowest_cosine), None
         if cosine < min_cosine:
