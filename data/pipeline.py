@@ -604,7 +604,10 @@ def npy_header(text: str) -> tuple[np.dtype, tuple[int, ...], bool] | None:
     match = _NPY_DICT.match(text.strip())
     if match is None:
         return None
-    dtype = np.dtype(match.group(1))
+    try:
+        dtype = np.dtype(match.group(1))
+    except TypeError:  # '<f3': numpy's reader says ValueError, which callers count as a bad field
+        return None
     if dtype.hasobject:
         return None
     shape = tuple(int(n) for n in match.group(3).split(",") if n.strip())
@@ -616,7 +619,7 @@ def open_npy(path: str | os.PathLike) -> np.ndarray:
     header it did not write the usual way. Never unpickles."""
     with open(path, "rb") as f:
         head = f.read(12)
-        if head[:6] == b"\x93NUMPY" and head[6] in (1, 2, 3):
+        if head[:6] == b"\x93NUMPY" and head[6:7] in (b"\x01", b"\x02", b"\x03"):
             size, start = (int.from_bytes(head[8:10], "little"), 10) if head[6] == 1 else (
                 int.from_bytes(head[8:12], "little"), 12)  # fmt: skip
             f.seek(start)

@@ -485,6 +485,7 @@ def test_npy_fields_load_as_numpy_loads_them_parsing_each_header_once():
         (b"\x93NUMPY\x01\x00\x10\x00{'descr': '<f4'", "EOF"),
         (npy(np.array([{}], dtype=object)), "Python objects"),
         (b"not an npy file at all", "pickled|magic"),
+        (npy(np.arange(4.0)).replace(b"'<f8'", b"'<f5'"), "descr"),  # a flipped bit: no such dtype
     ]:
         with pytest.raises(ValueError, match=match):
             pipeline._load_npy(bad)
@@ -538,6 +539,13 @@ def test_npy_headers_are_read_without_ast_and_as_numpy_reads_them(tmp_path, monk
             assert loaded.dtype == array.dtype and loaded.shape == array.shape, name
             assert np.array_equal(np.asarray(loaded), array), name
     monkeypatch.undo()
+    good = (tmp_path / "f16.npy").read_bytes()
+    (tmp_path / "flipped.npy").write_bytes(good.replace(b"'<f2'", b"'<f3'"))  # a TypeError escaped before
+    with pytest.raises(ValueError, match="descr"):
+        open_npy(tmp_path / "flipped.npy")
+    (tmp_path / "magic.npy").write_bytes(good[:6])
+    with pytest.raises(ValueError):
+        open_npy(tmp_path / "magic.npy")
     structured = np.zeros(3, dtype=[("a", "<f4"), ("b", "<i2")])
     np.save(tmp_path / "structured.npy", structured)
     assert open_npy(tmp_path / "structured.npy").dtype == structured.dtype

@@ -350,6 +350,28 @@ def test_pipeline_ranks_come_from_the_launcher_as_lightning_reads_it(monkeypatch
     assert made["timeout"] == timedelta(minutes=30) and made["world_size"] == 2 and made["global_rank"] == 1
 
 
+def test_one_pipeline_process_trains_each_stage_on_one_device(monkeypatch):
+    """Without a launcher, devices=auto on a host of 8 GPUs made Lightning start 7 more copies of the whole
+    pipeline, none of them a rank of it (each failed to join rank 0's port); one process is one device, and
+    more devices in one process are refused with the launch to use instead."""
+    from train import pipeline
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    one = pipeline.Ranks()
+    for given in ({}, {"trainer": {"devices": None}}, {"trainer": {"devices": "auto"}}):
+        one.launched("decoder", given)
+        assert given["trainer"]["devices"] == 1
+    kept = {"trainer": {"devices": [3]}}
+    one.launched("decoder", kept)
+    assert kept["trainer"]["devices"] == [3]
+    for devices in (2, -1, [0, 1]):
+        with pytest.raises(SystemExit, match=r"prior.trainer.devices=.* one pipeline process.*torchrun"):
+            one.launched("prior", {"trainer": {"devices": devices}})
+    untouched: dict = {}
+    one.launched("embed", untouched)
+    assert untouched == {}
+
+
 def test_pipeline_embeds_and_samples_on_the_gpu_when_there_is_one(tmp_path, monkeypatch):
     """embed and sample run in the pipeline's own process, not under a Trainer: with a GPU they must ask
     for it (they used to embed and sample preset=gpu's cascade on the CPU); embed.device overrides."""

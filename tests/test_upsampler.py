@@ -70,6 +70,40 @@ def test_jpeg_in_torch_matches_pils_codec(quality, size):
     assert (psnr(ours, x) - psnr(reference, x)).abs().max() < 0.5
 
 
+def test_jpeg_quantisation_tables_are_libjpegs_at_every_quality():
+    """The tables PIL writes into its JPEGs, quality 1-100 (a float 5000 / quality made 34 of them one
+    step coarser in places, q=30 among them)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from data.degrade import _quantisation
+
+    img = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    for quality in range(1, 101):
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=quality)
+        tables = Image.open(io.BytesIO(buf.getvalue())).quantization
+        pils = torch.tensor([tables[0], tables[1]], dtype=torch.float32).view(2, 8, 8)
+        assert torch.equal(_quantisation(quality, torch.device("cpu")), pils), quality
+
+
+def test_jpeg_does_not_depend_on_tf32_matmuls(monkeypatch):
+    """On a GPU the stages set fp32 matmuls to TF32 (10-bit mantissas), which moved 5-8% of the JPEG step's
+    pixels by up to 19 levels: emulated here by rounding fp32 matmul inputs as TF32 does."""
+
+    def tf32(t: torch.Tensor) -> torch.Tensor:
+        return (t.view(torch.int32) & ~((1 << 13) - 1)).view(torch.float32) if t.dtype == torch.float32 else t
+
+    torch.manual_seed(0)
+    x = (torch.rand(2, 3, 48, 48) * 2 - 1).clamp(-1, 1)
+    exact = jpeg(x, 60)
+    matmul = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: matmul(tf32(a), tf32(b)))
+    assert torch.equal(jpeg(x, 60), exact)
+
+
 def test_psnr():
     a = torch.zeros(2, 3, 4, 4)
     b = a.clone()

@@ -99,10 +99,34 @@ class Ranks:
 
     def launched(self, name: str, stage_overrides: dict[str, Any]) -> None:
         """A training stage's ``trainer.devices`` and ``trainer.num_nodes``: what the launcher started
-        (processes per node: torchrun's LOCAL_WORLD_SIZE, SLURM's SLURM_NTASKS_PER_NODE), unless set."""
-        if self.world == 1 or name in ("embed", "sample"):
+        (processes per node: torchrun's LOCAL_WORLD_SIZE, SLURM's SLURM_NTASKS_PER_NODE), unless set.
+
+        In one process, one device: with ``devices=auto`` on a host of several GPUs, Lightning would start
+        a copy of this script per extra GPU, each running the whole pipeline (and none of them a rank of
+        it); the launcher's processes are the way to use them all."""
+        if name in ("embed", "sample"):
             return
         trainer = stage_overrides.setdefault("trainer", {})
+        if self.world == 1:
+            devices = trainer.get("devices")
+            if devices in (None, "auto"):
+                trainer["devices"] = devices = 1
+            if devices in (1, "1") or (isinstance(devices, list) and len(devices) == 1):
+                gpus = torch.cuda.device_count()
+                if gpus > 1:
+                    log.info(
+                        "stage %s: 1 of this host's %d GPUs; torchrun --nproc_per_node=%d -m train.pipeline "
+                        "trains on all of them",
+                        name,
+                        gpus,
+                        gpus,
+                    )
+                return
+            raise SystemExit(
+                f"{name}.trainer.devices={devices} in one pipeline process: Lightning would start a copy of "
+                "the whole pipeline per extra device; launch the processes instead (torchrun "
+                "--nproc_per_node=N -m train.pipeline, or srun) and leave devices unset"
+            )
         if trainer.get("devices") is not None and trainer.get("num_nodes") is not None:
             return
         per_node = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE")
