@@ -240,13 +240,15 @@ class NumericalGuard(pl.Callback):
         }
         if not self.check_checkpoints:
             return
-        bad = [
-            name for name, p in pl_module.named_parameters() if not torch.isfinite(_owned(p).detach()).all()
-        ]
-        flag = torch.tensor([float(bool(bad))], device=pl_module.device)
+        named = [(name, _owned(p).detach()) for name, p in pl_module.named_parameters()]
+        finite = [torch.isfinite(t).all() for _, t in named if t.numel()]  # on the device: one read below
+        flag = torch.zeros(1, device=pl_module.device)
+        if finite:
+            flag[0] = (~torch.stack([f.to(flag.device) for f in finite]).all()).float()
         if _world() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item():
+            bad = [name for name, t in named if not torch.isfinite(t).all()]  # which: read only when refused
             raise NonFiniteError(
                 f"refusing to write a checkpoint at step {trainer.global_step}: non-finite weights "
                 f"({', '.join(bad[:5]) or 'on another rank'}); the previous checkpoint is kept"
