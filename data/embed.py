@@ -15,7 +15,8 @@
 
 and ``sizes.json`` (shard -> samples) plus ``embed_info.json``: the CLIP checkpoint, its step, the
 image normalisation, resolution, tokenizer and dimensions. Images are centre-cropped (deterministic).
-Shards are split over ranks (``RANK``/``WORLD_SIZE`` from torchrun or SLURM), never within one, so no
+Shards are split over ranks (torchrun's or srun's, data/ranks.py; else ``RANK``/``WORLD_SIZE`` set by
+hand), never within one, so no
 sample is written twice; each output tar is written to a temporary name and renamed when complete.
 Skipped samples are counted by reason as in training.
 """
@@ -40,6 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.pipeline import ShardDataset
 from data.progress import Progress
+from data.ranks import rank_and_world
 from data.shards import expand_shards
 
 log = logging.getLogger(__name__)
@@ -55,12 +57,6 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime = len(payload), 0
     tar.addfile(info, io.BytesIO(payload))
-
-
-def rank_and_world() -> tuple[int, int]:
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
-    return rank, world
 
 
 @torch.no_grad()

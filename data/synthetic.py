@@ -48,6 +48,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -475,6 +476,10 @@ def main(argv: list[str] | None = None) -> int:
 PARALLEL_FROM = 10_000  # samples in a split from which ensure_synthetic writes with one process per core
 
 
+def _generated(out: Path) -> bool:
+    return is_synthetic_dir(out) and (out / "sizes.json").exists()
+
+
 def ensure_synthetic(
     train_shards,
     val_shards,
@@ -500,9 +505,11 @@ def ensure_synthetic(
         if not spec or not isinstance(spec, str | os.PathLike):
             continue
         out = Path(spec)
-        if is_synthetic_dir(out) and (out / "sizes.json").exists():
-            continue  # generated already
+        if _generated(out):
+            continue
         if out.exists() and (not out.is_dir() or any(out.iterdir())):  # never write into the user's data
+            if _generated(out):
+                continue  # another process (a rank of this launch) finished it between the two looks
             key = "train_shards" if spec == train_shards else "val_shards"
             raise ValueError(
                 f"data.{key}={spec} is not a synthetic dataset written by data/synthetic.py (no "
@@ -511,7 +518,11 @@ def ensure_synthetic(
                 f"data.{key}=...)"
             )
         log.info("writing %d synthetic samples (seed %d, %d px) to %s", samples, seed, image_size, out)
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        # its own directory beside the target: named by a process id, ranks on nodes that each number
+        # their processes from 1 (containers) wrote into the same one
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{out.name}.tmp"))
+        tmp.chmod(0o755)  # (mkdtemp's is 0o700)
         # At least 4 shards (a small held-out split still feeds every loader worker); the samples do not
         # depend on the sharding.
         size = min(shard_size, max(1, -(-samples // 4)))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
+from data.ranks import LaunchError
 from tests.conftest import compose_config
 from train.config import ConfigError, validate
 from train.modules.compat import upgrade_config, upgrade_overrides
@@ -88,6 +89,21 @@ def test_a_global_batch_the_processes_cannot_split_is_refused_at_start(monkeypat
         validate(_compose("data.global_batch_size=100"))
     monkeypatch.delenv("WORLD_SIZE")
     validate(_compose("data.global_batch_size=100"))
+    # SLURM: srun's tasks are the processes; an allocation's shell (job named bash or interactive) is one
+    # process, as Lightning reads it (its task count used to be taken for the world size); a process of a
+    # several-task sbatch script that srun did not start is refused, naming srun
+    for name in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+    for name, value in {"SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "8", "SLURM_PROCID": "0"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SLURM_JOB_NAME", "interactive")
+    validate(_compose("data.global_batch_size=100", "trainer.devices=1"))
+    monkeypatch.setenv("SLURM_JOB_NAME", "train.sbatch")
+    with pytest.raises(LaunchError, match=r"SLURM_NTASKS=8 .* srun did not start this process.*srun python"):
+        validate(_compose("data.global_batch_size=100", "trainer.devices=1"))
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    with pytest.raises(ConfigError, match=r"not divisible by world size 8"):
+        validate(_compose("data.global_batch_size=100", "trainer.devices=1"))
 
 
 def test_every_problem_is_listed_at_once():

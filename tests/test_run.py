@@ -319,29 +319,49 @@ def test_pipeline_ranks_take_rank_zeros_result_and_its_failure(tmp_path):
     assert records[1]["failed"] == "rank 1: rank 0 failed: ZeroDivisionError: division by zero"
 
 
-def test_pipeline_ranks_come_from_the_launcher_as_lightning_reads_it(monkeypatch):
-    """torchrun's variables give the ranks; a SLURM allocation named bash or interactive is no launch (Lightning
-    ignores it too: each rank would have met its peers on a port of its own); the default group is made with
-    Lightning's 30-minute timeout, which the strategies would have passed (NCCL's own default is 10)."""
+def test_ranks_come_from_the_launcher_as_lightning_reads_it_and_not_from_an_allocation(monkeypatch):
+    """data/ranks.py, for the pipeline, data.embed, the config's batch check and the W&B id: torchrun's
+    variables give the ranks; a SLURM allocation named bash or interactive is no launch (Lightning ignores it
+    too: each rank would have met its peers on a port of its own), and a several-task sbatch script's own
+    process is refused; the pipeline's default group is made with Lightning's 30-minute timeout, which the
+    strategies would have passed (NCCL's own default is 10)."""
     from datetime import timedelta
 
     import lightning_fabric.utilities.distributed as fabric_distributed
 
+    from data.ranks import LaunchError, is_global_zero, launch_environment, rank_and_world
     from train import pipeline
 
     for name in [k for k in os.environ if k.startswith(("SLURM_", "TORCHELASTIC"))] + [
-        "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_PORT",
+        "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_PORT", "NODE_RANK",
     ]:  # fmt: skip
         monkeypatch.delenv(name, raising=False)
-    assert pipeline.launch_environment() is None and pipeline.Ranks.start().world == 1
-    monkeypatch.setenv("SLURM_NTASKS", "16")
-    monkeypatch.setenv("SLURM_PROCID", "3")
+    assert launch_environment() is None and pipeline.Ranks.start().world == 1
+    assert rank_and_world() == (0, 1) and is_global_zero()
+    for name, value in {"SLURM_NTASKS": "16", "SLURM_NTASKS_PER_NODE": "8", "SLURM_PROCID": "3"}.items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("SLURM_JOB_NAME", "interactive")
-    assert pipeline.launch_environment() is None
+    # data.embed took the allocation's task count: in an salloc shell it embedded 1 shard in 16 and exited 0
+    assert launch_environment() is None and rank_and_world() == (0, 1)
+    monkeypatch.setenv("SLURM_JOB_NAME", "embed.sbatch")  # the batch script itself: not started by srun
+    with pytest.raises(LaunchError, match="SLURM_NTASKS=16 .* srun did not start this process"):
+        rank_and_world()
+    monkeypatch.setenv("SLURM_STEP_ID", "0")  # srun's task
+    assert rank_and_world() == (3, 16) and not is_global_zero()
+    for name in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("RANK", "2")  # a split by hand (a job array)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert launch_environment() is None and rank_and_world() == (2, 4)
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("NODE_RANK", "1")  # Lightning's launcher on the second node: its parent process
+    assert rank_and_world() == (0, 1) and not is_global_zero()  # wrote the W&B id as if it were rank 0
+    monkeypatch.delenv("NODE_RANK")
     for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
                         "GROUP_RANK": "0", "TORCHELASTIC_RUN_ID": "x", "MASTER_PORT": "29999"}.items():  # fmt: skip
         monkeypatch.setenv(name, value)
-    environment = pipeline.launch_environment()
+    environment = launch_environment()
     assert (environment.global_rank(), environment.world_size(), environment.local_rank()) == (1, 2, 1)
     made = {}
     monkeypatch.setattr(fabric_distributed, "_init_dist_connection", lambda *a, **k: made.update(k))

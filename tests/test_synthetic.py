@@ -309,6 +309,32 @@ def test_data_synthetic_never_writes_into_a_users_directory(tmp_path):
     assert (tmp_path / "empty2" / "sizes.json").exists()
 
 
+def test_ranks_writing_the_dataset_at_once_never_share_a_directory(tmp_path, monkeypatch):
+    """Every rank of a launch generates the default dataset if it is missing. Their temporary directories
+    were named by process id, which ranks on different nodes share when each node numbers its processes
+    from 1 (containers): a second rank, starting while the first writes, wrote into the first's directory
+    (one rank crashed on a shard the other had renamed, and a stray .tar.tmp was left in the dataset)."""
+    from data import synthetic
+
+    monkeypatch.setattr(synthetic.os, "getpid", lambda: 1)
+    out, used = tmp_path / "train", []
+    real = synthetic.write_shards
+
+    def write(tmp, *args, **kwargs):
+        used.append(Path(tmp))
+        if len(used) == 1:  # another rank starts while this one writes, and finishes first
+            synthetic.ensure_synthetic(str(out), None, train_samples=8, val_samples=0)
+        real(tmp, *args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "write_shards", write)
+    synthetic.ensure_synthetic(str(out), None, train_samples=8, val_samples=0)
+    assert len(used) == 2 and used[0] != used[1], used
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train"]  # the later writer's copy removed
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".tar") == [f"{k:05d}.tar" for k in range(4)]
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+    assert oct(out.stat().st_mode & 0o777) == "0o755"
+
+
 def test_ensure_synthetic_writes_a_large_split_with_a_process_per_core(tmp_path, monkeypatch):
     """The one-GPU preset writes 100,000 samples before its first step: with every core, not one. The
     writers are forked by a fresh `python -m data.synthetic`, never by the (training) caller."""

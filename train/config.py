@@ -112,9 +112,13 @@ _MISSING = object()
 def launched_world_size(cfg: DictConfig) -> int | None:
     """The number of training processes, when it is known before the trainer exists: from the launcher
     (torchrun's WORLD_SIZE, SLURM's task count) or from integer ``trainer.devices`` x ``num_nodes``."""
-    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
+    from data.ranks import launch_environment
+
+    environment = launch_environment()  # as the Trainer will read it (an allocation's shell is no launch)
+    if environment is not None:
+        return environment.world_size()
+    if os.environ.get("WORLD_SIZE", "").isdigit():
+        return int(os.environ["WORLD_SIZE"])
     devices = OmegaConf.select(cfg, "trainer.devices", default=None)
     nodes = OmegaConf.select(cfg, "trainer.num_nodes", default=1)
     if _integer(devices) and devices > 0 and _integer(nodes):

@@ -37,6 +37,7 @@ from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
 from data.embed import resolve_device
+from data.ranks import launch_environment
 from train.checkpoint import export_stage
 from train.modules.compat import upgrade_overrides
 from train.parallel import on_rank_zero, waiting_group
@@ -140,27 +141,6 @@ class Ranks:
         for key, value in (("devices", int(per_node)), ("num_nodes", self.world // int(per_node))):
             if trainer.get(key) is None:
                 trainer[key] = value
-
-
-def launch_environment() -> Any:
-    """The launcher's environment when one started several processes, chosen as Lightning's Trainer
-    chooses it (torchrun's, then SLURM's: a SLURM job named ``bash`` or ``interactive`` is not a launch),
-    else from ``RANK``/``WORLD_SIZE``/``MASTER_PORT`` (e.g. DeepSpeed's launcher); None: one process."""
-    from lightning_fabric.plugins.environments import (
-        LightningEnvironment,
-        SLURMEnvironment,
-        TorchElasticEnvironment,
-    )
-
-    for kind in (TorchElasticEnvironment, SLURMEnvironment):
-        if kind.detect():
-            return kind()
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and "MASTER_PORT" in os.environ:
-        environment = LightningEnvironment()
-        environment.set_world_size(int(os.environ["WORLD_SIZE"]))
-        environment.set_global_rank(int(os.environ.get("RANK", 0)))
-        return environment
-    return None
 
 
 def _connect(environment: Any, rank: int, world: int) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -330,8 +329,9 @@ def wandb_run_id(output_dir: Path) -> str:
     if path.exists():
         return path.read_text().strip()
     run_id = uuid.uuid4().hex[:16]
-    rank = next((os.environ[k] for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK") if k in os.environ), "0")
-    if rank == "0":  # other ranks never log to W&B (Lightning loggers act on rank 0 only)
+    from data.ranks import is_global_zero
+
+    if is_global_zero():  # other ranks never log to W&B (Lightning loggers act on rank 0 only)
         output_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(run_id)
     return run_id
