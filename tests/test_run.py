@@ -81,6 +81,17 @@ def test_last_checkpoint_is_the_final_step_when_max_steps_is_not_a_multiple_of_t
     assert train(cfg)["trainer/global_step"] == 7
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt", "step0000005.ckpt"]
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 7
+    # A second run launched into the same directory (launch/torchrun.sh named it by the day) would resume
+    # this one: it replaced the CLIP's config.yaml and tokenizer, then failed to load the checkpoint. It is
+    # refused first, and the directory keeps what it held.
+    saved = {name: (out / name).read_bytes() for name in ("config.yaml", "tokenizer.json")}
+    from train.config import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=r"holds another run \(stage_name: 'clip' there, 'upsampler_256' here"
+    ):
+        train(_fast_cfg(tmp_path, out, "stage=upsampler_256"))
+    assert {name: (out / name).read_bytes() for name in saved} == saved
 
 
 @pytest.mark.slow
@@ -582,34 +593,83 @@ def test_wandb_offline_logs_config_and_perf_resumes_the_same_run_and_keeps_no_se
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
+def test_ranks_of_a_launch_must_be_given_their_run_directory(monkeypatch):
+    """`torchrun -m train.run ...` without hydra.run.dir: each rank named its directory by its own start
+    time (two directories when launched either side of a second), and a rerun never resumed. Refused
+    before anything is written; one process, a sweep, or a given directory pass."""
+    from types import SimpleNamespace
+
+    from hydra.types import RunMode
+
+    import train.run
+    from train.config import ConfigError
+
+    given: list[str] = []
+    hydra_cfg = SimpleNamespace(mode=RunMode.RUN, overrides=SimpleNamespace(hydra=given, task=["debug=fast"]))
+    monkeypatch.setattr(train.run.HydraConfig, "get", staticmethod(lambda: hydra_cfg))
+    for name in [k for k in os.environ if k.startswith(("SLURM_", "TORCHELASTIC"))]:
+        monkeypatch.delenv(name)
+    for name in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    train.run.check_run_dir_given()  # one process
+    torchrun = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0",
+                "TORCHELASTIC_RUN_ID": "x", "MASTER_PORT": "29999"}  # fmt: skip
+    for name, value in torchrun.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(
+        ConfigError, match=r"2 processes, each composing its own run directory.*hydra.run.dir="
+    ):
+        train.run.check_run_dir_given()
+    given.append("hydra.run.dir=outputs/clip-a")
+    train.run.check_run_dir_given()
+    given.clear()
+    hydra_cfg.overrides.task.append("paths.output_dir=/shared/runs/clip-a")
+    train.run.check_run_dir_given()
+    hydra_cfg.overrides.task.pop()
+    hydra_cfg.mode = RunMode.MULTIRUN  # the sweep's launcher names each job's directory
+    train.run.check_run_dir_given()
+
+
 def test_launch_torchrun_wrapper_starts_two_ranks(tmp_path):
-    port = free_port()
+    """On one node without MASTER_PORT the wrapper takes a free port (torchrun --standalone: a second launch
+    on the machine joined the first one's rendezvous on 29500); several nodes need a RUN_ID they share."""
     run_dir = tmp_path / "run"
     env = {
-        **cli_env(tmp_path),
+        **{k: v for k, v in cli_env(tmp_path).items() if k not in ("MASTER_PORT", "MASTER_ADDR", "RUN_ID")},
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "NPROC_PER_NODE": "2",
-        "MASTER_PORT": str(port),
         "RUN_DIR": str(run_dir),
         "OMP_NUM_THREADS": "1",
     }
-    result = subprocess.run(
-        [
-            "bash",
-            str(REPO / "launch" / "torchrun.sh"),
-            "debug=fast",
-            "trainer.accelerator=cpu",
-            "strategy=ddp",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    several = subprocess.run(["bash", str(REPO / "launch" / "torchrun.sh")], env={**env, "NNODES": "2"},
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert several.returncode == 2 and "NNODES=2 needs RUN_ID" in several.stderr, several.stderr
+    import socket
+
+    with socket.socket() as other:  # another job's rendezvous where the old default port was
+        try:
+            other.bind(("127.0.0.1", 29500))
+            other.listen()
+        except OSError:
+            pass  # (taken already: as good)
+        result = subprocess.run(
+            [
+                "bash",
+                str(REPO / "launch" / "torchrun.sh"),
+                "debug=fast",
+                "trainer.accelerator=cpu",
+                "strategy=ddp",
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
     assert result.returncode == 0, result.stderr[-4000:]
     assert json.loads((run_dir / "metrics.json").read_text())["trainer/global_step"] == 5
     assert "global batch 16 = 8 per device x 2 ranks" in result.stdout + result.stderr
+    assert f"run directory {run_dir}" in result.stderr
 
 
 @pytest.mark.slow

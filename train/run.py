@@ -37,6 +37,42 @@ def resolve_precision(precision: str | int) -> str | int:
     return "32-true"
 
 
+def check_same_run(cfg: DictConfig, output_dir: Path) -> None:
+    """Resuming in a run directory that holds another run (another stage, or another net class: e.g. a
+    second launch into the same directory) is refused before anything is written there: it would have
+    replaced that run's config.yaml and tokenizer, and only then failed to load its checkpoint. Other
+    differences in ``net`` are logged (a shape that changed fails at the load, naming the weight)."""
+    from train.config import ConfigError
+
+    path = output_dir / "config.yaml"
+    if not path.exists():
+        return
+    saved = OmegaConf.to_container(OmegaConf.load(path))
+    net = OmegaConf.to_container(cfg.net, resolve=True) if "net" in cfg else {}
+    saved_net = saved.get("net") or {}
+    problems = [
+        f"{key}: {theirs!r} there, {ours!r} here"
+        for key, theirs, ours in (
+            ("stage_name", saved.get("stage_name"), cfg.get("stage_name")),
+            ("net._target_", saved_net.get("_target_"), net.get("_target_")),
+        )
+        if theirs != ours
+    ]
+    if problems:
+        raise ConfigError(
+            f"{output_dir} holds another run ({'; '.join(problems)}), and resume={cfg.get('resume')} would "
+            "continue it: give this run a directory of its own (hydra.run.dir=..., or RUN_ID/RUN_DIR for "
+            "launch/torchrun.sh), or resume=null to start over there"
+        )
+    changed = sorted(k for k in saved_net.keys() & net.keys() if saved_net[k] != net[k])
+    if changed:
+        log.warning(
+            "resuming with net settings other than those saved in %s: %s",
+            path,
+            ", ".join(f"net.{k}: {saved_net[k]!r} -> {net[k]!r}" for k in changed),
+        )
+
+
 def resolve_checkpoint(resume: str | None, output_dir: Path) -> str | None:
     """resume=auto: the newest checkpoint of the run directory, whichever kind wrote it (periodic
     ``checkpoints/step*.ckpt``, ``checkpoints/last.ckpt``, or ``hpc_ckpt_<n>.ckpt`` that Lightning saves
@@ -410,13 +446,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg, build_callbacks(cfg), build_loggers(cfg))
     for logger in trainer.loggers:  # the whole resolved config, next to the module's hyper-parameters
         logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
+    ckpt = resolve_checkpoint(cfg.get("resume"), output_dir)
+    if ckpt:
+        check_same_run(cfg, output_dir)  # before this run's config replaces the one saved there
+        log.info("resuming from %s", ckpt)
     if trainer.is_global_zero:
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
         if tokenizer is not None:
             tokenizer.save(output_dir / "tokenizer.json")
-    ckpt = resolve_checkpoint(cfg.get("resume"), output_dir)
-    if ckpt:
-        log.info("resuming from %s", ckpt)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
 
     metrics = {
@@ -438,11 +475,36 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base=None, config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    check_run_dir_given()
     if OmegaConf.is_interpolation(cfg.paths, "output_dir"):  # a paths.output_dir=... override is kept
         with open_dict(cfg):
             cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
     metrics = train(cfg)
     return metrics.get("train/loss")  # for Hydra sweepers
+
+
+def check_run_dir_given() -> None:
+    """Under a launcher's processes (torchrun, srun) every process composes the config itself, and the
+    default run directory holds its start time: launched either side of a second's boundary, ranks wrote
+    into two directories, and a rerun of the same command started a new run instead of resuming. Refused
+    unless the directory is given (``hydra.run.dir`` or ``paths.output_dir``; launch/torchrun.sh and
+    launch/slurm.sbatch give it). Lightning's own launcher passes its children the parent's directory."""
+    from hydra.types import RunMode
+
+    from data.ranks import launch_environment
+    from train.config import ConfigError
+
+    hydra_cfg = HydraConfig.get()
+    environment = launch_environment()
+    if hydra_cfg.mode == RunMode.MULTIRUN or environment is None or environment.world_size() < 2:
+        return
+    given = [*hydra_cfg.overrides.hydra, *hydra_cfg.overrides.task]
+    if not any(o.lstrip("+").startswith(("hydra.run.dir=", "paths.output_dir=")) for o in given):
+        raise ConfigError(
+            f"{environment.world_size()} processes, each composing its own run directory from its start time: "
+            "give them one (hydra.run.dir=outputs/<name>, the same on every rank; rerunning with it resumes), "
+            "or launch with launch/torchrun.sh or launch/slurm.sbatch, which do"
+        )
 
 
 def end_process() -> None:
