@@ -193,6 +193,42 @@ def test_inpainting_keeps_the_known_region(cascade):
         assert (out.images[..., 40:].int() - image[..., 40:].int()).abs().float().mean() > 5
 
 
+def test_resampled_inpainting_follows_the_decoder_settings_and_masks_of_any_shape(cascade):
+    """With resample > 0 the decoder's condition was ignored (caption and embedding always both) and so
+    was its sampler (always DDIM, silently); a non-square image whose width is a stage's size crashed
+    (the mask's size was checked by its width alone)."""
+    from train.cascade import resize_mask
+
+    assert resize_mask(torch.ones(1, 1, 12, 16), 16).shape == (1, 1, 16, 16)
+    image = torch.full((1, 3, 64, 64), 120, dtype=torch.uint8)
+    mask = torch.zeros(1, 64, 64)
+    mask[..., :32] = 1
+    seen: set = set()  # (drop_text, drop_image) of each half of the guided batch
+
+    def record(net, args, kwargs):
+        seen.update(zip(kwargs["drop_text"].tolist(), kwargs["drop_image"].tolist(), strict=True))
+
+    def flags(condition: str, sampler: str = "ddim") -> set:
+        seen.clear()
+        hook = cascade.decoder.ema.shadow.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            settings = StageSettings(steps=2, condition=condition, sampler=sampler)
+            cascade.inpaint(
+                image, mask, ["a red circle"], resample=1, decoder=settings, upsamplers=FAST["upsamplers"]
+            )
+        finally:
+            hook.remove()
+        return seen - {(True, True)}  # (the unconditional half drops both)
+
+    assert flags("both") == {(False, False)}
+    assert flags("image") == {(True, False)}  # the caption dropped: it was always read
+    assert flags("caption") == {(False, True)}  # the image embedding dropped
+    with pytest.raises(ValueError, match=r"resample=1 steps the decoder with DDIM; sampler='ddpm'"):
+        flags("both", sampler="ddpm")
+    wide = cascade.inpaint(image[..., 16:, :], mask[:, 16:], ["a red circle"], **FAST)  # 48 x 64
+    assert wide.images.shape == (1, 3, 64, 64)
+
+
 def test_variations_and_interpolation(cascade):
     image = Image.new("RGB", (64, 64), (120, 120, 120))
     image.paste((30, 175, 45), (16, 16, 48, 48))
@@ -206,7 +242,8 @@ def test_variations_and_interpolation(cascade):
     torch.testing.assert_close(var.image_emb[:3], emb[:1].expand(3, -1).cpu())  # grouped per input
     inv = cascade.variations(x[None], n=2, eta=0.0, invert=True, decoder=dec, upsamplers=ups)
     assert torch.equal(inv.stages[0][0], inv.stages[0][1])  # decoder, eta 0 from one inversion: the same
-    path = cascade.interpolate(x, y, n=4, decoder=dec, upsamplers=ups)
+    path = cascade.interpolate(x, y[:, 8:], n=4, decoder=dec, upsamplers=ups)  # any two sizes
+    emb[1] = cascade.image_embedding(y[None, :, 8:])[0]
     assert path.images.shape == (4, 3, 64, 64)
     torch.testing.assert_close(path.image_emb[0], emb[0].cpu(), atol=1e-4, rtol=0)
     torch.testing.assert_close(path.image_emb[-1], emb[1].cpu(), atol=1e-4, rtol=0)

@@ -260,14 +260,7 @@ class Cascade:
     ) -> torch.Tensor:
         """Decoder images in [-1, 1]; ``text=None`` decodes from the image embedding alone, as does
         ``settings.condition="image"``; ``"caption"`` from the caption alone (the embedding is dropped)."""
-        if settings.condition == "image":
-            text = None
-        b = image_emb.shape[0]
-        if text is None:  # the caption is dropped (null tokens), so any tokens of the right shape do
-            tokens = self.tokens([""] * b)
-            cond = self.decoder.conditioning(image_emb, tokens)
-        else:
-            cond = self.decoder.conditioning(image_emb, text["tokens"], text["txt_feat"])
+        cond, drop_text, drop_image = self._decoder_conditioning(image_emb, text, settings)
         with self.autocast():
             return self.decoder.sample(
                 cond,
@@ -277,10 +270,23 @@ class Cascade:
                 sampler=settings.sampler,
                 eta=settings.eta,
                 noise=noise,
-                drop_text=text is None,
-                drop_image=settings.condition == "caption",
+                drop_text=drop_text,
+                drop_image=drop_image,
                 step_callback=step_callback,
             )
+
+    def _decoder_conditioning(
+        self, image_emb: torch.Tensor, text: dict[str, torch.Tensor] | None, settings: StageSettings
+    ) -> tuple[dict[str, torch.Tensor], bool, bool]:
+        """The decoder's conditioning for ``settings.condition``, and whether the caption and the image
+        embedding are dropped from it."""
+        if settings.condition == "image":
+            text = None
+        if text is None:  # the caption is dropped (null tokens), so any tokens of the right shape do
+            cond = self.decoder.conditioning(image_emb, self.tokens([""] * image_emb.shape[0]))
+        else:
+            cond = self.decoder.conditioning(image_emb, text["tokens"], text["txt_feat"])
+        return cond, text is None, settings.condition == "caption"
 
     def upsample(
         self,
@@ -425,6 +431,11 @@ class Cascade:
         if self.prior is not None:
             progress.step(detail="prior")
         settings = decoder or StageSettings()
+        if resample and settings.sampler != "ddim":
+            raise ValueError(
+                f"inpaint: resample={resample} steps the decoder with DDIM; sampler={settings.sampler!r} "
+                "(--decoder-sampler) would be ignored: use ddim, or resample=0"
+            )
         size = self.decoder.net.image_size
         known = to_unit_range(images.to(self.device), size)
         mask = resize_mask(masks, size)
@@ -445,10 +456,10 @@ class Cascade:
         """Decoder inpainting where each step is repeated ``passes`` more times: denoise t -> t-1, keep the
         known region, renoise t-1 -> t (forward one step), and denoise again."""
         dec = self.decoder
-        cond = dec.conditioning(image_emb, text["tokens"], text["txt_feat"])
+        cond, drop_text, drop_image = self._decoder_conditioning(image_emb, text, settings)  # as decode's
         b = image_emb.shape[0]
-        cond["drop_image"] = torch.zeros(b, dtype=torch.bool, device=self.device)
-        cond["drop_text"] = torch.zeros(b, dtype=torch.bool, device=self.device)
+        cond["drop_image"] = torch.full((b,), drop_image, dtype=torch.bool, device=self.device)
+        cond["drop_text"] = torch.full((b,), drop_text, dtype=torch.bool, device=self.device)
         uncond = {k: torch.ones(b, dtype=torch.bool, device=self.device) for k in ("drop_image", "drop_text")}
         scale = dec.hparams.guidance_scale if settings.guidance_scale is None else settings.guidance_scale
         eta = dec.hparams.eta if settings.eta is None else settings.eta
@@ -481,7 +492,7 @@ class Cascade:
         """``n`` images along the slerp from uint8 ``image_a`` (3, H, W) to ``image_b``'s CLIP embedding,
         decoded with the same noise (DDIM, eta 0) so that only the embedding changes."""
         g = self._generator(seed)
-        emb = self.image_embedding(torch.stack([image_a, image_b]))
+        emb = torch.cat([self.image_embedding(image[None]) for image in (image_a, image_b)])  # any sizes
         path = torch.stack([slerp(emb[0], emb[1], t / max(1, n - 1)) for t in range(n)])
         size = self.decoder.net.image_size
         noise = (
@@ -500,8 +511,8 @@ class Cascade:
 def resize_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
     """(B, 1, H, W) float mask -> (B, 1, size, size), 1 only where the whole area was known (a pixel
     is kept only if everything it covers is kept: no half-known pixels)."""
-    if mask.shape[-1] == size:
+    if tuple(mask.shape[-2:]) == (size, size):
         return mask
-    if mask.shape[-1] > size:
+    if min(mask.shape[-2:]) >= size:
         return -F.adaptive_max_pool2d(-mask, size)  # min pooling
     return F.interpolate(mask, size=(size, size), mode="nearest")
