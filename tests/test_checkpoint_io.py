@@ -105,6 +105,18 @@ def test_newest_checkpoint_wins_across_periodic_last_and_preemption(tmp_path):
     assert resolve_checkpoint("auto", tmp_path) == str(hpc)
     os.utime(hpc, (time.time() - 200, time.time() - 200))
     assert resolve_checkpoint("auto", tmp_path) == str(old_last)  # Lightning alone would take hpc_ckpt
+    # what exports, samples and the frozen CLIP load from a run directory: the same newest one (last.ckpt
+    # was taken whenever it existed: a run preempted after its last periodic checkpoint exported that one)
+    from train.checkpoint import resolve_run
+
+    preempt = tmp_path / "checkpoints" / "preempt.ckpt"
+    atomic_torch_save({"step": 7}, preempt)
+    assert resolve_checkpoint("auto", tmp_path) == str(preempt) and resolve_run(tmp_path) == (
+        tmp_path,
+        preempt,
+    )
+    os.utime(preempt, (time.time() - 300, time.time() - 300))
+    assert resolve_run(tmp_path) == (tmp_path, old_last)
 
 
 def test_train_run_writes_single_file_checkpoints_atomically(tmp_path):

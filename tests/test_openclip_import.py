@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -278,6 +279,13 @@ outputs["mean"] = [float(m) for m in preprocess.transforms[-1].mean]
     _check({**theirs, "images": images, "tokens": tokens}, net)
     assert theirs["logit_scale"] == pytest.approx(float(net.logit_scale.exp()), rel=1e-6)
     assert theirs["mean"] == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+    # a CLIP trained on [-1, 1] images: open_clip filled the missing mean and std with OpenAI's
+    config = (run / "config.yaml").read_text()
+    assert "normalize: clip" in config
+    (run / "config.yaml").write_text(config.replace("normalize: clip", "normalize: minus_one_one"))
+    main(["to-open-clip", str(run), str(tmp_path / "hub2")])
+    written = json.loads((tmp_path / "hub2" / "open_clip_config.json").read_text())["preprocess_cfg"]
+    assert (written["mean"], written["std"]) == ([0.5] * 3, [0.5] * 3)
 
 
 def test_to_open_clip_refuses_what_open_clip_cannot_build(clip_run, tmp_path):

@@ -27,6 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from data.tokenizer import Tokenizer
+from data.transforms import CLIP_MEAN, CLIP_STD
 from train.modules.compat import upgrade_config
 
 log = logging.getLogger(__name__)
@@ -48,15 +49,14 @@ def resolve_run(path: str | Path) -> tuple[Path, Path]:
         run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
         return run, path
     if path.is_dir():
-        ckpt = path / "checkpoints" / "last.ckpt"
-        if not ckpt.exists():
-            found = sorted((path / "checkpoints").glob("*.ckpt")) if (path / "checkpoints").is_dir() else []
-            if not found:
-                raise FileNotFoundError(
-                    f"{path}: no checkpoints/last.ckpt or checkpoints/*.ckpt in this run directory"
-                )
-            ckpt = found[-1]
-        return path, ckpt
+        from train.checkpoint_io import run_checkpoints
+
+        finished, _ = run_checkpoints(path)  # the newest, as resume=auto takes it (last.ckpt was preferred:
+        if not finished:  # a run preempted after its last periodic checkpoint exported that one)
+            raise FileNotFoundError(
+                f"{path}: no finished checkpoint in this run directory (checkpoints/*.ckpt, hpc_ckpt_*.ckpt)"
+            )
+        return path, finished[0]
     if path.is_file():
         run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
         return run, path
@@ -297,7 +297,6 @@ def load_stage(
 def export_open_clip(path: str | Path, out: str | Path, use_ema: bool = True) -> Path:
     """A CLIP run as an open_clip hub directory (train/models/openclip_import.py save_open_clip), with
     the run's image normalisation as its preprocess config."""
-    from data.transforms import CLIP_MEAN, CLIP_STD
     from train.models.clip import CLIP
     from train.models.openclip_import import save_open_clip
 
@@ -316,9 +315,17 @@ def export_open_clip(path: str | Path, out: str | Path, use_ema: bool = True) ->
             stage.tokenizer.eot_id,
         )
     preprocess = {"size": stage.net.vision_cfg["image_size"], "mode": "RGB", "interpolation": "bicubic"}
-    if stage.cfg.data.get("normalize", "clip") == "clip":
-        preprocess.update(mean=list(CLIP_MEAN), std=list(CLIP_STD))
+    # always written: open_clip fills what the config leaves out with OpenAI's mean and std, which would
+    # preprocess a CLIP trained on [-1, 1] or [0, 1] images wrongly, without a word
+    preprocess.update(OPEN_CLIP_NORMALIZE[stage.cfg.data.get("normalize", "clip")])
     return save_open_clip(stage.net, out, preprocess)
+
+
+OPEN_CLIP_NORMALIZE = {  # data.normalize -> open_clip's mean and std of images in [0, 1]
+    "clip": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)},
+    "minus_one_one": {"mean": [0.5] * 3, "std": [0.5] * 3},
+    "unit": {"mean": [0.0] * 3, "std": [1.0] * 3},
+}
 
 
 def main(argv: list[str] | None = None) -> None:

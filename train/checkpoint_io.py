@@ -106,6 +106,22 @@ def is_committed(path: str | Path) -> bool:
     return path.is_file() or (path.is_dir() and (path / COMMIT_MARKER).is_file())
 
 
+def written_at(path: Path) -> float:
+    """When a checkpoint was completed: its mtime, or its newest file's for a sharded directory."""
+    if path.is_dir():
+        return max((f.stat().st_mtime for f in path.rglob("*") if f.is_file()), default=0.0)
+    return path.stat().st_mtime
+
+
+def run_checkpoints(run_dir: Path) -> tuple[list[Path], list[Path]]:
+    """A run directory's checkpoints, whichever kind wrote them (periodic ``checkpoints/step*.ckpt``,
+    ``last.ckpt``, the preemption callback's ``preempt.ckpt``, Lightning's SLURM ``hpc_ckpt_<n>.ckpt``):
+    (the finished ones, newest first; the unfinished ones)."""
+    found = [*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+    finished = sorted((c for c in found if is_committed(c)), key=written_at, reverse=True)
+    return finished, [c for c in found if c not in finished]
+
+
 def damage(path: str | Path) -> str | None:
     """Why the finished checkpoint ``path`` cannot be loaded, or None when it is intact.
 

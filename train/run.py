@@ -86,18 +86,17 @@ def resolve_checkpoint(resume: str | None, output_dir: Path) -> str | None:
     """
     if resume in (None, "null", False):
         return None
-    from train.checkpoint_io import damage, is_committed
+    from train.checkpoint_io import damage, run_checkpoints
 
     if resume == "auto":
-        found = [*output_dir.glob("checkpoints/*.ckpt"), *output_dir.glob("hpc_ckpt_*.ckpt")]
-        candidates = [c for c in found if is_committed(c)]
-        if len(candidates) < len(found):
+        candidates, unfinished = run_checkpoints(output_dir)  # newest first
+        if unfinished:
             log.warning(
                 "ignoring unfinished checkpoints (a save was interrupted): %s",
-                ", ".join(str(c) for c in found if c not in candidates),
+                ", ".join(map(str, unfinished)),
             )
         damaged = []
-        for candidate in sorted(candidates, key=_written_at, reverse=True):  # newest first
+        for candidate in candidates:
             problem = damage(candidate)
             if problem is None:
                 return str(candidate)
@@ -120,13 +119,6 @@ def resolve_checkpoint(resume: str | None, output_dir: Path) -> str | None:
 
 class CheckpointDamagedError(RuntimeError):
     pass
-
-
-def _written_at(path: Path) -> float:
-    """When a checkpoint was completed: its mtime, or its newest file's for a sharded directory."""
-    if path.is_dir():
-        return max((f.stat().st_mtime for f in path.rglob("*") if f.is_file()), default=0.0)
-    return path.stat().st_mtime
 
 
 def build_net(cfg: DictConfig, tokenizer) -> torch.nn.Module:
