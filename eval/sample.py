@@ -47,22 +47,45 @@ def load_cascade(args: argparse.Namespace) -> Cascade:
     )
 
 
+def centre_square(img: Image.Image) -> Image.Image:
+    """The largest centred square of ``img``: what the stages were trained on (data/transforms.py crops
+    the centre after resizing the shorter side), where resizing the whole image would squash it."""
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return img.crop((left, top, left + side, top + side))
+
+
 def read_image(path: str) -> torch.Tensor:
+    """uint8 (3, S, S): the image's centred square (its CLIP embedding and the inpainting canvas come
+    from it, as in training)."""
     try:
         img = Image.open(path).convert("RGB")
     except (FileNotFoundError, OSError) as e:
         raise FileNotFoundError(f"{path}: cannot read the image ({e})") from e
+    if img.size[0] != img.size[1]:
+        log.info("%s: %dx%d, its centred %d px square is used", path, *img.size, min(img.size))
+        img = centre_square(img)
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 
-def read_mask(path: str, size: tuple[int, int]) -> torch.Tensor:
+def read_mask(path: str, image_path: str) -> torch.Tensor:
+    """(1, S, S) float, 1 where ``image_path``'s pixels are kept: the mask at the image's size (or its
+    shape, resized), cropped as ``read_image`` crops the image."""
     try:
         img = Image.open(path).convert("L")
+        size = Image.open(image_path).size
     except (FileNotFoundError, OSError) as e:
         raise FileNotFoundError(f"--mask {path}: cannot read the mask image ({e})") from e
     if img.size != size:
+        (mw, mh), (w, h) = img.size, size
+        if abs(mw * h - mh * w) > 0.01 * w * mh:  # a mask for another image: stretching it would misplace it
+            raise ValueError(
+                f"--mask {path}: {mw}x{mh}, the image {image_path} is {w}x{h}: expected a mask of the "
+                "image's size (or of its shape)"
+            )
         img = img.resize(size, Image.NEAREST)
-    return torch.from_numpy((np.asarray(img) >= 128).astype(np.float32))[None]
+    return torch.from_numpy((np.asarray(centre_square(img)) >= 128).astype(np.float32))[None]
 
 
 PRECISION_HELP = "what the diffusion nets sample in (auto: bf16 on a GPU, fp32 on the CPU)"
@@ -203,7 +226,7 @@ def run(args: argparse.Namespace) -> dict:
         )
     elif args.mode == "inpaint":
         image = read_image(args.image)
-        mask = read_mask(args.mask, (image.shape[2], image.shape[1]))
+        mask = read_mask(args.mask, args.image)
         rows = 1
         out = cascade.inpaint(
             image[None].repeat(args.n, 1, 1, 1),

@@ -318,6 +318,25 @@ def test_benchmark_cli_samples_with_the_settings_it_is_given(cascade_dir, tmp_pa
         assert f"--upsampler-steps {bad}: {expected}" in capsys.readouterr().err
 
 
+def test_cli_takes_an_images_centred_square_and_refuses_a_mask_of_another_shape(tmp_path):
+    """A 4:3 photo was squashed to a square (the stages were trained on centre crops), and a mask of
+    another shape was stretched onto it without a word."""
+    photo = np.zeros((48, 64, 3), np.uint8)
+    photo[:, 8:56] = 200  # the centred 48 px square is all 200
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    image = sample_cli.read_image(str(tmp_path / "photo.png"))
+    assert image.shape == (3, 48, 48) and int(image.min()) == 200
+    half = np.zeros((24, 32), np.uint8)  # the photo's shape at half size
+    half[:, 16:] = 255  # keep the right half
+    Image.fromarray(half).save(tmp_path / "mask.png")
+    mask = sample_cli.read_mask(str(tmp_path / "mask.png"), str(tmp_path / "photo.png"))
+    assert mask.shape == (1, 48, 48)
+    assert mask[0, :, :24].sum() == 0 and mask[0, :, 24:].min() == 1  # cropped as the photo is
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "square.png")
+    with pytest.raises(ValueError, match=r"--mask .*square.png: 64x64, the image .*photo.png is 64x48"):
+        sample_cli.read_mask(str(tmp_path / "square.png"), str(tmp_path / "photo.png"))
+
+
 def test_cli_errors_name_what_is_missing(tmp_path, capsys):
     assert sample_cli.main(["text", "a red circle", "--cascade", str(tmp_path)]) == 2
     assert "no decoder" in capsys.readouterr().err
