@@ -90,7 +90,9 @@ def embed_shards(
     start = time.time()
     mine = list(range(rank, len(urls), world))
     progress = Progress(len(mine), f"embedding export, rank {rank}", log=log)
-    jobs = _ShardJobs([(i, urls[i]) for i in mine], clip.image_size, clip.tokenizer, batch_size)
+    jobs = _ShardJobs(
+        [(i, urls[i]) for i in mine], (clip.resize_size, clip.image_size), clip.tokenizer, batch_size
+    )
     workers = min(workers, len(mine))
     loader = DataLoader(jobs, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
     writing: dict[int, _ShardWriter] = {}  # shards whose batches are arriving (one per loader worker)
@@ -134,8 +136,11 @@ class _ShardJobs(IterableDataset):
     yields ``(index, batch)`` for each of a shard's batches (centre crops, in order), then
     ``(index, None)`` when the shard is complete."""
 
-    def __init__(self, jobs: list[tuple[int, str]], image_size: int, tokenizer, batch_size: int) -> None:
-        self.jobs, self.image_size, self.tokenizer, self.batch_size = jobs, image_size, tokenizer, batch_size
+    def __init__(
+        self, jobs: list[tuple[int, str]], sizes: tuple[int, int], tokenizer, batch_size: int
+    ) -> None:
+        """``sizes``: (resized to, then the centre crop's), as the CLIP's validation read its images."""
+        self.jobs, self.sizes, self.tokenizer, self.batch_size = jobs, sizes, tokenizer, batch_size
 
     def __iter__(self) -> Iterator[tuple[int, dict | None]]:
         info = get_worker_info()
@@ -144,7 +149,8 @@ class _ShardJobs(IterableDataset):
             ds = _WholeShard(
                 url,
                 batch_size=self.batch_size,
-                image_size=self.image_size,
+                image_size=self.sizes[0],
+                crop_size=self.sizes[1],
                 crop="center",
                 tokenizer=self.tokenizer,
                 keep_json=True,
@@ -200,6 +206,7 @@ def _write_info(out: Path, clip, shards: str, world: int) -> None:
         "global_step": clip.global_step,
         "normalize": clip.normalize.kind,
         "image_size": clip.image_size,
+        "resized_to": clip.resize_size,
         "crop": "center",
         "embed_dim": clip.embed_dim,
         "text_width": clip.text_width,

@@ -32,6 +32,7 @@ def evaluate_run(
         stage.tokenizer,
         shards,
         image_size=stage.cfg.data.image_size,
+        crop_size=stage.cfg.data.get("crop_size"),  # the run trained on crops: its net takes their size
         normalize=stage.cfg.data.normalize,
         batch_size=batch_size,
         device=device,
@@ -46,19 +47,21 @@ def evaluate_net(
     shards: str,
     *,
     image_size: int,
+    crop_size: int | None = None,
     normalize: str = "clip",
     batch_size: int = 256,
     device: str = "cpu",
 ) -> dict[str, float]:
     """:func:`evaluate_run` for a net held in memory (an imported open_clip model, ...): its tokenizer
-    tokenises the captions and prompts, images are centre-cropped to ``image_size`` and normalised as
-    ``data.normalize``."""
+    tokenises the captions and prompts, images are resized to ``image_size``, centre-cropped to
+    ``crop_size`` (default: ``image_size``) and normalised as ``data.normalize``."""
     normalize = Normalize(normalize)
     ds = ShardDataset(
         shards,
         batch_size=batch_size,
         mode="epoch",
         image_size=image_size,
+        crop_size=crop_size,
         crop="center",
         tokenizer=tokenizer,
         keep_json=True,

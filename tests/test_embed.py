@@ -76,6 +76,34 @@ def test_embedding_shards_match_the_model_and_ranks_split_the_shards(clip_run, t
     assert all("scene" in j for b in batches for j in b["json"]), "the input json travels along"
 
 
+def test_a_clip_trained_on_crops_embeds_and_evaluates_at_its_crop_size(clip_run, tmp_path):
+    """data.image_size=72 with data.crop_size=64: the net takes 64 px crops; the frozen CLIP (prior,
+    decoder, cascade), data.embed and eval.zeroshot fed it 72 px images and stopped ("net.vision.image_size=64
+    but images are 72x72"). They resize to 72 and crop the centre 64, as the run's validation did."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from eval.zeroshot import evaluate_run
+    from train.frozen_clip import FrozenClip
+
+    run, val = clip_run
+    cropped = tmp_path / "run"
+    shutil.copytree(run, cropped)
+    config = OmegaConf.load(cropped / "config.yaml")
+    assert config.data.image_size == 64 and config.data.crop_size is None
+    config.data.image_size, config.data.crop_size = 72, 64
+    OmegaConf.save(config, cropped / "config.yaml")
+    clip = FrozenClip(cropped)
+    assert (clip.image_size, clip.resize_size) == (64, 72)
+    assert clip.embed(torch.zeros(2, 3, 72, 72, dtype=torch.uint8), None)["img_emb"].shape == (2, 128)
+    result = embed_shards(str(cropped), val, tmp_path / "emb", batch_size=16)
+    assert result["samples"] == 64
+    info = json.loads((tmp_path / "emb" / "embed_info.json").read_text())
+    assert (info["image_size"], info["resized_to"]) == (64, 72)
+    assert 0 <= evaluate_run(str(cropped), shards=val)["i2t_r1"] <= 1
+
+
 def test_loader_workers_write_the_same_shards_and_count_the_same_skips(clip_run, tmp_path):
     """workers=2: whole shards decoded in two loader processes, embedded and written by this one. The
     output tars are byte for byte those of workers=0, and a corrupt sample is skipped and counted once."""

@@ -34,7 +34,10 @@ class FrozenClip:
         self.net = stage.net.eval().requires_grad_(False)
         self.tokenizer = stage.tokenizer
         self.normalize = Normalize(stage.cfg.data.normalize)
-        self.image_size = int(stage.cfg.data.image_size)
+        # the net's input size (data.crop_size when the run trained on crops), and the size shards are
+        # resized to before their centre crop, as the run's validation read them (data.image_size)
+        self.image_size = int(stage.net.vision_cfg["image_size"])
+        self.resize_size = int(stage.cfg.data.image_size)
 
     @property
     def embed_dim(self) -> int:
