@@ -256,9 +256,16 @@ def test_slerp_stays_on_the_sphere():
     torch.testing.assert_close(slerp(a, b, 0.0), a)
 
 
-def test_upsamplers_out_of_order_are_refused(cascade_dir):
+def test_upsamplers_out_of_order_and_stages_in_the_wrong_place_are_refused(cascade_dir):
     with pytest.raises(ValueError, match="takes 32 px inputs but decoder .* outputs 16 px"):
         Cascade.load(cascade_dir / "decoder", upsamplers=[cascade_dir / "upsampler_1024"])
+    # another stage's run where one is expected gave AttributeErrors and TypeErrors deep in the loading
+    with pytest.raises(ValueError, match=r"decoder=.*prior: a prior run, expected a decoder run"):
+        Cascade.load(cascade_dir / "prior")
+    with pytest.raises(ValueError, match=r"prior=.*upsampler_256: an upsampler run, expected a prior run"):
+        Cascade.load(cascade_dir / "decoder", prior=cascade_dir / "upsampler_256")
+    with pytest.raises(ValueError, match=r"upsampler=.*decoder: a decoder run, expected an upsampler run"):
+        Cascade.load(cascade_dir / "decoder", upsamplers=[cascade_dir / "decoder"])
 
 
 def test_export_round_trips_and_the_cli_samples_from_it(cascade_dir, cascade, tmp_path):

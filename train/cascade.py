@@ -41,10 +41,25 @@ from train.modules.upsampler import UpsamplerModule
 log = logging.getLogger(__name__)
 
 
-def load_module(path: str | Path, **overrides):
+ROLES = {  # what the cascade loads a run as -> its module class
+    "decoder": "train.modules.decoder.DecoderModule",
+    "prior": "train.modules.prior.PriorModule",
+    "upsampler": "train.modules.upsampler.UpsamplerModule",
+}
+
+
+def load_module(path: str | Path, role: str | None = None, **overrides):
     """The stage's LightningModule with its EMA weights (as ``net`` and ``ema.shadow``), in eval mode.
-    ``overrides`` replace module constructor arguments (e.g. ``clip_ckpt``)."""
+    ``role``: what it is loaded as (a key of ROLES), checked first; ``overrides`` replace module
+    constructor arguments (e.g. ``clip_ckpt``)."""
     stage = load_stage(path)
+    target = stage.cfg.module.get("_target_", "")
+    if role is not None and target != ROLES[role]:
+        found = next((name for name, cls in ROLES.items() if cls == target), target.rsplit(".", 1)[-1])
+        a = {word: "an" if word[:1] in "aeiou" else "a" for word in (found, role)}
+        raise ValueError(
+            f"{role}={path}: {a[found]} {found} run, expected {a[role]} {role} run (module {target})"
+        )
     kwargs = {"net": stage.net, "tokenizer": stage.tokenizer, **overrides}
     module = instantiate(stage.cfg.module, _convert_="all", **kwargs)
     module.run_dir = Path(path)
@@ -176,11 +191,11 @@ class Cascade:
     ) -> Cascade:
         """From run directories (or checkpoints, or inference exports). ``clip``: the CLIP run, when the
         decoder's ``clip_ckpt`` no longer points at it (moved or exported)."""
-        dec = load_module(decoder, **({"clip_ckpt": str(clip)} if clip else {}))
+        dec = load_module(decoder, "decoder", **({"clip_ckpt": str(clip)} if clip else {}))
         pri = None
         if prior is not None:  # embeddings come from the decoder's CLIP, so the prior needs none of its own
-            pri = load_module(prior, clip_ckpt=None, tokenizer=dec.clip().tokenizer)
-        ups = [load_module(p) for p in upsamplers]
+            pri = load_module(prior, "prior", clip_ckpt=None, tokenizer=dec.clip().tokenizer)
+        ups = [load_module(p, "upsampler") for p in upsamplers]
         return cls(dec, pri, ups, device=device, precision=precision)
 
     @classmethod
