@@ -16,9 +16,8 @@
 and ``sizes.json`` (shard -> samples) plus ``embed_info.json``: the CLIP checkpoint, its step, the
 image normalisation, resolution, tokenizer and dimensions. Images are centre-cropped (deterministic).
 Shards are split over ranks (torchrun's or srun's, data/ranks.py; else ``RANK``/``WORLD_SIZE`` set by
-hand), never within one, so no
-sample is written twice; each output tar is written to a temporary name and renamed when complete.
-Skipped samples are counted by reason as in training.
+hand), never within one, so no sample is written twice; each output tar is written to a temporary name
+and renamed when complete. Skipped samples are counted by reason as in training.
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ def launch_environment() -> Any:
 
     if TorchElasticEnvironment.detect():
         return TorchElasticEnvironment()
-    if SLURMEnvironment.detect():
+    # (asked only under SLURM: where srun is installed, Lightning's detect() warns that it is not used)
+    if "SLURM_NTASKS" in os.environ and SLURMEnvironment.detect():
         tasks = os.environ.get("SLURM_NTASKS", "1")
         if tasks.isdigit() and int(tasks) > 1 and "SLURM_STEP_ID" not in os.environ:
             raise LaunchError(
