@@ -247,6 +247,13 @@ def test_variations_and_interpolation(cascade):
     assert path.images.shape == (4, 3, 64, 64)
     torch.testing.assert_close(path.image_emb[0], emb[0].cpu(), atol=1e-4, rtol=0)
     torch.testing.assert_close(path.image_emb[-1], emb[1].cpu(), atol=1e-4, rtol=0)
+    other = StageSettings(steps=3, sampler="dpmpp_2m")  # was ignored: both step the decoder with DDIM
+    with pytest.raises(
+        ValueError, match=r"variations: the decoder samples with DDIM here; sampler='dpmpp_2m'"
+    ):
+        cascade.variations(x[None], n=1, decoder=other, upsamplers=ups)
+    with pytest.raises(ValueError, match=r"interpolation: the decoder samples with DDIM here"):
+        cascade.interpolate(x, y, n=2, decoder=other, upsamplers=ups)
 
 
 def test_slerp_stays_on_the_sphere():

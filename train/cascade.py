@@ -397,6 +397,7 @@ class Cascade:
         which keeps its layout (the paper's Figure 3 with eta > 0)."""
         g = self._generator(seed)
         settings = decoder or StageSettings()
+        _ddim_only("variations", settings)
         emb = self.image_embedding(images).repeat_interleave(n, 0)
         noise = None
         if invert:
@@ -514,6 +515,7 @@ class Cascade:
             GaussianDiffusion._noise((1, 3, size, size), self.device, g).expand(n, -1, -1, -1).contiguous()
         )
         settings = decoder or StageSettings()
+        _ddim_only("interpolation", settings)
         progress = self._progress("interpolation", n, prior=False)
         base = self.decode(
             path, None, StageSettings(settings.steps, "ddim", 0.0, settings.guidance_scale), g, noise
@@ -521,6 +523,16 @@ class Cascade:
         progress.step(detail=f"decoder at {base.shape[-1]} px")
         ups = self.upsample(base, self._settings(upsamplers, len(self.upsamplers)), g, progress=progress)
         return self._finish(base, ups, path)
+
+
+def _ddim_only(mode: str, settings: StageSettings) -> None:
+    """Variations and interpolation step the decoder with DDIM (their eta, and the inversion, are DDIM's):
+    another sampler asked for is refused, not ignored."""
+    if settings.sampler != "ddim":
+        raise ValueError(
+            f"{mode}: the decoder samples with DDIM here; sampler={settings.sampler!r} (--decoder-sampler) "
+            "would be ignored: use ddim"
+        )
 
 
 def resize_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
