@@ -63,6 +63,7 @@ def load_module(path: str | Path, role: str | None = None, **overrides):
     kwargs = {"net": stage.net, "tokenizer": stage.tokenizer, **overrides}
     module = instantiate(stage.cfg.module, _convert_="all", **kwargs)
     module.run_dir = Path(path)
+    module.trained_with_clip = stage.cfg.get("clip_ckpt")  # the CLIP it was trained with, as recorded
     return module.eval().requires_grad_(False)
 
 
@@ -169,6 +170,14 @@ class Cascade:
             raise ValueError(
                 f"prior {getattr(prior, 'run_dir', '')} predicts {prior.net.embed_dim}-d embeddings but the "
                 f"decoder's CLIP ({self.clip.run}) has {self.clip.embed_dim}: they were trained on different CLIPs"
+            )
+        if prior is not None and _other_clip(getattr(prior, "trained_with_clip", None), self.clip.run):
+            log.warning(
+                "prior %s was trained with the CLIP %s, the decoder reads %s: a prior's embeddings mean "
+                "something only to the CLIP it learned them from (same size, other weights: poor samples)",
+                getattr(prior, "run_dir", ""),
+                prior.trained_with_clip,
+                self.clip.run,
             )
         size, where = decoder.net.image_size, f"decoder {getattr(decoder, 'run_dir', '')}"
         for up in self.upsamplers:
@@ -523,6 +532,22 @@ class Cascade:
         progress.step(detail=f"decoder at {base.shape[-1]} px")
         ups = self.upsample(base, self._settings(upsamplers, len(self.upsamplers)), g, progress=progress)
         return self._finish(base, ups, path)
+
+
+def _other_clip(recorded: str | None, clip_run: Path) -> bool:
+    """Whether a stage's recorded CLIP (a run directory or a checkpoint in one) is another run than
+    ``clip_run``; False when it cannot tell (nothing recorded, or moved since)."""
+    if not recorded or not Path(recorded).exists() or not Path(clip_run).exists():
+        return False
+    return _run_of(Path(recorded)) != _run_of(Path(clip_run))
+
+
+def _run_of(path: Path) -> Path:
+    """The run directory of a run, one of its checkpoints, or its export."""
+    path = path.resolve()
+    if path.suffix == ".ckpt" or path.name == "export":
+        path = path.parent
+    return path.parent if path.name == "checkpoints" else path
 
 
 def _ddim_only(mode: str, settings: StageSettings) -> None:
