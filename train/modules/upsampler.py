@@ -47,7 +47,7 @@ class UpsamplerModule(DiffusionStageModule):
 
     Training: a random crop of ``crop_fraction`` of the target size is cut from the (resized) image;
     its low-resolution version (``low_res_size / net.image_size`` of it) is corrupted by
-    ``degradation`` (``blur``: gaussian, kernel 3, sigma 0.6, the paper's 64->256; ``bsr``: the
+    ``degradation`` (``blur``: gaussian, kernel 3, sigma 0.6, for 64->256 (the paper names the blur, not its settings); ``bsr``: the
     BSR-style chain of data/degrade.py, the paper's 256->1024; ``none``). The net is fully
     convolutional, so it samples at full size. Evaluation on held-out images: their downsample,
     degraded as in training (``val_degraded``, seeded) or clean, is upsampled by DDIM (``sample_steps``,
