@@ -32,7 +32,7 @@ from hydra.utils import instantiate
 
 from data.images import to_uint8, to_unit_range
 from data.progress import Progress
-from train.checkpoint import load_stage
+from train.checkpoint import load_stage, run_dir_of
 from train.diffusion import SAMPLERS, GaussianDiffusion
 from train.frozen_clip import FrozenClip
 from train.modules.decoder import DecoderModule
@@ -545,9 +545,7 @@ def _other_clip(recorded: str | None, clip_run: Path) -> bool:
 def _run_of(path: Path) -> Path:
     """The run directory of a run, one of its checkpoints, or its export."""
     path = path.resolve()
-    if path.suffix == ".ckpt" or path.name == "export":
-        path = path.parent
-    return path.parent if path.name == "checkpoints" else path
+    return run_dir_of(path) if path.suffix == ".ckpt" or path.name == "export" else path
 
 
 def _ddim_only(mode: str, settings: StageSettings) -> None:

@@ -27,7 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from data.tokenizer import Tokenizer
-from data.transforms import CLIP_MEAN, CLIP_STD
+from data.transforms import Normalize
 from train.modules.compat import upgrade_config
 
 log = logging.getLogger(__name__)
@@ -42,12 +42,17 @@ class LoadedStage:
     global_step: int
 
 
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run directory a checkpoint (file or sharded directory) or an export belongs to."""
+    parent = checkpoint.parent
+    return parent.parent if parent.name == "checkpoints" else parent
+
+
 def resolve_run(path: str | Path) -> tuple[Path, Path]:
     """(run directory, checkpoint file) from either of them; clear errors for anything else."""
     path = Path(path)
     if path.is_dir() and path.suffix == ".ckpt":  # a sharded (DeepSpeed / FSDP) checkpoint directory
-        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-        return run, path
+        return run_dir_of(path), path
     if path.is_dir():
         from train.checkpoint_io import run_checkpoints
 
@@ -58,8 +63,7 @@ def resolve_run(path: str | Path) -> tuple[Path, Path]:
             )
         return path, finished[0]
     if path.is_file():
-        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-        return run, path
+        return run_dir_of(path), path
     raise FileNotFoundError(f"{path}: expected a run directory or a .ckpt file inside <run>/checkpoints/")
 
 
@@ -316,16 +320,11 @@ def export_open_clip(path: str | Path, out: str | Path, use_ema: bool = True) ->
         )
     preprocess = {"size": stage.net.vision_cfg["image_size"], "mode": "RGB", "interpolation": "bicubic"}
     # always written: open_clip fills what the config leaves out with OpenAI's mean and std, which would
-    # preprocess a CLIP trained on [-1, 1] or [0, 1] images wrongly, without a word
-    preprocess.update(OPEN_CLIP_NORMALIZE[stage.cfg.data.get("normalize", "clip")])
+    # preprocess a CLIP trained on [-1, 1] or [0, 1] images wrongly, without a word. The run's Normalize
+    # works on 0-255 pixels, open_clip's on [0, 1]
+    normalize = Normalize(stage.cfg.data.get("normalize", "clip"))
+    preprocess.update(mean=(normalize.mean / 255).tolist(), std=(normalize.std / 255).tolist())
     return save_open_clip(stage.net, out, preprocess)
-
-
-OPEN_CLIP_NORMALIZE = {  # data.normalize -> open_clip's mean and std of images in [0, 1]
-    "clip": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)},
-    "minus_one_one": {"mean": [0.5] * 3, "std": [0.5] * 3},
-    "unit": {"mean": [0.0] * 3, "std": [1.0] * 3},
-}
 
 
 def main(argv: list[str] | None = None) -> None:
