@@ -65,7 +65,7 @@ def test_gpu_check_cpu_mode_runs_every_step_and_writes_the_report(tmp_path):
     assert (
         "test_exact_resume_on_the_device_is_bitwise PASSED" in tests_log and "compiled_step" not in tests_log
     )
-    assert "test_compiled_step_matches_eager_within_bf16_tolerance[decoder] PASSED" in report
+    assert "test_compiled_step_matches_eager_within_bf16_tolerance[clip] PASSED" in report  # (CPU: CLIP only)
     bench = json.loads((res / "bench.json").read_text())["rows"]
     assert [r["status"] for r in bench] == ["ok"] * 5
     assert "| clip | 1.1 | 32 |" in report
