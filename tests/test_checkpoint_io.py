@@ -195,6 +195,42 @@ def test_resume_auto_skips_a_damaged_newest_checkpoint_and_names_it(tmp_path, ca
         resolve_checkpoint(str(last), tmp_path)
 
 
+def test_only_rank_0_reads_checkpoints_whole_and_stops_the_launch_on_a_flip_only_it_finds(
+    tmp_path, monkeypatch
+):
+    """Every rank used to read a single-file checkpoint whole for its CRC-32s before loading it: twice what a
+    restart read from shared storage. The other ranks now read its zip directory (truncation), rank 0 the
+    CRCs; a flipped bit only rank 0 sees stops the launch with the file moved aside, so that the ranks never
+    load different checkpoints, and the next launch continues from the next newest on every rank."""
+    import zipfile
+
+    from train.run import CheckpointDamagedError
+
+    ckpts = tmp_path / "checkpoints"
+    older = _save(ckpts / "step0000004.ckpt", 4, age=20)
+    newest = _save(ckpts / "step0000006.ckpt", 6, age=10)
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 3] ^= 0x40  # inside the weights' data: the zip directory is intact
+    newest.write_bytes(bytes(data))
+    read = []
+    with monkeypatch.context() as m:
+        m.setattr(zipfile.ZipFile, "testzip", lambda self: read.append(self.filename))
+        assert resolve_checkpoint("auto", tmp_path, rank=1, world=2) == str(newest)
+    assert read == []  # rank 1 read no member
+    with pytest.raises(CheckpointDamagedError, match="step0000006.ckpt: member .* fails its CRC-32") as info:
+        resolve_checkpoint("auto", tmp_path, rank=0, world=2)
+    aside = ckpts / "step0000006.ckpt.damaged"
+    assert f"moved it to {aside}" in str(info.value) and f"continues from {older}" in str(info.value)
+    assert aside.exists() and not newest.exists()
+    assert [resolve_checkpoint("auto", tmp_path, rank=r, world=2) for r in (0, 1)] == [str(older)] * 2
+    cut = _save(ckpts / "step0000008.ckpt", 8)
+    cut.write_bytes(cut.read_bytes()[:-500])  # truncated: every rank finds it and skips it alike
+    assert [resolve_checkpoint("auto", tmp_path, rank=r, world=2) for r in (0, 1)] == [str(older)] * 2
+    assert cut.exists()
+    with pytest.raises(CheckpointDamagedError, match="fails its CRC-32"):  # resume=<path>: rank 0 refuses
+        resolve_checkpoint(str(aside), tmp_path, rank=0, world=2)
+
+
 @pytest.mark.slow
 def test_periodic_checkpoints_keep_the_newest_k(tmp_path):
     from train.run import train

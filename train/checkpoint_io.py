@@ -122,13 +122,15 @@ def run_checkpoints(run_dir: Path) -> tuple[list[Path], list[Path]]:
     return finished, [c for c in found if c not in finished]
 
 
-def damage(path: str | Path) -> str | None:
+def damage(path: str | Path, *, crc: bool = True) -> str | None:
     """Why the finished checkpoint ``path`` cannot be loaded, or None when it is intact.
 
     A file is read whole and every zip member's CRC-32 is checked (``torch.save`` writes zip archives): a
-    truncated file has no zip directory, a flipped bit fails its member's CRC. A sharded directory's
-    files must have the sizes its ``COMMITTED`` marker recorded (a stat per file: every rank checks, and
-    none reads the other ranks' shards); a directory from before sizes were recorded gets the zip checks."""
+    truncated file has no zip directory, a flipped bit fails its member's CRC. ``crc=False`` reads only the
+    zip directory at the file's end: truncation is found, a flipped bit is not (what the ranks other than
+    rank 0 check, train/run.py ``resolve_checkpoint``). A sharded directory's files must have the sizes its
+    ``COMMITTED`` marker recorded (a stat per file: every rank checks, and none reads the other ranks'
+    shards); a directory from before sizes were recorded gets the zip checks."""
     path = Path(path)
     if path.is_dir():
         try:
@@ -151,7 +153,7 @@ def damage(path: str | Path) -> str | None:
             continue  # not a torch.save file (a DCP shard, json, the "latest" tag)
         try:
             with zipfile.ZipFile(file) as archive:
-                bad = archive.testzip()
+                bad = archive.testzip() if crc else None
         except (zipfile.BadZipFile, OSError, EOFError) as e:
             return f"{file} is not a complete checkpoint ({e})"
         if bad is not None:

@@ -73,7 +73,7 @@ def check_same_run(cfg: DictConfig, output_dir: Path) -> None:
         )
 
 
-def resolve_checkpoint(resume: str | None, output_dir: Path) -> str | None:
+def resolve_checkpoint(resume: str | None, output_dir: Path, *, rank: int = 0, world: int = 1) -> str | None:
     """resume=auto: the newest checkpoint of the run directory, whichever kind wrote it (periodic
     ``checkpoints/step*.ckpt``, ``checkpoints/last.ckpt``, or ``hpc_ckpt_<n>.ckpt`` that Lightning saves
     when SLURM signals a preemption); resume=<path>: that checkpoint (must exist); null: start fresh.
@@ -83,11 +83,19 @@ def resolve_checkpoint(resume: str | None, output_dir: Path) -> str | None:
     files appear whole by rename; sharded (DeepSpeed, FSDP) directories carry a commit marker. A
     checkpoint damaged since (train/checkpoint_io.py ``damage``) is skipped with a warning naming it and
     the next newest is taken; when every one is damaged the error lists them.
+
+    Of the ``world`` processes of a run (each calls this before the Trainer starts them talking), only
+    rank 0 reads a single-file checkpoint whole for its CRC-32s; the others read its zip directory, which
+    finds truncation (every rank reads the file when it loads it: a CRC read on every rank doubled what a
+    restart read from shared storage). So the ranks agree on truncated files, and a flipped bit only rank
+    0 finds cannot be skipped there (the others would load the file): rank 0 moves that file aside
+    (``<name>.damaged``) and stops the launch, and the next launch takes the next newest.
     """
     if resume in (None, "null", False):
         return None
     from train.checkpoint_io import damage, run_checkpoints
 
+    crc = rank == 0
     if resume == "auto":
         candidates, unfinished = run_checkpoints(output_dir)  # newest first
         if unfinished:
@@ -96,10 +104,19 @@ def resolve_checkpoint(resume: str | None, output_dir: Path) -> str | None:
                 ", ".join(map(str, unfinished)),
             )
         damaged = []
-        for candidate in candidates:
-            problem = damage(candidate)
+        for i, candidate in enumerate(candidates):
+            problem = damage(candidate, crc=crc)
             if problem is None:
                 return str(candidate)
+            if world > 1 and damage(candidate, crc=False) is None:  # found by rank 0's CRC read alone
+                aside = candidate.with_name(candidate.name + ".damaged")
+                candidate.rename(aside)
+                after = next((str(c) for c in candidates[i + 1 :] if damage(c) is None), None)
+                raise CheckpointDamagedError(
+                    f"resume=auto: {problem}. The other {world - 1} ranks do not read checkpoints whole, and "
+                    f"would load it: moved it to {aside}; launch again, and resume=auto continues from "
+                    + (after or "the start (no other intact checkpoint)")
+                )
             log.warning("skipping damaged checkpoint %s: %s", candidate, problem)
             damaged.append(problem)
         if damaged:
@@ -111,7 +128,7 @@ def resolve_checkpoint(resume: str | None, output_dir: Path) -> str | None:
         return None
     if not Path(resume).exists():
         raise FileNotFoundError(f"resume={resume!r}: no such checkpoint")
-    problem = damage(resume)
+    problem = damage(resume, crc=crc)
     if problem is not None:
         raise CheckpointDamagedError(f"resume={resume}: {problem}")
     return str(resume)
@@ -438,7 +455,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg, build_callbacks(cfg), build_loggers(cfg))
     for logger in trainer.loggers:  # the whole resolved config, next to the module's hyper-parameters
         logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
-    ckpt = resolve_checkpoint(cfg.get("resume"), output_dir)
+    ckpt = resolve_checkpoint(
+        cfg.get("resume"), output_dir, rank=trainer.global_rank, world=trainer.world_size
+    )
     if ckpt:
         check_same_run(cfg, output_dir)  # before this run's config replaces the one saved there
         log.info("resuming from %s", ckpt)
