@@ -107,7 +107,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, eta: float | None = 
         default="both",
         help="what the decoder sees: the image embedding and the caption, the caption alone, or the embedding alone",
     )
-    s.add_argument("--eta", type=float, default=eta, help="the decoder's DDIM eta")
+    s.add_argument(
+        "--eta", type=float, default=eta, help="the decoder's DDIM eta (--decoder-sampler ddim only)"
+    )
     s.add_argument("--upsampler-steps", help="sampling steps per upsampler: N or N1,N2 (paper: 27,15)")
     s.add_argument("--upsampler-sampler", choices=SAMPLERS, default="ddim")
     return s

@@ -109,6 +109,10 @@ def test_every_stage_samples_with_dpm_solver_and_unknown_samplers_are_refused(ca
     assert not torch.equal(out.stages[0], other.stages[0])
     with pytest.raises(ValueError, match=r"sampler='euler': expected one of \['ddim', 'ddpm', 'dpmpp_2m'\]"):
         StageSettings(sampler="euler")
+    for sampler in ("dpmpp_2m", "ddpm"):  # DDIM's eta: refused elsewhere (it was ignored), 0 or unset taken
+        with pytest.raises(ValueError, match=f"eta=0.5: the noise of a DDIM step, which sampler='{sampler}'"):
+            StageSettings(sampler=sampler, eta=0.5)
+        assert StageSettings(sampler=sampler, eta=0.0).eta == 0.0
 
 
 def test_the_diffusion_nets_sample_under_bf16_autocast_when_asked(cascade, monkeypatch):

@@ -104,6 +104,11 @@ class StageSettings:
             raise ValueError(f"sampler={self.sampler!r}: expected one of {list(SAMPLERS)}")
         if self.condition not in DECODER_CONDITIONS:
             raise ValueError(f"condition={self.condition!r}: expected one of {list(DECODER_CONDITIONS)}")
+        if self.eta and self.sampler != "ddim":  # (it was ignored)
+            raise ValueError(
+                f"eta={self.eta}: the noise of a DDIM step, which sampler={self.sampler!r} does not take "
+                "(ddpm adds the posterior's noise, dpmpp_2m none): sample with ddim, or leave eta out"
+            )
 
 
 @dataclass
