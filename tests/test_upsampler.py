@@ -207,3 +207,37 @@ def test_old_run_configs_still_name_the_module_where_it_was():
     from train.modules.upsampler import UpsamplerModule
 
     assert get_class("train.modules.decoder.UpsamplerModule") is UpsamplerModule
+
+
+def test_noise_augmentation_noises_on_the_plain_schedule_and_a_residual_is_clipped_as_an_image():
+    """Two things the upsampler's shifted schedule (made for the residual's small range) got wrong: the
+    conditioning image was noised on it, so noise_aug=0.2 added noise of std 0.028, not the plain
+    schedule's 0.32 at step 200; and sampling clipped the predicted residual to [-1, 1], not the image it
+    makes with the bicubic base (a residual of 1.5 on a base of -0.8 is the valid pixel 0.7)."""
+    from hydra.utils import instantiate
+
+    from train.diffusion import GaussianDiffusion
+    from train.modules.upsampler import UpsamplerModule
+
+    shifted = {"schedule": "cosine", "num_timesteps": 1000, "schedule_shift": 12.0}
+    unet = instantiate(
+        compose_config(["stage=upsampler_256", "net.model_channels=8", "net.low_res_noise_cond=true"]).net
+    )
+    module = UpsamplerModule(unet, low_res_size=8, sample_steps=2, noise_aug=0.2, diffusion=shifted)
+    level = torch.full((64,), 200)
+    noised = module.noised_low_res(torch.zeros(64, 3, 8, 8), level, torch.Generator().manual_seed(0))
+    plain = GaussianDiffusion.from_config(schedule="cosine", num_timesteps=1000)
+    assert noised["low_res"].std().item() == pytest.approx(
+        plain.sqrt_one_minus_alphas_cumprod[200].item(), rel=0.05
+    )  # 0.32
+    assert torch.equal(noised["low_res_noise"], level)
+
+    unet = instantiate(compose_config(["stage=upsampler_256", "net.model_channels=8"]).net)
+    clipped = {**shifted, "prediction": "x0", "clip_denoised": "static"}
+    module = UpsamplerModule(unet, low_res_size=8, sample_steps=2, residual=True, diffusion=clipped)
+    module.net.forward = lambda x, t, **kw: torch.full_like(x, 1.5)  # the residual it predicts
+    low = torch.tensor([-0.8, 0.3]).view(2, 1, 1, 1).expand(2, 3, 8, 8).contiguous()
+    out = module.upsample(low, use_ema=False, steps=2)
+    assert out.shape == (2, 3, 32, 32)
+    assert torch.allclose(out[0], torch.full_like(out[0], 0.7), atol=1e-5)  # was 0.2
+    assert torch.allclose(out[1], torch.ones_like(out[1]), atol=1e-5)  # 1.8 clipped to 1

@@ -292,13 +292,17 @@ class GaussianDiffusion:
         return torch.cat([guided, cond[:, channels:]], dim=1)
 
     def p_mean_variance(
-        self, model: Model, x: torch.Tensor, t: torch.Tensor, **kw
+        self, model: Model, x: torch.Tensor, t: torch.Tensor, x0_offset: torch.Tensor | None = None, **kw
     ) -> dict[str, torch.Tensor]:
-        """p(x_{t-1} | x_t): mean, variance, log variance, and the (clipped) predicted x0 and eps."""
+        """p(x_{t-1} | x_t): mean, variance, log variance, and the (clipped) predicted x0 and eps.
+        ``x0_offset``: what the diffused variable is relative to (a residual upsampler's bicubic base): the
+        predicted x0 is clipped as ``x0 + x0_offset``, the image, not as the residual itself."""
         out = self.model_output(model, x, t, **kw)
-        return self._p_from_output(out, x, t)
+        return self._p_from_output(out, x, t, x0_offset)
 
-    def _p_from_output(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _p_from_output(
+        self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, x0_offset: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         x = x.float()
         channels = x.shape[1]
         if self.learned_variance:
@@ -330,7 +334,7 @@ class GaussianDiffusion:
                 self._at(self.sqrt_alphas_cumprod, t, x) * x
                 - self._at(self.sqrt_one_minus_alphas_cumprod, t, x) * out
             )
-        x0 = self.clip_x0(x0)
+        x0 = self.clip_x0(x0) if x0_offset is None else self.clip_x0(x0 + x0_offset) - x0_offset
         eps = self.eps_from_x0(x, t, x0)
         mean, _, _ = self.q_posterior(x0, x, t)
         return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_x0": x0, "eps": eps}
@@ -426,14 +430,21 @@ class GaussianDiffusion:
         uncond_kwargs: Mapping | None = None,
         progress: bool = False,
         step_callback: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        x0_offset: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Ancestral (DDPM) sampling from pure noise through every step of this (possibly respaced) process
         (Algorithm 2 of Ho et al. 2020; respacing as in Nichol & Dhariwal 2021, section 4).
 
-        ``step_callback(i, x)`` may replace x after each step (inpainting keeps the known region there).
+        ``step_callback(i, x)`` may replace x after each step (inpainting keeps the known region there);
+        ``x0_offset`` as in :meth:`p_mean_variance`.
         """
         x = noise if noise is not None else self._noise(tuple(shape), device, generator)
-        kw = dict(model_kwargs=model_kwargs, guidance_scale=guidance_scale, uncond_kwargs=uncond_kwargs)
+        kw = dict(
+            model_kwargs=model_kwargs,
+            guidance_scale=guidance_scale,
+            uncond_kwargs=uncond_kwargs,
+            x0_offset=x0_offset,
+        )
         for i in self._steps(progress, "ddpm"):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             x = self.p_sample(model, x, t, generator=generator, **kw)["sample"]
@@ -473,11 +484,17 @@ class GaussianDiffusion:
         uncond_kwargs: Mapping | None = None,
         progress: bool = False,
         step_callback: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        x0_offset: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """DDIM sampling (Song et al. 2021) from pure noise, or from ``noise`` (e.g. :meth:`ddim_encode`'s),
         through every step of this (possibly respaced) process; ``step_callback`` as in p_sample_loop."""
         x = noise if noise is not None else self._noise(tuple(shape), device, generator)
-        kw = dict(model_kwargs=model_kwargs, guidance_scale=guidance_scale, uncond_kwargs=uncond_kwargs)
+        kw = dict(
+            model_kwargs=model_kwargs,
+            guidance_scale=guidance_scale,
+            uncond_kwargs=uncond_kwargs,
+            x0_offset=x0_offset,
+        )
         for i in self._steps(progress, "ddim"):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             x = self.ddim_step(model, x, t, eta=eta, generator=generator, **kw)["sample"]
@@ -499,6 +516,7 @@ class GaussianDiffusion:
         uncond_kwargs: Mapping | None = None,
         progress: bool = False,
         step_callback: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        x0_offset: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
         Probabilistic Models", section 4 and algorithm 2): the probability-flow ODE that DDIM (eta=0)
@@ -510,7 +528,12 @@ class GaussianDiffusion:
         DDIM's last step does. ``step_callback`` as in p_sample_loop."""
         x = noise if noise is not None else self._noise(tuple(shape), device, generator)
         x = x.float()
-        kw = dict(model_kwargs=model_kwargs, guidance_scale=guidance_scale, uncond_kwargs=uncond_kwargs)
+        kw = dict(
+            model_kwargs=model_kwargs,
+            guidance_scale=guidance_scale,
+            uncond_kwargs=uncond_kwargs,
+            x0_offset=x0_offset,
+        )
         alpha = self.sqrt_alphas_cumprod.tolist()  # python floats in float64: per-step scalars
         sigma = self.sqrt_one_minus_alphas_cumprod.tolist()
         lam = [math.log(a / s) for a, s in zip(alpha, sigma)]  # log SNR / 2, rising as i falls
