@@ -56,8 +56,9 @@ def expand_shards(spec: str | Sequence[str], *, check_exists: bool = True) -> li
     """Expand a shard spec into an ordered list of shard URLs (local paths or ``pipe:`` commands).
 
     Raises ShardSpecError naming the spec when it matches nothing. Local brace patterns are not
-    stat'ed shard by shard: only the first expanded path is checked (a missing shard later in the
-    list is counted as ``unreadable_shard`` while training, never a crash).
+    stat'ed shard by shard: the expanded paths are checked up to the first that exists (usually the
+    first; img2dataset leaves gaps where a shard failed, the first one included), and a missing shard
+    is counted as ``unreadable_shard`` while training, never a crash.
     """
     parts = _split_spec(spec)
     if not parts:
@@ -68,8 +69,8 @@ def expand_shards(spec: str | Sequence[str], *, check_exists: bool = True) -> li
     missing: list[str] = []
     for part in parts:
         expanded = _expand_one(part)
-        if check_exists and not part.startswith("pipe:") and not os.path.exists(expanded[0]):
-            missing.append(f"{part!r} (first path {expanded[0]!r} does not exist)")
+        if check_exists and not part.startswith("pipe:") and not any(map(os.path.exists, expanded)):
+            missing.append(f"{part!r} (first path {expanded[0]!r} does not exist, nor any after it)")
         urls.extend(expanded)
     if missing and len(missing) == len(parts):
         raise ShardSpecError(f"shard spec {spec!r} matches no file: " + "; ".join(missing))
@@ -143,14 +144,23 @@ def _read_exact(f, n: int) -> bytes:
 
 
 def _parse_pax(data: bytes) -> dict[str, str]:
+    """A pax extended header's "<length> <key>=<value>\\n" records (values undecodable as UTF-8 replaced,
+    as in short names); a record that does not parse is a corrupt shard, not a crashed loader."""
     out: dict[str, str] = {}
     pos = 0
     while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
+        try:
+            space = data.index(b" ", pos)
+            length = int(data[pos:space])
+        except ValueError:
+            raise CorruptShard(f"bad pax record at byte {pos}: {data[pos : pos + 20]!r}") from None
+        if length <= space - pos:
+            raise CorruptShard(f"bad pax record length {length} at byte {pos}")
         key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
-        out[key.decode("utf-8")] = value.decode("utf-8")
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
         pos += length
+    if "size" in out and not out["size"].isdigit():
+        raise CorruptShard(f"bad pax size {out['size']!r}")
     return out
 
 
@@ -191,7 +201,7 @@ def read_tar(stream, *, skip_data_of: frozenset[str] | None = None) -> Iterator[
             if len(data) < padded:
                 raise TruncatedShard("stream ended inside an extended header")
             if typeflag == b"L":
-                long_name = data[:size].split(b"\0", 1)[0].decode("utf-8")
+                long_name = data[:size].split(b"\0", 1)[0].decode("utf-8", "replace")
             elif typeflag == b"x":
                 pax = _parse_pax(data[:size])
             continue

@@ -55,6 +55,12 @@ def decode_image(data: bytes, min_side: int | None = None) -> tuple[Image.Image,
         if scale < 1:
             img.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))
     img.load()  # force the decode here so corrupt data raises inside the caller's try
+    if img.mode.startswith("I;16") or img.mode == "I":  # 16-bit grey (PNG): PIL's convert clips it to white
+        img = Image.fromarray(
+            (np.asarray(img, dtype=np.float64).clip(0, 65535) / 257).round().astype(np.uint8)
+        )
+    elif img.mode == "F":
+        raise ValueError("floating-point pixels (mode F): no known range to map to 8 bits")
     if img.mode != "RGB":
         img = img.convert("RGB")
     return img, (w, h)

@@ -120,6 +120,15 @@ def test_brace_pattern_expands_without_touching_files(make_shards):
     assert len(urls) == 100_000
 
 
+def test_a_brace_pattern_whose_first_shard_is_missing_is_accepted(make_shards):
+    """img2dataset leaves a gap where a shard failed: a gap at the first shard refused the whole dataset
+    ("matches no file"), while the same gap anywhere else is counted while training."""
+    directory, _ = make_shards([1, 1, 1])
+    (directory / "00000.tar").unlink()
+    urls = expand_shards(f"{directory}/{{00000..00002}}.tar")
+    assert urls == [f"{directory}/{i:05d}.tar" for i in range(3)]
+
+
 @pytest.mark.parametrize("spec", ["/nonexistent/{000..009}.tar", "/nonexistent/*.tar", ""])
 def test_spec_matching_nothing_is_an_error_naming_it(spec):
     with pytest.raises(ShardSpecError) as err:
@@ -510,6 +519,36 @@ def test_tar_headers_with_a_bad_checksum_are_corrupt_and_signed_checksums_are_ac
         list(read_tar(io.BytesIO(bytes(data))))
 
 
+def test_non_utf8_long_names_and_damaged_pax_records_are_read_or_counted_not_raised():
+    """Extended headers are outside the header checksum: a GNU long name in Latin-1 (tar of scraped files)
+    raised UnicodeDecodeError and a damaged pax record ValueError, each out of the loader worker, ending
+    the run. The name is read with the undecodable bytes replaced, as short names are; the record makes
+    the shard corrupt (counted, the rest of it skipped)."""
+    from data.shards import CorruptShard, _parse_pax
+
+    long = "caf\xe9_" * 30 + ".txt"  # > 100 bytes: a GNU long-name record
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        info = tarfile.TarInfo(long)
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    members = list(read_tar(io.BytesIO(buf.getvalue())))
+    assert [m.data for m in members] == [b"abc"] and members[0].name.startswith("caf\ufffd_")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("k" * 120 + ".txt")  # > 100 characters: a pax path record
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    data = buf.getvalue()
+    at = data.index(b" path=kkk")
+    with pytest.raises(CorruptShard, match="bad pax record at byte 0"):
+        list(read_tar(io.BytesIO(data[: at - 3] + b"x9z" + data[at:])))  # its length digits damaged
+    with pytest.raises(CorruptShard, match="bad pax size '3x'"):
+        _parse_pax(b"11 size=3x\n")
+    with pytest.raises(CorruptShard, match="bad pax record length 1"):
+        _parse_pax(b"1 size=3\n")
+
+
 def test_npy_headers_are_read_without_ast_and_as_numpy_reads_them(tmp_path, monkeypatch):
     """Loader workers read .npy headers (embedding shards, clip-retrieval parts) without ast.literal_eval,
     which numpy uses: in a forked worker of CPython 3.11 before 3.11.8 it failed once in CI with "AST
@@ -549,3 +588,21 @@ def test_npy_headers_are_read_without_ast_and_as_numpy_reads_them(tmp_path, monk
     structured = np.zeros(3, dtype=[("a", "<f4"), ("b", "<i2")])
     np.save(tmp_path / "structured.npy", structured)
     assert open_npy(tmp_path / "structured.npy").dtype == structured.dtype
+
+
+def test_16_bit_grey_pngs_decode_to_their_grey_and_float_images_are_refused():
+    """PIL's convert("RGB") clips 16-bit grey to 8 bits: every such PNG (mid-grey 32768 too) was trained on
+    as a white image under its caption. They are scaled to 8 bits now; float images (mode F, TIFF), whose
+    range is unknown, are a decode error."""
+    from data.transforms import decode_image
+
+    for value, want in ((32768, 128), (1000, 4), (65535, 255)):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((4, 6), value, np.uint16)).save(buf, format="PNG")
+        img, size = decode_image(buf.getvalue())
+        assert img.mode == "RGB" and size == (6, 4)
+        assert np.asarray(img)[0, 0].tolist() == [want] * 3, value
+    buf = io.BytesIO()
+    Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(buf, format="TIFF")
+    with pytest.raises(ValueError, match="floating-point pixels"):
+        decode_image(buf.getvalue())
