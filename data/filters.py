@@ -25,8 +25,9 @@ _THRESHOLD = re.compile(r"^\s*(<=|>=|==|!=|<|>)\s*(-?[0-9.eE+-]+)\s*$")
 class Filters:
     """Metadata filters. Each drop is counted as ``filter_<name>``.
 
-    Sizes come from the json (``width``/``height``, as img2dataset writes them) when present, else
-    from the image header. ``fields`` maps a numeric json field to a condition that KEEPS the sample,
+    Sizes are the source image's: the json's ``original_width``/``original_height`` (img2dataset's, when
+    it resized: its ``width``/``height`` are then the stored size, 256 x 256 by default), else its
+    ``width``/``height``, else the image header's (:func:`json_size`). ``fields`` maps a numeric json field to a condition that KEEPS the sample,
     e.g. ``{"punsafe": "< 0.1", "pwatermark": "< 0.8"}``; a sample whose json lacks the field is kept
     (LAION subsets often lack them) unless ``drop_missing_fields`` is set.
     """
@@ -85,3 +86,15 @@ class Filters:
         ):
             return "filter_aspect_ratio"
         return None
+
+
+def json_size(meta: Mapping) -> tuple[int, int] | None:
+    """The source image's (width, height) from a sample's json: ``original_width``/``original_height``
+    when present (img2dataset writes the source size there and the resized one in ``width``/``height``:
+    filtering on those, every image of its default border resize was 256 x 256, thumbnails and panoramas
+    too), else ``width``/``height``, else None (the image header's size applies). Raises ValueError or
+    TypeError on values that are not integers."""
+    for w, h in (("original_width", "original_height"), ("width", "height")):
+        if w in meta and h in meta:
+            return int(meta[w]), int(meta[h])
+    return None

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data.filters import Filters
+from data.filters import Filters, json_size
 from data.negatives import check_kinds, negative_tokens
 from data.shards import ShardError, expand_shards, group_samples, open_shard, read_tar
 from data.stream import SampleStream
@@ -445,7 +445,7 @@ class ShardDataset(StreamPosition, IterableDataset):
             return "image_too_large"
         except Exception:  # noqa: BLE001 - any decoder failure is a bad sample, never a crash
             return "decode_error"
-        if "width" not in item["json"] or "height" not in item["json"]:
+        if json_size(item["json"]) is None:  # (a bad json size was counted before the decode)
             size_reason = self.filters.check_size(*stored_size)
             if size_reason:
                 return size_reason
@@ -572,12 +572,12 @@ def check_sample(
     reason = filters.check_meta(item["json"], caption)
     if reason:
         return reason, item
-    meta = item["json"]
-    if "width" in meta and "height" in meta:
-        try:
-            reason = filters.check_size(int(meta["width"]), int(meta["height"]))
-        except (TypeError, ValueError):
-            return "bad_json", item
+    try:
+        size = json_size(item["json"])
+    except (TypeError, ValueError):
+        return "bad_json", item
+    if size is not None:
+        reason = filters.check_size(*size)
         if reason:
             return reason, item
     for name in npy_fields:

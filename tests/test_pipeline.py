@@ -309,6 +309,27 @@ def test_size_filter_uses_image_when_json_has_no_size(tmp_path):
     assert keys == ["b"] and skips == {"filter_min_size": 1}
 
 
+def test_size_filters_read_the_source_size_img2dataset_records_not_the_resized_one(tmp_path):
+    """img2dataset stores resized images (border mode: 256 x 256 by default) and writes that size in
+    width/height, the source's in original_width/original_height: the filters read width/height, so a
+    20 px thumbnail and a 4000 x 300 panorama passed min_width and max_aspect_ratio."""
+
+    def resized(key, original, **extra):  # as img2dataset's default border resize stores them
+        sample = simple_sample(key, size=(32, 32))
+        sample["json"].update(original_width=original[0], original_height=original[1], **extra)
+        return sample
+
+    bad = simple_sample("bad_size")
+    bad["json"]["original_width"], bad["json"]["original_height"] = "wide", 5
+    write_tar(
+        tmp_path / "0.tar",
+        [resized("thumb", (20, 20)), resized("panorama", (4000, 300)), resized("photo", (640, 480)), bad],
+    )
+    filters = Filters(min_width=128, min_height=128, max_aspect_ratio=3.0)
+    keys, skips = run_epoch(_dataset(tmp_path, filters=filters), 0)
+    assert keys == ["photo"] and skips == {"filter_min_size": 1, "filter_aspect_ratio": 1, "bad_json": 1}
+
+
 def test_bad_filter_config_names_the_option():
     with pytest.raises(ValueError, match="data.filters.fields.punsafe"):
         Filters(fields={"punsafe": "less than 0.1"})
