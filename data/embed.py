@@ -80,8 +80,9 @@ def embed_shards(
     env_rank, env_world = rank_and_world()
     rank = env_rank if rank is None else rank
     world = env_world if world_size is None else world_size
-    clip = FrozenClip(ckpt, map_location=device)
     urls = expand_shards(shards)
+    names = _output_names(urls)  # every rank checks them all, so that all refuse alike
+    clip = FrozenClip(ckpt, map_location=device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     totals: Counter = Counter()
@@ -97,7 +98,7 @@ def embed_shards(
     writing: dict[int, _ShardWriter] = {}  # shards whose batches are arriving (one per loader worker)
     for index, batch in loader:
         if index not in writing:
-            writing[index] = _ShardWriter(out, _output_name(index, urls[index]))
+            writing[index] = _ShardWriter(out, names[index])
         writer = writing[index]
         if batch is not None:
             writer.add(clip, batch)
@@ -117,9 +118,22 @@ def embed_shards(
     return result
 
 
-def _output_name(index: int, url: str) -> str:
-    name = f"{index:05d}.tar" if url.startswith("pipe:") else Path(url).name
-    return name if name.endswith(".tar") else name + ".tar"
+def _output_names(urls: list[str]) -> list[str]:
+    """Each shard's output file: its own file name (``<index>.tar`` for a ``pipe:`` command). Two shards of
+    one name (``part1/00000.tar`` and ``part2/00000.tar``: two img2dataset runs) would write one file, the
+    last one kept and the other's embeddings lost: refused, naming them."""
+    names, first = [], {}
+    for index, url in enumerate(urls):
+        name = f"{index:05d}.tar" if url.startswith("pipe:") else Path(url).name
+        name = name if name.endswith(".tar") else name + ".tar"
+        if name in first:
+            raise ValueError(
+                f"shards {urls[first[name]]} and {url} would both be embedded into {name}: embed each set of "
+                "shards into its own out= directory, and give the prior both (data.train_shards=DIR1::DIR2)"
+            )
+        first[name] = index
+        names.append(name)
+    return names
 
 
 class _WholeShard(ShardDataset):

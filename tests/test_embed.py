@@ -209,3 +209,19 @@ def test_the_clip_embeds_in_fp32_under_a_training_steps_bf16_autocast(clip_run):
         mixed = clip.embed(batch["image"], batch["tokens"])
     for key in ("img_emb", "txt_emb", "txt_feat"):
         assert mixed[key].dtype == torch.float32 and torch.equal(mixed[key], plain[key]), key
+
+
+def test_shards_of_the_same_file_name_are_refused_before_anything_is_written(tmp_path):
+    """Two img2dataset runs both have 00000.tar: embedded together, each output shard was written twice
+    and the last kept (4 shards in, 2 out, half the embeddings lost, exit 0). Refused, naming both, before
+    the CLIP loads (here a path that does not exist) or anything is written."""
+    for part in ("part1", "part2"):
+        for i in range(2):
+            write_tar(tmp_path / part / f"{i:05d}.tar", [simple_sample(f"{part}_{i}")])
+    out = tmp_path / "emb"
+    spec = f"{tmp_path}/part1/{{00000..00001}}.tar::{tmp_path}/part2"
+    with pytest.raises(
+        ValueError, match=r"part1/00000.tar and .*part2/00000.tar would both be embedded into 00000.tar"
+    ):
+        embed_shards(str(tmp_path / "no.ckpt"), spec, out)
+    assert not out.exists()
