@@ -21,7 +21,7 @@ from data.filters import Filters
 from data.loader import DataError, RankSyncedLoader
 from data.manifest import LEVELS, VerifiedCache, check_shards, load_manifest, missing_shards
 from data.pipeline import SKIP_REASONS, ShardDataset
-from data.resume import Layout, LayoutChangeError, plan_resume
+from data.resume import Layout, LayoutChangeError, plan_resume, shard_list_id
 from data.shards import expand_shards, iter_captions
 from data.synthetic import ensure_synthetic
 from data.transforms import Normalize
@@ -311,6 +311,7 @@ class ShardDataModule(pl.LightningDataModule):
             "num_workers": self.num_workers,
             "mode": self.mode,
             "seed": self.seed,
+            "shards": shard_list_id(ds.urls),
             "ranks": ranks,
         }
 
@@ -329,6 +330,7 @@ class ShardDataModule(pl.LightningDataModule):
             mode=self.mode,
             seed=self.seed,
             batch=self.batch_size or per_device_batch_size(self.global_batch_size, world, 1),
+            shards=shard_list_id(self.train_urls()) if state.get("shards") else None,
         )
         try:
             position = plan_resume(state, layout)
@@ -360,6 +362,10 @@ class ShardDataModule(pl.LightningDataModule):
                 ),
             )
         self._set_resume(position)
+
+    def train_urls(self) -> list[str]:
+        """The training shards, in the order the saved positions index them (the train dataset's ``urls``)."""
+        return expand_shards(self.train_shards)
 
     def _set_resume(self, position: dict) -> None:
         # Kept for the next train_dataloader(): Lightning restores a DataModule before it asks for the

@@ -209,6 +209,11 @@ def _join(pieces: list[dict]) -> dict:
     }
 
 
+def part_urls(layout: Layout) -> list[str]:
+    """A layout's parts as the dataset's ``urls``: one per part (its image-embedding file)."""
+    return [str(img) for img, _, _ in layout.parts]
+
+
 class ClipRetrievalDataset(StreamPosition, IterableDataset):
     """Yields ready batches (dicts) of a clip-retrieval directory; use with ``DataLoader(batch_size=None)``.
 
@@ -236,7 +241,7 @@ class ClipRetrievalDataset(StreamPosition, IterableDataset):
         self.layout = root if isinstance(root, Layout) else scan_layout(root, caption_column)
         self.parts = list(self.layout.parts)
         self.spec = self.layout.root
-        self.urls = [str(img) for img, _, _ in self.parts]  # one per part (as ShardDataset's shards)
+        self.urls = part_urls(self.layout)  # one per part (as ShardDataset's shards)
         self.batch_size, self.tokenizer, self.seed = batch_size, tokenizer, seed
         self.shuffle, self.drop_last = shuffle, drop_last
         self.caption_column = self.layout.caption_column
@@ -396,6 +401,9 @@ class ClipRetrievalDataModule(ShardDataModule):
         for root in (self.root, self.val_root):  # layout errors before the first step, naming the file
             if root:
                 self.layout(str(root))
+
+    def train_urls(self) -> list[str]:
+        return part_urls(self.layout(str(self.train_shards)))
 
     def _dataset(self, shards, *, train: bool) -> ClipRetrievalDataset:
         ds = ClipRetrievalDataset(

@@ -19,12 +19,25 @@ its rank. Mid-epoch, the epoch continues exactly once on
   ``split`` [first unopened shard, m, p]; that layout resumes as itself until the epoch ends.
 
 Anything else (another ``num_workers``, seed or mode, a world size neither dividing nor a multiple of
-the data ranks, another global batch) raises :class:`LayoutChangeError` naming it.
+the data ranks, another global batch, another list of training shards) raises :class:`LayoutChangeError`
+naming it.
 """
 
 from __future__ import annotations
 
+import os
+import zlib
 from dataclasses import dataclass
+
+
+def shard_list_id(urls: list[str]) -> str:
+    """What identifies the training shard list a data position indexes: its length and a CRC-32 of its
+    entries, local paths taken relative to their common directory (a dataset moved whole resumes; a
+    shard added, removed or reordered does not: the saved positions would point at other shards)."""
+    local = [u for u in urls if not u.startswith("pipe:") and "://" not in u]
+    root = os.path.commonpath(local) if len(local) > 1 else os.path.dirname(local[0]) if local else ""
+    names = [os.path.relpath(u, root) if not u.startswith("pipe:") and "://" not in u else u for u in urls]
+    return f"{len(urls)} shards, crc {zlib.crc32(chr(10).join(names).encode()):08x}"
 
 
 @dataclass(frozen=True)
@@ -37,6 +50,7 @@ class Layout:
     mode: str
     seed: int
     batch: int  # per device
+    shards: str | None = None  # shard_list_id of the training shards (None: not compared)
 
 
 class LayoutChangeError(ValueError):
@@ -85,7 +99,7 @@ def plan_resume(state: dict, layout: Layout) -> dict | None:
         layout.num_workers,
         layout.mode,
         layout.seed,
-    )
+    ) and _same_shards(state, layout)
     if same_streams and state["world_size"] == layout.world:
         return saved[layout.rank]
     if not any(r["streams"] for r in saved):
@@ -96,6 +110,10 @@ def plan_resume(state: dict, layout: Layout) -> dict | None:
     if state["data_world_size"] % layout.world == 0:
         return _fewer(saved, state["data_world_size"], layout)
     return _more(saved, state["data_world_size"], layout)
+
+
+def _same_shards(state: dict, layout: Layout) -> bool:
+    return state.get("shards") is None or layout.shards is None or state["shards"] == layout.shards
 
 
 def _problems(state: dict, layout: Layout) -> list[str]:
@@ -110,6 +128,11 @@ def _problems(state: dict, layout: Layout) -> list[str]:
         )
         if was != now
     ]
+    if not _same_shards(state, layout):
+        problems.append(
+            f"data.train_shards listing {layout.shards} (saved: {state['shards']}; the saved positions index "
+            "the shard list: a shard was added, removed or reordered)"
+        )
     per_data_rank = state.get("batch_per_data_rank")
     if any("split" in st for r in saved for st in r["streams"].values()):
         problems.append(

@@ -308,6 +308,42 @@ def test_a_datamodule_restored_for_a_second_fit_resumes_in_the_loader_that_fit_m
     assert [b["__key__"] for b in first.train_dataloader()] == epoch[3:]
 
 
+def test_a_shard_list_changed_mid_epoch_is_refused_and_a_moved_dataset_resumes(make_shards, tmp_path):
+    """The saved positions index the shard list: with a shard deleted (a corrupt one removed from a
+    directory spec) the resumed epoch read 6 samples twice and never read 10 others, without a word. A
+    changed list is now a layout change (refused, or the epoch restarts); the same shards moved whole to
+    another directory resume exactly."""
+    import shutil
+
+    shards, _ = make_shards([3, 3, 3, 3])
+
+    def dm(path, **kw) -> ShardDataModule:
+        module = ShardDataModule(
+            train_shards=str(path), global_batch_size=2, num_workers=0, image_size=8, **kw
+        )
+        module.setup("fit")
+        return module
+
+    epoch = [k for b in dm(shards).train_dataloader() for k in b["__key__"]]
+    first = dm(shards)
+    loader = first.train_dataloader()
+    for _, _batch in zip(range(2), loader):
+        loader.mark_consumed()
+    state = first.state_dict()
+    assert state["shards"].startswith("4 shards, crc ")
+    moved = tmp_path / "moved"
+    shutil.copytree(shards, moved)
+    again = dm(moved)
+    again.load_state_dict(state)
+    assert [k for b in again.train_dataloader() for k in b["__key__"]] == epoch[4:]
+    (moved / "00003.tar").unlink()
+    with pytest.raises(ValueError, match=r"data.train_shards listing 3 shards, crc .* \(saved: 4 shards"):
+        dm(moved).load_state_dict(state)
+    restart = dm(moved, on_layout_change="restart_epoch")
+    restart.load_state_dict(state)  # warns, and the epoch starts over
+    assert restart._resume_state is None
+
+
 def test_the_train_loader_keeps_its_workers_through_the_fit_and_validation_does_not(make_shards):
     shards, _ = make_shards([4, 4])
     options = dict(train_shards=str(shards), val_shards=str(shards), global_batch_size=2, num_workers=2)
