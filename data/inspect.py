@@ -18,7 +18,7 @@ from collections import Counter
 from typing import Any
 
 from data.filters import Filters
-from data.pipeline import check_sample
+from data.pipeline import check_sample, key_problem
 from data.shards import ShardError, ShardSpecError, expand_shards, group_samples, open_shard, read_tar
 from data.transforms import decode_image
 
@@ -47,11 +47,12 @@ def inspect_shards(
     caption_words: list[int] = []
     for url in urls[:limit] if limit else urls:
         n, failed = 0, False
+        seen: set[str] = set()
         try:
             with open_shard(url) as stream:
                 for sample in group_samples(read_tar(stream)):
                     n += 1
-                    reason = _inspect_sample(
+                    reason = key_problem(sample["__key__"], seen) or _inspect_sample(
                         sample, filters, decode, sizes, fields, json_fields, caption_chars, caption_words
                     )
                     if reason:

@@ -198,6 +198,18 @@ class StreamPosition:
         return (worker + self.worker_offset) % num_workers, num_workers, data_ranks
 
 
+def key_problem(key: str, seen: set[str]) -> str | None:
+    """Why a sample of its shard is skipped for its key, or None (then ``seen`` records it): an unsafe
+    key (absolute, or with a '..' component: keys name members of the tars we write) or one seen before
+    in the shard."""
+    if key.startswith("/") or ".." in key.split("/"):
+        return "unsafe_key"
+    if key in seen:
+        return "duplicate_key"
+    seen.add(key)
+    return None
+
+
 class ShardDataset(StreamPosition, IterableDataset):
     """Yields ready batches (dicts) from shards; use with ``DataLoader(batch_size=None)``.
 
@@ -392,14 +404,10 @@ class ShardDataset(StreamPosition, IterableDataset):
                 for sample in group_samples(read_tar(stream)):
                     n += 1
                     counts = skips if kept >= count_from else replayed
-                    key = sample["__key__"]
-                    if key.startswith("/") or ".." in key.split("/"):
-                        counts["unsafe_key"] += 1
+                    reason = key_problem(sample["__key__"], seen)
+                    if reason:
+                        counts[reason] += 1
                         continue
-                    if key in seen:
-                        counts["duplicate_key"] += 1
-                        continue
-                    seen.add(key)
                     sample["__url__"] = url
                     try:
                         yield kept, sample

@@ -81,3 +81,19 @@ def test_inspect_cli_text_output_and_no_match_exit_status(tmp_path):
 def test_inspect_rejects_a_malformed_field_condition(tmp_path, capsys):
     assert main([str(_shards(tmp_path)), "--field", "punsafe"]) == 2
     assert "--field 'punsafe'" in capsys.readouterr().err
+
+
+def test_inspect_skips_duplicate_and_unsafe_keys_as_training_does(tmp_path):
+    """It reported every such sample kept, while training skips (and counts toward max_bad_fraction) a key
+    seen before in its shard and a key that is absolute or climbs out with '..'."""
+    from data.inspect import inspect_shards
+    from data.pipeline import ShardDataset
+
+    samples = [simple_sample("a"), simple_sample("a"), simple_sample("../b"), simple_sample("c")]
+    write_tar(tmp_path / "00000.tar", samples)
+    report = inspect_shards(str(tmp_path / "00000.tar"))
+    assert report["kept"] == 2 and report["skipped"] == {"duplicate_key": 1, "unsafe_key": 1}
+    ds = ShardDataset(str(tmp_path / "00000.tar"), batch_size=1, image_size=8, shuffle_buffer=0)
+    batches = list(ds)
+    assert [k for b in batches for k in b["__key__"]] == ["a", "c"]
+    assert {k: v for k, v in batches[-1]["__state__"]["skips"].items() if v} == report["skipped"]
