@@ -27,8 +27,9 @@ class Filters:
 
     Sizes are the source image's: the json's ``original_width``/``original_height`` (img2dataset's, when
     it resized: its ``width``/``height`` are then the stored size, 256 x 256 by default), else its
-    ``width``/``height``, else the image header's (:func:`json_size`). ``fields`` maps a numeric json field to a condition that KEEPS the sample,
-    e.g. ``{"punsafe": "< 0.1", "pwatermark": "< 0.8"}``; a sample whose json lacks the field is kept
+    ``width``/``height``, else the image header's (:func:`json_size`). ``fields`` maps a numeric json
+    field to a condition that KEEPS the sample, e.g. ``{"punsafe": "< 0.1", "pwatermark": "< 0.8"}``;
+    a sample whose json lacks the field is kept
     (LAION subsets often lack them) unless ``drop_missing_fields`` is set.
     """
 

@@ -34,9 +34,12 @@ def shard_list_id(urls: list[str]) -> str:
     """What identifies the training shard list a data position indexes: its length and a CRC-32 of its
     entries, local paths taken relative to their common directory (a dataset moved whole resumes; a
     shard added, removed or reordered does not: the saved positions would point at other shards)."""
-    local = [u for u in urls if not u.startswith("pipe:") and "://" not in u]
-    root = os.path.commonpath(local) if len(local) > 1 else os.path.dirname(local[0]) if local else ""
-    names = [os.path.relpath(u, root) if not u.startswith("pipe:") and "://" not in u else u for u in urls]
+    local = {u for u in urls if not u.startswith("pipe:") and "://" not in u}
+    try:
+        root = os.path.commonpath(sorted(local)) if len(local) > 1 else os.path.dirname(next(iter(local), ""))
+    except ValueError:  # absolute and relative paths mixed: compared as they are
+        root = ""
+    names = [os.path.relpath(u, root) if u in local and root else u for u in urls]
     return f"{len(urls)} shards, crc {zlib.crc32(chr(10).join(names).encode()):08x}"
 
 
