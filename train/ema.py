@@ -108,7 +108,9 @@ class EMAUpdateAfterStep:
     Not in ``on_train_batch_end``: Lightning runs the callbacks' ``on_train_batch_end`` (periodic and
     preemption checkpoints) before the module's, so a checkpoint would hold the weights after step k with
     the EMA of step k-1, and a resumed run would lose one EMA update per restart. Once per optimizer
-    step also keeps the decay per step under gradient accumulation.
+    step also keeps the decay per step under gradient accumulation: DeepSpeed accumulates itself, and
+    Lightning calls ``optimizer_step`` for each of its micro-batches, while the weights change at the
+    last only (an update per micro-batch made the EMA's window k times shorter).
     """
 
     def on_train_start(self) -> None:  # whatever restored the checkpoint is done by now
@@ -116,8 +118,11 @@ class EMAUpdateAfterStep:
         self.ema.resync()
 
     def optimizer_step(self, *args, **kwargs):
+        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)  # (None: not DeepSpeed)
+        steps = engine is None or engine.is_gradient_accumulation_boundary()  # asked before its step
         result = super().optimizer_step(*args, **kwargs)
-        self.ema.update(self.net)
+        if steps:
+            self.ema.update(self.net)
         return result
 
 
