@@ -288,3 +288,24 @@ def test_conv_stem_keeps_the_token_grid_and_counts_its_flops():
         CLIP(8, {**VISION, "patch_size": 3, "image_size": 15, "stem": "conv"}, TEXT, eot_id=EOT)
     with pytest.raises(ValueError, match="net.vision.stem='cnn'"):
         CLIP(8, {**VISION, "stem": "cnn"}, TEXT, eot_id=EOT)
+
+
+def test_a_logit_scale_past_its_bound_is_clamped_after_each_step(tmp_path):
+    """open_clip clamps the parameter after each step; the forward's clamp alone gives no gradient above
+    log(100), and without weight decay a scale stepped past it stayed there for good (a run here kept
+    4.7 through its steps)."""
+    from tests.conftest import compose_config
+    from train.run import train
+
+    net = tiny()
+    with torch.no_grad():
+        net.logit_scale.fill_(4.7)
+    net.clamp_logit_scale_()
+    assert net.logit_scale.item() == pytest.approx(math.log(100))
+    cfg = compose_config(
+        ["debug=fast", f"paths.data_dir={tmp_path / 'datasets'}", f"paths.output_dir={tmp_path / 'run'}",
+         "trainer.max_steps=2", "+net.init_logit_scale=4.7"]
+    )  # fmt: skip
+    train(cfg)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert state["net.logit_scale"].item() <= math.log(100) + 1e-6

@@ -11,7 +11,8 @@
   position) -> ``text_projection``. open_clip pools at ``argmax(token id)``, the same position when
   eot has the largest id, as in CLIP's vocabulary; a BPE trained on our captions puts eot elsewhere.
 - ``logit_scale`` is learned in log space, initialised to log(1/0.07); ``forward`` returns its exp
-  clamped at ``max_logit_scale`` (100). It is a 1-element vector, where open_clip's is 0-dim: DeepSpeed
+  clamped at ``max_logit_scale`` (100), and the stage clamps the parameter after each optimizer step
+  (``clamp_logit_scale_``). It is a 1-element vector, where open_clip's is 0-dim: DeepSpeed
   (0.19) broadcasts and partitions parameters through byte views, which 0-dim tensors do not have.
   0-dim values (open_clip weights, older checkpoints) load unchanged (``_load_from_state_dict``).
 - Initialisation follows CLIP: token embedding std 0.02, text positions 0.01, transformer weights scaled
@@ -278,6 +279,16 @@ class CLIP(nn.Module):
             "text_features": self.encode_text(tokens),
             "logit_scale": self.logit_scale.exp().clamp(max=self.max_logit_scale),
         }
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """The learned log scale kept in [0, log(max_logit_scale)] after each optimizer step, as open_clip
+        does. The forward's clamp alone passes no gradient above the bound: one step past log(100) left
+        the scale there for good (it gets no weight decay). ZeRO-3 partitions the parameter (this rank's
+        part in ``ds_tensor``); FSDP2 shards it as a DTensor."""
+        for part in (getattr(self.logit_scale, "ds_tensor", None), self.logit_scale.data):
+            if part is not None and part.numel():
+                part.clamp_(0.0, math.log(self.max_logit_scale))
 
     def flops_per_sample(self) -> float:
         """Forward FLOPs for one image-text pair (see the module-level ``flops_per_sample``)."""

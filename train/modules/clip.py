@@ -88,6 +88,11 @@ class ClipModule(StageModule):
         self.log_lr()
         return loss
 
+    def optimizer_step(self, *args, **kwargs):
+        result = super().optimizer_step(*args, **kwargs)
+        self.net.clamp_logit_scale_()
+        return result
+
     # ---- evaluation -------------------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out = self.net(batch["image"], batch["tokens"])
