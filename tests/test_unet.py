@@ -491,3 +491,16 @@ def test_each_weight_is_read_inside_its_own_modules_call(case):
         pre.remove()
         post.remove()
     assert not outside, sorted(outside)
+
+
+def test_only_the_unets_weight_matrices_are_weight_decayed():
+    """The trainable caption encoder's positional embedding (text_positional) fell in the decayed group,
+    against no_decay's word: every decayed parameter is now a weight matrix of a layer."""
+    from train.modules.optim import param_groups
+
+    net = decoder(text_encoder="trainable", text_dim=None, text_vocab_size=50, text_context_length=6,
+                  text_width=32, text_layers=2, text_heads=4, text_eot_id=2)  # fmt: skip
+    decayed, _ = param_groups(net, 0.1)
+    names = {id(p): n for n, p in net.named_parameters()}
+    decayed = sorted(names[id(p)] for p in decayed["params"])
+    assert decayed and all(n.endswith("weight") for n in decayed), decayed  # (text_positional was one)

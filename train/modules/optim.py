@@ -76,9 +76,9 @@ def optimizer_settings(block: Mapping[str, Any] | None, defaults: Mapping[str, A
 
 
 def no_decay(name: str, param: torch.Tensor) -> bool:
-    """Norms, biases, embeddings, class/query tokens, null (guidance) embeddings and the logit scale
-    are not weight-decayed."""
-    keys = ("embedding", "class_embedding", "logit_scale", "ln_", "norm", "bias", "null_", "query")
+    """Norms, biases, embeddings (positional ones too), class/query tokens, null (guidance) embeddings and
+    the logit scale are not weight-decayed."""
+    keys = ("embedding", "positional", "logit_scale", "ln_", "norm", "bias", "null_", "query")
     return param.ndim < 2 or any(k in name for k in keys)
 
 
