@@ -401,3 +401,15 @@ def test_targets_give_each_issue_target_a_verdict_from_the_check_rows(tmp_path, 
         and "1 of 5 targets met" not in printed
     )
     assert f"From earlier calls on this machine: bench.json ({first})" in printed
+
+
+def test_peak_tflops_matches_the_device_names_words():
+    """ "L4" is a substring of "NVIDIA L40": the L40 read the L4's peak (perf/mfu 1.5x too high), and the
+    H100 NVL the SXM card's."""
+    from train.perf import peak_tflops
+
+    cases = {"NVIDIA L40": 181.0, "NVIDIA L40S": 362.0, "NVIDIA L4": 121.0, "NVIDIA H100 80GB HBM3": 989.0,
+             "NVIDIA H100 PCIe": 756.0, "NVIDIA H100 NVL": 835.0, "NVIDIA A100-SXM4-80GB": 312.0,
+             "NVIDIA H200": 989.0, "Tesla T4": None}  # fmt: skip
+    assert {name: peak_tflops("bf16-mixed", name) for name in cases} == cases
+    assert peak_tflops("32-true", "NVIDIA L40") == 90.5

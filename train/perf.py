@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 
 import torch
@@ -18,15 +19,18 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from train.config import MATMUL_PRECISIONS
 
-# Dense peak TFLOP/s per GPU: (bf16/fp16, tf32) by device-name fragment (datasheets, without sparsity).
+# Dense peak TFLOP/s per GPU: (bf16/fp16, tf32) by model name (datasheets, without sparsity), and the
+# variants whose name adds a word to the model's.
 PEAK_TFLOPS = {
     "H200": (989.0, 494.0),
-    "H100": (989.0, 494.0),  # SXM; the PCIe card has 756 / 378
+    "H100": (989.0, 494.0),  # SXM
     "A100": (312.0, 156.0),
     "L40S": (362.0, 183.0),
+    "L40": (181.0, 90.5),
     "A10G": (70.0, 35.0),
     "L4": (121.0, 60.0),
 }
+PEAK_VARIANTS = {("H100", "PCIe"): (756.0, 378.0), ("H100", "NVL"): (835.0, 418.0)}
 
 
 def process_age() -> float | None:
@@ -41,17 +45,21 @@ def process_age() -> float | None:
         return None
 
 
-def peak_tflops(precision: str) -> float | None:
-    """The CUDA device's datasheet dense peak for ``precision`` (None on CPU or for unknown devices)."""
-    if not torch.cuda.is_available():
+def peak_tflops(precision: str, device_name: str | None = None) -> float | None:
+    """The CUDA device's datasheet dense peak for ``precision`` (None on CPU or for unknown devices).
+    The name's words are matched whole ("NVIDIA L40" took the L4's figure, a substring of it)."""
+    if device_name is None:
+        if not torch.cuda.is_available():
+            return None
+        device_name = torch.cuda.get_device_name()
+    words = set(re.split(r"[\s_-]+", device_name))
+    model = next((m for m in PEAK_TFLOPS if m in words), None)
+    if model is None:
         return None
-    name = torch.cuda.get_device_name()
-    for fragment, (half, tf32) in PEAK_TFLOPS.items():
-        if fragment in name:
-            if "PCIe" in name and fragment == "H100":
-                half, tf32 = 756.0, 378.0
-            return half if ("16" in str(precision)) else tf32
-    return None
+    half, tf32 = next(
+        (v for (m, w), v in PEAK_VARIANTS.items() if m == model and w in words), PEAK_TFLOPS[model]
+    )
+    return half if "16" in str(precision) else tf32
 
 
 def in_recompute() -> bool:
