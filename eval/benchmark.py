@@ -120,6 +120,20 @@ def evaluate_cascade(
     metrics["bench/clip_score"] = float(clip_score(images, prompts, cascade.clip))
     if reference is not None:
         metrics["bench/clip_fid"] = float(fid(images, reference, features="clip", clip=cascade.clip))
+        # what the number depends on besides the images: its bias grows as the sets shrink against the
+        # feature size (identical sets of 64 and 256 at 128 dimensions read ~0.13), so compare it only at
+        # the same sizes (docs/evaluation.md)
+        metrics["bench/clip_fid_reference_n"] = float(len(reference))
+        metrics["bench/clip_fid_dim"] = float(cascade.clip.embed_dim)
+        if min(len(images), len(reference)) < 5 * cascade.clip.embed_dim:
+            log.warning(
+                "CLIP-FID from %d generated and %d held-out images of %d-dim features: at these sizes its "
+                "bias (~0.1 between identical sets of 64 and 256 at 128 dims) is as large as most "
+                "differences; compare it only at the same sizes",
+                len(images),
+                len(reference),
+                cascade.clip.embed_dim,
+            )
     metrics["bench/n"] = float(len(images))
     metrics["bench/seconds"] = time.time() - start
 

@@ -12,8 +12,8 @@
     comparable to published FIDs; we never download it (torch-fidelity, torchmetrics' default
     extractor, needs torchvision, which has no build for this CPU torch).
 
-- :func:`clip_score`: 100 x the mean cosine between each image's CLIP embedding and its prompt's
-  (the scale torchmetrics' CLIPScore uses), with our CLIP.
+- :func:`clip_score`: 100 x the mean cosine between each image's CLIP embedding and its prompt's,
+  at least 0 (torchmetrics' CLIPScore: its scale, and the clamp of the mean), with our CLIP.
 """
 
 from __future__ import annotations
@@ -117,11 +117,13 @@ def fid(
 def clip_score(
     images: torch.Tensor, prompts: Sequence[str], clip: FrozenClip, batch_size: int = 256
 ) -> float:
-    """100 x mean cosine(CLIP image embedding, CLIP text embedding of its prompt)."""
+    """100 x mean cosine(CLIP image embedding, CLIP text embedding of its prompt), at least 0: the mean is
+    clamped, as torchmetrics' CLIPScore does (clamping each image's cosine, Hessel et al.'s form, read
+    higher for a weak CLIP: cosines 0.3 and -0.2 gave 15, not 5)."""
     if len(images) != len(prompts):
         raise ValueError(f"clip_score: {len(images)} images for {len(prompts)} prompts")
     total = 0.0
     for k in range(0, len(images), batch_size):
         emb = clip.embed(images[k : k + batch_size], clip.tokenizer(list(prompts[k : k + batch_size])))
-        total += (emb["img_emb"] * emb["txt_emb"]).sum(-1).clamp(min=0).sum().item()
-    return 100.0 * total / len(images)
+        total += (emb["img_emb"] * emb["txt_emb"]).sum(-1).sum().item()
+    return max(100.0 * total / len(images), 0.0)

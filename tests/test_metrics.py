@@ -70,9 +70,13 @@ def test_clip_score_is_the_scaled_cosine(clip):
     images = _renders(5, 8)
     prompts = [caption_for(make_scene(5, i), 5, i) for i in range(8)]
     emb = clip.embed(images, clip.tokenizer(prompts))
-    expected = 100 * (emb["img_emb"] * emb["txt_emb"]).sum(-1).clamp(min=0).mean().item()
+    cosines = (emb["img_emb"] * emb["txt_emb"]).sum(-1)
+    expected = max(100 * cosines.mean().item(), 0.0)  # torchmetrics': the mean clamped, not each cosine
     assert clip_score(images, prompts, clip, batch_size=3) == pytest.approx(
         expected, rel=1e-3
     )  # batching: float16 rounding
+    swapped = prompts[1:] + prompts[:1]  # most pairs mismatched: some cosines below 0
+    cosines = (emb["img_emb"] * clip.embed(images, clip.tokenizer(swapped))["txt_emb"]).sum(-1)
+    assert clip_score(images, swapped, clip) == pytest.approx(max(100 * cosines.mean().item(), 0.0), abs=0.05)
     with pytest.raises(ValueError, match="8 images for 7 prompts"):
         clip_score(images, prompts[:7], clip)

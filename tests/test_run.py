@@ -253,6 +253,9 @@ def test_pipeline_runs_every_stage_on_two_ranks_reports_once_and_skips_finished_
     bench = report["sample"]  # on rank 0 while rank 1 waits, its CLIP-FID included (it synced over the group)
     assert bench["bench/n"] == 8 and 0 <= bench["bench/single/colour_shape"] <= 1
     assert "bench/clip_fid" in bench and "bench/clip_score" in bench
+    assert (
+        bench["bench/clip_fid_reference_n"] > 0 and bench["bench/clip_fid_dim"] > 0
+    )  # what its bias hangs on
     assert Image.open(out / "samples.png").size[0] > 2 * 128
     for stage in ("embed", "sample"):  # where they ran (no GPU here)
         assert json.loads((out / stage / "done.json").read_text())["device"] == "cpu", stage
