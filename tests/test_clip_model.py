@@ -309,3 +309,21 @@ def test_a_logit_scale_past_its_bound_is_clamped_after_each_step(tmp_path):
     train(cfg)
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert state["net.logit_scale"].item() <= math.log(100) + 1e-6
+
+
+def test_gradient_accumulation_warns_that_the_contrastive_batch_is_the_micro_batch(tmp_path, caplog):
+    """data.global_batch_size is the samples of an optimizer step, but each micro-batch's loss contrasts
+    only its own: a CLIP with accumulate_grad_batches=2 trained on half the negatives without a word."""
+    from tests.conftest import compose_config
+    from train.run import train
+
+    cfg = compose_config(
+        ["debug=fast", f"paths.data_dir={tmp_path / 'datasets'}", f"paths.output_dir={tmp_path / 'run'}",
+         "trainer.max_steps=1", "trainer.accumulate_grad_batches=2"]
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="train.modules.clip"):
+        train(cfg)
+    assert (
+        "trainer.accumulate_grad_batches=2: each micro-batch's contrastive loss contrasts its own"
+        in caplog.text
+    )

@@ -17,6 +17,7 @@ preferred to its hard negative; chance 50%); learning rate and throughput come f
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +28,8 @@ from train.callbacks.log_step import logs_this_step
 from train.losses import ClipLoss
 from train.modules.base import StageModule
 from train.validation import contrast_picks, retrieval_recall, zeroshot_synthetic
+
+log = logging.getLogger(__name__)
 
 
 class ClipModule(StageModule):
@@ -87,6 +90,18 @@ class ClipModule(StageModule):
             self.log("train/logit_scale", out["logit_scale"].detach())
         self.log_lr()
         return loss
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        k = self.trainer.accumulate_grad_batches
+        if k > 1 and self.trainer.is_global_zero:
+            log.warning(
+                "trainer.accumulate_grad_batches=%d: each micro-batch's contrastive loss contrasts its own "
+                "1/%d of data.global_batch_size, not the whole step's batch (fewer negatives than the global "
+                "batch says; open_clip's accum_freq, which caches features to keep them, is not implemented)",
+                k,
+                k,
+            )
 
     def optimizer_step(self, *args, **kwargs):
         result = super().optimizer_step(*args, **kwargs)
