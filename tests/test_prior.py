@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ from omegaconf import OmegaConf
 
 from data.embed import embed_shards
 from data.pipeline import ShardDataset
-from tests.conftest import compose_config, free_port, write_tar
+from tests.conftest import cli_env, compose_config, free_port, write_tar
 from train.checkpoint import load_stage
 from train.ema import EMA
 from train.models.prior import DiffusionPrior
@@ -160,43 +162,54 @@ def test_ema_updates_walk_no_module_tree_and_follow_parameters_a_strategy_swaps(
     assert torch.equal(ema.shadow[1].running_mean, torch.full((2,), 3.0))  # buffers copied as they are
 
 
-def test_the_ema_updates_once_per_optimizer_step_when_deepspeed_accumulates(monkeypatch):
+EMA_UNDER_ACCUMULATION = """
+import json, os, sys
+import pytorch_lightning as pl, torch
+from train.ema import EMA, EMAUpdateAfterStep
+from train.strategies import CPUDeepSpeedStrategy
+
+class Stage(EMAUpdateAfterStep, pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(2, 1)
+        self.ema = EMA(self.net, decay=0.9999)
+        self.changed = []
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.net.parameters(), lr=0.1)
+
+    def optimizer_step(self, *args, **kwargs):
+        before = self.net.weight.detach().clone()
+        result = super().optimizer_step(*args, **kwargs)
+        self.changed.append(not torch.equal(self.net.weight, before))
+        return result
+
+stage = Stage()
+data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 2)), batch_size=2)
+trainer = pl.Trainer(max_steps=3, accumulate_grad_batches=4, strategy=CPUDeepSpeedStrategy(stage=1),
+                     accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False)
+trainer.fit(stage, data)
+print(json.dumps({"changed": stage.changed, "steps": trainer.global_step, "ema": int(stage.ema.num_updates)}))
+"""
+
+
+def test_the_ema_updates_once_per_optimizer_step_when_deepspeed_accumulates(tmp_path):
     """DeepSpeed accumulates gradients itself, and Lightning calls the module's optimizer_step for every
     micro-batch: the EMA updated 12 times in 3 steps of 4 micro-batches (9 of them with unchanged
-    weights), a window 4 times shorter than configured. It updates where the weights change."""
-    from train.ema import EMAUpdateAfterStep
-    from train.strategies import CPUDeepSpeedStrategy
-
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-
-    class Stage(EMAUpdateAfterStep, pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = torch.nn.Linear(2, 1)
-            self.ema = EMA(self.net, decay=0.9999)
-            self.changed = []
-
-        def training_step(self, batch, batch_idx):
-            return self.net(batch[0]).pow(2).mean()
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.net.parameters(), lr=0.1)
-
-        def optimizer_step(self, *args, **kwargs):
-            before = self.net.weight.detach().clone()
-            result = super().optimizer_step(*args, **kwargs)
-            self.changed.append(not torch.equal(self.net.weight, before))
-            return result
-
-    stage = Stage()
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 2)), batch_size=2)
-    trainer = pl.Trainer(max_steps=3, accumulate_grad_batches=4, strategy=CPUDeepSpeedStrategy(stage=1),
-                         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-    trainer.fit(stage, data)
-    assert stage.changed == [False, False, False, True] * 3  # the weights change every 4th call
-    assert trainer.global_step == 3 and int(stage.ema.num_updates) == 3
+    weights), a window 4 times shorter than configured. It updates where the weights change. (In a
+    process of its own: DeepSpeed keeps its process groups in module state, which a later in-process
+    DeepSpeed run of this test process would find stale.)"""
+    env = {**cli_env(tmp_path), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    result = subprocess.run([sys.executable, "-c", EMA_UNDER_ACCUMULATION], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["changed"] == [False, False, False, True] * 3  # the weights change every 4th call
+    assert seen["steps"] == 3 and seen["ema"] == 3
 
 
 def test_both_data_paths_give_the_same_batches(clip_run, tmp_path):
