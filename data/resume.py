@@ -33,13 +33,17 @@ from dataclasses import dataclass
 def shard_list_id(urls: list[str]) -> str:
     """What identifies the training shard list a data position indexes: its length and a CRC-32 of its
     entries, local paths taken relative to their common directory (a dataset moved whole resumes; a
-    shard added, removed or reordered does not: the saved positions would point at other shards)."""
-    local = {u for u in urls if not u.startswith("pipe:") and "://" not in u}
-    try:
-        root = os.path.commonpath(sorted(local)) if len(local) > 1 else os.path.dirname(next(iter(local), ""))
-    except ValueError:  # absolute and relative paths mixed: compared as they are
+    shard added, removed or reordered does not: the saved positions would point at other shards).
+    Called at every checkpoint: linear in the list (200,000 shards: relpath per entry took 1.2 s)."""
+    local = [u for u in urls if not u.startswith("pipe:") and "://" not in u]
+    try:  # every path lying between two others as strings shares their common directory
+        root = (
+            os.path.commonpath([min(local), max(local)]) if len(set(local)) > 1 else os.path.dirname(local[0])
+        )
+    except (ValueError, IndexError):  # absolute and relative paths mixed, or none: compared as given
         root = ""
-    names = [os.path.relpath(u, root) if u in local and root else u for u in urls]
+    cut = len(root) + 1 if root and root != os.sep else len(root)
+    names = [u[cut:] if root and u.startswith(root) else u for u in urls]
     return f"{len(urls)} shards, crc {zlib.crc32(chr(10).join(names).encode()):08x}"
 
 

@@ -220,7 +220,9 @@ def test_only_rank_0_reads_checkpoints_whole_and_stops_the_launch_on_a_flip_only
     with pytest.raises(CheckpointDamagedError, match="step0000006.ckpt: member .* fails its CRC-32") as info:
         resolve_checkpoint("auto", tmp_path, rank=0, world=2)
     aside = ckpts / "step0000006.ckpt.damaged"
-    assert f"moved it to {aside}" in str(info.value) and f"continues from {older}" in str(info.value)
+    assert f"moved it to {aside}" in str(info.value) and f"continues from the next newest, {older}" in str(
+        info.value
+    )
     assert aside.exists() and not newest.exists()
     assert [resolve_checkpoint("auto", tmp_path, rank=r, world=2) for r in (0, 1)] == [str(older)] * 2
     cut = _save(ckpts / "step0000008.ckpt", 8)

@@ -315,6 +315,8 @@ def test_a_shard_list_changed_mid_epoch_is_refused_and_a_moved_dataset_resumes(m
     another directory resume exactly."""
     import shutil
 
+    from data.resume import shard_list_id
+
     shards, _ = make_shards([3, 3, 3, 3])
 
     def dm(path, **kw) -> ShardDataModule:
@@ -342,8 +344,6 @@ def test_a_shard_list_changed_mid_epoch_is_refused_and_a_moved_dataset_resumes(m
     restart = dm(moved, on_layout_change="restart_epoch")
     restart.load_state_dict(state)  # warns, and the epoch starts over
     assert restart._resume_state is None
-    from data.resume import shard_list_id
-
     mixed = ["rel/0.tar", "/abs/1.tar", "pipe:cat 2.tar"]  # no common directory: compared as given
     assert shard_list_id(mixed) != shard_list_id(mixed[::-1]) and shard_list_id(mixed).startswith("3 shards")
 

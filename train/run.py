@@ -108,14 +108,14 @@ def resolve_checkpoint(resume: str | None, output_dir: Path, *, rank: int = 0, w
             problem = damage(candidate, crc=crc)
             if problem is None:
                 return str(candidate)
-            if world > 1 and damage(candidate, crc=False) is None:  # found by rank 0's CRC read alone
+            if world > 1 and crc and damage(candidate, crc=False) is None:  # found by the CRC read alone
                 aside = candidate.with_name(candidate.name + ".damaged")
                 candidate.rename(aside)
-                after = next((str(c) for c in candidates[i + 1 :] if damage(c) is None), None)
+                after = candidates[i + 1] if i + 1 < len(candidates) else None  # (checked at that launch)
                 raise CheckpointDamagedError(
                     f"resume=auto: {problem}. The other {world - 1} ranks do not read checkpoints whole, and "
                     f"would load it: moved it to {aside}; launch again, and resume=auto continues from "
-                    + (after or "the start (no other intact checkpoint)")
+                    + (f"the next newest, {after}" if after else "the start (no other checkpoint)")
                 )
             log.warning("skipping damaged checkpoint %s: %s", candidate, problem)
             damaged.append(problem)
