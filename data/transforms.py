@@ -36,6 +36,9 @@ class ImageTooLarge(ValueError):
 def decode_image(data: bytes, min_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """Decode image bytes to an RGB PIL image; returns it and the stored (width, height).
 
+    Transparent pixels are matted onto white (what img2dataset writes for such images); 16-bit grey is
+    scaled to 8 bits. EXIF orientation is not applied, as neither img2dataset nor open_clip applies it.
+
     Raises on undecodable data, and ``ImageTooLarge`` when the header claims more than
     ``MAX_IMAGE_PIXELS`` (checked before any pixel is decoded; PIL's own guard only warns below 2x its limit).
 
@@ -61,6 +64,13 @@ def decode_image(data: bytes, min_side: int | None = None) -> tuple[Image.Image,
         )
     elif img.mode == "F":
         raise ValueError("floating-point pixels (mode F): no known range to map to 8 bits")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        # matted onto white, as img2dataset does when it writes shards: PIL's convert("RGB") drops alpha
+        # and keeps whatever colour the transparent pixels hold (mostly black), so a logo on a transparent
+        # background would train as a different image than the same file downloaded by img2dataset
+        matte = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        matte.alpha_composite(img.convert("RGBA"))
+        img = matte
     if img.mode != "RGB":
         img = img.convert("RGB")
     return img, (w, h)

@@ -627,3 +627,28 @@ def test_16_bit_grey_pngs_decode_to_their_grey_and_float_images_are_refused():
     Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(buf, format="TIFF")
     with pytest.raises(ValueError, match="floating-point pixels"):
         decode_image(buf.getvalue())
+
+
+def test_transparent_images_are_matted_onto_white_as_img2dataset_writes_them():
+    """convert("RGB") dropped alpha: a red square on a transparent background trained as red on black
+    (the colour stored under transparent pixels) where img2dataset's shards hold it on white."""
+    from data.transforms import decode_image
+
+    rgba = np.zeros((4, 4, 4), np.uint8)  # transparent black
+    rgba[1:3, 1:3] = (255, 0, 0, 255)  # an opaque red square
+    rgba[0, 0] = (0, 0, 255, 128)  # half-transparent blue
+    for mode in ("RGBA", "P", "LA"):
+        source = Image.fromarray(rgba, "RGBA")
+        if mode == "P":
+            source = source.convert("P")  # keeps a transparent palette entry
+        elif mode == "LA":
+            source = source.convert("LA")
+        buf = io.BytesIO()
+        source.save(buf, format="PNG")
+        img, size = decode_image(buf.getvalue())
+        pixels = np.asarray(img).astype(int)
+        assert img.mode == "RGB" and size == (4, 4)
+        assert pixels[3, 3].tolist() == [255, 255, 255], mode  # fully transparent: white
+        if mode == "RGBA":
+            assert pixels[1, 1].tolist() == [255, 0, 0]
+            assert np.abs(pixels[0, 0] - [127, 127, 255]).max() <= 1  # half blue, half white
