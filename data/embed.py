@@ -33,6 +33,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -124,7 +125,10 @@ def _output_names(urls: list[str]) -> list[str]:
     last one kept and the other's embeddings lost: refused, naming them."""
     names, first = [], {}
     for index, url in enumerate(urls):
-        name = f"{index:05d}.tar" if url.startswith("pipe:") else Path(url).name
+        if url.startswith("pipe:"):
+            name = f"{index:05d}.tar"
+        else:  # a URL's query (https://host/00001.tar?download=true) is not part of the name
+            name = Path(urlparse(url).path if "://" in url else url).name
         name = name if name.endswith(".tar") else name + ".tar"
         if name in first:
             raise ValueError(

@@ -8,6 +8,9 @@ A *shard spec* names the tar files of a dataset. Accepted forms (and any mix, jo
 - a directory: every ``*.tar`` directly inside it (one listing);
 - a ``pipe:`` command whose stdout is a tar stream, e.g. ``pipe:aws s3 cp s3://b/{00000..00099}.tar -``
   (brace-expanded like a path; this is how object stores are read);
+- a URL that webdataset's ``gopen`` opens: ``https://host/shards/{00000..00099}.tar`` (read through
+  ``curl``), ``gs://``, ``sftp://``...; brace-expanded, never globbed (``?`` starts a query) nor checked
+  to exist before training. ``file:///data/shards/*.tar`` is a local spec;
 - a Python list / Hydra list of any of the above.
 
 :func:`read_tar` streams one shard and yields its members, grouping is done by :func:`group_samples`.
@@ -23,6 +26,7 @@ import glob
 import io
 import logging
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +73,8 @@ def expand_shards(spec: str | Sequence[str], *, check_exists: bool = True) -> li
     missing: list[str] = []
     for part in parts:
         expanded = _expand_one(part)
-        if check_exists and not part.startswith("pipe:") and not any(map(os.path.exists, expanded)):
+        local = not part.startswith("pipe:") and _remote_scheme(part) is None
+        if check_exists and local and not any(map(os.path.exists, expanded)):
             missing.append(f"{part!r} (first path {expanded[0]!r} does not exist, nor any after it)")
         urls.extend(expanded)
     if missing and len(missing) == len(parts):
@@ -87,9 +92,33 @@ def _split_spec(spec: str | Sequence[str]) -> list[str]:
     return parts
 
 
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def _remote_scheme(part: str) -> str | None:
+    """The URL scheme of a spec part read through webdataset's gopen; None for local paths and file://."""
+    m = _URL.match(part)
+    return None if m is None or m.group(1).lower() == "file" else m.group(1).lower()
+
+
 def _expand_one(part: str) -> list[str]:
     if part.startswith("pipe:"):
         return list(braceexpand.braceexpand(part))
+    scheme = _remote_scheme(part)
+    if scheme is not None:
+        import importlib
+
+        schemes = sorted(
+            set(importlib.import_module("webdataset.gopen").gopen_schemes) - {"__default__", "pipe"}
+        )
+        if scheme not in schemes:
+            raise ShardSpecError(
+                f"shard spec {part!r}: webdataset cannot open {scheme}:// URLs (it opens {', '.join(schemes)}); "
+                f"stream them through a command instead, e.g. 'pipe:aws s3 cp {part} -' for S3"
+            )
+        return list(braceexpand.braceexpand(part))
+    if _URL.match(part):  # file:// URL: a local path from here on
+        part = part[len(_URL.match(part).group(0)) :]
     expanded = list(braceexpand.braceexpand(os.path.expanduser(part)))
     if len(expanded) == 1 and os.path.isdir(expanded[0]):
         found = sorted(str(p) for p in Path(expanded[0]).glob("*.tar"))
@@ -105,7 +134,7 @@ def _expand_one(part: str) -> list[str]:
 
 
 def open_shard(url: str) -> io.BufferedIOBase:
-    """Open a shard for streaming: a local path, ``file:`` URL, or ``pipe:`` command (via webdataset)."""
+    """Open a shard for streaming: a local path, or a ``pipe:`` command or URL (via webdataset's gopen)."""
     if url.startswith("pipe:") or "://" in url:
         import webdataset as wds  # only for pipes/URLs: its gopen handles subprocess lifetime and errors
 

@@ -225,3 +225,10 @@ def test_shards_of_the_same_file_name_are_refused_before_anything_is_written(tmp
     ):
         embed_shards(str(tmp_path / "no.ckpt"), spec, out)
     assert not out.exists()
+
+
+def test_url_shards_are_embedded_under_their_file_name_without_the_query():
+    from data.embed import _output_names
+
+    urls = ["https://host/laion/00001.tar?download=true", "https://host/laion/00007.tar", "pipe:cat x.tar"]
+    assert _output_names(urls) == ["00001.tar", "00007.tar", "00002.tar"]
