@@ -8,7 +8,8 @@ The image embedding is L2-normalised and scaled by sqrt(D), as for the prior. Cl
 dropout: the image embedding with probability ``drop_image_prob`` (paper: 10%), the caption with
 ``drop_text_prob`` (paper: 50%), independently. Evaluation (EMA weights): DDIM with ``sample_steps``,
 guidance ``guidance_scale`` (both conditionings dropped for the unconditional branch), from held-out
-images' embeddings. ``val/colour_match``: fraction of generated images whose dominant palette colour
+images' embeddings. ``val/loss`` is the training objective (``train/loss``: the noise MSE, plus the
+weighted variational bound when the net learns its variance) at seeded timesteps, ``val/mse`` its MSE term. ``val/colour_match``: fraction of generated images whose dominant palette colour
 equals the source image's (train/validation.py; chance about 1/8); ``val/colour_match_source``: the same
 for the source images resized to the decoder's size (the ceiling). A grid (source row over generated
 row) is written to ``<run>/samples/step<N>.png`` and to W&B when it logs.
@@ -165,10 +166,17 @@ class DecoderModule(DiffusionStageModule):
         g = torch.Generator(self.device).manual_seed(2000 + batch_idx)
         t = torch.randint(0, self.diffusion.num_timesteps, (keep,), device=self.device, generator=g)
         noise = torch.randn(x0.shape, device=self.device, generator=g)
-        loss = self.diffusion.training_losses(self.ema.shadow, x0, t, noise, model_kwargs=cond)["mse"]
+        terms = self.diffusion.training_losses(self.ema.shadow, x0, t, noise, model_kwargs=cond)
         samples = self.sample(cond, generator=g)
         self._val.append(
-            {"loss": loss.float().cpu(), "source": to_uint8(x0).cpu(), "sample": to_uint8(samples).cpu()}
+            {
+                "loss": terms["loss"]
+                .float()
+                .cpu(),  # the training objective (mse + weighted vlb when learned)
+                "mse": terms["mse"].float().cpu(),
+                "source": to_uint8(x0).cpu(),
+                "sample": to_uint8(samples).cpu(),
+            }
         )
 
     def on_validation_epoch_end(self) -> None:
@@ -180,6 +188,7 @@ class DecoderModule(DiffusionStageModule):
         src_col, gen_col = dominant_colours(source), dominant_colours(sample)
         metrics = {
             "val/loss": torch.cat([p["loss"] for p in parts]).mean().item(),
+            "val/mse": torch.cat([p["mse"] for p in parts]).mean().item(),
             "val/colour_match": sum(a is not None and a == b for a, b in zip(gen_col, src_col))
             / len(src_col),
             "val/colour_match_source": sum(c is not None for c in src_col) / len(src_col),
