@@ -209,7 +209,7 @@ def ceiling(per_category: int, base: int, seed: int = 0) -> dict[str, float]:
 
 
 def reference_images(clip_dir: Path, n: int) -> torch.Tensor | None:
-    """Up to ``n`` uint8 held-out images (the CLIP stage's val shards), for FID."""
+    """Up to ``n`` uint8 held-out images (the CLIP stage's val shards, in order), centre-cropped, for FID."""
     data = OmegaConf.load(clip_dir / "config.yaml").data
     if not data.get("val_shards") or n <= 0:
         return None
@@ -217,7 +217,9 @@ def reference_images(clip_dir: Path, n: int) -> torch.Tensor | None:
         str(data.val_shards),
         batch_size=min(n, 256),
         image_size=int(data.image_size),
+        crop="center",  # the reader's default is a random crop: a non-square image's side, not its centre
         shuffle_buffer=0,
+        shuffle_shards=False,
         seed=0,
     )
     images: list[torch.Tensor] = []

@@ -234,3 +234,23 @@ def test_ceiling_scores_ground_truth_renders_through_a_base_size(capsys):
     assert "renders through 8 px, 4 prompts per category" in printed and "| binding | 100% | " in printed
     assert main(["--ceiling", "0"]) == 2
     assert "--ceiling 0: expected a side in pixels" in capsys.readouterr().err
+
+
+def test_fid_reference_images_are_the_centres_of_non_square_images(tmp_path):
+    """The FID reference read the val shards with the reader's default random crop: a 3:1 image gave a
+    square from anywhere along its long side, not the centre that CLIP evaluation and sampling see."""
+    from eval.benchmark import reference_images
+    from tests.conftest import write_tar
+
+    wide = np.zeros((32, 96, 3), np.uint8)
+    wide[:, :, 2] = 255  # blue sides
+    wide[:, 32:64] = (255, 0, 0)  # a red centre square
+    buf = io.BytesIO()
+    Image.fromarray(wide).save(buf, format="PNG")
+    samples = [{"__key__": f"{i:04d}", "png": buf.getvalue(), "txt": "a red square"} for i in range(6)]
+    write_tar(tmp_path / "val" / "00000.tar", samples)
+    (tmp_path / "config.yaml").write_text(f"data:\n  val_shards: {tmp_path / 'val'}\n  image_size: 16\n")
+    images = reference_images(tmp_path, 6)
+    assert images.shape == (6, 3, 16, 16)
+    inner = images[..., 2:-2].float()  # (bicubic lets the edges' neighbours in by a pixel)
+    assert (inner[:, 0] >= 250).all() and (inner[:, 2] <= 5).all()  # red: the centre
