@@ -250,9 +250,7 @@ def _denoise_probes(
     """One denoising step from the noised renders at each of ``noise_steps``: the decoder's x0 against
     the noised render itself (what the noise alone leaves)."""
     b, device, diffusion = len(items), x0.device, dec.diffusion
-    kwargs = dict(cond)
-    kwargs["drop_image"] = torch.zeros(b, dtype=torch.bool, device=device)
-    kwargs["drop_text"] = torch.zeros(b, dtype=torch.bool, device=device)
+    kwargs, _ = dec.guided(cond)
     g = torch.Generator(device).manual_seed(seed)
     rows = []
     for step in noise_steps:

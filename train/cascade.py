@@ -416,9 +416,9 @@ class Cascade:
         noise = None
         if invert:
             x0 = to_unit_range(images.to(self.device), self.decoder.net.image_size)
-            cond = self.decoder.conditioning(emb[::n], self.tokens([""] * len(images)))
-            cond["drop_image"] = torch.zeros(len(images), dtype=torch.bool, device=self.device)
-            cond["drop_text"] = torch.ones(len(images), dtype=torch.bool, device=self.device)
+            cond, _ = self.decoder.guided(
+                self.decoder.conditioning(emb[::n], self.tokens([""] * len(images))), drop_text=True
+            )
             steps = settings.steps or self.decoder.hparams.sample_steps
             process = self.decoder.diffusion.respace(steps)
             with self.autocast():
@@ -488,9 +488,7 @@ class Cascade:
         dec = self.decoder
         cond, drop_text, drop_image = self._decoder_conditioning(image_emb, text, settings)  # as decode's
         b = image_emb.shape[0]
-        cond["drop_image"] = torch.full((b,), drop_image, dtype=torch.bool, device=self.device)
-        cond["drop_text"] = torch.full((b,), drop_text, dtype=torch.bool, device=self.device)
-        uncond = {k: torch.ones(b, dtype=torch.bool, device=self.device) for k in ("drop_image", "drop_text")}
+        cond, uncond = dec.guided(cond, drop_image=drop_image, drop_text=drop_text)
         scale = dec.hparams.guidance_scale if settings.guidance_scale is None else settings.guidance_scale
         eta = dec.hparams.eta if settings.eta is None else settings.eta
         net = dec.ema.shadow

@@ -109,6 +109,19 @@ class DecoderModule(DiffusionStageModule):
         return loss
 
     # ---- sampling ---------------------------------------------------------------------------------
+    def guided(
+        self, cond: Mapping[str, torch.Tensor], *, drop_image: bool = False, drop_text: bool = False
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The net's keyword arguments for guided sampling: ``cond`` with every row's dropout flags set
+        (``drop_image``/``drop_text``: that conditioning replaced by its null token), and the
+        unconditional branch's flags (both dropped)."""
+        b = cond["image_emb"].shape[0]
+        kwargs = dict(cond)
+        for key, drop in (("drop_image", drop_image), ("drop_text", drop_text)):
+            kwargs[key] = torch.full((b,), drop, dtype=torch.bool, device=self.device)
+        uncond = {k: torch.ones(b, dtype=torch.bool, device=self.device) for k in ("drop_image", "drop_text")}
+        return kwargs, uncond
+
     @torch.no_grad()
     def sample(
         self,
@@ -135,10 +148,7 @@ class DecoderModule(DiffusionStageModule):
         """
         net = self.ema.shadow if use_ema else self.net
         b = cond["image_emb"].shape[0]
-        kwargs = dict(cond)
-        kwargs["drop_image"] = torch.full((b,), drop_image, dtype=torch.bool, device=self.device)
-        kwargs["drop_text"] = torch.full((b,), drop_text, dtype=torch.bool, device=self.device)
-        uncond = {k: torch.ones(b, dtype=torch.bool, device=self.device) for k in ("drop_image", "drop_text")}
+        kwargs, uncond = self.guided(cond, drop_image=drop_image, drop_text=drop_text)
         process = self.sampler if steps is None else self.diffusion.respace(steps)
         return process.sample(
             net,
