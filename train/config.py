@@ -17,8 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from data.manifest import LEVELS
-
-MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision's (train.perf)
+from train.perf import MATMUL_PRECISIONS
 
 
 class ConfigError(ValueError):

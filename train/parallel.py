@@ -1,6 +1,6 @@
 """Parallelism helpers that live outside the models: the nets' repeated blocks, which are the units of
 FSDP sharding and of regional compilation, and ``torch.compile`` applied to them; one rank's long work
-that the others wait for (:func:`on_rank_zero`). (The batch arithmetic, global batch -> per-device
+that the others wait for (:func:`on_rank_zero`); a value the ranks agree on (:func:`agree_max`). (The batch arithmetic, global batch -> per-device
 batch, is data.datamodule.per_device_batch_size.)
 """
 
@@ -10,8 +10,24 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+
+def world_size() -> int:
+    """The default process group's size; 1 without one."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def agree_max(value: float, device: torch.device) -> float:
+    """The largest of the ranks' ``value`` (this rank's alone in one process): what a callback that the
+    numerics guard does not carry agrees on by itself, a small all-reduce read at once."""
+    if world_size() == 1:
+        return value
+    flag = torch.tensor([value], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return float(flag.item())
 
 
 def waiting_group(hours: float) -> Any:

@@ -17,7 +17,8 @@ import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from train.config import MATMUL_PRECISIONS
+MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision's
+
 
 # Dense peak TFLOP/s per GPU: (bf16/fp16, tf32) by model name (datasheets, without sparsity), and the
 # variants whose name adds a word to the model's.

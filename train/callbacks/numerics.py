@@ -37,7 +37,10 @@ import torch
 import torch.distributed as dist
 
 from train.callbacks.log_step import logs_this_step
+from train.callbacks.preemption import Preemption
+from train.callbacks.time_limit import TimeLimit
 from train.ema import local_shard
+from train.parallel import world_size
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +79,6 @@ class NumericalGuard(pl.Callback):
         self._host: torch.Tensor | None = None  # pinned: where a deferred verdict lands
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from train.callbacks.preemption import Preemption
-        from train.callbacks.time_limit import TimeLimit
-
         self._preemption = next((c for c in trainer.callbacks if isinstance(c, Preemption)), None)
         self._time_limit = next((c for c in trainer.callbacks if isinstance(c, TimeLimit)), None)
         for carried in (self._preemption, self._time_limit):
@@ -102,7 +102,7 @@ class NumericalGuard(pl.Callback):
         if grads:  # one norm per gradient in a few fused kernels: NaN/inf norm <=> NaN/inf entry
             norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
             flags[0] = (~torch.isfinite(norms).all()).float().to(flags.device)
-        if _world() > 1:
+        if world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if self._defers(trainer, optimizer, params, flags.device):
             self._settle()  # the previous step's verdict
@@ -245,7 +245,7 @@ class NumericalGuard(pl.Callback):
         flag = torch.zeros(1, device=pl_module.device)
         if finite:
             flag[0] = (~torch.stack([f.to(flag.device) for f in finite]).all()).float()
-        if _world() > 1:
+        if world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item():
             bad = [name for name, t in named if not torch.isfinite(t).all()]  # which: read only when refused
@@ -276,17 +276,3 @@ def _owned(p: torch.Tensor) -> torch.Tensor:
         size = local.numel()
         return local.reshape(-1)[: max(0, min(size, p.ds_numel - rank * size))]
     return local
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def agree_max(value: float, device: torch.device) -> float:
-    """The largest of the ranks' ``value`` (this rank's alone in one process): what a callback that the
-    guard does not carry agrees on by itself, a small all-reduce read at once."""
-    if _world() == 1:
-        return value
-    flag = torch.tensor([value], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return float(flag.item())

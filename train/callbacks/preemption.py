@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
-from train.callbacks.numerics import agree_max
+from train.parallel import agree_max
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 
-from train.callbacks.numerics import agree_max
+from train.parallel import agree_max
 
 log = logging.getLogger(__name__)
 
