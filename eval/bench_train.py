@@ -174,11 +174,13 @@ def build_stage(case: Case, device: torch.device) -> Workload:
     from hydra.utils import instantiate
 
     cfg = compose_stage(case)
-    net = instantiate(cfg.net).to(device).train()
+    net = instantiate(cfg.net).train()
     rand = _Random(device)
     if case.stage == "clip":
-        return _clip_workload(cfg, net, case.batch, rand)
-    return _diffusion_workload(cfg, net, case, rand)
+        return _clip_workload(cfg, net.to(device), case.batch, rand)
+    if case.stage.startswith("upsampler"):
+        return _upsampler_workload(cfg, net, case, rand)
+    return _diffusion_workload(cfg, net.to(device), case, rand)
 
 
 def _clip_workload(cfg, net: torch.nn.Module, b: int, rand: _Random) -> Workload:
@@ -221,12 +223,8 @@ def _diffusion_workload(cfg, net: torch.nn.Module, case: Case, rand: _Random) ->
             cond["text_feat"] = rand.randn(b, ctx, width)
             cond["text_mask"] = torch.ones(b, ctx, dtype=torch.bool, device=device)
         drop_keys = {"drop_image": cfg.module.drop_image_prob, "drop_text": cfg.module.drop_text_prob}
-    else:  # an upsampler: a random crop of the output size and its low-resolution version, as it trains
-        crop = int(round(net.image_size * cfg.module.crop_fraction))
-        x0 = rand.images(b, crop)
-        low = crop * cfg.module.low_res_size // net.image_size
-        cond = {"low_res": F.interpolate(x0, size=(low, low), mode="bicubic", antialias=True)}
-        drop_keys = {}
+    else:
+        raise ValueError(f"no diffusion workload for stage {case.stage!r}")
 
     def loss() -> torch.Tensor:
         kwargs = dict(cond)
@@ -236,6 +234,30 @@ def _diffusion_workload(cfg, net: torch.nn.Module, case: Case, rand: _Random) ->
 
     info = {"input": list(x0.shape[1:]), "prediction": diffusion.prediction}
     return Workload(net, loss, b, cfg.module.optimizer.weight_decay, info)
+
+
+def _upsampler_workload(cfg, net: torch.nn.Module, case: Case, rand: _Random) -> Workload:
+    """The upsampler's own training inputs (UpsamplerModule.training_inputs: random crop, degradation,
+    noise augmentation, residual target) drawn every step from random images at the output size."""
+    from hydra.utils import instantiate
+
+    module = instantiate(cfg.module, net=net, _convert_="all")  # its EMA copy stays on the host, untimed
+    net = net.to(rand.device)
+    hi = rand.images(case.batch, net.image_size)
+
+    def loss() -> torch.Tensor:
+        target, cond = module.training_inputs(hi)
+        return module.diffusion.training_losses(net, target, model_kwargs=cond)["loss"].mean()
+
+    crop = int(round(net.image_size * cfg.module.crop_fraction))
+    info = {
+        "input": [3, crop, crop],
+        "prediction": module.diffusion.prediction,
+        "degradation": cfg.module.degradation,
+        "residual": bool(cfg.module.residual),
+        "noise_aug": float(cfg.module.noise_aug),
+    }
+    return Workload(net, loss, case.batch, cfg.module.optimizer.weight_decay, info)
 
 
 # ---- anchors: what users run instead (the shapes of ../shared/device/README.md) -------------------------

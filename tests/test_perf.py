@@ -413,3 +413,39 @@ def test_peak_tflops_matches_the_device_names_words():
              "NVIDIA H200": 989.0, "Tesla T4": None}  # fmt: skip
     assert {name: peak_tflops("bf16-mixed", name) for name in cases} == cases
     assert peak_tflops("32-true", "NVIDIA L40") == 90.5
+
+
+def test_bench_train_times_the_upsamplers_training_inputs(monkeypatch, tmp_path):
+    """The upsampler cases built their own low-res input once (a plain bicubic downsample): no crop,
+    degradation, noise augmentation or residual target, none of which the training step skips. They call
+    UpsamplerModule.training_inputs every step now."""
+    from train.modules.upsampler import UpsamplerModule
+
+    calls = []
+    real = UpsamplerModule.training_inputs
+
+    def counted(self, hi):
+        target, cond = real(self, hi)
+        calls.append((tuple(hi.shape), tuple(target.shape), self.hparams.residual))
+        return target, cond
+
+    monkeypatch.setattr(UpsamplerModule, "training_inputs", counted)
+    out = tmp_path / "rows.json"
+    args = [
+        "--device",
+        "cpu",
+        "--size",
+        "tiny",
+        "--cases",
+        "upsampler_256",
+        "--iters",
+        "2",
+        "--json",
+        str(out),
+    ]
+    assert bench_train.main(args) == 0
+    assert len(calls) >= 2
+    (hi, target, residual) = calls[-1]
+    assert hi == (16, 3, 32, 32) and target == (16, 3, 16, 16) and residual  # crop_fraction 0.5, residual
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["status"] == "ok"

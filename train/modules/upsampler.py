@@ -141,8 +141,11 @@ class UpsamplerModule(DiffusionStageModule):
                 rng = self._rng
             return bsr_degrade(hi, out, rng)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        hi = to_unit_range(batch["image"].to(self.device), self.net.image_size)
+    def training_inputs(self, hi: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """What the net trains on for images ``hi`` (float [-1, 1] at the output size): a random crop's
+        diffusion target (the crop, or its residual over the bicubic upsampling of the conditioning image)
+        and conditioning (the degraded low-res crop, noised when ``noise_aug``). On ``hi``'s device
+        (eval.bench_train times the same inputs)."""
         crop = int(round(self.net.image_size * self.hparams.crop_fraction))
         if crop < hi.shape[-1]:
             hi, _ = random_crops(hi, crop)
@@ -150,9 +153,14 @@ class UpsamplerModule(DiffusionStageModule):
         cond = {"low_res": low}
         if self.hparams.noise_aug:
             top = int(self.hparams.noise_aug * self.diffusion.num_timesteps)
-            level = torch.randint(0, top + 1, (low.shape[0],), device=self.device)
+            level = torch.randint(0, top + 1, (low.shape[0],), device=hi.device)
             cond = self.noised_low_res(low, level)
         target = hi - self.base(low, hi.shape[-1]) if self.hparams.residual else hi
+        return target, cond
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        hi = to_unit_range(batch["image"].to(self.device), self.net.image_size)
+        target, cond = self.training_inputs(hi)
         loss = self.diffusion.training_losses(self.net, target, model_kwargs=cond)["loss"].mean()
         self.log("train/loss", loss)  # (not prog_bar: train/callbacks/progress_bar.py)
         self.log_lr()
