@@ -78,7 +78,7 @@ class UpsamplerModule(DiffusionStageModule):
         crop_fraction: float = 0.25,
         noise_aug: float = 0.0,
         noise_aug_sample: float = 0.0,
-        residual: bool = False,
+        residual: bool = False,  # (conf/stage says true; false here loads runs from before the key as they were)
         val_degraded: bool = True,
         optimizer: Mapping[str, Any] | None = None,
         ema_decay: float = 0.9999,
