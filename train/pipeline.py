@@ -256,6 +256,17 @@ def run_embed(options: Mapping[str, Any], out_dir: Path, ranks: Ranks | None = N
     return metrics
 
 
+def _benchmark_options(options: Mapping) -> dict[str, int]:
+    """The sample stage's benchmark settings, shared by the benchmark and the lever's rerun of it
+    (defaults as conf/pipeline.yaml's ``sample`` block)."""
+    return {
+        "per_category": int(options.get("per_category", 16)),
+        "batch": int(options.get("batch", 64)),
+        "seed": int(options.get("seed", 0)),
+        "grid_per_category": int(options.get("grid_per_category", 6)),
+    }
+
+
 def run_sample(
     options: Mapping[str, Any], out_dir: Path, upsamplers: tuple[str, ...] = UPSAMPLERS
 ) -> dict[str, float]:
@@ -290,11 +301,8 @@ def run_sample(
     metrics = evaluate_cascade(
         cascade,
         stage_dir,
-        per_category=int(options.get("per_category", 32)),
-        batch=int(options.get("batch", 64)),
-        seed=int(options.get("seed", 0)),
-        grid_per_category=int(options.get("grid_per_category", 6)),
-        reference=reference_images(out_dir / "clip", int(options.get("fid_reference", 0))),
+        **_benchmark_options(options),
+        reference=reference_images(out_dir / "clip", int(options.get("fid_reference", 256))),
         upsamplers=ups,
         **settings,
     )
@@ -303,7 +311,7 @@ def run_sample(
         start = time.time()
         metrics.update(_lever(cascade, options, settings, ups, stage_dir))
         metrics["bench/seconds"] += time.time() - start
-    if int(options.get("probe") or 0) > 0:  # each stage on ground-truth renders: where shapes are lost
+    if int(options.get("probe", 48) or 0) > 0:  # each stage on ground-truth renders: where shapes are lost
         start = time.time()
         metrics.update(_probe(cascade, options, settings, ups, stage_dir))
         metrics["bench/seconds"] += time.time() - start
@@ -389,10 +397,7 @@ def _lever(
     result = evaluate_cascade(
         cascade,
         stage_dir / "lever",
-        per_category=int(options.get("per_category", 32)),
-        batch=int(options.get("batch", 64)),
-        seed=int(options.get("seed", 0)),
-        grid_per_category=int(options.get("grid_per_category", 6)),
+        **_benchmark_options(options),
         upsamplers=ups,
         **changed,
     )
