@@ -15,7 +15,7 @@ import torch
 from data.pipeline import ShardDataset
 from data.transforms import Normalize
 from train.checkpoint import load_stage
-from train.validation import contrast_picks, retrieval_recall, zeroshot_synthetic
+from train.validation import clip_metrics
 
 
 @torch.no_grad()
@@ -83,11 +83,7 @@ def evaluate_net(
         raise ValueError(f"shards {shards!r}: no usable sample to evaluate")
     img_t, txt_t = torch.cat(img), torch.cat(txt)
     metrics = {"n": float(len(img_t))}
-    metrics.update(retrieval_recall(img_t, txt_t, captions))
-    if tokenizer is not None and all(s is not None for s in scenes):
-        metrics.update(zeroshot_synthetic(img_t, scenes, net.encode_text, tokenizer, device=device))
-    if tokenizer is not None:
-        metrics.update(contrast_picks(img_t, txt_t, captions, net.encode_text, tokenizer, device=device))
+    metrics.update(clip_metrics(img_t, txt_t, captions, scenes, net.encode_text, tokenizer, device=device))
     return metrics
 
 

@@ -173,6 +173,31 @@ def retrieval_recall(
     return out
 
 
+def clip_metrics(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    captions: Sequence[str],
+    scenes: Sequence[dict | None],
+    encode_text,
+    tokenizer,
+    *,
+    device,
+    zeroshot: bool = True,
+) -> dict[str, float]:
+    """A CLIP's held-out metrics, as in-training validation and eval.zeroshot report them: retrieval
+    recall; zero-shot colour/shape/count when every sample has its synthetic scene (and ``zeroshot``);
+    the contrast picks when a tokenizer is given."""
+    metrics = retrieval_recall(image_features, text_features, captions)
+    if tokenizer is None:
+        return metrics
+    if zeroshot and all(s is not None for s in scenes):
+        metrics.update(zeroshot_synthetic(image_features, scenes, encode_text, tokenizer, device=device))
+    metrics.update(
+        contrast_picks(image_features, text_features, captions, encode_text, tokenizer, device=device)
+    )
+    return metrics
+
+
 PALETTE = torch.tensor(list(COLOURS.values()), dtype=torch.float32)  # (8, 3)
 NAMES = list(COLOURS)
 

@@ -27,7 +27,7 @@ from data.negatives import check_kinds, negative_tokens
 from train.callbacks.log_step import logs_this_step
 from train.losses import ClipLoss
 from train.modules.base import StageModule
-from train.validation import contrast_picks, retrieval_recall, zeroshot_synthetic
+from train.validation import clip_metrics
 
 log = logging.getLogger(__name__)
 
@@ -136,14 +136,10 @@ class ClipModule(StageModule):
             + torch.nn.functional.cross_entropy(logits.T, target)
         ) / 2
         metrics = {"val/loss": loss.item(), "val/n": float(len(img))}
-        metrics.update({f"val/{k}": v for k, v in retrieval_recall(img, txt, captions).items()})
-        if self.hparams.zeroshot and self.tokenizer is not None and all(s is not None for s in scenes):
-            zs = zeroshot_synthetic(img, scenes, self.net.encode_text, self.tokenizer, device=self.device)
-            metrics.update({f"val/{k}": v for k, v in zs.items()})
-        if self.tokenizer is not None:
-            picks = contrast_picks(
-                img, txt, captions, self.net.encode_text, self.tokenizer, device=self.device
-            )
-            metrics.update({f"val/{k}": v for k, v in picks.items()})
+        held_out = clip_metrics(
+            img, txt, captions, scenes, self.net.encode_text, self.tokenizer,
+            device=self.device, zeroshot=self.hparams.zeroshot,
+        )  # fmt: skip
+        metrics.update({f"val/{k}": v for k, v in held_out.items()})
         # Identical on every rank (computed from the gathered set): no further reduction needed.
         self.log_dict(metrics, prog_bar=False, sync_dist=False)
