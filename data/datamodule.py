@@ -116,7 +116,10 @@ class ShardDataModule(pl.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.train_num_samples = train_num_samples
-        self.synthetic = dict(synthetic) if synthetic else None
+        # data=synthetic's block says generate: debug=fast's sizes merge into every data config's, and a
+        # data=shards run given a new path wrote synthetic shapes there and trained on them
+        synthetic = dict(synthetic or {})
+        self.synthetic = synthetic if synthetic.pop("generate", False) else None
         self.keep_val_json = keep_val_json
         # the CLIP stage's module.hard_negatives (train/run.py sets it): made in the loader workers
         self.hard_negatives: tuple[str, ...] = ()
@@ -130,7 +133,8 @@ class ShardDataModule(pl.LightningDataModule):
 
     # ---- preparation ----------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Write the synthetic shards if this dataset is the embedded default and they are missing."""
+        """Write the synthetic shards if this dataset is the embedded default (``data.synthetic.generate``)
+        and they are missing."""
         if self.synthetic:
             ensure_synthetic(self.train_shards, self.val_shards, **self.synthetic)
 

@@ -359,3 +359,23 @@ def test_ensure_synthetic_writes_a_large_split_with_a_process_per_core(tmp_path,
     with pytest.raises(RuntimeError, match="writing .*t3 failed"):
         synthetic.ensure_synthetic(str(tmp_path / "t3"), None, train_samples=48, val_samples=0)
     assert not (tmp_path / "t3").exists()
+
+
+def test_debug_fast_sizes_never_make_a_users_shard_paths_synthetic(tmp_path):
+    """debug=fast's synthetic sizes merged into data=shards too, which then wrote synthetic shapes into a
+    data.train_shards path that did not exist yet and trained on them (exit 0). Only data=synthetic
+    generates; data=shards with a new path gets the spec error when it reads."""
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_config
+
+    mine = tmp_path / "my_new_shards"
+    cfg = compose_config(
+        ["debug=fast", "data=shards", f"data.train_shards={mine}", f"data.val_shards={mine}"]
+    )
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    assert dm.synthetic is None and not mine.exists()
+    cfg = compose_config(["debug=fast", f"paths.data_dir={tmp_path / 'data'}"])
+    dm = instantiate(cfg.data)
+    assert dm.synthetic["train_samples"] == 256 and "generate" not in dm.synthetic
