@@ -454,6 +454,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--quality must be in 1..100, got {a.quality}")
     if a.workers < 1:
         p.error(f"--workers must be >= 1, got {a.workers}")
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {a.out}: a file, expected a directory")
+    if out.is_dir() and any(out.iterdir()):  # its shards would mix with what is there, under one sizes.json
+        held = ", ".join(sorted(x.name for x in out.iterdir())[:4])
+        p.error(
+            f"--out {a.out}: not empty ({held}, ...); data.synthetic writes into a new or empty directory"
+        )
     start = time.perf_counter()
     paths = write_shards(
         a.out,

@@ -263,6 +263,19 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys, args, option):
     assert not (tmp_path / "x").exists()
 
 
+def test_cli_refuses_a_directory_that_holds_other_files(tmp_path, capsys):
+    """--out into a directory of the user's shards overwrote 00000.tar, kept the others and wrote a
+    sizes.json and marker over all of them (exit 0)."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "00003.tar").write_bytes(b"user data")
+    for out, said in ((mine, "not empty (00003.tar"), (mine / "00003.tar", "a file, expected a directory")):
+        with pytest.raises(SystemExit) as exc:
+            main(["--out", str(out), "--samples", "2"])
+        assert exc.value.code == 2 and f"--out {out}: {said}" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["00003.tar"]
+
+
 def test_library_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="samples"):
         write_shards(tmp_path, 0)
