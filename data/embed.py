@@ -85,6 +85,7 @@ def embed_shards(
     names = _output_names(urls)  # every rank checks them all, so that all refuse alike
     clip = FrozenClip(ckpt, map_location=device)
     out = Path(out)
+    _check_same_clip(out, clip)
     out.mkdir(parents=True, exist_ok=True)
     totals: Counter = Counter()
     sizes: dict[str, int] = {}
@@ -213,6 +214,25 @@ class _ShardWriter:
         self.tar.close()
         os.replace(self.tmp, self.path)
         return self.n, dict(self.skips)
+
+
+def _check_same_clip(out: Path, clip) -> None:
+    """``out`` holding another CLIP's embeddings (its embed_info.json) is refused: shards embedded by two
+    CLIPs of one width would feed the prior a mix, with an embed_info.json naming only the last."""
+    path = out / "embed_info.json"
+    if not path.is_file():
+        return
+    try:
+        info = json.loads(path.read_text())
+        before = (str(info["checkpoint"]), int(info["global_step"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not an embed_info.json written by data.embed ({e})") from e
+    now = (str(clip.checkpoint.resolve()), int(clip.global_step))
+    if before != now:
+        raise ValueError(
+            f"out={out} already holds embeddings of {before[0]} (step {before[1]}); this run embeds with "
+            f"{now[0]} (step {now[1]}): give a new out= directory, or delete {out} to replace them"
+        )
 
 
 def _write_info(out: Path, clip, shards: str, world: int) -> None:

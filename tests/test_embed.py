@@ -138,6 +138,18 @@ def test_cli_and_its_errors(clip_run, tmp_path, capsys):
     assert "expected a run directory" in capsys.readouterr().err
     assert main([f"ckpt={run}", f"shards={val}", f"out={tmp_path}", "workers=two"]) == 2
     assert "workers='two': expected an integer" in capsys.readouterr().err
+    # the same CLIP again into its own directory is fine; another CLIP's (here: another step) is refused
+    # before any shard is written: the prior would train on a mix of two CLIPs' embeddings
+    assert main([f"ckpt={run}", f"shards={val}", f"out={tmp_path / 'e'}", "batch=32"]) == 0
+    info_path = tmp_path / "e" / "embed_info.json"
+    info = json.loads(info_path.read_text())
+    info_path.write_text(json.dumps({**info, "global_step": 7}))
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "e").iterdir()}
+    assert main([f"ckpt={run}", f"shards={val}", f"out={tmp_path / 'e'}", "batch=32"]) == 2
+    err = capsys.readouterr().err
+    assert f"out={tmp_path / 'e'} already holds embeddings of {info['checkpoint']} (step 7)" in err
+    assert "(step 2): give a new out= directory" in err
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "e").iterdir()} == before
 
 
 @pytest.mark.multiprocess
