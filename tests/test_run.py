@@ -92,6 +92,15 @@ def test_last_checkpoint_is_the_final_step_when_max_steps_is_not_a_multiple_of_t
     ):
         train(_fast_cfg(tmp_path, out, "stage=upsampler_256"))
     assert {name: (out / name).read_bytes() for name in saved} == saved
+    # The same stage with a net of another width fails to load the checkpoint, and its config.yaml used to
+    # replace the saved one first: the run then no longer loaded anywhere (export, evaluation). Written
+    # only once the checkpoint has loaded now.
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        train(_fast_cfg(tmp_path, out, "trainer.max_steps=9", "net.vision.width=64"))
+    assert {name: (out / name).read_bytes() for name in saved} == saved
+    from train.checkpoint import load_stage
+
+    load_stage(out)  # still the run it was
 
 
 @pytest.mark.slow

@@ -73,6 +73,24 @@ def check_same_run(cfg: DictConfig, output_dir: Path) -> None:
         )
 
 
+class _RunFiles(pl.Callback):
+    """The run directory's config.yaml and tokenizer.json (what exports and evaluation rebuild the run
+    from), written by global rank 0: before a fresh run starts, or once a resumed run's checkpoint has
+    loaded (``on_fit_start`` follows the restore)."""
+
+    def __init__(self, cfg: DictConfig, tokenizer, output_dir: Path) -> None:
+        self.cfg, self.tokenizer, self.output_dir = cfg, tokenizer, output_dir
+
+    def save(self, trainer: pl.Trainer) -> None:
+        if trainer.is_global_zero:
+            OmegaConf.save(self.cfg, self.output_dir / "config.yaml", resolve=True)
+            if self.tokenizer is not None:
+                self.tokenizer.save(self.output_dir / "tokenizer.json")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.save(trainer)
+
+
 def resolve_checkpoint(resume: str | None, output_dir: Path, *, rank: int = 0, world: int = 1) -> str | None:
     """resume=auto: the newest checkpoint of the run directory, whichever kind wrote it (periodic
     ``checkpoints/step*.ckpt``, ``checkpoints/last.ckpt``, or ``hpc_ckpt_<n>.ckpt`` that Lightning saves
@@ -458,13 +476,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt = resolve_checkpoint(
         cfg.get("resume"), output_dir, rank=trainer.global_rank, world=trainer.world_size
     )
+    run_files = _RunFiles(cfg, tokenizer, output_dir)
     if ckpt:
         check_same_run(cfg, output_dir)  # before this run's config replaces the one saved there
         log.info("resuming from %s", ckpt)
-    if trainer.is_global_zero:
-        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
-        if tokenizer is not None:
-            tokenizer.save(output_dir / "tokenizer.json")
+        # saved once the checkpoint has loaded: a net of another shape (net.* changed) failed to load
+        # after this run's config.yaml had replaced the saved one, and the run no longer loaded at all
+        trainer.callbacks.append(run_files)
+    else:
+        run_files.save(trainer)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
 
     metrics = {
