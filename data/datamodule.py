@@ -129,6 +129,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.tokenizer = None
         self.batch_size: int | None = None
         self._train_loader: RankSyncedLoader | None = None
+        self._val_loader: RankSyncedLoader | None = None
         self._group = None
 
     # ---- preparation ----------------------------------------------------------------------------
@@ -270,7 +271,7 @@ class ShardDataModule(pl.LightningDataModule):
                 len(ds.urls),
                 ds.world_size,
             )
-        loader = self._loader(ds, train=False)
+        loader = self._val_loader = self._loader(ds, train=False)
         if getattr(self.trainer.strategy if self.trainer else None, "zero_stage_3", False):
             # ZeRO-3 gathers weights at every module call, validation's too: a collective per forward, so
             # every rank must run the same validation steps. All stop when one runs out (the rest of the
@@ -394,3 +395,8 @@ class ShardDataModule(pl.LightningDataModule):
         ]  # identical on every rank
         counts = self._train_loader.skip_counts() if self._train_loader is not None else {}
         return {k: counts.get(k, 0) for k in keys}
+
+    def val_skip_counts(self) -> dict[str, int]:
+        """Held-out samples skipped by reason on this rank in the last validation (the same keys)."""
+        counts = self._val_loader.skip_counts() if self._val_loader is not None else {}
+        return {k: counts.get(k, 0) for k in self.skip_counts()}

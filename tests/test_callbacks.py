@@ -172,3 +172,37 @@ def test_no_training_metric_is_read_from_the_device_between_logging_steps(tmp_pa
     per_step = [b - a for a, b in zip(seen, seen[1:])]
     assert per_step == [0] * 11, per_step  # before: [1] * 11
     assert "loss" in bar.get_metrics(trainer, trainer.lightning_module)
+
+
+def test_validation_counts_the_held_out_samples_it_skips_and_warns_when_none_is_left(tmp_path, caplog):
+    """Held-out samples without a caption (or undecodable) were dropped uncounted, and a val set left with
+    no sample at all gave no val/ metric and no word about it."""
+    from data.synthetic import ensure_synthetic
+    from tests.conftest import compose_config, image_bytes, write_tar
+    from train.run import train
+
+    ensure_synthetic(str(tmp_path / "train"), None, train_samples=64, val_samples=0)
+    bad = tmp_path / "bad"
+    write_tar(bad / "00000.tar", [{"__key__": f"{i:04d}", "jpg": image_bytes()} for i in range(6)])
+    cfg = compose_config(
+        [
+            "debug=fast",
+            "data=shards",
+            f"data.train_shards={tmp_path / 'train'}",
+            f"data.val_shards={bad}",
+            "data.tokenizer.kind=bpe",
+            "data.tokenizer.vocab_size=1024",
+            f"paths.output_dir={tmp_path / 'run'}",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+        ]
+    )
+    with caplog.at_level("WARNING", logger="train.callbacks.data_stats"):
+        metrics = train(cfg)
+    assert metrics["data/val_skipped_missing_caption"] == 6
+    assert not any(k.startswith("val/") for k in metrics)
+    assert (
+        f"no held-out batch on any rank, so no val/ metric: every sample of data.val_shards={bad}"
+        in caplog.text
+    )
+    assert "missing_caption 6" in caplog.text

@@ -4,7 +4,9 @@ over ranks, this epoch so far), ``perf/samples_per_sec`` (all ranks), ``perf/sam
 ``perf/data_wait_frac``, ``perf/tflops_per_device``, ``perf/mfu`` (when the device's peak is known) and
 ``perf/max_memory_gb`` (CUDA: this run's peak since its training started, not the process's, so that the
 stages of one ``train.pipeline`` process each report their own); the skip counts also go to the text log
-at every epoch end.
+at every epoch end. Each validation logs the held-out samples it skipped, ``data/val_skipped_<reason>``
+(summed over ranks; only reasons that occurred), and warns, naming ``data.val_shards``, when no rank got
+a single batch (every held-out sample skipped: no ``val/`` metric would be logged at all).
 
 FLOPs are counted, not estimated: the first training step runs under ``train.perf.ModelFlopCounter``
 (forward, backward and everything else the step computes, e.g. a frozen CLIP's embeddings, but not
@@ -38,6 +40,7 @@ class DataStats(pl.Callback):
         self._busy = 0.0
         self._samples = 0
         self._window_start: float | None = None
+        self._val_batches = 0
 
     def on_train_start(self, trainer, pl_module) -> None:
         if torch.cuda.is_available():  # the peak of this stage, not of the stages before it in this process
@@ -117,6 +120,37 @@ class DataStats(pl.Callback):
         self._wait = self._busy = 0.0
         self._samples = 0
         self._window_start = now
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._val_batches = 0
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        self._val_batches += 1
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        datamodule = trainer.datamodule
+        if trainer.sanity_checking or datamodule is None or not hasattr(datamodule, "val_skip_counts"):
+            return
+        counts = datamodule.val_skip_counts()
+        totals = torch.tensor([float(self._val_batches), *counts.values()], device=pl_module.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(
+                totals
+            )  # one collective: every rank validates, so every rank calls it
+        batches, *skipped = totals.tolist()
+        skipped = {reason: int(n) for reason, n in zip(counts, skipped) if n}
+        for reason, n in skipped.items():
+            pl_module.log(f"data/val_skipped_{reason}", float(n), rank_zero_only=True)
+        if batches == 0 and trainer.is_global_zero:
+            log.warning(
+                "validation at step %d: no held-out batch on any rank, so no val/ metric: every sample of "
+                "data.val_shards=%s was skipped (%s); check them with python -m data.inspect",
+                trainer.global_step,
+                getattr(datamodule, "val_shards", None),
+                ", ".join(f"{k} {v}" for k, v in skipped.items()) or "no sample read",
+            )
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         datamodule = trainer.datamodule
