@@ -59,6 +59,24 @@ def test_an_unknown_group_option_lists_the_available_ones():
         ("data.max_bad_fraction=2", "data.max_bad_fraction=2: expected a fraction in [0, 1]"),
         ("trainer.max_time=300", "trainer.max_time=300: expected null or 'DD:HH:MM:SS'"),
         ("trainer.max_time=5min", "trainer.max_time='5min': expected null or 'DD:HH:MM:SS'"),
+        ("data.train_crop=left", "data.train_crop='left': expected 'random' or 'center'"),
+        ("data.normalize=foo", "data.normalize='foo': expected 'clip', 'minus_one_one', 'unit' or 'none'"),
+        (
+            "data.image_size=60",
+            "data.image_size=60 (data.crop_size null): the CLIP sees 60 px images, net.vision",
+        ),
+        ("data.crop_size=96", "data.crop_size=96 is larger than data.image_size=64"),
+        (
+            "stage=prior module.cond_drop_prob=2",
+            "module.cond_drop_prob=2: expected a probability in [0, 1]",
+        ),
+        (
+            "stage=prior module.guidance_scale=strong",
+            "module.guidance_scale='strong': expected a number >= 0",
+        ),
+        ("stage=prior module.best_of=0", "module.best_of=0: expected an integer >= 1"),
+        ("stage=prior module.sample_steps=0", "module.sample_steps=0: expected an integer >= 1"),
+        ("stage=decoder module.drop_text_prob=1.5", "module.drop_text_prob=1.5: expected a probability"),
         (
             "trainer.float32_matmul_precision=tf32",
             "trainer.float32_matmul_precision='tf32': expected 'highest' or 'high' or 'medium'",
@@ -67,7 +85,7 @@ def test_an_unknown_group_option_lists_the_available_ones():
 )
 def test_wrong_types_and_impossible_values_name_the_key(override, named):
     with pytest.raises(ConfigError, match=None) as err:
-        validate(_compose(override))
+        validate(_compose(*override.split()))
     assert named in str(err.value)
 
 

@@ -74,7 +74,22 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "a fraction in [0, 1] or null",
     ),
     "data.manifest_check": (lambda v: v in LEVELS, " or ".join(repr(level) for level in LEVELS)),
+    "data.crop_size": (lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1 or null"),
+    "data.train_crop": (lambda v: v in ("random", "center"), "'random' or 'center'"),
+    "data.normalize": (
+        lambda v: v in (None, "none", "clip", "minus_one_one", "unit"),
+        "'clip', 'minus_one_one', 'unit' or 'none'",
+    ),
     "module.ema_decay": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    # classifier-free guidance dropout: a probability (2 dropped the conditioning at every step)
+    "module.cond_drop_prob": (lambda v: _number(v) and 0 <= v <= 1, "a probability in [0, 1]"),
+    "module.drop_image_prob": (lambda v: _number(v) and 0 <= v <= 1, "a probability in [0, 1]"),
+    "module.drop_text_prob": (lambda v: _number(v) and 0 <= v <= 1, "a probability in [0, 1]"),
+    # sampling at validation: wrong values failed there, after the training before the first validation
+    "module.guidance_scale": (lambda v: _number(v) and v >= 0, "a number >= 0 (1: no guidance)"),
+    "module.best_of": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "module.sample_steps": (lambda v: _integer(v) and v >= 1, "an integer >= 1 (DDIM steps)"),
+    "module.eta": (lambda v: _number(v) and v >= 0, "a number >= 0"),
 }
 # module.optimizer (lr, betas, eps, ...) has its rules where it is read: train/modules/optim.py
 
@@ -91,9 +106,24 @@ def validate(cfg: DictConfig) -> None:
             problems.append(f"{key}={value!r}: expected {expected}")
     problems += _optimizer_problems(cfg)
     if not problems:
-        problems += _batch_problems(cfg)
+        problems += _batch_problems(cfg) + _image_size_problems(cfg)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _image_size_problems(cfg: DictConfig) -> list[str]:
+    """The crop must fit the resize, and the CLIP sees images of its ViT's size (else the first batch fails
+    inside the net, after the trainer has started)."""
+    size = OmegaConf.select(cfg, "data.image_size", default=None)
+    crop = OmegaConf.select(cfg, "data.crop_size", default=None)
+    if _integer(size) and _integer(crop) and crop > size:
+        return [f"data.crop_size={crop} is larger than data.image_size={size} (the resize it crops from)"]
+    vit = OmegaConf.select(cfg, "net.vision.image_size", default=None)
+    seen = crop if _integer(crop) else size
+    if cfg.get("stage_name") == "clip" and _integer(vit) and _integer(seen) and seen != vit:
+        what = f"data.crop_size={crop}" if _integer(crop) else f"data.image_size={size} (data.crop_size null)"
+        return [f"{what}: the CLIP sees {seen} px images, net.vision.image_size={vit}: set them equal"]
+    return []
 
 
 def _optimizer_problems(cfg: DictConfig) -> list[str]:
