@@ -24,6 +24,10 @@ def evaluate_run(
 ) -> dict[str, float]:
     """Retrieval (and zero-shot where the shards carry synthetic scenes) of a CLIP run on held-out shards."""
     stage = load_stage(path, map_location=device)
+    if not hasattr(stage.net, "encode_image"):
+        raise ValueError(
+            f"{path}: a {stage.cfg.get('stage_name') or type(stage.net).__name__} run; expected a CLIP run"
+        )
     shards = shards or stage.cfg.data.get("val_shards")
     if not shards:
         raise ValueError(f"{path}: the run has no data.val_shards; pass --shards")

@@ -743,3 +743,28 @@ def test_a_process_group_made_in_a_test_ends_with_it():
     assert not dist.is_initialized() and "MASTER_PORT" not in os.environ
     with socket.socket() as sock:  # the store no longer listens there
         sock.bind(("127.0.0.1", port))
+
+
+def test_runs_of_another_stage_are_refused_where_a_clip_or_a_checkpoint_is_expected(tmp_path):
+    """clip_ckpt=<a prior or upsampler run> failed on a missing config key (net.text); resume=<another
+    stage's checkpoint> in Lightning's state-dict load (a page of missing keys); resume=<a run directory>
+    in fsspec (IsADirectoryError); a CLIP tool given another run said "expected a CLIP run directory
+    (with tokenizer.json)" of a run that has one. Each names what it was given now."""
+    from eval.zeroshot import evaluate_run
+    from train.config import ConfigError
+    from train.frozen_clip import FrozenClip
+
+    ups = tmp_path / "ups"
+    train(
+        _fast_cfg(tmp_path, ups, "stage=upsampler_256", "trainer.max_steps=2", "trainer.val_check_interval=2")
+    )
+    with pytest.raises(ConfigError, match=f"clip_ckpt={ups}: a upsampler_256 run; expected a CLIP run"):
+        train(_fast_cfg(tmp_path, tmp_path / "dec", "stage=decoder", f"clip_ckpt={ups}"))
+    last = ups / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match=r"a checkpoint of another run \(stage_name: 'upsampler_256' there"):
+        train(_fast_cfg(tmp_path, tmp_path / "clip", f"resume={last}"))
+    with pytest.raises(FileNotFoundError, match=f"resume={ups}: a directory, not a checkpoint"):
+        train(_fast_cfg(tmp_path, tmp_path / "clip", f"resume={ups}"))
+    for load in (FrozenClip, evaluate_run):
+        with pytest.raises(ValueError, match=f"{ups}: a upsampler_256 run; expected a CLIP run"):
+            load(str(ups))

@@ -29,7 +29,10 @@ class FrozenClip:
 
         stage = load_stage(run, map_location=map_location)
         if not hasattr(stage.net, "encode_image") or stage.tokenizer is None:
-            raise ValueError(f"clip_ckpt={run}: expected a CLIP run directory (with tokenizer.json)")
+            if hasattr(stage.net, "encode_image"):
+                raise ValueError(f"{run}: a CLIP run without its tokenizer.json")
+            kind = stage.cfg.get("stage_name") or type(stage.net).__name__
+            raise ValueError(f"{run}: a {kind} run; expected a CLIP run directory (stage=clip)")
         self.run, self.checkpoint, self.global_step = Path(run), stage.checkpoint, stage.global_step
         self.net = stage.net.eval().requires_grad_(False)
         self.tokenizer = stage.tokenizer

@@ -37,11 +37,12 @@ def resolve_precision(precision: str | int) -> str | int:
     return "32-true"
 
 
-def check_same_run(cfg: DictConfig, output_dir: Path) -> None:
+def check_same_run(cfg: DictConfig, output_dir: Path, checkpoint: str | None = None) -> None:
     """Resuming in a run directory that holds another run (another stage, or another net class: e.g. a
     second launch into the same directory) is refused before anything is written there: it would have
     replaced that run's config.yaml and tokenizer, and only then failed to load its checkpoint. Other
-    differences in ``net`` are logged (a shape that changed fails at the load, naming the weight)."""
+    differences in ``net`` are logged (a shape that changed fails at the load, naming the weight).
+    ``checkpoint``: an explicit resume=<path> of the run in ``output_dir`` (its own directory elsewhere)."""
     from train.config import ConfigError
 
     path = output_dir / "config.yaml"
@@ -58,6 +59,11 @@ def check_same_run(cfg: DictConfig, output_dir: Path) -> None:
         )
         if theirs != ours
     ]
+    if problems and checkpoint is not None:
+        raise ConfigError(
+            f"resume={checkpoint}: a checkpoint of another run ({'; '.join(problems)}): give a checkpoint "
+            f"of a {cfg.get('stage_name')} run, or resume=null to start this one fresh"
+        )
     if problems:
         raise ConfigError(
             f"{output_dir} holds another run ({'; '.join(problems)}), and resume={cfg.get('resume')} would "
@@ -146,6 +152,13 @@ def resolve_checkpoint(resume: str | None, output_dir: Path, *, rank: int = 0, w
         return None
     if not Path(resume).exists():
         raise FileNotFoundError(f"resume={resume!r}: no such checkpoint")
+    if (
+        Path(resume).is_dir() and Path(resume).suffix != ".ckpt"
+    ):  # (a sharded checkpoint is a *.ckpt directory)
+        raise FileNotFoundError(
+            f"resume={resume}: a directory, not a checkpoint: give a .ckpt file (such as "
+            f"{Path(resume) / 'checkpoints' / 'last.ckpt'}), or resume=auto with hydra.run.dir={resume}"
+        )
     problem = damage(resume, crc=crc)
     if problem is not None:
         raise CheckpointDamagedError(f"resume={resume}: {problem}")
@@ -154,6 +167,19 @@ def resolve_checkpoint(resume: str | None, output_dir: Path, *, rank: int = 0, w
 
 class CheckpointDamagedError(RuntimeError):
     pass
+
+
+def clip_run(path: str) -> tuple[Path, DictConfig]:
+    """The run directory and saved config of ``clip_ckpt=path``; another stage's run is refused, naming
+    it (its config lacked the CLIP's keys: an OmegaConf error about ``net.text``)."""
+    from train.checkpoint import resolve_run
+    from train.config import ConfigError
+
+    run, _ = resolve_run(path)
+    clip_cfg = OmegaConf.load(run / "config.yaml")
+    if clip_cfg.get("stage_name", "clip") != "clip":
+        raise ConfigError(f"clip_ckpt={path}: a {clip_cfg.stage_name} run; expected a CLIP run (stage=clip)")
+    return run, clip_cfg
 
 
 def build_net(cfg: DictConfig, tokenizer) -> torch.nn.Module:
@@ -250,7 +276,6 @@ def wire_clip(cfg: DictConfig):
         with open_dict(cfg):
             cfg.clip_ckpt = None  # the error below names the option
     from data.tokenizer import Tokenizer
-    from train.checkpoint import resolve_run
 
     if _clip_retrieval_root(cfg) is not None:
         return _wire_clip_retrieval(cfg)
@@ -268,8 +293,7 @@ def wire_clip(cfg: DictConfig):
             with open_dict(cfg):
                 cfg.clip_ckpt = info["checkpoint"]
     if cfg.clip_ckpt:
-        run, _ = resolve_run(cfg.clip_ckpt)
-        clip_cfg = OmegaConf.load(run / "config.yaml")
+        run, clip_cfg = clip_run(cfg.clip_ckpt)
         tokenizer = Tokenizer.load(run / "tokenizer.json")
         sizes = {
             "embed_dim": clip_cfg.net.embed_dim,
@@ -317,7 +341,6 @@ def _wire_clip_retrieval(cfg: DictConfig):
     (train/modules/prior.py, which checks the CLIP made the embeddings)."""
     from data.embeddings import embedding_dim
     from data.tokenizer import Tokenizer
-    from train.checkpoint import resolve_run
 
     root = _clip_retrieval_root(cfg)
     if cfg.stage_name != "prior":
@@ -328,8 +351,7 @@ def _wire_clip_retrieval(cfg: DictConfig):
     dim = embedding_dim(root)
     tokenizer = None
     if cfg.clip_ckpt:
-        run, _ = resolve_run(cfg.clip_ckpt)
-        clip_cfg = OmegaConf.load(run / "config.yaml")
+        run, clip_cfg = clip_run(cfg.clip_ckpt)
         if int(clip_cfg.net.embed_dim) != dim:
             raise ValueError(
                 f"clip_ckpt={cfg.clip_ckpt} embeds into {clip_cfg.net.embed_dim} dimensions, data.root={root} "
@@ -479,6 +501,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_files = _RunFiles(cfg, tokenizer, output_dir)
     if ckpt:
         check_same_run(cfg, output_dir)  # before this run's config replaces the one saved there
+        from train.checkpoint import run_dir_of
+
+        if run_dir_of(Path(ckpt)).resolve() != output_dir.resolve():  # resume=<another run's checkpoint>
+            check_same_run(cfg, run_dir_of(Path(ckpt)), checkpoint=ckpt)
         log.info("resuming from %s", ckpt)
         # saved once the checkpoint has loaded: a net of another shape (net.* changed) failed to load
         # after this run's config.yaml had replaced the saved one, and the run no longer loaded at all
