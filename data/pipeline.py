@@ -473,6 +473,7 @@ class ShardDataset(StreamPosition, IterableDataset):
         if self.tokenizer is not None:
             batch["tokens"] = self.tokenizer(batch["caption"])  # (B, L) long
         for name in self.npy_fields:  # embeddings in float32, token ids as int64 (never rounded)
+            _same_shapes(name, items)
             stacked = np.stack([it[name] for it in items])
             exact = np.issubdtype(stacked.dtype, np.integer) or stacked.dtype == np.bool_
             batch[name] = torch.from_numpy(stacked.astype(np.int64 if exact else np.float32))
@@ -484,6 +485,22 @@ class ShardDataset(StreamPosition, IterableDataset):
             )
         batch["__state__"] = state
         return batch
+
+
+def _same_shapes(name: str, items: list[dict]) -> None:
+    """One shape per npy field in a batch, or an error naming the samples that differ: embeddings of two
+    CLIPs (two data.embed runs in one spec) failed in np.stack naming none."""
+    shapes = Counter(it[name].shape for it in items)
+    if len(shapes) == 1:
+        return
+    common = shapes.most_common(1)[0][0]
+    odd = [
+        f"{it.get('__url__')}: {it['__key__']} {it[name].shape}" for it in items if it[name].shape != common
+    ]
+    raise ValueError(
+        f"{name}: {len(odd)} of {len(items)} samples of a batch have another shape than {common}: "
+        f"{'; '.join(odd[:3])}. The shards mix arrays of different models (embed each set with one CLIP)"
+    )
 
 
 def interleave(
@@ -554,7 +571,7 @@ def check_sample(
     Returns (reason, item): reason is None when the sample is kept; item holds ``__key__``,
     ``caption``, ``json`` (dict), ``image_ext`` and decoded npy fields.
     """
-    item: dict = {"__key__": sample["__key__"], "json": {}}
+    item: dict = {"__key__": sample["__key__"], "__url__": sample.get("__url__"), "json": {}}
     if need_image:
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if ext is None or not sample[ext]:

@@ -680,3 +680,29 @@ def test_transparent_images_are_matted_onto_white_as_img2dataset_writes_them():
         if mode == "RGBA":
             assert pixels[1, 1].tolist() == [255, 0, 0]
             assert np.abs(pixels[0, 0] - [127, 127, 255]).max() <= 1  # half blue, half white
+
+
+def test_npy_fields_of_two_shapes_in_a_batch_are_an_error_naming_the_samples(tmp_path):
+    """Embedding shards of two CLIPs (128-d and 256-d) in one spec failed in np.stack ("all input arrays
+    must have the same shape"), naming no shard, key or field."""
+
+    def npy(dim: int) -> bytes:
+        buf = io.BytesIO()
+        np.save(buf, np.zeros(dim, np.float16))
+        return buf.getvalue()
+
+    write_tar(tmp_path / "a.tar", [{"__key__": f"a{i}", "txt": "x", "img_emb.npy": npy(8)} for i in range(3)])
+    write_tar(tmp_path / "b.tar", [{"__key__": "b0", "txt": "x", "img_emb.npy": npy(4)}])
+    ds = ShardDataset(
+        f"{tmp_path}/a.tar::{tmp_path}/b.tar",
+        batch_size=4,
+        image_size=None,
+        npy_fields=["img_emb.npy"],
+        shuffle_buffer=0,
+        shuffle_shards=False,
+    )
+    with pytest.raises(ValueError) as err:
+        run_epoch(ds, 0)
+    said = str(err.value)
+    assert "img_emb.npy: 1 of 4 samples of a batch have another shape than (8,)" in said
+    assert f"{tmp_path}/b.tar: b0 (4,)" in said
