@@ -320,8 +320,13 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
         path = Path(path)
-        with open(path, encoding="utf-8") as f:
-            payload = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                payload = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:  # (JSONDecodeError is a ValueError)
+            raise ValueError(
+                f"{path}: not valid JSON ({e}); expected a tokenizer.json written by Tokenizer.save"
+            ) from e
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ValueError(
                 f"{path} is not a tokenizer file written by Tokenizer.save (no 'format': '{FORMAT}')"

@@ -768,3 +768,36 @@ def test_runs_of_another_stage_are_refused_where_a_clip_or_a_checkpoint_is_expec
     for load in (FrozenClip, evaluate_run):
         with pytest.raises(ValueError, match=f"{ups}: a upsampler_256 run; expected a CLIP run"):
             load(str(ups))
+
+
+def test_damaged_or_mismatched_run_files_are_errors_naming_the_file(clip_run, tmp_path):
+    """A truncated model.safetensors raised safetensors' "incomplete metadata" naming no file; an
+    export.json or tokenizer.json that is not JSON a bare JSONDecodeError; a tokenizer.json of another
+    run (another vocabulary) a page of size mismatches."""
+    import shutil
+
+    from data.tokenizer import Tokenizer, train_bpe
+    from train.checkpoint import export_stage, load_stage
+
+    run, _ = clip_run
+    export = export_stage(run, tmp_path / "export")
+    weights = export / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"{weights}: damaged or truncated"):
+        load_stage(export)
+    export = export_stage(run, tmp_path / "export2")
+    (export / "export.json").write_text("{global_step: 3")
+    with pytest.raises(ValueError, match=f"{export / 'export.json'}: not valid JSON"):
+        load_stage(export)
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "tokenizer.json").write_text("not json")
+    with pytest.raises(ValueError, match=f"{copy / 'tokenizer.json'}: not valid JSON"):
+        Tokenizer.load(copy / "tokenizer.json")
+    other = train_bpe(["a blue cat", "two green dogs on a mat"], vocab_size=530, context_length=16)
+    other.save(copy / "tokenizer.json")
+    with pytest.raises(
+        ValueError, match=r"text.token_embedding.weight \(\d+, 128\) there, \(\d+, 128\) here"
+    ) as err:
+        load_stage(copy)
+    assert f"the net's vocabulary comes from {copy / 'tokenizer.json'}" in str(err.value)

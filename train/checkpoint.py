@@ -21,6 +21,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra.utils import instantiate
@@ -95,6 +96,37 @@ def wire_net_config(net_cfg: DictConfig, tokenizer: Tokenizer | None) -> DictCon
     return net_cfg
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file's content; a file that is not JSON is an error naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def _load_weights(net: torch.nn.Module, weights: dict, where: Path, tokenizer: Path | None) -> None:
+    """``weights`` into ``net`` (built from the run's config.yaml and tokenizer), or an error naming the
+    file, the tensors that differ and, for the text embedding, the tokenizer the net's vocabulary came from."""
+    own = net.state_dict()
+    shapes = [
+        f"{k} {tuple(v.shape)} there, {tuple(own[k].shape)} here"
+        for k, v in weights.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if shapes:
+        hint = ""
+        if tokenizer is not None and any("token_embedding" in s or "vocab" in s for s in shapes):
+            hint = f"; the net's vocabulary comes from {tokenizer}: a tokenizer.json of another run?"
+        raise ValueError(
+            f"{where}: weights of other shapes than config.yaml's net: {'; '.join(shapes[:3])}{hint}"
+        )
+    missing, unexpected = net.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise KeyError(
+            f"{where}: weights do not match config.yaml's net: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
 def _load_export(path: Path, map_location) -> LoadedStage:
     from safetensors.torch import load_file
 
@@ -103,14 +135,14 @@ def _load_export(path: Path, map_location) -> LoadedStage:
     tokenizer = Tokenizer.load(tok_path) if tok_path.exists() else None
     # the net on map_location before its weights are loaded: load_state_dict copies into it in place
     net = instantiate(cfg.net).to(map_location)
-    weights = load_file(path / EXPORT_WEIGHTS, device=str(map_location))
-    missing, unexpected = net.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise KeyError(
-            f"{path / EXPORT_WEIGHTS}: weights do not match its config.yaml's net: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}"
-        )
-    info = json.loads((path / "export.json").read_text()) if (path / "export.json").exists() else {}
+    from safetensors import SafetensorError
+
+    try:
+        weights = load_file(path / EXPORT_WEIGHTS, device=str(map_location))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path / EXPORT_WEIGHTS}: damaged or truncated ({e})") from e
+    _load_weights(net, weights, path / EXPORT_WEIGHTS, tok_path if tokenizer is not None else None)
+    info = read_json(path / "export.json") if (path / "export.json").exists() else {}
     return LoadedStage(
         cfg=cfg,
         net=net.eval(),
@@ -282,12 +314,7 @@ def load_stage(
     weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not weights:
         raise KeyError(f"{ckpt_path}: no '{prefix}*' tensors in the checkpoint's state_dict")
-    missing, unexpected = net.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise KeyError(
-            f"{ckpt_path}: checkpoint does not match config.yaml's net: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}"
-        )
+    _load_weights(net, weights, ckpt_path, tok_path if tokenizer is not None else None)
     net.eval()
     return LoadedStage(
         cfg=cfg,
