@@ -287,6 +287,10 @@ def resolve_device(device: str | None, env: dict[str, str] | None = None, cuda: 
     env = os.environ if env is None else env
     cuda = torch.cuda.is_available() if cuda is None else cuda
     device = device or ("cuda" if cuda else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device={device!r}: expected a torch device (cpu, cuda, cuda:N)") from None
     if device == "cuda":
         local = env.get("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
         device = f"cuda:{int(local)}"

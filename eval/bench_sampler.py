@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from eval.cli import at_least, default_device, device
 from eval.probe import renders, score, single_object_items
 from eval.sample import PRECISION_HELP
 from train.cascade import PRECISIONS, Cascade
@@ -121,11 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--samplers", default="ddim,dpmpp_2m", help=f"comma-separated, of {', '.join(SAMPLERS)}")
     p.add_argument("--steps", default="5,10,15,25", help="decoder steps to compare, comma-separated")
-    p.add_argument("--reference", type=int, default=200, help="DDIM steps of the reference")
-    p.add_argument("--n", type=int, default=64, help="prompts per benchmark category (its single objects)")
+    p.add_argument("--reference", type=at_least(1), default=200, help="DDIM steps of the reference")
+    p.add_argument(
+        "--n", type=at_least(1), default=64, help="prompts per benchmark category (its single objects)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the rows here")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device, default=default_device())
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     args = p.parse_args(argv)
     try:

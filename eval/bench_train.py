@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from eval.cli import at_least, default_device, device
 from train.perf import ModelFlopCounter, matmul_ceiling, synchronize
 
 
@@ -557,7 +558,7 @@ def run_case(case: Case | str, device: torch.device, args: argparse.Namespace, c
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m eval.bench_train", description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device, default=default_device())
     parser.add_argument(
         "--size", choices=sorted(SIZES), default=None, help="default: anchor on a GPU, tiny on CPU"
     )
@@ -573,11 +574,14 @@ def _parser() -> argparse.ArgumentParser:
                         help="torch.compile backend (aot_eager: the graphs without inductor's code generation)")  # fmt: skip
     parser.add_argument("--channels-last", action="store_true", help="UNets: channels_last memory format")
     parser.add_argument(
-        "--warmup", type=int, default=None, help="untimed steps after the first (default 5; CPU 1)"
+        "--warmup", type=at_least(0), default=None, help="untimed steps after the first (default 5; CPU 1)"
     )
-    parser.add_argument("--iters", type=int, default=None, help="timed steps (default 20; CPU 3)")
+    parser.add_argument("--iters", type=at_least(1), default=None, help="timed steps (default 20; CPU 3)")
     parser.add_argument(
-        "--batch", type=int, default=None, help="every case at this batch (a smoke test of big shapes)"
+        "--batch",
+        type=at_least(1),
+        default=None,
+        help="every case at this batch (a smoke test of big shapes)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     return parser

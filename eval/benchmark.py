@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw, ImageFont
 from data.images import save_grid, to_unit_range
 from data.pipeline import ShardDataset
 from eval import composition
+from eval.cli import at_least, default_device, device
 from eval.sample import PRECISION_HELP, add_sampling_arguments, settings
 from train.cascade import PRECISIONS, Cascade, StageSettings
 
@@ -242,13 +243,15 @@ def main(argv: list[str] | None = None) -> int:
         help="no cascade: score the prompts' ground-truth renders at 64 px, resampled through BASE px "
         "(the best a cascade whose decoder draws BASE px can score)",
     )
-    p.add_argument("--per-category", type=int, default=32)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--per-category", type=at_least(1), default=32)
+    p.add_argument("--batch", type=at_least(1), default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fid-reference", type=int, default=512, help="held-out images for CLIP-FID (0: skip)")
-    p.add_argument("--grid-per-category", type=int, default=6, help="columns of samples.png")
+    p.add_argument(
+        "--fid-reference", type=at_least(0), default=512, help="held-out images for CLIP-FID (0: skip)"
+    )
+    p.add_argument("--grid-per-category", type=at_least(1), default=6, help="columns of samples.png")
     p.add_argument("--out", help="output directory (default: <cascade>/benchmark)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device, default=default_device())
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     add_sampling_arguments(p)  # the same options as eval.sample's
     args = p.parse_args(argv)

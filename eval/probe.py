@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from data.images import to_uint8, to_unit_range
 from data.synthetic import SHAPES
 from eval import composition
+from eval.cli import at_least, default_device, device
 from eval.sample import PRECISION_HELP
 from train.cascade import PRECISIONS, Cascade, StageSettings
 from train.validation import closer_rate
@@ -357,20 +358,26 @@ def table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--cascade", required=True, help="a train.pipeline output directory")
-    p.add_argument("--n", type=int, default=48, help="single-object prompts")
-    p.add_argument("--steps", type=int, help="decoder DDIM steps (default: its training config)")
-    p.add_argument("--guidance", type=float, help="decoder guidance (default: its training config)")
+    p.add_argument("--n", type=at_least(1), default=48, help="single-object prompts")
+    p.add_argument("--steps", type=at_least(1), help="decoder DDIM steps (default: its training config)")
+    p.add_argument(
+        "--guidance", type=at_least(0, float), help="decoder guidance (default: its training config)"
+    )
     p.add_argument("--noise-steps", default="20,50,100,200,300", help="steps of the denoising probe")
     p.add_argument(
         "--upsampler-steps", default="", help="DDIM steps per upsampler, e.g. 15,10 (default: their configs)"
     )
     p.add_argument(
-        "--prior-guidance", type=float, help="the prior's guidance for the pairs (default: its config)"
+        "--prior-guidance",
+        type=at_least(0, float),
+        help="the prior's guidance for the pairs (default: its config)",
     )
-    p.add_argument("--prior-steps", type=int, help="the prior's sampling steps (default: its config)")
-    p.add_argument("--best-of", type=int, help="prior samples per prompt, the closest to the text kept")
+    p.add_argument("--prior-steps", type=at_least(1), help="the prior's sampling steps (default: its config)")
+    p.add_argument(
+        "--best-of", type=at_least(1), help="prior samples per prompt, the closest to the text kept"
+    )
     p.add_argument("--json", help="also write the result here")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device, default=default_device())
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     args = p.parse_args(argv)
     try:

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from data.images import save_grid
+from eval.cli import at_least, default_device, device
 from train.cascade import DECODER_CONDITIONS, PRECISIONS, Cascade, CascadeOutput, StageSettings
 from train.diffusion import SAMPLERS
 
@@ -94,12 +95,18 @@ PRECISION_HELP = "what the diffusion nets sample in (auto: bf16 on a GPU, fp32 o
 def add_sampling_arguments(parser: argparse.ArgumentParser, eta: float | None = None):
     """The cascade's sampling options (``settings`` reads them back); also eval.benchmark's."""
     s = parser.add_argument_group("sampling (default: each stage's training config)")
-    s.add_argument("--prior-guidance", type=float, help="classifier-free guidance scale of the prior")
-    s.add_argument("--prior-steps", type=int)
+    s.add_argument(
+        "--prior-guidance", type=at_least(0, float), help="classifier-free guidance scale of the prior"
+    )
+    s.add_argument("--prior-steps", type=at_least(1))
     s.add_argument("--prior-sampler", choices=SAMPLERS, default="ddim")
-    s.add_argument("--best-of", type=int, help="prior samples per prompt; the closest to the text is kept")
-    s.add_argument("--decoder-guidance", type=float, help="classifier-free guidance scale of the decoder")
-    s.add_argument("--decoder-steps", type=int)
+    s.add_argument(
+        "--best-of", type=at_least(1), help="prior samples per prompt; the closest to the text is kept"
+    )
+    s.add_argument(
+        "--decoder-guidance", type=at_least(0, float), help="classifier-free guidance scale of the decoder"
+    )
+    s.add_argument("--decoder-steps", type=at_least(1))
     s.add_argument("--decoder-sampler", choices=SAMPLERS, default="ddim")
     s.add_argument(
         "--decoder-condition",
@@ -108,7 +115,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, eta: float | None = 
         help="what the decoder sees: the image embedding and the caption, the caption alone, or the embedding alone",
     )
     s.add_argument(
-        "--eta", type=float, default=eta, help="the decoder's DDIM eta (--decoder-sampler ddim only)"
+        "--eta",
+        type=at_least(0, float),
+        default=eta,
+        help="the decoder's DDIM eta (--decoder-sampler ddim only)",
     )
     s.add_argument("--upsampler-steps", help="sampling steps per upsampler: N or N1,N2 (paper: 27,15)")
     s.add_argument("--upsampler-sampler", choices=SAMPLERS, default="ddim")
@@ -186,7 +196,9 @@ def _parser() -> argparse.ArgumentParser:
     modes["inpaint"].add_argument("image")
     modes["inpaint"].add_argument("--mask", required=True, help="white = keep, black = fill")
     modes["inpaint"].add_argument("--prompt", required=True)
-    modes["inpaint"].add_argument("--resample", type=int, default=0, help="extra renoise passes per step")
+    modes["inpaint"].add_argument(
+        "--resample", type=at_least(0), default=0, help="extra renoise passes per step"
+    )
     modes["interpolate"].add_argument("images", nargs=2, help="the two end images")
     for name, m in modes.items():
         g = m.add_argument_group("stages")
@@ -196,12 +208,14 @@ def _parser() -> argparse.ArgumentParser:
         g.add_argument("--upsampler", action="append", help="upsampler run directory, in order (repeat)")
         g.add_argument("--clip", help="CLIP run directory (default: the decoder's clip_ckpt)")
         s = add_sampling_arguments(m, eta=0.8 if name == "variations" else None)
-        s.add_argument("--n", type=int, default=5 if name == "interpolate" else 4, help="images per row")
+        s.add_argument(
+            "--n", type=at_least(1), default=5 if name == "interpolate" else 4, help="images per row"
+        )
         s.add_argument("--seed", type=int, default=0)
         o = m.add_argument_group("output")
         o.add_argument("--out", default="samples", help="output directory")
         o.add_argument("--all-stages", action="store_true", help="also a grid per stage")
-        o.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        o.add_argument("--device", type=device, default=default_device())
         o.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     return p
 

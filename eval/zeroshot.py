@@ -14,6 +14,7 @@ import torch
 
 from data.pipeline import ShardDataset
 from data.transforms import Normalize
+from eval.cli import at_least, default_device, device
 from train.checkpoint import load_stage
 from train.validation import clip_metrics
 
@@ -97,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("run", help="run directory (outputs/clip/<time>) or a checkpoint inside its checkpoints/")
     p.add_argument("--shards", default=None, help="held-out shards (default: the run's data.val_shards)")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=at_least(1), default=256)
+    p.add_argument("--device", type=device, default=default_device())
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     args = p.parse_args(argv)
     try:

@@ -183,6 +183,8 @@ def test_each_torchrun_rank_embeds_on_its_own_gpu_and_help_prints_usage(capsys):
     assert resolve_device("cuda", {"SLURM_LOCALID": "5"}, cuda=True) == "cuda:5"
     assert resolve_device("cuda:1", {"LOCAL_RANK": "3"}, cuda=True) == "cuda:1"  # explicit wins
     assert resolve_device(None, {"LOCAL_RANK": "3"}, cuda=False) == "cpu"
+    with pytest.raises(ValueError, match=r"device='gpu': expected a torch device \(cpu, cuda, cuda:N\)"):
+        resolve_device("gpu", {}, cuda=True)  # (torch's own error came from inside the first .to())
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "python -m data.embed ckpt=" in out and "device=" in out
