@@ -801,3 +801,27 @@ def test_damaged_or_mismatched_run_files_are_errors_naming_the_file(clip_run, tm
     ) as err:
         load_stage(copy)
     assert f"the net's vocabulary comes from {copy / 'tokenizer.json'}" in str(err.value)
+
+
+def test_a_pipeline_stage_whose_earlier_stage_is_missing_names_it(tmp_path):
+    """stages=[prior] in a fresh directory failed on "shard spec .../embed/train matches no file" (and a
+    decoder on a missing CLIP run): the stage it needs is named, before anything trains."""
+    from hydra import initialize_config_dir
+
+    from train import pipeline
+    from train.run import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        with pytest.raises(
+            SystemExit, match=r"stage prior needs the finished clip stage in .*/clip \(stages="
+        ):
+            pipeline.run_stage("prior", {}, tmp_path)
+        (tmp_path / "clip").mkdir()
+        (tmp_path / "clip" / "done.json").write_text("{}")
+        with pytest.raises(
+            SystemExit, match=r"stage prior needs the finished embed stage in .*/embed \(stages="
+        ):
+            pipeline.run_stage("prior", {}, tmp_path)
+        (tmp_path / "clip" / "done.json").unlink()
+        with pytest.raises(SystemExit, match=r"stage decoder needs the finished clip stage"):
+            pipeline.run_stage("decoder", {}, tmp_path)

@@ -481,6 +481,16 @@ def run_stage(
     overrides = stage_overrides_list(name, stage_overrides, out_dir)
     log.info("stage %s: python -m train.run %s", name, " ".join(overrides))
     cfg = compose(config_name="train", overrides=overrides)
+    for needed, used in (
+        ("clip", OmegaConf.select(cfg, "clip_ckpt", default=None, throw_on_missing=False)),
+        ("embed", OmegaConf.select(cfg, "data.train_shards", default=None, throw_on_missing=False)),
+    ):  # the earlier stage of this pipeline it reads, unless an override points elsewhere
+        where = (out_dir / needed).resolve()
+        if used and str(used).startswith(str(where)) and not ranks.share((where / "done.json").exists):
+            raise SystemExit(
+                f"stage {name} needs the finished {needed} stage in {where} (stages=[..., {needed}, {name}, ...]), "
+                f"or {name}.{'clip_ckpt' if needed == 'clip' else 'data.train_shards'}=<elsewhere>"
+            )
     start = time.time()
     metrics = train(cfg)
 
