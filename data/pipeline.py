@@ -66,7 +66,9 @@ from data.transforms import Crop, ImageTooLarge, decode_image, resize_crop
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# img2dataset writes jpg, png or webp; the others are what a hand-made shard holds (a BMP or GIF was counted as
+# missing_image). The first listed that a sample has is its image; a GIF or TIFF gives its first frame.
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 BAD_SAMPLE_REASONS = (  # a sample whose bytes are broken (filters are choices, not faults)
     "missing_image",
     "missing_caption",

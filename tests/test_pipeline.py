@@ -706,3 +706,20 @@ def test_npy_fields_of_two_shapes_in_a_batch_are_an_error_naming_the_samples(tmp
     said = str(err.value)
     assert "img_emb.npy: 1 of 4 samples of a batch have another shape than (8,)" in said
     assert f"{tmp_path}/b.tar: b0 (4,)" in said
+
+
+def test_bmp_gif_and_tiff_images_are_read_not_counted_missing(tmp_path):
+    """Only jpg/png/webp members counted as images: a shard of BMPs trained nothing, every sample skipped
+    as missing_image."""
+    samples = []
+    for i, fmt in enumerate(("BMP", "GIF", "TIFF", "PPM")):
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (200, 30, 30)).save(buf, format=fmt)
+        ext = {"TIFF": "tif"}.get(fmt, fmt.lower())
+        samples.append({"__key__": f"{i:04d}", ext: buf.getvalue(), "txt": "a red square"})
+    write_tar(tmp_path / "00000.tar", samples)
+    ds = ShardDataset(str(tmp_path), batch_size=4, image_size=8, shuffle_buffer=0)
+    batches = list(DataLoader(ds, batch_size=None))
+    assert sum(len(b["__key__"]) for b in batches) == 4
+    red = batches[0]["image"][:, 0].float().mean().item()
+    assert red > 150
