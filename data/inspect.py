@@ -160,7 +160,14 @@ def main(argv: list[str] | None = None) -> int:
 def _split_field(text: str) -> tuple[str, str]:
     for i, ch in enumerate(text):
         if ch in "<>=!":
-            return text[:i].strip(), text[i:]
+            name, cond = text[:i].strip(), text[i:]
+            try:  # checked here, so that the error names the option given, not the config key it becomes
+                Filters(fields={name: cond})
+            except ValueError:
+                raise ValueError(
+                    f"--field {text!r}: expected NAME followed by a comparison, e.g. 'punsafe<0.1'"
+                ) from None
+            return name, cond
     raise ValueError(f"--field {text!r}: expected NAME followed by a comparison, e.g. 'punsafe<0.1'")
 
 

@@ -81,6 +81,10 @@ def test_inspect_cli_text_output_and_no_match_exit_status(tmp_path):
 def test_inspect_rejects_a_malformed_field_condition(tmp_path, capsys):
     assert main([str(_shards(tmp_path)), "--field", "punsafe"]) == 2
     assert "--field 'punsafe'" in capsys.readouterr().err
+    assert (
+        main([str(_shards(tmp_path)), "--field", "punsafe<<0.1"]) == 2
+    )  # (named data.filters.fields.punsafe)
+    assert "--field 'punsafe<<0.1': expected NAME followed by a comparison" in capsys.readouterr().err
 
 
 def test_inspect_skips_duplicate_and_unsafe_keys_as_training_does(tmp_path):
