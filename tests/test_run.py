@@ -768,6 +768,9 @@ def test_runs_of_another_stage_are_refused_where_a_clip_or_a_checkpoint_is_expec
     for load in (FrozenClip, evaluate_run):
         with pytest.raises(ValueError, match=f"{ups}: a upsampler_256 run; expected a CLIP run"):
             load(str(ups))
+    from train.checkpoint import export_stage
+
+    assert json.loads((export_stage(ups) / "export.json").read_text())["ema"] is True
 
 
 def test_damaged_or_mismatched_run_files_are_errors_naming_the_file(clip_run, tmp_path):
@@ -781,6 +784,9 @@ def test_damaged_or_mismatched_run_files_are_errors_naming_the_file(clip_run, tm
 
     run, _ = clip_run
     export = export_stage(run, tmp_path / "export")
+    assert (
+        json.loads((export / "export.json").read_text())["ema"] is False
+    )  # a CLIP has no EMA (it said true)
     weights = export / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ValueError, match=f"{weights}: damaged or truncated"):

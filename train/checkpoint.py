@@ -41,6 +41,7 @@ class LoadedStage:
     tokenizer: Tokenizer | None
     checkpoint: Path
     global_step: int
+    ema: bool = False  # the weights are the EMA copy's (the CLIP has none)
 
 
 def run_dir_of(checkpoint: Path) -> Path:
@@ -149,6 +150,7 @@ def _load_export(path: Path, map_location) -> LoadedStage:
         tokenizer=tokenizer,
         checkpoint=path / EXPORT_WEIGHTS,
         global_step=int(info.get("global_step", 0)),
+        ema=bool(info.get("ema", False)),
     )
 
 
@@ -168,7 +170,7 @@ def export_stage(path: str | Path, out: str | Path | None = None, use_ema: bool 
     OmegaConf.save(cfg, out / "config.yaml")
     if stage.tokenizer is not None:
         stage.tokenizer.save(out / "tokenizer.json")
-    info = {"checkpoint": str(stage.checkpoint), "global_step": stage.global_step, "ema": use_ema}
+    info = {"checkpoint": str(stage.checkpoint), "global_step": stage.global_step, "ema": stage.ema}
     (out / "export.json").write_text(json.dumps(info, indent=2))
     return out
 
@@ -322,6 +324,7 @@ def load_stage(
         tokenizer=tokenizer,
         checkpoint=ckpt_path,
         global_step=int(ckpt.get("global_step", 0)),
+        ema=prefix == "ema.shadow.",
     )
 
 
