@@ -257,7 +257,8 @@ def run(args: argparse.Namespace) -> dict:
         rows = 1
         out = cascade.interpolate(a, b, args.n, **common)
     written = write(out, rows, Path(args.out), args.all_stages)
-    return {"grid": str(written[0]), "files": len(written), "image_size": int(out.images.shape[-1])}
+    grid = next(p for p in written if p.name == "grid.png")  # (with --all-stages the stage grids come first)
+    return {"grid": str(grid), "files": len(written), "image_size": int(out.images.shape[-1])}
 
 
 def _same_size(images: list[torch.Tensor], paths: list[str]) -> torch.Tensor:

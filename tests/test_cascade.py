@@ -297,7 +297,7 @@ def test_a_prior_trained_with_another_clip_than_the_decoders_is_reported(
     assert f"was trained with the CLIP {run}" in caplog.text and str(other) in caplog.text
 
 
-def test_export_round_trips_and_the_cli_samples_from_it(cascade_dir, cascade, tmp_path):
+def test_export_round_trips_and_the_cli_samples_from_it(cascade_dir, cascade, tmp_path, capsys):
     for stage in ("prior", "decoder", "upsampler_256", "upsampler_1024"):
         export = export_stage(cascade_dir / stage)
         assert (export / "model.safetensors").exists() and (export / "config.yaml").exists()
@@ -316,8 +316,21 @@ def test_export_round_trips_and_the_cli_samples_from_it(cascade_dir, cascade, tm
         "--out",
         str(out),
     ]
-    argv += ["--prior-steps", "3", "--decoder-steps", "3", "--upsampler-steps", "2", "--seed", "3"]
+    argv += [
+        "--prior-steps",
+        "3",
+        "--decoder-steps",
+        "3",
+        "--upsampler-steps",
+        "2",
+        "--seed",
+        "3",
+        "--all-stages",
+    ]
     assert sample_cli.main(argv) == 0
+    # the printed grid is the final one (with --all-stages it named the first stage's)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["grid"] == str(out / "grid.png")
+    assert (out / "stage0_grid.png").exists() and (out / "stage1_grid.png").exists()
     grid = Image.open(out / "grid.png")
     assert grid.size[1] > 2 * 64 and len(list(out.glob("0*_0*.png"))) == 4
     # the exports (which the CLI prefers) sample exactly what the run directories do
