@@ -75,6 +75,14 @@ class StageModule(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val: list[dict] = []
 
+    def val_room(self, counted: str) -> int | None:
+        """How many more held-out samples this rank's validation takes (``module.val_max_samples``, counted
+        in its parts' ``counted`` entries); None: no limit (``x[:None]`` keeps everything)."""
+        limit = self.hparams.get("val_max_samples")
+        if limit is None:
+            return None
+        return max(0, limit - sum(len(p[counted]) for p in getattr(self, "_val", [])))
+
     def validation_parts(self) -> list[dict]:
         """This validation's parts from every rank (rank order), and a fresh list for the next one."""
         parts, self._val = getattr(self, "_val", []), []
@@ -140,6 +148,14 @@ class DiffusionStageModule(EMAUpdateAfterStep, StageModule):
 
     eval_gathers: tuple[str, ...] | None = ()
     eval_gathers_fsdp: tuple[str, ...] = ("ema",)
+
+    def seeded_noise(self, x0: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+        """Timesteps and noise for a held-out loss drawn from ``seed`` (the same at every validation), and
+        the generator, which then seeds the validation's samples."""
+        g = torch.Generator(self.device).manual_seed(seed)
+        t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=self.device, generator=g)
+        noise = torch.randn(x0.shape, device=self.device, generator=g)
+        return t, noise, g
 
     def setup_diffusion(
         self, net: torch.nn.Module, diffusion: Mapping[str, Any], ema_decay: float, sample_steps: int

@@ -166,16 +166,12 @@ class DecoderModule(DiffusionStageModule):
 
     # ---- evaluation -------------------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        seen = sum(len(p["source"]) for p in self._val)
-        limit = self.hparams.val_max_samples
-        if limit is not None and seen >= limit:
+        room = self.val_room("source")
+        if room == 0:
             return
         x0, cond = self.inputs(batch)
-        keep = x0.shape[0] if limit is None else min(x0.shape[0], limit - seen)
-        x0, cond = x0[:keep], {k: v[:keep] for k, v in cond.items()}
-        g = torch.Generator(self.device).manual_seed(2000 + batch_idx)
-        t = torch.randint(0, self.diffusion.num_timesteps, (keep,), device=self.device, generator=g)
-        noise = torch.randn(x0.shape, device=self.device, generator=g)
+        x0, cond = x0[:room], {k: v[:room] for k, v in cond.items()}
+        t, noise, g = self.seeded_noise(x0, 2000 + batch_idx)
         terms = self.diffusion.training_losses(self.ema.shadow, x0, t, noise, model_kwargs=cond)
         samples = self.sample(cond, generator=g)
         self._val.append(

@@ -192,19 +192,14 @@ class PriorModule(DiffusionStageModule):
 
     # ---- evaluation -------------------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        seen = sum(len(p["img"]) for p in self._val)
-        limit = self.hparams.val_max_samples
-        if limit is not None and seen >= limit:
+        room = self.val_room("img")
+        if room == 0:
             return
-        emb = self.embeddings(batch)
-        if limit is not None:
-            emb = {k: v[: limit - seen] for k, v in emb.items()}
+        emb = {k: v[:room] for k, v in self.embeddings(batch).items()}
         b = emb["img_emb"].shape[0]
         x0 = F.normalize(emb["img_emb"], dim=-1) * self.scale
         cond = self.conditioning(emb)
-        g = torch.Generator(self.device).manual_seed(1000 + batch_idx)
-        t = torch.randint(0, self.diffusion.num_timesteps, (b,), device=self.device, generator=g)
-        noise = torch.randn(x0.shape, device=self.device, generator=g)
+        t, noise, g = self.seeded_noise(x0, 1000 + batch_idx)
         loss = self.diffusion.training_losses(self.ema.shadow, x0, t, noise, model_kwargs=cond)["loss"]
         pred = self.sample(emb, generator=g)
         img, txt = F.normalize(emb["img_emb"], dim=-1), F.normalize(emb["txt_emb"], dim=-1)

@@ -221,12 +221,10 @@ class UpsamplerModule(DiffusionStageModule):
         return out if base is None else out + base
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        seen = sum(len(p["psnr"]) for p in self._val)
-        limit = self.hparams.val_max_samples
-        if limit is not None and seen >= limit:
+        room = self.val_room("psnr")
+        if room == 0:
             return
-        hi = to_unit_range(batch["image"].to(self.device), self.net.image_size)
-        hi = hi[: hi.shape[0] if limit is None else limit - seen]
+        hi = to_unit_range(batch["image"].to(self.device), self.net.image_size)[:room]
         # the held-out inputs are degraded like the training ones (seeded: the same inputs every
         # validation), as the previous stage's outputs would be; bicubic upsamples the same inputs
         low = self.low_res(hi, degrade=self.hparams.val_degraded, rng=random.Random(3000 + batch_idx))
