@@ -831,3 +831,24 @@ def test_a_pipeline_stage_whose_earlier_stage_is_missing_names_it(tmp_path):
         (tmp_path / "clip" / "done.json").unlink()
         with pytest.raises(SystemExit, match=r"stage decoder needs the finished clip stage"):
             pipeline.run_stage("decoder", {}, tmp_path)
+
+
+@pytest.mark.slow
+def test_each_run_of_a_process_gets_its_own_wandb_run(tmp_path, monkeypatch):
+    """A sweep's points (and the pipeline's stages) train in one process: Lightning left the first W&B run
+    open and the second run reused it ("a wandb run already in progress"), writing its steps and config
+    into the first one's run and none of its own."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    runs = [tmp_path / "point0", tmp_path / "point1"]
+    for out in runs:
+        train(_fast_cfg(tmp_path, out, "logger=wandb", "trainer.max_steps=2", "trainer.val_check_interval=2"))
+    for out in runs:
+        run_id = (out / "wandb_id").read_text().strip()
+        assert len(list((out / "wandb").glob(f"offline-run-*-{run_id}"))) == 1, out
+    # a launch refused as another stage's (check_same_run) no longer opens the run's W&B run first, its
+    # config logged under that run's id
+    from train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="holds another run"):
+        train(_fast_cfg(tmp_path, runs[0], "logger=wandb", "stage=upsampler_256"))
+    assert len(list((runs[0] / "wandb").glob("offline-run-*"))) == 1

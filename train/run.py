@@ -406,6 +406,20 @@ def build_loggers(cfg: DictConfig) -> list:
     return loggers
 
 
+def finish_loggers(trainer: pl.Trainer, failed: bool) -> None:
+    """End this run's W&B run: Lightning's WandbLogger leaves it open, and the next run of the process (a
+    sweep's next point, the pipeline's next stage) took it over, its steps and config written into it."""
+    import sys
+
+    if "wandb" not in sys.modules:  # (never imported: no W&B run to end)
+        return
+    import wandb
+
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger" and wandb.run is not None:
+            wandb.finish(exit_code=1 if failed else 0)
+
+
 def wandb_run_id(output_dir: Path) -> str:
     """``<run>/wandb_id``: created by the first process of the first start, read by every later one."""
     import uuid
@@ -493,8 +507,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log.info("stage %s: %s with %.2fM parameters", cfg.stage_name, type(net).__name__, n_params / 1e6)
 
     trainer = build_trainer(cfg, build_callbacks(cfg), build_loggers(cfg))
-    for logger in trainer.loggers:  # the whole resolved config, next to the module's hyper-parameters
-        logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
     ckpt = resolve_checkpoint(
         cfg.get("resume"), output_dir, rank=trainer.global_rank, world=trainer.world_size
     )
@@ -511,7 +523,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.callbacks.append(run_files)
     else:
         run_files.save(trainer)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    # logged once the run is known to be this directory's (a refused launch wrote its config into the W&B
+    # run of the run it would have replaced): the whole resolved config, next to the module's hparams
+    for logger in trainer.loggers:
+        logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    except BaseException:
+        finish_loggers(trainer, failed=True)
+        raise
+    finish_loggers(trainer, failed=False)
 
     metrics = {
         k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1
