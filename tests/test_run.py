@@ -852,3 +852,23 @@ def test_each_run_of_a_process_gets_its_own_wandb_run(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="holds another run"):
         train(_fast_cfg(tmp_path, runs[0], "logger=wandb", "stage=upsampler_256"))
     assert len(list((runs[0] / "wandb").glob("offline-run-*"))) == 1
+
+
+def test_the_progress_bar_draws_only_on_a_terminal_by_default(monkeypatch, tmp_path):
+    """The bar was on whenever enable_progress_bar was (the default): redirected to a file, a SLURM job's
+    .out got its carriage-return frames glued to the log lines."""
+    import sys
+
+    from train.callbacks.progress_bar import LossProgressBar
+    from train.run import build_callbacks, build_trainer
+
+    def has_bar(*overrides: str) -> bool:
+        cfg = compose_config(["logger=none", f"paths.output_dir={tmp_path}", *overrides])
+        return any(isinstance(c, LossProgressBar) for c in build_callbacks(cfg))
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    assert not has_bar() and has_bar("trainer.enable_progress_bar=true")
+    cfg = compose_config(["logger=none", f"paths.output_dir={tmp_path}"])
+    assert build_trainer(cfg, [], []).progress_bar_callback is None
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert has_bar() and not has_bar("trainer.enable_progress_bar=false")

@@ -52,6 +52,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.val_check_interval": (lambda v: v is None or (_number(v) and v > 0), "a number > 0"),
     "trainer.accumulate_grad_batches": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     "trainer.gradient_clip_val": (lambda v: v is None or (_number(v) and v >= 0), "a number >= 0 or null"),
+    "trainer.enable_progress_bar": (lambda v: v in (True, False, "auto"), "true, false or auto"),
     "trainer.log_every_n_steps": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     "trainer.num_nodes": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     "trainer.compile": (

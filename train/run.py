@@ -383,11 +383,19 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     from train.callbacks.progress_bar import LossProgressBar
 
     configured = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    bar = cfg.trainer.get("enable_progress_bar", True) and not any(
-        isinstance(c, ProgressBar) for c in configured
-    )
+    bar = progress_bar_on(cfg) and not any(isinstance(c, ProgressBar) for c in configured)
     every = int(cfg.trainer.get("log_every_n_steps") or 50)
     return [*configured, *([LossProgressBar(refresh_rate=every)] if bar else []), LoggerStepSync()]
+
+
+def progress_bar_on(cfg: DictConfig) -> bool:
+    """``trainer.enable_progress_bar``: true, false, or auto (the default): on when stdout is a terminal.
+    Redrawn into a file (a SLURM job's .out, a redirected launch) the bar's carriage-return frames were
+    interleaved with the log lines."""
+    import sys
+
+    value = cfg.trainer.get("enable_progress_bar", "auto")
+    return sys.stdout.isatty() if value == "auto" else bool(value)
 
 
 def build_loggers(cfg: DictConfig) -> list:
@@ -449,6 +457,7 @@ def build_trainer(cfg: DictConfig, callbacks, loggers) -> pl.Trainer:
         mode, backend = trainer_cfg.pop("compile", False), trainer_cfg.pop("compile_backend", "inductor")
         max_time = trainer_cfg.pop("max_time", None)
         set_matmul_precision(trainer_cfg.pop("float32_matmul_precision", None) or "high")
+        trainer_cfg.enable_progress_bar = progress_bar_on(cfg)
         if trainer_cfg.get("benchmark") is None:  # autotuned convolutions, unless every kernel is pinned
             trainer_cfg.benchmark = not trainer_cfg.get("deterministic")
     if mode not in (None, False, "none", "false"):
