@@ -682,6 +682,8 @@ def test_launch_torchrun_wrapper_starts_two_ranks(tmp_path):
     assert json.loads((run_dir / "metrics.json").read_text())["trainer/global_step"] == 5
     assert "global batch 16 = 8 per device x 2 ranks" in result.stdout + result.stderr
     assert f"run directory {run_dir}" in result.stderr
+    # Lightning's own messages reach the run's log too (they went to stderr only: its handler, no propagation)
+    assert "`Trainer.fit` stopped: `max_steps=5` reached" in (run_dir / "run.log").read_text()
 
 
 @pytest.mark.slow

@@ -41,7 +41,7 @@ from data.ranks import launch_environment
 from train.checkpoint import export_stage
 from train.modules.compat import upgrade_overrides
 from train.parallel import on_rank_zero, waiting_group
-from train.run import end_process, train
+from train.run import end_process, route_library_logs, train
 
 log = logging.getLogger(__name__)
 UPSAMPLERS = ("upsampler_256", "upsampler_1024")
@@ -596,6 +596,7 @@ def check_stages(stages) -> None:
 
 @hydra.main(version_base=None, config_path="../conf", config_name="pipeline")
 def main(cfg: DictConfig) -> None:
+    route_library_logs()
     check_stages(cfg.stages)
     check_time_budget(cfg)
     start = time.monotonic()

@@ -560,8 +560,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
+def route_library_logs() -> None:
+    """Lightning's messages ("`Trainer.fit` stopped...", its rank-zero warnings) and Python warnings into
+    the run's log (run.log, pipeline.log) beside ours: Lightning gives its loggers their own stderr handler
+    and stops them there, and warnings.warn went to stderr only; a SLURM job's .out was the only record."""
+    logging.captureWarnings(True)
+    for name in ("pytorch_lightning", "lightning_fabric"):
+        library = logging.getLogger(name)
+        for handler in list(library.handlers):
+            library.removeHandler(handler)
+        library.propagate = True
+
+
 @hydra.main(version_base=None, config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    route_library_logs()
     check_run_dir_given()
     if OmegaConf.is_interpolation(cfg.paths, "output_dir"):  # a paths.output_dir=... override is kept
         with open_dict(cfg):
