@@ -874,3 +874,23 @@ def test_the_progress_bar_draws_only_on_a_terminal_by_default(monkeypatch, tmp_p
     assert build_trainer(cfg, [], []).progress_bar_callback is None
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     assert has_bar() and not has_bar("trainer.enable_progress_bar=false")
+
+
+def test_wandb_runs_are_named_by_their_directory_and_grouped_by_sweep(tmp_path, monkeypatch):
+    """Every run, sweep point and stage was named after its stage alone ("clip")."""
+    from types import SimpleNamespace
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from train.run import build_loggers
+
+    cfg = compose_config(["logger=wandb", f"paths.output_dir={tmp_path / 'clip-a'}"])
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (logger,) = build_loggers(cfg)
+    assert logger._wandb_init["name"] == "clip-clip-a" and "group" not in logger._wandb_init
+    launched = SimpleNamespace(mode=RunMode.MULTIRUN, sweep=SimpleNamespace(dir="/runs/lr_sweep"))
+    monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: launched))  # as under --multirun
+    (logger,) = build_loggers(cfg)
+    assert logger._wandb_init["group"] == "lr_sweep"

@@ -407,11 +407,29 @@ def build_loggers(cfg: DictConfig) -> list:
             continue
         if str(c.get("_target_", "")).endswith("WandbLogger") and not c.get("id"):
             c = c.copy()
+            output_dir = Path(cfg.paths.output_dir)
             with open_dict(c):
-                c.id = wandb_run_id(Path(cfg.paths.output_dir))
+                c.id = wandb_run_id(output_dir)
                 c.resume = c.get("resume") or "allow"
+                if c.get("name") == cfg.get(
+                    "stage_name"
+                ):  # every run was "clip": runs told apart by directory
+                    c.name = f"{c.name}-{output_dir.name}"
+                sweep = _sweep_name()
+                if sweep and not c.get("group"):
+                    c.group = sweep
         loggers.append(instantiate(c))
     return loggers
+
+
+def _sweep_name() -> str | None:
+    """The sweep directory's name under ``--multirun`` (W&B groups its points by it); None otherwise."""
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    return Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
 
 
 def finish_loggers(trainer: pl.Trainer, failed: bool) -> None:
