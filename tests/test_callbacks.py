@@ -129,7 +129,9 @@ def test_the_progress_bar_redraws_at_the_logging_steps_only(tmp_path):
     from train.run import build_callbacks
 
     out = f"paths.output_dir={tmp_path}"
-    cfg = compose_config(["stage=clip", "trainer.log_every_n_steps=25", out])
+    cfg = compose_config(
+        ["stage=clip", "trainer.log_every_n_steps=25", "trainer.enable_progress_bar=true", out]
+    )
     bars = [c for c in build_callbacks(cfg) if isinstance(c, TQDMProgressBar)]
     assert [bar.refresh_rate for bar in bars] == [25]
     assert not any(

@@ -181,5 +181,7 @@ def test_per_step_checks_share_one_all_reduce(tmp_path):
     counts = json.loads((probe / "collectives_rank0.json").read_text())
     steady = [c for step, c in enumerate(counts[1:], start=2) if step % 4]  # steps that log no metrics
     assert steady and set(steady) == {2}, counts
+    # a logging step adds one: the skip counts summed in one all-reduce (a sync_dist log per reason was 17)
+    assert [c for step, c in enumerate(counts, start=1) if step % 4 == 0] == [3, 3], counts
     broadcasts = json.loads((probe / "broadcasts_rank0.json").read_text())
     assert set(broadcasts[1:]) == {0}, broadcasts
