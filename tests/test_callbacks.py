@@ -208,3 +208,37 @@ def test_validation_counts_the_held_out_samples_it_skips_and_warns_when_none_is_
         in caplog.text
     )
     assert "missing_caption 6" in caplog.text
+
+
+def test_perf_metrics_cover_whole_optimizer_steps_under_gradient_accumulation(
+    clip_run, tmp_path, monkeypatch
+):
+    """With trainer.accumulate_grad_batches=2 both micro-batches of a logging step closed the throughput
+    window, and the second one's (half a step) was the value logged."""
+    import pytorch_lightning as pl
+
+    from tests.conftest import compose_config
+    from train.run import train
+
+    logged = []
+    real = pl.LightningModule.log_dict
+
+    def spy(self, metrics, *args, **kwargs):
+        if "perf/samples_per_sec" in metrics:
+            logged.append(self.trainer.global_step)
+        return real(self, metrics, *args, **kwargs)
+
+    monkeypatch.setattr(pl.LightningModule, "log_dict", spy)
+    cfg = compose_config(
+        [
+            "debug=fast",
+            f"paths.data_dir={clip_run[0].parent / 'datasets'}",  # (the session's synthetic shards)
+            f"paths.output_dir={tmp_path / 'run'}",
+            "trainer.accumulate_grad_batches=2",
+            "trainer.log_every_n_steps=1",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+        ]
+    )
+    train(cfg)
+    assert logged == [1, 2]  # once per optimizer step, after its second micro-batch

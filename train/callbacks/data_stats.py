@@ -94,7 +94,9 @@ class DataStats(pl.Callback):
         self._busy += now - self._step_start
         self._batch_end = now
         self._samples += n
-        if not logs_this_step(trainer):  # the window runs on to the next step the loggers write
+        if not logs_this_step(trainer) or trainer.fit_loop.epoch_loop._should_accumulate():
+            # the window runs on to the next optimizer step the loggers write (with accumulation every
+            # micro-batch of a logging step passed the first test: the logged window was the last one's)
             return
         elapsed = now - self._window_start
         per_device = self._samples / max(elapsed, 1e-9)
