@@ -242,3 +242,25 @@ def test_perf_metrics_cover_whole_optimizer_steps_under_gradient_accumulation(
     )
     train(cfg)
     assert logged == [1, 2]  # once per optimizer step, after its second micro-batch
+
+
+def test_val_check_interval_counts_optimizer_steps_under_gradient_accumulation(clip_run, tmp_path, caplog):
+    """trainer.val_check_interval=2 with accumulate_grad_batches=2 validated at every optimizer step:
+    Lightning counts batches, the config (and max_steps, every_n_train_steps) optimizer steps."""
+    from tests.conftest import compose_config
+    from train.run import train
+
+    cfg = compose_config(
+        [
+            "debug=fast",
+            f"paths.data_dir={clip_run[0].parent / 'datasets'}",
+            f"paths.output_dir={tmp_path / 'run'}",
+            "trainer.accumulate_grad_batches=2",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=2",
+        ]
+    )
+    with caplog.at_level("INFO", logger="train.callbacks.val_log"):
+        train(cfg)
+    steps = [r.getMessage().split(" (")[0] for r in caplog.records if r.name == "train.callbacks.val_log"]
+    assert steps == ["step 2", "step 4"]

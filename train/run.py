@@ -476,6 +476,14 @@ def build_trainer(cfg: DictConfig, callbacks, loggers) -> pl.Trainer:
         max_time = trainer_cfg.pop("max_time", None)
         set_matmul_precision(trainer_cfg.pop("float32_matmul_precision", None) or "high")
         trainer_cfg.enable_progress_bar = progress_bar_on(cfg)
+        # val_check_interval counts optimizer steps, as checkpoints' every_n_train_steps and max_steps do;
+        # Lightning counts batches, so with accumulation it validated accumulate_grad_batches times as often
+        accumulate, every = (
+            trainer_cfg.get("accumulate_grad_batches") or 1,
+            trainer_cfg.get("val_check_interval"),
+        )
+        if isinstance(every, int) and not isinstance(every, bool) and accumulate > 1:
+            trainer_cfg.val_check_interval = every * accumulate
         if trainer_cfg.get("benchmark") is None:  # autotuned convolutions, unless every kernel is pinned
             trainer_cfg.benchmark = not trainer_cfg.get("deterministic")
     if mode not in (None, False, "none", "false"):
