@@ -7,8 +7,10 @@ handler only records the signal: nothing is saved from inside a handler, which m
 the middle of a collective. At every optimizer step the ranks agree (one all-reduce of a flag, the one
 NumericalGuard makes anyway when it is configured: a signal that reached a single rank still stops them
 all, at the same step); at the end of that step they write one checkpoint together (sharded strategies
-need every rank), rank 0 calls ``scontrol requeue $SLURM_JOB_ID`` once when running under SLURM, and
-the trainer stops.
+need every rank), rank 0 calls ``scontrol requeue $SLURM_JOB_ID`` once when running under SLURM and the
+signal is a time limit's (``requeue_signals``: USR1, USR2), and the trainer stops. ``SIGTERM`` is
+checkpointed but not requeued: it is ``scancel``'s (a requeue made a job that scancel could not stop), or
+a scheduler's preemption, which requeues the job itself where it means to (``PreemptMode=REQUEUE``).
 ``resume=auto`` picks the checkpoint up on the next start (train/run.py: the newest checkpoint wins).
 
 This replaces Lightning's own SLURM handler, which saves from within the signal handler. Lightning
@@ -40,16 +42,12 @@ class Preemption(pl.Callback):
         filename: str = "preempt.ckpt",
         dirpath: str | None = None,
         requeue: str | bool = "auto",
+        requeue_signals: tuple[str, ...] | list[str] = ("SIGUSR1", "SIGUSR2"),
     ) -> None:
         """``dirpath``: where the checkpoint goes (default ``<default_root_dir>/checkpoints``);
-        ``requeue``: ``auto`` (under SLURM), true or false."""
-        self.signals = []
-        for name in signals:
-            if not hasattr(signal, str(name)):
-                raise ValueError(
-                    f"callbacks.preemption.signals: unknown signal {name!r} (e.g. SIGUSR1, SIGTERM)"
-                )
-            self.signals.append(getattr(signal, str(name)))
+        ``requeue``: ``auto`` (under SLURM), true or false, after one of ``requeue_signals``."""
+        self.signals = [_signal(name, "signals") for name in signals]
+        self.requeue_signals = {_signal(name, "requeue_signals") for name in requeue_signals}
         self.filename, self.dirpath, self.requeue = filename, dirpath, requeue
         self.received: int | None = None
         self.checkpoint: Path | None = None
@@ -121,13 +119,23 @@ class Preemption(pl.Callback):
         if array := os.environ.get("SLURM_ARRAY_TASK_ID"):
             job_id = f"{job_id}_{array}"
         wants = self.requeue is True or (self.requeue == "auto" and job_id is not None)
+        if wants and signum not in self.requeue_signals:
+            wants = False
+            if trainer.is_global_zero:
+                log.warning(
+                    "%s is not a time limit's signal (callbacks.preemption.requeue_signals): not requeued; "
+                    "resubmitting the job resumes from the newest checkpoint",
+                    signal.Signals(signum).name,
+                )
         if wants and trainer.is_global_zero:
             if job_id is None:
                 log.error("callbacks.preemption.requeue=true but SLURM_JOB_ID is not set: not requeued")
             else:
                 result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
                 if result.returncode == 0:
-                    log.warning("requeued SLURM job %s; it resumes from %s", job_id, path)
+                    log.warning(
+                        "requeued SLURM job %s; it resumes from the newest checkpoint (%s)", job_id, path
+                    )
                 else:
                     log.error(
                         "scontrol requeue %s failed (%s): %s",
@@ -136,6 +144,12 @@ class Preemption(pl.Callback):
                         result.stderr.strip(),
                     )
         trainer.should_stop = True
+
+
+def _signal(name: str, key: str) -> int:
+    if not hasattr(signal, str(name)):
+        raise ValueError(f"callbacks.preemption.{key}: unknown signal {name!r} (e.g. SIGUSR1, SIGTERM)")
+    return int(getattr(signal, str(name)))
 
 
 def _no_broadcast() -> None:
