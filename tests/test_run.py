@@ -894,3 +894,33 @@ def test_wandb_runs_are_named_by_their_directory_and_grouped_by_sweep(tmp_path, 
     monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: launched))  # as under --multirun
     (logger,) = build_loggers(cfg)
     assert logger._wandb_init["group"] == "lr_sweep"
+
+
+def test_a_run_resumed_at_its_last_step_keeps_its_metrics(tmp_path):
+    """Rerunning a finished run (a sweep rerun to complete its failed points) resumed at max_steps, took no
+    step, and wrote metrics.json with the step alone: the sweep got no loss back."""
+    out = tmp_path / "run"
+    first = train(_fast_cfg(tmp_path, out, "trainer.max_steps=2", "trainer.val_check_interval=2"))
+    again = train(_fast_cfg(tmp_path, out, "trainer.max_steps=2", "trainer.val_check_interval=2"))
+    assert again["train/loss"] == first["train/loss"] and again["val/loss"] == first["val/loss"]
+    assert json.loads((out / "metrics.json").read_text())["train/loss"] == first["train/loss"]
+
+
+def test_a_preempted_sweep_point_ends_its_job_instead_of_returning_a_result(monkeypatch):
+    """A point stopped by a preemption returned its unfinished loss: submitit reported it as the point's
+    result (the client moved on while the requeued job trained), and a local sweep went on to its next
+    point after a SIGTERM."""
+    import train.run
+
+    monkeypatch.setattr(
+        train.run,
+        "train",
+        lambda cfg: {"trainer/global_step": 21, "trainer/preempted": 1.0, "train/loss": 2.5},
+    )
+    monkeypatch.setattr(train.run, "check_run_dir_given", lambda: None)
+    monkeypatch.setattr(train.run, "_sweep_name", lambda: "lr_sweep")
+    cfg = compose_config(["paths.output_dir=/tmp/unused"])
+    with pytest.raises(SystemExit, match="preempted at step 21; the point resumes when rerun"):
+        train.run.main.__wrapped__(cfg)
+    monkeypatch.setattr(train.run, "_sweep_name", lambda: None)  # a single run returns as before
+    assert train.run.main.__wrapped__(cfg) == 2.5

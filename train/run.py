@@ -573,6 +573,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1
     }
     metrics["trainer/global_step"] = trainer.global_step
+    saved = output_dir / "metrics.json"
+    if ckpt and trainer.is_global_zero and saved.exists():  # a resumed run keeps the keys it did not log
+        # again (resumed at max_steps it takes no step and logs nothing: the file was left with the step
+        # alone, and a rerun sweep returned no loss)
+        before = {k: v for k, v in json.loads(saved.read_text()).items() if k != "trainer/preempted"}
+        metrics = {**before, **metrics}
     preempted = [
         c.checkpoint for c in trainer.callbacks if getattr(c, "checkpoint", None) and hasattr(c, "received")
     ]
@@ -606,6 +612,13 @@ def main(cfg: DictConfig) -> float | None:
         with open_dict(cfg):
             cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
     metrics = train(cfg)
+    if metrics.get("trainer/preempted") and _sweep_name() is not None:
+        # a sweep's point that stopped for a preemption has not finished: its loss is not its result, and
+        # returning would end the job (submitit then reports the unfinished value, and the client moves on
+        # while the requeued job trains; a local sweep started its next point after a SIGTERM)
+        raise SystemExit(
+            f"preempted at step {int(metrics['trainer/global_step'])}; the point resumes when rerun"
+        )
     return metrics.get("train/loss")  # for Hydra sweepers
 
 
