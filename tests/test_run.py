@@ -924,3 +924,27 @@ def test_a_preempted_sweep_point_ends_its_job_instead_of_returning_a_result(monk
         train.run.main.__wrapped__(cfg)
     monkeypatch.setattr(train.run, "_sweep_name", lambda: None)  # a single run returns as before
     assert train.run.main.__wrapped__(cfg) == 2.5
+
+
+def test_a_sweep_rerun_with_its_values_reordered_is_refused_not_resumed_as_another_point(
+    tmp_path, monkeypatch, caplog
+):
+    """Points are numbered by the order of the swept values: rerun with `lr=2e-3,1e-3` into the same
+    hydra.sweep.dir, point 0 resumed the 1e-3 run's checkpoint and labelled it 2e-3. Outside a sweep a
+    changed setting is logged, key by key."""
+    from train import run as run_module
+    from train.config import ConfigError
+
+    out = tmp_path / "0"
+    train(_fast_cfg(tmp_path, out, "trainer.max_steps=2", "trainer.val_check_interval=2"))
+    monkeypatch.setattr(run_module, "_sweep_name", lambda: "lr_sweep")
+    changed = ("module.optimizer.lr=0.003", "trainer.max_steps=4", "trainer.val_check_interval=2")
+    with pytest.raises(
+        ConfigError,
+        match=r"holds a sweep point with other settings \(module.optimizer.lr: 0.002 there, 0.003 here",
+    ):
+        train(_fast_cfg(tmp_path, out, *changed))
+    monkeypatch.setattr(run_module, "_sweep_name", lambda: None)
+    with caplog.at_level("WARNING", logger="train.run"):
+        train(_fast_cfg(tmp_path, out, *changed))
+    assert "module.optimizer.lr: 0.002 -> 0.003" in caplog.text and "trainer.max_steps: 2 -> 4" in caplog.text

@@ -41,7 +41,9 @@ def check_same_run(cfg: DictConfig, output_dir: Path, checkpoint: str | None = N
     """Resuming in a run directory that holds another run (another stage, or another net class: e.g. a
     second launch into the same directory) is refused before anything is written there: it would have
     replaced that run's config.yaml and tokenizer, and only then failed to load its checkpoint. Other
-    differences in ``net`` are logged (a shape that changed fails at the load, naming the weight).
+    differences are logged, key by key (a net shape that changed fails at the load, naming the weight),
+    except in a sweep point's directory, where another ``module``, ``data`` or ``net`` value means another
+    point's run (the sweep rerun with its values in another order: points are numbered) and is refused.
     ``checkpoint``: an explicit resume=<path> of the run in ``output_dir`` (its own directory elsewhere)."""
     from train.config import ConfigError
 
@@ -70,12 +72,27 @@ def check_same_run(cfg: DictConfig, output_dir: Path, checkpoint: str | None = N
             "continue it: give this run a directory of its own (hydra.run.dir=..., or RUN_ID/RUN_DIR for "
             "launch/torchrun.sh), or resume=null to start over there"
         )
-    changed = sorted(k for k in saved_net.keys() & net.keys() if saved_net[k] != net[k])
+    ours = _flat(OmegaConf.to_container(cfg, resolve=True))
+    theirs = _flat(saved)
+    changed = sorted(
+        k
+        for k in ours.keys() & theirs.keys()
+        if ours[k] != theirs[k] and not k.startswith(("paths.", "resume"))
+    )
+    if changed and checkpoint is None and _sweep_name() is not None:
+        swept = [k for k in changed if k.startswith(("module.", "data.", "net."))]
+        if swept:  # the point's directory is named by its number: values reordered, another point's run
+            raise ConfigError(
+                f"{output_dir} holds a sweep point with other settings ("
+                + "; ".join(f"{k}: {theirs[k]!r} there, {ours[k]!r} here" for k in swept[:5])
+                + "): a sweep rerun into its hydra.sweep.dir must list each swept option's values in the "
+                "same order (points are numbered by it), or use a new hydra.sweep.dir"
+            )
     if changed:
         log.warning(
-            "resuming with net settings other than those saved in %s: %s",
+            "resuming with settings other than those saved in %s: %s",
             path,
-            ", ".join(f"net.{k}: {saved_net[k]!r} -> {net[k]!r}" for k in changed),
+            ", ".join(f"{k}: {theirs[k]!r} -> {ours[k]!r}" for k in changed),
         )
 
 
@@ -95,6 +112,16 @@ class _RunFiles(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.save(trainer)
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"a.b.c": leaf}``."""
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out
 
 
 def resolve_checkpoint(resume: str | None, output_dir: Path, *, rank: int = 0, world: int = 1) -> str | None:
