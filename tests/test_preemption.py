@@ -85,3 +85,38 @@ def test_random_preemptions_checkpoint_once_requeue_once_and_never_hang(tmp_path
     # made a job that scancel could not stop
     timed = sum(t["plan"]["signal"] != "SIGTERM" for t in trials)
     assert 0 < timed < TRIALS and calls.read_text().splitlines() == ["requeue 4242"] * timed
+
+
+@pytest.mark.parametrize(
+    ("signum", "restarts", "requeued"),
+    [("SIGUSR1", "3", True), ("SIGUSR2", "0", True), ("SIGTERM", "0", False), ("SIGUSR1", "20", False)],
+)
+def test_only_a_time_limit_signal_requeues_and_at_most_max_requeues_times(
+    tmp_path, monkeypatch, signum, restarts, requeued
+):
+    """scancel's SIGTERM requeued the job, which then could not be stopped; and requeues had no cap
+    (submitit's max_num_timeout is not in effect while this callback handles the signal)."""
+    import signal
+    import subprocess
+    from types import SimpleNamespace
+
+    from train.callbacks.preemption import Preemption
+
+    calls = []
+    monkeypatch.setattr(
+        subprocess, "run", lambda cmd, **kw: calls.append(cmd) or SimpleNamespace(returncode=0)
+    )
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", restarts)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    saved = []
+    trainer = SimpleNamespace(
+        default_root_dir=str(tmp_path), global_rank=0, global_step=5, world_size=1, is_global_zero=True,
+        save_checkpoint=saved.append, strategy=SimpleNamespace(barrier=lambda name: None), should_stop=False,
+    )  # fmt: skip
+    callback = Preemption(max_requeues=20)
+    callback.received = int(getattr(signal, signum))
+    callback.on_train_batch_end(trainer, SimpleNamespace(device="cpu"), None, None, 0)
+    assert saved == [tmp_path / "checkpoints" / "preempt.ckpt"] and trainer.should_stop
+    assert calls == ([["scontrol", "requeue", "7"]] if requeued else [])

@@ -43,9 +43,12 @@ class Preemption(pl.Callback):
         dirpath: str | None = None,
         requeue: str | bool = "auto",
         requeue_signals: tuple[str, ...] | list[str] = ("SIGUSR1", "SIGUSR2"),
+        max_requeues: int | None = None,
     ) -> None:
         """``dirpath``: where the checkpoint goes (default ``<default_root_dir>/checkpoints``);
-        ``requeue``: ``auto`` (under SLURM), true or false, after one of ``requeue_signals``."""
+        ``requeue``: ``auto`` (under SLURM), true or false, after one of ``requeue_signals``, unless the job
+        was requeued ``max_requeues`` times already (``SLURM_RESTART_COUNT``; None: no cap)."""
+        self.max_requeues = max_requeues
         self.signals = [_signal(name, "signals") for name in signals]
         self.requeue_signals = {_signal(name, "requeue_signals") for name in requeue_signals}
         self.filename, self.dirpath, self.requeue = filename, dirpath, requeue
@@ -126,6 +129,16 @@ class Preemption(pl.Callback):
                     "%s is not a time limit's signal (callbacks.preemption.requeue_signals): not requeued; "
                     "resubmitting the job resumes from the newest checkpoint",
                     signal.Signals(signum).name,
+                )
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        if wants and self.max_requeues is not None and restarts >= self.max_requeues:
+            wants = False
+            if trainer.is_global_zero:
+                log.warning(
+                    "job requeued %d times (callbacks.preemption.max_requeues=%d): not again; resubmitting "
+                    "resumes from the newest checkpoint",
+                    restarts,
+                    self.max_requeues,
                 )
         if wants and trainer.is_global_zero:
             if job_id is None:
