@@ -92,10 +92,15 @@ def _rank_pid(agent: int, rank: int) -> int:
     raise AssertionError(f"no rank {rank} under torchrun pid {agent}")
 
 
-def _losses(run_dir: Path, version: int) -> dict[int, float]:
-    path = run_dir / "csv" / f"version_{version}" / "metrics.csv"
+def _losses(run_dir: Path, start: int = 0) -> dict[int, float]:
+    """train/loss by step from ``start`` in the run's metrics.csv (every launch of the run writes there; a
+    resumed launch's steps replace the rows it logs again)."""
+    path = run_dir / "csv" / "run" / "metrics.csv"
     with open(path) as f:
-        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+        rows = [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(f) if r.get("train/loss")]
+    steps = [s for s, _ in rows]
+    assert len(steps) == len(set(steps)), f"a step logged twice in {path}"
+    return {s: loss for s, loss in rows if s >= start}
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -108,7 +113,7 @@ def test_sigkill_one_rank_then_relaunch_continues_bitwise(tmp_path):
     (tmp_path / "outputs").mkdir()
     reference = tmp_path / "outputs" / "reference"
     _finish(_launch(tmp_path, reference), reference)
-    expected = _losses(reference, 0)
+    expected = _losses(reference)
     assert sorted(expected) == list(range(20)), sorted(expected)
 
     crashed = tmp_path / "outputs" / "crashed"
@@ -122,7 +127,7 @@ def test_sigkill_one_rank_then_relaunch_continues_bitwise(tmp_path):
     time.sleep(1.0)  # into step 13 or 14
     os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
     assert proc.wait(timeout=180) != 0  # torchrun tears the job down
-    before = _losses(crashed, 0) if (crashed / "csv" / "version_0" / "metrics.csv").exists() else {}
+    before = _losses(crashed) if (crashed / "csv" / "run" / "metrics.csv").exists() else {}
     assert max(before, default=0) < 19, "the kill came too late to interrupt the run"
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     data = saved["ShardDataModule"]
@@ -140,7 +145,7 @@ def test_sigkill_one_rank_then_relaunch_continues_bitwise(tmp_path):
     # (Relaunching mid-epoch on a layout that cannot continue exactly once is refused: unit-tested in
     # tests/test_datamodule.py; continuing on fewer ranks: the next test.)
     _finish(_launch(tmp_path, crashed), crashed)  # the same command, as after a crash
-    resumed = _losses(crashed, 1)
+    resumed = _losses(crashed, start)  # (the steps after the checkpoint that the crash logged are replaced)
     assert sorted(resumed) == list(range(start, 20)), sorted(resumed)
     for step, loss in resumed.items():  # bitwise: same data, same order, same random draws
         assert loss == expected[step], (step, loss, expected[step])
@@ -152,7 +157,7 @@ def test_sigkill_one_rank_then_relaunch_continues_bitwise(tmp_path):
 
     # Negative control: the same resume without the per-rank RNG states diverges at once.
     _finish(_launch(tmp_path, control, "callbacks.rng=null"), control)
-    diverged = _losses(control, 1)
+    diverged = _losses(control, start)
     assert sorted(diverged) == list(range(start, 20))
     assert all(diverged[s] != expected[s] for s in diverged)
 

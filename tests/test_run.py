@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -948,3 +949,43 @@ def test_a_sweep_rerun_with_its_values_reordered_is_refused_not_resumed_as_anoth
     with caplog.at_level("WARNING", logger="train.run"):
         train(_fast_cfg(tmp_path, out, *changed))
     assert "module.optimizer.lr: 0.002 -> 0.003" in caplog.text and "trainer.max_steps: 2 -> 4" in caplog.text
+
+
+def _tfrecords(path: Path):
+    """The records of a TensorBoard event file (TFRecord framing: length, its CRC, data, its CRC)."""
+    import struct
+
+    data, at = path.read_bytes(), 0
+    while at < len(data):
+        (n,) = struct.unpack("<Q", data[at : at + 8])
+        yield data[at + 12 : at + 12 + n]
+        at += 12 + n + 4
+
+
+def test_a_run_resumed_from_an_older_checkpoint_logs_each_step_once(tmp_path):
+    """A crash between checkpoints: the relaunch resumes at step 6 of a run that logged up to step 7.
+    CSV began a version_1/metrics.csv per launch (and its steps 6-7 twice over the two files), TensorBoard
+    showed steps 6 and 7 twice. Now one metrics.csv, each step once, and a purge marker at step 6 in the
+    relaunch's event file, the one TensorBoard drops the earlier files' later steps by."""
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    out = tmp_path / "run"
+    common = (
+        "logger=[csv,tensorboard]",
+        "trainer.log_every_n_steps=1",
+        "callbacks.checkpoint.every_n_train_steps=3",
+    )
+    train(_fast_cfg(tmp_path, out, *common, "trainer.max_steps=8", "trainer.val_check_interval=8"))
+    (out / "checkpoints" / "last.ckpt").unlink()  # (the crash: the newest checkpoint is step 6's)
+    train(_fast_cfg(tmp_path, out, *common, "trainer.max_steps=10", "trainer.val_check_interval=10"))
+    with open(out / "csv" / "run" / "metrics.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert steps == list(range(10)), steps
+    first, second = sorted((out / "tensorboard" / "run").glob("events.out.tfevents*"))
+    marks = [
+        e.step for e in map(Event.FromString, _tfrecords(second)) if e.session_log.status == SessionLog.START
+    ]
+    assert marks == [6]
+    assert not [
+        e for e in map(Event.FromString, _tfrecords(first)) if e.session_log.status == SessionLog.START
+    ]
