@@ -623,7 +623,14 @@ def route_library_logs() -> None:
     """Lightning's messages ("`Trainer.fit` stopped...", its rank-zero warnings) and Python warnings into
     the run's log (run.log, pipeline.log) beside ours: Lightning gives its loggers their own stderr handler
     and stops them there, and warnings.warn went to stderr only; a SLURM job's .out was the only record."""
+    import warnings
+
     logging.captureWarnings(True)
+    # the stages log val/* computed from every rank's gathered samples, identical on each: Lightning's advice
+    # to reduce them again (one warning per key, ~20 under DDP) does not apply
+    warnings.filterwarnings(
+        "ignore", message=r".*sync_dist=True.* when logging on epoch level in distributed"
+    )
     for name in ("pytorch_lightning", "lightning_fabric"):
         library = logging.getLogger(name)
         for handler in list(library.handlers):
