@@ -590,12 +590,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for logger in trainer.loggers:
         logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        metrics = _fit(trainer, module, datamodule, ckpt, output_dir)
     except BaseException:
         finish_loggers(trainer, failed=True)
         raise
-    finish_loggers(trainer, failed=False)
+    finish_loggers(trainer, failed=False)  # (after _fit's final log lines: W&B keeps the console's output)
+    return metrics
 
+
+def _fit(trainer: pl.Trainer, module, datamodule, ckpt: str | None, output_dir: Path) -> dict[str, Any]:
+    """``trainer.fit``, then the run's final metrics (metrics.json, the log's last lines)."""
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     metrics = {
         k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1
     }
