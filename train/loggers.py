@@ -17,6 +17,7 @@ from typing import Any
 
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 
 
 class _ContinuedWriter(ExperimentWriter):
@@ -53,6 +54,7 @@ class ContinuedCSVLogger(CSVLogger):
         super().__init__(save_dir, name=name, version=version, **kwargs)
 
     @property
+    @rank_zero_experiment  # (as Lightning's: the other ranks get a stand-in that writes nothing)
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
