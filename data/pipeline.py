@@ -475,8 +475,11 @@ class ShardDataset(StreamPosition, IterableDataset):
         if self.tokenizer is not None:
             batch["tokens"] = self.tokenizer(batch["caption"])  # (B, L) long
         for name in self.npy_fields:  # embeddings in float32, token ids as int64 (never rounded)
-            _same_shapes(name, items)
-            stacked = np.stack([it[name] for it in items])
+            try:
+                stacked = np.stack([it[name] for it in items])
+            except ValueError:
+                _same_shapes(name, items)  # names the samples of another shape (np.stack names none)
+                raise
             exact = np.issubdtype(stacked.dtype, np.integer) or stacked.dtype == np.bool_
             batch[name] = torch.from_numpy(stacked.astype(np.int64 if exact else np.float32))
         if self.keep_json:
@@ -490,8 +493,8 @@ class ShardDataset(StreamPosition, IterableDataset):
 
 
 def _same_shapes(name: str, items: list[dict]) -> None:
-    """One shape per npy field in a batch, or an error naming the samples that differ: embeddings of two
-    CLIPs (two data.embed runs in one spec) failed in np.stack naming none."""
+    """An error naming the samples whose ``name`` array has another shape than most of the batch's:
+    embeddings of two CLIPs (two data.embed runs in one spec). Called once np.stack has failed."""
     shapes = Counter(it[name].shape for it in items)
     if len(shapes) == 1:
         return

@@ -118,7 +118,7 @@ def _expand_one(part: str) -> list[str]:
             )
         return list(braceexpand.braceexpand(part))
     if _URL.match(part):  # file:// URL: a local path from here on
-        part = part[len(_URL.match(part).group(0)) :]
+        part = part.split("://", 1)[1]
     expanded = list(braceexpand.braceexpand(os.path.expanduser(part)))
     if len(expanded) == 1 and os.path.isdir(expanded[0]):
         found = sorted(str(p) for p in Path(expanded[0]).glob("*.tar"))

@@ -574,7 +574,8 @@ def test_time_budget_stops_a_stage_early_validated_checkpointed_and_exported(tmp
 def test_wandb_offline_logs_config_and_perf_resumes_the_same_run_and_keeps_no_secret(tmp_path):
     run_dir = tmp_path / "run"
     canary = "canary-7d1e0c5a9b3f4e21"
-    env = {**cli_env(tmp_path), "WANDB_API_KEY": canary}
+    # (no console capture: the final metrics line holds every key, so the keys below must be W&B history's)
+    env = {**cli_env(tmp_path), "WANDB_API_KEY": canary, "WANDB_CONSOLE": "off"}
     for steps in (5, 7):
         result = subprocess.run(
             [
@@ -583,6 +584,7 @@ def test_wandb_offline_logs_config_and_perf_resumes_the_same_run_and_keeps_no_se
                 "train.run",
                 "debug=fast",
                 "logger=wandb",
+                "trainer.log_every_n_steps=2",
                 f"trainer.max_steps={steps}",
                 f"hydra.run.dir={run_dir}",
             ],

@@ -20,6 +20,15 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    """``values`` summed over the ranks in one all-reduce (as they are, in one process)."""
+    if world_size() == 1:
+        return [float(v) for v in values]
+    totals = torch.tensor([float(v) for v in values], device=device)
+    dist.all_reduce(totals)
+    return totals.tolist()
+
+
 def agree_max(value: float, device: torch.device) -> float:
     """The largest of the ranks' ``value`` (this rank's alone in one process): what a callback that the
     numerics guard does not carry agrees on by itself, a small all-reduce read at once."""

@@ -24,6 +24,7 @@ import pytorch_lightning as pl
 import torch
 
 from train.callbacks.log_step import logs_this_step
+from train.parallel import all_sum
 from train.perf import ModelFlopCounter, peak_tflops, process_age
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ class DataStats(pl.Callback):
             # The same keys on every rank, summed over ranks in one collective (a sync_dist log per key
             # was 17 all-reduces at every logging step)
             counts = datamodule.skip_counts()
-            for reason, n in zip(counts, _summed(list(counts.values()), pl_module.device)):
+            for reason, n in zip(counts, all_sum(list(counts.values()), pl_module.device)):
                 pl_module.log(f"data/skipped_{reason}", n, rank_zero_only=True)
         pl_module.log_dict(metrics, rank_zero_only=True)
         self._wait = self._busy = 0.0
@@ -139,7 +140,7 @@ class DataStats(pl.Callback):
             return
         counts = datamodule.val_skip_counts()
         # one collective: every rank validates, so every rank calls it
-        batches, *skipped = _summed([self._val_batches, *counts.values()], pl_module.device)
+        batches, *skipped = all_sum([self._val_batches, *counts.values()], pl_module.device)
         skipped = {reason: int(n) for reason, n in zip(counts, skipped) if n}
         for reason, n in skipped.items():
             pl_module.log(f"data/val_skipped_{reason}", float(n), rank_zero_only=True)
@@ -162,15 +163,6 @@ class DataStats(pl.Callback):
                 trainer.global_rank,
                 skipped or "none",
             )
-
-
-def _summed(values: list[float], device: torch.device) -> list[float]:
-    """``values`` summed over the ranks, in one all-reduce (as they are in one process)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [float(v) for v in values]
-    totals = torch.tensor([float(v) for v in values], device=device)
-    torch.distributed.all_reduce(totals)
-    return totals.tolist()
 
 
 def _batch_len(batch) -> int:
