@@ -14,6 +14,10 @@ from PIL import Image
 
 def to_unit_range(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float (B, 3, size, size) in [-1, 1] (bicubic, antialiased when shrinking)."""
+    if images.dtype != torch.uint8:  # float images were scaled a second time (to about -1: black)
+        raise TypeError(
+            f"expected uint8 images (0-255), got {images.dtype}: data.normalize=none for this stage"
+        )
     x = images.float() / 127.5 - 1.0
     if x.shape[-1] != size or x.shape[-2] != size:
         x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)

@@ -77,6 +77,25 @@ def test_an_unknown_group_option_lists_the_available_ones():
         ("stage=prior module.best_of=0", "module.best_of=0: expected an integer >= 1"),
         ("stage=prior module.sample_steps=0", "module.sample_steps=0: expected an integer >= 1"),
         ("stage=decoder module.drop_text_prob=1.5", "module.drop_text_prob=1.5: expected a probability"),
+        # a word Hydra keeps as text for a boolean parameter: any text counts as true (it trained with the
+        # option on); a wrong type for a parameter no rule covers (it failed at build, naming the group)
+        (
+            "stage=upsampler_256 module.residual=no",
+            "module.residual='no': expected true or false (Hydra keeps it as text, which counts as true)",
+        ),
+        ("stage=decoder net.learned_variance=off", "net.learned_variance='off': expected true or false"),
+        ("callbacks.checkpoint.every_n_train_steps=abc", "every_n_train_steps='abc': expected an integer"),
+        ("trainer.limit_val_batches=all", "trainer.limit_val_batches='all': expected a number"),
+        # outside the run directory, resume=auto did not find them: the next launch started from step 0
+        (
+            "paths.output_dir=/data/run callbacks.checkpoint.dirpath=/scratch/ckpt",
+            "callbacks.checkpoint.dirpath=/scratch/ckpt: checkpoints go inside the run directory (/data/run)",
+        ),
+        # only the CLIP normalises in the data pipeline: the upsampler scaled float images again (black)
+        (
+            "stage=upsampler_256 data.normalize=minus_one_one",
+            "data.normalize='minus_one_one': the upsampler_256 stage takes uint8 images",
+        ),
         (
             "trainer.float32_matmul_precision=tf32",
             "trainer.float32_matmul_precision='tf32': expected 'highest' or 'high' or 'medium'",
@@ -306,3 +325,27 @@ def test_the_optimizer_block_is_completed_and_checked_when_the_module_is_built()
         _upsampler(diffusion=diffusion, optimizer={"momentum": 0.9})
     with pytest.raises(TypeError, match="unexpected keyword arguments: lrr"):
         _upsampler(diffusion=diffusion, lrr=1e-3)
+
+
+def test_a_pipeline_stage_block_reaches_train_run_as_written(tmp_path):
+    """The pipeline passes each stage's block to train.run as overrides: a null was dropped (the stage
+    kept its default: gradient clipping stayed 1.0), a brace pattern was refused by Hydra's grammar, and a
+    string that reads as a number became one."""
+    from train.pipeline import stage_overrides_list
+
+    block = {
+        "trainer": {"gradient_clip_val": None, "max_steps": 7},
+        "data": {"val_shards": None, "train_shards": "/d/{00000..00003}.tar"},
+        "module": {"optimizer": {"lr": 1e-4, "betas": [0.9, 0.95]}, "degradation": "none"},
+        "logger": "csv",
+        "paths": {"data_dir": "/runs/it's 1e-4"},
+    }
+    cfg = compose_config(stage_overrides_list("upsampler_256", block, tmp_path))
+    assert cfg.trainer.gradient_clip_val is None and cfg.data.val_shards is None
+    assert cfg.data.train_shards == "/d/{00000..00003}.tar" and cfg.paths.data_dir == "/runs/it's 1e-4"
+    assert (cfg.trainer.max_steps, cfg.module.optimizer.lr, list(cfg.module.optimizer.betas)) == (
+        7,
+        1e-4,
+        [0.9, 0.95],
+    )
+    assert cfg.module.degradation == "none" and "_target_" in cfg.logger.csv

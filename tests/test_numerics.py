@@ -147,3 +147,38 @@ def test_defer_true_needs_a_fused_adam_and_says_so():
         ValueError, match="callbacks.numerics.defer='sometimes': expected auto, true or false"
     ):
         NumericalGuard(defer="sometimes")
+
+
+def test_steps_deepspeed_skips_are_counted_and_stop_the_run():
+    """DeepSpeed's engine holds the gradients and skips a step with non-finite ones itself ("OVERFLOW!
+    Skipping step"): the guard counted none, so a run at lr=1e30 trained on with an infinite loss and
+    exited 0. The engine's skip count is read after each optimizer step (not at a micro-batch of an
+    accumulation), and max_consecutive applies. (A real CPU DeepSpeed run at lr=1e30 stops at step 3
+    with max_consecutive=2.)"""
+    from types import SimpleNamespace
+
+    engine = SimpleNamespace(skipped_steps=4)  # restored with a checkpoint: counted from here
+    trainer = SimpleNamespace(
+        strategy=SimpleNamespace(deepspeed_engine=engine),
+        global_step=10,
+        is_last_batch=False,
+        _logger_connector=SimpleNamespace(should_update_logs=False),
+        max_steps=-1,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=0)),
+    )
+    guard = NumericalGuard(max_consecutive=2)
+    guard.on_train_start(trainer, None)
+
+    def step(skipped: bool, micro_batches: int = 1) -> None:
+        trainer.global_step += 1
+        engine.skipped_steps += skipped
+        for _ in range(micro_batches):  # Lightning calls the hook for each; the engine stepped once
+            guard.on_train_batch_end(trainer, None, None, None, 0)
+
+    step(True, micro_batches=3)
+    step(False)
+    assert (guard.skipped, guard.consecutive) == (1, 0)
+    step(True)
+    with pytest.raises(NonFiniteError, match="2 consecutive steps with NaN/inf gradients"):
+        step(True)
+    assert guard.skipped == 3

@@ -447,6 +447,27 @@ def test_prior_stage_trains_on_embedding_shards_and_exports_ema(clip_run, tmp_pa
     assert stage.tokenizer is not None and stage.tokenizer.eot_id == load_stage(run).tokenizer.eot_id
 
 
+def test_a_clip_other_than_the_one_that_embedded_the_shards_is_refused(clip_run, tmp_path):
+    """clip_ckpt beside data=embeddings was taken as given: the prior learned one CLIP's embeddings while
+    its tokenizer, token features and zero-shot metrics came from another (a copy of the run stands in)."""
+    import shutil
+
+    from train.config import ConfigError
+    from train.run import wire_clip
+
+    run, val = clip_run
+    emb = tmp_path / "emb"
+    embed_shards(str(run), val, emb, batch_size=32)
+    other = tmp_path / "other_clip"
+    shutil.copytree(run, other)
+    cfg = _on_embedding_shards(emb, tmp_path / "prior", f"clip_ckpt={other}")
+    with pytest.raises(
+        ConfigError, match=rf"clip_ckpt={other} \(the run {other}\) is not the CLIP that made"
+    ):
+        wire_clip(cfg)
+    assert wire_clip(_on_embedding_shards(emb, tmp_path / "prior", f"clip_ckpt={run}")) is not None
+
+
 def test_prior_stage_needs_a_clip(tmp_path):
     cfg = _prior_cfg([f"paths.data_dir={tmp_path}", f"paths.output_dir={tmp_path / 'run'}", "debug=fast"])
     with pytest.raises(ValueError, match="needs a CLIP: set clip_ckpt"):

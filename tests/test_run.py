@@ -104,6 +104,25 @@ def test_last_checkpoint_is_the_final_step_when_max_steps_is_not_a_multiple_of_t
     load_stage(out)  # still the run it was
 
 
+def test_a_resumed_run_steps_with_its_configured_optimizer_settings_not_the_checkpoints(tmp_path):
+    """Restoring a checkpoint put back its param groups' lr, betas, eps and weight decay and its schedule's
+    base learning rate: a run resumed with other ``module.optimizer`` values trained on with the saved
+    ones, while config.yaml recorded the new ones. The Adam moments and step count stay the checkpoint's."""
+    out = tmp_path / "run"
+    steps = ("callbacks.checkpoint.every_n_train_steps=2", "trainer.val_check_interval=2")
+    train(_fast_cfg(tmp_path, out, "trainer.max_steps=2", *steps, "module.optimizer.lr=2e-3"))
+    new = ("module.optimizer.lr=1e-5", "module.optimizer.weight_decay=0.5", "module.optimizer.betas=[0.5,0.6]",
+           "module.optimizer.eps=1e-3")  # fmt: skip
+    assert train(_fast_cfg(tmp_path, out, "trainer.max_steps=3", *steps, *new))["trainer/global_step"] == 3
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    groups = ckpt["optimizer_states"][0]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0]  # (the exempt group stays undecayed)
+    assert [(tuple(g["betas"]), g["eps"]) for g in groups] == [((0.5, 0.6), 1e-3)] * 2
+    assert ckpt["lr_schedulers"][0]["base_lrs"] == [1e-5, 1e-5]
+    assert all(0 < g["lr"] <= 1e-5 for g in groups), [g["lr"] for g in groups]
+    assert {int(s["step"]) for s in ckpt["optimizer_states"][0]["state"].values()} == {3}  # moments kept
+
+
 @pytest.mark.slow
 def test_fast_run_trains_checkpoints_resumes_and_continues_its_tensorboard_curves(tmp_path, caplog):
     out = tmp_path / "run"

@@ -468,3 +468,24 @@ def test_a_diffusion_stage_validates_when_the_ranks_hold_unequal_validation_shar
         ema = 1.0 if strategy == ["strategy=fsdp"] else 0.0
         for rank in (0, 1):
             assert json.loads((probe / f"gather_rank{rank}.json").read_text()) == {"net": 0.0, "ema": ema}
+
+
+@pytest.mark.parametrize(("world", "share"), [(1, 10), (2, 5), (3, 4)])
+def test_val_max_samples_is_the_runs_all_ranks_together(world, share):
+    """module.val_max_samples was each rank's: 2 GPUs evaluated twice the samples of 1, and the metrics
+    that depend on the set's size (recall@1 among its images) changed with the number of GPUs."""
+    from types import SimpleNamespace
+
+    from train.modules.base import StageModule
+
+    class Stage(StageModule):
+        def __init__(self):
+            super().__init__()
+            self.save_hyperparameters({"val_max_samples": 10})
+
+    stage = Stage()
+    stage._trainer = SimpleNamespace(world_size=world)
+    stage.on_validation_epoch_start()
+    assert stage.val_room("img") == share
+    stage._val.append({"img": [0, 1, 2]})
+    assert stage.val_room("img") == share - 3

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -105,7 +106,8 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
         if not ok(value):
             problems.append(f"{key}={value!r}: expected {expected}")
-    problems += _optimizer_problems(cfg)
+    problems += _optimizer_problems(cfg) + _normalize_problems(cfg) + _checkpoint_dir_problems(cfg)
+    problems += [p for p in argument_problems(cfg) if p.split("=", 1)[0] not in RULES]  # (said once)
     if not problems:
         problems += _batch_problems(cfg) + _image_size_problems(cfg)
     if problems:
@@ -125,6 +127,122 @@ def _image_size_problems(cfg: DictConfig) -> list[str]:
         what = f"data.crop_size={crop}" if _integer(crop) else f"data.image_size={size} (data.crop_size null)"
         return [f"{what}: the CLIP sees {seen} px images, net.vision.image_size={vit}: set them equal"]
     return []
+
+
+def _normalize_problems(cfg: DictConfig) -> list[str]:
+    """Only the CLIP stage normalises its images in the data pipeline: the others take uint8 (their frozen
+    CLIP normalises its own way, their diffusion targets scale to [-1, 1] themselves). A float batch there
+    was scaled a second time: ``data.normalize=minus_one_one`` trained an upsampler on black images."""
+    stage = cfg.get("stage_name")
+    value = OmegaConf.select(cfg, "data.normalize", default=None)
+    if stage is None or stage == "clip" or value in (None, "none"):
+        return []
+    return [
+        f"data.normalize={value!r}: the {stage} stage takes uint8 images (it normalises them itself): none"
+    ]
+
+
+def _checkpoint_dir_problems(cfg: DictConfig) -> list[str]:
+    """Checkpoints go inside the run directory, where resume=auto looks for them (and evaluation, exports):
+    with ``callbacks.checkpoint.dirpath`` elsewhere, the next launch started from step 0 and overwrote
+    them. Other storage is had by putting the whole run there (``paths.log_dir``, ``hydra.run.dir``)."""
+    try:
+        run = Path(str(OmegaConf.select(cfg, "paths.output_dir"))).resolve()
+    except Exception:  # ${hydra:...} outside a Hydra launch: nothing to compare with
+        return []
+    problems = []
+    for key in ("callbacks.checkpoint.dirpath", "callbacks.preemption.dirpath"):
+        try:
+            where = OmegaConf.select(cfg, key, default=None)
+        except Exception:
+            continue
+        if where and not Path(str(where)).resolve().is_relative_to(run):
+            problems.append(
+                f"{key}={where}: checkpoints go inside the run directory ({run}), where resume=auto finds "
+                "them; to keep a run on other storage, put the run there (paths.log_dir=..., hydra.run.dir=...)"
+            )
+    return problems
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _plain_types(hint: Any) -> tuple[type, ...] | None:
+    """The plain types an annotation admits (``int``, ``bool``, ``float | None``, ...); None for anything
+    else (containers, Literal, Any, classes), which is not checked."""
+    import types
+    import typing
+
+    if hint in _PLAIN:
+        return (hint,)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        members = typing.get_args(hint)
+        return members if all(m in _PLAIN for m in members) else None
+    return None
+
+
+def _admits(types_: tuple[type, ...], value: Any) -> bool:
+    if isinstance(value, bool):
+        return bool in types_
+    if isinstance(value, int):
+        return int in types_ or float in types_
+    if isinstance(value, float):
+        return float in types_
+    if value is None:  # also where the run fills a value in before building (the prior's net.embed_dim)
+        return True
+    if isinstance(value, str):
+        return str in types_
+    return True  # lists, dicts: not a plain value
+
+
+def _expected(types_: tuple[type, ...]) -> str:
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    if float in types_:
+        types_ = tuple(t for t in types_ if t is not int)
+    return " or ".join(words[t] for t in types_)
+
+
+def argument_problems(cfg: DictConfig, where: str = "") -> list[str]:
+    """Every key given to a ``_target_`` whose value is not of the type its parameter is annotated with
+    (plain types only: bool, int, float, str, their unions with None; null is left to the build, as the
+    run fills some keys in first). Hydra keeps ``no``, ``off``,
+    ``yes`` and ``on`` as text, and any text counts as true: ``module.residual=no`` kept residual
+    diffusion on, ``net.learned_variance=off`` built the 6-channel net. A value of the wrong type
+    elsewhere (``callbacks.checkpoint.every_n_train_steps=abc``) failed at build time naming only the
+    group. Recurses into nested nodes."""
+    import typing
+
+    from hydra.utils import get_object
+
+    problems: list[str] = []
+    if not OmegaConf.is_dict(cfg):
+        return problems
+    hints: dict[str, Any] = {}
+    target = cfg.get("_target_") if "_target_" in cfg else None
+    if isinstance(target, str):
+        try:
+            obj = get_object(target)
+            hints = typing.get_type_hints(obj.__init__ if isinstance(obj, type) else obj)
+        except Exception:  # an unknown target or unevaluable annotations: instantiate reports what it can
+            hints = {}
+    for key in cfg:
+        name = f"{where}{key}"
+        try:
+            value = cfg[key]
+        except Exception:  # an interpolation that resolves only at run time (${hydra:...})
+            continue
+        if OmegaConf.is_config(value):
+            problems += argument_problems(value, f"{name}.") if OmegaConf.is_dict(value) else []
+            continue
+        types_ = _plain_types(hints.get(key)) if isinstance(key, str) and not key.startswith("_") else None
+        if types_ is not None and not _admits(types_, value):
+            note = (
+                " (Hydra keeps it as text, which counts as true)"
+                if bool in types_ and isinstance(value, str)
+                else ""
+            )
+            problems.append(f"{name}={value!r}: expected {_expected(types_)}{note}")
+    return problems
 
 
 def _optimizer_problems(cfg: DictConfig) -> list[str]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -178,21 +179,43 @@ def read_done(done: Path) -> dict[str, float] | None:
 
 
 def flatten(overrides: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """{"trainer": {"max_steps": 5}, "net": "clip_tiny"} -> ["trainer.max_steps=5", "net=clip_tiny"].
-    A null leaves the stage's own default (the pipeline config lists keys as null so that they can be
-    overridden on the command line without a leading +)."""
+    """{"trainer": {"max_steps": 5}, "net": "clip_tiny"} -> ["trainer.max_steps=5", "net=clip_tiny"]: a
+    stage's block as train.run's command line, each value written so that Hydra reads it back as it is
+    (a null is a null: leave a key out for the stage's own default; a string Hydra would read otherwise,
+    a brace pattern, ``1e-4``, ``a,b``, is quoted)."""
     out = []
     for key, value in overrides.items():
         name = f"{prefix}{key}"
-        if value is None:
-            continue
         if isinstance(value, Mapping):
             out += flatten(value, prefix=f"{name}.")
-        elif isinstance(value, list | tuple):
-            out.append(f"{name}=[{','.join(map(str, value))}]")
         else:
-            out.append(f"{name}={value}")
+            out.append(f"{name}={override_value(value)}")
     return out
+
+
+def override_value(value: Any) -> str:
+    """``value`` in Hydra's override grammar, read back as the same value and type."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k}:{override_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(override_value(v) for v in value) + "]"
+    text = str(value)
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        if OverridesParser.create().parse_override(f"k={text}").value() == text:
+            return text  # plain: a path, a group option
+    except Exception:  # a character the grammar does not take bare
+        pass
+    # quoted: a backslash before a quote (or the closing one) is doubled, a quote escaped
+    text = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text)
+    return "'" + text.replace("'", "\\'") + "'"
 
 
 def wiring(name: str, out_dir: Path) -> list[str]:

@@ -316,6 +316,8 @@ def wire_clip(cfg: DictConfig):
                 "(embed_info.json, tokenizer.json next to the shards)"
             )
         info = json.loads(info_path.read_text())
+        if cfg.clip_ckpt and Path(info["checkpoint"]).exists():
+            _check_embedded_by(cfg.clip_ckpt, Path(info["checkpoint"]), emb_dir)
         if not cfg.clip_ckpt and Path(info["checkpoint"]).exists():
             with open_dict(cfg):
                 cfg.clip_ckpt = info["checkpoint"]
@@ -342,6 +344,23 @@ def wire_clip(cfg: DictConfig):
         if emb_dir is None and cfg.data.get("image_size") is None:
             cfg.data.image_size = int(image_size)  # the frozen CLIP embeds the shards at its own size
     return tokenizer
+
+
+def _check_embedded_by(clip_ckpt: str, made_by: Path, emb_dir: Path) -> None:
+    """``clip_ckpt`` must be the CLIP run that embedded ``emb_dir`` (its embed_info.json names it): with
+    another one, the prior learned one CLIP's embeddings while its tokenizer, token features and
+    zero-shot metrics came from the other, and its config named the other. (Embeddings moved from another
+    machine, whose CLIP path does not exist here, are not checked.)"""
+    from train.checkpoint import run_dir_of
+    from train.config import ConfigError
+
+    run, _ = clip_run(clip_ckpt)
+    if run.resolve() != run_dir_of(made_by).resolve():
+        raise ConfigError(
+            f"clip_ckpt={clip_ckpt} (the run {run}) is not the CLIP that made the embeddings in {emb_dir} "
+            f"({made_by}, its embed_info.json): leave clip_ckpt unset to take that one, or embed the shards "
+            "with this CLIP (python -m data.embed)"
+        )
 
 
 def _fill_net_sizes(cfg: DictConfig, sizes: dict[str, int]) -> None:

@@ -5,7 +5,9 @@ weight is ever written; loss spikes are logged.
 Checked after backward, before the optimizer step (``on_before_optimizer_step``): every rank tests its
 own gradients (under FSDP only its shard) and the ranks agree with one all-reduce, so all of them skip
 or none does. DeepSpeed keeps gradients inside its engine (no ``.grad``): there its own overflow check
-applies, and this callback only guards checkpoints and logs spikes.
+skips the step, on every rank, and this callback counts the engine's skipped steps after each step
+(``train/skipped_nonfinite``) and stops the run after ``max_consecutive`` of them, as elsewhere (it
+trained on with an infinite loss and exited 0).
 
 How a step is skipped, and when the host learns of it (``defer``):
 
@@ -85,6 +87,11 @@ class NumericalGuard(pl.Callback):
             if carried is not None:
                 carried.carried = True  # its flag travels in this callback's all-reduce
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._ds_step = None  # DeepSpeed: the engine's skip count from here (restored with its checkpoint)
+        self._ds_skipped = 0
+        self._count_deepspeed(trainer)
+
     # ---- gradients, before the step ----------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's torch optimizer
@@ -113,7 +120,8 @@ class NumericalGuard(pl.Callback):
         if bad:
             for p in params:
                 p.grad = None
-        self._verdict(bool(bad), int(signum), bool(due), trainer.global_step)
+        engine = getattr(trainer.strategy, "deepspeed_engine", None)  # its own check decides: after its step
+        self._verdict(None if engine is not None else bool(bad), int(signum), bool(due), trainer.global_step)
 
     def _defers(self, trainer: pl.Trainer, optimizer, params: list, device: torch.device) -> bool:
         """Whether the optimizer can skip a step on the device (see the module docstring); decided once
@@ -159,12 +167,29 @@ class NumericalGuard(pl.Callback):
         bad, signum, due = values.tolist()
         self._verdict(bool(bad), int(signum), bool(due), step)
 
-    def _verdict(self, bad: bool, signum: int, due: bool, step: int) -> None:
+    def _verdict(self, bad: bool | None, signum: int, due: bool, step: int) -> None:
+        """The ranks' agreed flags of a step; ``bad`` None: not known here (DeepSpeed's, counted by
+        :meth:`_count_deepspeed` after the engine's step)."""
         preemption, time_limit = getattr(self, "_preemption", None), getattr(self, "_time_limit", None)
         if preemption is not None:
             preemption.agree(signum)
         if time_limit is not None:
             time_limit.agree(due)
+        if bad is not None:
+            self._count(bad, step)
+
+    def _count_deepspeed(self, trainer: pl.Trainer) -> None:
+        """The engine's skipped steps (its overflow check, already read on the host) since the last
+        optimizer step: each is a skipped step here."""
+        engine = getattr(trainer.strategy, "deepspeed_engine", None)
+        if engine is None or trainer.global_step == getattr(self, "_ds_step", None):
+            return  # not DeepSpeed, or a micro-batch of an accumulation (no step yet)
+        skipped = int(getattr(engine, "skipped_steps", 0))
+        if getattr(self, "_ds_step", None) is not None:
+            self._count(skipped > self._ds_skipped, trainer.global_step)
+        self._ds_step, self._ds_skipped = trainer.global_step, skipped
+
+    def _count(self, bad: bool, step: int) -> None:
         if not bad:
             self.consecutive = 0
             return
@@ -188,6 +213,7 @@ class NumericalGuard(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx
     ) -> None:
+        self._count_deepspeed(trainer)
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if torch.is_tensor(loss) and loss.numel() == 1:
             self._track(loss.detach().reshape(()).to(torch.float64))

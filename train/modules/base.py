@@ -15,6 +15,7 @@ holds only what is its own: inputs, the training step, sampling and its validati
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,10 @@ from train.callbacks.log_step import logs_this_step
 from train.diffusion import GaussianDiffusion
 from train.ema import EMA, EMAUpdateAfterStep
 from train.modules.compat import upgrade_module_config
-from train.modules.optim import configure_adamw, optimizer_settings
+from train.modules.optim import apply_settings, configure_adamw, optimizer_settings
 from train.strategies import configure_sharding
+
+log = logging.getLogger(__name__)
 
 
 class StageModule(pl.LightningModule):
@@ -76,12 +79,15 @@ class StageModule(pl.LightningModule):
         self._val: list[dict] = []
 
     def val_room(self, counted: str) -> int | None:
-        """How many more held-out samples this rank's validation takes (``module.val_max_samples``, counted
-        in its parts' ``counted`` entries); None: no limit (``x[:None]`` keeps everything)."""
+        """How many more held-out samples this rank's validation takes, counted in its parts' ``counted``
+        entries; None: no limit (``x[:None]`` keeps everything). ``module.val_max_samples`` is the run's,
+        all ranks together: each rank takes its share (the limit was per rank, so the set evaluated and
+        the metrics that depend on its size, recall@1 among them, changed with the number of GPUs)."""
         limit = self.hparams.get("val_max_samples")
         if limit is None:
             return None
-        return max(0, limit - sum(len(p[counted]) for p in getattr(self, "_val", [])))
+        share = -(-limit // max(1, self.trainer.world_size))
+        return max(0, share - sum(len(p[counted]) for p in getattr(self, "_val", [])))
 
     def validation_parts(self) -> list[dict]:
         """This validation's parts from every rank (rank order), and a fresh list for the next one."""
@@ -111,6 +117,13 @@ class StageModule(pl.LightningModule):
 
     def configure_optimizers(self):
         return configure_adamw(self, self.net)
+
+    def on_train_start(self) -> None:  # after a checkpoint's optimizer and schedule have been restored
+        if getattr(self, "adamw", None) is None:  # a subclass with an optimizer of its own
+            return
+        changed = apply_settings(*self.adamw, self.hparams.optimizer)
+        if changed:
+            log.info("module.optimizer from the config, not the checkpoint: %s", ", ".join(changed))
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None

@@ -141,4 +141,42 @@ def configure_adamw(module: pl.LightningModule, net: torch.nn.Module) -> dict:
         optimizer,
         lambda step: warmup_cosine(step, warmup_steps=warmup, total_steps=total, min_ratio=min_ratio),
     )
+    module.adamw = (optimizer, schedule)  # for apply_settings once a checkpoint is restored into them
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def apply_settings(
+    optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LambdaLR, opt: Mapping[str, Any]
+) -> list[str]:
+    """Put ``opt`` (the run's ``module.optimizer``) into the optimizer and schedule that
+    :func:`configure_adamw` built, once a checkpoint has been restored into them. Restoring puts back the
+    saved param groups' lr, betas, eps and weight decay and the schedule's base learning rate, so a run
+    resumed with other settings trained on with the saved ones while its config.yaml recorded the new
+    ones. The Adam moments and the step count stay the checkpoint's; the learning rate of the next step is
+    the schedule's at the restored step (warm-up, the cosine's length and floor as configured now).
+    Values that are already right are not touched, so an unchanged resume stays bitwise. Returns one
+    ``key: saved -> now`` line per setting that changed."""
+    changed: dict[str, str] = {}
+    betas = tuple(float(b) for b in opt["betas"])
+    # param_groups() builds [decayed matrices, exempt]: the exempt group's decay stays 0. (Under DeepSpeed
+    # the engine steps this same optimizer, whose groups hold its flat partitions.)
+    for i, group in enumerate(optimizer.param_groups):
+        wanted = {"betas": betas, "eps": float(opt["eps"])}
+        if i == 0:
+            wanted["weight_decay"] = float(opt["weight_decay"])
+        for key, value in wanted.items():
+            old = tuple(group[key]) if key == "betas" else group[key]
+            if old != value:
+                changed.setdefault(key, f"{key}: {old} -> {value}")
+                group[key] = value
+    lr = float(opt["lr"])
+    if any(base != lr for base in schedule.base_lrs):
+        changed["lr"] = f"lr: {schedule.base_lrs[0]} -> {lr}"
+        schedule.base_lrs = [lr] * len(schedule.base_lrs)
+    for group, base, factor in zip(optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
+        group["initial_lr"] = base
+        now = base * factor(schedule.last_epoch)
+        if group["lr"] != now:
+            group["lr"] = now
+            schedule._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr() reports
+    return list(changed.values())
