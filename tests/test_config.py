@@ -349,3 +349,12 @@ def test_a_pipeline_stage_block_reaches_train_run_as_written(tmp_path):
         [0.9, 0.95],
     )
     assert cfg.module.degradation == "none" and "_target_" in cfg.logger.csv
+
+
+@pytest.mark.parametrize("stage", ["prior", "decoder", "upsampler_256", "upsampler_1024"])
+def test_a_tokenizer_setting_the_stage_does_not_use_is_refused(stage):
+    """The prior and decoder tokenise with their CLIP's tokenizer and the upsamplers read no caption:
+    ``data.tokenizer.context_length=8`` was accepted there and did nothing."""
+    with pytest.raises(ConfigCompositionException):
+        _compose(f"stage={stage}", "data.tokenizer.context_length=8")
+    assert _compose(f"stage={stage}").data.tokenizer is None
