@@ -332,3 +332,107 @@ def test_dynamic_threshold_and_clip_options():
         GaussianDiffusion(make_betas("linear", 100), variance="learned").p_mean_variance(
             lambda x, t: x, torch.randn(2, 3, 4, 4), torch.zeros(2, dtype=torch.long)
         )
+
+
+# ---- Pinned values: each fails when one term of the maths changes (mutants that survived the tests above;
+# docs/notes/reviews.md). References are independent of the code: torch.distributions, the normal CDF,
+# the posterior (tested above against Bayes' rule).
+
+
+def test_training_draws_every_step_from_the_first_to_the_last():
+    """t = 0 (the last denoising step) and t = T-1 (where sampling starts) must be trained too."""
+    d = GaussianDiffusion(make_betas("cosine", 10))
+    t = d.sample_timesteps(20000, "cpu", generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(t, minlength=10)
+    assert len(counts) == 10 and counts.min() > 1800, counts
+
+
+def test_the_bound_is_the_kl_in_bits_at_t_above_0_and_the_discretised_nll_in_bits_at_0():
+    g = torch.Generator().manual_seed(0)
+    m1, m2 = torch.randn(2, 500, generator=g)
+    lv1, lv2 = torch.randn(2, 500, generator=g)
+    kl = torch.distributions.kl_divergence(
+        torch.distributions.Normal(m1, (0.5 * lv1).exp()), torch.distributions.Normal(m2, (0.5 * lv2).exp())
+    )
+    from train.diffusion.gaussian import normal_kl
+
+    assert torch.allclose(normal_kl(m1, lv1, m2, lv2), kl, atol=1e-5)
+
+    def exact_log_likelihood(x, mean, std):  # 256 bins over [-1, 1]; the edge bins take the tails
+        cdf = lambda z: torch.special.ndtr((z - mean) / std)  # noqa: E731
+        upper, lower = cdf(x + 1 / 255), cdf(x - 1 / 255)
+        return torch.where(
+            x < -0.999, upper.log(), torch.where(x > 0.999, (1 - lower).log(), (upper - lower).log())
+        )
+
+    x = torch.tensor([-1.0, -1.0, 0.0, 0.0, 1.0, 1.0, 0.5])
+    mean = torch.tensor([-0.98, -0.9, 0.01, -0.02, 0.97, 0.9, 0.45])
+    std = torch.tensor([0.05, 0.1, 0.02, 0.1, 0.05, 0.1, 0.05])
+    got = discretized_gaussian_log_likelihood(x, mean, std.log())
+    assert torch.allclose(got, exact_log_likelihood(x, mean, std), atol=2e-3), (
+        got,
+        exact_log_likelihood(x, mean, std),
+    )
+
+    # the bound's two cases, per sample: KL(posterior || model) / ln 2 at t > 0, -log p(x0) / ln 2 at t = 0,
+    # the model's std being exp(log_variance / 2)
+    d = GaussianDiffusion(make_betas("linear", 100), variance="learned", prediction="x0")
+    x0 = torch.rand(3, 1, 2, 2, generator=g) * 2 - 1
+    t = torch.tensor([0, 7, 60])
+    x_t = d.q_sample(x0, t, torch.randn(x0.shape, generator=g))
+    out = torch.cat(
+        [(x0 + 0.01 * torch.randn(x0.shape, generator=g)).clamp(-1, 1), torch.rand(x0.shape) * 2 - 1], 1
+    )
+    p = d._p_from_output(out, x_t, t)
+    true_mean, true_var, _ = d.q_posterior(x0, x_t, t)
+    std = (0.5 * p["log_variance"]).exp()
+    kl = torch.distributions.kl_divergence(
+        torch.distributions.Normal(true_mean, true_var.sqrt().expand_as(true_mean), validate_args=False),
+        torch.distributions.Normal(p["mean"], std),
+    )  # (at t = 0 the posterior has no variance: the likelihood is taken there)
+    nll = -exact_log_likelihood(x0, p["mean"], std)
+    expected = torch.where(t == 0, nll.mean((1, 2, 3)), kl.mean((1, 2, 3))) / math.log(2)
+    assert torch.allclose(d._vlb_terms(out, x0, x_t, t), expected, rtol=2e-3, atol=2e-3)
+
+
+def test_the_hybrid_loss_weights_the_bound_by_T_and_trains_the_mean_by_the_mse_alone():
+    """Improved DDPM's hybrid loss: L_simple + 0.001 x T x L_t, the bound's gradient reaching only the
+    variance channels (the mean is detached in it)."""
+    d = GaussianDiffusion(make_betas("linear", 200), variance="learned")
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.rand(4, 2, 3, 3, generator=g) * 2 - 1, torch.randn(4, 2, 3, 3, generator=g)
+    t = torch.tensor([0, 3, 90, 199])
+    out = torch.randn(4, 4, 3, 3, generator=g, requires_grad=True)
+    terms = d.training_losses(lambda x, tt: out, x0, t, noise)
+    assert torch.allclose(terms["loss"], terms["mse"] + 0.001 * 200 * terms["vlb"])
+    terms["loss"].sum().backward()
+    from_loss = out.grad.clone()
+    out.grad = None
+    d.training_losses(lambda x, tt: out, x0, t, noise)["mse"].sum().backward()
+    assert torch.allclose(from_loss[:, :2], out.grad[:, :2])  # the mean: the MSE's gradient only
+    assert from_loss[:, 2:].abs().sum() > 0 and out.grad[:, 2:].abs().sum() == 0  # the variance: the bound's
+
+
+def test_the_fixed_variances_and_the_floor_at_t_0():
+    d = GaussianDiffusion(make_betas("linear", 50))
+    assert d.posterior_log_variance_clipped[0] == torch.log(d.posterior_variance[1])  # (0 at t = 0 itself)
+    x = torch.randn(2, 1, 2, 2)
+    t = torch.tensor([0, 30])
+    for variance, table in (("fixed_small", d.posterior_log_variance_clipped), ("fixed_large", d.log_betas)):
+        dv = GaussianDiffusion(make_betas("linear", 50), variance=variance)
+        got = dv._p_from_output(torch.zeros_like(x), x, t)["log_variance"][:, 0, 0, 0]
+        assert torch.allclose(got[1], table[30].float()), variance  # posterior variance vs beta_t
+    assert space_timesteps(1000, 1) == [999]  # one step starts from noise at T-1
+
+
+def test_ddim_at_eta_1_is_the_ancestral_step():
+    """sigma from eq. 16 at eta = 1 is the posterior's std, and the step is DDPM's: the posterior mean
+    given the predicted x0, plus that std times the noise."""
+    d = GaussianDiffusion(make_betas("cosine", 100), prediction="x0")
+    g = torch.Generator().manual_seed(2)
+    x, x0 = torch.randn(3, 2, 4, 4, generator=g), torch.rand(3, 2, 4, 4, generator=g) * 2 - 1
+    t = torch.tensor([1, 40, 99])
+    step = d.ddim_step(lambda xx, tt: x0, x, t, eta=1.0, generator=torch.Generator().manual_seed(7))
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    mean, variance, _ = d.q_posterior(x0, x, t)
+    assert torch.allclose(step["sample"], mean + variance.sqrt() * noise, atol=1e-5)
