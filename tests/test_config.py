@@ -358,3 +358,27 @@ def test_a_tokenizer_setting_the_stage_does_not_use_is_refused(stage):
     with pytest.raises(ConfigCompositionException):
         _compose(f"stage={stage}", "data.tokenizer.context_length=8")
     assert _compose(f"stage={stage}").data.tokenizer is None
+
+
+def test_the_schedule_warms_up_then_decays_to_its_floor_and_only_matrices_decay():
+    """Exact values (mutants of either survived every test: a zero learning rate at step 0, a cosine
+    shifted by the warm-up, a floor of 0, norms and embeddings weight-decayed)."""
+    import torch
+
+    from train.modules.optim import param_groups, warmup_cosine
+
+    lr = [warmup_cosine(s, warmup_steps=4, total_steps=10, min_ratio=0.1) for s in (0, 3, 4, 7, 10, 15)]
+    assert lr == pytest.approx([0.25, 1.0, 1.0, 0.55, 0.1, 0.1])
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.token_embedding = torch.nn.Embedding(5, 4)
+            self.ln_final = torch.nn.LayerNorm(4)
+            self.proj = torch.nn.Linear(4, 4)
+            self.logit_scale = torch.nn.Parameter(torch.zeros(()))
+
+    net = Net()
+    decayed, exempt = param_groups(net, 0.1)
+    assert [id(p) for p in decayed["params"]] == [id(net.proj.weight)] and decayed["weight_decay"] == 0.1
+    assert len(exempt["params"]) == 5 and exempt["weight_decay"] == 0.0

@@ -241,3 +241,22 @@ def test_noise_augmentation_noises_on_the_plain_schedule_and_a_residual_is_clipp
     assert out.shape == (2, 3, 32, 32)
     assert torch.allclose(out[0], torch.full_like(out[0], 0.7), atol=1e-5)  # was 0.2
     assert torch.allclose(out[1], torch.ones_like(out[1]), atol=1e-5)  # 1.8 clipped to 1
+
+
+def test_a_residual_upsampler_targets_the_image_minus_the_bicubic_base_of_its_conditioning():
+    """The residual target (a mutant adding the base passed every test): target + base(low) is the
+    training crop, with the conditioning image the crop's own downsampling."""
+    from hydra.utils import instantiate
+
+    from train.modules.upsampler import UpsamplerModule
+
+    unet = instantiate(compose_config(["stage=upsampler_256", "net.model_channels=8"]).net)
+    module = UpsamplerModule(unet, low_res_size=8, residual=True, degradation="none", crop_fraction=1.0, sample_steps=2,
+                             diffusion={"num_timesteps": 10})  # fmt: skip
+    ramp = torch.linspace(-0.9, 0.9, 32)
+    hi = (ramp[:, None] * ramp.flip(0)[None, :]).expand(2, 3, 32, 32).contiguous()  # smooth: a small residual
+    target, cond = module.training_inputs(hi)
+    assert cond["low_res"].shape == (2, 3, 8, 8)
+    assert torch.allclose(cond["low_res"], module.low_res(hi, degrade=False))
+    assert torch.allclose(target + module.base(cond["low_res"], 32), hi, atol=1e-6)
+    assert target.abs().mean() < 0.8 * hi.abs().mean()  # a residual, smaller than the image
