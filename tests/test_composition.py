@@ -254,3 +254,43 @@ def test_fid_reference_images_are_the_centres_of_non_square_images(tmp_path):
     assert images.shape == (6, 3, 16, 16)
     inner = images[..., 2:-2].float()  # (bicubic lets the edges' neighbours in by a pixel)
     assert (inner[:, 0] >= 250).all() and (inner[:, 2] <= 5).all()  # red: the centre
+
+
+def test_the_criteria_on_hand_made_detections(monkeypatch):
+    """What each criterion counts, on detections given by hand (mutants that counted extra objects as
+    right, scored a prompt correct with an extra object, called a drawn binding swapped, or took the best
+    category for the overall score passed every test)."""
+    import eval.composition as composition
+
+    def obj(colour, shape, x=0.5, y=0.5):
+        return {"colour": colour, "shape": shape, "x": x, "y": y, "size": 0.3, "area": 100}
+
+    one = {"groups": [{"colour": "red", "shape": "circle", "count": 1}]}
+    twice = score([obj("red", "circle"), obj("red", "circle")], one)
+    assert not twice["count"] and not twice["correct"]
+    extra = score([obj("red", "circle"), obj("blue", "square")], one)
+    assert extra["colour_shape"] and not extra["count"] and not extra["correct"]
+
+    two = {
+        "groups": [
+            {"colour": "red", "shape": "circle", "count": 1},
+            {"colour": "blue", "shape": "square", "count": 1},
+        ]
+    }
+    # red drawn both as a circle and as a square: its own shape is there, so it is bound, not swapped
+    both = score([obj("red", "circle"), obj("red", "square"), obj("blue", "square")], two)
+    assert (both["objects_bound"], both["objects_swapped"]) == (1.0, 0.0)
+    exchanged = score([obj("red", "square"), obj("blue", "circle")], two)
+    assert (exchanged["objects_bound"], exchanged["objects_swapped"]) == (0.0, 1.0)
+
+    detections = iter([[obj("red", "circle")], [obj("red", "circle")]])
+    monkeypatch.setattr(composition, "detect_objects", lambda image: next(detections))
+    counting = {"groups": [{"colour": "red", "shape": "circle", "count": 2}]}
+    metrics = evaluate(
+        [None, None], [{"category": "single", "spec": one}, {"category": "counting", "spec": counting}]
+    )
+    assert (metrics["single/correct"], metrics["counting/correct"], metrics["overall/correct"]) == (
+        1.0,
+        0.0,
+        0.5,
+    )
