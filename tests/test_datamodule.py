@@ -673,6 +673,15 @@ def test_plan_resume_is_a_pure_function_of_the_saved_state_and_the_layout():
     assert parts[2]["streams"][(1, 0)] == {**state["ranks"][1]["streams"][(1, 0)], "split": [4, 2, 0]}
     assert parts[3]["streams"][(1, 0)] == {"position": 0, "skips": {}, "split": [4, 2, 1]}
     assert parts[3]["streams"][(1, 1)]["split"] == [0, 2, 1]  # a worker that never reported: all its shards
+    # The epoch's dropped tail is counted once, by whoever plays its data rank (part 0 of it on more ranks).
+    for r, dropped in zip(state["ranks"], (1, 2), strict=True):
+        r["tail_dropped"] = dropped
+    assert plan(1, 0, 8)["tail_dropped"] == 3
+    assert [plan(4, rank, 2)["tail_dropped"] for rank in range(4)] == [1, 0, 2, 0]
+    # 2 data ranks on 6: rank r plays part r % 3 of data rank r // 3 (a mutant dividing by the data ranks
+    # agreed with this on 4 ranks, where both give r // 2)
+    state["batch_per_data_rank"] = 6
+    assert [plan(6, rank, 2)["data_ranks"] for rank in range(6)] == [[0]] * 3 + [[1]] * 3
 
 
 def test_normalize_copies_its_constants_to_a_device_once():
