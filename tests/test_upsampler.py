@@ -260,3 +260,38 @@ def test_a_residual_upsampler_targets_the_image_minus_the_bicubic_base_of_its_co
     assert torch.allclose(cond["low_res"], module.low_res(hi, degrade=False))
     assert torch.allclose(target + module.base(cond["low_res"], 32), hi, atol=1e-6)
     assert target.abs().mean() < 0.8 * hi.abs().mean()  # a residual, smaller than the image
+
+
+def test_bsr_takes_each_corruption_with_the_drawn_settings(monkeypatch):
+    """A chain whose every draw is scripted: blur with an anisotropic rotated kernel of the drawn size and
+    sigmas, noise of the drawn std (25 of 255), JPEG at the drawn quality. Mutants that never blurred,
+    kept the kernel isotropic, halved the noise or never compressed passed every test."""
+    import data.degrade as degrade
+
+    class Scripted(random.Random):
+        def __init__(self):
+            super().__init__(0)
+            self.draws = iter([0.0, 0.7, 0.0, 0.0])  # blur yes, anisotropic, noise yes, JPEG yes
+            self.spans = iter([2.0, 0.5, 1.0, 25.0])  # sigma x, sigma y, angle, noise std (of 255)
+
+        def random(self):
+            return next(self.draws)
+
+        def uniform(self, a, b):
+            return next(self.spans)
+
+        def choice(self, seq):
+            return seq[0]
+
+        def randint(self, a, b):
+            return a
+
+    kernels, compressed = [], []
+    make_kernel, compress = degrade.gaussian_kernel, degrade.jpeg
+    monkeypatch.setattr(degrade, "gaussian_kernel", lambda *a, **k: kernels.append(a) or make_kernel(*a, **k))
+    monkeypatch.setattr(degrade, "jpeg", lambda x, q: compressed.append((x.clone(), q)) or compress(x, q))
+    out = bsr_degrade(torch.zeros(2, 3, 32, 32), 16, Scripted())
+    assert kernels == [(3, 2.0, 0.5, 1.0)]
+    ((before_jpeg, quality),) = compressed
+    assert quality == 30 and out.shape == (2, 3, 16, 16)
+    assert before_jpeg.std().item() == pytest.approx(25 / 127.5, rel=0.05)  # the grey image's noise
