@@ -496,3 +496,21 @@ def test_best_of_keeps_each_captions_candidate_nearest_its_text(monkeypatch):
     monkeypatch.setattr(module.sampler, "sample", sample)
     picked = module.sample({"txt_emb": text})
     assert torch.allclose(picked, text, atol=1e-5)
+
+
+@pytest.mark.parametrize(("p", "dropped"), [(0.0, 0), (1.0, 64), (0.25, (6, 26))])
+def test_the_conditioning_is_dropped_with_the_configured_probability(p, dropped):
+    """module.cond_drop_prob is the fraction of training rows without their text (classifier-free
+    guidance's unconditional rows); a mutant that dropped 1 - p of them passed every test."""
+    module = PriorModule(
+        tiny_prior(use_text_tokens=False), diffusion={"num_timesteps": 100}, cond_drop_prob=p
+    )
+    seen = []
+    forward = module.net.forward
+    module.net.forward = lambda *a, **kw: seen.append(kw["drop"]) or forward(*a, **kw)
+    module.log = module.log_lr = lambda *a, **kw: None  # no trainer
+    torch.manual_seed(0)
+    batch = {"img_emb.npy": torch.randn(64, D), "txt_emb.npy": torch.randn(64, D)}
+    module.training_step(batch, 0)
+    count = int(seen[0].sum())
+    assert count == dropped if isinstance(dropped, int) else dropped[0] <= count <= dropped[1]
