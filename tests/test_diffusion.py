@@ -436,3 +436,24 @@ def test_ddim_at_eta_1_is_the_ancestral_step():
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
     mean, variance, _ = d.q_posterior(x0, x, t)
     assert torch.allclose(step["sample"], mean + variance.sqrt() * noise, atol=1e-5)
+
+
+def test_guidance_takes_the_learned_variance_from_the_conditional_branch_and_encoding_reaches_T_minus_1():
+    d = GaussianDiffusion(make_betas("cosine", 4), variance="learned")
+    x, t = torch.zeros(2, 1, 2, 2), torch.tensor([1, 3])
+
+    def model(xx, tt, flag):  # prediction channel: flag; variance channel: 10 + flag
+        f = flag.view(-1, 1, 1, 1).expand(-1, 1, 2, 2).float()
+        return torch.cat([f, 10 + f], 1)
+
+    out = d.model_output(
+        model, x, t, {"flag": torch.ones(2)}, guidance_scale=3.0, uncond_kwargs={"flag": torch.zeros(2)}
+    )
+    assert torch.equal(out[:, 0], torch.full((2, 2, 2), 3.0)) and torch.equal(
+        out[:, 1], torch.full((2, 2, 2), 11.0)
+    )
+
+    steps = []
+    d = GaussianDiffusion(make_betas("cosine", 4))
+    d.ddim_encode(lambda xx, tt: steps.append(tt[0].item()) or torch.zeros_like(xx), torch.zeros(1, 1, 2, 2))
+    assert steps == [0, 1, 2]  # x_0 -> x_3 = x_{T-1}, where the samplers start
