@@ -342,8 +342,8 @@ class ClipRetrievalDataModule(ShardDataModule):
     held-out one of the same layout (``val_root``). Global batch, rank-synchronised epochs and the exact
     mid-epoch resume are ShardDataModule's (data/datamodule.py); only the dataset differs. There are no
     images: ``image_size`` must stay null (stage configs set it for image data), and ``normalize``,
-    ``train_crop`` and ``synthetic`` (debug=fast sizes the synthetic default) are accepted for the same
-    reason and unused. Captions are tokenised only when a tokenizer is set (train/run.py sets the CLIP's
+    ``train_crop``, ``tokenizer`` (null: the prior's stage config) and ``synthetic`` (debug=fast sizes the
+    synthetic default) are accepted for the same reason and unused. Captions are tokenised only when a tokenizer is set (train/run.py sets the CLIP's
     when ``clip_ckpt`` is given)."""
 
     def __init__(
@@ -364,7 +364,13 @@ class ClipRetrievalDataModule(ShardDataModule):
         normalize: str | None = None,
         train_crop: str | None = None,
         synthetic: Any = None,
+        tokenizer: Any = None,
     ) -> None:
+        if tokenizer is not None:  # (the prior's stage config sets it null: its CLIP's tokenizer is used)
+            raise ValueError(
+                "data=clip_retrieval tokenises captions with the CLIP's tokenizer (clip_ckpt): leave "
+                f"data.tokenizer null (got {tokenizer})"
+            )
         if image_size is not None:
             raise ValueError(
                 f"data=clip_retrieval holds embeddings and captions, no images (data.image_size={image_size}): "
