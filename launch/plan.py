@@ -101,7 +101,7 @@ def example_batch(cfg, net, b: int) -> tuple[tuple, dict]:
             kwargs["tokens"] = torch.zeros(b, ctx, dtype=torch.long, **meta)
             kwargs["text_mask"] = torch.ones(b, ctx, dtype=torch.bool, **meta)
         elif cfg.net.get("text_encoder") == "clip":  # the frozen CLIP's token features, at its context
-            ctx = OmegaConf.select(cfg, "data.tokenizer.context_length") or CLIP_DEFAULTS["context_length"]
+            ctx = CLIP_DEFAULTS["context_length"]  # (the decoder tokenises with its CLIP's tokenizer)
             kwargs["text_feat"] = torch.empty(b, ctx, cfg.net.text_dim, **bf16)
             kwargs["text_mask"] = torch.ones(b, ctx, dtype=torch.bool, **meta)
         return (torch.empty(b, 3, size, size, **bf16), t), kwargs

@@ -350,7 +350,7 @@ def test_memory_plan_counts_model_states_and_measures_activations():
     # a decoder on the frozen CLIP's token features (decoder_tiny, preset=gpu's) reads them at the CLIP's
     # context: the paper's width when no CLIP is named, or the one given
     for overrides, text_dim in (([], 1024), (["net.text_dim=64"], 64)):
-        cfg = plan.compose_cfg(["stage=decoder", "data.tokenizer.context_length=77", *overrides])
+        cfg = plan.compose_cfg(["stage=decoder", *overrides])
         assert cfg.net.text_encoder == "clip" and cfg.net.text_dim == text_dim
         assert plan.plan(cfg, gpus=8, batch_per_gpu=8)[1]["activations"] > 0
     paper_clip = plan.compose_cfg(["stage=decoder", "experiment=decoder_paper", "net.text_encoder=clip"])
