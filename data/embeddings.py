@@ -343,8 +343,8 @@ class ClipRetrievalDataModule(ShardDataModule):
     mid-epoch resume are ShardDataModule's (data/datamodule.py); only the dataset differs. There are no
     images: ``image_size`` must stay null (stage configs set it for image data), and ``normalize``,
     ``train_crop``, ``tokenizer`` (null: the prior's stage config) and ``synthetic`` (debug=fast sizes the
-    synthetic default) are accepted for the same reason and unused. Captions are tokenised only when a tokenizer is set (train/run.py sets the CLIP's
-    when ``clip_ckpt`` is given)."""
+    synthetic default) are accepted for the same reason and unused. Captions are tokenised only when a
+    tokenizer is set (train/run.py sets the CLIP's when ``clip_ckpt`` is given)."""
 
     def __init__(
         self,
