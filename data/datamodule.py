@@ -174,6 +174,14 @@ class ShardDataModule(pl.LightningDataModule):
             accumulate,
         )
 
+    def teardown(self, stage: str | None = None) -> None:
+        """Leave the gloo side group (Lightning calls this on every rank at the end of each fit, validate
+        or test; the next ``setup`` makes a new one). Kept, every training run in one process (the
+        pipeline's stages, a sweep's points) left a group of sockets and threads behind on each rank."""
+        if self._group is not None:
+            dist.destroy_process_group(self._group)
+            self._group = None
+
     def check_manifest(self) -> None:
         """Check the training shards against ``data.manifest`` (each rank its share, hashed in parallel);
         every rank raises the same DataError listing every mismatch."""

@@ -1,5 +1,6 @@
 """Crash-safe checkpoints: a kill or a full disk during a save leaves the previous checkpoint selected
-and loadable; unfinished sharded checkpoints are ignored by resume=auto."""
+and loadable; unfinished sharded checkpoints are ignored by resume=auto, which deletes what interrupted saves
+left."""
 
 from __future__ import annotations
 
@@ -64,8 +65,11 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_selected(tmp_path, 
         return
     assert torch.load(last, weights_only=True) == {"step": 1}
     leftovers = list(last.parent.glob(".last.ckpt.tmp-*"))
-    assert len(leftovers) == 1  # the half-written temporary file: never selected
+    assert len(leftovers) == 1 and leftovers[0].stat().st_size > 0  # the half-written temporary file
+    assert resolve_checkpoint("auto", tmp_path, rank=1, world=2) == str(last)  # never selected
+    assert leftovers[0].exists()  # (only rank 0 deletes)
     assert resolve_checkpoint("auto", tmp_path) == str(last)
+    assert not leftovers[0].exists()  # deleted: a whole checkpoint's size at every kill during a save
 
 
 def test_a_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(tmp_path):
@@ -89,9 +93,18 @@ def test_resume_auto_ignores_sharded_checkpoints_without_their_commit_marker(tmp
     torn = ckpts / "step0000020.ckpt"  # newer, but its save never finished
     torn.mkdir()
     (torn / "shard_0.pt").write_bytes(b"0")
+    conversion = ckpts / ".step0000005.ckpt.universal"  # a ZeRO-3 conversion that was killed
+    (conversion / "global_step5").mkdir(parents=True)
+    (conversion / "global_step5" / "w.pt").write_bytes(b"0" * 1000)
+    assert resolve_checkpoint("auto", tmp_path, rank=1, world=2) == str(good)
+    assert torn.exists() and conversion.exists()  # rank 1 leaves them to rank 0
     with caplog.at_level("WARNING"):
         assert resolve_checkpoint("auto", tmp_path) == str(good)
-    assert "ignoring unfinished checkpoints" in caplog.text and str(torn) in caplog.text
+    assert "removed what 2 interrupted checkpoint saves left (0.00 GB)" in caplog.text
+    assert str(torn) in caplog.text and str(conversion) in caplog.text
+    assert not torn.exists() and not conversion.exists() and good.exists()
+    torn.mkdir()
+    (torn / "shard_0.pt").write_bytes(b"0")
     commit(torn)
     assert (torn / COMMIT_MARKER).exists() and resolve_checkpoint("auto", tmp_path) == str(torn)
 

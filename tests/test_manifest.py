@@ -135,6 +135,10 @@ def _rank_check(rank: int, world: int, port: int, shards: str, manifest: str, ou
             out[rank] = "no error"
         except DataError as e:
             out[rank] = str(e)
+        # (and the DataModule leaves the gloo side group it made, as Lightning's teardown ends each run)
+        made = len(dist.distributed_c10d._world.pg_map)
+        dm.teardown("fit")
+        out[f"groups on rank {rank}"] = (made, len(dist.distributed_c10d._world.pg_map))
     finally:
         dist.destroy_process_group()
 
@@ -164,6 +168,7 @@ def test_ranks_hash_their_share_and_all_stop_with_every_mismatch(make_shards, tm
     for rank in (0, 1):
         assert result[rank].startswith("2 shards"), result[rank]
         assert "00000.tar: sha256" in result[rank] and "00003.tar: sha256" in result[rank]
+        assert result[f"groups on rank {rank}"] == (2, 1)  # the default group and the side group, then one
 
 
 def test_manifest_work_reports_progress_with_an_eta(tmp_path, caplog):

@@ -3,8 +3,8 @@
 Single-file checkpoints (DDP, one device): :class:`AtomicCheckpointIO` streams to a hidden temporary
 file next to the target, fsyncs it, renames it over the target (atomic on POSIX) and fsyncs the
 directory. A crash or a full disk mid-write leaves the previous file as it was, and the temporary file
-(``.<name>.tmp-<pid>``) is never picked by ``resume=auto`` (nor deleted by checkpoint retention, which
-only knows finished files).
+(``.<name>.tmp-<pid>``) is never picked by ``resume=auto``, which deletes it (retention only knows
+finished files: :func:`remove_interrupted_saves`).
 
 Sharded checkpoints (DeepSpeed, FSDP: a directory written by every rank): the strategies in
 train/strategies.py remove the directory's ``COMMITTED`` marker before writing, wait for every rank to
@@ -120,6 +120,28 @@ def run_checkpoints(run_dir: Path) -> tuple[list[Path], list[Path]]:
     found = [*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
     finished = sorted((c for c in found if is_committed(c)), key=written_at, reverse=True)
     return finished, [c for c in found if c not in finished]
+
+
+def remove_interrupted_saves(run_dir: Path) -> list[tuple[Path, int]]:
+    """Delete what interrupted saves left in a run directory, and say what (paths and bytes): the
+    temporary files of single-file saves killed mid-write (``.<name>.tmp-<pid>``), sharded directories
+    without their commit marker, and a universal conversion's directory (``.<name>.universal``, train/
+    strategies.py). None can ever be loaded, nor is any removed by checkpoint retention, which knows
+    finished checkpoints only: each a whole checkpoint's size, one more at every kill during a save. Only
+    for the start of a run that resumes in this directory (rank 0), when no save can be under way."""
+    _, unfinished = run_checkpoints(run_dir)
+    temporary = [*run_dir.glob("checkpoints/.*.tmp-*"), *run_dir.glob(".hpc_ckpt_*.tmp-*")]
+    conversions = [p for p in run_dir.glob("checkpoints/.*.universal") if p.is_dir()]
+    removed = []
+    for path in sorted({*unfinished, *temporary, *conversions}):
+        if path.is_dir():
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            shutil.rmtree(path)
+        else:
+            size = path.stat().st_size
+            path.unlink()
+        removed.append((path, size))
+    return removed
 
 
 def damage(path: str | Path, *, crc: bool = True) -> str | None:

@@ -133,7 +133,8 @@ def resolve_checkpoint(resume: str | None, output_dir: Path, *, rank: int = 0, w
     periodic checkpoint: the newest wins here. Only finished checkpoints count (train/checkpoint_io.py):
     files appear whole by rename; sharded (DeepSpeed, FSDP) directories carry a commit marker. A
     checkpoint damaged since (train/checkpoint_io.py ``damage``) is skipped with a warning naming it and
-    the next newest is taken; when every one is damaged the error lists them.
+    the next newest is taken; when every one is damaged the error lists them. Rank 0 first deletes what
+    interrupted saves left (train/checkpoint_io.py ``remove_interrupted_saves``), naming it.
 
     Of the ``world`` processes of a run (each calls this before the Trainer starts them talking), only
     rank 0 reads a single-file checkpoint whole for its CRC-32s; the others read its zip directory, which
@@ -144,16 +145,20 @@ def resolve_checkpoint(resume: str | None, output_dir: Path, *, rank: int = 0, w
     """
     if resume in (None, "null", False):
         return None
-    from train.checkpoint_io import damage, run_checkpoints
+    from train.checkpoint_io import damage, remove_interrupted_saves, run_checkpoints
 
     crc = rank == 0
     if resume == "auto":
-        candidates, unfinished = run_checkpoints(output_dir)  # newest first
-        if unfinished:
-            log.warning(
-                "ignoring unfinished checkpoints (a save was interrupted): %s",
-                ", ".join(map(str, unfinished)),
-            )
+        if rank == 0 and Path(output_dir).is_dir():
+            removed = remove_interrupted_saves(Path(output_dir))
+            if removed:
+                log.warning(
+                    "removed what %d interrupted checkpoint saves left (%.2f GB): %s",
+                    len(removed),
+                    sum(size for _, size in removed) / 1e9,
+                    ", ".join(str(path) for path, _ in removed),
+                )
+        candidates, _ = run_checkpoints(output_dir)  # newest first; finished only
         damaged = []
         for i, candidate in enumerate(candidates):
             problem = damage(candidate, crc=crc)
