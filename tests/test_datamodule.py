@@ -308,6 +308,33 @@ def test_a_datamodule_restored_for_a_second_fit_resumes_in_the_loader_that_fit_m
     assert [b["__key__"] for b in first.train_dataloader()] == epoch[3:]
 
 
+def test_the_saved_position_counts_the_batches_that_entered_a_training_step(make_shards):
+    """Lightning fetches a batch ahead of the step: the DataModule marks a batch consumed as it enters a
+    training step (``on_before_batch_transfer`` while training), not when it is fetched or validated."""
+    from types import SimpleNamespace
+
+    shards, _ = make_shards([6, 6])
+
+    def dm() -> ShardDataModule:
+        module = ShardDataModule(train_shards=str(shards), global_batch_size=2, num_workers=0, image_size=8)
+        module.trainer = SimpleNamespace(training=True, world_size=1, global_rank=0, current_epoch=0,
+                                         accumulate_grad_batches=1)  # fmt: skip
+        module.setup("fit")
+        return module
+
+    epoch = [b["__key__"] for b in dm().train_dataloader()]
+    first = dm()
+    batches = iter(first.train_dataloader())
+    for _ in range(3):
+        first.on_before_batch_transfer(next(batches), 0)
+    fetched = next(batches)  # fetched, not yet in a step
+    first.trainer.training = False  # a validation batch in between
+    first.on_before_batch_transfer(fetched, 0)
+    second = dm()
+    second.load_state_dict(first.state_dict())
+    assert [b["__key__"] for b in second.train_dataloader()] == epoch[3:]
+
+
 def test_a_shard_list_changed_mid_epoch_is_refused_and_a_moved_dataset_resumes(make_shards, tmp_path):
     """The saved positions index the shard list: with a shard deleted (a corrupt one removed from a
     directory spec) the resumed epoch read 6 samples twice and never read 10 others, without a word. A
@@ -415,8 +442,12 @@ def test_saved_on_two_ranks_the_epoch_continues_on_one_exactly_once_with_the_sam
     assert after == reference[2:]  # every later step trains the global batch the 2-rank run would have
     flat = [k for b in before + after for k in b]
     assert sorted(flat) == sorted(keys)
-    # The data position saved on the 1-rank run names both data ranks, so it can resume again.
+    # The data position saved on the 1-rank run names both data ranks, so it can resume again: with the
+    # batch of each (2, not the rank's 4), which a later layout is planned from.
     assert {v for v, _ in loader.position_state()["streams"]} == {0, 1}
+    dm._train_loader = loader
+    saved = dm.state_dict()
+    assert (saved["world_size"], saved["data_world_size"], saved["batch_per_data_rank"]) == (1, 2, 2)
     # Negative control: continuing rank 0's saved position as if it were the only rank (the data split
     # of a fresh 1-rank run) trains other batches, and samples twice.
     alone = _rank_loader(directory, workers, 0, 1, 4)
@@ -678,6 +709,22 @@ def test_plan_resume_is_a_pure_function_of_the_saved_state_and_the_layout():
         r["tail_dropped"] = dropped
     assert plan(1, 0, 8)["tail_dropped"] == 3
     assert [plan(4, rank, 2)["tail_dropped"] for rank in range(4)] == [1, 0, 2, 0]
+    four = _layout_state(world_size=4, data_world_size=4, batch_per_data_rank=2)  # 4 data ranks on 2
+    four["ranks"] = [
+        {
+            **four["ranks"][0],
+            "data_ranks": [v],
+            "data_world_size": 4,
+            "streams": {(v, 0): {"position": 8, "skips": {}}},
+            "tail_dropped": 2**v,
+        }  # fmt: skip
+        for v in range(4)
+    ]
+    halves = [
+        plan_resume(four, Layout(world=2, rank=r, num_workers=2, mode="epoch", seed=0, batch=4))
+        for r in (0, 1)
+    ]
+    assert [(p["data_ranks"], p["tail_dropped"]) for p in halves] == [([0, 1], 1 + 2), ([2, 3], 4 + 8)]
     # 2 data ranks on 6: rank r plays part r % 3 of data rank r // 3 (a mutant dividing by the data ranks
     # agreed with this on 4 ranks, where both give r // 2)
     state["batch_per_data_rank"] = 6

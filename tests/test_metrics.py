@@ -80,3 +80,52 @@ def test_clip_score_is_the_scaled_cosine(clip):
     assert clip_score(images, swapped, clip) == pytest.approx(max(100 * cosines.mean().item(), 0.0), abs=0.05)
     with pytest.raises(ValueError, match="8 images for 7 prompts"):
         clip_score(images, prompts[:7], clip)
+
+
+class _Posed:
+    """A stand-in for FrozenClip whose image and text embeddings meet at a chosen cosine."""
+
+    def __init__(self, cosine: float):
+        self.cosine = cosine
+        self.tokenizer = list
+
+    def embed(self, images, prompts):
+        n = len(prompts)
+        angle = torch.full((n,), float(np.arccos(self.cosine)))
+        img = torch.tensor([[1.0, 0.0]]).expand(n, 2)
+        txt = torch.stack([angle.cos(), angle.sin()], dim=-1)
+        return {"img_emb": img, "txt_emb": txt}
+
+
+@pytest.mark.parametrize("cosine, expected", [(0.3, 30.0), (-0.4, 0.0)])
+def test_clip_score_of_posed_embeddings_is_100_cosine_and_never_below_0(cosine, expected):
+    assert clip_score(torch.zeros(3, 3, 4, 4), ["a", "b", "c"], _Posed(cosine)) == pytest.approx(
+        expected, abs=1e-4
+    )
+
+
+def test_retrieval_recall_counts_each_direction_from_its_own_ranking():
+    from train.validation import retrieval_recall
+
+    img = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    txt = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 0.0, 1.0]])
+    # images: 0 -> text 0 (cosine 1 against 0.994), 1 -> text 1, 2 -> text 2: all right.
+    # texts: 0 -> image 0, 1 -> image 0 (0.994 against 0.110): wrong, 2 -> image 2.
+    out = retrieval_recall(img, txt, ["a", "b", "c"], ks=(1, 2))
+    assert out == {"i2t_r1": 1.0, "t2i_r1": pytest.approx(2 / 3), "i2t_r2": 1.0, "t2i_r2": 1.0}
+    # two pairs of one caption: image 0 is as right for text 1 as image 1 is
+    assert retrieval_recall(img, txt, ["a", "a", "c"], ks=(1,)) == {"i2t_r1": 1.0, "t2i_r1": 1.0}
+
+
+def test_the_zero_shot_classifier_rows_are_unit_mean_prompt_embeddings():
+    from train.validation import build_classifier
+
+    table = torch.tensor([[3.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # the prompts' embeddings, by token
+
+    def tokenizer(texts):
+        return torch.tensor(["abc".index(t) for t in texts])
+
+    names, rows = build_classifier(table.__getitem__, tokenizer, {"first": ["a", "b"], "second": ["c"]})
+    assert names == ["first", "second"]
+    # each prompt normalised, then their mean normalised: (1, 0) and (0, 1) -> (1, 1) / sqrt 2
+    assert torch.allclose(rows, torch.tensor([[1.0, 1.0], [1.0, 1.0]]) / 2**0.5)

@@ -205,3 +205,52 @@ def test_a_resampled_stream_resumes_from_its_cursor_through_the_pipeline(make_sh
             break
     assert rest == reference[25:]
     assert reopened <= 4 and saved["cursor"]["shard"] >= 10, (reopened, saved["cursor"]["shard"])
+
+
+def test_the_shuffle_swaps_a_random_slot_of_the_buffer_then_shuffles_what_is_left():
+    """The order itself, against the algorithm written out: every slot, the last one too, can be swapped
+    out while the shards last; what remains is shuffled once, then drained."""
+    shards = FakeShards([13, 0, 9, 21, 4, 17])
+    keys = [k for url in shards.urls for k in shards.data[url]]
+    rng, buffer, expected = random.Random(7), [], []
+    for key in keys:
+        if len(buffer) < 5:
+            buffer.append(key)
+            continue
+        i = rng.randrange(len(buffer))
+        expected.append(buffer[i])
+        buffer[i] = key
+    rng.shuffle(buffer)
+    expected += buffer
+    assert [s["__key__"] for s in _stream(shards, 5)] == expected
+
+
+class CorruptShards(FakeShards):
+    """Every third sample of a shard is corrupt: skipped, and counted from sample ``count_from`` on, as
+    data/pipeline.py's reader does."""
+
+    def read_shard(self, url: str, skips: Counter, count_from: int = 0):
+        kept = 0
+        for n, key in enumerate(self.data[url]):
+            if n % 3 == 2:
+                if kept >= count_from:
+                    skips["corrupt"] += 1
+                continue
+            yield kept, {"__key__": key}
+            kept += 1
+
+
+def test_a_restored_stream_counts_each_corrupt_sample_once():
+    """Shards behind the cursor are read again for the samples still in the buffer: their corrupt ones
+    were counted before the restart, and must not be counted again."""
+    shards = CorruptShards([7, 5, 8, 3, 9])
+    full = _stream(shards, 6)
+    keys = [s["__key__"] for s in full]
+    assert full.skips["corrupt"] == sum(n // 3 for n in (7, 5, 8, 3, 9)) == 9
+    for stop in range(len(keys) + 1):
+        first = _stream(shards, 6)
+        it = iter(first)
+        head = [next(it)["__key__"] for _ in range(stop)]
+        rest = _stream(shards, 6, cursor=first.cursor())
+        assert head + [s["__key__"] for s in rest] == keys, stop
+        assert first.skips["corrupt"] + rest.skips["corrupt"] == 9, stop

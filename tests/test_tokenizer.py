@@ -41,6 +41,8 @@ def test_truncation_keeps_eot_last_and_batches_pad(tiny_merges):
     assert ids.shape == (2, 5)
     assert ids[0].tolist() == [517, 513, 515, 513, 518]
     assert ids[1].tolist() == [517, 515, 518, 0, 0]
+    # a caption that spells out a start token (open_clip's ids: the literal is sot) is cut the same way
+    assert tok(["<start_of_text> red cat red cat"])[0].tolist() == [517, 517, 513, 515, 518]
 
 
 def test_html_entities_and_decode(tiny_merges):

@@ -295,3 +295,32 @@ def test_bsr_takes_each_corruption_with_the_drawn_settings(monkeypatch):
     ((before_jpeg, quality),) = compressed
     assert quality == 30 and out.shape == (2, 3, 16, 16)
     assert before_jpeg.std().item() == pytest.approx(25 / 127.5, rel=0.05)  # the grey image's noise
+
+
+def test_sampling_conditions_on_noise_aug_sample_and_validation_on_the_degraded_input():
+    """What the net is told at sampling (the conditioning noise level ``noise_aug_sample`` x T, on every
+    call) and what validation upsamples (the held-out image degraded as in training, or clean)."""
+    from hydra.utils import instantiate
+
+    from train.modules.upsampler import UpsamplerModule
+
+    unet = instantiate(
+        compose_config(["stage=upsampler_256", "net.model_channels=8", "net.low_res_noise_cond=true"]).net
+    )
+    module = UpsamplerModule(unet, low_res_size=8, sample_steps=2, noise_aug_sample=0.25, val_max_samples=None,
+                             diffusion={"num_timesteps": 100})  # fmt: skip
+    levels = []
+    module.net.forward = lambda x, t, **kw: levels.append(kw["low_res_noise"].tolist()) or torch.zeros_like(x)
+    module.upsample(torch.zeros(2, 3, 8, 8), use_ema=False, steps=2)
+    assert levels == [[25, 25], [25, 25]]
+
+    for val_degraded in (True, False):
+        module.hparams.val_degraded = val_degraded
+        asked = []
+        plain_low_res = module.low_res
+        module.low_res = lambda hi, degrade, rng=None: asked.append(degrade) or plain_low_res(hi, degrade, rng)
+        module.upsample = lambda low, generator=None: torch.zeros(low.shape[0], 3, 32, 32)
+        module._val = []
+        module.validation_step({"image": torch.zeros(2, 3, 32, 32, dtype=torch.uint8)}, 0)
+        assert asked == [val_degraded] and len(module._val) == 1
+        del module.low_res, module.upsample
