@@ -314,13 +314,12 @@ def test_sampling_conditions_on_noise_aug_sample_and_validation_on_the_degraded_
     module.upsample(torch.zeros(2, 3, 8, 8), use_ema=False, steps=2)
     assert levels == [[25, 25], [25, 25]]
 
+    asked, plain_low_res = [], module.low_res
+    module.low_res = lambda hi, degrade, rng=None: asked.append(degrade) or plain_low_res(hi, degrade, rng)
+    module.upsample = lambda low, generator=None: torch.zeros(low.shape[0], 3, 32, 32)
     for val_degraded in (True, False):
         module.hparams.val_degraded = val_degraded
-        asked = []
-        plain_low_res = module.low_res
-        module.low_res = lambda hi, degrade, rng=None: asked.append(degrade) or plain_low_res(hi, degrade, rng)
-        module.upsample = lambda low, generator=None: torch.zeros(low.shape[0], 3, 32, 32)
         module._val = []
         module.validation_step({"image": torch.zeros(2, 3, 32, 32, dtype=torch.uint8)}, 0)
-        assert asked == [val_degraded] and len(module._val) == 1
-        del module.low_res, module.upsample
+        assert asked[-1] is val_degraded and len(module._val) == 1
+    assert len(asked) == 2
