@@ -96,6 +96,19 @@ def test_an_unknown_group_option_lists_the_available_ones():
             "stage=upsampler_256 data.normalize=minus_one_one",
             "data.normalize='minus_one_one': the upsampler_256 stage takes uint8 images",
         ),
+        # module.diffusion is a plain block: unknown keys, wrong types, and the old, ignored sampling_steps
+        (
+            "stage=decoder +module.diffusion.sampling_steps=50",
+            "module.diffusion.sampling_steps: not read; the number of sampling steps is module.sample_steps",
+        ),
+        (
+            "stage=decoder +module.diffusion.schedul=linear",
+            "module.diffusion.schedul: not a diffusion setting",
+        ),
+        (
+            "stage=prior module.diffusion.num_timesteps=many",
+            "module.diffusion.num_timesteps='many': expected an",
+        ),
         (
             "trainer.float32_matmul_precision=tf32",
             "trainer.float32_matmul_precision='tf32': expected 'highest' or 'high' or 'medium'",

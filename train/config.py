@@ -107,6 +107,7 @@ def validate(cfg: DictConfig) -> None:
         if not ok(value):
             problems.append(f"{key}={value!r}: expected {expected}")
     problems += _optimizer_problems(cfg) + _normalize_problems(cfg) + _checkpoint_dir_problems(cfg)
+    problems += _diffusion_problems(cfg)
     problems += [p for p in argument_problems(cfg) if p.split("=", 1)[0] not in RULES]  # (said once)
     if not problems:
         problems += _batch_problems(cfg) + _image_size_problems(cfg)
@@ -161,6 +162,41 @@ def _checkpoint_dir_problems(cfg: DictConfig) -> list[str]:
                 f"{key}={where}: checkpoints go inside the run directory ({run}), where resume=auto finds "
                 "them; to keep a run on other storage, put the run there (paths.log_dir=..., hydra.run.dir=...)"
             )
+    return problems
+
+
+def _diffusion_problems(cfg: DictConfig) -> list[str]:
+    """``module.diffusion`` is a plain block (train/diffusion ``GaussianDiffusion.from_config``): a key it
+    does not take, or a value of the wrong type, failed at build naming only the module; and
+    ``sampling_steps`` (conf/diffusion/'s, which is gone) was taken and ignored: the samplers read
+    ``module.sample_steps``."""
+    import typing
+
+    from train.diffusion import GaussianDiffusion
+
+    block = OmegaConf.select(cfg, "module.diffusion", default=None)
+    if not OmegaConf.is_dict(block):
+        return []
+    hints = {
+        **typing.get_type_hints(GaussianDiffusion.__init__),
+        **typing.get_type_hints(GaussianDiffusion.from_config),
+    }
+    known = sorted(k for k in hints if k not in ("return", "betas", "timestep_map", "sampling_steps"))
+    problems = []
+    for key in block:
+        if key == "sampling_steps":
+            problems.append(
+                "module.diffusion.sampling_steps: not read; the number of sampling steps is module.sample_steps"
+            )
+        elif key not in known:
+            problems.append(
+                f"module.diffusion.{key}: not a diffusion setting (expected one of {', '.join(known)})"
+            )
+        else:
+            types_ = _plain_types(hints[key])
+            value = block[key]
+            if types_ is not None and not _admits(types_, value):
+                problems.append(f"module.diffusion.{key}={value!r}: expected {_expected(types_)}")
     return problems
 
 
