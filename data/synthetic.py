@@ -488,6 +488,19 @@ def _generated(out: Path) -> bool:
     return is_synthetic_dir(out) and (out / "sizes.json").exists()
 
 
+def _check_sharding(out: Path, key: str, samples: int, size: int, shard_size: int) -> None:
+    """A dataset written before is kept as it is: one of another sharding (``data.synthetic.shard_size``
+    is not in its directory's name) is refused, naming both, not trained on as if it had the asked one."""
+    written = list(json.loads((out / "sizes.json").read_text()).values())
+    wanted = [size] * (samples // size) + ([samples % size] if samples % size else [])
+    if written != wanted:
+        raise ValueError(
+            f"data.{key}={out} was written with {len(written)} shards of up to {max(written, default=0)} "
+            f"samples; data.synthetic.shard_size={shard_size} asks for {len(wanted)} of up to {size}: delete "
+            "that directory (it is written again, in seconds) or set paths.data_dir to another"
+        )
+
+
 def ensure_synthetic(
     train_shards,
     val_shards,
@@ -513,12 +526,16 @@ def ensure_synthetic(
         if not spec or not isinstance(spec, str | os.PathLike):
             continue
         out = Path(spec)
+        # At least 4 shards (a small held-out split still feeds every loader worker); the samples do not
+        # depend on the sharding.
+        size = min(shard_size, max(1, -(-samples // 4)))
+        key = "train_shards" if spec == train_shards else "val_shards"
         if _generated(out):
+            _check_sharding(out, key, samples, size, shard_size)
             continue
         if out.exists() and (not out.is_dir() or any(out.iterdir())):  # never write into the user's data
             if _generated(out):
                 continue  # another process (a rank of this launch) finished it between the two looks
-            key = "train_shards" if spec == train_shards else "val_shards"
             raise ValueError(
                 f"data.{key}={spec} is not a synthetic dataset written by data/synthetic.py (no "
                 f"{MARKER}): data=synthetic generates its shards only into a new or empty directory. "
@@ -531,9 +548,6 @@ def ensure_synthetic(
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{out.name}.tmp"))
         tmp.chmod(0o755)  # (mkdtemp's is 0o700)
-        # At least 4 shards (a small held-out split still feeds every loader worker); the samples do not
-        # depend on the sharding.
-        size = min(shard_size, max(1, -(-samples // 4)))
         procs = workers or (min(os.cpu_count() or 1, 16) if samples >= PARALLEL_FROM else 1)
         if procs > 1:  # a fresh process forks the writers, not the caller (threads, CUDA, a training run)
             cmd = [sys.executable, "-m", "data.synthetic", "--out", str(tmp), "--samples", str(samples),

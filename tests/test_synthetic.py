@@ -320,6 +320,11 @@ def test_data_synthetic_never_writes_into_a_users_directory(tmp_path):
     (tmp_path / "empty2").mkdir()
     ensure_synthetic(str(ours), str(tmp_path / "empty2"), train_samples=8, val_samples=4)
     assert (tmp_path / "empty2" / "sizes.json").exists()
+    # reused only with the sharding asked for (data.synthetic.shard_size is not in the directory's name)
+    ensure_synthetic(str(ours), None, train_samples=8, val_samples=0, shard_size=2)  # the 4 shards it has
+    with pytest.raises(ValueError, match=r"ours was written with 4 shards of up to 2 samples; "
+                       r"data.synthetic.shard_size=1 asks for 8 of up to 1: delete that directory"):  # fmt: skip
+        ensure_synthetic(str(ours), None, train_samples=8, val_samples=0, shard_size=1)
 
 
 def test_ranks_writing_the_dataset_at_once_never_share_a_directory(tmp_path, monkeypatch):
