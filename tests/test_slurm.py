@@ -74,7 +74,7 @@ def test_signal_checkpoints_requeues_and_the_job_resumes(cluster, tmp_path, sig=
     # USR1: sbatch --signal. USR2 (submitit's time-limit signal) takes the same handler, in
     # tests/test_preemption.py's fuzz: a second requeue cycle here would cost 40 s of CI.
     run_dir = tmp_path / "run"
-    steps = 200  # long enough to be signalled mid-run (it lands within a few steps); each step is tens of ms
+    steps = 100  # long enough to be signalled mid-run (it lands within a few steps); each step is tens of ms
     job, log = _submit(
         cluster,
         tmp_path,
