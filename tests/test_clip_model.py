@@ -327,3 +327,65 @@ def test_gradient_accumulation_warns_that_the_contrastive_batch_is_the_micro_bat
         "trainer.accumulate_grad_batches=2: each micro-batch's contrastive loss contrasts its own"
         in caplog.text
     )
+
+
+def test_accum_freq_trains_on_the_whole_batch_loss_and_gradients_a_chunk_at_a_time(tmp_path):
+    """module.accum_freq=4: the loss of the batch of 8 and its gradients, each chunk of 2 through the net
+    with gradients once (and once without); logit_scale's gradient taken once, not once per chunk."""
+    from train.losses import ClipLoss
+    from train.modules.clip import ClipModule
+
+    images, toks = torch.randn(8, 3, 16, 16), tokens(8)
+    whole = tiny().train()
+    out = whole(images, toks)
+    want = ClipLoss()(out["image_features"], out["text_features"], out["logit_scale"])
+    want.backward()
+    module = ClipModule(tiny().train(), accum_freq=4)
+    calls = []
+    module.net.register_forward_hook(
+        lambda m, args, out: calls.append((args[0].shape[0], torch.is_grad_enabled()))
+    )
+    got, _ = module.cached_loss(images, toks, 4)
+    got.backward()  # (Lightning's, for the last chunk)
+    assert calls == [(2, False)] * 4 + [(2, True)] * 4
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    for (
+        name,
+        p,
+    ) in whole.named_parameters():  # (float32 sums in another order: atol 1e-5 of the largest entry)
+        torch.testing.assert_close(dict(module.net.named_parameters())[name].grad, p.grad, rtol=1e-5,
+                                   atol=1e-5 * p.grad.abs().max().item(), msg=name)  # fmt: skip
+
+
+def test_accum_freq_runs_in_a_training_run_and_refuses_what_it_cannot_do(tmp_path):
+    from types import SimpleNamespace
+
+    from pytorch_lightning.strategies import DeepSpeedStrategy, SingleDeviceStrategy
+
+    from tests.conftest import compose_config
+    from train.modules.clip import ClipModule
+    from train.run import train
+
+    cfg = compose_config(
+        ["debug=fast", f"paths.data_dir={tmp_path / 'datasets'}", f"paths.output_dir={tmp_path / 'run'}",
+         "trainer.max_steps=2", "module.accum_freq=2"]
+    )  # fmt: skip
+    metrics = train(cfg)
+    assert metrics["trainer/global_step"] == 2 and math.isfinite(metrics["train/loss"])
+
+    with pytest.raises(ValueError, match=r"module.accum_freq=0: expected an integer >= 1"):
+        ClipModule(tiny(), accum_freq=0)
+    with pytest.raises(ValueError, match="module.accum_freq > 1 with module.hard_negatives"):
+        ClipModule(tiny(), accum_freq=2, hard_negatives=["colour"], tokenizer=object())
+    module = ClipModule(tiny(), accum_freq=3)
+    module._trainer = SimpleNamespace(
+        strategy=SingleDeviceStrategy("cpu"), precision="bf16-mixed", datamodule=SimpleNamespace(batch_size=8)
+    )
+    with pytest.raises(ValueError, match="module.accum_freq=3 does not divide the per-device batch of 8"):
+        module._check_accum_freq()
+    module._trainer.precision = "16-mixed"
+    with pytest.raises(ValueError, match="trainer.precision=16-mixed: use bf16-mixed"):
+        module._check_accum_freq()
+    module._trainer.strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
+    with pytest.raises(ValueError, match="with strategy=ddp or one device only"):
+        module._check_accum_freq()

@@ -75,6 +75,10 @@ def test_an_unknown_group_option_lists_the_available_ones():
             "module.guidance_scale='strong': expected a number >= 0",
         ),
         ("stage=prior module.best_of=0", "module.best_of=0: expected an integer >= 1"),
+        (
+            "module.accum_freq=0",
+            "module.accum_freq=0: expected an integer >= 1 (chunks of each device's batch)",
+        ),
         ("stage=prior module.sample_steps=0", "module.sample_steps=0: expected an integer >= 1"),
         ("stage=decoder module.drop_text_prob=1.5", "module.drop_text_prob=1.5: expected a probability"),
         # a word Hydra keeps as text for a boolean parameter: any text counts as true (it trained with the

@@ -138,6 +138,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _CachedStep(torch.nn.Module):
+    """The CLIP stage's training step with ``module.accum_freq=2`` as Lightning runs it under DDP: inside
+    DDP's forward, which its chunks' own backward passes precede."""
+
+    def __init__(self, net: CLIP, local_loss: bool) -> None:
+        super().__init__()
+        from train.modules.clip import ClipModule
+
+        self.module = ClipModule(net, local_loss=local_loss, accum_freq=2)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.module.cached_loss(images, tokens, 2)[0]
+
+
 def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -158,6 +172,17 @@ def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
             results[(local_loss, with_grad)] = {
                 "loss": mean_loss / world,
                 "grads": {n: p.grad.clone() for n, p in net.module.named_parameters()},
+            }
+        for local_loss in (True, False):  # module.accum_freq=2: 2 chunks of 2 per rank, inside DDP's forward
+            step = _CachedStep(tiny(), local_loss)
+            net = torch.nn.parallel.DistributedDataParallel(step)
+            loss = net(images[part], tokens[part])
+            loss.backward()
+            mean_loss = loss.detach().clone()
+            dist.all_reduce(mean_loss)
+            results[("accum_freq", local_loss)] = {
+                "loss": mean_loss / world,
+                "grads": {n: p.grad.clone() for n, p in step.module.net.named_parameters()},
             }
         neg_tokens, neg_mask = negative_data()
         for local_loss in (True, False):  # hard negatives: gathered like the texts
@@ -230,6 +255,18 @@ def test_two_processes_match_one_process_over_the_concatenated_batch(two_process
     ref_loss, ref_grads = reference()
     for rank in range(WORLD):  # DDP leaves identical averaged gradients on every rank
         got = two_process[rank][(local_loss, True)]
+        torch.testing.assert_close(got["loss"], ref_loss, rtol=1e-6, atol=0)
+        assert_same(got["grads"], ref_grads)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("local_loss", [True, False], ids=["local_loss", "full_loss"])
+def test_two_processes_accumulating_chunks_with_cached_features_match_one_process(two_process, local_loss):
+    """module.accum_freq=2 on each of 2 ranks under DDP: the loss and gradients of the global batch of 8 in
+    one pass (the chunks' backward passes accumulate unsynchronised; the last synchronises the sums)."""
+    ref_loss, ref_grads = reference()
+    for rank in range(WORLD):
+        got = two_process[rank][("accum_freq", local_loss)]
         torch.testing.assert_close(got["loss"], ref_loss, rtol=1e-6, atol=0)
         assert_same(got["grads"], ref_grads)
 

@@ -82,6 +82,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: v in (None, "none", "clip", "minus_one_one", "unit"),
         "'clip', 'minus_one_one', 'unit' or 'none'",
     ),
+    "module.accum_freq": (
+        lambda v: _integer(v) and v >= 1,
+        "an integer >= 1 (chunks of each device's batch)",
+    ),
     "module.ema_decay": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     # classifier-free guidance dropout: a probability (2 dropped the conditioning at every step)
     "module.cond_drop_prob": (lambda v: _number(v) and 0 <= v <= 1, "a probability in [0, 1]"),

@@ -53,12 +53,19 @@ class ClipModule(StageModule):
         local_loss: bool = True,
         gather_with_grad: bool = True,
         hard_negatives: list[str] | tuple[str, ...] = (),
+        accum_freq: int = 1,
         **old_keys: Any,
     ) -> None:
         super().__init__()
         self.kinds = check_kinds(hard_negatives, "module.hard_negatives")
         if self.kinds and tokenizer is None:
             raise ValueError("module.hard_negatives needs the tokenizer (the negatives are captions)")
+        if not isinstance(accum_freq, int) or isinstance(accum_freq, bool) or accum_freq < 1:
+            raise ValueError(f"module.accum_freq={accum_freq!r}: expected an integer >= 1")
+        if accum_freq > 1 and self.kinds:
+            raise ValueError(
+                "module.accum_freq > 1 with module.hard_negatives is not implemented: use one of them"
+            )
         optimizer, _ = self.settle_blocks(old_keys, optimizer)
         # saved as the arguments are now: the settled blocks, not the old keys
         self.save_hyperparameters(ignore=["net", "tokenizer", *old_keys])
@@ -70,7 +77,9 @@ class ClipModule(StageModule):
         return self.net(images, tokens)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        if not self.kinds:
+        if self.hparams.accum_freq > 1:
+            loss, out = self.cached_loss(batch["image"], batch["tokens"], self.hparams.accum_freq)
+        elif not self.kinds:
             out = self.net(batch["image"], batch["tokens"])
             loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"])
         else:
@@ -91,6 +100,38 @@ class ClipModule(StageModule):
         self.log_lr()
         return loss
 
+    def cached_loss(
+        self, images: torch.Tensor, tokens: torch.Tensor, chunks: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The contrastive loss of the whole batch with the activations of 1/``chunks`` of it at a time
+        (``module.accum_freq``, open_clip's ``--accum-freq``): every chunk's features without gradients
+        first; then, chunk by chunk, its features again with gradients, put among the others' and the loss
+        of the whole batch backpropagated through them. The gradients summed over the chunks are the whole
+        batch's (the loss reaches the other chunks' features as constants); ``logit_scale`` takes its
+        gradient in the last chunk only, which is returned for Lightning to backpropagate (the others are
+        here). The loss is the whole batch's, as are the negatives: what k times the batch of one pass
+        would have, at the memory of one chunk and one more forward pass.
+
+        Under DDP the chunks' own backward passes run inside DDP's forward, before it expects gradients:
+        they accumulate unsynchronised, and the returned one's synchronises the sums (as in Lightning's
+        ``no_sync`` accumulation). ZeRO and FSDP hook every backward pass: refused at fit start."""
+        parts = list(zip(images.chunk(chunks), tokens.chunk(chunks), strict=True))
+        with torch.no_grad():
+            cached = [self.net(i, t) for i, t in parts]
+        img = [c["image_features"] for c in cached]
+        txt = [c["text_features"] for c in cached]
+        for j, (i, t) in enumerate(parts):
+            out = self.net(i, t)
+            last = j == len(parts) - 1
+            loss = self.loss(
+                torch.cat([*img[:j], out["image_features"], *img[j + 1 :]]),
+                torch.cat([*txt[:j], out["text_features"], *txt[j + 1 :]]),
+                out["logit_scale"] if last else out["logit_scale"].detach(),
+            )
+            if not last:
+                loss.backward()
+        return loss, out
+
     def on_fit_start(self) -> None:
         super().on_fit_start()
         k = self.trainer.accumulate_grad_batches
@@ -98,9 +139,35 @@ class ClipModule(StageModule):
             log.warning(
                 "trainer.accumulate_grad_batches=%d: each micro-batch's contrastive loss contrasts its own "
                 "1/%d of data.global_batch_size, not the whole step's batch (fewer negatives than the global "
-                "batch says; open_clip's accum_freq, which caches features to keep them, is not implemented)",
+                "batch says): module.accum_freq=%d keeps them, at the memory of one micro-batch",
                 k,
                 k,
+                k,
+            )
+        if self.hparams.accum_freq > 1:
+            self._check_accum_freq()
+
+    def _check_accum_freq(self) -> None:
+        from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+
+        k, trainer = self.hparams.accum_freq, self.trainer
+        strategy = trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy) or not isinstance(
+            strategy, DDPStrategy | SingleDeviceStrategy
+        ):
+            raise ValueError(
+                f"module.accum_freq={k} runs a backward pass per chunk inside the training step: with "
+                f"strategy=ddp or one device only ({type(strategy).__name__} hooks every backward pass)"
+            )
+        if str(trainer.precision) in ("16-mixed", "16", "16-true"):
+            raise ValueError(
+                f"module.accum_freq={k} with trainer.precision={trainer.precision}: use bf16-mixed"
+            )
+        batch = getattr(trainer.datamodule, "batch_size", None)
+        if batch is not None and batch % k:
+            raise ValueError(
+                f"module.accum_freq={k} does not divide the per-device batch of {batch} "
+                f"(data.global_batch_size / ranks / trainer.accumulate_grad_batches)"
             )
 
     def optimizer_step(self, *args, **kwargs):
