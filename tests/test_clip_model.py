@@ -366,12 +366,22 @@ def test_accum_freq_runs_in_a_training_run_and_refuses_what_it_cannot_do(tmp_pat
     from train.modules.clip import ClipModule
     from train.run import train
 
-    cfg = compose_config(
-        ["debug=fast", f"paths.data_dir={tmp_path / 'datasets'}", f"paths.output_dir={tmp_path / 'run'}",
-         "trainer.max_steps=2", "module.accum_freq=2"]
-    )  # fmt: skip
-    metrics = train(cfg)
-    assert metrics["trainer/global_step"] == 2 and math.isfinite(metrics["train/loss"])
+    def losses(name: str, *extra: str) -> list[float]:
+        """train/loss of each step of a 4-step run, from its metrics.csv."""
+        import csv
+
+        cfg = compose_config(
+            ["debug=fast", f"paths.data_dir={tmp_path / 'datasets'}", f"paths.output_dir={tmp_path / name}",
+             "trainer.max_steps=4", "trainer.log_every_n_steps=1", "logger=csv", *extra]
+        )  # fmt: skip
+        train(cfg)
+        with open(tmp_path / name / "csv" / "run" / "metrics.csv") as f:
+            return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+    # Lightning zeroes the gradients between the step and its backward: a run that let it kept only the
+    # last chunk's, and from the second step on its losses were another run's
+    whole, chunked = losses("whole"), losses("chunked", "module.accum_freq=2")
+    assert len(whole) == 4 and chunked == pytest.approx(whole, rel=1e-5)
 
     with pytest.raises(ValueError, match=r"module.accum_freq=0: expected an integer >= 1"):
         ClipModule(tiny(), accum_freq=0)
@@ -379,8 +389,12 @@ def test_accum_freq_runs_in_a_training_run_and_refuses_what_it_cannot_do(tmp_pat
         ClipModule(tiny(), accum_freq=2, hard_negatives=["colour"], tokenizer=object())
     module = ClipModule(tiny(), accum_freq=3)
     module._trainer = SimpleNamespace(
-        strategy=SingleDeviceStrategy("cpu"), precision="bf16-mixed", datamodule=SimpleNamespace(batch_size=8)
-    )
+        strategy=SingleDeviceStrategy("cpu"), precision="bf16-mixed", datamodule=SimpleNamespace(batch_size=8),
+        accumulate_grad_batches=2,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="with trainer.accumulate_grad_batches=2: use one of them"):
+        module._check_accum_freq()
+    module._trainer.accumulate_grad_batches = 1
     with pytest.raises(ValueError, match="module.accum_freq=3 does not divide the per-device batch of 8"):
         module._check_accum_freq()
     module._trainer.precision = "16-mixed"

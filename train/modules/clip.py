@@ -78,6 +78,9 @@ class ClipModule(StageModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.hparams.accum_freq > 1:
+            self.zero_grad(
+                set_to_none=True
+            )  # here, not between this step and its backward: optimizer_zero_grad
             loss, out = self.cached_loss(batch["image"], batch["tokens"], self.hparams.accum_freq)
         elif not self.kinds:
             out = self.net(batch["image"], batch["tokens"])
@@ -132,6 +135,13 @@ class ClipModule(StageModule):
                 loss.backward()
         return loss, out
 
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        """Lightning zeroes the gradients after the training step, before its backward pass: with
+        ``accum_freq`` that would drop every chunk's but the last's, so they are zeroed at the step's start."""
+        if self.hparams.accum_freq > 1:
+            return
+        super().optimizer_zero_grad(epoch, batch_idx, optimizer)
+
     def on_fit_start(self) -> None:
         super().on_fit_start()
         k = self.trainer.accumulate_grad_batches
@@ -158,6 +168,11 @@ class ClipModule(StageModule):
             raise ValueError(
                 f"module.accum_freq={k} runs a backward pass per chunk inside the training step: with "
                 f"strategy=ddp or one device only ({type(strategy).__name__} hooks every backward pass)"
+            )
+        if trainer.accumulate_grad_batches > 1:
+            raise ValueError(
+                f"module.accum_freq={k} with trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}: "
+                "use one of them (accum_freq keeps the whole batch's negatives)"
             )
         if str(trainer.precision) in ("16-mixed", "16", "16-true"):
             raise ValueError(
