@@ -401,5 +401,5 @@ def test_accum_freq_runs_in_a_training_run_and_refuses_what_it_cannot_do(tmp_pat
     with pytest.raises(ValueError, match="trainer.precision=16-mixed: use bf16-mixed"):
         module._check_accum_freq()
     module._trainer.strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
-    with pytest.raises(ValueError, match="with strategy=ddp or one device only"):
+    with pytest.raises(ValueError, match="with strategy=ddp, fsdp or one device"):
         module._check_accum_freq()

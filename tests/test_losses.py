@@ -184,6 +184,23 @@ def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
                 "loss": mean_loss / world,
                 "grads": {n: p.grad.clone() for n, p in step.module.net.named_parameters()},
             }
+        # and under FSDP2 (train/strategies.py shard_module: every block, then the module), as strategy=fsdp
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from train.modules.clip import ClipModule
+        from train.strategies import shard_module
+
+        module = ClipModule(tiny(), accum_freq=2)
+        shard_module(module, init_device_mesh("cpu", (world,)))
+        loss = module.cached_loss(images[part], tokens[part], 2)[0]
+        loss.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        results[("accum_freq", "fsdp")] = {
+            "loss": mean_loss / world,
+            "grads": {n: p.grad.full_tensor() for n, p in module.net.named_parameters()},
+        }
+        del module  # (FSDP2's modules freed before the process group: tests/test_strategies.py)
         neg_tokens, neg_mask = negative_data()
         for local_loss in (True, False):  # hard negatives: gathered like the texts
             net = torch.nn.parallel.DistributedDataParallel(tiny())
@@ -260,10 +277,11 @@ def test_two_processes_match_one_process_over_the_concatenated_batch(two_process
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("local_loss", [True, False], ids=["local_loss", "full_loss"])
+@pytest.mark.parametrize("local_loss", [True, False, "fsdp"], ids=["local_loss", "full_loss", "fsdp"])
 def test_two_processes_accumulating_chunks_with_cached_features_match_one_process(two_process, local_loss):
     """module.accum_freq=2 on each of 2 ranks under DDP: the loss and gradients of the global batch of 8 in
-    one pass (the chunks' backward passes accumulate unsynchronised; the last synchronises the sums)."""
+    one pass (the chunks' backward passes accumulate unsynchronised; the last synchronises the sums); and
+    under FSDP2 (each chunk's gradients reduce-scattered into the sharded sums; local loss)."""
     ref_loss, ref_grads = reference()
     for rank in range(WORLD):
         got = two_process[rank][("accum_freq", local_loss)]

@@ -117,7 +117,8 @@ class ClipModule(StageModule):
 
         Under DDP the chunks' own backward passes run inside DDP's forward, before it expects gradients:
         they accumulate unsynchronised, and the returned one's synchronises the sums (as in Lightning's
-        ``no_sync`` accumulation). ZeRO and FSDP hook every backward pass: refused at fit start."""
+        ``no_sync`` accumulation). FSDP2 reduce-scatters each chunk's gradients into the sharded sums.
+        DeepSpeed's ZeRO reduces each parameter's gradient once a step: refused at fit start."""
         parts = list(zip(images.chunk(chunks), tokens.chunk(chunks), strict=True))
         with torch.no_grad():
             cached = [self.net(i, t) for i, t in parts]
@@ -160,14 +161,17 @@ class ClipModule(StageModule):
     def _check_accum_freq(self) -> None:
         from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 
+        from train.strategies import FSDPStrategy
+
         k, trainer = self.hparams.accum_freq, self.trainer
         strategy = trainer.strategy
         if isinstance(strategy, DeepSpeedStrategy) or not isinstance(
-            strategy, DDPStrategy | SingleDeviceStrategy
+            strategy, DDPStrategy | FSDPStrategy | SingleDeviceStrategy
         ):
             raise ValueError(
                 f"module.accum_freq={k} runs a backward pass per chunk inside the training step: with "
-                f"strategy=ddp or one device only ({type(strategy).__name__} hooks every backward pass)"
+                f"strategy=ddp, fsdp or one device ({type(strategy).__name__} reduces each parameter's "
+                "gradient once a step)"
             )
         if trainer.accumulate_grad_batches > 1:
             raise ValueError(
