@@ -78,9 +78,8 @@ class ClipModule(StageModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.hparams.accum_freq > 1:
-            self.zero_grad(
-                set_to_none=True
-            )  # here, not between this step and its backward: optimizer_zero_grad
+            # zeroed here, not between this step and its backward pass (see optimizer_zero_grad)
+            self.zero_grad(set_to_none=True)
             loss, out = self.cached_loss(batch["image"], batch["tokens"], self.hparams.accum_freq)
         elif not self.kinds:
             out = self.net(batch["image"], batch["tokens"])
