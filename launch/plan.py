@@ -228,7 +228,9 @@ def plan(cfg, gpus: int, batch_per_gpu: int) -> tuple[list[tuple], dict]:
         with torch.device("meta"):
             clip = sum(p.numel() for p in instantiate(clip_cfg).parameters())
     args, kwargs = example_batch(cfg, net, 2)
-    act = activation_bytes(net, args, kwargs) / 2 * batch_per_gpu
+    # the CLIP's module.accum_freq: the net runs a chunk of the device's batch at a time
+    chunks = int(OmegaConf.select(cfg, "module.accum_freq", default=1) or 1)
+    act = activation_bytes(net, args, kwargs) / 2 * batch_per_gpu / chunks
     val_batch = validation_batch(cfg, batch_per_gpu)
     infer = inference_peak_bytes(net, *example_batch(cfg, net, val_batch))
     module_cls = get_class(cfg.module._target_)
@@ -263,6 +265,7 @@ def plan(cfg, gpus: int, batch_per_gpu: int) -> tuple[list[tuple], dict]:
         "ema": ema,
         "clip": clip,
         "activations": act,
+        "chunks": chunks,
         "gathered": gathered,
         "val_batch": val_batch,
         "inference": infer,
@@ -278,23 +281,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument(
-        "--batch-per-gpu", type=int, default=None, help="default: data.global_batch_size / GPUs"
+        "--batch-per-gpu",
+        type=int,
+        default=None,
+        help="default: data.global_batch_size / GPUs / trainer.accumulate_grad_batches",
     )
     parser.add_argument("--gpu-memory-gb", type=float, default=80.0)
     parser.add_argument("overrides", nargs="*", help="train.run overrides: stage=... experiment=...")
     args = parser.parse_intermixed_args(argv)
     cfg = compose_cfg(args.overrides)
     gpus = args.nodes * args.gpus_per_node
-    batch = args.batch_per_gpu or max(1, cfg.data.global_batch_size // gpus)
+    accumulate = int(OmegaConf.select(cfg, "trainer.accumulate_grad_batches", default=1) or 1)
+    batch = args.batch_per_gpu or max(1, cfg.data.global_batch_size // gpus // accumulate)
     rows, info = plan(cfg, gpus, batch)
     extras = [", with an EMA copy" if info["ema"] else ""]
     if info["clip"]:
         extras.append(f", frozen CLIP {info['clip'] / 1e6:,.0f}M (bf16)")
     checkpointing = "on" if OmegaConf.select(cfg, "net.grad_checkpointing") else "off"
+    if accumulate > 1:
+        extras.append(f"; trainer.accumulate_grad_batches={accumulate}")
+    if info["chunks"] > 1:
+        extras.append(
+            f"; module.accum_freq={info['chunks']}: activations of {batch // info['chunks']} at a time"
+        )
     print(
         f"{cfg.stage_name}: {info['trainable'] / 1e6:,.0f}M trainable + {info['frozen'] / 1e6:,.0f}M frozen parameters"
         f"{''.join(extras)}; {args.nodes} node(s) x {args.gpus_per_node} GPUs, global batch "
-        f"{cfg.data.global_batch_size} -> {batch} per GPU; activation checkpointing {checkpointing}"
+        f"{cfg.data.global_batch_size} -> {batch} per GPU{' and micro-batch' if accumulate > 1 else ''}; "
+        f"activation checkpointing {checkpointing}"
     )
     print()
     print(

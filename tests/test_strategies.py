@@ -305,7 +305,7 @@ def test_memory_plan_activations_agree_with_a_real_forward(stage):
     assert planned == pytest.approx(per_sample, rel=0.1)
 
 
-def test_memory_plan_counts_model_states_and_measures_activations():
+def test_memory_plan_counts_model_states_and_measures_activations(capsys):
     sys.path.insert(0, str(REPO / "launch"))
     import plan
 
@@ -336,6 +336,12 @@ def test_memory_plan_counts_model_states_and_measures_activations():
     # activations are measured: linear in the batch, and activation checkpointing keeps far fewer
     rows_16, _ = plan.plan(cfg, gpus=16, batch_per_gpu=16)
     assert rows_16[0][5] == pytest.approx(2 * act)
+    # module.accum_freq=4: a quarter of the device's batch through the net at a time
+    chunked = plan.compose_cfg(["stage=clip", "experiment=clip_paper", "module.accum_freq=4", "strategy=ddp"])
+    assert plan.plan(chunked, gpus=16, batch_per_gpu=16)[1]["activations"] == pytest.approx(act / 2)
+    # with gradient accumulation the activations are a micro-batch's (the whole step's were planned)
+    plan.main(["experiment=clip_paper", "--nodes", "32", "trainer.accumulate_grad_batches=2"])
+    assert "global batch 32768 -> 64 per GPU and micro-batch" in capsys.readouterr().out
     no_ckpt = plan.compose_cfg(["stage=clip", "experiment=clip_paper", "net.grad_checkpointing=false"])
     assert plan.plan(no_ckpt, gpus=16, batch_per_gpu=8)[1]["activations"] > 5 * info["activations"]
     # the decoder validates with its EMA copy gathered whole under FSDP (fp32), so that validation runs no
