@@ -79,6 +79,14 @@ def test_an_unknown_group_option_lists_the_available_ones():
             "module.accum_freq=0",
             "module.accum_freq=0: expected an integer >= 1 (chunks of each device's batch)",
         ),
+        (
+            "module.accum_freq=2 strategy=deepspeed_zero2",
+            "module.accum_freq=2 with train.strategies.DeepSpeedStrategy: DeepSpeed's ZeRO reduces each gradient",
+        ),
+        (
+            "module.accum_freq=2 trainer.accumulate_grad_batches=2",
+            "module.accum_freq=2 with trainer.accumulate_grad_batches=2: use one of them",
+        ),
         ("stage=prior module.sample_steps=0", "module.sample_steps=0: expected an integer >= 1"),
         ("stage=decoder module.drop_text_prob=1.5", "module.drop_text_prob=1.5: expected a probability"),
         # a word Hydra keeps as text for a boolean parameter: any text counts as true (it trained with the

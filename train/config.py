@@ -111,7 +111,7 @@ def validate(cfg: DictConfig) -> None:
         if not ok(value):
             problems.append(f"{key}={value!r}: expected {expected}")
     problems += _optimizer_problems(cfg) + _normalize_problems(cfg) + _checkpoint_dir_problems(cfg)
-    problems += _diffusion_problems(cfg)
+    problems += _diffusion_problems(cfg) + _accum_freq_problems(cfg)
     problems += [p for p in argument_problems(cfg) if p.split("=", 1)[0] not in RULES]  # (said once)
     if not problems:
         problems += _batch_problems(cfg) + _image_size_problems(cfg)
@@ -166,6 +166,28 @@ def _checkpoint_dir_problems(cfg: DictConfig) -> list[str]:
                 f"{key}={where}: checkpoints go inside the run directory ({run}), where resume=auto finds "
                 "them; to keep a run on other storage, put the run there (paths.log_dir=..., hydra.run.dir=...)"
             )
+    return problems
+
+
+def _accum_freq_problems(cfg: DictConfig) -> list[str]:
+    """The CLIP's ``module.accum_freq`` (train/modules/clip.py) with what it cannot run beside, refused
+    before a DeepSpeed engine is built for nothing (the module checks again at fit start)."""
+    k = OmegaConf.select(cfg, "module.accum_freq", default=1)
+    if not _integer(k) or k <= 1:
+        return []
+    problems = []
+    target = str(OmegaConf.select(cfg, "strategy._target_", default="") or "")
+    if "deepspeed" in target.lower():
+        problems.append(
+            f"module.accum_freq={k} with {target}: DeepSpeed's ZeRO reduces each gradient once a step; "
+            "use strategy=ddp or strategy=fsdp"
+        )
+    accumulate = OmegaConf.select(cfg, "trainer.accumulate_grad_batches", default=1)
+    if _integer(accumulate) and accumulate > 1:
+        problems.append(
+            f"module.accum_freq={k} with trainer.accumulate_grad_batches={accumulate}: use one of them "
+            "(accum_freq keeps the whole batch's negatives)"
+        )
     return problems
 
 
