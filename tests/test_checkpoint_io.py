@@ -1,6 +1,6 @@
 """Crash-safe checkpoints: a kill or a full disk during a save leaves the previous checkpoint selected
-and loadable; unfinished sharded checkpoints are ignored by resume=auto, which deletes what interrupted saves
-left."""
+and loadable; unfinished sharded checkpoints are ignored by resume=auto; a resumed run deletes the stale
+temporaries of killed saves."""
 
 from __future__ import annotations
 
@@ -66,10 +66,42 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_selected(tmp_path, 
     assert torch.load(last, weights_only=True) == {"step": 1}
     leftovers = list(last.parent.glob(".last.ckpt.tmp-*"))
     assert len(leftovers) == 1 and leftovers[0].stat().st_size > 0  # the half-written temporary file
-    assert resolve_checkpoint("auto", tmp_path, rank=1, world=2) == str(last)  # never selected
-    assert leftovers[0].exists()  # (only rank 0 deletes)
-    assert resolve_checkpoint("auto", tmp_path) == str(last)
-    assert not leftovers[0].exists()  # deleted: a whole checkpoint's size at every kill during a save
+    assert resolve_checkpoint("auto", tmp_path) == str(last)  # never selected
+
+
+def test_a_resumed_run_deletes_stale_leftovers_of_killed_saves_and_nothing_else(tmp_path, caplog):
+    """A killed save's temporary file (a whole checkpoint's size, one more at every hard kill) and a
+    killed ZeRO-3 conversion are deleted once stale. Kept: what was written in the last 5 minutes or whose
+    writer is alive here (another launch may be saving), links, and sharded directories without their
+    marker (one saved before markers existed is finished)."""
+    from train.checkpoint_io import remove_interrupted_saves
+    from train.run import remove_leftovers
+
+    ckpts = tmp_path / "checkpoints"
+    last = _previous(tmp_path)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    killed = ckpts / f".last.ckpt.tmp-{int(dead.stdout)}"  # its writer has exited
+    killed.write_bytes(b"0" * 5000)
+    saving = ckpts / f".step0000009.ckpt.tmp-{os.getpid()}"  # a live writer
+    saving.write_bytes(b"0" * 10)
+    conversion = ckpts / ".step0000005.ckpt.universal" / "global_step5"
+    conversion.mkdir(parents=True)
+    (conversion / "w.pt").write_bytes(b"0" * 1000)
+    unmarked = ckpts / "step0000003.ckpt"
+    unmarked.mkdir()
+    (unmarked / "shard_0.pt").write_bytes(b"0")
+    (ckpts / "elsewhere.ckpt").symlink_to(tmp_path / "gone.ckpt")  # a dangling link
+    assert remove_interrupted_saves(tmp_path) == []  # all written just now
+    old = time.time() - 600
+    for path in (killed, saving, conversion / "w.pt", unmarked / "shard_0.pt"):
+        os.utime(path, (old, old))
+    with caplog.at_level("WARNING"):
+        remove_leftovers(tmp_path)
+    assert "removed what 2 killed checkpoint saves left (0.00 GB)" in caplog.text
+    assert not killed.exists() and not conversion.parent.exists()
+    assert saving.exists() and unmarked.exists() and last.exists() and (ckpts / "elsewhere.ckpt").is_symlink()
 
 
 def test_a_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(tmp_path):
@@ -93,18 +125,9 @@ def test_resume_auto_ignores_sharded_checkpoints_without_their_commit_marker(tmp
     torn = ckpts / "step0000020.ckpt"  # newer, but its save never finished
     torn.mkdir()
     (torn / "shard_0.pt").write_bytes(b"0")
-    conversion = ckpts / ".step0000005.ckpt.universal"  # a ZeRO-3 conversion that was killed
-    (conversion / "global_step5").mkdir(parents=True)
-    (conversion / "global_step5" / "w.pt").write_bytes(b"0" * 1000)
-    assert resolve_checkpoint("auto", tmp_path, rank=1, world=2) == str(good)
-    assert torn.exists() and conversion.exists()  # rank 1 leaves them to rank 0
     with caplog.at_level("WARNING"):
         assert resolve_checkpoint("auto", tmp_path) == str(good)
-    assert "removed what 2 interrupted checkpoint saves left (0.00 GB)" in caplog.text
-    assert str(torn) in caplog.text and str(conversion) in caplog.text
-    assert not torn.exists() and not conversion.exists() and good.exists()
-    torn.mkdir()
-    (torn / "shard_0.pt").write_bytes(b"0")
+    assert "ignoring unfinished checkpoints" in caplog.text and str(torn) in caplog.text
     commit(torn)
     assert (torn / COMMIT_MARKER).exists() and resolve_checkpoint("auto", tmp_path) == str(torn)
 

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,11 +89,14 @@ def test_last_checkpoint_is_the_final_step_when_max_steps_is_not_a_multiple_of_t
     saved = {name: (out / name).read_bytes() for name in ("config.yaml", "tokenizer.json")}
     from train.config import ConfigError
 
+    stale = out / "checkpoints" / ".last.ckpt.tmp-999999999"  # a killed save's (deleted by this run's resume)
+    stale.write_bytes(b"0")
+    os.utime(stale, (time.time() - 600, time.time() - 600))
     with pytest.raises(
         ConfigError, match=r"holds another run \(stage_name: 'clip' there, 'upsampler_256' here"
     ):
         train(_fast_cfg(tmp_path, out, "stage=upsampler_256"))
-    assert {name: (out / name).read_bytes() for name in saved} == saved
+    assert {name: (out / name).read_bytes() for name in saved} == saved and stale.exists()
     # The same stage with a net of another width fails to load the checkpoint, and its config.yaml used to
     # replace the saved one first: the run then no longer loaded anywhere (export, evaluation). Written
     # only once the checkpoint has loaded now.

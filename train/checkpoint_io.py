@@ -3,8 +3,8 @@
 Single-file checkpoints (DDP, one device): :class:`AtomicCheckpointIO` streams to a hidden temporary
 file next to the target, fsyncs it, renames it over the target (atomic on POSIX) and fsyncs the
 directory. A crash or a full disk mid-write leaves the previous file as it was, and the temporary file
-(``.<name>.tmp-<pid>``) is never picked by ``resume=auto``, which deletes it (retention only knows
-finished files: :func:`remove_interrupted_saves`).
+(``.<name>.tmp-<pid>``) is never picked by ``resume=auto``, and a resumed run deletes it once it is stale
+(retention only knows finished files: :func:`remove_interrupted_saves`).
 
 Sharded checkpoints (DeepSpeed, FSDP: a directory written by every rank): the strategies in
 train/strategies.py remove the directory's ``COMMITTED`` marker before writing, wait for every rank to
@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -122,26 +123,51 @@ def run_checkpoints(run_dir: Path) -> tuple[list[Path], list[Path]]:
     return finished, [c for c in found if c not in finished]
 
 
-def remove_interrupted_saves(run_dir: Path) -> list[tuple[Path, int]]:
-    """Delete what interrupted saves left in a run directory, and say what (paths and bytes): the
-    temporary files of single-file saves killed mid-write (``.<name>.tmp-<pid>``), sharded directories
-    without their commit marker, and a universal conversion's directory (``.<name>.universal``, train/
-    strategies.py). None can ever be loaded, nor is any removed by checkpoint retention, which knows
-    finished checkpoints only: each a whole checkpoint's size, one more at every kill during a save. Only
-    for the start of a run that resumes in this directory (rank 0), when no save can be under way."""
-    _, unfinished = run_checkpoints(run_dir)
-    temporary = [*run_dir.glob("checkpoints/.*.tmp-*"), *run_dir.glob(".hpc_ckpt_*.tmp-*")]
-    conversions = [p for p in run_dir.glob("checkpoints/.*.universal") if p.is_dir()]
+STALE_AFTER = 300.0  # seconds without a write before a leftover counts as abandoned
+
+
+def remove_interrupted_saves(run_dir: Path, *, stale_after: float = STALE_AFTER) -> list[tuple[Path, int]]:
+    """Delete what killed saves left in a run directory, and say what (paths and bytes): the temporary
+    files of single-file saves killed mid-write (``.<name>.tmp-<pid>``) and killed universal conversions
+    (``.<name>.universal``, train/strategies.py). Neither can ever be loaded, nor is either removed by
+    checkpoint retention, which knows finished checkpoints only: each a whole checkpoint's size, one more
+    at every hard kill during a save. For a run that resumes in this directory, on rank 0, once the
+    directory is known to be this run's. A leftover written to in the last ``stale_after`` seconds, or
+    whose writer is a live process of this machine, is kept (another launch may still be saving there);
+    symbolic links are never followed or removed. Sharded directories without their commit marker are
+    left alone: one saved before markers existed is finished (``resume=auto`` names them)."""
+    now = time.time()
+    found = [*run_dir.glob("checkpoints/.*.tmp-*"), *run_dir.glob(".hpc_ckpt_*.tmp-*")]
+    found += [p for p in run_dir.glob("checkpoints/.*.universal") if p.is_dir() and not p.is_symlink()]
     removed = []
-    for path in sorted({*unfinished, *temporary, *conversions}):
+    for path in sorted(found):
+        if path.is_symlink():
+            continue
+        files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
+        newest = max((f.stat().st_mtime for f in files), default=path.stat().st_mtime)
+        if now - newest < stale_after or _writer_alive(path):
+            continue
+        size = sum(f.stat().st_size for f in files)
         if path.is_dir():
-            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
             shutil.rmtree(path)
         else:
-            size = path.stat().st_size
             path.unlink()
         removed.append((path, size))
     return removed
+
+
+def _writer_alive(path: Path) -> bool:
+    """Whether the process named in a ``.tmp-<pid>`` suffix is alive on this machine."""
+    pid = path.name.rpartition(".tmp-")[2]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def damage(path: str | Path, *, crc: bool = True) -> str | None:

@@ -133,8 +133,7 @@ def resolve_checkpoint(resume: str | None, output_dir: Path, *, rank: int = 0, w
     periodic checkpoint: the newest wins here. Only finished checkpoints count (train/checkpoint_io.py):
     files appear whole by rename; sharded (DeepSpeed, FSDP) directories carry a commit marker. A
     checkpoint damaged since (train/checkpoint_io.py ``damage``) is skipped with a warning naming it and
-    the next newest is taken; when every one is damaged the error lists them. Rank 0 first deletes what
-    interrupted saves left (train/checkpoint_io.py ``remove_interrupted_saves``), naming it.
+    the next newest is taken; when every one is damaged the error lists them.
 
     Of the ``world`` processes of a run (each calls this before the Trainer starts them talking), only
     rank 0 reads a single-file checkpoint whole for its CRC-32s; the others read its zip directory, which
@@ -145,20 +144,17 @@ def resolve_checkpoint(resume: str | None, output_dir: Path, *, rank: int = 0, w
     """
     if resume in (None, "null", False):
         return None
-    from train.checkpoint_io import damage, remove_interrupted_saves, run_checkpoints
+    from train.checkpoint_io import damage, run_checkpoints
 
     crc = rank == 0
     if resume == "auto":
-        if rank == 0 and Path(output_dir).is_dir():
-            removed = remove_interrupted_saves(Path(output_dir))
-            if removed:
-                log.warning(
-                    "removed what %d interrupted checkpoint saves left (%.2f GB): %s",
-                    len(removed),
-                    sum(size for _, size in removed) / 1e9,
-                    ", ".join(str(path) for path, _ in removed),
-                )
-        candidates, _ = run_checkpoints(output_dir)  # newest first; finished only
+        candidates, unfinished = run_checkpoints(output_dir)  # newest first
+        if unfinished:
+            log.warning(
+                "ignoring unfinished checkpoints (a save was interrupted; delete them if no run is writing "
+                "there): %s",
+                ", ".join(map(str, unfinished)),
+            )
         damaged = []
         for i, candidate in enumerate(candidates):
             problem = damage(candidate, crc=crc)
@@ -199,6 +195,21 @@ def resolve_checkpoint(resume: str | None, output_dir: Path, *, rank: int = 0, w
 
 class CheckpointDamagedError(RuntimeError):
     pass
+
+
+def remove_leftovers(output_dir: Path) -> None:
+    """Delete, naming them, the stale temporaries of killed checkpoint saves in this run's directory
+    (train/checkpoint_io.py ``remove_interrupted_saves``)."""
+    from train.checkpoint_io import remove_interrupted_saves
+
+    removed = remove_interrupted_saves(Path(output_dir))
+    if removed:
+        log.warning(
+            "removed what %d killed checkpoint saves left (%.2f GB): %s",
+            len(removed),
+            sum(size for _, size in removed) / 1e9,
+            ", ".join(str(path) for path, _ in removed),
+        )
 
 
 def clip_run(path: str) -> tuple[Path, DictConfig]:
@@ -609,6 +620,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.callbacks.append(run_files)
     else:
         run_files.save(trainer)
+    if cfg.get("resume") == "auto" and trainer.global_rank == 0:
+        remove_leftovers(output_dir)  # (once the directory is known to be this run's)
     # logged once the run is known to be this directory's (a refused launch wrote its config into the W&B
     # run of the run it would have replaced): the whole resolved config, next to the module's hparams
     for logger in trainer.loggers:
