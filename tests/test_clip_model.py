@@ -349,10 +349,18 @@ def test_accum_freq_trains_on_the_whole_batch_loss_and_gradients_a_chunk_at_a_ti
     got.backward()  # (Lightning's, for the last chunk)
     assert calls == [(2, False)] * 4 + [(2, True)] * 4
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
-    for (
-        name,
-        p,
-    ) in whole.named_parameters():  # (float32 sums in another order: atol 1e-5 of the largest entry)
+    # the model's FLOPs, as perf/mfu counts them: the no-grad pass over the chunks is on top (it counted
+    # a third more at k = 2)
+    from train.perf import ModelFlopCounter
+
+    with ModelFlopCounter(display=False) as plain:
+        out = tiny().train()(images, toks)
+        ClipLoss()(out["image_features"], out["text_features"], out["logit_scale"]).backward()
+    with ModelFlopCounter(display=False) as chunked:
+        ClipModule(tiny().train(), accum_freq=4).cached_loss(images, toks, 4)[0].backward()
+    assert chunked.get_total_flops() == pytest.approx(plain.get_total_flops(), rel=0.01)
+    # (float32 sums in another order: atol 1e-5 of the largest entry)
+    for name, p in whole.named_parameters():
         torch.testing.assert_close(dict(module.net.named_parameters())[name].grad, p.grad, rtol=1e-5,
                                    atol=1e-5 * p.grad.abs().max().item(), msg=name)  # fmt: skip
 

@@ -63,6 +63,22 @@ def peak_tflops(precision: str, device_name: str | None = None) -> float | None:
     return half if "16" in str(precision) else tf32
 
 
+_outside_model_flops = 0
+
+
+@contextlib.contextmanager
+def not_model_flops():
+    """Work a step does on top of the model's forward and backward, which :class:`ModelFlopCounter` leaves
+    out as it leaves out checkpointing's recompute: the CLIP's no-grad pass over every chunk under
+    ``module.accum_freq`` (train/modules/clip.py), so that MFU stays model FLOPs per second."""
+    global _outside_model_flops
+    _outside_model_flops += 1
+    try:
+        yield
+    finally:
+        _outside_model_flops -= 1
+
+
 def in_recompute() -> bool:
     """True while autograd's engine runs a checkpointed region's forward again: ops dispatched inside a
     backward pass with grad mode on (a plain backward runs with grad mode off; we never use create_graph)."""
@@ -100,7 +116,7 @@ class ModelFlopCounter(FlopCounterMode):
         super().__init__(custom_mapping={**_ATTENTION, **(custom_mapping or {})}, **kwargs)
 
     def _count_flops(self, func_packet, out, args, kwargs):
-        if in_recompute():
+        if in_recompute() or _outside_model_flops:
             return out
         return super()._count_flops(func_packet, out, args, kwargs)
 

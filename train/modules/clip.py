@@ -118,8 +118,10 @@ class ClipModule(StageModule):
         they accumulate unsynchronised, and the returned one's synchronises the sums (as in Lightning's
         ``no_sync`` accumulation). FSDP2 reduce-scatters each chunk's gradients into the sharded sums.
         DeepSpeed's ZeRO reduces each parameter's gradient once a step: refused at fit start."""
+        from train.perf import not_model_flops
+
         parts = list(zip(images.chunk(chunks), tokens.chunk(chunks), strict=True))
-        with torch.no_grad():
+        with torch.no_grad(), not_model_flops():  # (MFU counts the model's FLOPs: this pass is on top)
             cached = [self.net(i, t) for i, t in parts]
         img = [c["image_features"] for c in cached]
         txt = [c["text_features"] for c in cached]
