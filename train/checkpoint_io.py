@@ -143,15 +143,18 @@ def remove_interrupted_saves(run_dir: Path, *, stale_after: float = STALE_AFTER)
     for path in sorted(found):
         if path.is_symlink():
             continue
-        files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
-        newest = max((f.stat().st_mtime for f in files), default=path.stat().st_mtime)
-        if now - newest < stale_after or _writer_alive(path):
+        try:
+            files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
+            newest = max((f.stat().st_mtime for f in files), default=path.stat().st_mtime)
+            if now - newest < stale_after or _writer_alive(path):
+                continue
+            size = sum(f.stat().st_size for f in files)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except FileNotFoundError:  # gone meanwhile (renamed by a save that finished): nothing to remove
             continue
-        size = sum(f.stat().st_size for f in files)
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
         removed.append((path, size))
     return removed
 
