@@ -395,19 +395,25 @@ def test_accum_freq_runs_in_a_training_run_and_refuses_what_it_cannot_do(tmp_pat
         ClipModule(tiny(), accum_freq=0)
     with pytest.raises(ValueError, match="module.accum_freq > 1 with module.hard_negatives"):
         ClipModule(tiny(), accum_freq=2, hard_negatives=["colour"], tokenizer=object())
+    # at fit start, from the trainer: every problem named at once (the config's check: tests/test_config.py)
     module = ClipModule(tiny(), accum_freq=3)
     module._trainer = SimpleNamespace(
-        strategy=SingleDeviceStrategy("cpu"), precision="bf16-mixed", datamodule=SimpleNamespace(batch_size=8),
-        accumulate_grad_batches=2,
+        strategy=DeepSpeedStrategy.__new__(DeepSpeedStrategy), precision="16-mixed", accumulate_grad_batches=2,
+        datamodule=SimpleNamespace(batch_size=8),
     )  # fmt: skip
-    with pytest.raises(ValueError, match="with trainer.accumulate_grad_batches=2: use one of them"):
+    with pytest.raises(ValueError) as refused:
         module._check_accum_freq()
-    module._trainer.accumulate_grad_batches = 1
-    with pytest.raises(ValueError, match="module.accum_freq=3 does not divide the per-device batch of 8"):
-        module._check_accum_freq()
-    module._trainer.precision = "16-mixed"
-    with pytest.raises(ValueError, match="trainer.precision=16-mixed: use bf16-mixed"):
-        module._check_accum_freq()
-    module._trainer.strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
-    with pytest.raises(ValueError, match="with strategy=ddp, fsdp or one device"):
-        module._check_accum_freq()
+    assert str(refused.value).splitlines() == [
+        "module.accum_freq=3 with DeepSpeedStrategy: it runs a backward pass per chunk inside the training step, "
+        "and DeepSpeed's ZeRO reduces each gradient once a step: use strategy=ddp, fsdp or one device",
+        "module.accum_freq=3 with trainer.accumulate_grad_batches=2: use one of them (accum_freq keeps the whole "
+        "batch's negatives)",
+        "module.accum_freq=3 with trainer.precision=16-mixed: use bf16-mixed",
+        "module.accum_freq=3 does not divide the per-device batch of 8 (data.global_batch_size / ranks / "
+        "trainer.accumulate_grad_batches)",
+    ]
+    module._trainer = SimpleNamespace(
+        strategy=SingleDeviceStrategy("cpu"), precision="bf16-mixed", accumulate_grad_batches=1,
+        datamodule=SimpleNamespace(batch_size=9),
+    )  # fmt: skip
+    module._check_accum_freq()

@@ -81,11 +81,15 @@ def test_an_unknown_group_option_lists_the_available_ones():
         ),
         (
             "module.accum_freq=2 strategy=deepspeed_zero2",
-            "module.accum_freq=2 with train.strategies.DeepSpeedStrategy: DeepSpeed's ZeRO reduces each gradient",
+            "module.accum_freq=2 with train.strategies.DeepSpeedStrategy: it runs a backward pass per chunk",
         ),
         (
             "module.accum_freq=2 trainer.accumulate_grad_batches=2",
             "module.accum_freq=2 with trainer.accumulate_grad_batches=2: use one of them",
+        ),
+        (
+            "module.accum_freq=2 trainer.precision=16-mixed",
+            "module.accum_freq=2 with trainer.precision=16-mixed",
         ),
         ("stage=prior module.sample_steps=0", "module.sample_steps=0: expected an integer >= 1"),
         ("stage=decoder module.drop_text_prob=1.5", "module.drop_text_prob=1.5: expected a probability"),

@@ -138,7 +138,7 @@ def remove_interrupted_saves(run_dir: Path, *, stale_after: float = STALE_AFTER)
     left alone: one saved before markers existed is finished (``resume=auto`` names them)."""
     now = time.time()
     found = [*run_dir.glob("checkpoints/.*.tmp-*"), *run_dir.glob(".hpc_ckpt_*.tmp-*")]
-    found += [p for p in run_dir.glob("checkpoints/.*.universal") if p.is_dir() and not p.is_symlink()]
+    found += [p for p in run_dir.glob("checkpoints/.*.universal") if p.is_dir()]
     removed = []
     for path in sorted(found):
         if path.is_symlink():

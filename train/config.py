@@ -170,25 +170,19 @@ def _checkpoint_dir_problems(cfg: DictConfig) -> list[str]:
 
 
 def _accum_freq_problems(cfg: DictConfig) -> list[str]:
-    """The CLIP's ``module.accum_freq`` (train/modules/clip.py) with what it cannot run beside, refused
-    before a DeepSpeed engine is built for nothing (the module checks again at fit start)."""
+    """The CLIP's ``module.accum_freq`` beside what it cannot run with (train/modules/clip.py
+    ``accum_freq_problems``; the module checks the trainer again at fit start)."""
     k = OmegaConf.select(cfg, "module.accum_freq", default=1)
-    if not _integer(k) or k <= 1:
-        return []
-    problems = []
-    target = str(OmegaConf.select(cfg, "strategy._target_", default="") or "")
-    if "deepspeed" in target.lower():
-        problems.append(
-            f"module.accum_freq={k} with {target}: DeepSpeed's ZeRO reduces each gradient once a step; "
-            "use strategy=ddp or strategy=fsdp"
-        )
     accumulate = OmegaConf.select(cfg, "trainer.accumulate_grad_batches", default=1)
-    if _integer(accumulate) and accumulate > 1:
-        problems.append(
-            f"module.accum_freq={k} with trainer.accumulate_grad_batches={accumulate}: use one of them "
-            "(accum_freq keeps the whole batch's negatives)"
-        )
-    return problems
+    if not _integer(k) or k <= 1 or not _integer(accumulate):
+        return []
+    from train.modules.clip import accum_freq_problems
+
+    target = str(OmegaConf.select(cfg, "strategy._target_", default="") or "")
+    return accum_freq_problems(
+        k, target, supported="deepspeed" not in target.lower(), accumulate=accumulate,
+        precision=OmegaConf.select(cfg, "trainer.precision", default=None),
+    )  # fmt: skip
 
 
 def _diffusion_problems(cfg: DictConfig) -> list[str]:

@@ -27,9 +27,31 @@ from data.negatives import check_kinds, negative_tokens
 from train.callbacks.log_step import logs_this_step
 from train.losses import ClipLoss
 from train.modules.base import StageModule
+from train.perf import not_model_flops
 from train.validation import clip_metrics
 
 log = logging.getLogger(__name__)
+
+
+def accum_freq_problems(
+    k: int, strategy: str, *, supported: bool, accumulate: int, precision: Any
+) -> list[str]:
+    """What ``module.accum_freq=k`` cannot run beside, checked from the config at start (train/config.py,
+    before a DeepSpeed engine is built for nothing) and from the trainer at fit start."""
+    problems = []
+    if not supported:
+        problems.append(
+            f"module.accum_freq={k} with {strategy}: it runs a backward pass per chunk inside the training "
+            "step, and DeepSpeed's ZeRO reduces each gradient once a step: use strategy=ddp, fsdp or one device"
+        )
+    if accumulate > 1:
+        problems.append(
+            f"module.accum_freq={k} with trainer.accumulate_grad_batches={accumulate}: use one of them "
+            "(accum_freq keeps the whole batch's negatives)"
+        )
+    if str(precision) in ("16-mixed", "16", "16-true"):
+        problems.append(f"module.accum_freq={k} with trainer.precision={precision}: use bf16-mixed")
+    return problems
 
 
 class ClipModule(StageModule):
@@ -118,8 +140,6 @@ class ClipModule(StageModule):
         they accumulate unsynchronised, and the returned one's synchronises the sums (as in Lightning's
         ``no_sync`` accumulation). FSDP2 reduce-scatters each chunk's gradients into the sharded sums.
         DeepSpeed's ZeRO reduces each parameter's gradient once a step: refused at fit start."""
-        from train.perf import not_model_flops
-
         parts = list(zip(images.chunk(chunks), tokens.chunk(chunks), strict=True))
         with torch.no_grad(), not_model_flops():  # (MFU counts the model's FLOPs: this pass is on top)
             cached = [self.net(i, t) for i, t in parts]
@@ -166,29 +186,21 @@ class ClipModule(StageModule):
 
         k, trainer = self.hparams.accum_freq, self.trainer
         strategy = trainer.strategy
-        if isinstance(strategy, DeepSpeedStrategy) or not isinstance(
+        supported = not isinstance(strategy, DeepSpeedStrategy) and isinstance(
             strategy, DDPStrategy | FSDPStrategy | SingleDeviceStrategy
-        ):
-            raise ValueError(
-                f"module.accum_freq={k} runs a backward pass per chunk inside the training step: with "
-                f"strategy=ddp, fsdp or one device ({type(strategy).__name__} reduces each parameter's "
-                "gradient once a step)"
-            )
-        if trainer.accumulate_grad_batches > 1:
-            raise ValueError(
-                f"module.accum_freq={k} with trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}: "
-                "use one of them (accum_freq keeps the whole batch's negatives)"
-            )
-        if str(trainer.precision) in ("16-mixed", "16", "16-true"):
-            raise ValueError(
-                f"module.accum_freq={k} with trainer.precision={trainer.precision}: use bf16-mixed"
-            )
+        )
+        problems = accum_freq_problems(
+            k, type(strategy).__name__, supported=supported, accumulate=trainer.accumulate_grad_batches,
+            precision=trainer.precision,
+        )  # fmt: skip
         batch = getattr(trainer.datamodule, "batch_size", None)
         if batch is not None and batch % k:
-            raise ValueError(
+            problems.append(
                 f"module.accum_freq={k} does not divide the per-device batch of {batch} "
                 f"(data.global_batch_size / ranks / trainer.accumulate_grad_batches)"
             )
+        if problems:
+            raise ValueError("\n".join(problems))
 
     def optimizer_step(self, *args, **kwargs):
         result = super().optimizer_step(*args, **kwargs)
