@@ -125,7 +125,10 @@ class DiffusionPrior(nn.Module):
         return self.out_proj(self.ln_final(h[:, -1]))
 
     def flops_per_sample(self) -> float:
-        """Forward FLOPs of one (noised embedding, text) pair, as in transformer_flops (for MFU)."""
+        """Forward FLOPs of one (noised embedding, text) pair, as in transformer_flops (for MFU): the
+        transformer, the text tokens' projection (when it has them), the three embedding projections and
+        the timestep MLP."""
+        text_tokens = self.context_length if self.use_text_tokens else 0
         return transformer_flops(self.width, self.layers, self.seq_len, self.mlp_ratio, causal=True) + 2 * (
-            self.seq_len * self.width * self.text_width + 3 * self.embed_dim * self.width + 2 * self.width**2
+            text_tokens * self.width * self.text_width + 3 * self.embed_dim * self.width + 2 * self.width**2
         )
