@@ -583,6 +583,14 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="every case at this batch (a smoke test of big shapes)",
     )
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every case of ours, repeatable (net.vision.patch_dropout=0.5 with "
+        "--cases clip_b16)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     return parser
 
@@ -605,6 +613,11 @@ def main(argv: list[str] | None = None) -> int:
     cases = select_cases(args.size, args.cases)
     if args.batch:
         cases = [dataclasses.replace(c, batch=args.batch) if isinstance(c, Case) else c for c in cases]
+    if args.override:
+        cases = [
+            dataclasses.replace(c, overrides=(*c.overrides, *args.override)) if isinstance(c, Case) else c
+            for c in cases
+        ]
 
     ceiling_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
     ceiling = matmul_ceiling(device, ceiling_dtype)
@@ -613,7 +626,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# bench_train: {device_name}, torch {torch.__version__}, "
         f"{'fp32 (no autocast)' if args.precision == 'fp32' else args.precision + ' autocast'}, compile={args.compile}"
         f"{'' if args.compile == 'none' or args.compile_backend == 'inductor' else f' ({args.compile_backend})'}"
-        f"{', channels_last' if args.channels_last else ''}; measured {args.precision} matmul ceiling "
+        f"{', channels_last' if args.channels_last else ''}{''.join(', ' + o for o in args.override)}; "
+        f"measured {args.precision} matmul ceiling "
         f"{ceiling:.1f} TFLOP/s; median of {args.iters} steps after {args.warmup} + 1",
         flush=True,
     )

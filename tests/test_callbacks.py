@@ -26,13 +26,21 @@ class _Batches(torch.utils.data.Dataset):
         return {"image": torch.randn(4, 3, 32, 32, generator=g), "tokens": tokens}
 
 
-@pytest.mark.parametrize("grad_checkpointing", [False, True])
-def test_counted_training_flops_are_about_three_forwards(grad_checkpointing):
-    """Model FLOPs: activation checkpointing's recompute (a fourth forward) is not counted."""
+@pytest.mark.parametrize("grad_checkpointing,patch_dropout", [(False, 0.0), (True, 0.0), (False, 0.5)])
+def test_counted_training_flops_are_about_three_forwards(grad_checkpointing, patch_dropout):
+    """Model FLOPs: activation checkpointing's recompute (a fourth forward) is not counted. With patch
+    dropout the image transformer runs on the kept patches, and the analytic count says so."""
     torch.manual_seed(0)
     net = CLIP(
         embed_dim=32,
-        vision={"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "heads": 2},
+        vision={
+            "image_size": 32,
+            "patch_size": 8,
+            "width": 64,
+            "layers": 2,
+            "heads": 2,
+            "patch_dropout": patch_dropout,
+        },  # fmt: skip
         text={"context_length": 8, "vocab_size": 64, "width": 64, "layers": 2, "heads": 2},
         grad_checkpointing=grad_checkpointing,
     )

@@ -23,7 +23,7 @@ TEXT = dict(context_length=8, vocab_size=50, width=32, layers=2, heads=4)
 
 def tiny(**kw) -> CLIP:
     torch.manual_seed(0)
-    return CLIP(embed_dim=16, vision=VISION, text=TEXT, eot_id=EOT, **kw)
+    return CLIP(**{"embed_dim": 16, "vision": VISION, "text": TEXT, "eot_id": EOT, **kw})
 
 
 def tokens(batch: int = 3) -> torch.Tensor:
@@ -329,18 +329,22 @@ def test_gradient_accumulation_warns_that_the_contrastive_batch_is_the_micro_bat
     )
 
 
-def test_accum_freq_trains_on_the_whole_batch_loss_and_gradients_a_chunk_at_a_time(tmp_path):
+@pytest.mark.parametrize("patch_dropout", [0.0, 0.5])
+def test_accum_freq_trains_on_the_whole_batch_loss_and_gradients_a_chunk_at_a_time(tmp_path, patch_dropout):
     """module.accum_freq=4: the loss of the batch of 8 and its gradients, each chunk of 2 through the net
-    with gradients once (and once without); logit_scale's gradient taken once, not once per chunk."""
+    with gradients once (and once without); logit_scale's gradient taken once, not once per chunk. With
+    patch dropout, the kept patches are drawn once for the batch, as one pass draws them, and each chunk's
+    two passes keep the same ones (each pass drawing its own, the loss was another batch's)."""
     from train.losses import ClipLoss
     from train.modules.clip import ClipModule
 
     images, toks = torch.randn(8, 3, 16, 16), tokens(8)
-    whole = tiny().train()
+    vision = {**VISION, "patch_dropout": patch_dropout}
+    whole = tiny(vision=vision).train()  # (each tiny() seeds the generator: both draw the same patches)
     out = whole(images, toks)
     want = ClipLoss()(out["image_features"], out["text_features"], out["logit_scale"])
     want.backward()
-    module = ClipModule(tiny().train(), accum_freq=4)
+    module = ClipModule(tiny(vision=vision).train(), accum_freq=4)
     calls = []
     module.net.register_forward_hook(
         lambda m, args, out: calls.append((args[0].shape[0], torch.is_grad_enabled()))
@@ -417,3 +421,32 @@ def test_accum_freq_runs_in_a_training_run_and_refuses_what_it_cannot_do(tmp_pat
         datamodule=SimpleNamespace(batch_size=9),
     )  # fmt: skip
     module._check_accum_freq()
+
+
+def test_patch_dropout_keeps_a_random_part_of_the_positioned_patches_in_training_only():
+    """net.vision.patch_dropout (FLIP): in training the transformer sees the class token and
+    int(16 x 0.75) = 12 of the 16 patch tokens, each image its own, chosen after the positions are added;
+    evaluation sees all 16. Given ``keep``, the tower computes exactly that subset."""
+    net = tiny(vision={**VISION, "patch_dropout": 0.25})
+    seen = []
+    net.visual.transformer.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    images = torch.randn(3, 3, 16, 16)
+    net.train()
+    keep = net.visual.kept_patches(3)
+    assert keep.shape == (3, 12) and all(len(set(row.tolist())) == 12 for row in keep)
+    assert len({tuple(sorted(row.tolist())) for row in keep}) == 3  # drawn for each image
+    a, b = net.encode_image(images), net.encode_image(images)
+    assert seen == [13, 13] and not torch.allclose(a, b)  # a new draw each pass
+    v = net.visual  # the subset by hand: patch tokens + their own positions, then the kept ones
+    x = v.conv1(images).flatten(2).transpose(1, 2)
+    x = torch.cat([v.class_embedding.expand(3, 1, -1), x], 1) + v.positional_embedding
+    x = torch.cat([x[:, :1], x[torch.arange(3)[:, None], 1 + keep]], 1)
+    by_hand = torch.nn.functional.normalize(v.ln_post(v.transformer(v.ln_pre(x))[:, 0]) @ v.proj, dim=-1)
+    torch.testing.assert_close(net.encode_image(images, keep=keep), by_hand)
+    net.eval()
+    c, d = net.encode_image(images), net.encode_image(images)
+    assert seen[-2:] == [17, 17] and torch.equal(c, d)
+    assert tiny().visual.kept_patches(3) is None  # (0: every patch, no draw)
+    for bad in (1.0, -0.1, True, "half"):
+        with pytest.raises(ValueError, match=rf"net.vision.patch_dropout={bad!r}: expected the fraction"):
+            tiny(vision={**VISION, "patch_dropout": bad})

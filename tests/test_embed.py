@@ -223,6 +223,15 @@ def test_the_clip_embeds_in_fp32_under_a_training_steps_bf16_autocast(clip_run):
         mixed = clip.embed(batch["image"], batch["tokens"])
     for key in ("img_emb", "txt_emb", "txt_feat"):
         assert mixed[key].dtype == torch.float32 and torch.equal(mixed[key], plain[key]), key
+    # the embedding and the token features from one pass of the text tower (it ran twice), and the same
+    # as the net's encode_text and hidden_states give them
+    passes = []
+    clip.net.text.transformer.register_forward_hook(lambda *_: passes.append(1))
+    out = clip.embed(None, batch["tokens"])
+    assert len(passes) == 1
+    with torch.no_grad():
+        assert torch.equal(out["txt_emb"], clip.net.encode_text(batch["tokens"]).half().float())
+        assert torch.equal(out["txt_feat"], clip.net.text.hidden_states(batch["tokens"]).half().float())
 
 
 def test_shards_of_the_same_file_name_are_refused_before_anything_is_written(tmp_path):

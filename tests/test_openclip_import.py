@@ -234,7 +234,7 @@ def test_init_from_open_clip_refuses_a_net_of_another_activation(tmp_path):
 @pytest.mark.slow
 def test_a_clip_run_exports_to_an_open_clip_hub_directory_that_open_clip_loads(tmp_path, capsys):
     """python -m train.checkpoint to-open-clip RUN OUT: open_clip's own factory builds the model from the
-    directory ("local-dir:OUT") and its embeddings equal ours to 1e-5."""
+    directory ("local-dir:OUT") and its embeddings equal ours to 1e-5 (in evaluation, with every patch)."""
 
     from train.checkpoint import load_stage, main
     from train.run import train
@@ -249,10 +249,14 @@ def test_a_clip_run_exports_to_an_open_clip_hub_directory_that_open_clip_loads(t
             "net.vision.stem=patch",
             "net.vision.pool=tok",
             "net.quick_gelu=true",
+            "net.vision.patch_dropout=0.5",  # trained with FLIP's patch dropout; open_clip takes the key
         ]
     )
     train(cfg)
     main(["to-open-clip", str(run), str(tmp_path / "hub")])
+    exported = json.loads((tmp_path / "hub" / "open_clip_config.json").read_text())["model_cfg"]
+    assert exported["vision_cfg"]["patch_dropout"] == 0.5
+    assert config_from_open_clip(exported)["vision"]["patch_dropout"] == 0.5
     assert capsys.readouterr().out.strip().endswith("hub")
     net = load_stage(run).net
     g = torch.Generator().manual_seed(0)

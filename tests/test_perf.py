@@ -43,6 +43,26 @@ def test_bench_train_tiny_prints_every_stage_with_counted_flops(tmp_path, capsys
     assert 2.7 < rows[0]["gflop_per_sample"] * 1e9 / analytic < 3.3
 
 
+def test_bench_train_overrides_change_our_cases_and_say_so(tmp_path, capsys):
+    """--override: a config key for every case of ours, named in the header (here FLIP's patch dropout:
+    the image transformer runs on 32 of the 64 patches, so fewer counted FLOPs per sample)."""
+    rows = {}
+    for name, extra in (("all", []), ("half", ["--override", "net.vision.patch_dropout=0.5"])):
+        out = tmp_path / f"{name}.json"
+        argv = ["--device", "cpu", "--cases", "clip", "--iters", "1", "--warmup", "0", "--json", str(out)]
+        assert bench_train.main(argv + extra) == 0
+        rows[name] = json.loads(out.read_text())["rows"][0]
+    assert (
+        "fp32 (no autocast), compile=none, net.vision.patch_dropout=0.5; measured" in capsys.readouterr().out
+    )
+    assert 0.5 < rows["half"]["gflop_per_sample"] / rows["all"]["gflop_per_sample"] < 0.8, rows
+    assert (
+        bench_train.main(["--device", "cpu", "--cases", "clip", "--iters", "1", "--override", "net.nope=1"])
+        == 1
+    )
+    assert "error building: ConfigCompositionException" in capsys.readouterr().out
+
+
 def test_bench_train_rejects_unknown_cases_and_reports_missing_anchors(capsys):
     with pytest.raises(SystemExit, match="unknown \\['nope'\\]"):
         bench_train.main(["--device", "cpu", "--cases", "nope"])

@@ -86,8 +86,9 @@ class FrozenClip:
             out["img_emb"] = self.net.encode_image(x).float().half().float()
         if tokens is not None:
             tokens = tokens.to(device).long()
-            out["txt_emb"] = self.net.encode_text(tokens).float().half().float()
-            out["txt_feat"] = self.net.text.hidden_states(tokens).float().half().float()
+            emb, states = self.net.text.embed_and_states(tokens)  # one pass of the text tower for both
+            out["txt_emb"] = F.normalize(emb, dim=-1).float().half().float()
+            out["txt_feat"] = states.float().half().float()
         return out
 
     @torch.no_grad()

@@ -4,7 +4,8 @@
                text=dict(context_length=77, vocab_size=49408, width=512, layers=12, heads=8), eot_id=49407)
     out = net(images, tokens)   # image_features, text_features (L2-normalised), logit_scale
 
-- Vision: patchify (conv, no bias) -> class token + learned positions -> ``ln_pre`` -> transformer ->
+- Vision: patchify (conv, no bias) -> class token + learned positions -> (in training, with
+  ``patch_dropout``, a random subset of the patch tokens, FLIP) -> ``ln_pre`` -> transformer ->
   ``ln_post`` on the class token -> ``proj``.
 - Text: token embedding + learned positions -> causal transformer -> ``ln_final`` -> the hidden state at
   the first end-of-text token (``eot_id``, set from the tokenizer; a row without one pools its last
@@ -36,7 +37,18 @@ from torch import nn
 
 from train.models.layers import LayerNorm, Transformer, first_eot_index, transformer_flops
 
-VISION_KEYS = {"image_size", "patch_size", "width", "layers", "heads", "mlp_ratio", "stem", "pool"}
+VISION_KEYS = {
+    "image_size",
+    "patch_size",
+    "width",
+    "layers",
+    "heads",
+    "mlp_ratio",
+    "stem",
+    "pool",
+    "patch_dropout",
+}
+OPTIONAL_KEYS = {"mlp_ratio", "stem", "pool", "patch_dropout"}
 TEXT_KEYS = {"context_length", "vocab_size", "width", "layers", "heads", "mlp_ratio"}
 TEXT_TOWER = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 
@@ -60,7 +72,7 @@ def _plain(cfg: Mapping[str, Any] | Any, option: str, allowed: set[str]) -> dict
             f"unknown option(s) {', '.join(f'{option}.{k}' for k in unknown)}; "
             f"valid: {', '.join(sorted(allowed))}"
         )
-    missing = sorted(allowed - {"mlp_ratio", "stem", "pool"} - set(cfg))
+    missing = sorted(allowed - OPTIONAL_KEYS - set(cfg))
     if missing:
         raise ValueError(f"missing option(s) {', '.join(f'{option}.{k}' for k in missing)}")
     return cfg
@@ -106,10 +118,21 @@ class VisionTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         stem: str = "patch",
         pool: str = "tok",
+        patch_dropout: float = 0.0,
         grad_checkpointing: bool = False,
         quick_gelu: bool = False,
     ) -> None:
         super().__init__()
+        if (
+            isinstance(patch_dropout, bool)
+            or not isinstance(patch_dropout, int | float)
+            or not 0 <= patch_dropout < 1
+        ):
+            raise ValueError(
+                f"net.vision.patch_dropout={patch_dropout!r}: expected the fraction of patch tokens dropped in "
+                "training, in [0, 1) (FLIP: 0.5)"
+            )
+        self.patch_dropout = float(patch_dropout)
         if pool not in ("tok", "avg"):
             raise ValueError(
                 f"net.vision.pool={pool!r}: expected 'tok' (class token, OpenAI/open_clip) or 'avg'"
@@ -139,8 +162,26 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
         self.transformer.init_weights()
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised images -> (B, D) unnormalised embeddings."""
+    def kept_patches(self, batch: int, device: torch.device | str | None = None) -> torch.Tensor | None:
+        """(B, keep) indices of the patch tokens that a training pass keeps under ``patch_dropout``, drawn
+        independently for each image from the default generator (the run's, different on every rank and
+        restored on resume); None when every patch is kept. ``keep`` = int(patches x (1 - patch_dropout)),
+        at least 1; the class token is always kept."""
+        patches = self.grid**2
+        keep = max(1, int(patches * (1.0 - self.patch_dropout)))
+        if keep == patches:
+            return None
+        return torch.rand(batch, patches, device=device).topk(keep, dim=1).indices
+
+    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, D) unnormalised embeddings.
+
+        Patch dropout (FLIP, Li et al. 2023, "Scaling Language-Image Pre-training via Masking"): in
+        training, with ``patch_dropout`` p > 0, each image keeps a random (1 - p) of its patch tokens
+        after the positions are added, and the transformer runs on those and the class token alone: about
+        1/(1 - p) times the images a second. Evaluation sees every patch. ``keep`` gives the kept indices
+        (``kept_patches``) instead of drawing them, in training or not: the chunked loss
+        (``module.accum_freq``) passes each chunk the same ones in its two passes."""
         s = self.image_size
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images (B, 3, {s}, {s}), got {tuple(images.shape)}")
@@ -151,6 +192,15 @@ class VisionTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (B, g*g, W)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1+g*g, W)
+        if keep is None and self.training and self.patch_dropout > 0:
+            keep = self.kept_patches(x.shape[0], x.device)
+        if keep is not None:
+            if keep.shape[0] != x.shape[0] or keep.ndim != 2:
+                raise ValueError(
+                    f"keep: expected ({x.shape[0]}, kept patches) indices, got {tuple(keep.shape)}"
+                )
+            kept = x[:, 1:].gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            x = torch.cat([x[:, :1], kept], dim=1)  # (B, 1+keep, W)
         x = self.transformer(self.ln_pre(x))
         pooled = x[:, 0] if self.pool == "tok" else x[:, 1:].mean(dim=1)  # class token | mean of patch tokens
         return self.ln_post(pooled) @ self.proj  # (B, D)
@@ -213,9 +263,14 @@ class TextTransformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids -> (B, D) unnormalised embeddings."""
+        return self.embed_and_states(tokens)[0]
+
+    def embed_and_states(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unnormalised embeddings (B, D) and the per-token features (B, L, W) of one pass (what the
+        frozen CLIP gives the prior and the decoder)."""
         x = self.hidden_states(tokens)
         pooled = x[torch.arange(x.shape[0], device=x.device), self.pool_index(tokens)]  # (B, W)
-        return pooled @ self.text_projection  # (B, D)
+        return pooled @ self.text_projection, x  # (B, D), (B, L, W)
 
 
 class CLIP(nn.Module):
@@ -265,17 +320,22 @@ class CLIP(nn.Module):
         self.visual.transformer.grad_checkpointing = enable
         self.text.transformer.grad_checkpointing = enable
 
-    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        x = self.visual(images)
+    def encode_image(
+        self, images: torch.Tensor, normalize: bool = True, *, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = self.visual(images, keep)
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         x = self.text(tokens)
         return F.normalize(x, dim=-1) if normalize else x
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``keep``: the image tower's kept patch indices (``visual.kept_patches``), else its own draw."""
         return {
-            "image_features": self.encode_image(images),
+            "image_features": self.encode_image(images, keep=keep),
             "text_features": self.encode_text(tokens),
             "logit_scale": self.logit_scale.exp().clamp(max=self.max_logit_scale),
         }
@@ -304,7 +364,8 @@ def flops_per_sample(net: CLIP | Mapping[str, Any]) -> float:
     attention, the text tower's causal attention halved) and the two output projections; not norms,
     softmax, GELU, or the B x B logits of the loss. A training step costs about 3x this (forward +
     backward), plus one more forward per checkpointed block with ``grad_checkpointing``. For MFU:
-    ``3 * flops_per_sample(cfg) * samples_per_second / peak_flops``.
+    ``3 * flops_per_sample(cfg) * samples_per_second / peak_flops``. With ``net.vision.patch_dropout``
+    the image transformer counts the patches a training pass keeps (evaluation runs every patch).
     """
     if isinstance(net, CLIP):
         return net.flops_per_sample()
@@ -312,6 +373,7 @@ def flops_per_sample(net: CLIP | Mapping[str, Any]) -> float:
     v = _plain(net["vision"], "net.vision", VISION_KEYS)
     t = _plain(net["text"], "net.text", TEXT_KEYS)
     patches = (v["image_size"] // v["patch_size"]) ** 2
+    kept = max(1, int(patches * (1.0 - v.get("patch_dropout", 0.0))))  # (as VisionTransformer.kept_patches)
     if v.get("stem", "patch") == "conv":
         stem, c_in, side = 0, 3, v["image_size"]
         for c_out in conv_stem_channels(v["patch_size"], v["width"]):
@@ -323,7 +385,7 @@ def flops_per_sample(net: CLIP | Mapping[str, Any]) -> float:
         stem = 2 * patches * 3 * v["patch_size"] ** 2 * v["width"]
     vision = (
         stem
-        + transformer_flops(v["width"], v["layers"], patches + 1, v.get("mlp_ratio", 4.0))
+        + transformer_flops(v["width"], v["layers"], kept + 1, v.get("mlp_ratio", 4.0))
         + 2 * v["width"] * embed_dim
     )
     text = (

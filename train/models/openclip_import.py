@@ -34,7 +34,7 @@ from train.models.clip import CLIP, from_open_clip_state_dict
 CONFIGS_FILE = Path(__file__).with_name("open_clip_configs.json")
 HUB_CONFIG = "open_clip_config.json"
 HUB_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-VISION_CFG = {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio"}
+VISION_CFG = {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio", "patch_dropout"}
 TEXT_CFG = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
 OPENAI_SCALARS = ("input_resolution", "context_length", "vocab_size")
 
@@ -127,6 +127,7 @@ def config_from_open_clip(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
             "layers": vision.get("layers", 12),
             "heads": vision_width // vision.get("head_width", 64),
             "mlp_ratio": vision.get("mlp_ratio", 4.0),
+            "patch_dropout": float(vision.get("patch_dropout", 0.0)),
         },
         "text": {
             "context_length": text.get("context_length", 77),
@@ -277,6 +278,7 @@ def to_open_clip_config(net: CLIP) -> dict[str, Any]:
             "patch_size": v["patch_size"],
             "head_width": v["width"] // v["heads"],
             "mlp_ratio": v.get("mlp_ratio", 4.0),
+            **({"patch_dropout": v["patch_dropout"]} if v.get("patch_dropout") else {}),
         },
         "text_cfg": {k: t.get(k, 4.0 if k == "mlp_ratio" else None) for k in sorted(TEXT_CFG)},
     }

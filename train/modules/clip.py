@@ -139,14 +139,22 @@ class ClipModule(StageModule):
         Under DDP the chunks' own backward passes run inside DDP's forward, before it expects gradients:
         they accumulate unsynchronised, and the returned one's synchronises the sums (as in Lightning's
         ``no_sync`` accumulation). FSDP2 reduce-scatters each chunk's gradients into the sharded sums.
-        DeepSpeed's ZeRO reduces each parameter's gradient once a step: refused at fit start."""
-        parts = list(zip(images.chunk(chunks), tokens.chunk(chunks), strict=True))
+        DeepSpeed's ZeRO reduces each parameter's gradient once a step: refused at fit start.
+
+        With ``net.vision.patch_dropout``, the kept patches are drawn once for the batch, and each chunk's
+        two passes keep the same ones: its features with gradients are the cached ones."""
+        visual = getattr(self.net, "visual", None)
+        keep = None
+        if self.net.training and getattr(visual, "patch_dropout", 0.0) > 0:
+            keep = visual.kept_patches(images.shape[0], images.device)
+        keeps = [None] * chunks if keep is None else list(keep.chunk(chunks))
+        parts = list(zip(images.chunk(chunks), tokens.chunk(chunks), keeps, strict=True))
         with torch.no_grad(), not_model_flops():  # (MFU counts the model's FLOPs: this pass is on top)
-            cached = [self.net(i, t) for i, t in parts]
+            cached = [self.net(i, t, k) for i, t, k in parts]
         img = [c["image_features"] for c in cached]
         txt = [c["text_features"] for c in cached]
-        for j, (i, t) in enumerate(parts):
-            out = self.net(i, t)
+        for j, (i, t, k) in enumerate(parts):
+            out = self.net(i, t, k)
             last = j == len(parts) - 1
             loss = self.loss(
                 torch.cat([*img[:j], out["image_features"], *img[j + 1 :]]),
