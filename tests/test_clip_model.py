@@ -450,3 +450,41 @@ def test_patch_dropout_keeps_a_random_part_of_the_positioned_patches_in_training
     for bad in (1.0, -0.1, True, "half"):
         with pytest.raises(ValueError, match=rf"net.vision.patch_dropout={bad!r}: expected the fraction"):
             tiny(vision={**VISION, "patch_dropout": bad})
+
+
+def test_a_locked_tower_keeps_its_weights_through_training_and_its_last_blocks_learn():
+    """module.lock_image (open_clip's --lock-image, LiT): after 3 AdamW steps with weight decay 0.1 the
+    image tower is bitwise its starting self but for its last block, ln_post and proj
+    (lock_image_unlocked_layers=1); the text tower and the logit scale learn. lock_text alike."""
+    import pytorch_lightning as pl
+
+    from train.modules.clip import ClipModule
+
+    g = torch.Generator().manual_seed(0)
+    batches = [{"image": torch.randn(4, 3, 16, 16, generator=g), "tokens": tokens(4)} for _ in range(3)]
+    for tower, prefix, head in (
+        ("image", "visual.", ("ln_post", "proj")),
+        ("text", "text.", ("ln_final", "text_projection")),
+    ):
+        module = ClipModule(
+            tiny(), zeroshot=False, **{f"lock_{tower}": True, f"lock_{tower}_unlocked_layers": 1}
+        )
+        before = {k: v.clone() for k, v in module.net.state_dict().items()}
+        trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+        trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
+        after = module.net.state_dict()
+        trained = {k for k in before if not torch.equal(before[k], after[k])}
+        last = f"{prefix}transformer.resblocks.1."
+        mine = {k for k in before if k.startswith(prefix)}
+        learns = {k for k in mine if k.startswith(last) or k.removeprefix(prefix).startswith(head)}
+        assert trained & mine == learns, sorted((trained & mine) ^ learns)
+        assert "logit_scale" in trained and any(
+            k.startswith("visual." if tower == "text" else "text.") for k in trained
+        )
+    with pytest.raises(
+        ValueError, match=r"module.lock_image_unlocked_layers=3: expected 0 to the tower's 2 blocks"
+    ):
+        ClipModule(tiny(), lock_image=True, lock_image_unlocked_layers=3)
+    with pytest.raises(ValueError, match=r"module.lock_text_unlocked_layers=1 without module.lock_text=true"):
+        ClipModule(tiny(), lock_text_unlocked_layers=1)

@@ -103,6 +103,13 @@ def test_last_checkpoint_is_the_final_step_when_max_steps_is_not_a_multiple_of_t
     with pytest.raises(RuntimeError, match="size mismatch"):
         train(_fast_cfg(tmp_path, out, "trainer.max_steps=9", "net.vision.width=64"))
     assert {name: (out / name).read_bytes() for name in saved} == saved
+    # Another tower lock: the saved optimizer state is for other parameters (it failed in Lightning's
+    # optimizer restore, "a parameter group that doesn't match", after config.yaml was replaced)
+    with pytest.raises(
+        ConfigError, match=r"module.lock_image=True \(saved: False\): its checkpoint's optimizer"
+    ):
+        train(_fast_cfg(tmp_path, out, "trainer.max_steps=9", "module.lock_image=true"))
+    assert {name: (out / name).read_bytes() for name in saved} == saved
     from train.checkpoint import load_stage
 
     load_stage(out)  # still the run it was

@@ -37,11 +37,16 @@ def resolve_precision(precision: str | int) -> str | int:
     return "32-true"
 
 
+# which CLIP parameters train: another value on resume would not match the saved optimizer state
+LOCK_KEYS = tuple(f"module.lock_{t}{s}" for t in ("image", "text") for s in ("", "_unlocked_layers"))
+
+
 def check_same_run(cfg: DictConfig, output_dir: Path, checkpoint: str | None = None) -> None:
     """Resuming in a run directory that holds another run (another stage, or another net class: e.g. a
     second launch into the same directory) is refused before anything is written there: it would have
     replaced that run's config.yaml and tokenizer, and only then failed to load its checkpoint. Other
-    differences are logged, key by key (a net shape that changed fails at the load, naming the weight),
+    differences are logged, key by key (a net shape that changed fails at the load, naming the weight;
+    another CLIP tower lock is refused: the saved optimizer state is for the parameters that trained),
     except in a sweep point's directory, where another ``module``, ``data`` or ``net`` value means another
     point's run (the sweep rerun with its values in another order: points are numbered) and is refused.
     ``checkpoint``: an explicit resume=<path> of the run in ``output_dir`` (its own directory elsewhere)."""
@@ -79,6 +84,15 @@ def check_same_run(cfg: DictConfig, output_dir: Path, checkpoint: str | None = N
         for k in ours.keys() & theirs.keys()
         if ours[k] != theirs[k] and not k.startswith(("paths.", "resume"))
     )
+    locks = [k for k in changed if k in LOCK_KEYS]
+    if locks:
+        raise ConfigError(
+            f"resuming {path.parent} with "
+            + ", ".join(f"{k}={ours[k]!r} (saved: {theirs[k]!r})" for k in locks)
+            + ": its checkpoint's optimizer state is for the parameters that trained under the saved lock. "
+            "Keep the saved values, or start a new run from its weights (python -m train.checkpoint "
+            "to-open-clip RUN OUT, then init_from_open_clip=OUT)"
+        )
     if changed and checkpoint is None and _sweep_name() is not None:
         swept = [k for k in changed if k.startswith(("module.", "data.", "net."))]
         if swept:  # the point's directory is named by its number: values reordered, another point's run

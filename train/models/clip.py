@@ -320,6 +320,30 @@ class CLIP(nn.Module):
         self.visual.transformer.grad_checkpointing = enable
         self.text.transformer.grad_checkpointing = enable
 
+    def lock(self, tower: str, unlocked_layers: int = 0) -> int:
+        """Freeze a tower (``"image"`` or ``"text"``) but its last ``unlocked_layers`` transformer blocks,
+        which train with its final norm and projection (open_clip's ``--lock-image`` /
+        ``--lock-text``, LiT: Zhai et al. 2022). The logit scale always trains. Returns the parameters
+        frozen. A frozen tower's embeddings stay those of the weights it started from, so a prior and
+        decoder trained on them stay valid while the other tower learns."""
+        option = f"module.lock_{tower}_unlocked_layers"
+        if tower == "image":
+            module, head = self.visual, [self.visual.ln_post, self.visual.proj]
+        elif tower == "text":
+            module, head = self.text, [self.text.ln_final, self.text.text_projection]
+        else:
+            raise ValueError(f"lock: expected the tower 'image' or 'text', got {tower!r}")
+        blocks = module.transformer.resblocks
+        if isinstance(unlocked_layers, bool) or not isinstance(unlocked_layers, int):
+            raise ValueError(f"{option}={unlocked_layers!r}: expected an integer")
+        if not 0 <= unlocked_layers <= len(blocks):
+            raise ValueError(f"{option}={unlocked_layers}: expected 0 to the tower's {len(blocks)} blocks")
+        module.requires_grad_(False)
+        if unlocked_layers:
+            for part in [*blocks[len(blocks) - unlocked_layers :], *head]:
+                part.requires_grad_(True)
+        return sum(p.numel() for p in module.parameters() if not p.requires_grad)
+
     def encode_image(
         self, images: torch.Tensor, normalize: bool = True, *, keep: torch.Tensor | None = None
     ) -> torch.Tensor:

@@ -10,6 +10,11 @@ recipe against bag-of-words matching, which the DALL-E 2 paper names as the caus
 failures). The negatives go through the text tower in the same call as the captions; a caption without
 one is masked.
 
+``lock_image`` / ``lock_text`` (open_clip's ``--lock-image`` / ``--lock-text``, LiT): a tower frozen but its
+last ``lock_*_unlocked_layers`` blocks (``CLIP.lock``), e.g. the image tower of imported open_clip weights
+while the text tower learns a domain's captions: its image embeddings, on which a prior and a decoder
+trained, do not move.
+
 Logged: ``train/loss``, ``train/logit_scale``, ``train/lr``, ``val/loss``, ``val/zeroshot_{colour,shape,count}_top1``,
 ``val/zeroshot_top1``, ``val/{i2t,t2i}_r{1,5,10}``, ``val/pick_{colour,binding,relation}`` (an image's caption
 preferred to its hard negative; chance 50%); learning rate and throughput come from callbacks.
@@ -76,6 +81,10 @@ class ClipModule(StageModule):
         gather_with_grad: bool = True,
         hard_negatives: list[str] | tuple[str, ...] = (),
         accum_freq: int = 1,
+        lock_image: bool = False,
+        lock_image_unlocked_layers: int = 0,
+        lock_text: bool = False,
+        lock_text_unlocked_layers: int = 0,
         **old_keys: Any,
     ) -> None:
         super().__init__()
@@ -94,6 +103,20 @@ class ClipModule(StageModule):
         self.net = net
         self.tokenizer = tokenizer
         self.loss = ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad)
+        for tower, locked, unlocked in (
+            ("image", lock_image, lock_image_unlocked_layers),
+            ("text", lock_text, lock_text_unlocked_layers),
+        ):
+            if locked:
+                frozen = net.lock(tower, unlocked)
+                log.info(
+                    "module.lock_%s: %d parameters frozen, its last %d blocks train", tower, frozen, unlocked
+                )
+            elif unlocked:
+                raise ValueError(
+                    f"module.lock_{tower}_unlocked_layers={unlocked} without module.lock_{tower}=true: "
+                    "nothing is locked"
+                )
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.net(images, tokens)
