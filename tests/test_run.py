@@ -110,6 +110,15 @@ def test_last_checkpoint_is_the_final_step_when_max_steps_is_not_a_multiple_of_t
     ):
         train(_fast_cfg(tmp_path, out, "trainer.max_steps=9", "module.lock_image=true"))
     assert {name: (out / name).read_bytes() for name in saved} == saved
+    # Whatever fails in the restore of the optimizer and loops (which Lightning runs after on_fit_start):
+    # here a checkpoint whose optimizer state lost a parameter. config.yaml is written after it.
+    last = out / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=False)
+    state["optimizer_states"][0]["param_groups"][0]["params"].pop()
+    torch.save(state, last)
+    with pytest.raises(ValueError, match="doesn't match the size of optimizer's group"):
+        train(_fast_cfg(tmp_path, out, "trainer.max_steps=9", "module.optimizer.lr=1e-4"))
+    assert {name: (out / name).read_bytes() for name in saved} == saved
     from train.checkpoint import load_stage
 
     load_stage(out)  # still the run it was

@@ -113,7 +113,9 @@ def check_same_run(cfg: DictConfig, output_dir: Path, checkpoint: str | None = N
 class _RunFiles(pl.Callback):
     """The run directory's config.yaml and tokenizer.json (what exports and evaluation rebuild the run
     from), written by global rank 0: before a fresh run starts, or once a resumed run's checkpoint has
-    loaded (``on_fit_start`` follows the restore)."""
+    loaded whole (``on_train_start``: Lightning restores the weights before ``on_fit_start`` but the
+    optimizer and loops after it, and a failure there had replaced the saved config). A resumed run that
+    had already finished trains no step and keeps the saved files."""
 
     def __init__(self, cfg: DictConfig, tokenizer, output_dir: Path) -> None:
         self.cfg, self.tokenizer, self.output_dir = cfg, tokenizer, output_dir
@@ -124,7 +126,7 @@ class _RunFiles(pl.Callback):
             if self.tokenizer is not None:
                 self.tokenizer.save(self.output_dir / "tokenizer.json")
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.save(trainer)
 
 
