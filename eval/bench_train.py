@@ -185,17 +185,19 @@ def build_stage(case: Case, device: torch.device) -> Workload:
 
 
 def _clip_workload(cfg, net: torch.nn.Module, b: int, rand: _Random) -> Workload:
-    from train.losses import ClipLoss
+    from train.losses import ClipLoss, SigLipLoss
 
     size, ctx, vocab = cfg.net.vision.image_size, cfg.net.text.context_length, cfg.net.text.vocab_size
     pixels = rand.randn(b, 3, size, size)
     tokens = torch.randint(0, vocab - 1, (b, ctx), device=rand.device, generator=rand.g)
     tokens[:, -1] = vocab - 1  # the end-of-text id pools the caption
-    clip_loss = ClipLoss()
+    siglip = cfg.module.get("loss") == "siglip"  # (--override module.loss=siglip net.init_logit_bias=-10)
+    clip_loss = SigLipLoss() if siglip else ClipLoss()
 
     def loss() -> torch.Tensor:
         out = net(pixels, tokens)
-        return clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
+        scalars = [out["logit_scale"], *([out["logit_bias"]] if siglip else [])]
+        return clip_loss(out["image_features"], out["text_features"], *scalars)
 
     return Workload(net, loss, b, cfg.module.optimizer.weight_decay, {"image": size, "context": ctx})
 

@@ -68,7 +68,7 @@ def classifier(net, tokenizer, classnames: list[str], templates: list[str], devi
         raise ValueError(f"--templates: each prompt needs one '{{}}' for the class name, got {bad[:3]}")
     weights = []
     for name in classnames:
-        tokens = tokenizer([t.format(name) for t in templates]).to(device)
+        tokens = tokenizer([t.replace("{}", name) for t in templates]).to(device)
         emb = F.normalize(net.encode_text(tokens).float(), dim=-1).mean(0)
         weights.append(F.normalize(emb, dim=0))
     return torch.stack(weights, dim=1)

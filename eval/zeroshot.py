@@ -74,7 +74,7 @@ def evaluate_net(
         shuffle_shards=False,
         seed=0,
     )
-    net = net.to(device)
+    net = net.to(device).eval()  # (a net in training mode would drop patches: net.vision.patch_dropout)
     img, txt, captions, scenes = [], [], [], []
     for batch in ds:
         if not batch["__key__"]:

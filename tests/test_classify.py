@@ -124,3 +124,21 @@ def test_a_run_of_ours_and_its_open_clip_export_classify_alike(clip_run, tmp_pat
     assert theirs.pop("skipped_files") == direct.pop("skipped_files") == []
     assert theirs == pytest.approx(direct)
     assert np.isclose(sum(per_class.values()) / len(per_class), direct["mean_per_class_recall"])
+
+
+def test_evaluation_sees_every_patch_of_a_net_left_in_training_mode(clip_run):
+    """eval.zeroshot.evaluate_net and eval.classify put the net in evaluation mode: a CLIP trained with
+    patch dropout and handed over in training mode was evaluated on half its patches (and a prompt with
+    other braces than {} failed in str.format)."""
+    from eval.zeroshot import evaluate_net
+    from train.checkpoint import load_stage
+
+    run, val = clip_run
+    stage = load_stage(run)
+    kwargs = {"image_size": stage.cfg.data.image_size, "normalize": stage.cfg.data.normalize}
+    want = evaluate_net(stage.net, stage.tokenizer, val, **kwargs)
+    stage.net.visual.patch_dropout = 0.5
+    assert evaluate_net(stage.net.train(), stage.tokenizer, val, **kwargs) == want
+    assert not stage.net.training
+    weights = classify.classifier(ColourNet(), colour_tokenizer, ["red"], ["a {} in {braces}"], "cpu")
+    assert weights.shape == (3, 1)

@@ -304,7 +304,7 @@ def test_a_logit_scale_past_its_bound_is_clamped_after_each_step(tmp_path):
     assert net.logit_scale.item() == pytest.approx(math.log(100))
     cfg = compose_config(
         ["debug=fast", f"paths.data_dir={tmp_path / 'datasets'}", f"paths.output_dir={tmp_path / 'run'}",
-         "trainer.max_steps=2", "+net.init_logit_scale=4.7"]
+         "trainer.max_steps=2", "net.init_logit_scale=4.7"]
     )  # fmt: skip
     train(cfg)
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
@@ -353,6 +353,9 @@ def test_accum_freq_trains_on_the_whole_batch_loss_and_gradients_a_chunk_at_a_ti
     got.backward()  # (Lightning's, for the last chunk)
     assert calls == [(2, False)] * 4 + [(2, True)] * 4
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    # chunks that do not divide the batch (6 in 4: three of 2; the trainer refuses it, a direct call may not)
+    six = ClipModule(tiny(vision=vision).train(), accum_freq=4).cached_loss(images[:6], toks[:6], 4)[0]
+    assert torch.isfinite(six)
     # the model's FLOPs, as perf/mfu counts them: the no-grad pass over the chunks is on top (it counted
     # a third more at k = 2)
     from train.perf import ModelFlopCounter
@@ -394,6 +397,14 @@ def test_accum_freq_runs_in_a_training_run_and_refuses_what_it_cannot_do(tmp_pat
     # last chunk's, and from the second step on its losses were another run's
     whole, chunked = losses("whole"), losses("chunked", "module.accum_freq=2")
     assert len(whole) == 4 and chunked == pytest.approx(whole, rel=1e-5)
+    # and SigLIP's sigmoid loss, whose learned bias takes its gradient in the last chunk as the scale does
+    siglip = ("module.loss=siglip", "net.init_logit_bias=-10", "net.init_logit_scale=2.302585")
+    whole, chunked = losses("siglip", *siglip), losses("siglip_chunked", *siglip, "module.accum_freq=2")
+    assert len(whole) == 4 and chunked == pytest.approx(whole, rel=1e-5)
+    state = torch.load(tmp_path / "siglip_chunked" / "checkpoints" / "last.ckpt", weights_only=True)[
+        "state_dict"
+    ]
+    assert -10 < state["net.logit_bias"].item() < -9.9  # (it learns)
 
     with pytest.raises(ValueError, match=r"module.accum_freq=0: expected an integer >= 1"):
         ClipModule(tiny(), accum_freq=0)

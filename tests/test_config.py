@@ -91,6 +91,8 @@ def test_an_unknown_group_option_lists_the_available_ones():
             "module.accum_freq=2 trainer.precision=16-mixed",
             "module.accum_freq=2 with trainer.precision=16-mixed",
         ),
+        ("module.loss=siglip", "module.loss=siglip needs net.init_logit_bias (SigLIP: -10"),
+        ("module.loss=sigmoid", "module.loss='sigmoid': expected clip (softmax, InfoNCE) or siglip"),
         ("stage=prior module.sample_steps=0", "module.sample_steps=0: expected an integer >= 1"),
         ("stage=decoder module.drop_text_prob=1.5", "module.drop_text_prob=1.5: expected a probability"),
         # a word Hydra keeps as text for a boolean parameter: any text counts as true (it trained with the

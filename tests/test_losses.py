@@ -8,6 +8,7 @@ variant (local/full loss, gather with/without grad) so the module costs a single
 from __future__ import annotations
 
 import functools
+import math
 import os
 import socket
 
@@ -17,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from train.losses import ClipLoss
+from train.losses import ClipLoss, SigLipLoss
 from train.models.clip import CLIP
 
 BATCH = 8  # global; 4 per rank
@@ -25,14 +26,18 @@ WORLD = 2
 VARIANTS = [(local, with_grad) for local in (True, False) for with_grad in (True, False)]
 
 
-def tiny() -> CLIP:
+def tiny(**kw) -> CLIP:
     torch.manual_seed(0)
     return CLIP(
         embed_dim=16,
         vision=dict(image_size=16, patch_size=8, width=32, layers=2, heads=4),
         text=dict(context_length=6, vocab_size=40, width=32, layers=2, heads=4),
         eot_id=3,
+        **kw,
     )
+
+
+SIGLIP = {"init_logit_scale": math.log(10), "init_logit_bias": -3.0}
 
 
 def data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,6 +69,16 @@ def reference(negatives: bool = False) -> tuple[torch.Tensor, dict[str, torch.Te
     return loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}
 
 
+@functools.cache
+def siglip_reference() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SigLIP's loss over the whole batch of 8 in one process, and its gradients."""
+    net = tiny(**SIGLIP)
+    out = net(*data())
+    loss = SigLipLoss()(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"])
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}
+
+
 def manual_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     logits = scale * img @ txt.T
     labels = torch.arange(len(img))
@@ -84,6 +99,25 @@ def test_single_process_loss_is_symmetric_cross_entropy():
     row0 = -(logits[0, 0] - logits[0].logsumexp(0))
     torch.testing.assert_close(F.cross_entropy(logits[:1], torch.tensor([0])), row0)
     assert ClipLoss()(img, img, torch.tensor(100.0)) < ClipLoss()(img, txt, torch.tensor(100.0))
+
+
+def test_sigmoid_loss_is_each_pairs_binary_log_loss_per_image():
+    """SigLIP: -(1/n) sum over every (image, text) pair of log sigmoid(+-(t x.y + b)), + for the pair."""
+    g = torch.Generator().manual_seed(4)
+    img, txt = (F.normalize(torch.randn(5, 8, generator=g), dim=-1) for _ in range(2))
+    t, b = torch.tensor(10.0), torch.tensor(-3.0)
+    by_hand = 0.0
+    for i in range(5):
+        for j in range(5):
+            z = 1.0 if i == j else -1.0
+            by_hand -= math.log(1 / (1 + math.exp(-z * (t.item() * float(img[i] @ txt[j]) + b.item()))))
+    got = SigLipLoss()(img, txt, t, b)
+    torch.testing.assert_close(got, torch.tensor(by_hand / 5), rtol=1e-5, atol=0)
+    torch.testing.assert_close(SigLipLoss(local_loss=False)(img, txt, t, b), got)
+    # matching pairs score lower
+    assert SigLipLoss()(img, img, t, b) < got
+    with pytest.raises(ValueError, match=r"image features \(5, 8\) and text features \(4, 8\)"):
+        SigLipLoss()(img, txt[:4], t, b)
 
 
 def test_hard_negatives_are_extra_columns_of_the_image_rows_only():
@@ -142,11 +176,11 @@ class _CachedStep(torch.nn.Module):
     """The CLIP stage's training step with ``module.accum_freq=2`` as Lightning runs it under DDP: inside
     DDP's forward, which its chunks' own backward passes precede."""
 
-    def __init__(self, net: CLIP, local_loss: bool) -> None:
+    def __init__(self, net: CLIP, local_loss: bool, loss: str = "clip") -> None:
         super().__init__()
         from train.modules.clip import ClipModule
 
-        self.module = ClipModule(net, local_loss=local_loss, accum_freq=2)
+        self.module = ClipModule(net, local_loss=local_loss, accum_freq=2, loss=loss)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return self.module.cached_loss(images, tokens, 2)[0]
@@ -184,6 +218,26 @@ def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
                 "loss": mean_loss / world,
                 "grads": {n: p.grad.clone() for n, p in step.module.net.named_parameters()},
             }
+        for local_loss in (True, False):  # SigLIP's sigmoid loss: one pass, and 2 chunks of 2 per rank
+            net = torch.nn.parallel.DistributedDataParallel(tiny(**SIGLIP))
+            res = net(images[part], tokens[part])
+            loss = SigLipLoss(local_loss=local_loss)(
+                res["image_features"], res["text_features"], res["logit_scale"], res["logit_bias"]
+            )
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in net.module.named_parameters()}
+            step = _CachedStep(tiny(**SIGLIP), local_loss, loss="siglip")
+            chunked = torch.nn.parallel.DistributedDataParallel(step)
+            loss_chunked = chunked(images[part], tokens[part])
+            loss_chunked.backward()
+            for key, value, g in (
+                (("siglip", local_loss), loss, grads),
+                (("siglip_accum_freq", local_loss), loss_chunked,
+                 {n: p.grad.clone() for n, p in step.module.net.named_parameters()}),
+            ):  # fmt: skip
+                mean_loss = value.detach().clone()
+                dist.all_reduce(mean_loss)
+                results[key] = {"loss": mean_loss / world, "grads": g}
         # and under FSDP2 (train/strategies.py shard_module: every block, then the module), as strategy=fsdp
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -287,6 +341,21 @@ def test_two_processes_accumulating_chunks_with_cached_features_match_one_proces
         got = two_process[rank][("accum_freq", local_loss)]
         torch.testing.assert_close(got["loss"], ref_loss, rtol=1e-6, atol=0)
         assert_same(got["grads"], ref_grads)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("local_loss", [True, False], ids=["local_loss", "full_loss"])
+def test_two_processes_with_the_sigmoid_loss_match_one_process(two_process, local_loss):
+    """SigLIP's loss on 2 ranks (each rank's images against the gathered texts, or every pair on every
+    rank), in one pass and in 2 chunks per rank (module.accum_freq=2): the loss and the gradients, the
+    learned bias's included, of one process over the batch of 8."""
+    ref_loss, ref_grads = siglip_reference()
+    assert "logit_bias" in ref_grads and ref_grads["logit_bias"].abs().item() > 0
+    for rank in range(WORLD):
+        for kind in ("siglip", "siglip_accum_freq"):
+            got = two_process[rank][(kind, local_loss)]
+            torch.testing.assert_close(got["loss"], ref_loss, rtol=1e-6, atol=0, msg=kind)
+            assert_same(got["grads"], ref_grads)
 
 
 @pytest.mark.multiprocess

@@ -250,6 +250,8 @@ def test_a_clip_run_exports_to_an_open_clip_hub_directory_that_open_clip_loads(t
             "net.vision.pool=tok",
             "net.quick_gelu=true",
             "net.vision.patch_dropout=0.5",  # trained with FLIP's patch dropout; open_clip takes the key
+            "module.loss=siglip",  # and SigLIP's loss: open_clip makes and loads the learned bias
+            "net.init_logit_bias=-10",
         ]
     )
     train(cfg)
@@ -257,6 +259,9 @@ def test_a_clip_run_exports_to_an_open_clip_hub_directory_that_open_clip_loads(t
     exported = json.loads((tmp_path / "hub" / "open_clip_config.json").read_text())["model_cfg"]
     assert exported["vision_cfg"]["patch_dropout"] == 0.5
     assert config_from_open_clip(exported)["vision"]["patch_dropout"] == 0.5
+    assert config_from_open_clip(exported)["init_logit_bias"] == pytest.approx(
+        float(load_stage(run).net.logit_bias)
+    )
     assert capsys.readouterr().out.strip().endswith("hub")
     net = load_stage(run).net
     g = torch.Generator().manual_seed(0)
@@ -276,12 +281,16 @@ with torch.no_grad():
     outputs["image"] = model.encode_image(inputs["images"], normalize=True)
     outputs["text"] = model.encode_text(inputs["tokens"], normalize=True)
 outputs["logit_scale"] = float(model.logit_scale.exp())
+outputs["logit_bias"] = float(model.logit_bias)
 outputs["mean"] = [float(m) for m in preprocess.transforms[-1].mean]
 """,
         {"dir": str(tmp_path / "hub"), "images": images, "tokens": tokens},
     )
     _check({**theirs, "images": images, "tokens": tokens}, net)
     assert theirs["logit_scale"] == pytest.approx(float(net.logit_scale.exp()), rel=1e-6)
+    assert (
+        theirs["logit_bias"] == pytest.approx(float(net.logit_bias), rel=1e-6) and theirs["logit_bias"] != -10
+    )
     assert theirs["mean"] == pytest.approx([0.48145466, 0.4578275, 0.40821073])
     # a CLIP trained on [-1, 1] images: open_clip filled the missing mean and std with OpenAI's
     config = (run / "config.yaml").read_text()

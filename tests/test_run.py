@@ -110,6 +110,13 @@ def test_last_checkpoint_is_the_final_step_when_max_steps_is_not_a_multiple_of_t
     ):
         train(_fast_cfg(tmp_path, out, "trainer.max_steps=9", "module.lock_image=true"))
     assert {name: (out / name).read_bytes() for name in saved} == saved
+    # a run saved before locks existed (no such keys in its config.yaml) had nothing locked
+    (out / "config.yaml").write_text(
+        "\n".join(ln for ln in saved["config.yaml"].decode().splitlines() if "lock_" not in ln) + "\n"
+    )
+    with pytest.raises(ConfigError, match=r"module.lock_text=True \(saved: False\).*no weights-only start"):
+        train(_fast_cfg(tmp_path, out, "trainer.max_steps=9", "module.lock_text=true"))
+    (out / "config.yaml").write_bytes(saved["config.yaml"])
     # Whatever fails in the restore of the optimizer and loops (which Lightning runs after on_fit_start):
     # here a checkpoint whose optimizer state lost a parameter. config.yaml is written after it.
     last = out / "checkpoints" / "last.ckpt"

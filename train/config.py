@@ -111,7 +111,7 @@ def validate(cfg: DictConfig) -> None:
         if not ok(value):
             problems.append(f"{key}={value!r}: expected {expected}")
     problems += _optimizer_problems(cfg) + _normalize_problems(cfg) + _checkpoint_dir_problems(cfg)
-    problems += _diffusion_problems(cfg) + _accum_freq_problems(cfg)
+    problems += _diffusion_problems(cfg) + _accum_freq_problems(cfg) + _siglip_problems(cfg)
     problems += [p for p in argument_problems(cfg) if p.split("=", 1)[0] not in RULES]  # (said once)
     if not problems:
         problems += _batch_problems(cfg) + _image_size_problems(cfg)
@@ -183,6 +183,21 @@ def _accum_freq_problems(cfg: DictConfig) -> list[str]:
         k, target, supported="deepspeed" not in target.lower(), accumulate=accumulate,
         precision=OmegaConf.select(cfg, "trainer.precision", default=None),
     )  # fmt: skip
+
+
+def _siglip_problems(cfg: DictConfig) -> list[str]:
+    """``module.loss=siglip`` learns a bias the net has only with ``net.init_logit_bias`` (the module says
+    so too, but only once the data and the net are built)."""
+    loss = OmegaConf.select(cfg, "module.loss", default=None)
+    if cfg.get("stage_name") == "clip" and loss not in (None, "clip", "siglip"):
+        return [f"module.loss={loss!r}: expected clip (softmax, InfoNCE) or siglip (pairwise sigmoid)"]
+    if loss != "siglip":
+        return []
+    if OmegaConf.select(cfg, "net.init_logit_bias", default=None) is None:
+        return [
+            "module.loss=siglip needs net.init_logit_bias (SigLIP: -10, with net.init_logit_scale=2.302585)"
+        ]
+    return []
 
 
 def _diffusion_problems(cfg: DictConfig) -> list[str]:

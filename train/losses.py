@@ -1,4 +1,5 @@
-"""Symmetric contrastive (InfoNCE) loss over the GLOBAL batch, for CLIP pretraining.
+"""Symmetric contrastive (InfoNCE) loss over the GLOBAL batch, for CLIP pretraining (and SigLIP's
+pairwise sigmoid loss, :class:`SigLipLoss`, at the end).
 
 Each of ``world`` ranks holds B image and B text features (L2-normalised, same B on every rank). They
 are all-gathered so every rank sees the global batch of N = world x B pairs, ranks in order. The loss is
@@ -182,3 +183,52 @@ class ClipLoss(nn.Module):
             return logits
         extra = (logit_scale * images @ negatives.T).masked_fill(~mask.bool()[None], float("-inf"))
         return torch.cat([logits, extra], dim=1)
+
+
+def sigmoid_loss(
+    img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor, offset: int
+) -> torch.Tensor:
+    """``-(1/n) sum_ij log sigmoid(z_ij (t img_i . txt_j + b))`` of n image rows against every text column,
+    z = +1 for the pair (column ``offset + i``) and -1 otherwise; in float32, as ``_symmetric_ce``."""
+    logits = (logit_scale * img @ txt.T + logit_bias).float()
+    n = img.shape[0]
+    signs = torch.full_like(logits, -1.0)
+    rows = torch.arange(n, device=logits.device)
+    signs[rows, offset + rows] = 1.0
+    return -F.logsigmoid(signs * logits).sum() / n
+
+
+class SigLipLoss(ClipLoss):
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training";
+    open_clip's ``--siglip``): every image-text pair of the global batch is its own binary problem, the
+    pair positive and every other negative, with a learned scale t and bias b (initialised log 10 and -10:
+    ``net.init_logit_scale``, ``net.init_logit_bias``). No softmax over the batch, so no row needs the
+    whole batch's normaliser.
+
+    ``local_loss=True``: rank r's B images against the N gathered texts, divided by B; the mean of the
+    rank losses is the single-process loss over the concatenated batch, and with ``gather_with_grad`` the
+    gradients are exact after DDP's mean, by the argument of the module docstring. Only the texts are
+    gathered. ``local_loss=False``: the N x N pairs on every rank, divided by N."""
+
+    def forward(  # type: ignore[override]
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor,
+    ) -> torch.Tensor:
+        if image_features.shape != text_features.shape:
+            raise ValueError(
+                f"image features {tuple(image_features.shape)} and text features "
+                f"{tuple(text_features.shape)} must have the same shape (B, D)"
+            )
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        b = image_features.shape[0]
+        if world == 1:
+            return sigmoid_loss(image_features, text_features, logit_scale, logit_bias, 0)
+        self._check_equal_batches(b, image_features.device, world)
+        all_txt = gather_features(text_features, with_grad=self.gather_with_grad)
+        if self.local_loss:
+            return sigmoid_loss(image_features, all_txt, logit_scale, logit_bias, dist.get_rank() * b)
+        all_img = gather_features(image_features, with_grad=self.gather_with_grad)
+        return sigmoid_loss(all_img, all_txt, logit_scale, logit_bias, 0)

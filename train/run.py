@@ -84,14 +84,23 @@ def check_same_run(cfg: DictConfig, output_dir: Path, checkpoint: str | None = N
         for k in ours.keys() & theirs.keys()
         if ours[k] != theirs[k] and not k.startswith(("paths.", "resume"))
     )
-    locks = [k for k in changed if k in LOCK_KEYS]
+    # (a key the saved config lacks, from before locks existed, had its default: nothing locked)
+    saved_locks = {k: theirs.get(k, 0 if k.endswith("layers") else False) for k in LOCK_KEYS if k in ours}
+    locks = [k for k, v in saved_locks.items() if ours[k] != v]
     if locks:
+        vision = OmegaConf.select(cfg, "net.vision", default=None) or {}
+        open_clip = vision.get("stem", "patch") == "patch" and vision.get("pool", "tok") == "tok"
+        restart = (
+            "start a new run from its weights (python -m train.checkpoint to-open-clip RUN OUT, then "
+            "init_from_open_clip=OUT)"
+            if open_clip
+            else "start a new run (a net with a conv stem or mean pooling has no weights-only start)"
+        )
         raise ConfigError(
             f"resuming {path.parent} with "
-            + ", ".join(f"{k}={ours[k]!r} (saved: {theirs[k]!r})" for k in locks)
+            + ", ".join(f"{k}={ours[k]!r} (saved: {saved_locks[k]!r})" for k in locks)
             + ": its checkpoint's optimizer state is for the parameters that trained under the saved lock. "
-            "Keep the saved values, or start a new run from its weights (python -m train.checkpoint "
-            "to-open-clip RUN OUT, then init_from_open_clip=OUT)"
+            f"Keep the saved values, or {restart}"
         )
     if changed and checkpoint is None and _sweep_name() is not None:
         swept = [k for k in changed if k.startswith(("module.", "data.", "net."))]
@@ -304,12 +313,15 @@ def load_open_clip_weights(net: torch.nn.Module, path: str, config=None) -> None
         if k in ours and ours[k].shape != v.shape
     ]
     missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
+    # a softmax CLIP's weights for a SigLIP run (module.loss=siglip): the bias starts at net.init_logit_bias
+    keep_bias = "logit_bias" in missing
+    missing = [k for k in missing if k != "logit_bias"]
     if wrong or missing or unexpected:
         raise ValueError(
             f"init_from_open_clip={path} does not fit the configured net (pick the matching net=...): "
             f"shape mismatches {wrong[:4]}, missing {missing[:4]}, unexpected {unexpected[:4]}"
         )
-    net.load_state_dict(state)
+    net.load_state_dict(state, strict=not keep_bias)
     log.info("initialised %s from the open_clip checkpoint %s", type(net).__name__, path)
 
 

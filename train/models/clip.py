@@ -16,6 +16,8 @@
   (``clamp_logit_scale_``). It is a 1-element vector, where open_clip's is 0-dim: DeepSpeed
   (0.19) broadcasts and partitions parameters through byte views, which 0-dim tensors do not have.
   0-dim values (open_clip weights, older checkpoints) load unchanged (``_load_from_state_dict``).
+  With ``init_logit_bias`` (SigLIP's loss, ``module.loss=siglip``) the net also learns ``logit_bias``,
+  laid out alike.
 - Initialisation follows CLIP: token embedding std 0.02, text positions 0.01, transformer weights scaled
   by width and depth (``Transformer.init_weights``), projections width^-0.5.
 
@@ -284,6 +286,7 @@ class CLIP(nn.Module):
         quick_gelu: bool = False,
         init_logit_scale: float = math.log(1 / 0.07),
         max_logit_scale: float = 100.0,
+        init_logit_bias: float | None = None,
     ) -> None:
         super().__init__()
         vision = _plain(vision, "net.vision", VISION_KEYS)
@@ -309,11 +312,15 @@ class CLIP(nn.Module):
         )
         self.logit_scale = nn.Parameter(torch.tensor([float(init_logit_scale)]))
         self.max_logit_scale = max_logit_scale
+        # SigLIP's learned bias (module.loss=siglip; open_clip's init_logit_bias): absent by default, as in
+        # open_clip, so a softmax CLIP's state dict has no such key
+        if init_logit_bias is not None:
+            self.logit_bias = nn.Parameter(torch.tensor([float(init_logit_bias)]))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        key = prefix + "logit_scale"
-        if key in state_dict and state_dict[key].dim() == 0:  # open_clip's (and our former) 0-dim layout
-            state_dict[key] = state_dict[key].reshape(1)
+        for key in (prefix + "logit_scale", prefix + "logit_bias"):
+            if key in state_dict and state_dict[key].dim() == 0:  # open_clip's (and our former) 0-dim layout
+                state_dict[key] = state_dict[key].reshape(1)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -357,12 +364,16 @@ class CLIP(nn.Module):
     def forward(
         self, images: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """``keep``: the image tower's kept patch indices (``visual.kept_patches``), else its own draw."""
-        return {
+        """``keep``: the image tower's kept patch indices (``visual.kept_patches``), else its own draw.
+        ``logit_bias`` is there when the net has one (``init_logit_bias``)."""
+        out = {
             "image_features": self.encode_image(images, keep=keep),
             "text_features": self.encode_text(tokens),
             "logit_scale": self.logit_scale.exp().clamp(max=self.max_logit_scale),
         }
+        if hasattr(self, "logit_bias"):
+            out["logit_bias"] = self.logit_bias
+        return out
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
@@ -428,7 +439,7 @@ def from_open_clip_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[st
     for key, value in state_dict.items():
         if key == "attn_mask":  # a buffer in older open_clip versions; we use is_causal instead
             continue
-        if key == "logit_scale" and value.dim() == 0:  # open_clip's is 0-dim, ours a 1-element vector
+        if key in ("logit_scale", "logit_bias") and value.dim() == 0:  # open_clip's are 0-dim, ours (1,)
             value = value.reshape(1)
         out[f"text.{key}" if key.startswith(TEXT_TOWER) else key] = value
     return out

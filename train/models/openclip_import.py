@@ -108,7 +108,9 @@ def open_clip_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
 def config_from_open_clip(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """CLIP(**config) arguments for an open_clip model config; what our CLIP does not implement (a timm or
     HF tower, layer scale, attentional pooling, ...) is refused, naming the key."""
-    unsupported = sorted(set(model_cfg) - {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg"})
+    unsupported = sorted(
+        set(model_cfg) - {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg", "init_logit_bias"}
+    )
     vision, text = dict(model_cfg.get("vision_cfg", {})), dict(model_cfg.get("text_cfg", {}))
     unsupported += [f"vision_cfg.{k}" for k in sorted(set(vision) - VISION_CFG)]
     unsupported += [f"text_cfg.{k}" for k in sorted(set(text) - TEXT_CFG)]
@@ -117,9 +119,11 @@ def config_from_open_clip(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     image_size = vision.get("image_size", 224)
     image_size = image_size[0] if isinstance(image_size, list | tuple) else image_size
     vision_width, text_width = vision.get("width", 768), text.get("width", 512)
+    bias = model_cfg.get("init_logit_bias")
     return {
         "embed_dim": model_cfg["embed_dim"],
         "quick_gelu": bool(model_cfg.get("quick_gelu", False)),
+        **({} if bias is None else {"init_logit_bias": float(bias)}),  # a SigLIP-trained model's bias
         "vision": {
             "image_size": image_size,
             "patch_size": vision.get("patch_size", 16),
@@ -189,7 +193,8 @@ def shapes_of(state: dict[str, torch.Tensor]) -> dict[str, Any]:
 def _same_shapes(config: dict[str, Any], shapes: dict[str, Any]) -> bool:
     def sizes(c: dict) -> tuple:
         towers = [
-            {k: v for k, v in c[t].items() if k not in ("heads", "mlp_ratio")} for t in ("vision", "text")
+            {k: v for k, v in c[t].items() if k not in ("heads", "mlp_ratio", "patch_dropout")}
+            for t in ("vision", "text")
         ]
         hidden = [int(c[t]["width"] * c[t]["mlp_ratio"] + 1e-6) for t in ("vision", "text")]
         return c["embed_dim"], towers, hidden
@@ -242,7 +247,10 @@ def load_open_clip(
     """Our CLIP with an open_clip checkpoint's weights (file or hub directory), architecture as
     :func:`resolve_config` reads it."""
     state = read_state_dict(path)
-    net = CLIP(**resolve_config(path, state, config, heads, quick_gelu), eot_id=eot_id)
+    arch = resolve_config(path, state, config, heads, quick_gelu)
+    if "logit_bias" in state and "init_logit_bias" not in arch:  # SigLIP's bias (its value loads below)
+        arch["init_logit_bias"] = 0.0
+    net = CLIP(**arch, eot_id=eot_id)
     ours = from_open_clip_state_dict(state)
     expected = net.state_dict()
     wrong = [k for k, v in ours.items() if k in expected and expected[k].numel() != v.numel()]
@@ -268,9 +276,11 @@ def to_open_clip_config(net: CLIP) -> dict[str, Any]:
             f"net.vision.stem={v.get('stem')!r}, net.vision.pool={v.get('pool')!r}: open_clip's ViT has a linear "
             "patch stem and class-token pooling (net.vision.stem=patch net.vision.pool=tok)"
         )
+    bias = getattr(net, "logit_bias", None)  # SigLIP's: open_clip makes the parameter when the key is there
     return {
         "embed_dim": net.embed_dim,
         "quick_gelu": net.quick_gelu,
+        **({} if bias is None else {"init_logit_bias": float(bias.detach().reshape(-1)[0])}),
         "vision_cfg": {
             "image_size": v["image_size"],
             "layers": v["layers"],
@@ -289,7 +299,7 @@ def to_open_clip_state_dict(net: CLIP) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in net.state_dict().items():
         value = value.detach().contiguous().cpu()
-        if key == "logit_scale":
+        if key in ("logit_scale", "logit_bias"):
             value = value.reshape(())
         out[key.removeprefix("text.")] = value
     return out

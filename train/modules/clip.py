@@ -10,6 +10,10 @@ recipe against bag-of-words matching, which the DALL-E 2 paper names as the caus
 failures). The negatives go through the text tower in the same call as the captions; a caption without
 one is masked.
 
+``loss``: ``clip`` (the softmax above) or ``siglip``, SigLIP's pairwise sigmoid loss with a learned bias
+(train/losses.py ``SigLipLoss``; the net needs ``init_logit_bias``). ``val/loss`` is the training loss's
+kind, over every held-out pair.
+
 ``lock_image`` / ``lock_text`` (open_clip's ``--lock-image`` / ``--lock-text``, LiT): a tower frozen but its
 last ``lock_*_unlocked_layers`` blocks (``CLIP.lock``), e.g. the image tower of imported open_clip weights
 while the text tower learns a domain's captions: its image embeddings, on which a prior and a decoder
@@ -30,7 +34,7 @@ import torch
 
 from data.negatives import check_kinds, negative_tokens
 from train.callbacks.log_step import logs_this_step
-from train.losses import ClipLoss
+from train.losses import ClipLoss, SigLipLoss, sigmoid_loss
 from train.modules.base import StageModule
 from train.perf import not_model_flops
 from train.validation import clip_metrics
@@ -85,9 +89,19 @@ class ClipModule(StageModule):
         lock_image_unlocked_layers: int = 0,
         lock_text: bool = False,
         lock_text_unlocked_layers: int = 0,
+        loss: str = "clip",
         **old_keys: Any,
     ) -> None:
         super().__init__()
+        if loss not in ("clip", "siglip"):
+            raise ValueError(
+                f"module.loss={loss!r}: expected clip (softmax, InfoNCE) or siglip (pairwise sigmoid)"
+            )
+        if loss == "siglip" and not hasattr(net, "logit_bias"):
+            raise ValueError(
+                "module.loss=siglip needs a learned bias: set net.init_logit_bias (SigLIP: -10, with "
+                "net.init_logit_scale=2.302585, log 10)"
+            )
         self.kinds = check_kinds(hard_negatives, "module.hard_negatives")
         if self.kinds and tokenizer is None:
             raise ValueError("module.hard_negatives needs the tokenizer (the negatives are captions)")
@@ -97,12 +111,17 @@ class ClipModule(StageModule):
             raise ValueError(
                 "module.accum_freq > 1 with module.hard_negatives is not implemented: use one of them"
             )
+        if loss == "siglip" and self.kinds:
+            raise ValueError(
+                "module.loss=siglip with module.hard_negatives is not implemented: use one of them"
+            )
         optimizer, _ = self.settle_blocks(old_keys, optimizer)
         # saved as the arguments are now: the settled blocks, not the old keys
         self.save_hyperparameters(ignore=["net", "tokenizer", *old_keys])
         self.net = net
         self.tokenizer = tokenizer
-        self.loss = ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad)
+        loss_class = SigLipLoss if loss == "siglip" else ClipLoss
+        self.loss = loss_class(local_loss=local_loss, gather_with_grad=gather_with_grad)
         for tower, locked, unlocked in (
             ("image", lock_image, lock_image_unlocked_layers),
             ("text", lock_text, lock_text_unlocked_layers),
@@ -128,7 +147,7 @@ class ClipModule(StageModule):
             loss, out = self.cached_loss(batch["image"], batch["tokens"], self.hparams.accum_freq)
         elif not self.kinds:
             out = self.net(batch["image"], batch["tokens"])
-            loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"])
+            loss = self.contrastive(out["image_features"], out["text_features"], out)
         else:
             if "negative_tokens" in batch:  # made in the loader workers (data/pipeline.py)
                 tokens, mask = batch["negative_tokens"], batch["negative_mask"]
@@ -144,8 +163,20 @@ class ClipModule(StageModule):
         self.log("train/loss", loss)  # (not prog_bar: train/callbacks/progress_bar.py)
         if logs_this_step(self.trainer):
             self.log("train/logit_scale", out["logit_scale"].detach())
+            if "logit_bias" in out:
+                self.log("train/logit_bias", out["logit_bias"].detach().reshape(-1)[0])
         self.log_lr()
         return loss
+
+    def contrastive(
+        self, image_features: torch.Tensor, text_features: torch.Tensor, out: dict, *, constants: bool = False
+    ) -> torch.Tensor:
+        """``module.loss`` of the features, with the net's learned scale (and SigLIP's bias) from ``out``;
+        ``constants``: those as constants (the chunks of ``cached_loss`` but the last)."""
+        scalars = [out["logit_scale"], *([out["logit_bias"]] if self.hparams.loss == "siglip" else [])]
+        if constants:
+            scalars = [x.detach() for x in scalars]
+        return self.loss(image_features, text_features, *scalars)
 
     def cached_loss(
         self, images: torch.Tensor, tokens: torch.Tensor, chunks: int
@@ -170,8 +201,9 @@ class ClipModule(StageModule):
         keep = None
         if self.net.training and getattr(visual, "patch_dropout", 0.0) > 0:
             keep = visual.kept_patches(images.shape[0], images.device)
-        keeps = [None] * chunks if keep is None else list(keep.chunk(chunks))
-        parts = list(zip(images.chunk(chunks), tokens.chunk(chunks), keeps, strict=True))
+        image_parts = images.chunk(chunks)  # (fewer than ``chunks`` when they do not divide the batch)
+        keeps = [None] * len(image_parts) if keep is None else list(keep.chunk(chunks))
+        parts = list(zip(image_parts, tokens.chunk(chunks), keeps, strict=True))
         with torch.no_grad(), not_model_flops():  # (MFU counts the model's FLOPs: this pass is on top)
             cached = [self.net(i, t, k) for i, t, k in parts]
         img = [c["image_features"] for c in cached]
@@ -179,10 +211,11 @@ class ClipModule(StageModule):
         for j, (i, t, k) in enumerate(parts):
             out = self.net(i, t, k)
             last = j == len(parts) - 1
-            loss = self.loss(
+            loss = self.contrastive(
                 torch.cat([*img[:j], out["image_features"], *img[j + 1 :]]),
                 torch.cat([*txt[:j], out["text_features"], *txt[j + 1 :]]),
-                out["logit_scale"] if last else out["logit_scale"].detach(),
+                out,
+                constants=not last,
             )
             if not last:
                 loss.backward()
@@ -261,10 +294,14 @@ class ClipModule(StageModule):
         scale = self.net.logit_scale.exp().clamp(max=100).item() if hasattr(self.net, "logit_scale") else 1.0
         logits = scale * img @ txt.T
         target = torch.arange(len(img))
-        loss = (
-            torch.nn.functional.cross_entropy(logits, target)
-            + torch.nn.functional.cross_entropy(logits.T, target)
-        ) / 2
+        if self.hparams.loss == "siglip":  # the training objective over every held-out pair
+            bias = float(self.net.logit_bias.detach().float().reshape(-1)[0])
+            loss = sigmoid_loss(img, txt, torch.tensor(scale), torch.tensor(bias), 0)
+        else:
+            loss = (
+                torch.nn.functional.cross_entropy(logits, target)
+                + torch.nn.functional.cross_entropy(logits.T, target)
+            ) / 2
         metrics = {"val/loss": loss.item(), "val/n": float(len(img))}
         held_out = clip_metrics(
             img, txt, captions, scenes, self.net.encode_text, self.tokenizer,
