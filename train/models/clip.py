@@ -371,8 +371,8 @@ class CLIP(nn.Module):
             "text_features": self.encode_text(tokens),
             "logit_scale": self.logit_scale.exp().clamp(max=self.max_logit_scale),
         }
-        if hasattr(self, "logit_bias"):
-            out["logit_bias"] = self.logit_bias
+        if hasattr(self, "logit_bias"):  # a copy made here: FSDP2 frees the gathered parameter after forward
+            out["logit_bias"] = self.logit_bias.clone()
         return out
 
     @torch.no_grad()

@@ -19,7 +19,7 @@ last ``lock_*_unlocked_layers`` blocks (``CLIP.lock``), e.g. the image tower of 
 while the text tower learns a domain's captions: its image embeddings, on which a prior and a decoder
 trained, do not move.
 
-Logged: ``train/loss``, ``train/logit_scale``, ``train/lr``, ``val/loss``, ``val/zeroshot_{colour,shape,count}_top1``,
+Logged: ``train/loss``, ``train/logit_scale`` (and ``train/logit_bias``), ``train/lr``, ``val/loss``, ``val/zeroshot_{colour,shape,count}_top1``,
 ``val/zeroshot_top1``, ``val/{i2t,t2i}_r{1,5,10}``, ``val/pick_{colour,binding,relation}`` (an image's caption
 preferred to its hard negative; chance 50%); learning rate and throughput come from callbacks.
 """
