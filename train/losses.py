@@ -113,6 +113,17 @@ class ClipLoss(nn.Module):
         dist.all_gather(sizes, size)
         return [int(s) for s in sizes]
 
+    @staticmethod
+    def _world_and_batch(image_features: torch.Tensor, text_features: torch.Tensor) -> tuple[int, int]:
+        """The world size and this rank's batch, once the features are checked to be pairs."""
+        if image_features.shape != text_features.shape:
+            raise ValueError(
+                f"image features {tuple(image_features.shape)} and text features "
+                f"{tuple(text_features.shape)} must have the same shape (B, D)"
+            )
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return world, image_features.shape[0]
+
     def _check_equal_batches(self, b: int, device: torch.device, world: int) -> None:
         """Unequal batches would make the feature gathers mismatch (a hang or garbage on NCCL): refused.
         In training mode only the first call checks, since every training batch has the same size on
@@ -136,11 +147,7 @@ class ClipLoss(nn.Module):
         negatives: torch.Tensor | None = None,
         negative_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if image_features.shape != text_features.shape:
-            raise ValueError(
-                f"image features {tuple(image_features.shape)} and text features "
-                f"{tuple(text_features.shape)} must have the same shape (B, D)"
-            )
+        world, b = self._world_and_batch(image_features, text_features)
         if negatives is not None and (
             negative_mask is None or negative_mask.shape != negatives.shape[:1] or negatives.ndim != 2
         ):
@@ -148,8 +155,6 @@ class ClipLoss(nn.Module):
                 f"hard negatives {tuple(negatives.shape)} need a bool mask of shape ({negatives.shape[0]},), "
                 f"got {None if negative_mask is None else tuple(negative_mask.shape)}"
             )
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        b = image_features.shape[0]
         if world == 1:
             logits = logit_scale * image_features @ text_features.T
             logits_img = self._with_negatives(logits, image_features, negatives, negative_mask, logit_scale)
@@ -217,13 +222,7 @@ class SigLipLoss(ClipLoss):
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor,
     ) -> torch.Tensor:
-        if image_features.shape != text_features.shape:
-            raise ValueError(
-                f"image features {tuple(image_features.shape)} and text features "
-                f"{tuple(text_features.shape)} must have the same shape (B, D)"
-            )
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        b = image_features.shape[0]
+        world, b = self._world_and_batch(image_features, text_features)
         if world == 1:
             return sigmoid_loss(image_features, text_features, logit_scale, logit_bias, 0)
         self._check_equal_batches(b, image_features.device, world)
