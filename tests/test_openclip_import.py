@@ -405,3 +405,29 @@ def test_fine_tuning_from_an_exported_model_keeps_its_zero_shot(tmp_path):
     other_tokenizer = zeroshot(load_open_clip(hub, eot_id=other.eot_id), other)
     for control in (argmax_pooling, other_tokenizer):
         assert colour(control) < 0.8 * colour(before), (before, control)
+
+
+def test_a_siglip_net_starts_from_a_softmax_clips_weights_with_its_own_bias(tmp_path):
+    """init_from_open_clip of a CLIP without a bias into a net with one (module.loss=siglip): every weight
+    is the checkpoint's and the bias stays net.init_logit_bias; the reverse (a bias the net lacks) is
+    refused, naming it. A SigLIP-trained hub directory builds a net with its bias (load_open_clip)."""
+    from train.models.openclip_import import save_open_clip
+    from train.run import load_open_clip_weights
+
+    def net(**kw) -> CLIP:
+        torch.manual_seed(len(kw))
+        return CLIP(embed_dim=16, vision={"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "heads": 2},
+                    text={"context_length": 8, "vocab_size": 50, "width": 32, "layers": 1, "heads": 2}, **kw)  # fmt: skip
+
+    softmax, siglip = net(), net(init_logit_bias=-10.0)
+    save_open_clip(softmax, tmp_path / "softmax")
+    load_open_clip_weights(siglip, str(tmp_path / "softmax"))
+    theirs = softmax.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in siglip.state_dict().items() if k != "logit_bias")
+    assert siglip.logit_bias.item() == -10.0
+    with torch.no_grad():
+        siglip.logit_bias.fill_(-7.5)
+    save_open_clip(siglip, tmp_path / "siglip")
+    with pytest.raises(ValueError, match=r"unexpected \['logit_bias'\]"):
+        load_open_clip_weights(net(), str(tmp_path / "siglip"))
+    assert load_open_clip(tmp_path / "siglip").logit_bias.item() == -7.5
