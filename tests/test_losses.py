@@ -244,30 +244,21 @@ def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
         from train.modules.clip import ClipModule
         from train.strategies import shard_module
 
-        module = ClipModule(tiny(), accum_freq=2)
-        shard_module(module, init_device_mesh("cpu", (world,)))
-        loss = module.cached_loss(images[part], tokens[part], 2)[0]
-        loss.backward()
-        mean_loss = loss.detach().clone()
-        dist.all_reduce(mean_loss)
-        results[("accum_freq", "fsdp")] = {
-            "loss": mean_loss / world,
-            "grads": {n: p.grad.full_tensor() for n, p in module.net.named_parameters()},
-        }
-        del module  # (FSDP2's modules freed before the process group: tests/test_strategies.py)
-        # SigLIP under FSDP2: the bias was returned as the gathered parameter, which FSDP2 frees after the
-        # forward (a segmentation fault in the loss); a copy now
-        module = ClipModule(tiny(**SIGLIP), accum_freq=2, loss="siglip")
-        shard_module(module, init_device_mesh("cpu", (world,)))
-        loss = module.cached_loss(images[part], tokens[part], 2)[0]
-        loss.backward()
-        mean_loss = loss.detach().clone()
-        dist.all_reduce(mean_loss)
-        results[("siglip_accum_freq", "fsdp")] = {
-            "loss": mean_loss / world,
-            "grads": {n: p.grad.full_tensor() for n, p in module.net.named_parameters()},
-        }
-        del module
+        # SigLIP too: its bias was returned as the gathered parameter, which FSDP2 frees after the forward
+        # (a segmentation fault in the loss); a copy now
+        for key, net_kw, loss_kind in ((("accum_freq", "fsdp"), {}, "clip"),
+                                       (("siglip_accum_freq", "fsdp"), SIGLIP, "siglip")):  # fmt: skip
+            module = ClipModule(tiny(**net_kw), accum_freq=2, loss=loss_kind)
+            shard_module(module, init_device_mesh("cpu", (world,)))
+            loss = module.cached_loss(images[part], tokens[part], 2)[0]
+            loss.backward()
+            mean_loss = loss.detach().clone()
+            dist.all_reduce(mean_loss)
+            results[key] = {
+                "loss": mean_loss / world,
+                "grads": {n: p.grad.full_tensor() for n, p in module.net.named_parameters()},
+            }
+            del module  # (FSDP2's modules freed before the process group: tests/test_strategies.py)
         neg_tokens, neg_mask = negative_data()
         for local_loss in (True, False):  # hard negatives: gathered like the texts
             net = torch.nn.parallel.DistributedDataParallel(tiny())
