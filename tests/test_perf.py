@@ -157,6 +157,47 @@ def test_regional_compile_keeps_outputs_and_state_dict_keys():
         compile_net(net, "fast")
 
 
+def test_regional_compile_serves_every_evaluation_batch_size_and_keeps_the_training_graphs(monkeypatch):
+    """The tiny CLIP as its validation runs it: training batches, then evaluation at other batch sizes (the
+    held-out batch, the last smaller one, the zero-shot prompts). Within dynamo's recompile limit (reaching
+    it is an error here, not a silent fall back to eager), and training afterwards compiles nothing new."""
+    import torch._dynamo
+    from hydra.utils import instantiate
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
+    torch._dynamo.reset()
+    cfg = compose_config(["stage=clip"])
+    net, ref = instantiate(cfg.net), instantiate(cfg.net)
+    ref.load_state_dict(net.state_dict())
+    compile_net(net, "regional", backend="eager")
+    size, length = cfg.net.vision.image_size, cfg.net.text.context_length
+
+    def batch(n):
+        return torch.randn(n, 3, size, size), torch.randint(1, 100, (n, length))
+
+    def train_step():
+        images, texts = batch(8)
+        out = net(images, texts)
+        sum(v.sum() for v in out.values()).backward()
+
+    train_step()
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        for n in (16, 5, 3, 16):
+            images, texts = batch(n)
+            torch.testing.assert_close(net(images, texts), ref(images, texts))
+        for n in (7, 2):
+            net.encode_text(batch(n)[1])
+    evaluation = counters["stats"]["unique_graphs"] - graphs
+    train_step()
+    train_step()
+    assert counters["stats"]["unique_graphs"] == graphs + evaluation  # the training graphs were reused
+    assert evaluation <= 4, evaluation  # dynamic shapes: a graph per block shape, not per batch size
+    torch._dynamo.reset()
+
+
 def test_model_flops_exclude_checkpoint_recompute():
     x, t, emb = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.randn(2, 8)
     counts = {}

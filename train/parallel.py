@@ -107,6 +107,12 @@ def compile_net(net: nn.Module, mode: str | bool | None, backend: str = "inducto
     compiled code, so the first step compiles a handful of graphs (under a minute) and the glue between
     blocks runs eagerly. Apply after FSDP sharding (the blocks are then the FSDP units). Returns the
     compiled modules.
+
+    Training (gradients on) compiles for its exact shapes: one graph per block shape, built at the first
+    step and reused by every later one. Evaluation (gradients off: validation, zero-shot prompts, the last
+    smaller batch) compiles with dynamic shapes, one graph per block shape for every batch size. Static
+    shapes throughout gave each evaluation batch size its own graph, and dynamo's recompile limit (8 per
+    code object) was reached in the tiny CLIP's first validation: the rest ran eagerly.
     """
     import torch._dynamo.config
 
@@ -114,13 +120,23 @@ def compile_net(net: nn.Module, mode: str | bool | None, backend: str = "inducto
     if mode == "none":
         return []
     targets = [net] if mode == "full" else fsdp_units(net)
-    if mode == "regional":
-        # One code object (Block.forward) serves every block: each distinct shape is one more compiled
-        # entry of it. A paper UNet has ~20 distinct block shapes; past the limit dynamo would fall back
-        # to eager for the rest without an error.
-        shapes = len({tuple(p.shape for p in m.parameters()) for m in targets})
-        limit = max(torch._dynamo.config.recompile_limit, 2 * shapes)
-        torch._dynamo.config.recompile_limit = limit
+    # One code object (Block.forward) serves every block: each distinct shape is one more compiled entry
+    # of it, once for training and once for evaluation (a paper UNet has ~20 distinct block shapes). Past
+    # the limit dynamo would fall back to eager for the rest without an error.
+    shapes = len({tuple(p.shape for p in m.parameters()) for m in targets})
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * shapes + 8)
     for module in targets:
-        module.compile(backend=backend, dynamic=False)
+        _compile_by_grad_mode(module, backend)
     return targets
+
+
+def _compile_by_grad_mode(module: nn.Module, backend: str) -> None:
+    """``module.compile`` (its ``__call__``, hooks included), static shapes with gradients on and dynamic
+    shapes without."""
+    static = torch.compile(module._call_impl, backend=backend, dynamic=False)
+    dynamic = torch.compile(module._call_impl, backend=backend, dynamic=True)
+
+    def call(*args, **kwargs):
+        return (static if torch.is_grad_enabled() else dynamic)(*args, **kwargs)
+
+    module._compiled_call_impl = call
