@@ -157,16 +157,21 @@ def test_regional_compile_keeps_outputs_and_state_dict_keys():
         compile_net(net, "fast")
 
 
-def test_regional_compile_serves_every_evaluation_batch_size_and_keeps_the_training_graphs(monkeypatch):
+def test_regional_compile_serves_every_evaluation_batch_size_and_keeps_the_training_graphs():
     """The tiny CLIP as its validation runs it: training batches, then evaluation at other batch sizes (the
     held-out batch, the last smaller one, the zero-shot prompts). Within dynamo's recompile limit (reaching
     it is an error here, not a silent fall back to eager), and training afterwards compiles nothing new."""
     import torch._dynamo
+
+    config = torch._dynamo.config
+    with config.patch(fail_on_recompile_limit_hit=True, recompile_limit=config.recompile_limit):
+        _train_evaluate_train()
+
+
+def _train_evaluate_train() -> None:
     from hydra.utils import instantiate
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
     torch._dynamo.reset()
     cfg = compose_config(["stage=clip"])
     net, ref = instantiate(cfg.net), instantiate(cfg.net)
