@@ -16,6 +16,7 @@ Model states follow the strategies' layouts with N parameters over W GPUs (Adam:
     deepspeed_zero3  weights 2N/W, grads 2N/W, master+Adam 12N/W, EMA 6N/W, + the largest units gathered
     zero3_offload    on the GPU only the gathered units; weights, master and Adam in CPU memory
     fsdp             weights 4N/W, grads 4N/W, Adam 8N/W, EMA 4N/W, + the largest units gathered in bf16
+    fsdp shard_size=S  as fsdp over S GPUs (HSDP, replicated across the groups; S: --gpus-per-node)
 
 Validation keeps the model states (gradients included: they live until the next step zeroes them) and
 adds what evaluation gathers whole under ZeRO-3/FSDP (a stage's ``eval_gathers``: the CLIP's net; under
@@ -210,7 +211,10 @@ def validation_batch(cfg, train_batch: int) -> int:
     return batch * (2 if guided else 1)
 
 
-def plan(cfg, gpus: int, batch_per_gpu: int) -> tuple[list[tuple], dict]:
+def plan(cfg, gpus: int, batch_per_gpu: int, shard_size: int | None = None) -> tuple[list[tuple], dict]:
+    """Rows of (strategy, weights, grads, optimizer, EMA, activations, CPU, validation peak) in bytes per
+    GPU, and what they were made of. ``shard_size`` below ``gpus`` adds FSDP's HSDP row
+    (``strategy.shard_size``): the states sharded over that many GPUs, replicated across the groups."""
     with torch.device("meta"):
         net = instantiate(cfg.net)
     net = net.to(torch.bfloat16)
@@ -253,11 +257,17 @@ def plan(cfg, gpus: int, batch_per_gpu: int) -> tuple[list[tuple], dict]:
         ("deepspeed_zero3_offload", gathered, 2 * n / w, 0, 0, (2 * (n + frozen) + 12 * n + 6 * ema) / w),
         ("fsdp", 4 * (n + frozen) / w + gathered, 4 * n / w, 8 * n / w, 4 * ema / w, 0),
     ]
+    if shard_size is not None and shard_size < gpus:
+        s = shard_size
+        rows.append(
+            (f"fsdp shard_size={s}", 4 * (n + frozen) / s + gathered, 4 * n / s, 8 * n / s, 4 * ema / s, 0)
+        )
     # what validation gathers on top of the sharded states: fp32 under FSDP (no param_dtype), bf16 under ZeRO-3
     eval_extra = {
         "deepspeed_zero3": 2 * eval_whole,
         "deepspeed_zero3_offload": 2 * eval_whole,
         "fsdp": 4 * eval_whole_fsdp,
+        f"fsdp shard_size={shard_size}": 4 * eval_whole_fsdp,
     }
     info = {
         "trainable": n,
@@ -293,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     gpus = args.nodes * args.gpus_per_node
     accumulate = int(OmegaConf.select(cfg, "trainer.accumulate_grad_batches", default=1) or 1)
     batch = args.batch_per_gpu or max(1, cfg.data.global_batch_size // gpus // accumulate)
-    rows, info = plan(cfg, gpus, batch)
+    rows, info = plan(cfg, gpus, batch, shard_size=args.gpus_per_node)  # + HSDP over a node, on several
     extras = [", with an EMA copy" if info["ema"] else ""]
     if info["clip"]:
         extras.append(f", frozen CLIP {info['clip'] / 1e6:,.0f}M (bf16)")

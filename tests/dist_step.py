@@ -2,7 +2,7 @@
 checkpoint round trip in the middle: train 2 steps, save (sharded under ZeRO/FSDP), rebuild everything
 from a different initialisation, resume from the checkpoint, train the last step, save, consolidate to
 one state dict and write the weights. tests/test_strategies.py runs it with 1 process (the reference)
-and with 2 processes under torchrun (DDP, DeepSpeed ZeRO 1/2/3, FSDP2) and compares.
+and with 2 processes under torchrun (DDP, DeepSpeed ZeRO 1/2/3, FSDP2), 4 for HSDP, and compares.
 
     torchrun --nproc_per_node=2 tests/dist_step.py --strategy zero3 --out DIR
 
@@ -141,6 +141,8 @@ def strategy(name: str):
         return CPUDeepSpeedStrategy(stage=int(name[-1]), logging_level=40, logging_batch_size_per_gpu=1)
     if name == "fsdp":
         return FSDPStrategy()
+    if name == "hsdp":  # 4 processes: 2 replicas, each weight sharded over 2 ranks
+        return FSDPStrategy(shard_size=2)
     raise SystemExit(f"unknown --strategy {name}")
 
 

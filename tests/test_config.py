@@ -174,6 +174,32 @@ def test_a_global_batch_the_processes_cannot_split_is_refused_at_start(monkeypat
         validate(_compose("data.global_batch_size=100", "trainer.devices=1"))
 
 
+def test_an_hsdp_shard_size_that_does_not_divide_the_world_is_refused_at_start(monkeypatch):
+    """FSDP's ``strategy.shard_size`` (HSDP groups of that many ranks): a divisor of the world size; the
+    strategy refuses again once Lightning knows the world (devices=auto)."""
+    for name in ("WORLD_SIZE", "SLURM_NTASKS", "SLURM_JOB_NAME", "SLURM_STEP_ID", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    validate(_compose("strategy=fsdp", "strategy.shard_size=4", "trainer.devices=4", "trainer.num_nodes=2"))
+    with pytest.raises(
+        ConfigError, match=r"strategy.shard_size=3: expected a positive divisor of the world size, 8"
+    ):
+        validate(
+            _compose("strategy=fsdp", "strategy.shard_size=3", "trainer.devices=4", "trainer.num_nodes=2")
+        )
+    with pytest.raises(
+        ConfigError, match=r"strategy.shard_size=0: expected a positive divisor of the world size "
+    ):
+        validate(_compose("strategy=fsdp", "strategy.shard_size=0"))
+    with pytest.raises(ConfigError, match=r"strategy.shard_size='node': expected an integer or null"):
+        validate(_compose("strategy=fsdp", "strategy.shard_size=node"))
+    from train.strategies import FSDPStrategy
+
+    with pytest.raises(
+        ValueError, match=r"strategy.shard_size=True: expected null \(every rank\) or a positive"
+    ):
+        FSDPStrategy(shard_size=True)
+
+
 def test_every_problem_is_listed_at_once():
     with pytest.raises(ConfigError) as err:
         validate(

@@ -77,22 +77,23 @@ def _rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[f
 
 
 @pytest.mark.parametrize(
-    "strategy, ckpt_format",
+    "strategy, ckpt_format, world",
     [
-        ("ddp", "file"),
-        ("zero1", "deepspeed"),
-        ("zero2", "deepspeed"),
-        ("zero3", "deepspeed"),
-        ("fsdp", "dcp"),
+        ("ddp", "file", 2),
+        ("zero1", "deepspeed", 2),
+        ("zero2", "deepspeed", 2),
+        ("zero3", "deepspeed", 2),
+        ("fsdp", "dcp", 2),
+        ("hsdp", "dcp", 4),  # strategy.shard_size=2: 2 replicas of 2 shards
     ],
 )
 def test_two_processes_match_one_process_through_a_checkpoint_round_trip(
-    tmp_path, reference, strategy, ckpt_format
+    tmp_path, reference, strategy, ckpt_format, world
 ):
-    out = _run(tmp_path, strategy, 2)
+    out = _run(tmp_path, strategy, world)
     info = json.loads((out / "info.json").read_text())
     assert {k: info[k] for k in ("world", "strategy", "global_step")} == {
-        "world": 2,
+        "world": world,
         "strategy": strategy,
         "global_step": 3,
     }
@@ -106,9 +107,13 @@ def test_two_processes_match_one_process_through_a_checkpoint_round_trip(
     plain = torch.load(out / "consolidated.pt", weights_only=True)
     assert plain["global_step"] == 3 and set(plain["state_dict"]) == set(weights)
 
-    shards = [json.loads((out / f"shards_rank{r}.json").read_text()) for r in range(2)]
+    shards = [json.loads((out / f"shards_rank{r}.json").read_text()) for r in range(world)]
     for name, (held, part, full) in shards[0].items():
-        if strategy in ("zero3", "fsdp"):
+        if strategy == "hsdp":
+            # ranks 0 and 1 hold one replica's two shards, ranks 2 and 3 the other's, alike
+            assert part + shards[1][name][1] == full, (name, part, shards[1][name][1], full)
+            assert [s[name][1] for s in shards[2:]] == [part, shards[1][name][1]], name
+        elif strategy in ("zero3", "fsdp"):
             # outside forward a rank holds only its partition: about half of every matrix
             if strategy == "zero3":
                 assert held == 0, f"{name}: ZeRO-3 left {held} elements gathered outside forward"
@@ -333,6 +338,13 @@ def test_memory_plan_counts_model_states_and_measures_activations(capsys):
     assert fsdp[6] == pytest.approx(sum(fsdp[:4]) + 4 * n + info["inference"])
     assert info["val_batch"] == cfg.data.val_batch_size and info["inference"] > 0
     assert by_name["deepspeed_zero3"][0] < by_name["deepspeed_zero2"][0] / 4  # weights sharded
+    # HSDP (strategy.shard_size=8 on 16 GPUs): FSDP's states over 8, not 16; the rest as FSDP's
+    hsdp = {r[0]: r[1:] for r in plan.plan(cfg, gpus=16, batch_per_gpu=8, shard_size=8)[0]}
+    assert set(hsdp) == {*by_name, "fsdp shard_size=8"} and hsdp["fsdp"] == fsdp
+    assert hsdp["fsdp shard_size=8"][1:3] == (4 * n / 8, 8 * n / 8) and hsdp["fsdp shard_size=8"][4] == act
+    assert hsdp["fsdp shard_size=8"][6] - sum(hsdp["fsdp shard_size=8"][:4]) == pytest.approx(
+        fsdp[6] - sum(fsdp[:4])
+    )
     # activations are measured: linear in the batch, and activation checkpointing keeps far fewer
     rows_16, _ = plan.plan(cfg, gpus=16, batch_per_gpu=16)
     assert rows_16[0][5] == pytest.approx(2 * act)

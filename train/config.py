@@ -114,7 +114,7 @@ def validate(cfg: DictConfig) -> None:
     problems += _diffusion_problems(cfg) + _accum_freq_problems(cfg) + _siglip_problems(cfg)
     problems += [p for p in argument_problems(cfg) if p.split("=", 1)[0] not in RULES]  # (said once)
     if not problems:
-        problems += _batch_problems(cfg) + _image_size_problems(cfg)
+        problems += _batch_problems(cfg) + _image_size_problems(cfg) + _shard_problems(cfg)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
@@ -358,4 +358,18 @@ def _batch_problems(cfg: DictConfig) -> list[str]:
         )
     except ValueError as e:
         return [str(e)]
+    return []
+
+
+def _shard_problems(cfg: DictConfig) -> list[str]:
+    """FSDP's ``strategy.shard_size`` (HSDP): a positive divisor of the world size, when that is known."""
+    shard = OmegaConf.select(cfg, "strategy.shard_size", default=None)
+    if not _integer(shard):
+        return []  # null, or a wrong type (said by the argument checks)
+    world = launched_world_size(cfg)
+    if shard < 1 or (world is not None and world % shard):
+        known = f", {world}" if world is not None else ""
+        return [
+            f"strategy.shard_size={shard}: expected a positive divisor of the world size{known} (e.g. the ranks of one node)"
+        ]
     return []

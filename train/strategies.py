@@ -308,12 +308,16 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
 
 
 class FSDPStrategy(ModelParallelStrategy):
-    """FSDP2: parameters, gradients and optimizer state sharded over all ranks (pure data parallel mesh).
+    """FSDP2: parameters, gradients and optimizer state sharded over all ranks (pure data parallel mesh),
+    or over groups of ``shard_size`` ranks with the groups replicas of each other (HSDP).
 
     The LightningModule applies the sharding in ``configure_model`` (see :func:`shard_module`); options
     reach it through the strategy: ``reshard_after_forward`` (True: ZeRO-3-like, free gathered weights
     after forward; False: ZeRO-2-like, keep them until backward), ``param_dtype``/``reduce_dtype``
-    (mixed precision of the sharded compute, e.g. bf16 params with fp32 gradient reduction).
+    (mixed precision of the sharded compute, e.g. bf16 params with fp32 gradient reduction),
+    ``shard_size`` (HSDP: each weight sharded over ``shard_size`` consecutive ranks, e.g. the 8 GPUs of a
+    node, so the per-unit all-gathers and reduce-scatters stay inside a node and only the gradients'
+    all-reduce crosses nodes; null: over every rank).
     Checkpoints are distributed (a directory with one shard per rank) unless
     ``save_distributed_checkpoint=False``; ``python -m train.checkpoint consolidate`` makes one file.
     """
@@ -324,6 +328,7 @@ class FSDPStrategy(ModelParallelStrategy):
         param_dtype: str | None = None,
         reduce_dtype: str | None = None,
         save_distributed_checkpoint: bool = True,
+        shard_size: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -332,14 +337,39 @@ class FSDPStrategy(ModelParallelStrategy):
             save_distributed_checkpoint=save_distributed_checkpoint,
             **kwargs,
         )
+        if shard_size is not None and (
+            isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1
+        ):
+            raise ValueError(
+                f"strategy.shard_size={shard_size!r}: expected null (every rank) or a positive integer"
+            )
         self.reshard_after_forward = reshard_after_forward
         self.param_dtype = _dtype(param_dtype, "param_dtype")
         self.reduce_dtype = _dtype(reduce_dtype, "reduce_dtype")
+        self.shard_size = shard_size
+        self.shard_mesh = None  # the mesh the net is sharded over: set up with the process group
 
     def setup_environment(self) -> None:
         # "auto" would mean one data-parallel group per node; FSDP here shards over every rank.
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+        self.shard_mesh = self._device_mesh["data_parallel"]
+        world, size = self.world_size, self.shard_size
+        if size is None or size == world:
+            return
+        if world % size:
+            raise ValueError(
+                f"strategy.shard_size={size}: expected a divisor of the world size, {world} "
+                f"({self.num_nodes} node(s) x {self.num_processes} process(es)), e.g. the ranks of one node"
+            )
+        from torch.distributed.device_mesh import init_device_mesh
+
+        # rank = replica * size + position: a replica is `size` consecutive ranks (one node's, as
+        # torchrun and SLURM number them)
+        self.shard_mesh = init_device_mesh(
+            self.root_device.type, (world // size, size), mesh_dim_names=("replicate", "shard")
+        )
+        log.info("FSDP2: HSDP, %d replicas of %d shards", world // size, size)
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
         _committed_save(self, super().save_checkpoint, checkpoint, filepath, storage_options)
@@ -422,7 +452,7 @@ def shard_module(
         for unit in fsdp_units(child):
             fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
         fully_shard(child, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
-    log.info("FSDP2: sharded %s over %d ranks", ", ".join(names), mesh.size())
+    log.info("FSDP2: sharded %s over %d ranks", ", ".join(names), mesh.size(mesh.ndim - 1))
 
 
 def configure_sharding(pl_module) -> None:
@@ -433,7 +463,7 @@ def configure_sharding(pl_module) -> None:
     strategy = pl_module.trainer.strategy
     if getattr(pl_module, "_sharded", False):
         return
-    dp_mesh = mesh["data_parallel"]
+    dp_mesh = getattr(strategy, "shard_mesh", None) or mesh["data_parallel"]  # 2-D under HSDP
     # The trained net and its EMA copy. A frozen CLIP (train/frozen_clip.py) is not a module: replicated.
     # The copy only ever runs forward, under no_grad (validation, sampling): with reshard_after_forward
     # false nothing would reshard it afterwards (that happens after backward), and its full weights would
