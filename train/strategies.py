@@ -438,7 +438,8 @@ def shard_module(
 ) -> None:
     """Apply FSDP2 to ``module``'s children named in ``roots`` (default: every child with parameters):
     each unit of :func:`fsdp_units` first, then the child itself. Frozen weights (an EMA copy) are
-    sharded like trained ones: every rank holds a 1/world slice of every weight."""
+    sharded like trained ones: every rank holds a 1/world slice of every weight (1/shard size on a 2-D HSDP
+    mesh, whose first dimension replicates)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
