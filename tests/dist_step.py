@@ -111,9 +111,36 @@ def build(seed: int, data: Batches) -> SGDClip:
     return module
 
 
-def trainer(name: str, world: int, steps: int, defer: bool = False) -> pl.Trainer:
+class ReplicaAllReduces(pl.Callback):
+    """How many all-reduces over a process group other than the world's each backward issued: under HSDP,
+    FSDP2's gradient all-reduce across the replicas (its reduce-scatters are other collectives)."""
+
+    counts: list[int] = []  # one per backward, both fits of the run
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self._calls, original = [0], dist.all_reduce
+
+        def counting(tensor, *args, **kwargs):
+            group = kwargs.get("group", args[1] if len(args) > 1 else None)
+            if group is not None and group is not dist.group.WORLD:
+                self._calls[0] += 1
+            return original(tensor, *args, **kwargs)
+
+        dist.all_reduce = counting
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self._calls[0] = 0
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self.counts.append(self._calls[0])
+
+
+def trainer(name: str, world: int, steps: int, defer: bool = False, accumulate: int = 1) -> pl.Trainer:
     return pl.Trainer(
-        callbacks=[NumericalGuard(max_consecutive=2, defer=defer)],
+        callbacks=[NumericalGuard(max_consecutive=2, defer=defer), ReplicaAllReduces()],
+        accumulate_grad_batches=accumulate,
         accelerator="cpu",
         devices=world,
         strategy=strategy(name),
@@ -154,22 +181,27 @@ def main() -> None:
     parser.add_argument("--nan-at", default=None, help="RANK,STEP: that rank's loss is NaN at that step")
     parser.add_argument("--fused", action="store_true", help="a fused AdamW in place of SGD")
     parser.add_argument("--deferred", action="store_true", help="with --fused: the guard's verdict deferred")
+    parser.add_argument(
+        "--accumulate", type=int, default=1, help="micro-batches per step (each the step's whole batch again)"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     data = Batches(rank, world, args.split)
-    loader = DataLoader(range(STEPS), batch_size=None, shuffle=False)
+    # the batch is picked by the global step: each micro-batch of a step is the step's batch, and the
+    # gradient (the micro-batches' mean) the same as without accumulation
+    loader = DataLoader(range(STEPS * args.accumulate), batch_size=None, shuffle=False)
 
     SGDClip.nan_at = tuple(int(v) for v in args.nan_at.split(",")) if args.nan_at else None
     SGDClip.fused = args.fused
-    first = trainer(args.strategy, world, STEPS - 1, defer=args.deferred)
+    first = trainer(args.strategy, world, STEPS - 1, defer=args.deferred, accumulate=args.accumulate)
     val_loader = DataLoader(range(1), batch_size=None)
     first.fit(build(0, data), train_dataloaders=loader, val_dataloaders=val_loader)
     first.save_checkpoint(out / "mid.ckpt")
     first.strategy.barrier()
 
-    second = trainer(args.strategy, world, STEPS, defer=args.deferred)
+    second = trainer(args.strategy, world, STEPS, defer=args.deferred, accumulate=args.accumulate)
     module = build(1, data)  # a different initialisation: everything must come from the checkpoint
     second.fit(module, train_dataloaders=loader, val_dataloaders=val_loader, ckpt_path=out / "mid.ckpt")
     val_loss = float(second.callback_metrics["val/loss"])
@@ -186,6 +218,7 @@ def main() -> None:
             "val_loss": val_loss,
             # NaN steps skipped, counted across the checkpoint round trip
             "skipped": next(c for c in second.callbacks if isinstance(c, NumericalGuard)).skipped,
+            "replica_all_reduces": ReplicaAllReduces.counts,
         }
         (out / "info.json").write_text(json.dumps(info))
 

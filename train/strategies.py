@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Generator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -373,6 +375,25 @@ class FSDPStrategy(ModelParallelStrategy):
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
         _committed_save(self, super().save_checkpoint, checkpoint, filepath, storage_options)
+
+    @contextmanager
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        """Lightning's gradient accumulation runs every micro-batch but an optimizer step's last in here.
+        Under HSDP the replicas' all-reduce (the one collective that crosses nodes) then waits for the
+        last micro-batch, which all-reduces the sum of the step's reduce-scattered gradients once. Each
+        micro-batch still reduce-scatters inside its group, so gradients stay sharded (FSDP2's
+        ``set_requires_all_reduce``). Plain FSDP has nothing to defer: it syncs every micro-batch."""
+        from torch.distributed.fsdp import FSDPModule
+
+        hsdp = self.shard_mesh is not None and self.shard_mesh.ndim == 2
+        units = [m for m in self.lightning_module.modules() if isinstance(m, FSDPModule)] if hsdp else []
+        for unit in units:
+            unit.set_requires_all_reduce(False, recurse=False)
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.set_requires_all_reduce(True, recurse=False)
 
     # Evaluation that calls more than ``forward`` (encode_text, the logit scale) reads weights between
     # forwards: the modules of eval_gathered() are gathered for the whole validation. The others stay
