@@ -431,3 +431,89 @@ def test_a_siglip_net_starts_from_a_softmax_clips_weights_with_its_own_bias(tmp_
     with pytest.raises(ValueError, match=r"unexpected \['logit_bias'\]"):
         load_open_clip_weights(net(), str(tmp_path / "siglip"))
     assert load_open_clip(tmp_path / "siglip").logit_bias.item() == -7.5
+
+
+@pytest.mark.slow
+def test_an_open_clip_checkpoint_becomes_the_clip_the_later_stages_train_on(tmp_path):
+    """``from-open-clip SRC OUT``: an open_clip hub directory (here our CLIP's, written by ``to-open-clip``:
+    no weights can be downloaded) as an export. As ``clip_ckpt=`` it embeds exactly as the run it came from,
+    and the prior trains on it; its embedding shards name its weights file, which the prior on those shards
+    takes as its CLIP; the cascade counts both as one CLIP."""
+    from data.embed import embed_shards
+    from train.cascade import _other_clip
+    from train.checkpoint import import_open_clip, main
+    from train.frozen_clip import FrozenClip
+    from train.run import train, wire_clip
+
+    data = [f"paths.data_dir={tmp_path / 'data'}"]
+    clip = compose_config(
+        ["debug=fast", "trainer.max_steps=2", *data, f"paths.output_dir={tmp_path / 'run'}"]
+        + ["net.vision.stem=patch", "net.vision.pool=tok"]  # what open_clip's ViT builds
+    )
+    train(clip)
+    main(["to-open-clip", str(tmp_path / "run"), str(tmp_path / "hub")])
+    out = tmp_path / "imported"
+    main(
+        [
+            "from-open-clip",
+            str(tmp_path / "hub"),
+            str(out),
+            "--tokenizer",
+            str(tmp_path / "run" / "tokenizer.json"),
+        ]
+    )
+    ours, theirs = FrozenClip(tmp_path / "run"), FrozenClip(out)
+    assert (theirs.image_size, theirs.resize_size, theirs.normalize.kind) == (64, 64, "clip")
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    tokens = ours.tokenizer(["a red circle", "two blue squares", "a green triangle left of a red square"])
+    assert torch.equal(
+        tokens,
+        theirs.tokenizer(["a red circle", "two blue squares", "a green triangle left of a red square"]),
+    )
+    a, b = ours.embed(images, tokens), theirs.embed(images, tokens)
+    assert all(torch.equal(a[k], b[k]) for k in ("img_emb", "txt_emb", "txt_feat"))
+
+    prior = compose_config(
+        ["stage=prior", "debug=fast", "trainer.max_steps=2", *data, f"paths.output_dir={tmp_path / 'prior'}"]
+        + [f"clip_ckpt={out}"]
+    )
+    assert train(prior)["trainer/global_step"] == 2
+    # embedding shards made with it name its weights file; a prior on them takes that as its CLIP
+    embed_shards(str(out), clip.data.val_shards, tmp_path / "emb")
+    made_by = json.loads((tmp_path / "emb" / "embed_info.json").read_text())["checkpoint"]
+    assert made_by == str(out / "model.safetensors")
+    on_shards = compose_config(
+        [
+            "stage=prior",
+            "data=embeddings",
+            f"data.train_shards={tmp_path / 'emb'}",
+            f"data.val_shards={tmp_path / 'emb'}",
+        ]
+    )
+    assert wire_clip(on_shards).eot_id == ours.tokenizer.eot_id and on_shards.clip_ckpt == made_by
+    assert not _other_clip(made_by, out) and _other_clip(made_by, tmp_path / "run")
+
+    # a bare weights file, its architecture (and preprocessing) named by a config file
+    bare = import_open_clip(
+        tmp_path / "hub" / "open_clip_model.safetensors",
+        tmp_path / "bare",
+        config=str(tmp_path / "hub" / "open_clip_config.json"),
+        tokenizer=tmp_path / "run" / "tokenizer.json",
+    )
+    assert torch.equal(FrozenClip(bare).embed(images, tokens)["img_emb"], a["img_emb"])
+
+    # what does not fit is refused, naming it
+    hub = json.loads((tmp_path / "hub" / "open_clip_config.json").read_text())
+    hub["preprocess_cfg"]["mean"] = [0.4, 0.4, 0.4]
+    (tmp_path / "hub" / "open_clip_config.json").write_text(json.dumps(hub))
+    with pytest.raises(ValueError, match=r"preprocess mean \[0.4, 0.4, 0.4\] .* none of data.normalize's"):
+        import_open_clip(tmp_path / "hub", tmp_path / "x", tokenizer=tmp_path / "run" / "tokenizer.json")
+    prior_tok = tmp_path / "prior" / "tokenizer.json"  # (the CLIP's too: 16 tokens)
+    short = ours.tokenizer.__class__.load(prior_tok)
+    short.context_length = 8
+    short.save(tmp_path / "short.json")
+    with pytest.raises(
+        ValueError,
+        match=r"--tokenizer .*short.json: 8 tokens of context, the checkpoint's text tower takes 16",
+    ):
+        import_open_clip(tmp_path / "hub", tmp_path / "x", tokenizer=tmp_path / "short.json")

@@ -32,7 +32,7 @@ from hydra.utils import instantiate
 
 from data.images import to_uint8, to_unit_range
 from data.progress import Progress
-from train.checkpoint import load_stage, run_dir_of
+from train.checkpoint import export_dir_of, load_stage, run_dir_of
 from train.diffusion import SAMPLERS, GaussianDiffusion
 from train.frozen_clip import FrozenClip
 from train.modules.decoder import DecoderModule
@@ -546,8 +546,10 @@ def _other_clip(recorded: str | None, clip_run: Path) -> bool:
 
 
 def _run_of(path: Path) -> Path:
-    """The run directory of a run, one of its checkpoints, or its export."""
+    """The run directory of a run, one of its checkpoints, or its export (or the export's weights file);
+    an export made elsewhere (``from-open-clip``) is its own."""
     path = path.resolve()
+    path = export_dir_of(path) or path
     return run_dir_of(path) if path.suffix == ".ckpt" or path.name == "export" else path
 
 

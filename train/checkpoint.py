@@ -8,11 +8,14 @@ so no optimizer or data pipeline is touched.
 An inference export (:func:`export_stage`, ``<run>/export/``) holds the net's weights (the EMA's where
 the stage has one) as ``model.safetensors`` (no pickle: safe to load from anywhere), next to
 ``config.yaml``, ``tokenizer.json`` and ``export.json`` (source checkpoint, step). :func:`load_stage`
-reads it like a run directory. ``to-open-clip`` writes a CLIP run as an open_clip hub directory.
+reads it like a run directory. ``to-open-clip`` writes a CLIP run as an open_clip hub directory;
+``from-open-clip`` writes an open_clip checkpoint as an export, which every consumer of a CLIP run takes
+(``clip_ckpt=``, ``python -m data.embed ckpt=``, ``eval.zeroshot``, ``eval.classify``, the cascade's ``--clip``).
 
     python -m train.checkpoint export RUN [--out DIR]            # <run>/export: safetensors + config
     python -m train.checkpoint consolidate CKPT OUT              # a sharded checkpoint -> one file
     python -m train.checkpoint to-open-clip RUN OUT_DIR          # open_clip.create_model("local-dir:OUT_DIR")
+    python -m train.checkpoint from-open-clip SRC OUT_DIR [--config ViT-L-14-quickgelu] [--tokenizer BPE]
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from data.tokenizer import Tokenizer
-from data.transforms import Normalize
+from data.transforms import CLIP_MEAN, CLIP_STD, Normalize
 from train.modules.compat import upgrade_config
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,17 @@ def resolve_run(path: str | Path) -> tuple[Path, Path]:
 
 
 EXPORT_WEIGHTS = "model.safetensors"
+
+
+def export_dir_of(path: str | Path) -> Path | None:
+    """The export directory ``path`` is, or whose weights file it is (``embed_info.json`` names the
+    weights of the CLIP that embedded); None for anything else."""
+    path = Path(path)
+    if path.is_dir() and (path / EXPORT_WEIGHTS).is_file():
+        return path
+    if path.name == EXPORT_WEIGHTS and path.is_file() and (path.parent / "config.yaml").is_file():
+        return path.parent
+    return None
 
 
 def wire_net_config(net_cfg: DictConfig, tokenizer: Tokenizer | None) -> DictConfig:
@@ -294,8 +308,9 @@ def _consolidated(path: str | Path) -> dict:
 def load_stage(
     path: str | Path, map_location: str | torch.device = "cpu", use_ema: bool = True
 ) -> LoadedStage:
-    if Path(path).is_dir() and (Path(path) / EXPORT_WEIGHTS).exists():
-        return _load_export(Path(path), map_location)
+    export = export_dir_of(path)
+    if export is not None:
+        return _load_export(export, map_location)
     run, ckpt_path = resolve_run(path)
     cfg_path = run / "config.yaml"
     if not cfg_path.exists():
@@ -357,6 +372,92 @@ def export_open_clip(path: str | Path, out: str | Path, use_ema: bool = True) ->
     return save_open_clip(stage.net, out, preprocess)
 
 
+NORMALIZE_KINDS = {  # data.normalize -> open_clip's preprocess mean and std (of [0, 1] pixels)
+    "clip": (CLIP_MEAN, CLIP_STD),
+    "minus_one_one": ((0.5,) * 3, (0.5,) * 3),
+    "unit": ((0.0,) * 3, (1.0,) * 3),
+}
+
+
+def import_open_clip(
+    source: str | Path,
+    out: str | Path,
+    *,
+    config: str | None = None,
+    tokenizer: str | Path | None = None,
+) -> Path:
+    """An open_clip checkpoint (a file, a hub directory or OpenAI's archive; architecture as
+    :func:`train.models.openclip_import.resolve_config` reads it, ``config`` naming it where the source does
+    not) as an inference export of ours: ``model.safetensors``, ``config.yaml`` (the net, the image size
+    and normalisation), ``tokenizer.json`` and ``export.json`` (the source). ``tokenizer``: CLIP's BPE
+    merges file (default: open_clip's, when installed) or a ``tokenizer.json`` of ours. The prior and the
+    decoder then train on that CLIP with ``clip_ckpt=OUT``, as DALL-E 2 trained on OpenAI's."""
+    from safetensors.torch import save_file
+
+    from data.tokenizer import clip_tokenizer
+    from train.models.clip import CLIP
+    from train.models.openclip_import import HUB_CONFIG, checkpoint_arch, load_open_clip, read_state_dict
+
+    source, out = Path(source), Path(out)
+    state = read_state_dict(source)
+    arch = checkpoint_arch(source, state, config)
+    context = int(arch["text"]["context_length"])
+    if tokenizer is not None and str(tokenizer).endswith(".json"):
+        tok = Tokenizer.load(tokenizer)
+        if tok.context_length != context:
+            raise ValueError(
+                f"--tokenizer {tokenizer}: {tok.context_length} tokens of context, the checkpoint's text tower "
+                f"takes {context}"
+            )
+    else:
+        tok = clip_tokenizer(tokenizer, context_length=context)
+    vocab = int(arch["text"]["vocab_size"])
+    if tok.vocab_size > vocab:
+        raise ValueError(
+            f"--tokenizer {tokenizer or 'CLIP BPE'}: {tok.vocab_size} ids, the checkpoint embeds {vocab}"
+        )
+    net = load_open_clip(source, config, eot_id=tok.eot_id, state=state)
+    if source.is_dir():
+        hub = source / HUB_CONFIG
+    else:
+        hub = Path(config) if config is not None and Path(config).is_file() else None
+    preprocess = read_json(hub).get("preprocess_cfg", {}) if hub is not None and hub.is_file() else {}
+    mean = tuple(preprocess.get("mean", CLIP_MEAN))  # what open_clip takes when the config is silent
+    std = tuple(preprocess.get("std", CLIP_STD))
+    kind = next((k for k, (m, d) in NORMALIZE_KINDS.items() if _close(mean, m) and _close(std, d)), None)
+    if kind is None:
+        raise ValueError(
+            f"{source}: its preprocess mean {list(mean)} and std {list(std)} are none of data.normalize's "
+            f"({', '.join(f'{k}: {m}, {d}' for k, (m, d) in NORMALIZE_KINDS.items())})"
+        )
+    size = int(arch["vision"]["image_size"])
+    wanted = preprocess.get("size", size)  # an int, or [height, width]
+    if (wanted[0] if isinstance(wanted, (list, tuple)) else wanted) != size:
+        raise ValueError(f"{source}: its preprocess size {wanted} is not its ViT's input, {size}")
+    cfg = OmegaConf.create(
+        {
+            "stage_name": "clip",
+            "net": {"_target_": f"{CLIP.__module__}.{CLIP.__qualname__}", **arch, "eot_id": tok.eot_id},
+            "data": {
+                "image_size": size,
+                "normalize": kind,
+                "tokenizer": {"context_length": context},
+            },
+        }
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(out / EXPORT_WEIGHTS))
+    OmegaConf.save(cfg, out / "config.yaml")
+    tok.save(out / "tokenizer.json")
+    info = {"open_clip": str(source), "config": config, "global_step": 0, "ema": False}
+    (out / "export.json").write_text(json.dumps(info, indent=2))
+    return out
+
+
+def _close(a, b) -> bool:
+    return len(a) == len(b) and all(abs(x - y) < 1e-4 for x, y in zip(a, b))
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -374,6 +475,15 @@ def main(argv: list[str] | None = None) -> None:
     o = sub.add_parser("to-open-clip", help="a CLIP run -> an open_clip hub directory (local-dir:OUT)")
     o.add_argument("run")
     o.add_argument("out")
+    f = sub.add_parser(
+        "from-open-clip", help="an open_clip checkpoint (file, hub directory) -> an export (clip_ckpt=OUT)"
+    )
+    f.add_argument("source")
+    f.add_argument("out")
+    f.add_argument("--config", default=None,
+                   help="the open_clip architecture of a checkpoint that does not carry it (ViT-L-14-quickgelu, ...)")  # fmt: skip
+    f.add_argument("--tokenizer", default=None,
+                   help="CLIP's bpe_simple_vocab_16e6.txt.gz (default: open_clip's, when installed) or a tokenizer.json")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         if args.command == "consolidate":
@@ -382,6 +492,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{args.out}: {len(state)} tensors, {n / 1e6:.2f}M values")
         elif args.command == "to-open-clip":
             print(export_open_clip(args.run, args.out))
+        elif args.command == "from-open-clip":
+            print(import_open_clip(args.source, args.out, config=args.config, tokenizer=args.tokenizer))
         else:
             print(export_stage(args.run, args.out, use_ema=not args.no_ema))
     except (FileNotFoundError, KeyError, ValueError) as e:

@@ -238,12 +238,12 @@ def remove_leftovers(output_dir: Path) -> None:
 
 
 def clip_run(path: str) -> tuple[Path, DictConfig]:
-    """The run directory and saved config of ``clip_ckpt=path``; another stage's run is refused, naming
-    it (its config lacked the CLIP's keys: an OmegaConf error about ``net.text``)."""
-    from train.checkpoint import resolve_run
+    """The run (or export) directory and saved config of ``clip_ckpt=path``; another stage's run is
+    refused, naming it (its config lacked the CLIP's keys: an OmegaConf error about ``net.text``)."""
+    from train.checkpoint import export_dir_of, resolve_run
     from train.config import ConfigError
 
-    run, _ = resolve_run(path)
+    run = export_dir_of(path) or resolve_run(path)[0]  # a run, or an export (ours, or from-open-clip's)
     clip_cfg = OmegaConf.load(run / "config.yaml")
     if clip_cfg.get("stage_name", "clip") != "clip":
         raise ConfigError(f"clip_ckpt={path}: a {clip_cfg.stage_name} run; expected a CLIP run (stage=clip)")
