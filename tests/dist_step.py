@@ -60,8 +60,8 @@ class SGDClip(EMAUpdateAfterStep, ClipModule):
 
     data: Batches  # set after construction: not a hyper-parameter (checkpoints hold plain values only)
 
-    def __init__(self, net) -> None:
-        super().__init__(net, zeroshot=False)
+    def __init__(self, net, accum_freq: int = 1) -> None:
+        super().__init__(net, zeroshot=False, accum_freq=accum_freq)
         self.ema = EMA(net, decay=0.5, warmup=False)
 
     nan_at: tuple[int, int] | None = None  # (rank, step): that rank's loss is NaN at that step
@@ -99,23 +99,24 @@ def held_numel(net: torch.nn.Module) -> dict[str, int]:
     return out
 
 
-def build(seed: int, data: Batches) -> SGDClip:
+def build(seed: int, data: Batches, accum_freq: int = 1) -> SGDClip:
     torch.manual_seed(seed)
     net = CLIP(
         embed_dim=16,
         vision={"image_size": 16, "patch_size": 8, "width": 32, "layers": 2, "heads": 2},
         text={"context_length": CONTEXT, "vocab_size": VOCAB, "width": 32, "layers": 2, "heads": 2},
     )
-    module = SGDClip(net)
+    module = SGDClip(net, accum_freq)
     module.data = data
     return module
 
 
 class ReplicaAllReduces(pl.Callback):
-    """How many all-reduces over a process group other than the world's each backward issued: under HSDP,
-    FSDP2's gradient all-reduce across the replicas (its reduce-scatters are other collectives)."""
+    """How many all-reduces over a process group other than the world's each training batch (a micro-batch
+    under accumulation) issued: under HSDP, FSDP2's gradient all-reduce across the replicas (its
+    reduce-scatters are other collectives)."""
 
-    counts: list[int] = []  # one per backward, both fits of the run
+    counts: list[int] = []  # one per training batch, both fits of the run
 
     def __init__(self) -> None:
         import torch.distributed as dist
@@ -130,10 +131,10 @@ class ReplicaAllReduces(pl.Callback):
 
         dist.all_reduce = counting
 
-    def on_before_backward(self, trainer, pl_module, loss) -> None:
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._calls[0] = 0
 
-    def on_after_backward(self, trainer, pl_module) -> None:
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.counts.append(self._calls[0])
 
 
@@ -150,6 +151,7 @@ def trainer(name: str, world: int, steps: int, defer: bool = False, accumulate: 
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=1,
+        val_check_interval=1,  # after every training batch: the last step validates, wherever its epoch is
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
     )
@@ -182,8 +184,12 @@ def main() -> None:
     parser.add_argument("--fused", action="store_true", help="a fused AdamW in place of SGD")
     parser.add_argument("--deferred", action="store_true", help="with --fused: the guard's verdict deferred")
     parser.add_argument(
-        "--accumulate", type=int, default=1, help="micro-batches per step (each the step's whole batch again)"
+        "--accumulate",
+        type=int,
+        default=1,
+        help="the first fit's micro-batches per step (each the step's whole batch)",
     )
+    parser.add_argument("--accum-freq", type=int, default=1, help="module.accum_freq of the resumed fit")
     args = parser.parse_args()
     out = Path(args.out)
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -201,8 +207,10 @@ def main() -> None:
     first.save_checkpoint(out / "mid.ckpt")
     first.strategy.barrier()
 
-    second = trainer(args.strategy, world, STEPS, defer=args.deferred, accumulate=args.accumulate)
-    module = build(1, data)  # a different initialisation: everything must come from the checkpoint
+    second = trainer(args.strategy, world, STEPS, defer=args.deferred)
+    module = build(
+        1, data, args.accum_freq
+    )  # another initialisation: everything must come from the checkpoint
     second.fit(module, train_dataloaders=loader, val_dataloaders=val_loader, ckpt_path=out / "mid.ckpt")
     val_loss = float(second.callback_metrics["val/loss"])
     (out / f"shards_rank{rank}.json").write_text(json.dumps(held_numel(module.net)))

@@ -109,10 +109,11 @@ def compile_net(net: nn.Module, mode: str | bool | None, backend: str = "inducto
     compiled modules.
 
     Training (gradients on) compiles for its exact shapes: one graph per block shape, built at the first
-    step and reused by every later one. Evaluation (gradients off: validation, zero-shot prompts, the last
-    smaller batch) compiles with dynamic shapes, one graph per block shape for every batch size. Static
-    shapes throughout gave each evaluation batch size its own graph, and dynamo's recompile limit (8 per
-    code object) was reached in the tiny CLIP's first validation: the rest ran eagerly.
+    step and reused by every later one. Evaluation (gradients off: validation, its last smaller batch,
+    zero-shot prompts) compiles with dynamic shapes, one graph per block shape for every batch size but 1
+    (which dynamo specialises). Static shapes throughout gave each evaluation batch size its own graph, and
+    dynamo's recompile limit (8 per code object) was reached in the tiny CLIP's first validation: the rest
+    ran eagerly.
     """
     import torch._dynamo.config
 
@@ -120,11 +121,17 @@ def compile_net(net: nn.Module, mode: str | bool | None, backend: str = "inducto
     if mode == "none":
         return []
     targets = [net] if mode == "full" else fsdp_units(net)
-    # One code object (Block.forward) serves every block: each distinct shape is one more compiled entry
-    # of it, once for training and once for evaluation (a paper UNet has ~20 distinct block shapes). Past
-    # the limit dynamo would fall back to eager for the rest without an error.
-    shapes = len({tuple(p.shape for p in m.parameters()) for m in targets})
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * shapes + 8)
+    # One code object (Block.forward) serves every block: each distinct block (its weights' shapes, and
+    # which train: a locked tower's frozen blocks are graphs of their own) is one more compiled entry of it
+    # in each mode: training, a no-grad pass in training (module.accum_freq's), evaluation, and a batch of
+    # one (dynamic shapes still specialise size 1). A paper UNet has ~20 distinct blocks. Past the limit
+    # dynamo would fall back to eager for the rest without an error. (ZeRO-3 empties a weight outside
+    # forward: its shape is ds_shape.)
+    kinds = {
+        tuple((tuple(getattr(p, "ds_shape", p.shape)), p.requires_grad) for p in m.parameters())
+        for m in targets
+    }
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(kinds) + 8)
     for module in targets:
         _compile_by_grad_mode(module, backend)
     return targets

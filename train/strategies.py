@@ -382,7 +382,10 @@ class FSDPStrategy(ModelParallelStrategy):
         Under HSDP the replicas' all-reduce (the one collective that crosses nodes) then waits for the
         last micro-batch, which all-reduces the sum of the step's reduce-scattered gradients once. Each
         micro-batch still reduce-scatters inside its group, so gradients stay sharded (FSDP2's
-        ``set_requires_all_reduce``). Plain FSDP has nothing to defer: it syncs every micro-batch."""
+        ``set_requires_all_reduce``). FSDP2 adds the micro-batches' reduced gradients up only when each
+        gave gradients to the same parameters: the stages' null embeddings take theirs through
+        ``torch.where`` (zero where unused), and the CLIP's chunked loss gives its scale a zero gradient.
+        Plain FSDP has nothing to defer: it syncs every micro-batch."""
         from torch.distributed.fsdp import FSDPModule
 
         hsdp = self.shard_mesh is not None and self.shard_mesh.ndim == 2

@@ -192,7 +192,8 @@ class ClipModule(StageModule):
 
         Under DDP the chunks' own backward passes run inside DDP's forward, before it expects gradients:
         they accumulate unsynchronised, and the returned one's synchronises the sums (as in Lightning's
-        ``no_sync`` accumulation). FSDP2 reduce-scatters each chunk's gradients into the sharded sums.
+        ``no_sync`` accumulation). FSDP2 reduce-scatters each chunk's gradients into the sharded sums;
+        under HSDP the replicas all-reduce once, in the last chunk's backward.
         DeepSpeed's ZeRO reduces each parameter's gradient once a step: refused at fit start.
 
         With ``net.vision.patch_dropout``, the kept patches are drawn once for the batch, and each chunk's
@@ -218,8 +219,25 @@ class ClipModule(StageModule):
                 constants=not last,
             )
             if not last:
-                loss.backward()
+                # the learned scale (and bias) as zero-gradient terms: every chunk's backward then gives
+                # gradients to the same parameters, which FSDP2's deferred all-reduce (HSDP) needs to add
+                # the chunks' reduced gradients up (else a size mismatch in the last chunk's backward)
+                scalars = [v for key, v in out.items() if key in ("logit_scale", "logit_bias")]
+                with self._replica_sync_deferred():
+                    (loss + sum(0.0 * v.sum() for v in scalars)).backward()
         return loss, out
+
+    def _replica_sync_deferred(self):
+        """Under FSDP's HSDP the chunks' backward passes but the last skip the replicas' all-reduce (the one
+        that crosses nodes); the last one all-reduces the step's sum (train/strategies.py
+        ``block_backward_sync``). A no-op elsewhere."""
+        from contextlib import nullcontext
+
+        from train.strategies import FSDPStrategy
+
+        trainer = self._trainer
+        strategy = trainer.strategy if trainer is not None else None
+        return strategy.block_backward_sync() if isinstance(strategy, FSDPStrategy) else nullcontext()
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
         """Lightning zeroes the gradients after the training step, before its backward pass: with
