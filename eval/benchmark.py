@@ -209,13 +209,22 @@ def ceiling(per_category: int, base: int, seed: int = 0) -> dict[str, float]:
     return {f"bench/{k}": v for k, v in composition.evaluate(images, items).items()}
 
 
-def reference_images(clip_dir: Path, n: int) -> torch.Tensor | None:
-    """Up to ``n`` uint8 held-out images (the CLIP stage's val shards, in order), centre-cropped, for FID."""
-    data = OmegaConf.load(clip_dir / "config.yaml").data
-    if not data.get("val_shards") or n <= 0:
+def reference_images(clip: Path, n: int, shards: str | None = None) -> torch.Tensor | None:
+    """Up to ``n`` uint8 held-out images for FID, centre-cropped at the CLIP's size: from ``shards``, else
+    the CLIP run's val shards, in order. ``clip``: its run directory, a checkpoint in it, or an export.
+    None (said in the log) when neither names any: an imported CLIP (from-open-clip) has no shards."""
+    from train.checkpoint import config_dir_of
+
+    if n <= 0:
+        return None
+    directory = config_dir_of(clip)
+    data = OmegaConf.load(directory / "config.yaml").data
+    shards = shards or data.get("val_shards")
+    if not shards:
+        log.warning("no CLIP-FID: the CLIP %s names no held-out shards (pass --fid-shards)", directory)
         return None
     ds = ShardDataset(
-        str(data.val_shards),
+        str(shards),
         batch_size=min(n, 256),
         image_size=int(data.image_size),
         crop="center",  # the reader's default is a random crop: a non-square image's side, not its centre
@@ -249,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--fid-reference", type=at_least(0), default=512, help="held-out images for CLIP-FID (0: skip)"
     )
+    p.add_argument(
+        "--fid-shards", default=None, help="shards of those images (default: the CLIP run's data.val_shards)"
+    )
     p.add_argument("--grid-per-category", type=at_least(1), default=6, help="columns of samples.png")
     p.add_argument("--out", help="output directory (default: <cascade>/benchmark)")
     p.add_argument("--device", type=device, default=default_device())
@@ -274,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             batch=args.batch,
             seed=args.seed,
             grid_per_category=args.grid_per_category,
-            reference=reference_images(Path(cascade.clip.run), args.fid_reference),
+            reference=reference_images(Path(cascade.clip.run), args.fid_reference, args.fid_shards),
             **settings(args, len(cascade.upsamplers)),
         )
     except (FileNotFoundError, KeyError, ValueError) as e:

@@ -145,12 +145,19 @@ def classify(
 def load_model(path: str, *, open_clip_config: str | None, tokenizer_path: str | None, device: str):
     """(net, tokenizer, image_size, crop_size, normalize) of a run of ours, or of an open_clip checkpoint
     (file or hub directory: needs CLIP's BPE file, ``--tokenizer``)."""
-    from train.checkpoint import load_stage
+    from train.checkpoint import export_dir_of, load_stage
 
     source = Path(path)
     open_clip = open_clip_config is not None or tokenizer_path is not None
     open_clip = open_clip or (source.is_dir() and (source / "open_clip_config.json").exists())
     open_clip = open_clip or source.suffix in (".safetensors", ".bin", ".pt", ".pth")
+    if export_dir_of(source) is not None:  # an export of ours (or its weights file): from-open-clip's too
+        if open_clip_config is not None or tokenizer_path is not None:
+            raise ValueError(
+                f"{path}: an export of ours, with its own net config and tokenizer.json: --open-clip-config "
+                "and --tokenizer are for open_clip checkpoints"
+            )
+        open_clip = False
     if not open_clip:
         stage = load_stage(path, map_location=device)
         if not hasattr(stage.net, "encode_image"):

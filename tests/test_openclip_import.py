@@ -517,3 +517,75 @@ def test_an_open_clip_checkpoint_becomes_the_clip_the_later_stages_train_on(tmp_
         match=r"--tokenizer .*short.json: 8 tokens of context, the checkpoint's text tower takes 16",
     ):
         import_open_clip(tmp_path / "hub", tmp_path / "x", tokenizer=tmp_path / "short.json")
+
+
+@pytest.mark.slow
+def test_from_open_clip_refuses_what_it_cannot_carry_and_an_import_is_one_clip_everywhere(
+    tmp_path, monkeypatch, caplog
+):
+    """The import's refusals (a directory in use, a resize open_clip's preprocessing does otherwise, no
+    tokenizer), its preprocessing read from a hub directory named by --config, and the one-CLIP checks: a
+    run, its checkpoints and its export are one CLIP (embedding shards made by the run, prior on its export);
+    eval.classify takes an export's weights file as ours; CLIP-FID says when an import has no held-out
+    shards and takes them from --fid-shards."""
+    import data.tokenizer
+    from eval.benchmark import reference_images
+    from eval.classify import load_model
+    from train.checkpoint import export_stage, import_open_clip, main, owner_of, resolve_run
+    from train.run import _check_embedded_by, train
+
+    run = tmp_path / "run"
+    clip = compose_config(
+        [
+            "debug=fast",
+            "trainer.max_steps=2",
+            f"paths.data_dir={tmp_path / 'data'}",
+            f"paths.output_dir={run}",
+        ]
+        + ["net.vision.stem=patch", "net.vision.pool=tok"]
+    )
+    train(clip)
+    main(["to-open-clip", str(run), str(tmp_path / "hub")])
+    tok = run / "tokenizer.json"
+    with pytest.raises(FileExistsError, match=r"run: not empty; from-open-clip writes a new directory"):
+        import_open_clip(tmp_path / "hub", run, tokenizer=tok)  # (a run directory: its config.yaml kept)
+    # --config naming a hub directory: its preprocessing (here [-1, 1] pixels) with a bare weights file
+    hub = json.loads((tmp_path / "hub" / "open_clip_config.json").read_text())
+    hub["preprocess_cfg"].update(mean=[0.5] * 3, std=[0.5] * 3)
+    (tmp_path / "hub" / "open_clip_config.json").write_text(json.dumps(hub))
+    weights = tmp_path / "hub" / "open_clip_model.safetensors"
+    out = import_open_clip(weights, tmp_path / "imported", config=str(tmp_path / "hub"), tokenizer=tok)
+    assert "normalize: minus_one_one" in (out / "config.yaml").read_text()
+    for key, value in (("resize_mode", "squash"), ("interpolation", "bilinear")):
+        bad = json.loads(json.dumps(hub))
+        bad["preprocess_cfg"][key] = value
+        (tmp_path / "hub" / "open_clip_config.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=rf"preprocess {key} is '{value}'; the data pipeline resizes"):
+            import_open_clip(tmp_path / "hub", tmp_path / f"x_{key}", tokenizer=tok)
+    (tmp_path / "hub" / "open_clip_config.json").write_text(json.dumps(hub))
+
+    def no_vocab(path=None):
+        raise FileNotFoundError("not installed")
+
+    monkeypatch.setattr(data.tokenizer, "find_clip_vocab", no_vocab)
+    with pytest.raises(FileNotFoundError, match=r"pass --tokenizer bpe_simple_vocab_16e6.txt.gz"):
+        import_open_clip(tmp_path / "hub", tmp_path / "y")
+
+    # one CLIP: a run, a checkpoint of it, its export and the export's weights file
+    export = export_stage(run)
+    owners = {owner_of(p) for p in (run, resolve_run(run)[1], export, export / "model.safetensors")}
+    assert owners == {run.resolve()} and owner_of(out / "model.safetensors") == out.resolve()
+    _check_embedded_by(
+        str(export), resolve_run(run)[1], tmp_path / "emb"
+    )  # shards by the run, prior on its export
+    _check_embedded_by(str(run), export / "model.safetensors", tmp_path / "emb")
+    with pytest.raises(ValueError, match=r"is not the CLIP that made the embeddings"):
+        _check_embedded_by(str(out), export / "model.safetensors", tmp_path / "emb")
+
+    assert load_model(
+        str(out / "model.safetensors"), open_clip_config=None, tokenizer_path=None, device="cpu"
+    )[4] == ("minus_one_one")
+    with caplog.at_level("WARNING"):
+        assert reference_images(out / "model.safetensors", 4) is None
+    assert "names no held-out shards (pass --fid-shards)" in caplog.text
+    assert reference_images(out, 4, clip.data.val_shards).shape == (4, 3, 64, 64)

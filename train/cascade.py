@@ -32,7 +32,7 @@ from hydra.utils import instantiate
 
 from data.images import to_uint8, to_unit_range
 from data.progress import Progress
-from train.checkpoint import export_dir_of, load_stage, run_dir_of
+from train.checkpoint import load_stage, owner_of
 from train.diffusion import SAMPLERS, GaussianDiffusion
 from train.frozen_clip import FrozenClip
 from train.modules.decoder import DecoderModule
@@ -542,15 +542,7 @@ def _other_clip(recorded: str | None, clip_run: Path) -> bool:
     ``clip_run``; False when it cannot tell (nothing recorded, or moved since)."""
     if not recorded or not Path(recorded).exists() or not Path(clip_run).exists():
         return False
-    return _run_of(Path(recorded)) != _run_of(Path(clip_run))
-
-
-def _run_of(path: Path) -> Path:
-    """The run directory of a run, one of its checkpoints, or its export (or the export's weights file);
-    an export made elsewhere (``from-open-clip``) is its own."""
-    path = path.resolve()
-    path = export_dir_of(path) or path
-    return run_dir_of(path) if path.suffix == ".ckpt" or path.name == "export" else path
+    return owner_of(recorded) != owner_of(clip_run)
 
 
 def _ddim_only(mode: str, settings: StageSettings) -> None:

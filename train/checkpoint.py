@@ -75,6 +75,27 @@ def resolve_run(path: str | Path) -> tuple[Path, Path]:
 EXPORT_WEIGHTS = "model.safetensors"
 
 
+def owner_of(path: str | Path) -> Path:
+    """Whose weights ``path`` holds, as one directory: a run for the run, its checkpoints and its export
+    (``<run>/export``, or its weights file); an export made elsewhere (``from-open-clip``) for itself. Two
+    paths with one owner are one CLIP (the embedding shards' and the cascade's checks)."""
+    path = Path(path).resolve()
+    path = export_dir_of(path) or path
+    if path.suffix == ".ckpt" or (path.name == "export" and (path.parent / "config.yaml").is_file()):
+        return run_dir_of(path)
+    return path
+
+
+def config_dir_of(path: str | Path) -> Path:
+    """The directory holding the ``config.yaml`` of a run directory, a checkpoint in one, an export or an
+    export's weights file."""
+    path = Path(path)
+    export = export_dir_of(path)
+    if export is not None:
+        return export
+    return path if path.is_dir() and path.suffix != ".ckpt" else run_dir_of(path)
+
+
 def export_dir_of(path: str | Path) -> Path | None:
     """The export directory ``path`` is, or whose weights file it is (``embed_info.json`` names the
     weights of the CLIP that embedded); None for anything else."""
@@ -399,6 +420,10 @@ def import_open_clip(
     from train.models.openclip_import import HUB_CONFIG, checkpoint_arch, load_open_clip, read_state_dict
 
     source, out = Path(source), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(
+            f"{out}: not empty; from-open-clip writes a new directory (delete it to replace it)"
+        )
     state = read_state_dict(source)
     arch = checkpoint_arch(source, state, config)
     context = int(arch["text"]["context_length"])
@@ -410,18 +435,34 @@ def import_open_clip(
                 f"takes {context}"
             )
     else:
-        tok = clip_tokenizer(tokenizer, context_length=context)
+        try:
+            tok = clip_tokenizer(tokenizer, context_length=context)
+        except FileNotFoundError as e:
+            if tokenizer is not None:
+                raise
+            raise FileNotFoundError(
+                "CLIP's BPE vocabulary was not found (open_clip is not installed here): pass --tokenizer "
+                "bpe_simple_vocab_16e6.txt.gz (it ships in the open_clip_torch wheel) or a tokenizer.json"
+            ) from e
     vocab = int(arch["text"]["vocab_size"])
     if tok.vocab_size > vocab:
         raise ValueError(
             f"--tokenizer {tokenizer or 'CLIP BPE'}: {tok.vocab_size} ids, the checkpoint embeds {vocab}"
         )
     net = load_open_clip(source, config, eot_id=tok.eot_id, state=state)
-    if source.is_dir():
-        hub = source / HUB_CONFIG
-    else:
-        hub = Path(config) if config is not None and Path(config).is_file() else None
+    # the preprocessing: a hub directory's, or that of the config file or hub directory named (a named
+    # config has none: open_clip's defaults, as for a checkpoint whose pretrained tag asks for others)
+    hub = source if source.is_dir() else Path(config) if config is not None else None
+    hub = hub / HUB_CONFIG if hub is not None and hub.is_dir() else hub
     preprocess = read_json(hub).get("preprocess_cfg", {}) if hub is not None and hub.is_file() else {}
+    resize = {"resize_mode": ("shortest",), "interpolation": ("bicubic",)}  # ours: the shorter side, bicubic
+    for key, ours in resize.items():
+        if preprocess.get(key) not in (None, *ours):
+            raise ValueError(
+                f"{source}: its preprocess {key} is {preprocess[key]!r}; the data pipeline resizes the shorter "
+                "side with bicubic interpolation, then centre-crops (open_clip's default): the embeddings "
+                "would differ from open_clip's"
+            )
     mean = tuple(preprocess.get("mean", CLIP_MEAN))  # what open_clip takes when the config is silent
     std = tuple(preprocess.get("std", CLIP_STD))
     kind = next((k for k, (m, d) in NORMALIZE_KINDS.items() if _close(mean, m) and _close(std, d)), None)

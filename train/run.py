@@ -395,11 +395,11 @@ def _check_embedded_by(clip_ckpt: str, made_by: Path, emb_dir: Path) -> None:
     another one, the prior learned one CLIP's embeddings while its tokenizer, token features and
     zero-shot metrics came from the other, and its config named the other. (Embeddings moved from another
     machine, whose CLIP path does not exist here, are not checked.)"""
-    from train.checkpoint import run_dir_of
+    from train.checkpoint import owner_of
     from train.config import ConfigError
 
     run, _ = clip_run(clip_ckpt)
-    if run.resolve() != run_dir_of(made_by).resolve():
+    if owner_of(run) != owner_of(made_by):  # (a run and its export are one CLIP)
         raise ConfigError(
             f"clip_ckpt={clip_ckpt} (the run {run}) is not the CLIP that made the embeddings in {emb_dir} "
             f"({made_by}, its embed_info.json): leave clip_ckpt unset to take that one, or embed the shards "
