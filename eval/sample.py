@@ -92,34 +92,46 @@ def read_mask(path: str, image_path: str) -> torch.Tensor:
 PRECISION_HELP = "what the diffusion nets sample in (auto: bf16 on a GPU, fp32 on the CPU)"
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser, eta: float | None = None):
-    """The cascade's sampling options (``settings`` reads them back); also eval.benchmark's."""
+def add_sampling_arguments(
+    parser: argparse.ArgumentParser,
+    eta: float | None = None,
+    *,
+    prior: bool = True,
+    condition: bool = True,
+    with_eta: bool = True,
+):
+    """The cascade's sampling options (``settings`` reads them back); also eval.benchmark's. A mode that
+    does not use the prior (variations, interpolation), the decoder's condition (both decode from the
+    image embedding alone) or eta (interpolation: eta 0) does not take those options."""
     s = parser.add_argument_group("sampling (default: each stage's training config)")
-    s.add_argument(
-        "--prior-guidance", type=at_least(0, float), help="classifier-free guidance scale of the prior"
-    )
-    s.add_argument("--prior-steps", type=at_least(1))
-    s.add_argument("--prior-sampler", choices=SAMPLERS, default="ddim")
-    s.add_argument(
-        "--best-of", type=at_least(1), help="prior samples per prompt; the closest to the text is kept"
-    )
+    if prior:
+        s.add_argument(
+            "--prior-guidance", type=at_least(0, float), help="classifier-free guidance scale of the prior"
+        )
+        s.add_argument("--prior-steps", type=at_least(1))
+        s.add_argument("--prior-sampler", choices=SAMPLERS, default="ddim")
+        s.add_argument(
+            "--best-of", type=at_least(1), help="prior samples per prompt; the closest to the text is kept"
+        )
     s.add_argument(
         "--decoder-guidance", type=at_least(0, float), help="classifier-free guidance scale of the decoder"
     )
     s.add_argument("--decoder-steps", type=at_least(1))
     s.add_argument("--decoder-sampler", choices=SAMPLERS, default="ddim")
-    s.add_argument(
-        "--decoder-condition",
-        choices=DECODER_CONDITIONS,
-        default="both",
-        help="what the decoder sees: the image embedding and the caption, the caption alone, or the embedding alone",
-    )
-    s.add_argument(
-        "--eta",
-        type=at_least(0, float),
-        default=eta,
-        help="the decoder's DDIM eta (--decoder-sampler ddim only)",
-    )
+    if condition:
+        s.add_argument(
+            "--decoder-condition",
+            choices=DECODER_CONDITIONS,
+            default="both",
+            help="what the decoder sees: the image embedding and the caption, the caption alone, or the embedding alone",
+        )
+    if with_eta:
+        s.add_argument(
+            "--eta",
+            type=at_least(0, float),
+            default=eta,
+            help="the decoder's DDIM eta (--decoder-sampler ddim only)",
+        )
     s.add_argument("--upsampler-steps", help="sampling steps per upsampler: N or N1,N2 (paper: 27,15)")
     s.add_argument("--upsampler-sampler", choices=SAMPLERS, default="ddim")
     return s
@@ -139,19 +151,20 @@ def settings(args: argparse.Namespace, n_up: int) -> dict:
         raise ValueError(
             f"--upsampler-steps {args.upsampler_steps}: expected 1 or {n_up} comma-separated values"
         )
+    option = lambda name, default=None: getattr(args, name, default)  # noqa: E731 (a mode's absent options)
     return {
         "prior": StageSettings(
-            steps=args.prior_steps,
-            sampler=args.prior_sampler,
-            guidance_scale=args.prior_guidance,
-            best_of=args.best_of,
+            steps=option("prior_steps"),
+            sampler=option("prior_sampler", "ddim"),
+            guidance_scale=option("prior_guidance"),
+            best_of=option("best_of"),
         ),
         "decoder": StageSettings(
             steps=args.decoder_steps,
             sampler=args.decoder_sampler,
-            eta=args.eta,
+            eta=option("eta"),
             guidance_scale=args.decoder_guidance,
-            condition=args.decoder_condition,
+            condition=option("decoder_condition", "both"),
         ),
         "upsamplers": [
             StageSettings(steps=up_steps[k] if up_steps else None, sampler=args.upsampler_sampler)
@@ -207,7 +220,14 @@ def _parser() -> argparse.ArgumentParser:
         g.add_argument("--decoder", help="decoder run directory (or export)")
         g.add_argument("--upsampler", action="append", help="upsampler run directory, in order (repeat)")
         g.add_argument("--clip", help="CLIP run directory (default: the decoder's clip_ckpt)")
-        s = add_sampling_arguments(m, eta=0.8 if name == "variations" else None)
+        decodes_embedding = name in ("variations", "interpolate")  # no prior, no caption
+        s = add_sampling_arguments(
+            m,
+            eta=0.8 if name == "variations" else None,
+            prior=not decodes_embedding,
+            condition=not decodes_embedding,
+            with_eta=name != "interpolate",
+        )
         s.add_argument(
             "--n", type=at_least(1), default=5 if name == "interpolate" else 4, help="images per row"
         )

@@ -258,6 +258,38 @@ def test_variations_and_interpolation(cascade):
         cascade.variations(x[None], n=1, decoder=other, upsamplers=ups)
     with pytest.raises(ValueError, match=r"interpolation: the decoder samples with DDIM here"):
         cascade.interpolate(x, y, n=2, decoder=other, upsamplers=ups)
+    # settings these modes would ignore are refused: the condition (they decode from the embedding
+    # alone), interpolation's eta (one DDIM path), variations' eta given twice
+    caption = StageSettings(steps=3, condition="caption")
+    with pytest.raises(ValueError, match=r"variations: the decoder sees the image embedding alone"):
+        cascade.variations(x[None], n=1, decoder=caption, upsamplers=ups)
+    with pytest.raises(ValueError, match=r"interpolation: the decoder sees the image embedding alone"):
+        cascade.interpolate(x, y, n=2, decoder=caption, upsamplers=ups)
+    with pytest.raises(ValueError, match=r"interpolation: the decoder steps by DDIM at eta 0"):
+        cascade.interpolate(x, y, n=2, decoder=StageSettings(steps=3, eta=0.5), upsamplers=ups)
+    with pytest.raises(ValueError, match=r"variations: eta=0.8 and the decoder settings' eta=0.3"):
+        cascade.variations(x[None], n=1, decoder=StageSettings(steps=3, eta=0.3), upsamplers=ups)
+
+
+def test_interpolation_frames_share_every_stages_noise(cascade):
+    """The frames of an interpolation differ by their embeddings only: an image with itself gives one
+    frame n times at every stage (the upsamplers drew new noise per frame: the rows differed above the
+    decoder)."""
+    x = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    path = cascade.interpolate(x, x, n=3, decoder=FAST["decoder"], upsamplers=FAST["upsamplers"])
+    for stage in path.stages:
+        assert torch.equal(stage[0], stage[1]) and torch.equal(stage[0], stage[2])
+    up = cascade.upsamplers[0]
+    low = (
+        torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+        .mul(2)
+        .sub(1)
+        .expand(2, -1, -1, -1)
+    )
+    g = torch.Generator().manual_seed(2)
+    shared = up.upsample(low, g, steps=2, shared_noise=True)
+    separate = up.upsample(low, g, steps=2)
+    assert torch.equal(shared[0], shared[1]) and not torch.equal(separate[0], separate[1])
 
 
 def test_slerp_stays_on_the_sphere():
@@ -530,3 +562,21 @@ def test_probe_picks_count_the_closer_of_two_and_ties_half():
         closer_rate(query[:2], a[:2], b[:2]) == pytest.approx(0.5)
         and closer_rate(query[:1], a[:1], b[:1]) == 1.0
     )
+
+
+def test_the_cli_offers_each_mode_only_the_options_it_uses(capsys):
+    """variations and interpolate decode from the image embedding alone (no prior, no caption), and
+    interpolate steps at eta 0: those options were accepted and ignored."""
+    from eval.sample import _parser
+
+    p = _parser()
+    assert p.parse_args(
+        ["text", "a", "--prior-guidance", "2", "--decoder-condition", "caption", "--eta", "0.5"]
+    )
+    assert p.parse_args(["variations", "a.png", "--eta", "0.5"]).eta == 0.5
+    for mode, option in [("variations", "--prior-guidance"), ("variations", "--decoder-condition"),
+                         ("interpolate", "--best-of"), ("interpolate", "--eta")]:  # fmt: skip
+        images = ["a.png", "b.png"] if mode == "interpolate" else ["a.png"]
+        with pytest.raises(SystemExit):
+            p.parse_args([mode, *images, option, "2"])
+        assert f"unrecognized arguments: {option} 2" in capsys.readouterr().err

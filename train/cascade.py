@@ -325,9 +325,11 @@ class Cascade:
         known: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         progress: Progress | None = None,
+        shared_noise: bool = False,
     ) -> list[torch.Tensor]:
         """Each upsampler in turn on ``x`` in [-1, 1]; returns every output. With ``known`` (uint8 at any
-        size) and ``mask`` (1 = keep), each stage keeps the known region (inpainting)."""
+        size) and ``mask`` (1 = keep), each stage keeps the known region (inpainting). ``shared_noise``:
+        every row starts from the same noise at each stage (interpolation)."""
         outs = []
         for up, s in zip(self.upsamplers, settings):
             x = x.clamp(-1, 1)
@@ -341,7 +343,13 @@ class Cascade:
                 callback = Inpainter(process, target, resize_mask(mask, size), generator)
             with self.autocast():
                 x = up.upsample(
-                    x, generator, steps=s.steps, sampler=s.sampler, eta=s.eta, step_callback=callback
+                    x,
+                    generator,
+                    steps=s.steps,
+                    sampler=s.sampler,
+                    eta=s.eta,
+                    step_callback=callback,
+                    shared_noise=shared_noise,
                 )
             outs.append(x)
             if progress is not None:
@@ -408,21 +416,32 @@ class Cascade:
 
         The decoder sees only the CLIP image embedding (caption dropped) and samples by DDIM with ``eta``
         (> 0: variations differ). ``invert``: start from the DDIM inversion of the image instead of noise,
-        which keeps its layout (the paper's Figure 3 with eta > 0)."""
+        which keeps its layout (the paper's Figure 3 with eta > 0); it runs the decoding's ODE backwards,
+        at its guidance scale, so that eta 0 decodes the image again."""
         g = self._generator(seed)
         settings = decoder or StageSettings()
         _ddim_only("variations", settings)
+        _embedding_only("variations", settings)
+        if settings.eta is not None and settings.eta != eta:
+            raise ValueError(f"variations: eta={eta} and the decoder settings' eta={settings.eta}: give one")
         emb = self.image_embedding(images).repeat_interleave(n, 0)
         noise = None
         if invert:
             x0 = to_unit_range(images.to(self.device), self.decoder.net.image_size)
-            cond, _ = self.decoder.guided(
+            cond, uncond = self.decoder.guided(
                 self.decoder.conditioning(emb[::n], self.tokens([""] * len(images))), drop_text=True
             )
             steps = settings.steps or self.decoder.hparams.sample_steps
             process = self.decoder.diffusion.respace(steps)
+            scale = (
+                self.decoder.hparams.guidance_scale
+                if settings.guidance_scale is None
+                else settings.guidance_scale
+            )
             with self.autocast():
-                noise = process.ddim_encode(self.decoder.ema.shadow, x0, model_kwargs=cond)
+                noise = process.ddim_encode(
+                    self.decoder.ema.shadow, x0, model_kwargs=cond, guidance_scale=scale, uncond_kwargs=uncond
+                )
             noise = noise.repeat_interleave(n, 0)
         progress = self._progress("variations", len(emb), prior=False)
         base = self.decode(
@@ -518,7 +537,16 @@ class Cascade:
         seed: int = 0,
     ) -> CascadeOutput:
         """``n`` images along the slerp from uint8 ``image_a`` (3, H, W) to ``image_b``'s CLIP embedding,
-        decoded with the same noise (DDIM, eta 0) so that only the embedding changes."""
+        decoded with the same noise (DDIM, eta 0), and upsampled with the same noise, so that only the
+        embedding changes."""
+        settings = decoder or StageSettings()
+        _ddim_only("interpolation", settings)
+        _embedding_only("interpolation", settings)
+        if settings.eta:
+            raise ValueError(
+                f"interpolation: the decoder steps by DDIM at eta 0 (one path of noise for every frame); "
+                f"eta={settings.eta} would be ignored: leave it out"
+            )
         g = self._generator(seed)
         emb = torch.cat([self.image_embedding(image[None]) for image in (image_a, image_b)])  # any sizes
         path = torch.stack([slerp(emb[0], emb[1], t / max(1, n - 1)) for t in range(n)])
@@ -526,14 +554,13 @@ class Cascade:
         noise = (
             GaussianDiffusion._noise((1, 3, size, size), self.device, g).expand(n, -1, -1, -1).contiguous()
         )
-        settings = decoder or StageSettings()
-        _ddim_only("interpolation", settings)
         progress = self._progress("interpolation", n, prior=False)
         base = self.decode(
             path, None, StageSettings(settings.steps, "ddim", 0.0, settings.guidance_scale), g, noise
         )
         progress.step(detail=f"decoder at {base.shape[-1]} px")
-        ups = self.upsample(base, self._settings(upsamplers, len(self.upsamplers)), g, progress=progress)
+        stages = self._settings(upsamplers, len(self.upsamplers))
+        ups = self.upsample(base, stages, g, progress=progress, shared_noise=True)
         return self._finish(base, ups, path)
 
 
@@ -543,6 +570,16 @@ def _other_clip(recorded: str | None, clip_run: Path) -> bool:
     if not recorded or not Path(recorded).exists() or not Path(clip_run).exists():
         return False
     return owner_of(recorded) != owner_of(clip_run)
+
+
+def _embedding_only(mode: str, settings: StageSettings) -> None:
+    """Variations and interpolation decode from the image embedding alone: another decoder condition
+    asked for is refused, not ignored."""
+    if settings.condition != "both":
+        raise ValueError(
+            f"{mode}: the decoder sees the image embedding alone here (no caption); "
+            f"condition={settings.condition!r} (--decoder-condition) would be ignored: leave it out"
+        )
 
 
 def _ddim_only(mode: str, settings: StageSettings) -> None:

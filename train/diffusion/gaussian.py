@@ -556,15 +556,23 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def ddim_encode(
-        self, model: Model, x0: torch.Tensor, *, model_kwargs: Mapping | None = None, progress: bool = False
+        self,
+        model: Model,
+        x0: torch.Tensor,
+        *,
+        model_kwargs: Mapping | None = None,
+        guidance_scale: float = 1.0,
+        uncond_kwargs: Mapping | None = None,
+        progress: bool = False,
     ) -> torch.Tensor:
         """Deterministic DDIM inversion x_0 -> x_{T-1} (eq. 13 of Song et al. 2021 run forward, the ODE view):
-        ``ddim_sample_loop(noise=encoded, eta=0)`` maps back."""
+        ``ddim_sample_loop(noise=encoded, eta=0)`` with the same guidance maps back."""
         x = x0.float()
         steps = range(self.num_timesteps - 1)
+        guidance = {"guidance_scale": guidance_scale, "uncond_kwargs": uncond_kwargs}
         for i in steps:
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            p = self.p_mean_variance(model, x, t, model_kwargs=model_kwargs)
+            p = self.p_mean_variance(model, x, t, model_kwargs=model_kwargs, **guidance)
             abar_next = self._at(self.alphas_cumprod_next, t, x)
             x = abar_next.sqrt() * p["pred_x0"] + (1 - abar_next).sqrt() * p["eps"]
         # x_0 stands at the level of step 0 (alpha_bar_0 ~ 1); the result at that of step T-1, where

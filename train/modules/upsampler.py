@@ -172,10 +172,16 @@ class UpsamplerModule(DiffusionStageModule):
         return F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False)
 
     def noised_low_res(
-        self, low: torch.Tensor, level: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        low: torch.Tensor,
+        level: torch.Tensor,
+        generator: torch.Generator | None = None,
+        shared: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """The net's conditioning for ``low`` noised at steps ``level`` (B,) of the unshifted schedule."""
-        noise = torch.randn(low.shape, device=low.device, generator=generator, dtype=low.dtype)
+        """The net's conditioning for ``low`` noised at steps ``level`` (B,) of the unshifted schedule
+        (``shared``: one noise for every row)."""
+        shape = (1, *low.shape[1:]) if shared else low.shape
+        noise = torch.randn(shape, device=low.device, generator=generator, dtype=low.dtype).expand_as(low)
         noised = torch.where(
             (level > 0).view(-1, 1, 1, 1), self.augmentation.q_sample(low, level, noise), low
         )
@@ -192,26 +198,35 @@ class UpsamplerModule(DiffusionStageModule):
         sampler: str = "ddim",
         eta: float | None = None,
         step_callback=None,
+        shared_noise: bool = False,
     ) -> torch.Tensor:
         """Low-resolution images in [-1, 1] (B, 3, s, s) -> (B, 3, s * factor, s * factor) in [-1, 1].
 
         ``steps`` (default ``module.sample_steps``), ``sampler`` and ``eta`` as in DecoderModule.sample;
         ``step_callback(i, x)`` sees the diffused variable: the image, or with ``residual`` the image
-        minus :meth:`base` of ``low``."""
+        minus :meth:`base` of ``low``. ``shared_noise``: every row starts from the same noise and has its
+        input noised alike (interpolation: the rows then differ by their inputs only)."""
         net = self.ema.shadow if use_ema else self.net
         size = low.shape[-1] * self.net.image_size // self.hparams.low_res_size
         cond = {"low_res": low}
         if getattr(net, "low_res_noise_cond", False):
             step = int(self.hparams.noise_aug_sample * self.diffusion.num_timesteps)
             level = torch.full((low.shape[0],), step, dtype=torch.long, device=low.device)
-            cond = self.noised_low_res(low, level, generator)
+            cond = self.noised_low_res(low, level, generator, shared=shared_noise)
         process = self.sampler if steps is None else self.diffusion.respace(steps)
         base = self.base(low, size) if self.hparams.residual else None
+        shape = (low.shape[0], 3, size, size)
+        noise = None
+        if shared_noise:
+            noise = (
+                GaussianDiffusion._noise((1, *shape[1:]), self.device, generator).expand(shape).contiguous()
+            )
         out = process.sample(
             net,
-            (low.shape[0], 3, size, size),
+            shape,
             sampler=sampler,
             eta=self.hparams.eta if eta is None else eta,
+            noise=noise,
             device=self.device,
             generator=generator,
             model_kwargs=cond,
