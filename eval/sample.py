@@ -5,6 +5,7 @@
     python -m eval.sample variations photo.png --n 8 --eta 0.8 [--invert] --cascade ...
     python -m eval.sample inpaint photo.png --mask mask.png --prompt "a red circle" [--resample 2] --cascade ...
     python -m eval.sample interpolate a.png b.png --n 7 --cascade ...
+    python -m eval.sample text-diff photo.png --from "a red circle" --to "a blue circle" --cascade ...
 
 Stages: ``--cascade DIR`` takes a pipeline output directory (train/pipeline.py: DIR/{prior,decoder,
 upsampler_256,upsampler_1024}, each a run directory or its ``export/``); or name them one by one with
@@ -199,6 +200,9 @@ def _parser() -> argparse.ArgumentParser:
         "variations": sub.add_parser("variations", help="variations of input images (CLIP image embedding)"),
         "inpaint": sub.add_parser("inpaint", help="fill the masked region of an image following a prompt"),
         "interpolate": sub.add_parser("interpolate", help="slerp between two images' CLIP embeddings"),
+        "text-diff": sub.add_parser(
+            "text-diff", help="change an image toward a caption (the paper's text diffs)"
+        ),
     }
     modes["text"].add_argument("prompts", nargs="*", help="prompts (or --prompts FILE, one per line)")
     modes["text"].add_argument("--prompts", dest="prompts_file", help="a text file with one prompt per line")
@@ -213,6 +217,12 @@ def _parser() -> argparse.ArgumentParser:
         "--resample", type=at_least(0), default=0, help="extra renoise passes per step"
     )
     modes["interpolate"].add_argument("images", nargs=2, help="the two end images")
+    modes["text-diff"].add_argument("image")
+    modes["text-diff"].add_argument("--from", dest="source", required=True, help="a caption of the image")
+    modes["text-diff"].add_argument("--to", dest="target", required=True, help="the caption to move toward")
+    modes["text-diff"].add_argument(
+        "--max-theta", type=float, default=0.5, help="the last frame's fraction of the angle (paper: 0.5)"
+    )
     for name, m in modes.items():
         g = m.add_argument_group("stages")
         g.add_argument("--cascade", help="a train.pipeline output directory")
@@ -220,17 +230,16 @@ def _parser() -> argparse.ArgumentParser:
         g.add_argument("--decoder", help="decoder run directory (or export)")
         g.add_argument("--upsampler", action="append", help="upsampler run directory, in order (repeat)")
         g.add_argument("--clip", help="CLIP run directory (default: the decoder's clip_ckpt)")
-        decodes_embedding = name in ("variations", "interpolate")  # no prior, no caption
+        decodes_embedding = name in ("variations", "interpolate", "text-diff")  # no prior, no caption
         s = add_sampling_arguments(
             m,
             eta=0.8 if name == "variations" else None,
             prior=not decodes_embedding,
             condition=not decodes_embedding,
-            with_eta=name != "interpolate",
+            with_eta=name not in ("interpolate", "text-diff"),  # (DDIM at eta 0)
         )
-        s.add_argument(
-            "--n", type=at_least(1), default=5 if name == "interpolate" else 4, help="images per row"
-        )
+        frames = name in ("interpolate", "text-diff")
+        s.add_argument("--n", type=at_least(1), default=5 if frames else 4, help="images per row")
         s.add_argument("--seed", type=int, default=0)
         o = m.add_argument_group("output")
         o.add_argument("--out", default="samples", help="output directory")
@@ -271,6 +280,11 @@ def run(args: argparse.Namespace) -> dict:
             resample=args.resample,
             prior=st["prior"],
             **common,
+        )
+    elif args.mode == "text-diff":
+        rows = 1
+        out = cascade.text_diff(
+            read_image(args.image), args.source, args.target, args.n, max_theta=args.max_theta, **common
         )
     else:
         a, b = (read_image(p) for p in args.images)

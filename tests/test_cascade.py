@@ -580,3 +580,58 @@ def test_the_cli_offers_each_mode_only_the_options_it_uses(capsys):
         with pytest.raises(SystemExit):
             p.parse_args([mode, *images, option, "2"])
         assert f"unrecognized arguments: {option} 2" in capsys.readouterr().err
+
+
+def test_text_diffs_move_the_images_embedding_toward_the_caption_difference(
+    cascade, cascade_dir, capsys, tmp_path
+):
+    """The paper's text diffs: frame 0 is the image's own embedding decoded from its inversion (what
+    variations(invert, eta 0) gives), the last is slerped max_theta of the way toward the normalised
+    difference of the two captions' text embeddings, and every frame starts from that inversion."""
+    image = Image.new("RGB", (64, 64), (120, 120, 120))
+    image.paste((200, 30, 30), (16, 16, 48, 48))
+    x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    dec, ups = FAST["decoder"], FAST["upsamplers"]
+    diff = cascade.text_diff(
+        x, "a red square", "a blue square", n=3, max_theta=0.5, decoder=dec, upsamplers=ups
+    )
+    assert diff.images.shape == (3, 3, 64, 64)
+    z = cascade.image_embedding(x[None])[0].cpu()
+    texts = cascade.text(["a red square", "a blue square"])["txt_emb"].cpu()
+    d = torch.nn.functional.normalize(texts[1] - texts[0], dim=-1)
+    torch.testing.assert_close(diff.image_emb[0], z, atol=1e-5, rtol=0)
+    angle = torch.arccos((z * d).sum())
+    torch.testing.assert_close((diff.image_emb[2] * z).sum(), torch.cos(0.5 * angle), atol=1e-4, rtol=0)
+    torch.testing.assert_close((diff.image_emb[2] * d).sum(), torch.cos(0.5 * angle), atol=1e-4, rtol=0)
+    same = cascade.variations(x[None], n=1, eta=0.0, invert=True, decoder=dec, upsamplers=ups)
+    assert torch.equal(diff.stages[0][0], same.stages[0][0])  # the decoder's frame 0: the reconstruction
+    with pytest.raises(ValueError, match=r"text diffs: max_theta=0: expected a fraction"):
+        cascade.text_diff(x, "a", "b", max_theta=0, decoder=dec, upsamplers=ups)
+    from eval.sample import _parser
+
+    args = _parser().parse_args(["text-diff", "p.png", "--from", "a red square", "--to", "a blue square"])
+    assert (args.source, args.target, args.max_theta, args.n) == ("a red square", "a blue square", 0.5, 5)
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["text-diff", "p.png", "--from", "a", "--to", "b", "--eta", "0.3"])
+    image.save(tmp_path / "p.png")
+    argv = [
+        "text-diff",
+        str(tmp_path / "p.png"),
+        "--from",
+        "a red square",
+        "--to",
+        "a blue square",
+        "--n",
+        "2",
+    ]
+    argv += [
+        "--cascade",
+        str(cascade_dir),
+        "--decoder-steps",
+        "3",
+        "--upsampler-steps",
+        "2",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert sample_cli.main(argv) == 0 and len(list((tmp_path / "o").glob("000_0*.png"))) == 2

@@ -425,24 +425,7 @@ class Cascade:
         if settings.eta is not None and settings.eta != eta:
             raise ValueError(f"variations: eta={eta} and the decoder settings' eta={settings.eta}: give one")
         emb = self.image_embedding(images).repeat_interleave(n, 0)
-        noise = None
-        if invert:
-            x0 = to_unit_range(images.to(self.device), self.decoder.net.image_size)
-            cond, uncond = self.decoder.guided(
-                self.decoder.conditioning(emb[::n], self.tokens([""] * len(images))), drop_text=True
-            )
-            steps = settings.steps or self.decoder.hparams.sample_steps
-            process = self.decoder.diffusion.respace(steps)
-            scale = (
-                self.decoder.hparams.guidance_scale
-                if settings.guidance_scale is None
-                else settings.guidance_scale
-            )
-            with self.autocast():
-                noise = process.ddim_encode(
-                    self.decoder.ema.shadow, x0, model_kwargs=cond, guidance_scale=scale, uncond_kwargs=uncond
-                )
-            noise = noise.repeat_interleave(n, 0)
+        noise = self.invert(images, emb[::n], settings).repeat_interleave(n, 0) if invert else None
         progress = self._progress("variations", len(emb), prior=False)
         base = self.decode(
             emb, None, StageSettings(settings.steps, "ddim", eta, settings.guidance_scale), g, noise=noise
@@ -450,6 +433,67 @@ class Cascade:
         progress.step(detail=f"decoder at {base.shape[-1]} px")
         ups = self.upsample(base, self._settings(upsamplers, len(self.upsamplers)), g, progress=progress)
         return self._finish(base, ups, emb)
+
+    @torch.no_grad()
+    def invert(self, images: torch.Tensor, emb: torch.Tensor, settings: StageSettings) -> torch.Tensor:
+        """The decoder's DDIM inversion of uint8 ``images`` (B, 3, H, W) under their image embeddings
+        ``emb`` (caption dropped): the x_T from which DDIM at eta 0, with the same steps and guidance scale
+        (``settings``, default the stage's), decodes them again."""
+        x0 = to_unit_range(images.to(self.device), self.decoder.net.image_size)
+        cond, uncond = self.decoder.guided(
+            self.decoder.conditioning(emb, self.tokens([""] * len(images))), drop_text=True
+        )
+        process = self.decoder.diffusion.respace(settings.steps or self.decoder.hparams.sample_steps)
+        scale = settings.guidance_scale
+        scale = self.decoder.hparams.guidance_scale if scale is None else scale
+        with self.autocast():
+            return process.ddim_encode(
+                self.decoder.ema.shadow, x0, model_kwargs=cond, guidance_scale=scale, uncond_kwargs=uncond
+            )
+
+    @torch.no_grad()
+    def text_diff(
+        self,
+        image: torch.Tensor,
+        source: str,
+        target: str,
+        n: int = 5,
+        *,
+        max_theta: float = 0.5,
+        decoder: StageSettings | None = None,
+        upsamplers: Sequence[StageSettings] | None = None,
+        seed: int = 0,
+    ) -> CascadeOutput:
+        """The paper's text diffs (Ramesh et al. 2022, section 3.3, Figure 5): uint8 ``image`` (3, H, W),
+        described by the caption ``source``, changed toward ``target``. Its CLIP image embedding is slerped
+        toward the text diff, the normalised difference of the two captions' text embeddings, by ``n``
+        fractions of the angle between them from 0 to ``max_theta`` (the paper: up to 0.5); every frame is
+        decoded from the image's DDIM inversion at eta 0 and upsampled with shared noise, so the first
+        frame is the image itself, as far as the cascade reconstructs it."""
+        settings = decoder or StageSettings()
+        for check in (_ddim_only, _embedding_only):
+            check("text diffs", settings)
+        if settings.eta:
+            raise ValueError(
+                f"text diffs: the decoder steps by DDIM at eta 0 from the image's inversion; eta={settings.eta} "
+                "would be ignored: leave it out"
+            )
+        if not 0 < max_theta <= 1:
+            raise ValueError(f"text diffs: max_theta={max_theta}: expected a fraction of the angle in (0, 1]")
+        g = self._generator(seed)
+        z_image = self.image_embedding(image[None])
+        texts = self.text([source, target])["txt_emb"]
+        z_diff = F.normalize(texts[1] - texts[0], dim=-1)
+        path = torch.stack([slerp(z_image[0], z_diff, max_theta * k / max(1, n - 1)) for k in range(n)])
+        noise = self.invert(image[None], z_image, settings).expand(n, -1, -1, -1).contiguous()
+        progress = self._progress("text diffs", n, prior=False)
+        base = self.decode(
+            path, None, StageSettings(settings.steps, "ddim", 0.0, settings.guidance_scale), g, noise
+        )
+        progress.step(detail=f"decoder at {base.shape[-1]} px")
+        stages = self._settings(upsamplers, len(self.upsamplers))
+        ups = self.upsample(base, stages, g, progress=progress, shared_noise=True)
+        return self._finish(base, ups, path)
 
     @torch.no_grad()
     def inpaint(
