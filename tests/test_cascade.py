@@ -607,6 +607,8 @@ def test_text_diffs_move_the_images_embedding_toward_the_caption_difference(
     assert torch.equal(diff.stages[0][0], same.stages[0][0])  # the decoder's frame 0: the reconstruction
     with pytest.raises(ValueError, match=r"text diffs: max_theta=0: expected a fraction"):
         cascade.text_diff(x, "a", "b", max_theta=0, decoder=dec, upsamplers=ups)
+    with pytest.raises(ValueError, match=r"'a red square' and 'a red square' have one text embedding"):
+        cascade.text_diff(x, "a red square", "a red square", decoder=dec, upsamplers=ups)
     from eval.sample import _parser
 
     args = _parser().parse_args(["text-diff", "p.png", "--from", "a red square", "--to", "a blue square"])

@@ -483,6 +483,8 @@ class Cascade:
         g = self._generator(seed)
         z_image = self.image_embedding(image[None])
         texts = self.text([source, target])["txt_emb"]
+        if torch.equal(texts[0], texts[1]):
+            raise ValueError(f"text diffs: {source!r} and {target!r} have one text embedding: no direction")
         z_diff = F.normalize(texts[1] - texts[0], dim=-1)
         path = torch.stack([slerp(z_image[0], z_diff, max_theta * k / max(1, n - 1)) for k in range(n)])
         noise = self.invert(image[None], z_image, settings).expand(n, -1, -1, -1).contiguous()
