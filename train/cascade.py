@@ -488,13 +488,25 @@ class Cascade:
         z_diff = F.normalize(texts[1] - texts[0], dim=-1)
         path = torch.stack([slerp(z_image[0], z_diff, max_theta * k / max(1, n - 1)) for k in range(n)])
         noise = self.invert(image[None], z_image, settings).expand(n, -1, -1, -1).contiguous()
-        progress = self._progress("text diffs", n, prior=False)
-        base = self.decode(
-            path, None, StageSettings(settings.steps, "ddim", 0.0, settings.guidance_scale), g, noise
-        )
+        return self._frames("text diffs", path, noise, settings, upsamplers, g)
+
+    def _frames(
+        self,
+        what: str,
+        path: torch.Tensor,
+        noise: torch.Tensor,
+        settings: StageSettings,
+        upsamplers: Sequence[StageSettings] | None,
+        generator: torch.Generator,
+    ) -> CascadeOutput:
+        """Image embeddings ``path`` (n, D) decoded from the one ``noise`` by DDIM at eta 0 and upsampled
+        with shared noise: frames that differ by their embeddings only (interpolation, text diffs)."""
+        progress = self._progress(what, len(path), prior=False)
+        ddim = StageSettings(settings.steps, "ddim", 0.0, settings.guidance_scale)
+        base = self.decode(path, None, ddim, generator, noise)
         progress.step(detail=f"decoder at {base.shape[-1]} px")
         stages = self._settings(upsamplers, len(self.upsamplers))
-        ups = self.upsample(base, stages, g, progress=progress, shared_noise=True)
+        ups = self.upsample(base, stages, generator, progress=progress, shared_noise=True)
         return self._finish(base, ups, path)
 
     @torch.no_grad()
@@ -600,14 +612,7 @@ class Cascade:
         noise = (
             GaussianDiffusion._noise((1, 3, size, size), self.device, g).expand(n, -1, -1, -1).contiguous()
         )
-        progress = self._progress("interpolation", n, prior=False)
-        base = self.decode(
-            path, None, StageSettings(settings.steps, "ddim", 0.0, settings.guidance_scale), g, noise
-        )
-        progress.step(detail=f"decoder at {base.shape[-1]} px")
-        stages = self._settings(upsamplers, len(self.upsamplers))
-        ups = self.upsample(base, stages, g, progress=progress, shared_noise=True)
-        return self._finish(base, ups, path)
+        return self._frames("interpolation", path, noise, settings, upsamplers, g)
 
 
 def _other_clip(recorded: str | None, clip_run: Path) -> bool:
