@@ -214,30 +214,6 @@ def _tensorboard_scalars(directory: Path) -> dict[str, dict[int, float]]:
 
 
 @pytest.mark.slow
-@pytest.mark.multiprocess
-def test_two_process_ddp_run_over_gloo(tmp_path):
-    run_dir = tmp_path / "run"
-    result = run_python(
-        [
-            "-m",
-            "train.run",
-            "debug=fast",
-            "trainer.devices=2",
-            "trainer.accelerator=cpu",
-            "strategy=ddp",
-            f"hydra.run.dir={run_dir}",
-        ],
-        tmp_path,
-        timeout=400,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["trainer/global_step"] == 5
-    assert "val/zeroshot_shape_top1" in metrics
-    assert "global batch 16 = 8 per device x 2 ranks" in result.stderr + result.stdout
-
-
-@pytest.mark.slow
 def test_cli_keeps_a_paths_output_dir_override(tmp_path):
     out, hydra_dir = tmp_path / "out", tmp_path / "hydra"
     args = ["-m", "train.run", "debug=fast", f"paths.output_dir={out}", f"hydra.run.dir={hydra_dir}"]
