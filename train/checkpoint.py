@@ -417,7 +417,7 @@ def import_open_clip(
 
     from data.tokenizer import clip_tokenizer
     from train.models.clip import CLIP
-    from train.models.openclip_import import HUB_CONFIG, checkpoint_arch, load_open_clip, read_state_dict
+    from train.models.openclip_import import HUB_CONFIG, load_open_clip, read_state_dict, resolve_config
 
     source, out = Path(source), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -425,7 +425,7 @@ def import_open_clip(
             f"{out}: not empty; from-open-clip writes a new directory (delete it to replace it)"
         )
     state = read_state_dict(source)
-    arch = checkpoint_arch(source, state, config)
+    arch = resolve_config(source, state, config)
     context = int(arch["text"]["context_length"])
     if tokenizer is not None and str(tokenizer).endswith(".json"):
         tok = Tokenizer.load(tokenizer)

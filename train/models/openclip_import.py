@@ -215,7 +215,15 @@ def resolve_config(
     heads: tuple[int, int] | None = None,
     quick_gelu: bool | None = None,
 ) -> dict[str, Any]:
-    """CLIP(**config) arguments for the checkpoint at ``path`` (see the module docstring for the order)."""
+    """CLIP(**config) arguments for the checkpoint at ``path`` (see the module docstring for the order),
+    with SigLIP's bias when the checkpoint has one (its value is a weight: it loads with the others)."""
+    arch = _stated_config(path, state, config, heads, quick_gelu)
+    if "logit_bias" in state and "init_logit_bias" not in arch:
+        arch["init_logit_bias"] = 0.0
+    return arch
+
+
+def _stated_config(path, state, config, heads, quick_gelu) -> dict[str, Any]:
     path = Path(path)
     if config is None and path.is_dir() and (path / HUB_CONFIG).is_file():
         config = path
@@ -236,21 +244,6 @@ def resolve_config(
     return {**arch, "quick_gelu": quick_gelu}
 
 
-def checkpoint_arch(
-    path: str | Path,
-    state: dict[str, torch.Tensor],
-    config: str | Path | Mapping[str, Any] | None = None,
-    heads: tuple[int, int] | None = None,
-    quick_gelu: bool | None = None,
-) -> dict[str, Any]:
-    """:func:`resolve_config`'s CLIP arguments, with SigLIP's bias when the checkpoint has one (its value
-    is a weight: it loads with the others)."""
-    arch = resolve_config(path, state, config, heads, quick_gelu)
-    if "logit_bias" in state and "init_logit_bias" not in arch:
-        arch["init_logit_bias"] = 0.0
-    return arch
-
-
 def load_open_clip(
     path: str | Path,
     config: str | Path | Mapping[str, Any] | None = None,
@@ -263,7 +256,7 @@ def load_open_clip(
     """Our CLIP with an open_clip checkpoint's weights (file or hub directory), architecture as
     :func:`resolve_config` reads it. ``state``: the checkpoint's tensors, when already read."""
     state = read_state_dict(path) if state is None else state
-    arch = checkpoint_arch(path, state, config, heads, quick_gelu)
+    arch = resolve_config(path, state, config, heads, quick_gelu)
     net = CLIP(**arch, eot_id=eot_id)
     ours = from_open_clip_state_dict(state)
     expected = net.state_dict()
