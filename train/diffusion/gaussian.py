@@ -563,7 +563,6 @@ class GaussianDiffusion:
         model_kwargs: Mapping | None = None,
         guidance_scale: float = 1.0,
         uncond_kwargs: Mapping | None = None,
-        progress: bool = False,
     ) -> torch.Tensor:
         """Deterministic DDIM inversion x_0 -> x_{T-1} (eq. 13 of Song et al. 2021 run forward, the ODE view):
         ``ddim_sample_loop(noise=encoded, eta=0)`` with the same guidance maps back."""
