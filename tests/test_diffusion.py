@@ -311,7 +311,8 @@ def test_learned_variance_extremes_stay_finite():
 
 
 def test_learned_variance_training_stays_finite():
-    """A few hundred optimiser steps of the hybrid loss on a tiny decoder UNet: no NaN or inf."""
+    """100 optimiser steps of the hybrid loss on a tiny decoder UNet: no NaN or inf. (Without the floor
+    under the likelihood's logs, the loss is infinite at the second step.)"""
     from train.models.unet import UNet
 
     torch.manual_seed(0)
@@ -327,7 +328,7 @@ def test_learned_variance_training_stays_finite():
     )
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
     x0 = (torch.rand(16, 3, 8, 8) > 0.5).float() * 2 - 1  # saturated pixels: the edge bins of the likelihood
-    for _ in range(300):
+    for _ in range(100):
         terms = d.training_losses(net, x0)
         assert torch.isfinite(terms["loss"]).all() and torch.isfinite(terms["vlb"]).all()
         opt.zero_grad()

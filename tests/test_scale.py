@@ -149,22 +149,6 @@ def test_the_tiny_clip_takes_its_vocabulary_from_the_tokenizer():
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_sharded_clip_validation_gathers_what_evaluation_reads(tmp_path):
-    """2 FSDP processes: the CLIP gathers its net for validation (evaluation reads encode_text). A
-    diffusion stage keeps its net sharded and gathers only its EMA copy: tests/test_strategies.py, in
-    test_a_diffusion_stage_validates_when_the_ranks_hold_unequal_validation_shards."""
-    run, probe = tmp_path / "run", tmp_path / "probe"
-    _train_run(
-        tmp_path, run, "stage=clip", "trainer.devices=2", "trainer.accelerator=cpu", "strategy=fsdp",
-        "+callbacks.gather_probe._target_=tests.rank_probe.GatherProbe", f"+callbacks.gather_probe.out={probe}",
-    )  # fmt: skip
-    for rank in (0, 1):
-        assert json.loads((probe / f"gather_rank{rank}.json").read_text()) == {"net": 1.0}
-    assert "val/zeroshot_shape_top1" in json.loads((run / "metrics.json").read_text())
-
-
-@pytest.mark.slow
-@pytest.mark.multiprocess
 def test_per_step_checks_share_one_all_reduce(tmp_path):
     """The numerics guard, the preemption flag and the time limit agree in one all-reduce per step (with
     the data vote: two; DDP's gradient buckets do not go through torch.distributed.all_reduce), where each

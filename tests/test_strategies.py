@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -131,15 +132,21 @@ def test_two_processes_match_one_process_through_a_checkpoint_round_trip(
             assert held == full, f"{name}: {strategy} should replicate weights"
 
 
+@pytest.fixture(scope="module")
+def nan_reference(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """One process whose loss is NaN at step 1."""
+    single = _run(tmp_path_factory.mktemp("single_nan"), "single", 1, "--nan-at", "0,1")
+    assert json.loads((single / "info.json").read_text())["skipped"] == 1
+    return torch.load(single / "weights.pt", weights_only=True)
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_a_nan_loss_on_one_rank_skips_that_step_on_every_rank(tmp_path, strategy):
+def test_a_nan_loss_on_one_rank_skips_that_step_on_every_rank(tmp_path, nan_reference, strategy):
     """Rank 1's loss is NaN at step 1: every rank skips step 1 and the run equals one process that
     skipped it (its loss NaN at step 1), through the checkpoint round trip."""
-    single = _run(tmp_path / "single", "single", 1, "--nan-at", "0,1")
-    reference = torch.load(single / "weights.pt", weights_only=True)
+    reference = nan_reference
     out = _run(tmp_path / strategy, strategy, 2, "--nan-at", "1,1")
     assert json.loads((out / "info.json").read_text())["skipped"] == 1
-    assert json.loads((single / "info.json").read_text())["skipped"] == 1
     weights = torch.load(out / "weights.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in weights.values())
     overall, worst = _rel_diff(weights, reference)
@@ -169,19 +176,25 @@ def test_negative_control_wrong_data_split_is_caught(tmp_path, reference):
 
 
 def _train_run(
-    tmp_path: Path, run_dir: Path, strategy: list[str], *overrides: str, timeout: int = 400
+    tmp_path: Path, run_dir: Path, strategy: list[str], *overrides: str, nproc: int = 2, timeout: int = 400
 ) -> dict:
+    """``python -m train.run`` as a user launches it on ``nproc`` CPU processes: under torchrun, whose
+    ranks start together (Lightning's own launcher, which starts rank 1 only once rank 0 has set up, is
+    tested in tests/test_scale.py)."""
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
         "UNCLIP_DATA_DIR": str(tmp_path / "datasets"),
         "WANDB_MODE": "offline",
+        "OMP_NUM_THREADS": "1",
     }
+    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"]
     args = [
+        *(launcher if nproc > 1 else []),
         "-m",
         "train.run",
         "debug=fast",
-        "trainer.devices=2",
+        f"trainer.devices={nproc}",
         "trainer.accelerator=cpu",
         *strategy,
         f"hydra.run.dir={run_dir}",
@@ -205,26 +218,34 @@ def _train_run(
     ],
     ids=["zero3", "fsdp"],
 )
-def test_a_stage_trains_evaluates_resumes_and_exports_under(tmp_path, strategy, ckpt_format):
-    """train.run as a user runs it (real shards, validation with zero-shot, periodic checkpoints)."""
+def test_the_clip_trains_validates_and_exports_from_a_sharded_checkpoint_under(
+    tmp_path, strategy, ckpt_format
+):
+    """train.run as a user runs it (real shards, validation with zero-shot, periodic checkpoints); a sharded
+    stage resuming from its checkpoint: the diffusion stages below, and tests/test_resume.py (the CLIP on
+    another number of processes). Under FSDP the CLIP gathers its net for validation (evaluation reads
+    encode_text); a diffusion stage keeps its net sharded (below)."""
     from eval.zeroshot import evaluate_run
     from train.checkpoint import export_stage, load_stage
 
-    run = tmp_path / "run"
+    run, probe = tmp_path / "run", tmp_path / "probe"
     whole = "data.val_batch_size=64"  # validation on the whole held-out set, as evaluate_run reads it
-    metrics = _train_run(tmp_path, run, strategy, whole)
+    gather = [
+        "+callbacks.gather_probe._target_=tests.rank_probe.GatherProbe",
+        f"+callbacks.gather_probe.out={probe}",
+    ]
+    metrics = _train_run(tmp_path, run, strategy, whole, *gather)
     assert metrics["trainer/global_step"] == 5 and "val/zeroshot_shape_top1" in metrics
+    if ckpt_format == "dcp":
+        for rank in (0, 1):
+            assert json.loads((probe / f"gather_rank{rank}.json").read_text()) == {"net": 1.0}
     assert checkpoint_format(run / "checkpoints" / "last.ckpt") == ckpt_format
     assert (run / "checkpoints" / "last.ckpt" / "COMMITTED").is_file()  # every rank finished writing
     # the sharded checkpoint holds the weights validation saw: a standalone evaluation reproduces it
     evaluated = evaluate_run(str(run))
     for key in ("zeroshot_colour_top1", "zeroshot_shape_top1", "i2t_r1"):
         assert evaluated[key] == pytest.approx(metrics[f"val/{key}"], abs=1e-6), key
-    # resume=auto continues from the sharded checkpoint
-    metrics = _train_run(tmp_path, run, strategy, whole, "trainer.max_steps=7")
-    assert metrics["trainer/global_step"] == 7
-    export = export_stage(run)
-    assert load_stage(export).global_step == 7
+    assert load_stage(export_stage(run)).global_step == 5
 
 
 @pytest.mark.parametrize(
@@ -462,20 +483,22 @@ ZERO3 = [
     [(["strategy=ddp"], 1, 16), (["strategy=fsdp"], 3, 48), (ZERO3, 3, 32)],
     ids=["ddp", "fsdp", "zero3"],
 )
-def test_a_diffusion_stage_validates_when_the_ranks_hold_unequal_validation_shards(
+def test_a_diffusion_stage_validates_on_unequal_shards_and_continues_on_another_world_size(
     tmp_path, strategy, shards, evaluated
 ):
     """Validation shards of 16 samples on 2 ranks, split by shard: with 1, rank 1 has none; with 3, it has
-    16 and rank 0 32. A rank done with its shards went on to gather the results while the other was still
-    in a validation forward, where DDP broadcast its buffers (the EMA's count; its first forward) and FSDP
-    and ZeRO-3 gathered weights: each hung. Now DDP and FSDP validate without collectives (every sample);
-    ZeRO-3, whose forwards gather weights whatever is done, stops every rank where the first runs out,
-    with a warning (16 per rank).
+        16 and rank 0 32. A rank done with its shards went on to gather the results while the other was still
+        in a validation forward, where DDP broadcast its buffers (the EMA's count; its first forward) and FSDP
+        and ZeRO-3 gathered weights: each hung. Now DDP and FSDP validate without collectives (every sample);
+        ZeRO-3, whose forwards gather weights whatever is done, stops every rank where the first runs out,
+        with a warning (16 per rank).
 
-    Sharded, each rank validates and samples with its net still sharded, and under FSDP its EMA copy
-    gathered whole (so that its validation forwards are no collectives: train/modules/base.py); under
-    ZeRO-3, whose forwards gather anyway, the copy stays partitioned too (it was gathered whole for
-    nothing). The CLIP gathers its net (tests/test_scale.py)."""
+        Sharded, each rank validates and samples with its net still sharded, and under FSDP its EMA copy
+        gathered whole (so that its validation forwards are no collectives: train/modules/base.py); under
+        ZeRO-3, whose forwards gather anyway, the copy stays partitioned too (it was gathered whole for
+        nothing). The CLIP gathers its net (above).
+
+    Then the sharded checkpoint continues on 1 process (below)."""
     from data.synthetic import ensure_synthetic
 
     data = tmp_path / "datasets"
@@ -487,12 +510,34 @@ def test_a_diffusion_stage_validates_when_the_ranks_hold_unequal_validation_shar
     probe = tmp_path / "probe"
     overrides += ["+callbacks.gather_probe._target_=tests.rank_probe.GatherProbe",
                   f"+callbacks.gather_probe.out={probe}"]  # fmt: skip
-    metrics = _train_run(tmp_path, tmp_path / "run", strategy, *overrides, timeout=180)
+    run = tmp_path / "run"
+    metrics = _train_run(tmp_path, run, strategy, *overrides, timeout=180)
     assert metrics["trainer/global_step"] == 5 and metrics["val/n"] == evaluated
-    if strategy != ["strategy=ddp"]:  # FSDP gathers the EMA copy; under ZeRO-3 it stays partitioned
-        ema = 1.0 if strategy == ["strategy=fsdp"] else 0.0
-        for rank in (0, 1):
-            assert json.loads((probe / f"gather_rank{rank}.json").read_text()) == {"net": 0.0, "ema": ema}
+    if strategy == ["strategy=ddp"]:
+        return
+    ema = 1.0 if strategy == ["strategy=fsdp"] else 0.0  # FSDP gathers the EMA copy; ZeRO-3 leaves it
+    for rank in (0, 1):
+        assert json.loads((probe / f"gather_rank{rank}.json").read_text()) == {"net": 0.0, "ema": ema}
+
+    # The sharded checkpoint (net, EMA copy and its count) continues on 1 process for a step: a ZeRO-3 one
+    # through DeepSpeed's universal checkpoint, which leaves out the EMA (frozen weights and a buffer;
+    # train/strategies.py restores them). The EMA must be the saved one moved toward the new net by one
+    # update, decay (1 + n) / (10 + n) after n = 5 updates: the count restored too. (The net itself is
+    # not compared: a diffusion stage's random draws differ on another number of processes.)
+    from train.checkpoint import consolidate, export_stage, load_stage
+
+    saved, moved = run / "checkpoints" / "last.ckpt", tmp_path / "moved"
+    shutil.copytree(saved, moved / "checkpoints" / "step0000005.ckpt")
+    _train_run(tmp_path, moved, strategy, *overrides, "trainer.max_steps=6", nproc=1, timeout=180)
+    before, after = consolidate(saved), consolidate(moved / "checkpoints" / "last.ckpt")
+    assert int(before["ema.num_updates"]) == 5 and int(after["ema.num_updates"]) == 6
+    decay = 6 / 15
+    shadow = [k for k in before if k.startswith("ema.shadow.")]
+    assert shadow
+    for key in shadow:
+        net = after["net." + key.removeprefix("ema.shadow.")]
+        assert torch.allclose(after[key], decay * before[key] + (1 - decay) * net, rtol=0, atol=1e-6), key
+    assert load_stage(export_stage(moved)).global_step == 6
 
 
 @pytest.mark.parametrize(("world", "share"), [(1, 10), (2, 5), (3, 4)])
