@@ -3,8 +3,9 @@ munge, installed with apt-get if missing, started by hand (no systemd) and stopp
 
 What makes it work (and fast) here: munged runs as the munge user with /run/munge owned by it;
 ``SlurmUser=root``; ``ProctrackType=proctrack/linuxproc`` and ``TaskPlugin=task/none`` (no cgroups);
-the node's topology from ``slurmd -C``; ``AuthInfo=cred_expire=10`` and ``sched_interval=1`` so a
-requeued job starts again in seconds rather than minutes.
+the node's topology from ``slurmd -C``; ``AuthInfo=cred_expire=5`` (a requeued job waits that long before
+it starts again: 120 s by default; 10 s here cost 5 s of CI) and ``sched_interval=1``, so a requeued job
+starts again in seconds rather than minutes.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class LocalSlurm:
                     "SlurmctldHost=localhost",
                     "SlurmUser=root",
                     "AuthType=auth/munge",
-                    "AuthInfo=cred_expire=10",
+                    "AuthInfo=cred_expire=5",
                     "ProctrackType=proctrack/linuxproc",
                     "TaskPlugin=task/none",
                     "SelectType=select/cons_tres",

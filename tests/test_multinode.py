@@ -115,6 +115,8 @@ def test_two_nodes_train_are_killed_and_resume(tmp_path):
 
 
 def test_two_nodes_embed_each_shard_once(clip_run, tmp_path):
+    """data.embed on 4 ranks (2 torchrun agents): each shard written once, by one rank (the 2 ranks of one
+    agent: tests/test_run.py's pipeline)."""
     from tests.test_embed import _read
 
     ckpt, val = clip_run
@@ -126,3 +128,4 @@ def test_two_nodes_embed_each_shard_once(clip_run, tmp_path):
     keys = [k for b in _read(out) for k in b["__key__"]]
     assert len(keys) == len(set(keys)) == 64
     assert len(json.loads((out / "sizes.json").read_text())) == 4  # 4 shards over 4 ranks on 2 nodes
+    assert not list(out.glob(".*tmp*")), "no temporary files left"

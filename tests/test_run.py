@@ -42,24 +42,6 @@ def test_overrides_and_named_architectures_compose(tmp_path):
     assert cfg.strategy._target_.endswith("DDPStrategy")
 
 
-def test_global_batch_that_does_not_divide_fails_before_training(tmp_path):
-    result = run_python(
-        [
-            "-m",
-            "train.run",
-            "debug=fast",
-            "data.global_batch_size=15",
-            "trainer.devices=2",
-            "trainer.accelerator=cpu",
-            "strategy=ddp",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        tmp_path,
-    )
-    assert result.returncode != 0
-    assert "data.global_batch_size=15 is not divisible by world size 2" in result.stderr
-
-
 def _fast_cfg(tmp_path: Path, out: Path, *extra: str):
     return compose_config(
         [
