@@ -276,8 +276,9 @@ def test_a_sharded_checkpoint_saved_on_two_ranks_continues_on_one_and_back_on_tw
     rank): FSDP2's distributed checkpoint reshards on load; a ZeRO-3 checkpoint is converted to
     DeepSpeed's universal checkpoint and loaded from it (train/strategies.py). The CLIP continues at the
     saved step with the saved Adam moments: losses within 1e-5 of the uninterrupted 2-process run (measured:
-    4.8e-7 under both). The 1-process run's own checkpoint at step 4 (one shard) then continues on 2
-    processes: the data goes back to its 2 saved data ranks, so again within 1e-5 of the uninterrupted run.
+    4.8e-7 under both). Under ZeRO-3 the 1-process run's own checkpoint at step 4 (one shard) then continues
+    on 2 processes: the data goes back to its 2 saved data ranks, so again within 1e-5 of the uninterrupted
+    run.
     (A stage with an EMA, whose frozen weights and buffer DeepSpeed's universal load leaves out, moved from
     2 processes to 1: tests/test_strategies.py.)"""
     from train.checkpoint import checkpoint_format, consolidate
@@ -315,6 +316,8 @@ def test_a_sharded_checkpoint_saved_on_two_ranks_continues_on_one_and_back_on_tw
     assert final.keys() == ref.keys()
     assert max((final[k] - ref[k]).abs().max().item() for k in ref) < 1e-5
 
+    if strategy == "fsdp":  # FSDP2 loads a checkpoint onto any number of processes through the same load
+        return  # (the way back below is the data's, and ZeRO-3's conversion from 1 process: checked there)
     # Back: the 1-process checkpoint at step 4 (one shard, rank 0 playing data ranks [0, 1]) on 2 processes.
     back = tmp_path / "outputs" / "back"
     saved = moved / "checkpoints" / "step0000004.ckpt"

@@ -12,14 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import compose_config
+from tests.conftest import compose_config, free_port
 from train.callbacks import rng
 from train.callbacks.rng import seed_rank
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _train_run(tmp_path: Path, run_dir: Path, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+def _train_run(
+    tmp_path: Path, run_dir: Path, *args: str, timeout: int = 400, torchrun: bool = False
+) -> subprocess.CompletedProcess:
+    """``python -m train.run debug=fast ARGS``; ``torchrun``: under torchrun's 2 processes (whose ranks start
+    together, where Lightning's launcher starts rank 1 once rank 0 has set up: 2-3 s more a launch here)."""
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
@@ -27,7 +31,9 @@ def _train_run(tmp_path: Path, run_dir: Path, *args: str, timeout: int = 400) ->
         "WANDB_MODE": "offline",
         "OMP_NUM_THREADS": "1",
     }
-    cmd = [sys.executable, "-m", "train.run", "debug=fast", f"hydra.run.dir={run_dir}", *args]
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    cmd = [sys.executable, *(launcher if torchrun else []), "-m", "train.run", "debug=fast",
+           f"hydra.run.dir={run_dir}", *args]  # fmt: skip
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -109,7 +115,7 @@ def test_two_ranks_draw_differently_from_identical_weights_and_a_smaller_world_d
     ]
     _train_run(
         tmp_path, run, "stage=upsampler_256", "trainer.devices=2", "trainer.accelerator=cpu", "strategy=ddp",
-        *probe_args,
+        *probe_args, torchrun=True,
     )  # fmt: skip
     r0, r1 = (json.loads((probe / f"rank{r}_step0.json").read_text()) for r in (0, 1))
     assert r0["weights"] == r1["weights"], "model init must stay identical on every rank"
@@ -153,7 +159,8 @@ def test_per_step_checks_share_one_all_reduce(tmp_path):
     """The numerics guard, the preemption flag and the time limit agree in one all-reduce per step (with
     the data vote: two; DDP's gradient buckets do not go through torch.distributed.all_reduce), where each
     made its own; and no broadcast: Lightning's Timer, which trainer.max_time used to start, made one a step,
-    and Lightning 2.6 broadcast its SIGTERM flag at every step (our Preemption handles SIGTERM)."""
+    and Lightning 2.6 broadcast its SIGTERM flag at every step (our Preemption handles SIGTERM). Launched by
+    Lightning itself (trainer.devices=2, no launcher), as a user on one machine may."""
     run, probe = tmp_path / "run", tmp_path / "probe"
     _train_run(
         tmp_path, run, "stage=upsampler_256", "module.val_max_samples=4", "module.sample_steps=2",
