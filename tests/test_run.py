@@ -206,6 +206,56 @@ def test_cli_keeps_a_paths_output_dir_override(tmp_path):
 
 
 @pytest.mark.slow
+def test_the_pipeline_trains_the_cascade_on_a_clip_trained_elsewhere(tmp_path):
+    """``clip_ckpt=`` an open_clip model imported by ``from-open-clip`` (here our CLIP through
+    ``to-open-clip``: no weights can be downloaded), which names no data: the clip stage is not run, embed
+    embeds the decoder's shards with that CLIP, the prior and the decoder train on it, and the sample stage
+    scores with it (CLIP-FID against the decoder's held-out shards)."""
+    from omegaconf import OmegaConf
+
+    from train import pipeline
+    from train.checkpoint import main as checkpoint_cli
+
+    clip = compose_config(
+        ["debug=fast", "trainer.max_steps=2", f"paths.data_dir={tmp_path / 'clip_data'}",
+         f"paths.output_dir={tmp_path / 'run'}", "net.vision.stem=patch", "net.vision.pool=tok"]
+    )  # fmt: skip
+    train(clip)
+    checkpoint_cli(["to-open-clip", str(tmp_path / "run"), str(tmp_path / "hub")])
+    imported = tmp_path / "imported"
+    tokenizer = str(tmp_path / "run" / "tokenizer.json")
+    checkpoint_cli(["from-open-clip", str(tmp_path / "hub"), str(imported), "--tokenizer", tokenizer])
+    out = tmp_path / "pipeline"
+    tiny = ["trainer.max_steps=2", "trainer.val_check_interval=2", "module.val_max_samples=4"]
+    args = [
+        "-m", "train.pipeline", f"out_dir={out}", f"clip_ckpt={imported}",
+        "stages=[clip,embed,prior,decoder,sample]",
+        "+prior.data.global_batch_size=16", "+prior.data.num_workers=0", "+prior.module.sample_steps=2",
+        *[f"prior.{o}" for o in tiny[:2]], "+decoder.debug=fast", *[f"decoder.{o}" for o in tiny],
+        "+decoder.net.model_channels=16", "+decoder.net.head_channels=16",
+        "sample.per_category=1", "sample.batch=4", "sample.grid_per_category=1", "sample.fid_reference=8",
+        "sample.prior.steps=2", "sample.decoder.steps=2", "sample.upsamplers=[]", "sample.probe=0",
+    ]  # fmt: skip
+    result = run_python(args, tmp_path)
+    printed = result.stdout + result.stderr
+    assert result.returncode == 0, printed[-4000:]
+    assert "stage clip: not trained; the cascade takes clip_ckpt=" in printed and not (out / "clip").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) == {"embed", "prior", "decoder", "sample"}
+    assert report["embed"]["embed/train_samples"] == 256 and report["embed"]["embed/val_samples"] == 64
+    made_by = json.loads((out / "embed" / "train" / "embed_info.json").read_text())["checkpoint"]
+    assert made_by == str(imported.resolve() / "model.safetensors")
+    for stage in ("prior", "decoder"):
+        assert yaml.safe_load((out / stage / "config.yaml").read_text())["clip_ckpt"] == str(
+            imported.resolve()
+        )
+    assert "bench/clip_fid" in report["sample"] and (out / "samples.png").exists()
+    # a run of another stage is refused before anything runs, naming the option
+    with pytest.raises(SystemExit, match=r"clip_ckpt=.*prior.*expected a CLIP run"):
+        pipeline.external_clip(OmegaConf.create({"clip_ckpt": str(out / "prior")}))
+
+
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_pipeline_runs_every_stage_on_two_ranks_reports_once_and_skips_finished_stages(tmp_path):
     """The whole cascade under torchrun on 2 processes: each stage trains on both (devices from the

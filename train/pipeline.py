@@ -9,9 +9,12 @@ under ``<name>:`` in conf/pipeline.yaml, writes into ``<out_dir>/<name>/`` and i
 of ``<out_dir>/clip`` over its train and val shards into ``<out_dir>/embed/{train,val}``; the prior
 trains on those (``data=embeddings``), the decoder embeds on the fly with that CLIP. ``sample`` runs the
 compositional benchmark through the exported cascade (eval/benchmark.py) and copies its labelled grid
-to ``<out_dir>/samples.png``. A stage with a ``done.json`` is skipped on rerun; an interrupted one
-resumes from its ``checkpoints/last.ckpt``. ``report.json`` and ``report.md`` in ``out_dir`` hold every
-finished stage's metrics and seconds, rewritten after each stage (a run cut short reports what finished).
+to ``<out_dir>/samples.png``. With ``clip_ckpt=PATH`` (a CLIP trained elsewhere, e.g. an open_clip model
+through ``python -m train.checkpoint from-open-clip``) the clip stage is not run and the later stages take
+that CLIP; embed then reads the decoder stage's shards. A stage with a ``done.json`` is skipped on rerun;
+an interrupted one resumes from its ``checkpoints/last.ckpt``. ``report.json`` and ``report.md`` in
+``out_dir`` hold every finished stage's metrics and seconds, rewritten after each stage (a run cut short
+reports what finished).
 
 On several processes (``torchrun --nproc_per_node=8 -m train.pipeline``, or ``srun``): every rank trains
 each stage (``trainer.devices`` and ``trainer.num_nodes`` from the launcher unless set) and embeds its
@@ -218,19 +221,52 @@ def override_value(value: Any) -> str:
     return "'" + text.replace("'", "\\'") + "'"
 
 
-def wiring(name: str, out_dir: Path) -> list[str]:
-    """Overrides that connect a stage to the outputs of earlier ones."""
+def wiring(name: str, out_dir: Path, clip: Path | None = None) -> list[str]:
+    """Overrides that connect a stage to the outputs of earlier ones (``clip``: the pipeline's
+    ``clip_ckpt``, a CLIP trained elsewhere; None: its clip stage's, ``<out_dir>/clip``)."""
+    clip = (clip or out_dir / "clip").resolve()
     if name == "decoder":
-        return [f"clip_ckpt={(out_dir / 'clip').resolve()}"]
+        return [f"clip_ckpt={clip}"]
     if name == "prior":
         emb = (out_dir / "embed").resolve()
         return [
             "data=embeddings",
             f"data.train_shards={emb / 'train'}",
             f"data.val_shards={emb / 'val'}",
-            f"clip_ckpt={(out_dir / 'clip').resolve()}",
+            f"clip_ckpt={clip}",
         ]
     return []
+
+
+def external_clip(cfg: DictConfig) -> Path | None:
+    """The pipeline's ``clip_ckpt`` (a CLIP trained elsewhere: a run, a checkpoint in one, an export, or
+    ``python -m train.checkpoint from-open-clip``'s OUT) as a path, checked before any stage runs; None when
+    the cascade trains its own (the clip stage)."""
+    path = cfg.get("clip_ckpt")
+    if not path:
+        return None
+    from train.config import ConfigError
+    from train.run import clip_run
+
+    try:
+        clip_run(str(path))
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"clip_ckpt={path}: {e}") from e
+    return Path(path).resolve()
+
+
+def cascade_shards(cfg: DictConfig, out_dir: Path, clip: Path) -> tuple[str, str | None]:
+    """The train and val shards the cascade trains on, for a CLIP trained elsewhere (which names none, or
+    other data): the decoder stage's, as its options in this pipeline compose; the embedded default is
+    written first if missing, as a training stage would."""
+    from data.synthetic import ensure_synthetic
+
+    options = OmegaConf.to_container(cfg.get("decoder") or {}, resolve=True)
+    stage = compose(config_name="train", overrides=stage_overrides_list("decoder", options, out_dir, clip))
+    synthetic = OmegaConf.to_container(stage.data.get("synthetic") or {}, resolve=True)
+    if synthetic.pop("generate", False):
+        ensure_synthetic(stage.data.train_shards, stage.data.val_shards, **synthetic)
+    return str(stage.data.train_shards), stage.data.get("val_shards")
 
 
 def write_done(done: Path, metrics: dict[str, float], seconds: float, **extra: Any) -> None:
@@ -239,9 +275,16 @@ def write_done(done: Path, metrics: dict[str, float], seconds: float, **extra: A
     done.write_text(json.dumps({"metrics": metrics, "seconds": seconds, **extra}, indent=2))
 
 
-def run_embed(options: Mapping[str, Any], out_dir: Path, ranks: Ranks | None = None) -> dict[str, float]:
+def run_embed(
+    options: Mapping[str, Any],
+    out_dir: Path,
+    ranks: Ranks | None = None,
+    clip: Path | None = None,
+    shards: tuple[str, str | None] | None = None,
+) -> dict[str, float]:
     """Embedding shards of the CLIP stage's train and val shards (with its trained weights); on several
-    ranks each embeds its share of the shards, and the stage is done when all are."""
+    ranks each embeds its share of the shards, and the stage is done when all are. With ``clip`` (a CLIP
+    trained elsewhere), ``shards`` (:func:`cascade_shards`) are embedded with it."""
     from data.embed import embed_shards
 
     ranks = ranks or Ranks()
@@ -251,21 +294,23 @@ def run_embed(options: Mapping[str, Any], out_dir: Path, ranks: Ranks | None = N
     if previous is not None:
         log.info("stage embed: already finished (%s), skipping", done)
         return previous
-    clip_dir = out_dir / "clip"
-    if not ranks.share((clip_dir / "done.json").exists):
+    clip_dir = clip or out_dir / "clip"
+    if clip is None and not ranks.share((clip_dir / "done.json").exists):
         raise FileNotFoundError(
-            f"stage embed needs a finished CLIP stage in {clip_dir} (stages=[clip,embed,...])"
+            f"stage embed needs a finished CLIP stage in {clip_dir} (stages=[clip,embed,...]), or a CLIP "
+            "trained elsewhere: clip_ckpt=PATH"
         )
-    clip_cfg = OmegaConf.load(clip_dir / "config.yaml")
+    if shards is None:
+        data = OmegaConf.load(clip_dir / "config.yaml").data
+        shards = (data.get("train_shards"), data.get("val_shards"))
     device = resolve_device(options.get("device"))
     log.info("stage embed: on %s", device)
     start, metrics = time.time(), {}
-    for split in ("train", "val"):
-        shards = clip_cfg.data.get(f"{split}_shards")
-        if shards:
+    for split, spec in zip(("train", "val"), shards):
+        if spec:
             result = embed_shards(
                 str(clip_dir),
-                shards,
+                spec,
                 stage_dir / split,
                 batch_size=int(options.get("batch", 256)),
                 device=device,
@@ -291,10 +336,16 @@ def _benchmark_options(options: Mapping) -> dict[str, int]:
 
 
 def run_sample(
-    options: Mapping[str, Any], out_dir: Path, upsamplers: tuple[str, ...] = UPSAMPLERS
+    options: Mapping[str, Any],
+    out_dir: Path,
+    upsamplers: tuple[str, ...] = UPSAMPLERS,
+    clip: Path | None = None,
+    fid_shards: str | None = None,
 ) -> dict[str, float]:
     """Text -> image through the trained cascade on the compositional benchmark; samples.png, scores.
-    ``upsamplers``: the upsampler stages of this run, in order (preset=gpu stops at 256 px)."""
+    ``upsamplers``: the upsampler stages of this run, in order (preset=gpu stops at 256 px). ``clip``: a
+    CLIP trained elsewhere (else the clip stage's); ``fid_shards``: CLIP-FID's held-out images (else the
+    CLIP run's val shards)."""
     from eval.benchmark import evaluate_cascade, reference_images
     from train.cascade import Cascade
 
@@ -315,7 +366,7 @@ def run_sample(
         found["decoder"],
         prior=found["prior"] if (found["prior"] / "config.yaml").exists() else None,
         upsamplers=[found[n] for n in upsamplers],
-        clip=out_dir / "clip",
+        clip=clip or out_dir / "clip",
         device=device,
         precision=str(options.get("precision") or "auto"),
     )
@@ -325,7 +376,9 @@ def run_sample(
         cascade,
         stage_dir,
         **_benchmark_options(options),
-        reference=reference_images(out_dir / "clip", int(options.get("fid_reference", 256))),
+        reference=reference_images(
+            clip or out_dir / "clip", int(options.get("fid_reference", 256)), fid_shards
+        ),
         upsamplers=ups,
         **settings,
     )
@@ -447,13 +500,15 @@ def _probe(
     return probe.metrics(result)
 
 
-def stage_overrides_list(name: str, stage_overrides: Mapping[str, Any], out_dir: Path) -> list[str]:
-    """The ``train.run`` overrides of training stage ``name`` in this pipeline."""
+def stage_overrides_list(
+    name: str, stage_overrides: Mapping[str, Any], out_dir: Path, clip: Path | None = None
+) -> list[str]:
+    """The ``train.run`` overrides of training stage ``name`` in this pipeline (``clip``: as :func:`wiring`)."""
     return [
         f"stage={name}",
         f"paths.output_dir={(out_dir / name).resolve()}",
         "resume=auto",
-        *wiring(name, out_dir),
+        *wiring(name, out_dir, clip),
         *upgrade_overrides(flatten(stage_overrides)),  # a pipeline config with old key names (module.lr)
     ]
 
@@ -486,22 +541,26 @@ def run_stage(
     out_dir: Path,
     stages: tuple[str, ...] = UPSAMPLERS,
     ranks: Ranks | None = None,
+    clip: Path | None = None,
+    shards: tuple[str, str | None] | None = None,
 ) -> dict[str, float]:
+    """One stage of the pipeline on every rank. ``clip``: a CLIP trained elsewhere (the pipeline's
+    ``clip_ckpt``), with ``shards`` (:func:`cascade_shards`) for embed and sample; None: the clip stage's."""
     ranks = ranks or Ranks()
     if name == "embed":
-        return run_embed(stage_overrides, out_dir, ranks)
+        return run_embed(stage_overrides, out_dir, ranks, clip, shards)
     if name == "sample":  # the upsamplers this run trains, else (stages=[sample]) those it has exported
         listed = tuple(n for n in UPSAMPLERS if n in stages) or tuple(
             n for n in UPSAMPLERS if (out_dir / n / "export" / "config.yaml").exists()
         )
-        return ranks.share(run_sample, stage_overrides, out_dir, listed)
+        return ranks.share(run_sample, stage_overrides, out_dir, listed, clip, shards[1] if shards else None)
     stage_dir = out_dir / name
     done = stage_dir / "done.json"
     previous = ranks.share(read_done, done)
     if previous is not None:
         log.info("stage %s: already finished (%s), skipping", name, done)
         return previous
-    overrides = stage_overrides_list(name, stage_overrides, out_dir)
+    overrides = stage_overrides_list(name, stage_overrides, out_dir, clip)
     log.info("stage %s: python -m train.run %s", name, " ".join(overrides))
     cfg = compose(config_name="train", overrides=overrides)
     for needed, used in (
@@ -626,24 +685,32 @@ def main(cfg: DictConfig) -> None:
     out_dir = Path(cfg.out_dir)
     check_image_sizes(cfg, out_dir)
     check_sample(cfg)
+    clip = external_clip(cfg)
+    stages = [name for name in cfg.stages if clip is None or name != "clip"]
+    if len(stages) < len(cfg.stages):
+        log.info("stage clip: not trained; the cascade takes clip_ckpt=%s", clip)
     out_dir.mkdir(parents=True, exist_ok=True)
     ranks = Ranks.start()
+    shards = None
+    if clip is not None and {"embed", "sample"} & set(stages):
+        shards = ranks.share(cascade_shards, cfg, out_dir, clip)
+        log.info("embedding and CLIP-FID shards (the decoder's data): %s, %s", *shards)
     results = {}
     budget, shares = cfg.get("time_budget"), cfg.get("time_shares") or {}
-    for i, name in enumerate(cfg.stages):
+    for i, name in enumerate(stages):
         stage_overrides = OmegaConf.to_container(cfg.get(name) or {}, resolve=True)
         ranks.launched(name, stage_overrides)
         allotted = None
         finished = ranks.share((out_dir / name / "done.json").exists)  # skipped below: nothing to allot
         if budget is not None and name not in ("embed", "sample") and not finished:
             allotted = ranks.share(  # rank 0's clock
-                lambda left: time_allotment(budget, time.monotonic() - start, left, shares), cfg.stages[i:]
+                lambda left: time_allotment(budget, time.monotonic() - start, left, shares), stages[i:]
             )
             trainer = stage_overrides.setdefault("trainer", {})
             if trainer.get("max_time") is None:  # a stage's own max_time wins
                 trainer["max_time"] = dhms(allotted)
             log.info("stage %s: stops at %s (time_budget %s s)", name, trainer["max_time"], budget)
-        results[name] = run_stage(name, stage_overrides, out_dir, tuple(cfg.stages), ranks)
+        results[name] = run_stage(name, stage_overrides, out_dir, tuple(stages), ranks, clip, shards)
         if allotted is not None:
             results[name][f"{name}/seconds_allotted"] = allotted
         if ranks.main:  # after every stage: a run cut short still reports what finished
@@ -651,7 +718,7 @@ def main(cfg: DictConfig) -> None:
     if not ranks.main:
         return
     elapsed = time.monotonic() - start
-    print(f"\npipeline finished: {', '.join(cfg.stages)} in {elapsed:.0f} s"
+    print(f"\npipeline finished: {', '.join(stages)} in {elapsed:.0f} s"
           + (f" (time_budget {budget} s)" if budget is not None else ""))  # fmt: skip
     for name, metrics in results.items():
         shown = {
