@@ -311,22 +311,26 @@ def test_upsamplers_out_of_order_and_stages_in_the_wrong_place_are_refused(casca
         Cascade.load(cascade_dir / "decoder", upsamplers=[cascade_dir / "decoder"])
 
 
-def test_a_prior_trained_with_another_clip_than_the_decoders_is_reported(
+def test_a_prior_or_decoder_trained_with_another_clip_than_the_one_given_is_reported(
     cascade_dir, clip_run, tmp_path, caplog
 ):
     """Only the embedding size was compared: a prior trained with another CLIP of the same size was taken
-    without a word (its embeddings mean nothing to the decoder's CLIP)."""
+    without a word (its embeddings mean nothing to the decoder's CLIP), and so was a decoder given another
+    CLIP than its own (``clip=``, the pipeline's ``clip_ckpt``)."""
     import shutil
 
     run, _ = clip_run
     with caplog.at_level("WARNING", logger="train.cascade"):
-        Cascade.load(cascade_dir / "decoder", prior=cascade_dir / "prior")
+        Cascade.load(cascade_dir / "decoder", prior=cascade_dir / "prior", clip=run)  # its own
     assert "was trained with the CLIP" not in caplog.text
     other = tmp_path / "another_clip"
     shutil.copytree(run, other)
     with caplog.at_level("WARNING", logger="train.cascade"):
         Cascade.load(cascade_dir / "decoder", prior=cascade_dir / "prior", clip=other)
-    assert f"was trained with the CLIP {run}" in caplog.text and str(other) in caplog.text
+    assert f"prior {cascade_dir / 'prior'} was trained with the CLIP {run}" in caplog.text
+    assert (
+        f"decoder {cascade_dir / 'decoder'} was trained with the CLIP {run}, and reads {other}" in caplog.text
+    )
 
 
 def test_export_round_trips_and_the_cli_samples_from_it(cascade_dir, cascade, tmp_path, capsys):

@@ -253,6 +253,14 @@ def test_the_pipeline_trains_the_cascade_on_a_clip_trained_elsewhere(tmp_path):
     # a run of another stage is refused before anything runs, naming the option
     with pytest.raises(SystemExit, match=r"clip_ckpt=.*prior.*expected a CLIP run"):
         pipeline.external_clip(OmegaConf.create({"clip_ckpt": str(out / "prior")}))
+    # a rerun into this out_dir takes the same CLIP, or stops before any stage: without clip_ckpt it trained a
+    # clip stage and sampled the finished stages with it; with another, it mixed two CLIPs
+    pipeline.check_one_clip(out, imported.resolve())
+    for other in (None, tmp_path / "run"):
+        with pytest.raises(
+            SystemExit, match=r"embed was made with the CLIP .*imported.* Rerun with clip_ckpt=.*imported, or"
+        ):
+            pipeline.check_one_clip(out, other)
 
 
 @pytest.mark.slow
@@ -892,6 +900,9 @@ def test_a_pipeline_stage_whose_earlier_stage_is_missing_names_it(tmp_path):
         (tmp_path / "clip" / "done.json").unlink()
         with pytest.raises(SystemExit, match=r"stage decoder needs the finished clip stage"):
             pipeline.run_stage("decoder", {}, tmp_path)
+        # a CLIP trained elsewhere, kept next to the stages (not inside <out_dir>/clip): no clip stage needed
+        with pytest.raises(SystemExit, match=r"stage prior needs the finished embed stage"):
+            pipeline.run_stage("prior", {}, tmp_path, clip=tmp_path / "clip_openai")
 
 
 @pytest.mark.slow

@@ -205,6 +205,20 @@ class Cascade:
     ) -> Cascade:
         """From run directories (or checkpoints, or inference exports). ``clip``: the CLIP run, when the
         decoder's ``clip_ckpt`` no longer points at it (moved or exported)."""
+        if clip:  # in place of the decoder's own: warned, as for a prior, when it is another CLIP
+            from omegaconf import OmegaConf
+
+            from train.checkpoint import config_dir_of
+
+            recorded = OmegaConf.load(config_dir_of(decoder) / "config.yaml").get("clip_ckpt")
+            if _other_clip(recorded, Path(clip)):
+                log.warning(
+                    "decoder %s was trained with the CLIP %s, and reads %s here: its image embeddings mean "
+                    "something only to the CLIP it learned them from (poor samples)",
+                    decoder,
+                    recorded,
+                    clip,
+                )
         dec = load_module(decoder, "decoder", **({"clip_ckpt": str(clip)} if clip else {}))
         pri = None
         if prior is not None:  # embeddings come from the decoder's CLIP, so the prior needs none of its own

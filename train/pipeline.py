@@ -251,8 +251,51 @@ def external_clip(cfg: DictConfig) -> Path | None:
     try:
         clip_run(str(path))
     except (ConfigError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"clip_ckpt={path}: {e}") from e
+        raise SystemExit(
+            f"clip_ckpt={path}: {e} (an open_clip model is imported first: python -m train.checkpoint "
+            "from-open-clip SRC OUT, then clip_ckpt=OUT)"
+        ) from e
     return Path(path).resolve()
+
+
+def check_one_clip(out_dir: Path, clip: Path | None) -> None:
+    """Stop before any stage runs when ``out_dir`` holds stages made with another CLIP than the one this run
+    takes (``clip``, else the clip stage's): the embeddings (their ``embed_info.json``), the prior and the
+    decoder (their ``config.yaml``), finished or not. A rerun that changed or dropped ``clip_ckpt`` would
+    otherwise skip the finished stages and sample a cascade of two CLIPs. A recorded CLIP that no longer
+    exists (moved) is not judged."""
+    from train.checkpoint import owner_of
+
+    used, own = owner_of(clip or out_dir / "clip"), owner_of(out_dir / "clip")
+    recorded = {}
+    info = out_dir / "embed" / "train" / "embed_info.json"
+    if info.exists():
+        recorded["embed"] = json.loads(info.read_text()).get("checkpoint")
+    for stage in ("prior", "decoder"):
+        if (out_dir / stage / "config.yaml").exists():
+            recorded[stage] = OmegaConf.load(out_dir / stage / "config.yaml").get("clip_ckpt")
+    for stage, made_with in recorded.items():
+        if not made_with or not Path(made_with).exists() or owner_of(made_with) == used:
+            continue
+        same = (
+            "no clip_ckpt (the clip stage's)"
+            if owner_of(made_with) == own
+            else f"clip_ckpt={owner_of(made_with)}"
+        )
+        raise SystemExit(
+            f"{out_dir / stage} was made with the CLIP {made_with}, but this run takes "
+            f"{f'clip_ckpt={clip}' if clip else f'the clip stage of {out_dir}'}: a cascade on two CLIPs "
+            f"samples poorly. Rerun with {same}, or give this CLIP another out_dir"
+        )
+
+
+def needs_shards(cfg: DictConfig, stages: Sequence[str], out_dir: Path) -> bool:
+    """Whether this run embeds, or samples with CLIP-FID (the shards of :func:`cascade_shards`)."""
+    fid = int((cfg.get("sample") or {}).get("fid_reference", 256) or 0) > 0
+    return any(
+        name in stages and not (out_dir / name / "done.json").exists()
+        for name in ("embed", *(["sample"] if fid else []))
+    )
 
 
 def cascade_shards(cfg: DictConfig, out_dir: Path, clip: Path) -> tuple[str, str | None]:
@@ -568,7 +611,8 @@ def run_stage(
         ("embed", OmegaConf.select(cfg, "data.train_shards", default=None, throw_on_missing=False)),
     ):  # the earlier stage of this pipeline it reads, unless an override points elsewhere
         where = (out_dir / needed).resolve()
-        if used and str(used).startswith(str(where)) and not ranks.share((where / "done.json").exists):
+        inside = used and Path(str(used)).resolve().is_relative_to(where)  # (not <out_dir>/clip_other)
+        if inside and not ranks.share((where / "done.json").exists):
             raise SystemExit(
                 f"stage {name} needs the finished {needed} stage in {where} (stages=[..., {needed}, {name}, ...]), "
                 f"or {name}.{'clip_ckpt' if needed == 'clip' else 'data.train_shards'}=<elsewhere>"
@@ -686,13 +730,14 @@ def main(cfg: DictConfig) -> None:
     check_image_sizes(cfg, out_dir)
     check_sample(cfg)
     clip = external_clip(cfg)
+    check_one_clip(out_dir, clip)
     stages = [name for name in cfg.stages if clip is None or name != "clip"]
     if len(stages) < len(cfg.stages):
         log.info("stage clip: not trained; the cascade takes clip_ckpt=%s", clip)
     out_dir.mkdir(parents=True, exist_ok=True)
     ranks = Ranks.start()
     shards = None
-    if clip is not None and {"embed", "sample"} & set(stages):
+    if clip is not None and ranks.share(needs_shards, cfg, stages, out_dir):
         shards = ranks.share(cascade_shards, cfg, out_dir, clip)
         log.info("embedding and CLIP-FID shards (the decoder's data): %s, %s", *shards)
     results = {}
