@@ -256,6 +256,8 @@ def test_the_pipeline_trains_the_cascade_on_a_clip_trained_elsewhere(tmp_path):
     # a rerun into this out_dir takes the same CLIP, or stops before any stage: without clip_ckpt it trained a
     # clip stage and sampled the finished stages with it; with another, it mixed two CLIPs
     pipeline.check_one_clip(out, imported.resolve())
+    with pytest.raises(SystemExit, match=r"prior was made with .* this run takes prior.clip_ckpt=.*run:"):
+        pipeline.check_one_clip(out, imported, {"prior": str(tmp_path / "run"), "decoder": None})
     for other in (None, tmp_path / "run"):
         with pytest.raises(
             SystemExit, match=r"embed was made with the CLIP .*imported.* Rerun with clip_ckpt=.*imported, or"

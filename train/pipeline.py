@@ -258,15 +258,17 @@ def external_clip(cfg: DictConfig) -> Path | None:
     return Path(path).resolve()
 
 
-def check_one_clip(out_dir: Path, clip: Path | None) -> None:
+def check_one_clip(out_dir: Path, clip: Path | None, stage_clips: Mapping[str, Any] | None = None) -> None:
     """Stop before any stage runs when ``out_dir`` holds stages made with another CLIP than the one this run
-    takes (``clip``, else the clip stage's): the embeddings (their ``embed_info.json``), the prior and the
-    decoder (their ``config.yaml``), finished or not. A rerun that changed or dropped ``clip_ckpt`` would
-    otherwise skip the finished stages and sample a cascade of two CLIPs. A recorded CLIP that no longer
-    exists (moved) is not judged."""
+    gives them (``clip``, else the clip stage's; ``stage_clips``: a stage's own ``<stage>.clip_ckpt``
+    override): the embeddings (their ``embed_info.json``), the prior and the decoder (their ``config.yaml``),
+    finished or not. A rerun that changed or dropped ``clip_ckpt`` would otherwise skip the finished stages
+    and sample a cascade of two CLIPs. A recorded CLIP that no longer exists (moved) is not judged."""
     from train.checkpoint import owner_of
 
-    used, own = owner_of(clip or out_dir / "clip"), owner_of(out_dir / "clip")
+    own = owner_of(out_dir / "clip")
+    default = owner_of(clip) if clip else own
+    given = {k: owner_of(v) for k, v in (stage_clips or {}).items() if v}
     recorded = {}
     info = out_dir / "embed" / "train" / "embed_info.json"
     if info.exists():
@@ -275,17 +277,21 @@ def check_one_clip(out_dir: Path, clip: Path | None) -> None:
         if (out_dir / stage / "config.yaml").exists():
             recorded[stage] = OmegaConf.load(out_dir / stage / "config.yaml").get("clip_ckpt")
     for stage, made_with in recorded.items():
-        if not made_with or not Path(made_with).exists() or owner_of(made_with) == used:
+        if not made_with or not Path(made_with).exists() or owner_of(made_with) == given.get(stage, default):
             continue
         same = (
             "no clip_ckpt (the clip stage's)"
             if owner_of(made_with) == own
             else f"clip_ckpt={owner_of(made_with)}"
         )
+        takes = (
+            f"{stage}.clip_ckpt={stage_clips[stage]}"
+            if stage in given
+            else (f"clip_ckpt={clip}" if clip else f"the clip stage of {out_dir}")
+        )
         raise SystemExit(
-            f"{out_dir / stage} was made with the CLIP {made_with}, but this run takes "
-            f"{f'clip_ckpt={clip}' if clip else f'the clip stage of {out_dir}'}: a cascade on two CLIPs "
-            f"samples poorly. Rerun with {same}, or give this CLIP another out_dir"
+            f"{out_dir / stage} was made with the CLIP {made_with}, but this run takes {takes}: a cascade on "
+            f"two CLIPs samples poorly. Rerun with {same}, or give this CLIP another out_dir"
         )
 
 
@@ -730,7 +736,7 @@ def main(cfg: DictConfig) -> None:
     check_image_sizes(cfg, out_dir)
     check_sample(cfg)
     clip = external_clip(cfg)
-    check_one_clip(out_dir, clip)
+    check_one_clip(out_dir, clip, {n: OmegaConf.select(cfg, f"{n}.clip_ckpt") for n in ("prior", "decoder")})
     stages = [name for name in cfg.stages if clip is None or name != "clip"]
     if len(stages) < len(cfg.stages):
         log.info("stage clip: not trained; the cascade takes clip_ckpt=%s", clip)
