@@ -4,7 +4,7 @@
     python -m eval.sample text --prompts prompts.txt --n 4 --decoder-guidance 3 --seed 1 --cascade ...
     python -m eval.sample variations photo.png --n 8 --eta 0.8 [--invert] --cascade ...
     python -m eval.sample inpaint photo.png --mask mask.png --prompt "a red circle" [--resample 2] --cascade ...
-    python -m eval.sample interpolate a.png b.png --n 7 --cascade ...
+    python -m eval.sample interpolate a.png b.png --n 7 [--invert] --cascade ...
     python -m eval.sample text-diff photo.png --from "a red circle" --to "a blue circle" --cascade ...
 
 Stages: ``--cascade DIR`` takes a pipeline output directory (train/pipeline.py: DIR/{prior,decoder,
@@ -217,6 +217,9 @@ def _parser() -> argparse.ArgumentParser:
         "--resample", type=at_least(0), default=0, help="extra renoise passes per step"
     )
     modes["interpolate"].add_argument("images", nargs=2, help="the two end images")
+    modes["interpolate"].add_argument(
+        "--invert", action="store_true", help="slerp the two images' DDIM inversions too (keeps layouts)"
+    )
     modes["text-diff"].add_argument("image")
     modes["text-diff"].add_argument("--from", dest="source", required=True, help="a caption of the image")
     modes["text-diff"].add_argument("--to", dest="target", required=True, help="the caption to move toward")
@@ -289,7 +292,7 @@ def run(args: argparse.Namespace) -> dict:
     else:
         a, b = (read_image(p) for p in args.images)
         rows = 1
-        out = cascade.interpolate(a, b, args.n, **common)
+        out = cascade.interpolate(a, b, args.n, invert=args.invert, **common)
     written = write(out, rows, Path(args.out), args.all_stages)
     grid = next(p for p in written if p.name == "grid.png")  # (with --all-stages the stage grids come first)
     return {"grid": str(grid), "files": len(written), "image_size": int(out.images.shape[-1])}

@@ -271,6 +271,31 @@ def test_variations_and_interpolation(cascade):
         cascade.variations(x[None], n=1, decoder=StageSettings(steps=3, eta=0.3), upsamplers=ups)
 
 
+def test_interpolation_from_inverted_latents_ends_at_each_images_reconstruction(cascade):
+    """``invert``: the decoder's noise is slerped from one image's DDIM inversion to the other's, so the end
+    frames are what variations(invert, eta 0) reconstructs from each image, and the middle frame starts
+    from neither (its latent's norm halfway between theirs)."""
+    from eval.sample import _parser
+    from train.cascade import _slerp_latent
+
+    image = Image.new("RGB", (64, 64), (120, 120, 120))
+    image.paste((30, 175, 45), (16, 16, 48, 48))
+    x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    y = torch.flip(x, dims=[1])  # the square moved to the other side
+    dec, ups = FAST["decoder"], FAST["upsamplers"]
+    path = cascade.interpolate(x, y, n=3, invert=True, decoder=dec, upsamplers=ups)
+    for frame, end in ((0, x), (2, y)):
+        same = cascade.variations(end[None], n=1, eta=0.0, invert=True, decoder=dec, upsamplers=ups)
+        assert torch.equal(path.stages[0][frame], same.stages[0][0]), frame
+    plain = cascade.interpolate(x, y, n=3, decoder=dec, upsamplers=ups)  # from one noise for every frame
+    assert not torch.equal(path.stages[0][1], plain.stages[0][1])
+    a, b = torch.randn(3, 8, 8), 2 * torch.randn(3, 8, 8)
+    mid = _slerp_latent(a, b, 1, 3)
+    torch.testing.assert_close(mid.norm(), (a.norm() + b.norm()) / 2)
+    assert _slerp_latent(a, b, 0, 3) is a and _slerp_latent(a, b, 2, 3) is b
+    assert _parser().parse_args(["interpolate", "a.png", "b.png", "--invert"]).invert
+
+
 def test_interpolation_frames_share_every_stages_noise(cascade):
     """The frames of an interpolation differ by their embeddings only: an image with itself gives one
     frame n times at every stage (the upsamplers drew new noise per frame: the rows differed above the

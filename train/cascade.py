@@ -604,13 +604,17 @@ class Cascade:
         image_b: torch.Tensor,
         n: int = 5,
         *,
+        invert: bool = False,
         decoder: StageSettings | None = None,
         upsamplers: Sequence[StageSettings] | None = None,
         seed: int = 0,
     ) -> CascadeOutput:
         """``n`` images along the slerp from uint8 ``image_a`` (3, H, W) to ``image_b``'s CLIP embedding,
         decoded with the same noise (DDIM, eta 0), and upsampled with the same noise, so that only the
-        embedding changes."""
+        embedding changes. ``invert``: each frame's decoder noise is slerped too, from ``image_a``'s DDIM
+        inversion to ``image_b``'s (the norm interpolated linearly), so that the end frames are the two
+        images as the cascade reconstructs them (``variations(invert=True, eta=0)``) and the frames between
+        keep their layouts, as in the paper's interpolations from inverted latents."""
         settings = decoder or StageSettings()
         _ddim_only("interpolation", settings)
         _embedding_only("interpolation", settings)
@@ -622,11 +626,32 @@ class Cascade:
         g = self._generator(seed)
         emb = torch.cat([self.image_embedding(image[None]) for image in (image_a, image_b)])  # any sizes
         path = torch.stack([slerp(emb[0], emb[1], t / max(1, n - 1)) for t in range(n)])
-        size = self.decoder.net.image_size
-        noise = (
-            GaussianDiffusion._noise((1, 3, size, size), self.device, g).expand(n, -1, -1, -1).contiguous()
-        )
+        if invert:
+            ends = [
+                self.invert(image[None], emb[i : i + 1], settings)[0]
+                for i, image in enumerate((image_a, image_b))
+            ]
+            noise = torch.stack([_slerp_latent(*ends, t, n) for t in range(n)])
+        else:
+            size = self.decoder.net.image_size
+            noise = (
+                GaussianDiffusion._noise((1, 3, size, size), self.device, g)
+                .expand(n, -1, -1, -1)
+                .contiguous()
+            )
         return self._frames("interpolation", path, noise, settings, upsamplers, g)
+
+
+def _slerp_latent(a: torch.Tensor, b: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """Frame ``k`` of ``n`` between latents ``a`` and ``b``: the direction slerped, the norm interpolated
+    linearly; the end frames are ``a`` and ``b`` themselves."""
+    if k == 0 or n == 1:
+        return a
+    if k == n - 1:
+        return b
+    t = k / (n - 1)
+    norm = (1 - t) * a.float().norm() + t * b.float().norm()
+    return (slerp(a.flatten(), b.flatten(), t) * norm).view_as(a).to(a.dtype)
 
 
 def _other_clip(recorded: str | None, clip_run: Path) -> bool:
