@@ -487,16 +487,16 @@ def test_a_diffusion_stage_validates_on_unequal_shards_and_continues_on_another_
     tmp_path, strategy, shards, evaluated
 ):
     """Validation shards of 16 samples on 2 ranks, split by shard: with 1, rank 1 has none; with 3, it has
-        16 and rank 0 32. A rank done with its shards went on to gather the results while the other was still
-        in a validation forward, where DDP broadcast its buffers (the EMA's count; its first forward) and FSDP
-        and ZeRO-3 gathered weights: each hung. Now DDP and FSDP validate without collectives (every sample);
-        ZeRO-3, whose forwards gather weights whatever is done, stops every rank where the first runs out,
-        with a warning (16 per rank).
+    16 and rank 0 32. A rank done with its shards went on to gather the results while the other was still
+    in a validation forward, where DDP broadcast its buffers (the EMA's count; its first forward) and FSDP
+    and ZeRO-3 gathered weights: each hung. Now DDP and FSDP validate without collectives (every sample);
+    ZeRO-3, whose forwards gather weights whatever is done, stops every rank where the first runs out,
+    with a warning (16 per rank).
 
-        Sharded, each rank validates and samples with its net still sharded, and under FSDP its EMA copy
-        gathered whole (so that its validation forwards are no collectives: train/modules/base.py); under
-        ZeRO-3, whose forwards gather anyway, the copy stays partitioned too (it was gathered whole for
-        nothing). The CLIP gathers its net (above).
+    Sharded, each rank validates and samples with its net still sharded, and under FSDP its EMA copy
+    gathered whole (so that its validation forwards are no collectives: train/modules/base.py); under
+    ZeRO-3, whose forwards gather anyway, the copy stays partitioned too (it was gathered whole for
+    nothing). The CLIP gathers its net (above).
 
     Then the sharded checkpoint continues on 1 process (below)."""
     from data.synthetic import ensure_synthetic
