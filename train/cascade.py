@@ -485,13 +485,7 @@ class Cascade:
         decoded from the image's DDIM inversion at eta 0 and upsampled with shared noise, so the first
         frame is the image itself, as far as the cascade reconstructs it."""
         settings = decoder or StageSettings()
-        for check in (_ddim_only, _embedding_only):
-            check("text diffs", settings)
-        if settings.eta:
-            raise ValueError(
-                f"text diffs: the decoder steps by DDIM at eta 0 from the image's inversion; eta={settings.eta} "
-                "would be ignored: leave it out"
-            )
+        _frames_only("text diffs", settings)
         if not 0 < max_theta <= 1:
             raise ValueError(f"text diffs: max_theta={max_theta}: expected a fraction of the angle in (0, 1]")
         g = self._generator(seed)
@@ -616,13 +610,7 @@ class Cascade:
         images as the cascade reconstructs them (``variations(invert=True, eta=0)``) and the frames between
         keep their layouts, as in the paper's interpolations from inverted latents."""
         settings = decoder or StageSettings()
-        _ddim_only("interpolation", settings)
-        _embedding_only("interpolation", settings)
-        if settings.eta:
-            raise ValueError(
-                f"interpolation: the decoder steps by DDIM at eta 0 (one path of noise for every frame); "
-                f"eta={settings.eta} would be ignored: leave it out"
-            )
+        _frames_only("interpolation", settings)
         g = self._generator(seed)
         emb = torch.cat([self.image_embedding(image[None]) for image in (image_a, image_b)])  # any sizes
         path = torch.stack([slerp(emb[0], emb[1], t / max(1, n - 1)) for t in range(n)])
@@ -669,6 +657,18 @@ def _embedding_only(mode: str, settings: StageSettings) -> None:
         raise ValueError(
             f"{mode}: the decoder sees the image embedding alone here (no caption); "
             f"condition={settings.condition!r} (--decoder-condition) would be ignored: leave it out"
+        )
+
+
+def _frames_only(mode: str, settings: StageSettings) -> None:
+    """Interpolation and text diffs decode every frame from the image embedding alone by DDIM at eta 0
+    (:meth:`Cascade._frames`): another sampler, condition or eta asked for is refused, not ignored."""
+    _ddim_only(mode, settings)
+    _embedding_only(mode, settings)
+    if settings.eta:
+        raise ValueError(
+            f"{mode}: the decoder steps by DDIM at eta 0 (one path of noise for every frame); "
+            f"eta={settings.eta} would be ignored: leave it out"
         )
 
 
