@@ -13,8 +13,9 @@
     key.tokens.npy     (L,)   int32, the caption's token ids (sot ... eot, padding)
     key.txt            the caption;  key.json  the input json (when present)
 
-and ``sizes.json`` (shard -> samples) plus ``embed_info.json``: the CLIP checkpoint, its step, the
-image normalisation, resolution, tokenizer and dimensions. Images are centre-cropped (deterministic).
+and ``sizes.json`` (shard -> samples) plus ``embed_info.json``: the CLIP checkpoint, its step, its
+weights' digest (a prior trained on the shards checks its ``clip_ckpt`` against it), the image
+normalisation, resolution, tokenizer and dimensions. Images are centre-cropped (deterministic).
 Shards are split over ranks (torchrun's or srun's, data/ranks.py; else ``RANK``/``WORLD_SIZE`` set by
 hand), never within one, so no sample is written twice; each output tar is written to a temporary name
 and renamed when complete. Skipped samples are counted by reason as in training.
@@ -228,7 +229,9 @@ def _check_same_clip(out: Path, clip) -> None:
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not an embed_info.json written by data.embed ({e})") from e
     now = (str(clip.checkpoint.resolve()), int(clip.global_step))
-    if before != now:
+    # the weights decide where both have a digest (the same CLIP moved or exported embeds on)
+    same = info["clip_digest"] == clip.digest if info.get("clip_digest") else before == now
+    if not same:
         raise ValueError(
             f"out={out} already holds embeddings of {before[0]} (step {before[1]}); this run embeds with "
             f"{now[0]} (step {now[1]}): give a new out= directory, or delete {out} to replace them"
@@ -241,6 +244,7 @@ def _write_info(out: Path, clip, shards: str, world: int) -> None:
     info = {
         "checkpoint": str(clip.checkpoint.resolve()),
         "global_step": clip.global_step,
+        "clip_digest": clip.digest,  # the weights (train.checkpoint.weights_digest): what later stages compare
         "normalize": clip.normalize.kind,
         "image_size": clip.image_size,
         "resized_to": clip.resize_size,

@@ -149,6 +149,26 @@ def clip_run(tmp_path_factory):
     return root / "run", cfg.data.val_shards
 
 
+def clip_trained_on(run: Path, steps: int = 10) -> Path:
+    """The CLIP run directory ``run``, as after it trained on: a newer checkpoint, ``steps`` later, whose
+    weights have all moved a little (what ``clip_ckpt=run`` loads from then on). Give it a copy of a
+    fixture's run."""
+    import torch
+
+    from train.checkpoint import resolve_run
+
+    _, newest = resolve_run(run)
+    state = torch.load(newest, map_location="cpu", weights_only=True)
+    state["global_step"] += steps
+    state["state_dict"] = {
+        k: v + 1e-3 if v.is_floating_point() else v for k, v in state["state_dict"].items()
+    }
+    later = run / "checkpoints" / f"step{state['global_step']:07d}.ckpt"
+    torch.save(state, later)
+    os.utime(later, (newest.stat().st_mtime + 1,) * 2)  # the newest, whatever the clock's resolution
+    return run
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -9,12 +9,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
 
 from eval import benchmark
 from eval import sample as sample_cli
-from tests.conftest import PicklePayload, compose_config
+from tests.conftest import PicklePayload, clip_trained_on, compose_config
 from train.cascade import Cascade, StageSettings, slerp
 from train.checkpoint import export_stage, load_stage
 from train.run import train
@@ -336,26 +337,70 @@ def test_upsamplers_out_of_order_and_stages_in_the_wrong_place_are_refused(casca
         Cascade.load(cascade_dir / "decoder", upsamplers=[cascade_dir / "decoder"])
 
 
-def test_a_prior_or_decoder_trained_with_another_clip_than_the_one_given_is_reported(
+def test_a_prior_or_decoder_trained_with_other_clip_weights_than_the_cascade_reads_is_refused(
     cascade_dir, clip_run, tmp_path, caplog
 ):
-    """Only the embedding size was compared: a prior trained with another CLIP of the same size was taken
-    without a word (its embeddings mean nothing to the decoder's CLIP), and so was a decoder given another
-    CLIP than its own (``clip=``, the pipeline's ``clip_ckpt``)."""
+    """Only the embedding size was compared, then the CLIP's run directory (a warning): a decoder whose
+    CLIP run had trained on since was taken without a word, and a prior's embeddings meant nothing to
+    the CLIP that read them; a copy of the same weights was warned about. The stages record the weights
+    they trained with (clip_weights in their config), and the cascade compares them."""
     import shutil
 
+    from train.frozen_clip import FrozenClip
+
     run, _ = clip_run
-    with caplog.at_level("WARNING", logger="train.cascade"):
-        Cascade.load(cascade_dir / "decoder", prior=cascade_dir / "prior", clip=run)  # its own
+    copy, clip = tmp_path / "copy", tmp_path / "clip"
+    shutil.copytree(run, copy)
+    with caplog.at_level("WARNING", logger="train.cascade"):  # the same weights elsewhere: a copy, an export
+        Cascade.load(cascade_dir / "decoder", prior=cascade_dir / "prior", clip=copy)
     assert "was trained with the CLIP" not in caplog.text
-    other = tmp_path / "another_clip"
-    shutil.copytree(run, other)
+    clip_trained_on(shutil.copytree(run, clip))
+    trained = load_stage(run).checkpoint
+    with pytest.raises(
+        ValueError,
+        match=rf"decoder {cascade_dir / 'decoder'} was trained with the CLIP weights of {trained} \(step 2\), "
+        rf"and reads other weights, {clip}/checkpoints/step0000012.ckpt \(step 12\)",
+    ):
+        Cascade.load(cascade_dir / "decoder", prior=cascade_dir / "prior", clip=clip)
+    prior = tmp_path / "prior"  # a prior trained with the CLIP that trained on
+    shutil.copytree(cascade_dir / "prior", prior)
+    cfg = OmegaConf.load(prior / "config.yaml")
+    cfg.clip_weights = FrozenClip(clip).weights()
+    OmegaConf.save(cfg, prior / "config.yaml")
+    with pytest.raises(ValueError, match=rf"prior {prior} was trained with the CLIP weights of {clip}/checkpoints/"
+                       rf"step0000012.ckpt \(step 12\), and the decoder reads other weights, {trained}"):  # fmt: skip
+        Cascade.load(cascade_dir / "decoder", prior=prior)
+    # A stage trained before weights were recorded: its clip_ckpt's run directory decides (a warning).
+    del cfg.clip_weights
+    OmegaConf.save(cfg, prior / "config.yaml")
     with caplog.at_level("WARNING", logger="train.cascade"):
-        Cascade.load(cascade_dir / "decoder", prior=cascade_dir / "prior", clip=other)
-    assert f"prior {cascade_dir / 'prior'} was trained with the CLIP {run}" in caplog.text
-    assert (
-        f"decoder {cascade_dir / 'decoder'} was trained with the CLIP {run}, and reads {other}" in caplog.text
-    )
+        Cascade.load(cascade_dir / "decoder", prior=prior, clip=copy)
+    assert f"prior {prior} was trained with the CLIP {run}, and the decoder reads {copy}" in caplog.text
+
+
+def test_a_stage_resumed_with_a_clip_run_that_trained_on_since_is_refused(cascade_dir, clip_run, tmp_path):
+    """clip_ckpt names a CLIP run, which may train on while a decoder trains: a resume loaded the newer
+    weights and went on from a checkpoint that had learned the older ones' embeddings. The same weights
+    from elsewhere (a copy, an export) resume."""
+    import shutil
+
+    from train.config import ConfigError
+
+    run, _ = clip_run
+    copy, clip, decoder = tmp_path / "copy", tmp_path / "clip", tmp_path / "decoder"
+    shutil.copytree(run, copy)
+    clip_trained_on(shutil.copytree(run, clip))
+    shutil.copytree(cascade_dir / "decoder", decoder)
+    args = ["net.model_channels=16", "net.head_channels=16", "module.grid_size=2", "module.sample_steps=2",
+            "module.val_max_samples=4", "trainer.max_steps=3", "resume=auto"]  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=rf"resuming {decoder} with clip_ckpt={clip}: it loads {clip}/checkpoints/step0000012.ckpt "
+        r"\(step 12\), other weights than the CLIP this run has trained with",
+    ):
+        _train("decoder", run.parent / "datasets", decoder, f"clip_ckpt={clip}", *args)
+    _train("decoder", run.parent / "datasets", decoder, f"clip_ckpt={copy}", *args)
+    assert json.loads((decoder / "metrics.json").read_text())["trainer/global_step"] == 3
 
 
 def test_export_round_trips_and_the_cli_samples_from_it(cascade_dir, cascade, tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -134,12 +135,15 @@ def test_cli_and_its_errors(clip_run, tmp_path, capsys):
     assert "expected a run directory" in capsys.readouterr().err
     assert main([f"ckpt={run}", f"shards={val}", f"out={tmp_path}", "workers=two"]) == 2
     assert "workers='two': expected an integer" in capsys.readouterr().err
-    # the same CLIP again into its own directory is fine; another CLIP's (here: another step) is refused
-    # before any shard is written: the prior would train on a mix of two CLIPs' embeddings
+    # the same CLIP again into its own directory is fine, and so are its weights from elsewhere (a copy);
+    # another CLIP's (here: another step's weights) are refused before any shard is written: the prior
+    # would train on a mix of two CLIPs' embeddings
     assert main([f"ckpt={run}", f"shards={val}", f"out={tmp_path / 'e'}", "batch=32"]) == 0
+    shutil.copytree(run, tmp_path / "copy")
+    assert main([f"ckpt={tmp_path / 'copy'}", f"shards={val}", f"out={tmp_path / 'e'}", "batch=32"]) == 0
     info_path = tmp_path / "e" / "embed_info.json"
     info = json.loads(info_path.read_text())
-    info_path.write_text(json.dumps({**info, "global_step": 7}))
+    info_path.write_text(json.dumps({**info, "global_step": 7, "clip_digest": "0" * 16}))
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "e").iterdir()}
     assert main([f"ckpt={run}", f"shards={val}", f"out={tmp_path / 'e'}", "batch=32"]) == 2
     err = capsys.readouterr().err

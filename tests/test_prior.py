@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 
 from data.embed import embed_shards
 from data.pipeline import ShardDataset
-from tests.conftest import cli_env, compose_config, free_port, write_tar
-from train.checkpoint import load_stage
+from tests.conftest import cli_env, clip_trained_on, compose_config, free_port, write_tar
+from train.checkpoint import export_stage, load_stage, resolve_run
 from train.ema import EMA
 from train.models.prior import DiffusionPrior
 from train.modules.prior import PriorModule
@@ -417,7 +417,11 @@ def test_prior_stage_trains_on_embedding_shards_and_exports_ema(clip_run, tmp_pa
     metrics = train(cfg)
     # clip_ckpt came from embed_info.json; the net's sizes from the CLIP
     saved = OmegaConf.load(tmp_path / "prior" / "config.yaml")
-    assert saved.clip_ckpt == json.loads((emb / "embed_info.json").read_text())["checkpoint"]
+    info = json.loads((emb / "embed_info.json").read_text())
+    assert saved.clip_ckpt == info["checkpoint"]
+    assert saved.clip_weights == {  # the weights it trained with, for a resume and the cascade to compare
+        "checkpoint": info["checkpoint"], "global_step": 2, "digest": info["clip_digest"]
+    }  # fmt: skip
     assert (saved.net.embed_dim, saved.net.text_width, saved.net.context_length) == (128, 128, 16)
     for key in (
         "train/loss",
@@ -448,24 +452,46 @@ def test_prior_stage_trains_on_embedding_shards_and_exports_ema(clip_run, tmp_pa
 
 
 def test_a_clip_other_than_the_one_that_embedded_the_shards_is_refused(clip_run, tmp_path):
-    """clip_ckpt beside data=embeddings was taken as given: the prior learned one CLIP's embeddings while
-    its tokenizer, token features and zero-shot metrics came from another (a copy of the run stands in)."""
+    """clip_ckpt beside data=embeddings was compared with embed_info.json by run directory alone: a CLIP
+    run that had trained on since it embedded the shards was taken, and the prior learned one CLIP's
+    embeddings while its token features and zero-shot metrics came from the other's weights (and a copy
+    of the same weights elsewhere was refused). The weights decide now (embed_info.json's clip_digest),
+    and the prior's config records those it trained with."""
     import shutil
+    import types
 
     from train.config import ConfigError
-    from train.run import wire_clip
+    from train.frozen_clip import FrozenClip
+    from train.run import record_clip, wire_clip
 
     run, val = clip_run
-    emb = tmp_path / "emb"
-    embed_shards(str(run), val, emb, batch_size=32)
-    other = tmp_path / "other_clip"
-    shutil.copytree(run, other)
-    cfg = _on_embedding_shards(emb, tmp_path / "prior", f"clip_ckpt={other}")
-    with pytest.raises(
-        ConfigError, match=rf"clip_ckpt={other} \(the run {other}\) is not the CLIP that made"
-    ):
+    source, copy, emb = tmp_path / "clip", tmp_path / "copy", tmp_path / "emb"
+    shutil.copytree(run, source)  # (the session's run must not train on)
+    embed_shards(str(source), val, emb, batch_size=32)
+    shutil.copytree(source, copy)
+    info = json.loads((emb / "embed_info.json").read_text())
+
+    def recorded(clip: Path):
+        cfg = _on_embedding_shards(emb, tmp_path / "prior", f"clip_ckpt={clip}")
         wire_clip(cfg)
-    assert wire_clip(_on_embedding_shards(emb, tmp_path / "prior", f"clip_ckpt={run}")) is not None
+        record_clip(cfg, types.SimpleNamespace(frozen_clip=FrozenClip(clip)))
+        return OmegaConf.to_container(cfg.clip_weights)
+
+    assert recorded(copy) == {"checkpoint": str(resolve_run(copy)[1].resolve()), "global_step": 2,
+                              "digest": info["clip_digest"]}  # fmt: skip
+    assert FrozenClip(export_stage(copy)).digest == info["clip_digest"]  # and its export's
+    clip_trained_on(source)
+    with pytest.raises(
+        ConfigError,
+        match=rf"clip_ckpt={source} loads {source}/checkpoints/step0000012.ckpt \(step 12\), other weights "
+        rf"than those that made the embeddings in {emb} \({info['checkpoint']}, step 2",
+    ):
+        recorded(source)
+    # Shards embedded before digests were recorded: the run directory decides, as before.
+    del info["clip_digest"]
+    (emb / "embed_info.json").write_text(json.dumps(info))
+    with pytest.raises(ConfigError, match=rf"clip_ckpt={copy} \(the run {copy}\) is not the CLIP that made"):
+        wire_clip(_on_embedding_shards(emb, tmp_path / "prior", f"clip_ckpt={copy}"))
 
 
 def test_prior_stage_needs_a_clip(tmp_path):

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from data.images import to_uint8, to_unit_range
 from data.progress import Progress
@@ -64,6 +65,9 @@ def load_module(path: str | Path, role: str | None = None, **overrides):
     module = instantiate(stage.cfg.module, _convert_="all", **kwargs)
     module.run_dir = Path(path)
     module.trained_with_clip = stage.cfg.get("clip_ckpt")  # the CLIP it was trained with, as recorded
+    module.trained_with_clip_weights = OmegaConf.to_container(
+        stage.cfg.get("clip_weights") or OmegaConf.create()
+    )
     return module.eval().requires_grad_(False)
 
 
@@ -176,14 +180,9 @@ class Cascade:
                 f"prior {getattr(prior, 'run_dir', '')} predicts {prior.net.embed_dim}-d embeddings but the "
                 f"decoder's CLIP ({self.clip.run}) has {self.clip.embed_dim}: they were trained on different CLIPs"
             )
-        if prior is not None and _other_clip(getattr(prior, "trained_with_clip", None), self.clip.run):
-            log.warning(
-                "prior %s was trained with the CLIP %s, the decoder reads %s: a prior's embeddings mean "
-                "something only to the CLIP it learned them from (same size, other weights: poor samples)",
-                getattr(prior, "run_dir", ""),
-                prior.trained_with_clip,
-                self.clip.run,
-            )
+        _check_clip(decoder, "decoder", self.clip)
+        if prior is not None:
+            _check_clip(prior, "prior", self.clip)
         size, where = decoder.net.image_size, f"decoder {getattr(decoder, 'run_dir', '')}"
         for up in self.upsamplers:
             if up.hparams.low_res_size != size:
@@ -205,20 +204,8 @@ class Cascade:
     ) -> Cascade:
         """From run directories (or checkpoints, or inference exports). ``clip``: the CLIP run, when the
         decoder's ``clip_ckpt`` no longer points at it (moved or exported)."""
-        if clip:  # in place of the decoder's own: warned, as for a prior, when it is another CLIP
-            from omegaconf import OmegaConf
-
-            from train.checkpoint import config_dir_of
-
-            recorded = OmegaConf.load(config_dir_of(decoder) / "config.yaml").get("clip_ckpt")
-            if _other_clip(recorded, Path(clip)):
-                log.warning(
-                    "decoder %s was trained with the CLIP %s, and reads %s here: its image embeddings mean "
-                    "something only to the CLIP it learned them from (poor samples)",
-                    decoder,
-                    recorded,
-                    clip,
-                )
+        # (clip: in place of the decoder's own; refused, as another CLIP for a prior, when its weights are not
+        # those the decoder trained with)
         dec = load_module(decoder, "decoder", **({"clip_ckpt": str(clip)} if clip else {}))
         pri = None
         if prior is not None:  # embeddings come from the decoder's CLIP, so the prior needs none of its own
@@ -640,6 +627,39 @@ def _slerp_latent(a: torch.Tensor, b: torch.Tensor, k: int, n: int) -> torch.Ten
     t = k / (n - 1)
     norm = (1 - t) * a.float().norm() + t * b.float().norm()
     return (slerp(a.flatten(), b.flatten(), t) * norm).view_as(a).to(a.dtype)
+
+
+def _check_clip(module, role: str, clip: FrozenClip) -> None:
+    """A prior's embeddings and a decoder's conditioning mean something only to the CLIP weights they were
+    learned from: another CLIP's weights (of the same size: nothing else fails) make poor samples. Refused
+    where the stage's config records the weights it trained with (``clip_weights``: train/run.py
+    record_clip) and ``clip`` has others: another CLIP, or the CLIP run named by the stage's
+    ``clip_ckpt`` trained on since. Warned for a stage trained before weights were recorded whose
+    ``clip_ckpt`` names another run."""
+    where = f"{role} {getattr(module, 'run_dir', '')}"
+    reads = "the decoder reads" if role == "prior" else "reads"
+    recorded = getattr(module, "trained_with_clip_weights", None) or {}
+    if recorded.get("digest"):
+        if recorded["digest"] != clip.digest:
+            raise ValueError(
+                f"{where} was trained with the CLIP weights of {recorded.get('checkpoint')} (step "
+                f"{recorded.get('global_step')}), and {reads} other weights, {clip.checkpoint} (step "
+                f"{clip.global_step}): its {'embeddings' if role == 'prior' else 'conditioning'} mean something "
+                "only to the CLIP it learned them from. Give the cascade that CLIP (clip=, --clip), or stages "
+                "trained with this one"
+            )
+        return
+    trained_with = getattr(module, "trained_with_clip", None)
+    if _other_clip(trained_with, clip.run):
+        log.warning(
+            "%s was trained with the CLIP %s, and %s %s: its %s mean something only to the CLIP it learned "
+            "them from (same size, other weights: poor samples)",
+            where,
+            trained_with,
+            reads,
+            clip.run,
+            "embeddings" if role == "prior" else "image embeddings",
+        )
 
 
 def _other_clip(recorded: str | None, clip_run: Path) -> bool:

@@ -47,6 +47,26 @@ class LoadedStage:
     ema: bool = False  # the weights are the EMA copy's (the CLIP has none)
 
 
+def weights_digest(state: dict[str, torch.Tensor], per_tensor: int = 1024) -> str:
+    """A short hex digest of a net's weights: each tensor's name, dtype and shape, and up to
+    ``per_tensor`` of its values, evenly strided. Any training step moves every weight that has a
+    gradient or decays, so two steps of one run differ here; a copy, an export or another machine's
+    file of the same weights do not. Reads ~1k values a tensor, whatever the net's size (a ViT-H's
+    4 GB are not read whole)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    for name in sorted(state):
+        t = state[name].detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.is_meta:  # (no values: a net placed on the meta device)
+            continue
+        flat = t.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // per_tensor)].to("cpu").contiguous()
+        h.update(sample.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def run_dir_of(checkpoint: Path) -> Path:
     """The run directory a checkpoint (file or sharded directory) or an export belongs to."""
     parent = checkpoint.parent

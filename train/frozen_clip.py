@@ -25,7 +25,7 @@ class FrozenClip:
     """
 
     def __init__(self, run: str | Path, map_location: str | torch.device = "cpu") -> None:
-        from train.checkpoint import load_stage
+        from train.checkpoint import load_stage, weights_digest
 
         stage = load_stage(run, map_location=map_location)
         if not hasattr(stage.net, "encode_image") or stage.tokenizer is None:
@@ -34,6 +34,9 @@ class FrozenClip:
             kind = stage.cfg.get("stage_name") or type(stage.net).__name__
             raise ValueError(f"{run}: a {kind} run; expected a CLIP run directory (stage=clip)")
         self.run, self.checkpoint, self.global_step = Path(run), stage.checkpoint, stage.global_step
+        # which weights these are, wherever they were loaded from (a run, its export, a copy): what the
+        # embedding shards, the later stages' configs and the cascade compare
+        self.digest = weights_digest(stage.net.state_dict())
         self.net = stage.net.eval().requires_grad_(False)
         self.tokenizer = stage.tokenizer
         self.normalize = Normalize(stage.cfg.data.normalize)
@@ -41,6 +44,15 @@ class FrozenClip:
         # resized to before their centre crop, as the run's validation read them (data.image_size)
         self.image_size = int(stage.net.vision_cfg["image_size"])
         self.resize_size = int(stage.cfg.data.image_size)
+
+    def weights(self) -> dict[str, str | int]:
+        """What was loaded, as a later stage's config records it (``clip_weights``) and the embedding
+        shards' ``embed_info.json`` does: the file, its step and the weights' digest."""
+        return {
+            "checkpoint": str(self.checkpoint.resolve()),
+            "global_step": int(self.global_step),
+            "digest": self.digest,
+        }
 
     @property
     def embed_dim(self) -> int:

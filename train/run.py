@@ -46,7 +46,8 @@ def check_same_run(cfg: DictConfig, output_dir: Path, checkpoint: str | None = N
     second launch into the same directory) is refused before anything is written there: it would have
     replaced that run's config.yaml and tokenizer, and only then failed to load its checkpoint. Other
     differences are logged, key by key (a net shape that changed fails at the load, naming the weight;
-    another CLIP tower lock is refused: the saved optimizer state is for the parameters that trained),
+    another CLIP tower lock is refused: the saved optimizer state is for the parameters that trained; so
+    is a ``clip_ckpt`` that now loads other weights than the run trained with, its ``clip_weights``),
     except in a sweep point's directory, where another ``module``, ``data`` or ``net`` value means another
     point's run (the sweep rerun with its values in another order: points are numbered) and is refused.
     ``checkpoint``: an explicit resume=<path> of the run in ``output_dir`` (its own directory elsewhere)."""
@@ -76,6 +77,19 @@ def check_same_run(cfg: DictConfig, output_dir: Path, checkpoint: str | None = N
             f"{output_dir} holds another run ({'; '.join(problems)}), and resume={cfg.get('resume')} would "
             "continue it: give this run a directory of its own (hydra.run.dir=..., or RUN_ID/RUN_DIR for "
             "launch/torchrun.sh), or resume=null to start over there"
+        )
+    trained_with, loads = saved.get("clip_weights") or {}, cfg.get("clip_weights") or {}
+    if (
+        checkpoint is None
+        and trained_with.get("digest")
+        and loads
+        and loads["digest"] != trained_with["digest"]
+    ):
+        raise ConfigError(  # (clip_ckpt names a run, which may have trained on since this one started)
+            f"resuming {output_dir} with clip_ckpt={cfg.get('clip_ckpt')}: it loads {loads['checkpoint']} (step "
+            f"{loads['global_step']}), other weights than the CLIP this run has trained with "
+            f"({trained_with.get('checkpoint')}, step {trained_with.get('global_step')}, clip_weights in {path}): "
+            "point clip_ckpt at a checkpoint of those weights, or start a new run in another directory"
         )
     ours = _flat(OmegaConf.to_container(cfg, resolve=True))
     theirs = _flat(saved)
@@ -360,7 +374,8 @@ def wire_clip(cfg: DictConfig):
                 "(embed_info.json, tokenizer.json next to the shards)"
             )
         info = json.loads(info_path.read_text())
-        if cfg.clip_ckpt and Path(info["checkpoint"]).exists():
+        # (shards with the CLIP's digest are checked by weights once it has loaded: record_clip)
+        if cfg.clip_ckpt and not info.get("clip_digest") and Path(info["checkpoint"]).exists():
             _check_embedded_by(cfg.clip_ckpt, Path(info["checkpoint"]), emb_dir)
         if not cfg.clip_ckpt and Path(info["checkpoint"]).exists():
             with open_dict(cfg):
@@ -405,6 +420,37 @@ def _check_embedded_by(clip_ckpt: str, made_by: Path, emb_dir: Path) -> None:
             f"({made_by}, its embed_info.json): leave clip_ckpt unset to take that one, or embed the shards "
             "with this CLIP (python -m data.embed)"
         )
+
+
+def record_clip(cfg: DictConfig, module) -> None:
+    """The CLIP weights a prior or decoder trains with, into its config as ``clip_weights`` (checkpoint,
+    step, :func:`~train.checkpoint.weights_digest`): the frozen CLIP it loaded (``clip_ckpt``), else the
+    one that made its embedding shards. A resume and the cascade compare them with the CLIP they load
+    (``clip_ckpt`` names a run, which may have trained on since). A ``clip_ckpt`` beside embedding shards
+    that loads other weights than those that made the shards is refused (a CLIP run that trained on after
+    embedding, another run, a copy of other weights): the prior would learn one CLIP's embeddings while its
+    token features and zero-shot metrics came from the other's."""
+    from train.config import ConfigError
+
+    frozen = getattr(module, "frozen_clip", None)
+    emb_dir = _embedding_dir(cfg) if "clip_ckpt" in cfg.keys() else None
+    info = json.loads((emb_dir / "embed_info.json").read_text()) if emb_dir is not None else {}
+    made = info.get("clip_digest")
+    if frozen is not None and made and frozen.digest != made:
+        raise ConfigError(
+            f"clip_ckpt={cfg.clip_ckpt} loads {frozen.checkpoint} (step {frozen.global_step}), other weights than "
+            f"those that made the embeddings in {emb_dir} ({info['checkpoint']}, step {info['global_step']}, "
+            "its embed_info.json): point clip_ckpt at a checkpoint of those weights, or embed the shards again "
+            "with this CLIP (python -m data.embed)"
+        )
+    if frozen is not None:
+        weights = frozen.weights()
+    elif made:
+        weights = {"checkpoint": info["checkpoint"], "global_step": int(info["global_step"]), "digest": made}
+    else:
+        return
+    with open_dict(cfg):
+        cfg.clip_weights = weights
 
 
 def _fill_net_sizes(cfg: DictConfig, sizes: dict[str, int]) -> None:
@@ -626,6 +672,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     tokenizer = datamodule.build_tokenizer()
     net = build_net(cfg, tokenizer)
     module = instantiate(cfg.module, net=net, tokenizer=tokenizer, _convert_="all")  # plain hparams in ckpts
+    record_clip(cfg, module)
     if getattr(module, "kinds", None) and hasattr(datamodule, "hard_negatives"):
         datamodule.hard_negatives = tuple(module.kinds)  # the CLIP's negatives, made in the loader workers
     n_params = sum(p.numel() for p in net.parameters())

@@ -162,6 +162,12 @@ class DiffusionStageModule(EMAUpdateAfterStep, StageModule):
     eval_gathers: tuple[str, ...] | None = ()
     eval_gathers_fsdp: tuple[str, ...] = ("ema",)
 
+    @property
+    def frozen_clip(self):
+        """The frozen CLIP this stage embeds with (the decoder's, a prior's with ``clip_ckpt``), as loaded
+        (train/frozen_clip.py); None for the upsamplers and a prior on embedding shards alone."""
+        return getattr(self, "_clip", None)
+
     def seeded_noise(self, x0: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
         """Timesteps and noise for a held-out loss drawn from ``seed`` (the same at every validation), and
         the generator, which then seeds the validation's samples."""
