@@ -270,18 +270,32 @@ def test_only_rank_0_reads_checkpoints_whole_and_stops_the_launch_on_a_flip_only
 
 
 @pytest.mark.slow
-def test_periodic_checkpoints_keep_the_newest_k(tmp_path):
+def test_periodic_checkpoints_keep_the_newest_k_also_in_a_run_directory_that_moved(tmp_path):
+    """A run resumed in a directory it was moved or copied to (restored from a backup, from node-local
+    scratch to a shared filesystem) wrote ``last-v1.ckpt`` beside the old ``last.ckpt``, which then held
+    stale weights for whatever names it, and never pruned the checkpoints saved before the move: Lightning
+    forgets which checkpoints it kept when its directory's path changed."""
+    import shutil
+
     from train.run import train
 
-    cfg = compose_config(
-        [
-            "debug=fast",
-            f"paths.output_dir={tmp_path}",
-            f"paths.data_dir={tmp_path / 'data'}",
-            "callbacks.checkpoint.every_n_train_steps=1",
-            "callbacks.checkpoint.save_top_k=2",
-        ]
-    )
-    train(cfg)
-    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt"))
-    assert names == ["last.ckpt", "step0000004.ckpt", "step0000005.ckpt"]
+    def run(out, steps):
+        train(
+            compose_config(
+                [
+                    "debug=fast",
+                    f"paths.output_dir={out}",
+                    f"paths.data_dir={tmp_path / 'data'}",
+                    "callbacks.checkpoint.every_n_train_steps=1",
+                    "callbacks.checkpoint.save_top_k=2",
+                    f"trainer.max_steps={steps}",
+                ]
+            )
+        )
+        return sorted(p.name for p in (out / "checkpoints").glob("*.ckpt"))
+
+    assert run(tmp_path / "run", 5) == ["last.ckpt", "step0000004.ckpt", "step0000005.ckpt"]
+    shutil.copytree(tmp_path / "run", tmp_path / "moved")
+    assert run(tmp_path / "moved", 7) == ["last.ckpt", "step0000006.ckpt", "step0000007.ckpt"]
+    last = torch.load(tmp_path / "moved" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 7
