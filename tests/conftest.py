@@ -149,10 +149,10 @@ def clip_run(tmp_path_factory):
     return root / "run", cfg.data.val_shards
 
 
-def clip_trained_on(run: Path, steps: int = 10) -> Path:
+def clip_trained_on(run: Path, steps: int = 10, in_place: bool = False) -> Path:
     """The CLIP run directory ``run``, as after it trained on: a newer checkpoint, ``steps`` later, whose
-    weights have all moved a little (what ``clip_ckpt=run`` loads from then on). Give it a copy of a
-    fixture's run."""
+    weights have all moved a little (what ``clip_ckpt=run`` loads from then on); ``in_place``: written
+    over its newest checkpoint (a ``last.ckpt`` rewritten). Give it a copy of a fixture's run."""
     import torch
 
     from train.checkpoint import resolve_run
@@ -163,9 +163,10 @@ def clip_trained_on(run: Path, steps: int = 10) -> Path:
     state["state_dict"] = {
         k: v + 1e-3 if v.is_floating_point() else v for k, v in state["state_dict"].items()
     }
-    later = run / "checkpoints" / f"step{state['global_step']:07d}.ckpt"
+    later = newest if in_place else run / "checkpoints" / f"step{state['global_step']:07d}.ckpt"
+    mtime = newest.stat().st_mtime
     torch.save(state, later)
-    os.utime(later, (newest.stat().st_mtime + 1,) * 2)  # the newest, whatever the clock's resolution
+    os.utime(later, (mtime + 1,) * 2)  # the newest, whatever the clock's resolution
     return run
 
 

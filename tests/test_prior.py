@@ -456,7 +456,7 @@ def test_a_clip_other_than_the_one_that_embedded_the_shards_is_refused(clip_run,
     run that had trained on since it embedded the shards was taken, and the prior learned one CLIP's
     embeddings while its token features and zero-shot metrics came from the other's weights (and a copy
     of the same weights elsewhere was refused). The weights decide now (embed_info.json's clip_digest),
-    and the prior's config records those it trained with."""
+    in every directory of shards, and the prior's config records those it trained with."""
     import shutil
     import types
 
@@ -465,28 +465,48 @@ def test_a_clip_other_than_the_one_that_embedded_the_shards_is_refused(clip_run,
     from train.run import record_clip, wire_clip
 
     run, val = clip_run
-    source, copy, emb = tmp_path / "clip", tmp_path / "copy", tmp_path / "emb"
+    source, copy, emb, later = tmp_path / "clip", tmp_path / "copy", tmp_path / "emb", tmp_path / "later"
     shutil.copytree(run, source)  # (the session's run must not train on)
     embed_shards(str(source), val, emb, batch_size=32)
     shutil.copytree(source, copy)
     info = json.loads((emb / "embed_info.json").read_text())
 
-    def recorded(clip: Path):
-        cfg = _on_embedding_shards(emb, tmp_path / "prior", f"clip_ckpt={clip}")
+    def recorded(*overrides: str, shards=emb):
+        cfg = _on_embedding_shards(shards, tmp_path / "prior", *overrides)
         wire_clip(cfg)
-        record_clip(cfg, types.SimpleNamespace(frozen_clip=FrozenClip(clip)))
+        record_clip(
+            cfg, types.SimpleNamespace(frozen_clip=FrozenClip(cfg.clip_ckpt) if cfg.clip_ckpt else None)
+        )
         return OmegaConf.to_container(cfg.clip_weights)
 
-    assert recorded(copy) == {"checkpoint": str(resolve_run(copy)[1].resolve()), "global_step": 2,
-                              "digest": info["clip_digest"]}  # fmt: skip
+    assert recorded(f"clip_ckpt={copy}") == {"checkpoint": str(resolve_run(copy)[1].resolve()), "global_step": 2,
+                                             "digest": info["clip_digest"]}  # fmt: skip
     assert FrozenClip(export_stage(copy)).digest == info["clip_digest"]  # and its export's
     clip_trained_on(source)
     with pytest.raises(
         ConfigError,
         match=rf"clip_ckpt={source} loads {source}/checkpoints/step0000012.ckpt \(step 12\), other weights "
-        rf"than those that made the embeddings in {emb} \({info['checkpoint']}, step 2",
+        rf"than those that made the embeddings in {emb} \({info['checkpoint']}, step 2, their embed_info.json\): "
+        rf"give clip_ckpt={info['checkpoint']},",
     ):
-        recorded(source)
+        recorded(f"clip_ckpt={source}")
+    # training and held-out shards of two CLIPs' weights (the held-out ones were not read)
+    embed_shards(str(source), val, later, batch_size=32)
+    with pytest.raises(
+        ConfigError, match=rf"shards in {emb} and {later} were made by different CLIP weights"
+    ):
+        recorded(f"data.val_shards={later}")
+    # The checkpoint that embedded them rewritten as its run trained on (clip_ckpt unset: embed_info.json's):
+    # those weights are gone, and the shards alone still train, without zero-shot metrics.
+    clip_trained_on(copy, in_place=True)
+    (emb / "embed_info.json").write_text(
+        json.dumps({**info, "checkpoint": str(resolve_run(copy)[1].resolve())})
+    )
+    with pytest.raises(ConfigError, match=r"step 2 when the shards were embedded, and was overwritten .* gone\. "
+                       r"Embed the shards again .* or train on the shards alone with clip_from_shards=false"):  # fmt: skip
+        recorded()
+    alone = recorded("clip_from_shards=false")
+    assert alone["digest"] == info["clip_digest"] and alone["global_step"] == 2
     # Shards embedded before digests were recorded: the run directory decides, as before.
     del info["clip_digest"]
     (emb / "embed_info.json").write_text(json.dumps(info))

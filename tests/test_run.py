@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -15,9 +16,10 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from eval.zeroshot import evaluate_run
-from tests.conftest import REPO, cli_env, compose_config, free_port, run_python
+from tests.conftest import REPO, cli_env, clip_trained_on, compose_config, free_port, run_python
 from train.run import train
 
 CONF = str(REPO / "conf")
@@ -256,13 +258,32 @@ def test_the_pipeline_trains_the_cascade_on_a_clip_trained_elsewhere(tmp_path):
     # a rerun into this out_dir takes the same CLIP, or stops before any stage: without clip_ckpt it trained a
     # clip stage and sampled the finished stages with it; with another, it mixed two CLIPs
     pipeline.check_one_clip(out, imported.resolve())
-    with pytest.raises(SystemExit, match=r"prior was made with .* this run takes prior.clip_ckpt=.*run:"):
-        pipeline.check_one_clip(out, imported, {"prior": str(tmp_path / "run"), "decoder": None})
-    for other in (None, tmp_path / "run"):
+    other = clip_trained_on(shutil.copytree(tmp_path / "run", tmp_path / "other"))  # other weights
+    with pytest.raises(SystemExit, match=r"prior was made with .* this run takes prior.clip_ckpt=.*other:"):
+        pipeline.check_one_clip(out, imported, {"prior": str(other), "decoder": None})
+    for given in (None, other):
         with pytest.raises(
             SystemExit, match=r"embed was made with the CLIP .*imported.* Rerun with clip_ckpt=.*imported, or"
         ):
-            pipeline.check_one_clip(out, other)
+            pipeline.check_one_clip(out, given)
+    # The same weights from elsewhere are the same CLIP: a copy, and the run they were imported from (to and
+    # from open_clip). The CLIP exported again over the import after it trained on was taken (one path):
+    # the embed and prior stages were skipped as finished, and the decoder trained on the new weights before
+    # the sample stage refused the cascade.
+    pipeline.check_one_clip(out, shutil.copytree(imported, tmp_path / "copy"))
+    pipeline.check_one_clip(out, tmp_path / "run")
+    weights = load_file(imported / "model.safetensors")
+    save_file(
+        {k: v + 1e-3 if v.is_floating_point() else v for k, v in weights.items()},
+        imported / "model.safetensors",
+    )
+    redo = ", ".join(str(out / s) for s in ("embed", "prior", "decoder", "sample"))
+    with pytest.raises(
+        SystemExit,
+        match=rf"embed was made with the CLIP weights of {made_by} \(step 0\), but clip_ckpt={imported.resolve()} "
+        rf"loads {made_by} \(step 0\) now, other weights: .* Remove {redo} to make them again",
+    ):
+        pipeline.check_one_clip(out, imported.resolve())
 
 
 @pytest.mark.slow

@@ -641,12 +641,16 @@ def _check_clip(module, role: str, clip: FrozenClip) -> None:
     recorded = getattr(module, "trained_with_clip_weights", None) or {}
     if recorded.get("digest"):
         if recorded["digest"] != clip.digest:
+            remedy = (
+                "Train the prior on this CLIP's embeddings, or take the decoder trained with the prior's CLIP"
+                if role == "prior"
+                else "Give the cascade the CLIP it trained with (clip=, --clip), or train the decoder with this one"
+            )
             raise ValueError(
                 f"{where} was trained with the CLIP weights of {recorded.get('checkpoint')} (step "
                 f"{recorded.get('global_step')}), and {reads} other weights, {clip.checkpoint} (step "
-                f"{clip.global_step}): its {'embeddings' if role == 'prior' else 'conditioning'} mean something "
-                "only to the CLIP it learned them from. Give the cascade that CLIP (clip=, --clip), or stages "
-                "trained with this one"
+                f"{clip.global_step}): its {'embeddings mean' if role == 'prior' else 'conditioning means'} "
+                f"something only to the CLIP it learned them from. {remedy}"
             )
         return
     trained_with = getattr(module, "trained_with_clip", None)

@@ -262,32 +262,69 @@ def check_one_clip(out_dir: Path, clip: Path | None, stage_clips: Mapping[str, A
     """Stop before any stage runs when ``out_dir`` holds stages made with another CLIP than the one this run
     gives them (``clip``, else the clip stage's; ``stage_clips``: a stage's own ``<stage>.clip_ckpt``
     override): the embeddings (their ``embed_info.json``), the prior and the decoder (their ``config.yaml``),
-    finished or not. A rerun that changed or dropped ``clip_ckpt`` would otherwise skip the finished stages
-    and sample a cascade of two CLIPs. A recorded CLIP that no longer exists (moved) is not judged."""
+    finished or not. A rerun that changed or dropped ``clip_ckpt``, or whose ``clip_ckpt`` run has trained
+    on since, would otherwise skip the finished stages and sample a cascade of two CLIPs. Where a stage
+    recorded the CLIP's weights (their digest) the weights decide, else the CLIP's run directory (one that
+    no longer exists, moved, is not judged)."""
     from train.checkpoint import owner_of
+    from train.frozen_clip import FrozenClip
 
     own = owner_of(out_dir / "clip")
     default = owner_of(clip) if clip else own
     given = {k: owner_of(v) for k, v in (stage_clips or {}).items() if v}
-    recorded = {}
+    recorded: dict[str, tuple[Any, dict]] = {}  # stage -> (its clip_ckpt, its CLIP's weights)
     info = out_dir / "embed" / "train" / "embed_info.json"
     if info.exists():
-        recorded["embed"] = json.loads(info.read_text()).get("checkpoint")
+        made = json.loads(info.read_text())
+        recorded["embed"] = (made.get("checkpoint"), {**made, "digest": made.get("clip_digest")})
     for stage in ("prior", "decoder"):
         if (out_dir / stage / "config.yaml").exists():
-            recorded[stage] = OmegaConf.load(out_dir / stage / "config.yaml").get("clip_ckpt")
-    for stage, made_with in recorded.items():
-        if not made_with or not Path(made_with).exists() or owner_of(made_with) == given.get(stage, default):
+            saved = OmegaConf.load(out_dir / stage / "config.yaml")
+            recorded[stage] = (
+                saved.get("clip_ckpt"),
+                OmegaConf.to_container(saved.get("clip_weights") or {}),
+            )
+    loaded: dict[str, FrozenClip | None] = {}
+
+    def loads(path: Path) -> FrozenClip | None:  # what the stage would load now; None: nothing yet
+        if str(path) not in loaded:
+            try:
+                loaded[str(path)] = FrozenClip(path)
+            except (FileNotFoundError, ValueError):  # (the clip stage not trained yet)
+                loaded[str(path)] = None
+        return loaded[str(path)]
+
+    for stage, (made_with, weights) in recorded.items():
+        takes = (
+            f"{stage}.clip_ckpt={stage_clips[stage]}"
+            if stage in given
+            else (f"clip_ckpt={clip}" if clip else f"the clip stage of {out_dir}")
+        )
+        other_run = (
+            bool(made_with) and Path(made_with).exists() and owner_of(made_with) != given.get(stage, default)
+        )
+        if weights.get("digest"):
+            now = loads(Path(stage_clips[stage]) if stage in given else (clip or out_dir / "clip"))
+            if now is not None and now.digest == weights["digest"]:
+                continue  # (the same weights from another path: a copy, an export)
+            if now is not None and not other_run:  # the same CLIP run, trained on since
+                redo = [
+                    str(out_dir / s)
+                    for s in ("embed", "prior", "decoder", "sample")
+                    if (out_dir / s).exists()
+                ]
+                raise SystemExit(
+                    f"{out_dir / stage} was made with the CLIP weights of {weights.get('checkpoint')} (step "
+                    f"{weights.get('global_step')}), but {takes} loads {now.checkpoint} (step {now.global_step}) "
+                    f"now, other weights: a cascade on two CLIPs samples poorly. Remove {', '.join(redo)} to make "
+                    "them again with these weights, or give this CLIP another out_dir"
+                )
+        if not other_run:
             continue
         same = (
             "no clip_ckpt (the clip stage's)"
             if owner_of(made_with) == own
             else f"clip_ckpt={owner_of(made_with)}"
-        )
-        takes = (
-            f"{stage}.clip_ckpt={stage_clips[stage]}"
-            if stage in given
-            else (f"clip_ckpt={clip}" if clip else f"the clip stage of {out_dir}")
         )
         raise SystemExit(
             f"{out_dir / stage} was made with the CLIP {made_with}, but this run takes {takes}: a cascade on "

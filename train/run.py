@@ -85,12 +85,7 @@ def check_same_run(cfg: DictConfig, output_dir: Path, checkpoint: str | None = N
         and loads
         and loads["digest"] != trained_with["digest"]
     ):
-        raise ConfigError(  # (clip_ckpt names a run, which may have trained on since this one started)
-            f"resuming {output_dir} with clip_ckpt={cfg.get('clip_ckpt')}: it loads {loads['checkpoint']} (step "
-            f"{loads['global_step']}), other weights than the CLIP this run has trained with "
-            f"({trained_with.get('checkpoint')}, step {trained_with.get('global_step')}, clip_weights in {path}): "
-            "point clip_ckpt at a checkpoint of those weights, or start a new run in another directory"
-        )
+        raise ConfigError(_not_the_run_clip(cfg, output_dir, path, trained_with, loads))
     ours = _flat(OmegaConf.to_container(cfg, resolve=True))
     theirs = _flat(saved)
     changed = sorted(
@@ -131,6 +126,34 @@ def check_same_run(cfg: DictConfig, output_dir: Path, checkpoint: str | None = N
             path,
             ", ".join(f"{k}: {theirs[k]!r} -> {ours[k]!r}" for k in changed),
         )
+
+
+def _not_the_run_clip(cfg: DictConfig, output_dir: Path, path: Path, trained_with: dict, loads: dict) -> str:
+    """Why a resume whose CLIP now loads other weights than the run trained with is refused, and what can
+    be done (``clip_ckpt`` names a run, which may have trained on since this one started)."""
+    then = f"{trained_with.get('checkpoint')}, step {trained_with.get('global_step')}"
+    head = (
+        f"resuming {output_dir} with clip_ckpt={cfg.get('clip_ckpt')}: it loads {loads['checkpoint']} (step "
+        f"{loads['global_step']}), other weights than the CLIP this run has trained with ({then}; clip_weights "
+        f"in {path})"
+    )
+    alone = (
+        "; a prior on embedding shards can go on without a CLIP (clip_from_shards=false clip_ckpt=null: no "
+        "zero-shot metrics)"
+        if cfg.get("stage_name") == "prior"
+        else ""
+    )
+    if Path(str(trained_with.get("checkpoint"))).resolve() == Path(loads["checkpoint"]).resolve():
+        return (
+            f"{head}. That file was overwritten as its run trained on: those weights are gone, and this run "
+            f"cannot go on with the CLIP it learned. Start a new run in another directory{alone}"
+        )
+    where = (
+        f"clip_ckpt={trained_with['checkpoint']}"
+        if Path(str(trained_with.get("checkpoint"))).exists()
+        else "clip_ckpt=<a checkpoint of those weights>"
+    )
+    return f"{head}. Give {where}, or start a new run in another directory{alone}"
 
 
 class _RunFiles(pl.Callback):
@@ -339,6 +362,21 @@ def load_open_clip_weights(net: torch.nn.Module, path: str, config=None) -> None
     log.info("initialised %s from the open_clip checkpoint %s", type(net).__name__, path)
 
 
+def _embedding_dirs(cfg: DictConfig) -> list[Path]:
+    """Every local directory of embedding shards the run reads, training and held-out (data=embeddings;
+    ``DIR1::DIR2`` reads several)."""
+    if "img_emb.npy" not in (cfg.data.get("npy_fields") or []):
+        return []
+    from data.shards import expand_shards
+
+    dirs: list[Path] = []
+    for spec in (cfg.data.train_shards, cfg.data.get("val_shards")):
+        for url in expand_shards(spec) if spec else []:
+            if not url.startswith("pipe:") and "://" not in url and Path(url).parent not in dirs:
+                dirs.append(Path(url).parent)
+    return dirs
+
+
 def _embedding_dir(cfg: DictConfig) -> Path | None:
     """The directory of the first training shard when the data is embedding shards (data=embeddings)."""
     if "img_emb.npy" not in (cfg.data.get("npy_fields") or []):
@@ -377,7 +415,7 @@ def wire_clip(cfg: DictConfig):
         # (shards with the CLIP's digest are checked by weights once it has loaded: record_clip)
         if cfg.clip_ckpt and not info.get("clip_digest") and Path(info["checkpoint"]).exists():
             _check_embedded_by(cfg.clip_ckpt, Path(info["checkpoint"]), emb_dir)
-        if not cfg.clip_ckpt and Path(info["checkpoint"]).exists():
+        if not cfg.clip_ckpt and cfg.get("clip_from_shards", True) and Path(info["checkpoint"]).exists():
             with open_dict(cfg):
                 cfg.clip_ckpt = info["checkpoint"]
     if cfg.clip_ckpt:
@@ -426,31 +464,76 @@ def record_clip(cfg: DictConfig, module) -> None:
     """The CLIP weights a prior or decoder trains with, into its config as ``clip_weights`` (checkpoint,
     step, :func:`~train.checkpoint.weights_digest`): the frozen CLIP it loaded (``clip_ckpt``), else the
     one that made its embedding shards. A resume and the cascade compare them with the CLIP they load
-    (``clip_ckpt`` names a run, which may have trained on since). A ``clip_ckpt`` beside embedding shards
-    that loads other weights than those that made the shards is refused (a CLIP run that trained on after
-    embedding, another run, a copy of other weights): the prior would learn one CLIP's embeddings while its
-    token features and zero-shot metrics came from the other's."""
+    (``clip_ckpt`` names a run, which may have trained on since). Refused: embedding shards (training and
+    held-out, every directory) made by different CLIP weights, and a ``clip_ckpt`` that loads other
+    weights than those that made them (a CLIP run that trained on after embedding, another run): the
+    prior would learn one CLIP's embeddings while its token features and zero-shot metrics came from the
+    other's."""
     from train.config import ConfigError
 
     frozen = getattr(module, "frozen_clip", None)
-    emb_dir = _embedding_dir(cfg) if "clip_ckpt" in cfg.keys() else None
-    info = json.loads((emb_dir / "embed_info.json").read_text()) if emb_dir is not None else {}
-    made = info.get("clip_digest")
-    if frozen is not None and made and frozen.digest != made:
-        raise ConfigError(
-            f"clip_ckpt={cfg.clip_ckpt} loads {frozen.checkpoint} (step {frozen.global_step}), other weights than "
-            f"those that made the embeddings in {emb_dir} ({info['checkpoint']}, step {info['global_step']}, "
-            "its embed_info.json): point clip_ckpt at a checkpoint of those weights, or embed the shards again "
-            "with this CLIP (python -m data.embed)"
-        )
+    made = [
+        (d, info)
+        for d in (_embedding_dirs(cfg) if "clip_ckpt" in cfg.keys() else [])
+        if (d / "embed_info.json").is_file()
+        and (info := json.loads((d / "embed_info.json").read_text())).get("clip_digest")
+    ]
+    for d, info in made[1:]:
+        if info["clip_digest"] != made[0][1]["clip_digest"]:
+            first, info0 = made[0]
+            raise ConfigError(
+                f"the embedding shards in {first} and {d} were made by different CLIP weights "
+                f"({info0['checkpoint']}, step {info0['global_step']}; {info['checkpoint']}, step "
+                f"{info['global_step']}; their embed_info.json): the prior would learn a mix of two CLIPs' "
+                "embeddings. Embed them all with one CLIP (python -m data.embed)"
+            )
+    if frozen is not None and made and frozen.digest != made[0][1]["clip_digest"]:
+        raise ConfigError(_not_the_embedding_clip(cfg, frozen, *made[0]))
     if frozen is not None:
         weights = frozen.weights()
     elif made:
-        weights = {"checkpoint": info["checkpoint"], "global_step": int(info["global_step"]), "digest": made}
+        info = made[0][1]
+        weights = {
+            "checkpoint": info["checkpoint"],
+            "global_step": int(info["global_step"]),
+            "digest": info["clip_digest"],
+        }
     else:
         return
     with open_dict(cfg):
         cfg.clip_weights = weights
+
+
+def _not_the_embedding_clip(cfg: DictConfig, frozen, emb_dir: Path, info: dict) -> str:
+    """Why ``frozen`` is refused beside the embedding shards in ``emb_dir``, and what can be done."""
+    named = str(cfg.clip_ckpt) == str(info["checkpoint"])  # (clip_ckpt unset takes embed_info.json's)
+    what = (
+        f"the CLIP that made the embeddings in {emb_dir}, {info['checkpoint']} (their embed_info.json; "
+        f"clip_ckpt={cfg.clip_ckpt})"
+        if named
+        else f"clip_ckpt={cfg.clip_ckpt}"
+    )
+    loads = f"loads {frozen.checkpoint} (step {frozen.global_step})"
+    alone = (
+        "or train on the shards alone with clip_from_shards=false and clip_ckpt=null (no zero-shot metrics)"
+    )
+    again = "embed the shards again with this CLIP (python -m data.embed, a new out=) for a new run"
+    if Path(frozen.checkpoint).resolve() == Path(info["checkpoint"]).resolve():
+        return (
+            f"{what} {loads} now: it held step {info['global_step']} when the shards were embedded, and was "
+            f"overwritten as its run trained on, so those weights are gone. {again.capitalize()}, {alone}. "
+            "(Pin a CLIP before embedding: python -m train.checkpoint export RUN --out DIR, then ckpt=DIR)"
+        )
+    where = (
+        f"clip_ckpt={info['checkpoint']}"
+        if Path(info["checkpoint"]).exists()
+        else "a checkpoint of those weights"
+    )
+    return (
+        f"{what} {loads}, other weights than those that made the embeddings in {emb_dir} "
+        f"({info['checkpoint']}, step {info['global_step']}, their embed_info.json): give {where}, "
+        f"{again}, {alone}"
+    )
 
 
 def _fill_net_sizes(cfg: DictConfig, sizes: dict[str, int]) -> None:
