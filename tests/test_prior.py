@@ -507,6 +507,11 @@ def test_a_clip_other_than_the_one_that_embedded_the_shards_is_refused(clip_run,
         recorded()
     alone = recorded("clip_from_shards=false")
     assert alone["digest"] == info["clip_digest"] and alone["global_step"] == 2
+    # The CLIP that made them moved away: it was dropped without a word (no zero-shot metrics).
+    (emb / "embed_info.json").write_text(json.dumps({**info, "checkpoint": str(tmp_path / "gone.ckpt")}))
+    with pytest.raises(ConfigError, match=rf"names the CLIP that made these embeddings, {tmp_path}/gone.ckpt, and "
+                       r"it is not there \(moved, .* clip_from_shards=false"):  # fmt: skip
+        recorded()
     # Shards embedded before digests were recorded: the run directory decides, as before.
     del info["clip_digest"]
     (emb / "embed_info.json").write_text(json.dumps(info))

@@ -284,6 +284,12 @@ def test_the_pipeline_trains_the_cascade_on_a_clip_trained_elsewhere(tmp_path):
         rf"loads {made_by} \(step 0\) now, other weights: .* Remove {redo} to make them again",
     ):
         pipeline.check_one_clip(out, imported.resolve())
+    # The CLIP moved away and no clip_ckpt given: the rerun trained a new clip stage, skipped the finished
+    # stages, and only the sample stage refused the cascade.
+    shutil.move(imported, tmp_path / "moved")
+    with pytest.raises(SystemExit, match=rf"embed was made with the CLIP weights of {made_by} \(step 0\), which "
+                       rf"is not there now \(moved\?\), and this run would train a new clip stage in {out}/clip"):  # fmt: skip
+        pipeline.check_one_clip(out, None)
 
 
 @pytest.mark.slow

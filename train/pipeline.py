@@ -307,6 +307,13 @@ def check_one_clip(out_dir: Path, clip: Path | None, stage_clips: Mapping[str, A
             now = loads(Path(stage_clips[stage]) if stage in given else (clip or out_dir / "clip"))
             if now is not None and now.digest == weights["digest"]:
                 continue  # (the same weights from another path: a copy, an export)
+            if now is None and not other_run:  # a CLIP moved away, and this run would train a new one
+                raise SystemExit(
+                    f"{out_dir / stage} was made with the CLIP weights of {weights.get('checkpoint')} (step "
+                    f"{weights.get('global_step')}), which is not there now (moved?), and this run would train "
+                    f"a new clip stage in {out_dir / 'clip'} for the stages after it: give clip_ckpt=<that CLIP's "
+                    "path now> (checked by its weights), or give the new CLIP another out_dir"
+                )
             if now is not None and not other_run:  # the same CLIP run, trained on since
                 redo = [
                     str(out_dir / s)

@@ -415,7 +415,15 @@ def wire_clip(cfg: DictConfig):
         # (shards with the CLIP's digest are checked by weights once it has loaded: record_clip)
         if cfg.clip_ckpt and not info.get("clip_digest") and Path(info["checkpoint"]).exists():
             _check_embedded_by(cfg.clip_ckpt, Path(info["checkpoint"]), emb_dir)
-        if not cfg.clip_ckpt and cfg.get("clip_from_shards", True) and Path(info["checkpoint"]).exists():
+        if not cfg.clip_ckpt and cfg.get("clip_from_shards", True):
+            if not Path(info["checkpoint"]).exists():  # (a moved CLIP was dropped without a word)
+                from train.config import ConfigError
+
+                raise ConfigError(
+                    f"{info_path} names the CLIP that made these embeddings, {info['checkpoint']}, and it is not "
+                    "there (moved, or made on another machine): give clip_ckpt=<its path now> (checked by its "
+                    "weights), or clip_from_shards=false to train on the shards alone (no zero-shot metrics)"
+                )
             with open_dict(cfg):
                 cfg.clip_ckpt = info["checkpoint"]
     if cfg.clip_ckpt:
