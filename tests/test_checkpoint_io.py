@@ -299,3 +299,35 @@ def test_periodic_checkpoints_keep_the_newest_k_also_in_a_run_directory_that_mov
     assert run(tmp_path / "moved", 7) == ["last.ckpt", "step0000006.ckpt", "step0000007.ckpt"]
     last = torch.load(tmp_path / "moved" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 7
+
+
+def test_an_older_checkpoint_taken_as_the_newest_written_is_named(tmp_path, caplog):
+    """Checkpoints are ordered by when they were written: a copy that reset the files' times (cp -r, rsync
+    without -t, a download) made resume=auto, exports and clip_ckpt=<run> take an older checkpoint without a
+    word. The one with the later step is named (the order stands: a run rewound to an older checkpoint in
+    its own directory continues its new branch)."""
+    from train.checkpoint import resolve_run
+    from train.run import resolve_checkpoint
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    for name, step in (("step0000002.ckpt", 2), ("step0000004.ckpt", 4), ("last.ckpt", 5)):
+        torch.save({"global_step": step, "state_dict": {}}, ckpts / name)
+        os.utime(ckpts / name, (1000.0 + step,) * 2)
+    with caplog.at_level("WARNING"):
+        assert resolve_run(tmp_path)[1] == ckpts / "last.ckpt"
+        assert resolve_checkpoint("auto", tmp_path) == str(ckpts / "last.ckpt")
+    assert "holds step" not in caplog.text
+    os.utime(ckpts / "step0000004.ckpt", (2000.0,) * 2)  # copied last
+    with caplog.at_level("WARNING"):
+        assert resolve_run(tmp_path)[1] == ckpts / "step0000004.ckpt"
+        assert resolve_checkpoint("auto", tmp_path) == str(ckpts / "step0000004.ckpt")
+    assert caplog.text.count(f"(step 4), the newest written; {ckpts / 'last.ckpt'} holds step 5") == 2
+    # a sharded checkpoint (a directory) records its step in its commit marker
+    from train.checkpoint_io import commit, saved_step
+
+    sharded = ckpts / "preempt.ckpt"
+    sharded.mkdir()
+    (sharded / "shard_0.pt").write_bytes(b"x")
+    commit(sharded, global_step=9)
+    assert saved_step(sharded) == 9 and resolve_run(tmp_path)[1] == sharded

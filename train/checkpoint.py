@@ -86,6 +86,15 @@ def resolve_run(path: str | Path) -> tuple[Path, Path]:
             raise FileNotFoundError(
                 f"{path}: no finished checkpoint in this run directory (checkpoints/*.ckpt, hpc_ckpt_*.ckpt)"
             )
+        from train.checkpoint_io import later_than_newest
+
+        later = later_than_newest(finished, finished[0])
+        if later is not None:
+            log.warning(
+                "%s: taking %s (step %d), the newest written; %s holds step %d: a copy that reset the files' "
+                "times? Then name that checkpoint",
+                path, finished[0], later[2], later[0], later[1],
+            )  # fmt: skip
         return path, finished[0]
     if path.is_file():
         return run_dir_of(path), path

@@ -85,8 +85,9 @@ def uncommit(path: str | Path) -> None:
     (Path(path) / COMMIT_MARKER).unlink(missing_ok=True)
 
 
-def commit(path: str | Path) -> None:
-    """Mark a sharded checkpoint directory finished, recording the size of each of its files."""
+def commit(path: str | Path, global_step: int | None = None) -> None:
+    """Mark a sharded checkpoint directory finished, recording the size of each of its files (and the
+    step it holds: :func:`saved_step`)."""
     path = Path(path)
     sizes = {
         str(p.relative_to(path)): p.stat().st_size
@@ -95,7 +96,12 @@ def commit(path: str | Path) -> None:
     }
     marker = path / COMMIT_MARKER
     with open(marker, "w") as f:
-        f.write(json.dumps({"files": sizes}, indent=1))
+        f.write(
+            json.dumps(
+                {"files": sizes, **({"global_step": int(global_step)} if global_step is not None else {})},
+                indent=1,
+            )
+        )
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(Path(path))
@@ -112,6 +118,43 @@ def written_at(path: Path) -> float:
     if path.is_dir():
         return max((f.stat().st_mtime for f in path.rglob("*") if f.is_file()), default=0.0)
     return path.stat().st_mtime
+
+
+def saved_step(path: Path) -> int | None:
+    """The training step a finished checkpoint holds: from a periodic checkpoint's name
+    (``step0000300.ckpt``), a sharded directory's commit marker, else the file's own record (its pickle
+    read memory-mapped: no tensor is read); None when it cannot tell."""
+    import re
+
+    named = re.match(r"step(\d+)", path.name)
+    if named:
+        return int(named.group(1))
+    try:
+        if path.is_dir():
+            return int(json.loads((path / COMMIT_MARKER).read_text())["global_step"])
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception:  # noqa: BLE001 - a marker without the step, a file of another kind: cannot tell
+        return None
+
+
+def later_than_newest(finished: list[Path], chosen: Path) -> tuple[Path, int, int] | None:
+    """A finished checkpoint that holds a later step than ``chosen``, the newest written (its step, and
+    ``chosen``'s): modification times order checkpoints, and a copy that reset them (``cp -r``, ``rsync``
+    without ``-t``, a download) makes an older one the newest; so does a run rewound to an older
+    checkpoint in its own directory (the later ones are another branch). None when none does or the steps
+    cannot be read."""
+    if len(finished) < 2:
+        return None
+    own = saved_step(chosen)
+    if own is None:
+        return None
+    later = [
+        (step, c) for c in finished if c != chosen and (step := saved_step(c)) is not None and step > own
+    ]
+    if not later:
+        return None
+    step, path = max(later, key=lambda x: x[0])
+    return path, step, own
 
 
 def run_checkpoints(run_dir: Path) -> tuple[list[Path], list[Path]]:

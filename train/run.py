@@ -206,7 +206,7 @@ def resolve_checkpoint(resume: str | None, output_dir: Path, *, rank: int = 0, w
     """
     if resume in (None, "null", False):
         return None
-    from train.checkpoint_io import damage, run_checkpoints
+    from train.checkpoint_io import damage, later_than_newest, run_checkpoints
 
     crc = rank == 0
     if resume == "auto":
@@ -221,6 +221,14 @@ def resolve_checkpoint(resume: str | None, output_dir: Path, *, rank: int = 0, w
         for i, candidate in enumerate(candidates):
             problem = damage(candidate, crc=crc)
             if problem is None:
+                later = later_than_newest(candidates, candidate) if rank == 0 else None
+                if later is not None:
+                    log.warning(
+                        "resume=auto continues from %s (step %d), the newest written; %s holds step %d: a copy "
+                        "that reset the files' times (cp -r, rsync without -t)? Then give resume=%s. (Or the "
+                        "run was rewound to an older checkpoint, and that one is from the branch left)",
+                        candidate, later[2], later[0], later[1], later[0],
+                    )  # fmt: skip
                 return str(candidate)
             if world > 1 and crc and damage(candidate, crc=False) is None:  # found by the CRC read alone
                 aside = candidate.with_name(candidate.name + ".damaged")

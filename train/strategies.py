@@ -259,7 +259,7 @@ def _committed_save(strategy, save, checkpoint: dict, filepath, storage_options)
     strategy.barrier("checkpoint written")
     if strategy.is_global_zero:
         if path.is_dir():
-            commit(path)
+            commit(path, checkpoint.get("global_step"))
         else:  # a strategy configured to consolidate into one file (written by rank 0, complete here)
             log.debug("%s is a single file: nothing to mark", path)
 
