@@ -279,7 +279,7 @@ def test_periodic_checkpoints_keep_the_newest_k_also_in_a_run_directory_that_mov
 
     from train.run import train
 
-    def run(out, steps):
+    def run(out, steps, keep=2):
         train(
             compose_config(
                 [
@@ -287,7 +287,7 @@ def test_periodic_checkpoints_keep_the_newest_k_also_in_a_run_directory_that_mov
                     f"paths.output_dir={out}",
                     f"paths.data_dir={tmp_path / 'data'}",
                     "callbacks.checkpoint.every_n_train_steps=1",
-                    "callbacks.checkpoint.save_top_k=2",
+                    f"callbacks.checkpoint.save_top_k={keep}",
                     f"trainer.max_steps={steps}",
                 ]
             )
@@ -299,6 +299,12 @@ def test_periodic_checkpoints_keep_the_newest_k_also_in_a_run_directory_that_mov
     assert run(tmp_path / "moved", 7) == ["last.ckpt", "step0000006.ckpt", "step0000007.ckpt"]
     last = torch.load(tmp_path / "moved" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 7
+    # Fewer kept on resume: save_top_k 5 -> 1 after 3 saves failed at the first periodic save (KeyError: '',
+    # the k-th best of a list short of its k); 3 -> 1 kept every older checkpoint for ever.
+    saved = ["last.ckpt", "step0000001.ckpt", "step0000002.ckpt", "step0000003.ckpt"]
+    for keep in (5, 3):
+        assert run(tmp_path / f"keep{keep}", 3, keep) == saved
+        assert run(tmp_path / f"keep{keep}", 5, 1) == ["last.ckpt", "step0000005.ckpt"]
 
 
 def test_an_older_checkpoint_taken_as_the_newest_written_is_named(tmp_path, caplog):

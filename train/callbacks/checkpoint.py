@@ -19,6 +19,7 @@ import os
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from train.callbacks.preemption import Preemption
@@ -42,6 +43,34 @@ class Checkpoint(ModelCheckpoint):
                 "best_k_models": {here(k): v for k, v in (state_dict.get("best_k_models") or {}).items()},
             }  # fmt: skip
         super().load_state_dict(state_dict)
+        self._keep_at_most_top_k()
+
+    def _keep_at_most_top_k(self) -> None:
+        """The kept checkpoints as ``save_top_k`` says now: a run resumed with fewer kept than it saved
+        failed at its first periodic save (Lightning looked up the k-th best of a list short of its k:
+        ``KeyError: ''``), or kept every older checkpoint for ever (it removes one for each it saves).
+        The best ``save_top_k`` stay (by ``monitor``: the newest steps); the files of the others are removed
+        when training starts."""
+        if self.save_top_k <= 0 or not self.best_k_models:  # (-1: all kept; 0: none compared nor removed)
+            return
+        ranked = sorted(
+            self.best_k_models, key=lambda p: float(self.best_k_models[p]), reverse=self.mode == "max"
+        )
+        self._dropped = ranked[self.save_top_k :]
+        self.best_k_models = {p: self.best_k_models[p] for p in ranked[: self.save_top_k]}
+        if len(self.best_k_models) == self.save_top_k and self.save_top_k > 0:
+            self.kth_best_model_path = ranked[self.save_top_k - 1]
+            self.kth_value = self.best_k_models[self.kth_best_model_path]
+        else:  # (Lightning compares with the k-th best only once it keeps k)
+            self.kth_best_model_path = ""
+            self.kth_value = torch.tensor(float("-inf") if self.mode == "max" else float("inf"))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for path in getattr(self, "_dropped", ()):
+            if path not in (self.last_model_path, self.best_model_path):
+                trainer.strategy.remove_checkpoint(path)  # (rank 0 removes; a missing file is no error)
+        self._dropped = []
+        super().on_train_start(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a preemption stop already wrote this step (preempt.ckpt, which resume=auto takes): not twice
