@@ -378,6 +378,28 @@ def test_a_prior_or_decoder_trained_with_other_clip_weights_than_the_cascade_rea
     assert f"prior {prior} was trained with the CLIP {run}, and the decoder reads {copy}" in caplog.text
 
 
+def test_a_pipeline_directory_moved_whole_samples_with_its_own_clip(cascade_dir, clip_run, tmp_path):
+    """A pipeline directory moved (its clip stage with it) failed to load: the decoder's recorded
+    clip_ckpt was gone, and Hydra's error came from deep in instantiating the module, without a word of
+    --clip. The moved directory's clip stage is taken (its weights checked); a decoder alone names the
+    option."""
+    import shutil
+
+    run, _ = clip_run
+    root = tmp_path / "moved"
+    for stage in ("prior", "decoder", "upsampler_256"):
+        shutil.copytree(cascade_dir / stage, root / stage)
+    shutil.copytree(run, root / "clip")
+    cfg = OmegaConf.load(root / "decoder" / "config.yaml")
+    cfg.clip_ckpt = str(tmp_path / "gone" / "clip")  # where the CLIP was before the move
+    OmegaConf.save(cfg, root / "decoder" / "config.yaml")
+    cascade = Cascade.from_dir(root)
+    assert cascade.clip.run == root / "clip" and len(cascade.upsamplers) == 1
+    with pytest.raises(FileNotFoundError, match=rf"trained with the CLIP {tmp_path}/gone/clip, which is not "
+                       r"there \(moved\?\): give its path now, clip= \(--clip\)"):  # fmt: skip
+        Cascade.load(root / "decoder")
+
+
 def test_a_stage_resumed_with_a_clip_run_that_trained_on_since_is_refused(cascade_dir, clip_run, tmp_path):
     """clip_ckpt names a CLIP run, which may train on while a decoder trains: a resume loaded the newer
     weights and went on from a checkpoint that had learned the older ones' embeddings. The same weights

@@ -206,6 +206,15 @@ class Cascade:
         decoder's ``clip_ckpt`` no longer points at it (moved or exported)."""
         # (clip: in place of the decoder's own; refused, as another CLIP for a prior, when its weights are not
         # those the decoder trained with)
+        if not clip:
+            from train.checkpoint import config_dir_of
+
+            recorded = OmegaConf.load(config_dir_of(decoder) / "config.yaml").get("clip_ckpt")
+            if recorded and not Path(recorded).exists():  # (it failed deep in the module's instantiation)
+                raise FileNotFoundError(
+                    f"decoder {decoder} was trained with the CLIP {recorded}, which is not there (moved?): give "
+                    "its path now, clip= (--clip), checked against the weights the decoder trained with"
+                )
         dec = load_module(decoder, "decoder", **({"clip_ckpt": str(clip)} if clip else {}))
         pri = None
         if prior is not None:  # embeddings come from the decoder's CLIP, so the prior needs none of its own
@@ -227,7 +236,9 @@ class Cascade:
     ) -> Cascade:
         """From a train.pipeline output directory ``root`` (its ``prior``, ``decoder``, ``upsampler_256``
         and ``upsampler_1024`` stages, each an ``export/`` or a run directory); stages given explicitly
-        take precedence, and without ``root`` they are all there is."""
+        take precedence, and without ``root`` they are all there is. A decoder whose CLIP is no longer
+        where it was recorded (the directory moved whole) takes ``root``'s ``clip`` stage, whose weights
+        must be those it trained with."""
         ups = list(upsamplers)
         if root is not None:
             root = Path(root)
@@ -237,6 +248,12 @@ class Cascade:
                 )
             prior = prior or stage_dir(root, "prior")
             decoder = decoder or stage_dir(root, "decoder")
+            if clip is None and decoder is not None:  # a pipeline directory moved whole: its own CLIP
+                from train.checkpoint import config_dir_of
+
+                recorded = OmegaConf.load(config_dir_of(decoder) / "config.yaml").get("clip_ckpt")
+                if recorded and not Path(recorded).exists():
+                    clip = stage_dir(root, "clip")  # (None: the error names the option; weights checked)
             ups = ups or [d for d in (stage_dir(root, n) for n in UPSAMPLER_STAGES) if d is not None]
         if decoder is None:
             raise FileNotFoundError(
