@@ -217,12 +217,21 @@ def reference_images(clip: Path, n: int, shards: str | None = None) -> torch.Ten
 
     if n <= 0:
         return None
+    from data.shards import ShardSpecError, expand_shards
+
     directory = config_dir_of(clip)
     data = OmegaConf.load(directory / "config.yaml").data
-    shards = shards or data.get("val_shards")
+    given, shards = bool(shards), shards or data.get("val_shards")
     if not shards:
         log.warning("no CLIP-FID: the CLIP %s names no held-out shards (pass --fid-shards)", directory)
         return None
+    if not given:  # (recorded when the CLIP trained: the data may have moved since, after hours of stages)
+        try:
+            expand_shards(str(shards))
+        except ShardSpecError as e:
+            log.warning("no CLIP-FID: the held-out shards the CLIP %s names are not there (moved?): %s; pass "
+                        "--fid-shards", directory, e)  # fmt: skip
+            return None
     ds = ShardDataset(
         str(shards),
         batch_size=min(n, 256),

@@ -254,6 +254,13 @@ def test_fid_reference_images_are_the_centres_of_non_square_images(tmp_path):
     assert images.shape == (6, 3, 16, 16)
     inner = images[..., 2:-2].float()  # (bicubic lets the edges' neighbours in by a pixel)
     assert (inner[:, 0] >= 250).all() and (inner[:, 2] <= 5).all()  # red: the centre
+    # The held-out shards the CLIP recorded moved since it trained: the pipeline's sample stage failed after
+    # every training stage (ShardSpecError). No CLIP-FID, said; shards given that are not there still fail.
+    (tmp_path / "val").rename(tmp_path / "moved")
+    assert reference_images(tmp_path, 6) is None
+    assert reference_images(tmp_path, 6, str(tmp_path / "moved")).shape == (6, 3, 16, 16)
+    with pytest.raises(ValueError, match="matches no file"):
+        reference_images(tmp_path, 6, str(tmp_path / "val"))
 
 
 def test_the_criteria_on_hand_made_detections(monkeypatch):
