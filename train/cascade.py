@@ -206,15 +206,12 @@ class Cascade:
         decoder's ``clip_ckpt`` no longer points at it (moved or exported)."""
         # (clip: in place of the decoder's own; refused, as another CLIP for a prior, when its weights are not
         # those the decoder trained with)
-        if not clip:
-            from train.checkpoint import config_dir_of
-
-            recorded = OmegaConf.load(config_dir_of(decoder) / "config.yaml").get("clip_ckpt")
-            if recorded and not Path(recorded).exists():  # (it failed deep in the module's instantiation)
-                raise FileNotFoundError(
-                    f"decoder {decoder} was trained with the CLIP {recorded}, which is not there (moved?): give "
-                    "its path now, clip= (--clip), checked against the weights the decoder trained with"
-                )
+        recorded = None if clip else _moved_clip(decoder)
+        if recorded:  # (it failed deep in the module's instantiation)
+            raise FileNotFoundError(
+                f"decoder {decoder} was trained with the CLIP {recorded}, which is not there (moved?): give "
+                "its path now, clip= (--clip), checked against the weights the decoder trained with"
+            )
         dec = load_module(decoder, "decoder", **({"clip_ckpt": str(clip)} if clip else {}))
         pri = None
         if prior is not None:  # embeddings come from the decoder's CLIP, so the prior needs none of its own
@@ -248,12 +245,8 @@ class Cascade:
                 )
             prior = prior or stage_dir(root, "prior")
             decoder = decoder or stage_dir(root, "decoder")
-            if clip is None and decoder is not None:  # a pipeline directory moved whole: its own CLIP
-                from train.checkpoint import config_dir_of
-
-                recorded = OmegaConf.load(config_dir_of(decoder) / "config.yaml").get("clip_ckpt")
-                if recorded and not Path(recorded).exists():
-                    clip = stage_dir(root, "clip")  # (None: the error names the option; weights checked)
+            if clip is None and decoder is not None and _moved_clip(decoder):  # the directory moved whole:
+                clip = stage_dir(root, "clip")  # its own CLIP (weights checked; None: the error names --clip)
             ups = ups or [d for d in (stage_dir(root, n) for n in UPSAMPLER_STAGES) if d is not None]
         if decoder is None:
             raise FileNotFoundError(
@@ -681,6 +674,14 @@ def _check_clip(module, role: str, clip: FrozenClip) -> None:
             clip.run,
             "embeddings" if role == "prior" else "image embeddings",
         )
+
+
+def _moved_clip(decoder: str | Path) -> str | None:
+    """The CLIP a decoder's config records (``clip_ckpt``) when it is no longer there, else None."""
+    from train.checkpoint import config_dir_of
+
+    recorded = OmegaConf.load(config_dir_of(decoder) / "config.yaml").get("clip_ckpt")
+    return recorded if recorded and not Path(recorded).exists() else None
 
 
 def _other_clip(recorded: str | None, clip_run: Path) -> bool:

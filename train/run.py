@@ -370,7 +370,7 @@ def load_open_clip_weights(net: torch.nn.Module, path: str, config=None) -> None
     log.info("initialised %s from the open_clip checkpoint %s", type(net).__name__, path)
 
 
-def _embedding_dirs(cfg: DictConfig) -> list[Path]:
+def _embedding_dirs(cfg: DictConfig, splits: tuple[str, ...] = ("train_shards", "val_shards")) -> list[Path]:
     """Every local directory of embedding shards the run reads, training and held-out (data=embeddings;
     ``DIR1::DIR2`` reads several)."""
     if "img_emb.npy" not in (cfg.data.get("npy_fields") or []):
@@ -378,7 +378,7 @@ def _embedding_dirs(cfg: DictConfig) -> list[Path]:
     from data.shards import expand_shards
 
     dirs: list[Path] = []
-    for spec in (cfg.data.train_shards, cfg.data.get("val_shards")):
+    for spec in (cfg.data.get(split) for split in splits):
         for url in expand_shards(spec) if spec else []:
             if not url.startswith("pipe:") and "://" not in url and Path(url).parent not in dirs:
                 dirs.append(Path(url).parent)
@@ -387,12 +387,7 @@ def _embedding_dirs(cfg: DictConfig) -> list[Path]:
 
 def _embedding_dir(cfg: DictConfig) -> Path | None:
     """The directory of the first training shard when the data is embedding shards (data=embeddings)."""
-    if "img_emb.npy" not in (cfg.data.get("npy_fields") or []):
-        return None
-    from data.shards import expand_shards
-
-    urls = expand_shards(cfg.data.train_shards)
-    return Path(urls[0]).parent if urls and not urls[0].startswith("pipe:") else None
+    return next(iter(_embedding_dirs(cfg, ("train_shards",))), None)
 
 
 def wire_clip(cfg: DictConfig):
