@@ -292,6 +292,14 @@ class Tokenizer:
             pad_id=self.pad_id,
         )
 
+    def same_vocabulary(self, other: Tokenizer) -> bool:
+        """Whether ``other`` maps every text to the same ids (its context length aside): one kind, one
+        vocabulary and merges, the same special ids."""
+        ids = ("kind", "sot_id", "eot_id", "pad_id", "vocab_size")
+        if any(getattr(self, k) != getattr(other, k) for k in ids):
+            return False
+        return json.loads(self._hf.to_str())["model"] == json.loads(other._hf.to_str())["model"]
+
     def save(self, path: str | Path) -> None:
         """Write one JSON file (see module docstring), atomically: a temp file, then os.replace."""
         path = Path(path)

@@ -538,6 +538,12 @@ def test_a_diffusion_stage_validates_on_unequal_shards_and_continues_on_another_
         net = after["net." + key.removeprefix("ema.shadow.")]
         assert torch.allclose(after[key], decay * before[key] + (1 - decay) * net, rtol=0, atol=1e-6), key
     assert load_stage(export_stage(moved)).global_step == 6
+    # what init_from=<the sharded checkpoint> starts a fine-tuning run from: the EMA copy, consolidated
+    from train.checkpoint import stage_weights
+
+    start = stage_weights(saved)
+    assert start.ema and start.global_step == 5 and sorted(start.weights) == sorted(k[11:] for k in shadow)
+    assert all(torch.equal(start.weights[k[11:]], before[k]) for k in shadow)
 
 
 @pytest.mark.parametrize(("world", "share"), [(1, 10), (2, 5), (3, 4)])

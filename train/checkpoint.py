@@ -192,32 +192,6 @@ def _load_weights(net: torch.nn.Module, weights: dict, where: Path, tokenizer: P
         )
 
 
-def _load_export(path: Path, map_location) -> LoadedStage:
-    from safetensors.torch import load_file
-
-    cfg = upgrade_config(OmegaConf.load(path / "config.yaml"))  # an export written before key renames
-    tok_path = path / "tokenizer.json"
-    tokenizer = Tokenizer.load(tok_path) if tok_path.exists() else None
-    # the net on map_location before its weights are loaded: load_state_dict copies into it in place
-    net = instantiate(cfg.net).to(map_location)
-    from safetensors import SafetensorError
-
-    try:
-        weights = load_file(path / EXPORT_WEIGHTS, device=str(map_location))
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path / EXPORT_WEIGHTS}: damaged or truncated ({e})") from e
-    _load_weights(net, weights, path / EXPORT_WEIGHTS, tok_path if tokenizer is not None else None)
-    info = read_json(path / "export.json") if (path / "export.json").exists() else {}
-    return LoadedStage(
-        cfg=cfg,
-        net=net.eval(),
-        tokenizer=tokenizer,
-        checkpoint=path / EXPORT_WEIGHTS,
-        global_step=int(info.get("global_step", 0)),
-        ema=bool(info.get("ema", False)),
-    )
-
-
 def export_stage(path: str | Path, out: str | Path | None = None, use_ema: bool = True) -> Path:
     """Write the inference export of a run (default ``<run>/export``); returns its directory."""
     from safetensors.torch import save_file
@@ -239,14 +213,14 @@ def export_stage(path: str | Path, out: str | Path | None = None, use_ema: bool 
     return out
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
     """A checkpoint file, unpickled with ``weights_only=True``: tensors, numbers, strings and plain
     containers only. A file that holds any other pickled object (code could run while it loads) is
     refused before that object is built."""
     import pickle
 
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(
@@ -355,12 +329,46 @@ def _consolidated(path: str | Path) -> dict:
     return {**{k: v for k, v in ckpt.items() if k in ("global_step", "epoch")}, "state_dict": state}
 
 
-def load_stage(
-    path: str | Path, map_location: str | torch.device = "cpu", use_ema: bool = True
-) -> LoadedStage:
+@dataclass
+class StageWeights:
+    """A stage's saved weights with what rebuilds its net: the run's (or export's) config and tokenizer."""
+
+    cfg: DictConfig
+    weights: dict[str, torch.Tensor]
+    tokenizer: Tokenizer | None
+    tokenizer_path: Path | None
+    checkpoint: Path
+    global_step: int
+    ema: bool
+
+
+def stage_weights(
+    path: str | Path, map_location: str | torch.device = "cpu", use_ema: bool = True, mmap: bool = False
+) -> StageWeights:
+    """The net's weights of a run directory, a checkpoint in one (file, DeepSpeed or FSDP directory) or an
+    export, without building the net: the EMA copy's where the stage has one and ``use_ema``. ``mmap``: a
+    checkpoint file is mapped, not read whole (its optimizer state is never read)."""
     export = export_dir_of(path)
     if export is not None:
-        return _load_export(export, map_location)
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        cfg = upgrade_config(OmegaConf.load(export / "config.yaml"))  # an export from before key renames
+        tok_path = export / "tokenizer.json"
+        try:
+            weights = load_file(export / EXPORT_WEIGHTS, device=str(map_location))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{export / EXPORT_WEIGHTS}: damaged or truncated ({e})") from e
+        info = read_json(export / "export.json") if (export / "export.json").exists() else {}
+        return StageWeights(
+            cfg=cfg,
+            weights=weights,
+            tokenizer=Tokenizer.load(tok_path) if tok_path.exists() else None,
+            tokenizer_path=tok_path if tok_path.exists() else None,
+            checkpoint=export / EXPORT_WEIGHTS,
+            global_step=int(info.get("global_step", 0)),
+            ema=bool(info.get("ema", False)),
+        )
     run, ckpt_path = resolve_run(path)
     cfg_path = run / "config.yaml"
     if not cfg_path.exists():
@@ -369,10 +377,8 @@ def load_stage(
         )
     cfg = upgrade_config(OmegaConf.load(cfg_path))  # a run from before key renames (module.lr, ...)
     tok_path = run / "tokenizer.json"
-    tokenizer = Tokenizer.load(tok_path) if tok_path.exists() else None
-    net = instantiate(wire_net_config(cfg.net, tokenizer)).to(map_location)  # (as in _load_export)
     if checkpoint_format(ckpt_path) == "file":
-        ckpt = load_checkpoint(ckpt_path, map_location)
+        ckpt = load_checkpoint(ckpt_path, map_location, mmap=mmap)
     else:
         ckpt = _consolidated(ckpt_path)
     state = ckpt.get("state_dict", ckpt)
@@ -381,15 +387,35 @@ def load_stage(
     weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not weights:
         raise KeyError(f"{ckpt_path}: no '{prefix}*' tensors in the checkpoint's state_dict")
-    _load_weights(net, weights, ckpt_path, tok_path if tokenizer is not None else None)
-    net.eval()
-    return LoadedStage(
+    return StageWeights(
         cfg=cfg,
-        net=net,
-        tokenizer=tokenizer,
+        weights=weights,
+        tokenizer=Tokenizer.load(tok_path) if tok_path.exists() else None,
+        tokenizer_path=tok_path if tok_path.exists() else None,
         checkpoint=ckpt_path,
         global_step=int(ckpt.get("global_step", 0)),
         ema=prefix == "ema.shadow.",
+    )
+
+
+def load_stage(
+    path: str | Path, map_location: str | torch.device = "cpu", use_ema: bool = True
+) -> LoadedStage:
+    """The net of a run directory, a checkpoint in one or an export, built from its config and tokenizer
+    with its weights loaded (:func:`stage_weights`), in eval mode."""
+    saved = stage_weights(path, map_location, use_ema=use_ema)
+    # (an export's config has the tokenizer's fields written in: export_stage wired them)
+    net_cfg = saved.cfg.net if export_dir_of(path) else wire_net_config(saved.cfg.net, saved.tokenizer)
+    # the net on map_location before its weights are loaded: load_state_dict copies into it in place
+    net = instantiate(net_cfg).to(map_location)
+    _load_weights(net, saved.weights, saved.checkpoint, saved.tokenizer_path)
+    return LoadedStage(
+        cfg=saved.cfg,
+        net=net.eval(),
+        tokenizer=saved.tokenizer,
+        checkpoint=saved.checkpoint,
+        global_step=saved.global_step,
+        ema=saved.ema,
     )
 
 

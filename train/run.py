@@ -97,19 +97,12 @@ def check_same_run(cfg: DictConfig, output_dir: Path, checkpoint: str | None = N
     saved_locks = {k: theirs.get(k, 0 if k.endswith("layers") else False) for k in LOCK_KEYS if k in ours}
     locks = [k for k, v in saved_locks.items() if ours[k] != v]
     if locks:
-        vision = OmegaConf.select(cfg, "net.vision", default=None) or {}
-        open_clip = vision.get("stem", "patch") == "patch" and vision.get("pool", "tok") == "tok"
-        restart = (
-            "start a new run from its weights (python -m train.checkpoint to-open-clip RUN OUT, then "
-            "init_from_open_clip=OUT)"
-            if open_clip
-            else "start a new run (a net with a conv stem or mean pooling has no weights-only start)"
-        )
         raise ConfigError(
             f"resuming {path.parent} with "
             + ", ".join(f"{k}={ours[k]!r} (saved: {saved_locks[k]!r})" for k in locks)
             + ": its checkpoint's optimizer state is for the parameters that trained under the saved lock. "
-            f"Keep the saved values, or {restart}"
+            f"Keep the saved values, or start a new run from its weights (init_from={path.parent} "
+            "hydra.run.dir=<a new directory>)"
         )
     if changed and checkpoint is None and _sweep_name() is not None:
         swept = [k for k in changed if k.startswith(("module.", "data.", "net."))]
@@ -515,6 +508,115 @@ def record_clip(cfg: DictConfig, module) -> None:
         cfg.clip_weights = weights
 
 
+def _saved_config(output_dir: Path) -> DictConfig:
+    """The config.yaml a run directory holds (empty where none)."""
+    path = output_dir / "config.yaml"
+    return OmegaConf.load(path) if path.is_file() else OmegaConf.create()
+
+
+def tokenizer_to_init_with(cfg: DictConfig, output_dir: Path):
+    """``init_from``'s tokenizer (its run's or export's tokenizer.json), or None (no init_from, a stage
+    without one). Once started, the run's own copy, which resumes without the source."""
+    from data.tokenizer import Tokenizer
+    from train.checkpoint import config_dir_of
+
+    if not cfg.get("init_from"):
+        return None
+    source = Path(cfg.init_from)
+    own = output_dir / "tokenizer.json"
+    if not source.exists() and own.is_file() and OmegaConf.select(_saved_config(output_dir), "init_weights"):
+        return Tokenizer.load(own)
+    path = config_dir_of(source) / "tokenizer.json" if source.exists() else None
+    return Tokenizer.load(path) if path is not None and path.is_file() else None
+
+
+def init_weights(cfg: DictConfig, module, tokenizer, source_tokenizer) -> None:
+    """``init_from=PATH``: a new run starts from the weights of another run of this stage (its directory,
+    a checkpoint in it: file, DeepSpeed or FSDP; or its export), the EMA copy's where it has one and
+    ``init_from_ema``, into the net and its EMA copy. Optimizer, schedule, step and data position start
+    fresh. Refused, naming the differences: another net class, weights of other names or shapes, a
+    tokenizer of another vocabulary for a net with token embeddings. A prior or decoder made with another
+    CLIP than the one it now trains with is a warning (fine-tuning to a new CLIP is a choice). What was
+    loaded is recorded as ``init_weights`` (checkpoint, step, EMA, digest) in the run's config.yaml."""
+    from train.checkpoint import stage_weights, weights_digest
+    from train.config import ConfigError
+
+    where = f"init_from={cfg.init_from}"
+    try:
+        saved = stage_weights(cfg.init_from, use_ema=bool(cfg.get("init_from_ema", True)), mmap=True)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from e
+    theirs, ours = saved.cfg.get("net", {}).get("_target_"), cfg.net.get("_target_")
+    if theirs != ours:
+        raise ConfigError(
+            f"{where}: a {saved.cfg.get('stage_name')} run of net {theirs}; this {cfg.stage_name} run's net is "
+            f"{ours}: give a run (or export) of this stage"
+        )
+    keyed_by_vocabulary = "eot_id" in cfg.net or cfg.net.get("text_encoder") == "trainable"
+    if (
+        keyed_by_vocabulary
+        and source_tokenizer is not None
+        and tokenizer is not None
+        and not source_tokenizer.same_vocabulary(tokenizer)
+    ):
+        raise ConfigError(
+            f"{where}: its token embeddings are for the vocabulary of {saved.tokenizer_path} ({source_tokenizer!r}), "
+            f"and this run tokenises with another ({tokenizer!r}): give data.tokenizer.path={saved.tokenizer_path} "
+            "(a CLIP takes init_from's tokenizer when data.tokenizer.path is unset)"
+        )
+    own = module.net.state_dict()
+    missing = sorted(own.keys() - saved.weights.keys())
+    unexpected = sorted(saved.weights.keys() - own.keys())
+    shapes = [
+        f"{k} {tuple(v.shape)} there, {tuple(own[k].shape)} here"
+        for k, v in saved.weights.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        net_keys = _flat(OmegaConf.to_container(cfg.net, resolve=True))
+        saved_keys = _flat(OmegaConf.to_container(saved.cfg.net, resolve=True))
+        settings = [
+            f"net.{k}: {saved_keys.get(k)!r} there, {net_keys.get(k)!r} here"
+            for k in sorted(net_keys.keys() | saved_keys.keys())
+            if saved_keys.get(k) != net_keys.get(k)
+        ]
+        found = [
+            f"{name} {items[:4]}"
+            for name, items in (("missing", missing), ("unexpected", unexpected))
+            if items
+        ] + shapes[:4]
+        raise ConfigError(
+            f"{where}: {saved.checkpoint} holds other weights than this run's net ({'; '.join(found)})"
+            + (f". The nets' settings differ: {'; '.join(settings[:6])}" if settings else "")
+        )
+    trained_with = (saved.cfg.get("clip_weights") or {}).get("digest")
+    clip_now = (cfg.get("clip_weights") or {}).get("digest")
+    if trained_with and clip_now and trained_with != clip_now:
+        log.warning(
+            "%s was trained with the CLIP of %s (step %s); this run conditions on %s (step %s): it starts "
+            "from another CLIP's embeddings",
+            where, saved.cfg.clip_weights.checkpoint, saved.cfg.clip_weights.global_step,
+            cfg.clip_weights.checkpoint, cfg.clip_weights.global_step,
+        )  # fmt: skip
+    with torch.no_grad():
+        module.net.load_state_dict(saved.weights)
+        ema = getattr(module, "ema", None)
+        if ema is not None:
+            ema.shadow.load_state_dict(saved.weights)
+    digest = weights_digest(module.net.state_dict())
+    with open_dict(cfg):
+        cfg.init_weights = {
+            "checkpoint": str(saved.checkpoint),
+            "global_step": saved.global_step,
+            "ema": saved.ema,
+            "digest": digest,
+        }
+    log.info(
+        "init_from: the %s weights of %s (step %d)%s", "EMA" if saved.ema else "net", saved.checkpoint,
+        saved.global_step, " into the net and its EMA copy" if getattr(module, "ema", None) is not None else "",
+    )  # fmt: skip
+
+
 def _not_the_embedding_clip(cfg: DictConfig, frozen, emb_dir: Path, info: dict) -> str:
     """Why ``frozen`` is refused beside the embedding shards in ``emb_dir``, and what can be done."""
     named = str(cfg.clip_ckpt) == str(info["checkpoint"])  # (clip_ckpt unset takes embed_info.json's)
@@ -763,6 +865,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     if clip_tokenizer is not None:
         datamodule.tokenizer = clip_tokenizer  # captions are tokenised as the CLIP did
+    init_tokenizer = tokenizer_to_init_with(cfg, output_dir)
+    if (
+        init_tokenizer is not None
+        and clip_tokenizer is None
+        and OmegaConf.select(cfg, "data.tokenizer") is not None
+        and not OmegaConf.select(cfg, "data.tokenizer.path")
+    ):
+        # a CLIP fine-tuned from init_from's weights reads captions as those weights learned them
+        context = OmegaConf.select(cfg, "data.tokenizer.context_length") or init_tokenizer.context_length
+        datamodule.tokenizer = init_tokenizer.with_context_length(int(context))
     tokenizer = datamodule.build_tokenizer()
     net = build_net(cfg, tokenizer)
     module = instantiate(cfg.module, net=net, tokenizer=tokenizer, _convert_="all")  # plain hparams in ckpts
@@ -776,6 +888,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt = resolve_checkpoint(
         cfg.get("resume"), output_dir, rank=trainer.global_rank, world=trainer.world_size
     )
+    if cfg.get("init_from"):
+        if ckpt:  # the checkpoint holds the weights; the config keeps what the run started from
+            started = OmegaConf.select(_saved_config(output_dir), "init_weights")
+            log.info("init_from=%s not loaded: resuming from %s", cfg.init_from, ckpt)
+            if started is not None:
+                with open_dict(cfg):
+                    cfg.init_weights = started
+        else:
+            init_weights(cfg, module, tokenizer, init_tokenizer)
     run_files = _RunFiles(cfg, tokenizer, output_dir)
     if ckpt:
         check_same_run(cfg, output_dir)  # before this run's config replaces the one saved there
