@@ -285,7 +285,6 @@ def consolidate(path: str | Path, out: str | Path | None = None) -> dict[str, to
 
 
 def _consolidated(path: str | Path) -> dict:
-    import tempfile
 
     path = Path(path)
     kind = checkpoint_format(path)
@@ -311,12 +310,7 @@ def _consolidated(path: str | Path) -> dict:
                 if key not in ckpt["state_dict"] and torch.is_tensor(value) and value.numel() > 0:
                     ckpt["state_dict"][key] = value
     else:
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        with tempfile.TemporaryDirectory() as tmp:
-            dcp_to_torch_save(path, Path(tmp) / "full.pt")
-            full = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=True)
-        ckpt = {"state_dict": full["state_dict"]}
+        ckpt = {"state_dict": _dcp_state_dict(path)}
         meta_path = path / "meta.pt"
         if meta_path.exists():
             meta = load_checkpoint(meta_path)
@@ -396,6 +390,36 @@ def stage_weights(
         global_step=int(ckpt.get("global_step", 0)),
         ema=prefix == "ema.shadow.",
     )
+
+
+def _dcp_state_dict(path: Path) -> dict:
+    """The module's weights of an FSDP distributed checkpoint, in this process alone (no collective,
+    whatever process group is up), without its optimizer state (twice the weights again, under Adam):
+    the loader :func:`~torch.distributed.checkpoint.format_utils.dcp_to_torch_save` uses, asked for the
+    ``state_dict`` entry only. Where torch moved that private loader: the whole checkpoint, written out
+    and read back."""
+    import tempfile
+    import warnings
+
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+        planner = _EmptyStateDictLoadPlanner(keys={"state_dict"})
+    except (ImportError, TypeError):
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(path, Path(tmp) / "full.pt")
+            return torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=True)["state_dict"]
+    state: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        _load_state_dict(
+            state_dict=state, storage_reader=FileSystemReader(path), planner=planner, no_dist=True
+        )
+    return state["state_dict"]
 
 
 def load_stage(

@@ -96,6 +96,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "module.best_of": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     "module.sample_steps": (lambda v: _integer(v) and v >= 1, "an integer >= 1 (DDIM steps)"),
     "module.eta": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "init_from_ema": (lambda v: isinstance(v, bool), "true or false"),
 }
 # module.optimizer (lr, betas, eps, ...) has its rules where it is read: train/modules/optim.py
 
@@ -112,6 +113,11 @@ def validate(cfg: DictConfig) -> None:
             problems.append(f"{key}={value!r}: expected {expected}")
     problems += _optimizer_problems(cfg) + _normalize_problems(cfg) + _checkpoint_dir_problems(cfg)
     problems += _diffusion_problems(cfg) + _accum_freq_problems(cfg) + _siglip_problems(cfg)
+    if cfg.get("init_from") and cfg.get("init_from_open_clip"):
+        problems.append(
+            f"init_from={cfg.init_from} and init_from_open_clip={cfg.init_from_open_clip}: one start, "
+            "not two (the first's weights would be overwritten by the second's)"
+        )
     problems += [p for p in argument_problems(cfg) if p.split("=", 1)[0] not in RULES]  # (said once)
     if not problems:
         problems += _batch_problems(cfg) + _image_size_problems(cfg) + _shard_problems(cfg)

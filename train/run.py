@@ -514,20 +514,94 @@ def _saved_config(output_dir: Path) -> DictConfig:
     return OmegaConf.load(path) if path.is_file() else OmegaConf.create()
 
 
+def check_init_from(cfg: DictConfig, output_dir: Path) -> None:
+    """``init_from`` refused where it would not start the run: the run's own directory (to continue it:
+    resume=auto), beside ``resume=<checkpoint>`` (which continues that checkpoint's run), and into a
+    directory whose run did not start from it and that ``resume=auto`` would continue. (A run that did
+    start from it resumes from its own checkpoint, with or without ``init_from`` given again.)"""
+    from train.checkpoint import owner_of
+    from train.checkpoint_io import run_checkpoints
+    from train.config import ConfigError
+
+    if not cfg.get("init_from"):
+        return
+    where = f"init_from={cfg.init_from}"
+    source = Path(cfg.init_from)
+    if source.exists() and owner_of(source) == output_dir.resolve():
+        raise ConfigError(
+            f"{where}: that is this run's own directory ({output_dir}). To continue it: resume=auto without "
+            "init_from; to start a new run from its weights: hydra.run.dir=<a new directory>"
+        )
+    resume = cfg.get("resume")
+    if resume not in (None, "null", False, "auto"):
+        raise ConfigError(
+            f"{where} and resume={resume}: resume continues that checkpoint's run (optimizer, step, data), "
+            "init_from starts a new one from its weights: give one of them"
+        )
+    if (
+        resume == "auto"
+        and run_checkpoints(output_dir)[0]
+        and not _saved_config(output_dir).get("init_weights")
+    ):
+        raise ConfigError(
+            f"{where}: {output_dir} holds a run that did not start from it, and resume=auto would continue "
+            "that run: give a new directory (hydra.run.dir=...), or resume=null to start over there"
+        )
+
+
 def tokenizer_to_init_with(cfg: DictConfig, output_dir: Path):
-    """``init_from``'s tokenizer (its run's or export's tokenizer.json), or None (no init_from, a stage
-    without one). Once started, the run's own copy, which resumes without the source."""
+    """The tokenizer of a run that starts from ``init_from`` (its source's tokenizer.json), or None (no
+    init_from, a source without one). A run that started so resumes with its own copy, whether or not
+    init_from is given again or the source still exists."""
     from data.tokenizer import Tokenizer
     from train.checkpoint import config_dir_of
 
-    if not cfg.get("init_from"):
-        return None
-    source = Path(cfg.init_from)
     own = output_dir / "tokenizer.json"
-    if not source.exists() and own.is_file() and OmegaConf.select(_saved_config(output_dir), "init_weights"):
+    if (
+        cfg.get("resume") not in (None, "null", False)
+        and own.is_file()
+        and _saved_config(output_dir).get("init_weights")
+    ):
         return Tokenizer.load(own)
-    path = config_dir_of(source) / "tokenizer.json" if source.exists() else None
-    return Tokenizer.load(path) if path is not None and path.is_file() else None
+    if not cfg.get("init_from") or not Path(cfg.init_from).exists():
+        return None  # (a source that is not there is refused, naming it, when the weights load)
+    path = config_dir_of(cfg.init_from) / "tokenizer.json"
+    return Tokenizer.load(path) if path.is_file() else None
+
+
+def _init_checkpoint(path: str) -> Path:
+    """What ``init_from=path`` loads: a run directory's newest checkpoint that is not damaged (skipping
+    others as resume=auto does), a named checkpoint checked whole, or an export (read as it is)."""
+    from train.checkpoint import export_dir_of
+    from train.checkpoint_io import damage, run_checkpoints
+    from train.config import ConfigError
+
+    source = Path(path)
+    if not source.exists():
+        raise ConfigError(
+            f"init_from={path}: no such path (expected a run directory, a checkpoint in <run>/checkpoints/ "
+            "or an export)"
+        )
+    if export_dir_of(source) is not None:
+        return source
+    if source.is_dir() and source.suffix != ".ckpt":
+        finished, _ = run_checkpoints(source)
+        if not finished:
+            raise ConfigError(
+                f"init_from={path}: no finished checkpoint in this run directory (checkpoints/*.ckpt)"
+            )
+        for candidate in finished:
+            problem = damage(candidate, crc=True)
+            if problem is None:
+                return candidate
+            log.warning("init_from: skipping damaged checkpoint %s: %s", candidate, problem)
+        raise ConfigError(
+            f"init_from={path}: every checkpoint of this run is damaged ({finished[0]} the newest)"
+        )
+    problem = damage(source, crc=True)
+    if problem is not None:
+        raise ConfigError(f"init_from={path}: {problem}; name an older checkpoint of that run")
+    return source
 
 
 def init_weights(cfg: DictConfig, module, tokenizer, source_tokenizer) -> None:
@@ -543,8 +617,12 @@ def init_weights(cfg: DictConfig, module, tokenizer, source_tokenizer) -> None:
 
     where = f"init_from={cfg.init_from}"
     try:
-        saved = stage_weights(cfg.init_from, use_ema=bool(cfg.get("init_from_ema", True)), mmap=True)
-    except (FileNotFoundError, KeyError, ValueError) as e:
+        saved = stage_weights(
+            _init_checkpoint(cfg.init_from), use_ema=cfg.get("init_from_ema", True), mmap=True
+        )
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
+        if isinstance(e, ConfigError):
+            raise
         raise ConfigError(f"{where}: {e}") from e
     theirs, ours = saved.cfg.get("net", {}).get("_target_"), cfg.net.get("_target_")
     if theirs != ours:
@@ -559,10 +637,16 @@ def init_weights(cfg: DictConfig, module, tokenizer, source_tokenizer) -> None:
         and tokenizer is not None
         and not source_tokenizer.same_vocabulary(tokenizer)
     ):
+        fix = (
+            f"give data.tokenizer.path={saved.tokenizer_path} (a CLIP takes init_from's tokenizer when "
+            "data.tokenizer.path is unset)"
+            if OmegaConf.select(cfg, "data.tokenizer") is not None
+            else f"captions are tokenised by the CLIP's tokenizer: give a clip_ckpt with that vocabulary (that "
+            f"run's was clip_ckpt={saved.cfg.get('clip_ckpt')})"
+        )
         raise ConfigError(
             f"{where}: its token embeddings are for the vocabulary of {saved.tokenizer_path} ({source_tokenizer!r}), "
-            f"and this run tokenises with another ({tokenizer!r}): give data.tokenizer.path={saved.tokenizer_path} "
-            "(a CLIP takes init_from's tokenizer when data.tokenizer.path is unset)"
+            f"and this run tokenises with another ({tokenizer!r}): {fix}"
         )
     own = module.net.state_dict()
     missing = sorted(own.keys() - saved.weights.keys())
@@ -572,14 +656,14 @@ def init_weights(cfg: DictConfig, module, tokenizer, source_tokenizer) -> None:
         for k, v in saved.weights.items()
         if k in own and tuple(v.shape) != tuple(own[k].shape)
     ]
+    net_keys = _flat(OmegaConf.to_container(cfg.net, resolve=True))
+    saved_keys = _flat(OmegaConf.to_container(saved.cfg.net, resolve=True))
+    settings = [
+        f"net.{k}: {saved_keys.get(k)!r} there, {net_keys.get(k)!r} here"
+        for k in sorted(net_keys.keys() | saved_keys.keys())
+        if saved_keys.get(k) != net_keys.get(k)
+    ]
     if missing or unexpected or shapes:
-        net_keys = _flat(OmegaConf.to_container(cfg.net, resolve=True))
-        saved_keys = _flat(OmegaConf.to_container(saved.cfg.net, resolve=True))
-        settings = [
-            f"net.{k}: {saved_keys.get(k)!r} there, {net_keys.get(k)!r} here"
-            for k in sorted(net_keys.keys() | saved_keys.keys())
-            if saved_keys.get(k) != net_keys.get(k)
-        ]
         found = [
             f"{name} {items[:4]}"
             for name, items in (("missing", missing), ("unexpected", unexpected))
@@ -589,6 +673,8 @@ def init_weights(cfg: DictConfig, module, tokenizer, source_tokenizer) -> None:
             f"{where}: {saved.checkpoint} holds other weights than this run's net ({'; '.join(found)})"
             + (f". The nets' settings differ: {'; '.join(settings[:6])}" if settings else "")
         )
+    if settings:  # the same weights, computed otherwise (an activation, heads, dropout): a choice, or a slip
+        log.warning("%s: the net's settings differ from that run's: %s", where, "; ".join(settings))
     trained_with = (saved.cfg.get("clip_weights") or {}).get("digest")
     clip_now = (cfg.get("clip_weights") or {}).get("digest")
     if trained_with and clip_now and trained_with != clip_now:
@@ -605,8 +691,9 @@ def init_weights(cfg: DictConfig, module, tokenizer, source_tokenizer) -> None:
             ema.shadow.load_state_dict(saved.weights)
     digest = weights_digest(module.net.state_dict())
     with open_dict(cfg):
+        cfg.init_from = str(Path(cfg.init_from).resolve())  # (a resume may run from another directory)
         cfg.init_weights = {
-            "checkpoint": str(saved.checkpoint),
+            "checkpoint": str(Path(saved.checkpoint).resolve()),
             "global_step": saved.global_step,
             "ema": saved.ema,
             "digest": digest,
@@ -865,6 +952,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     if clip_tokenizer is not None:
         datamodule.tokenizer = clip_tokenizer  # captions are tokenised as the CLIP did
+    check_init_from(cfg, output_dir)
     init_tokenizer = tokenizer_to_init_with(cfg, output_dir)
     if (
         init_tokenizer is not None
@@ -875,6 +963,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # a CLIP fine-tuned from init_from's weights reads captions as those weights learned them
         context = OmegaConf.select(cfg, "data.tokenizer.context_length") or init_tokenizer.context_length
         datamodule.tokenizer = init_tokenizer.with_context_length(int(context))
+        if OmegaConf.select(cfg, "data.tokenizer.kind") != init_tokenizer.kind.value:
+            log.info(
+                "data.tokenizer.kind=%s: init_from's tokenizer (%r)",
+                init_tokenizer.kind.value,
+                init_tokenizer,
+            )
+            cfg.data.tokenizer.kind = init_tokenizer.kind.value  # (what config.yaml records)
     tokenizer = datamodule.build_tokenizer()
     net = build_net(cfg, tokenizer)
     module = instantiate(cfg.module, net=net, tokenizer=tokenizer, _convert_="all")  # plain hparams in ckpts
@@ -888,15 +983,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt = resolve_checkpoint(
         cfg.get("resume"), output_dir, rank=trainer.global_rank, world=trainer.world_size
     )
-    if cfg.get("init_from"):
-        if ckpt:  # the checkpoint holds the weights; the config keeps what the run started from
-            started = OmegaConf.select(_saved_config(output_dir), "init_weights")
-            log.info("init_from=%s not loaded: resuming from %s", cfg.init_from, ckpt)
-            if started is not None:
-                with open_dict(cfg):
-                    cfg.init_weights = started
-        else:
-            init_weights(cfg, module, tokenizer, init_tokenizer)
+    saved = _saved_config(output_dir) if ckpt else None
+    if saved is not None and saved.get("init_weights"):  # a fine-tuning run resumed: its checkpoint holds
+        with open_dict(cfg):  # the weights; the config keeps what it started from
+            cfg.init_from, cfg.init_weights = saved.get("init_from"), saved.init_weights
+        log.info("resuming from %s (the run started from init_from=%s)", ckpt, cfg.init_from)
+    elif cfg.get("init_from") and not ckpt:
+        init_weights(cfg, module, tokenizer, init_tokenizer)
     run_files = _RunFiles(cfg, tokenizer, output_dir)
     if ckpt:
         check_same_run(cfg, output_dir)  # before this run's config replaces the one saved there
