@@ -136,9 +136,16 @@ def _problems(state: dict, layout: Layout) -> list[str]:
         if was != now
     ]
     if not _same_shards(state, layout):
+        same_count = str(state["shards"]).split(" shards")[0] == str(layout.shards).split(" shards")[0]
+        moved = (
+            "; or, the same shards from several directories, some of them moved and not the others: a list "
+            "is compared relative to its directories' common parent"
+            if same_count
+            else ""
+        )
         problems.append(
             f"data.train_shards listing {layout.shards} (saved: {state['shards']}; the saved positions index "
-            "the shard list: a shard was added, removed or reordered)"
+            f"the shard list: a shard was added, removed or reordered{moved})"
         )
     per_data_rank = state.get("batch_per_data_rank")
     if any("split" in st for r in saved for st in r["streams"].values()):

@@ -4,6 +4,7 @@ temporaries of killed saves."""
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import subprocess
@@ -270,7 +271,7 @@ def test_only_rank_0_reads_checkpoints_whole_and_stops_the_launch_on_a_flip_only
 
 
 @pytest.mark.slow
-def test_periodic_checkpoints_keep_the_newest_k_also_in_a_run_directory_that_moved(tmp_path):
+def test_periodic_checkpoints_keep_the_newest_k_also_in_a_run_directory_that_moved(tmp_path, caplog):
     """A run resumed in a directory it was moved or copied to (restored from a backup, from node-local
     scratch to a shared filesystem) wrote ``last-v1.ckpt`` beside the old ``last.ckpt``, which then held
     stale weights for whatever names it, and never pruned the checkpoints saved before the move: Lightning
@@ -296,7 +297,11 @@ def test_periodic_checkpoints_keep_the_newest_k_also_in_a_run_directory_that_mov
 
     assert run(tmp_path / "run", 5) == ["last.ckpt", "step0000004.ckpt", "step0000005.ckpt"]
     shutil.copytree(tmp_path / "run", tmp_path / "moved")
-    assert run(tmp_path / "moved", 7) == ["last.ckpt", "step0000006.ckpt", "step0000007.ckpt"]
+    with caplog.at_level(logging.WARNING, logger="train.run"):
+        assert run(tmp_path / "moved", 7) == ["last.ckpt", "step0000006.ckpt", "step0000007.ckpt"]
+    # the paths under the run directory moved with it: not settings changed (only max_steps is)
+    changed = [r.getMessage() for r in caplog.records if "resuming with settings other" in r.getMessage()]
+    assert len(changed) == 1 and changed[0].endswith(": trainer.max_steps: 5 -> 7"), changed
     last = torch.load(tmp_path / "moved" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 7
     # Fewer kept on resume: save_top_k 5 -> 1 after 3 saves failed at the first periodic save (KeyError: '',

@@ -366,8 +366,25 @@ def test_a_shard_list_changed_mid_epoch_is_refused_and_a_moved_dataset_resumes(m
     again.load_state_dict(state)
     assert [k for b in again.train_dataloader() for k in b["__key__"]] == epoch[4:]
     (moved / "00003.tar").unlink()
-    with pytest.raises(ValueError, match=r"data.train_shards listing 3 shards, crc .* \(saved: 4 shards"):
+    with pytest.raises(
+        ValueError, match=r"data.train_shards listing 3 shards, crc .* \(saved: 4 shards"
+    ) as e:
         dm(moved).load_state_dict(state)
+    assert "some of them moved" not in str(e.value)
+    # two directories, one of them moved: the same shards, but not relative to one common parent; said so
+    parts = tmp_path / "parts"
+    for name, files in (("a", ["00000.tar", "00001.tar"]), ("b", ["00002.tar", "00003.tar"])):
+        (parts / name).mkdir(parents=True)
+        for f in files:
+            shutil.copy(shards / f, parts / name / f)
+    two = dm(f"{parts / 'a'}::{parts / 'b'}")
+    loader = two.train_dataloader()
+    for _, _batch in zip(range(2), loader):
+        loader.mark_consumed()
+    saved_two = two.state_dict()
+    shutil.move(parts / "b", tmp_path / "b_moved")
+    with pytest.raises(ValueError, match=r"saved: 4 shards.*some of them moved and not the others"):
+        dm(f"{parts / 'a'}::{tmp_path / 'b_moved'}").load_state_dict(saved_two)
     restart = dm(moved, on_layout_change="restart_epoch")
     restart.load_state_dict(state)  # warns, and the epoch starts over
     assert restart._resume_state is None

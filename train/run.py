@@ -88,6 +88,13 @@ def check_same_run(cfg: DictConfig, output_dir: Path, checkpoint: str | None = N
         raise ConfigError(_not_the_run_clip(cfg, output_dir, path, trained_with, loads))
     ours = _flat(OmegaConf.to_container(cfg, resolve=True))
     theirs = _flat(saved)
+    was = theirs.get("paths.output_dir")
+    if was and checkpoint is None and Path(was) != output_dir:  # the run directory moved (or was copied):
+        now = str(ours.get("paths.output_dir", output_dir))  # paths under it moved with it, not changed
+        theirs = {
+            k: now + v[len(was) :] if isinstance(v, str) and (v == was or v.startswith(was + "/")) else v
+            for k, v in theirs.items()
+        }
     changed = sorted(
         k
         for k in ours.keys() & theirs.keys()
