@@ -285,7 +285,6 @@ def consolidate(path: str | Path, out: str | Path | None = None) -> dict[str, to
 
 
 def _consolidated(path: str | Path) -> dict:
-
     path = Path(path)
     kind = checkpoint_format(path)
     if kind == "file":

@@ -665,10 +665,11 @@ def init_weights(cfg: DictConfig, module, tokenizer, source_tokenizer) -> None:
     ]
     net_keys = _flat(OmegaConf.to_container(cfg.net, resolve=True))
     saved_keys = _flat(OmegaConf.to_container(saved.cfg.net, resolve=True))
-    settings = [
+    wired = ("eot_id", "text.vocab_size", "text_eot_id", "text_vocab_size", "text_context_length")
+    settings = [  # (null here: filled from the tokenizer, as an export's config has it written in)
         f"net.{k}: {saved_keys.get(k)!r} there, {net_keys.get(k)!r} here"
         for k in sorted(net_keys.keys() | saved_keys.keys())
-        if saved_keys.get(k) != net_keys.get(k)
+        if saved_keys.get(k) != net_keys.get(k) and not (k in wired and net_keys.get(k) is None)
     ]
     if missing or unexpected or shapes:
         found = [
