@@ -577,38 +577,23 @@ def tokenizer_to_init_with(cfg: DictConfig, output_dir: Path):
 
 
 def _init_checkpoint(path: str) -> Path:
-    """What ``init_from=path`` loads: a run directory's newest checkpoint that is not damaged (skipping
-    others as resume=auto does), a named checkpoint checked whole, or an export (read as it is)."""
-    from train.checkpoint import export_dir_of
-    from train.checkpoint_io import damage, run_checkpoints
+    """What ``init_from=path`` loads, checked whole for damage (CRC-32s, as resume=auto checks): a run
+    directory's newest checkpoint (:func:`~train.checkpoint.resolve_run`, as exports take it, with its
+    warning when another holds a later step), a named checkpoint, or an export (read as it is)."""
+    from train.checkpoint import export_dir_of, resolve_run
+    from train.checkpoint_io import damage
     from train.config import ConfigError
 
-    source = Path(path)
-    if not source.exists():
-        raise ConfigError(
-            f"init_from={path}: no such path (expected a run directory, a checkpoint in <run>/checkpoints/ "
-            "or an export)"
-        )
-    if export_dir_of(source) is not None:
-        return source
-    if source.is_dir() and source.suffix != ".ckpt":
-        finished, _ = run_checkpoints(source)
-        if not finished:
-            raise ConfigError(
-                f"init_from={path}: no finished checkpoint in this run directory (checkpoints/*.ckpt)"
-            )
-        for candidate in finished:
-            problem = damage(candidate, crc=True)
-            if problem is None:
-                return candidate
-            log.warning("init_from: skipping damaged checkpoint %s: %s", candidate, problem)
-        raise ConfigError(
-            f"init_from={path}: every checkpoint of this run is damaged ({finished[0]} the newest)"
-        )
-    problem = damage(source, crc=True)
+    if export_dir_of(path) is not None:
+        return Path(path)
+    try:
+        _, checkpoint = resolve_run(path)
+    except FileNotFoundError as e:
+        raise ConfigError(f"init_from={path}: {e}") from e
+    problem = damage(checkpoint, crc=True)
     if problem is not None:
         raise ConfigError(f"init_from={path}: {problem}; name an older checkpoint of that run")
-    return source
+    return checkpoint
 
 
 def init_weights(cfg: DictConfig, module, tokenizer, source_tokenizer) -> None:

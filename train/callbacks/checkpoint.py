@@ -58,7 +58,7 @@ class Checkpoint(ModelCheckpoint):
         )
         self._dropped = ranked[self.save_top_k :]
         self.best_k_models = {p: self.best_k_models[p] for p in ranked[: self.save_top_k]}
-        if len(self.best_k_models) == self.save_top_k and self.save_top_k > 0:
+        if len(self.best_k_models) == self.save_top_k:
             self.kth_best_model_path = ranked[self.save_top_k - 1]
             self.kth_value = self.best_k_models[self.kth_best_model_path]
         else:  # (Lightning compares with the k-th best only once it keeps k)
