@@ -294,9 +294,14 @@ class BatchDtypes(pl.Callback):
         Path(self.out).write_text(json.dumps(seen))
 
 
-def test_a_deepspeed_bf16_engine_trains_the_prior_on_exact_embedding_batches(clip_run, tmp_path):
+def test_a_deepspeed_bf16_engine_trains_the_prior_on_exact_embedding_batches(clip_run, tmp_path, monkeypatch):
     """A real DeepSpeed ZeRO-2 bf16 engine (on CPU processes here): the net's weights are bf16, the step
-    gets the shards' token ids as int64 and their embeddings in float32, and the nets cast them."""
+    gets the shards' token ids as int64 and their embeddings in float32, and the nets cast them.
+
+    What ``init_from`` of that run starts from: its EMA copy, read whole from the module state (ZeRO-2
+    does not partition frozen weights), memory-mapped, without consolidating the optimizer shards (each
+    rank of a fine-tuning run did that for the whole net, and held it all); the net's own weights still
+    from the shards' fp32 copy, not the module state's bf16 one."""
     run, val = clip_run
     emb = tmp_path / "emb"
     embed_shards(str(run), val, emb, batch_size=32)
@@ -319,6 +324,20 @@ def test_a_deepspeed_bf16_engine_trains_the_prior_on_exact_embedding_batches(cli
     want = {"tokens.npy": "torch.int64", "img_emb.npy": "torch.float32", "weights": "torch.bfloat16"}
     assert json.loads(seen.read_text()) == want
     assert metrics["trainer/global_step"] == 4 and torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+    from train import checkpoint
+
+    _, last = checkpoint.resolve_run(tmp_path / "prior")
+    assert checkpoint.checkpoint_format(last) == "deepspeed"
+    saved = checkpoint.consolidate(last)
+    net = checkpoint.stage_weights(tmp_path / "prior", use_ema=False)
+    assert not net.ema and net.weights.keys() == {k[4:] for k in saved if k.startswith("net.")}
+    assert all(v.dtype == torch.float32 and torch.equal(v, saved["net." + k]) for k, v in net.weights.items())
+    monkeypatch.setattr(checkpoint, "_consolidated", lambda path: pytest.fail(f"{path} consolidated"))
+    ema = checkpoint.stage_weights(tmp_path / "prior")
+    assert ema.ema and ema.global_step == 4 and ema.checkpoint.is_dir()
+    assert ema.weights.keys() == net.weights.keys()
+    assert all(torch.equal(v, saved["ema.shadow." + k]) for k, v in ema.weights.items())
 
 
 def _prior_cfg(overrides):

@@ -297,9 +297,7 @@ def _consolidated(path: str | Path) -> dict:
         state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
         # DeepSpeed names the module's weights as the LightningModule does, under the engine's "module.".
         ckpt = {"state_dict": {k.removeprefix("module."): v for k, v in state.items()}}
-        # the Lightning state (step, epoch) and the module state: one file, named per ZeRO stage
-        names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
-        client = next((path / tag / n for n in names if (path / tag / n).exists()), None)
+        client = _deepspeed_client_file(path)
         if client is not None:
             meta = load_checkpoint(client)
             ckpt.update({k: meta[k] for k in ("global_step", "epoch") if k in meta})
@@ -320,6 +318,35 @@ def _consolidated(path: str | Path) -> dict:
         if torch.is_tensor(v)
     }
     return {**{k: v for k, v in ckpt.items() if k in ("global_step", "epoch")}, "state_dict": state}
+
+
+def _deepspeed_client_file(path: Path) -> Path | None:
+    """The file of a DeepSpeed checkpoint directory that holds the Lightning state (step, epoch) and the
+    module's state (whole under ZeRO-1/2; placeholders for partitioned weights under ZeRO-3): one file,
+    named per ZeRO stage."""
+    tag = (path / "latest").read_text().strip()
+    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    return next((path / tag / n for n in names if (path / tag / n).exists()), None)
+
+
+def _deepspeed_whole_ema(path: Path) -> dict | None:
+    """``{"state_dict": the EMA copy's tensors, "global_step": ...}`` of a DeepSpeed checkpoint whose module
+    state holds the copy whole (ZeRO-1/2: its frozen weights are not partitioned), memory-mapped: no
+    optimizer shard is read and no weight consolidated (what zero_to_fp32 would give for these tensors,
+    which it copies from the same file). None where it does not (ZeRO-3, or no EMA)."""
+    client = _deepspeed_client_file(path)
+    if client is None:
+        return None
+    validate_deepspeed_checkpoint(path)
+    meta = load_checkpoint(client, mmap=True)
+    module = meta.get("module") or {}
+    shadow = {k: v for k, v in module.items() if k.startswith("ema.shadow.") and torch.is_tensor(v)}
+    if not shadow or any(v.numel() == 0 for v in shadow.values()):
+        return None
+    return {
+        "state_dict": {k: v.float() if v.is_floating_point() else v for k, v in shadow.items()},
+        "global_step": meta.get("global_step", 0),
+    }
 
 
 @dataclass
@@ -370,10 +397,12 @@ def stage_weights(
         )
     cfg = upgrade_config(OmegaConf.load(cfg_path))  # a run from before key renames (module.lr, ...)
     tok_path = run / "tokenizer.json"
-    if checkpoint_format(ckpt_path) == "file":
+    kind = checkpoint_format(ckpt_path)
+    if kind == "file":
         ckpt = load_checkpoint(ckpt_path, map_location, mmap=mmap)
-    else:
-        ckpt = _consolidated(ckpt_path)
+    else:  # a sharded one: the EMA copy read whole where DeepSpeed saved it so, else consolidated
+        whole = _deepspeed_whole_ema(ckpt_path) if kind == "deepspeed" and use_ema else None
+        ckpt = whole if whole is not None else _consolidated(ckpt_path)
     state = ckpt.get("state_dict", ckpt)
     # Stages with an EMA (prior, decoder, upsamplers) are evaluated and exported with its weights.
     prefix = "ema.shadow." if use_ema and any(k.startswith("ema.shadow.") for k in state) else "net."
