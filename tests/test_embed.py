@@ -13,7 +13,7 @@ from data.embed import embed_shards, main
 from data.pipeline import ShardDataset
 from data.transforms import Normalize
 from tests.conftest import first_batch, simple_sample, write_tar
-from train.checkpoint import load_stage
+from train.checkpoint import load_stage, resolve_run
 
 
 def _read(out: Path) -> list[dict]:
@@ -150,6 +150,22 @@ def test_cli_and_its_errors(clip_run, tmp_path, capsys):
     assert f"out={tmp_path / 'e'} already holds embeddings of {info['checkpoint']} (step 7)" in err
     assert "(step 2): give a new out= directory" in err
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "e").iterdir()} == before
+
+    # A digest recorded before it hashed the whole weights (its strided values only) is still this CLIP's.
+    # A CLIP that differs in one token's embedding (new tokens learnt with the rest frozen) is another: the
+    # strided values alone missed it.
+    info_path.write_text(json.dumps({**info, "clip_digest": info["clip_digest"].split(".")[0]}))
+    assert main([f"ckpt={run}", f"shards={val}", f"out={tmp_path / 'e'}", "batch=32"]) == 0
+    info_path.write_text(json.dumps(info))
+    shutil.copytree(run, tmp_path / "one_token")
+    _, newest = resolve_run(tmp_path / "one_token")
+    state = torch.load(newest, map_location="cpu", weights_only=True)
+    table = next(v for k, v in state["state_dict"].items() if k.endswith("token_embedding.weight"))
+    assert table.numel() // 1024 > 1  # (flat index 1 is not among the strided values)
+    table.view(-1)[1] += 0.01
+    torch.save(state, newest)
+    assert main([f"ckpt={tmp_path / 'one_token'}", f"shards={val}", f"out={tmp_path / 'e'}", "batch=32"]) == 2
+    assert "already holds embeddings of" in capsys.readouterr().err
 
 
 @pytest.mark.multiprocess

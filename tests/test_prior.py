@@ -501,6 +501,12 @@ def test_a_clip_other_than_the_one_that_embedded_the_shards_is_refused(clip_run,
     assert recorded(f"clip_ckpt={copy}") == {"checkpoint": str(resolve_run(copy)[1].resolve()), "global_step": 2,
                                              "digest": info["clip_digest"]}  # fmt: skip
     assert FrozenClip(export_stage(copy)).digest == info["clip_digest"]  # and its export's
+    # shards embedded when the digest was the strided values alone: still the same weights
+    (emb / "embed_info.json").write_text(
+        json.dumps({**info, "clip_digest": info["clip_digest"].split(".")[0]})
+    )
+    assert recorded(f"clip_ckpt={copy}")["digest"] == info["clip_digest"]
+    (emb / "embed_info.json").write_text(json.dumps(info))
     clip_trained_on(source)
     with pytest.raises(
         ConfigError,

@@ -1089,3 +1089,33 @@ def test_a_run_resumed_from_an_older_checkpoint_logs_each_step_once(tmp_path):
     assert not [
         e for e in map(Event.FromString, _tfrecords(first)) if e.session_log.status == SessionLog.START
     ]
+
+
+def test_a_resume_compares_the_clip_weights_by_digest_also_one_recorded_before_whole_hashes(tmp_path, caplog):
+    """A prior or decoder records the CLIP weights it trained with (``clip_weights``); a resume whose CLIP
+    loads others is refused. A digest recorded before the digest hashed every byte (its strided part only)
+    is the same weights, neither refused nor listed as a changed setting; another digest is refused."""
+    from omegaconf import OmegaConf, open_dict
+
+    from train.config import ConfigError
+    from train.run import check_same_run
+
+    cfg = compose_config(["stage=prior", f"paths.output_dir={tmp_path}", "clip_ckpt=/clips/a"])
+    with open_dict(cfg):
+        cfg.clip_weights = {
+            "checkpoint": "/clips/a/last.ckpt",
+            "global_step": 2,
+            "digest": "0123abcd.feed5678",
+        }
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    for recorded, refused in (("0123abcd", False), ("0123abcd.feed5678", False), ("0123abcd.0000ffff", True),
+                              ("9999abcd", True)):  # fmt: skip
+        saved["clip_weights"]["digest"] = recorded
+        OmegaConf.save(OmegaConf.create(saved), tmp_path / "config.yaml")
+        caplog.clear()
+        if refused:
+            with pytest.raises(ConfigError, match="other weights than the CLIP this run has trained with"):
+                check_same_run(cfg, tmp_path)
+        else:
+            check_same_run(cfg, tmp_path)
+            assert "clip_weights" not in caplog.text, recorded

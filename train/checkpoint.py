@@ -48,23 +48,36 @@ class LoadedStage:
 
 
 def weights_digest(state: dict[str, torch.Tensor], per_tensor: int = 1024) -> str:
-    """A short hex digest of a net's weights: each tensor's name, dtype and shape, and up to
-    ``per_tensor`` of its values, evenly strided. Any training step moves every weight that has a
-    gradient or decays, so two steps of one run differ here; a copy, an export or another machine's
-    file of the same weights do not. Reads ~1k values a tensor, whatever the net's size (a ViT-H's
-    4 GB are not read whole)."""
+    """A short hex digest of a net's weights, ``SAMPLED.WHOLE``: each tensor's name, dtype and shape with
+    up to ``per_tensor`` of its values, evenly strided (SAMPLED), and with all of its bytes (WHOLE; SHA-256,
+    about 1 GB/s on a CPU core). Two steps of one run differ, and so do weights that differ in a few rows
+    only (new tokens' embeddings learnt with the rest frozen), which the strided values can miss; a copy,
+    an export or another machine's file of the same weights, on any device, do not. Compare digests with
+    :func:`same_weights`: a digest recorded before the whole bytes were hashed is its SAMPLED part alone."""
     import hashlib
 
-    h = hashlib.blake2b(digest_size=8)
+    sampled, whole = hashlib.blake2b(digest_size=8), hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        header = f"{name}|{t.dtype}|{tuple(t.shape)}|".encode()
+        sampled.update(header)
         if t.is_meta:  # (no values: a net placed on the meta device)
             continue
         flat = t.reshape(-1)
         sample = flat[:: max(1, flat.numel() // per_tensor)].to("cpu").contiguous()
-        h.update(sample.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+        sampled.update(sample.view(torch.uint8).numpy().tobytes())
+        whole.update(header)
+        whole.update(flat.to("cpu").contiguous().view(torch.uint8).numpy())
+    return f"{sampled.hexdigest()}.{whole.hexdigest()[:16]}"
+
+
+def same_weights(digest: str, other: str) -> bool:
+    """Whether two :func:`weights_digest` values are of the same weights. A digest recorded before the
+    sums were added (``embed_info.json``, a stage's ``clip_weights`` of an earlier version) is compared by
+    the part both have."""
+    sampled, _, summed = digest.partition(".")
+    other_sampled, _, other_summed = other.partition(".")
+    return sampled == other_sampled and (not summed or not other_summed or summed == other_summed)
 
 
 def run_dir_of(checkpoint: Path) -> Path:

@@ -51,6 +51,7 @@ def check_same_run(cfg: DictConfig, output_dir: Path, checkpoint: str | None = N
     except in a sweep point's directory, where another ``module``, ``data`` or ``net`` value means another
     point's run (the sweep rerun with its values in another order: points are numbered) and is refused.
     ``checkpoint``: an explicit resume=<path> of the run in ``output_dir`` (its own directory elsewhere)."""
+    from train.checkpoint import same_weights
     from train.config import ConfigError
 
     path = output_dir / "config.yaml"
@@ -83,7 +84,7 @@ def check_same_run(cfg: DictConfig, output_dir: Path, checkpoint: str | None = N
         checkpoint is None
         and trained_with.get("digest")
         and loads
-        and loads["digest"] != trained_with["digest"]
+        and not same_weights(loads["digest"], trained_with["digest"])
     ):
         raise ConfigError(_not_the_run_clip(cfg, output_dir, path, trained_with, loads))
     ours = _flat(OmegaConf.to_container(cfg, resolve=True))
@@ -99,6 +100,8 @@ def check_same_run(cfg: DictConfig, output_dir: Path, checkpoint: str | None = N
         k
         for k in ours.keys() & theirs.keys()
         if ours[k] != theirs[k] and not k.startswith(("paths.", "resume"))
+        # (a digest recorded before the whole weights were hashed: the same weights, in fewer digits)
+        and not (k.endswith(".digest") and same_weights(str(ours[k]), str(theirs[k])))
     )
     # (a key the saved config lacks, from before locks existed, had its default: nothing locked)
     saved_locks = {k: theirs.get(k, 0 if k.endswith("layers") else False) for k in LOCK_KEYS if k in ours}
@@ -480,6 +483,7 @@ def record_clip(cfg: DictConfig, module) -> None:
     weights than those that made them (a CLIP run that trained on after embedding, another run): the
     prior would learn one CLIP's embeddings while its token features and zero-shot metrics came from the
     other's."""
+    from train.checkpoint import same_weights
     from train.config import ConfigError
 
     frozen = getattr(module, "frozen_clip", None)
@@ -490,7 +494,7 @@ def record_clip(cfg: DictConfig, module) -> None:
         and (info := json.loads((d / "embed_info.json").read_text())).get("clip_digest")
     ]
     for d, info in made[1:]:
-        if info["clip_digest"] != made[0][1]["clip_digest"]:
+        if not same_weights(info["clip_digest"], made[0][1]["clip_digest"]):
             first, info0 = made[0]
             raise ConfigError(
                 f"the embedding shards in {first} and {d} were made by different CLIP weights "
@@ -498,7 +502,7 @@ def record_clip(cfg: DictConfig, module) -> None:
                 f"{info['global_step']}; their embed_info.json): the prior would learn a mix of two CLIPs' "
                 "embeddings. Embed them all with one CLIP (python -m data.embed)"
             )
-    if frozen is not None and made and frozen.digest != made[0][1]["clip_digest"]:
+    if frozen is not None and made and not same_weights(frozen.digest, made[0][1]["clip_digest"]):
         raise ConfigError(_not_the_embedding_clip(cfg, frozen, *made[0]))
     if frozen is not None:
         weights = frozen.weights()
@@ -604,7 +608,7 @@ def init_weights(cfg: DictConfig, module, tokenizer, source_tokenizer) -> None:
     tokenizer of another vocabulary for a net with token embeddings. A prior or decoder made with another
     CLIP than the one it now trains with is a warning (fine-tuning to a new CLIP is a choice). What was
     loaded is recorded as ``init_weights`` (checkpoint, step, EMA, digest) in the run's config.yaml."""
-    from train.checkpoint import stage_weights, weights_digest
+    from train.checkpoint import same_weights, stage_weights, weights_digest
     from train.config import ConfigError
 
     where = f"init_from={cfg.init_from}"
@@ -670,7 +674,7 @@ def init_weights(cfg: DictConfig, module, tokenizer, source_tokenizer) -> None:
         log.warning("%s: the net's settings differ from that run's: %s", where, "; ".join(settings))
     trained_with = (saved.cfg.get("clip_weights") or {}).get("digest")
     clip_now = (cfg.get("clip_weights") or {}).get("digest")
-    if trained_with and clip_now and trained_with != clip_now:
+    if trained_with and clip_now and not same_weights(trained_with, clip_now):
         log.warning(
             "%s was trained with the CLIP of %s (step %s); this run conditions on %s (step %s): it starts "
             "from another CLIP's embeddings",
