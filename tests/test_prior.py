@@ -501,12 +501,22 @@ def test_a_clip_other_than_the_one_that_embedded_the_shards_is_refused(clip_run,
     assert recorded(f"clip_ckpt={copy}") == {"checkpoint": str(resolve_run(copy)[1].resolve()), "global_step": 2,
                                              "digest": info["clip_digest"]}  # fmt: skip
     assert FrozenClip(export_stage(copy)).digest == info["clip_digest"]  # and its export's
-    # shards embedded when the digest was the strided values alone: still the same weights
-    (emb / "embed_info.json").write_text(
-        json.dumps({**info, "clip_digest": info["clip_digest"].split(".")[0]})
-    )
-    assert recorded(f"clip_ckpt={copy}")["digest"] == info["clip_digest"]
-    (emb / "embed_info.json").write_text(json.dumps(info))
+    # shards embedded when the digest was the strided values alone: still the same weights. Beside shards
+    # whose whole digests differ, it matches both, and every pair is compared (each with the CLIP too)
+    sampled = info["clip_digest"].split(".")[0]
+    for name, digest in (("emb_old", sampled), ("emb_other", sampled + ".0123456789abcdef")):
+        shutil.copytree(emb, tmp_path / name)
+        (tmp_path / name / "embed_info.json").write_text(json.dumps({**info, "clip_digest": digest}))
+    old, other = tmp_path / "emb_old", tmp_path / "emb_other"
+    assert recorded(f"clip_ckpt={copy}", shards=old)["digest"] == info["clip_digest"]
+    alone = recorded("clip_from_shards=false", f"data.train_shards={old}::{emb}", shards=old)
+    assert alone["digest"] == info["clip_digest"]  # (the whole digest, where one directory has it)
+    with pytest.raises(
+        ConfigError, match=rf"shards in {emb} and {other} were made by different CLIP weights"
+    ):
+        recorded("clip_from_shards=false", f"data.train_shards={old}::{emb}", shards=other)
+    with pytest.raises(ConfigError, match=rf"other weights than those that made the embeddings in {other}"):
+        recorded(f"clip_ckpt={copy}", f"data.train_shards={old}::{other}", shards=old)
     clip_trained_on(source)
     with pytest.raises(
         ConfigError,

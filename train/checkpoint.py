@@ -73,11 +73,11 @@ def weights_digest(state: dict[str, torch.Tensor], per_tensor: int = 1024) -> st
 
 def same_weights(digest: str, other: str) -> bool:
     """Whether two :func:`weights_digest` values are of the same weights. A digest recorded before the
-    sums were added (``embed_info.json``, a stage's ``clip_weights`` of an earlier version) is compared by
-    the part both have."""
-    sampled, _, summed = digest.partition(".")
-    other_sampled, _, other_summed = other.partition(".")
-    return sampled == other_sampled and (not summed or not other_summed or summed == other_summed)
+    whole bytes were hashed (``embed_info.json``, a stage's ``clip_weights`` of an earlier version) is
+    compared by the part both have."""
+    sampled, _, whole = digest.partition(".")
+    other_sampled, _, other_whole = other.partition(".")
+    return sampled == other_sampled and (not whole or not other_whole or whole == other_whole)
 
 
 def run_dir_of(checkpoint: Path) -> Path:
@@ -350,8 +350,7 @@ def _deepspeed_whole_ema(path: Path) -> dict | None:
     client = _deepspeed_client_file(path)
     if client is None:
         return None
-    validate_deepspeed_checkpoint(path)
-    meta = load_checkpoint(client, mmap=True)
+    meta = load_checkpoint(client, mmap=True)  # (weights_only: DeepSpeed's own loader is not used here)
     module = meta.get("module") or {}
     shadow = {k: v for k, v in module.items() if k.startswith("ema.shadow.") and torch.is_tensor(v)}
     if not shadow or any(v.numel() == 0 for v in shadow.values()):

@@ -99,7 +99,8 @@ def check_same_run(cfg: DictConfig, output_dir: Path, checkpoint: str | None = N
     changed = sorted(
         k
         for k in ours.keys() & theirs.keys()
-        if ours[k] != theirs[k] and not k.startswith(("paths.", "resume"))
+        if ours[k] != theirs[k]
+        and not k.startswith(("paths.", "resume"))
         # (a digest recorded before the whole weights were hashed: the same weights, in fewer digits)
         and not (k.endswith(".digest") and same_weights(str(ours[k]), str(theirs[k])))
     )
@@ -493,21 +494,29 @@ def record_clip(cfg: DictConfig, module) -> None:
         if (d / "embed_info.json").is_file()
         and (info := json.loads((d / "embed_info.json").read_text())).get("clip_digest")
     ]
-    for d, info in made[1:]:
-        if not same_weights(info["clip_digest"], made[0][1]["clip_digest"]):
-            first, info0 = made[0]
+    for i, (d, info) in enumerate(made):  # every pair: a digest recorded before the whole bytes were
+        for first, info0 in made[:i]:  # hashed matches two that differ there (same_weights)
+            if same_weights(info["clip_digest"], info0["clip_digest"]):
+                continue
             raise ConfigError(
                 f"the embedding shards in {first} and {d} were made by different CLIP weights "
                 f"({info0['checkpoint']}, step {info0['global_step']}; {info['checkpoint']}, step "
                 f"{info['global_step']}; their embed_info.json): the prior would learn a mix of two CLIPs' "
                 "embeddings. Embed them all with one CLIP (python -m data.embed)"
             )
-    if frozen is not None and made and not same_weights(frozen.digest, made[0][1]["clip_digest"]):
-        raise ConfigError(_not_the_embedding_clip(cfg, frozen, *made[0]))
+    other = (
+        next((m for m in made if not same_weights(frozen.digest, m[1]["clip_digest"])), None)
+        if frozen
+        else None
+    )
+    if other is not None:
+        raise ConfigError(_not_the_embedding_clip(cfg, frozen, *other))
     if frozen is not None:
         weights = frozen.weights()
     elif made:
-        info = made[0][1]
+        info = max(
+            (m[1] for m in made), key=lambda info: "." in info["clip_digest"]
+        )  # the whole digest if any
         weights = {
             "checkpoint": info["checkpoint"],
             "global_step": int(info["global_step"]),
