@@ -504,19 +504,14 @@ def record_clip(cfg: DictConfig, module) -> None:
                 f"{info['global_step']}; their embed_info.json): the prior would learn a mix of two CLIPs' "
                 "embeddings. Embed them all with one CLIP (python -m data.embed)"
             )
-    other = (
-        next((m for m in made if not same_weights(frozen.digest, m[1]["clip_digest"])), None)
-        if frozen
-        else None
-    )
-    if other is not None:
-        raise ConfigError(_not_the_embedding_clip(cfg, frozen, *other))
     if frozen is not None:
+        for d, info in made:
+            if not same_weights(frozen.digest, info["clip_digest"]):
+                raise ConfigError(_not_the_embedding_clip(cfg, frozen, d, info))
         weights = frozen.weights()
     elif made:
-        info = max(
-            (m[1] for m in made), key=lambda info: "." in info["clip_digest"]
-        )  # the whole digest if any
+        # the whole digest where a directory has one (one recorded before has the strided part only)
+        info = max((info for _, info in made), key=lambda info: "." in info["clip_digest"])
         weights = {
             "checkpoint": info["checkpoint"],
             "global_step": int(info["global_step"]),
