@@ -220,8 +220,6 @@ class _ShardWriter:
 def _check_same_clip(out: Path, clip) -> None:
     """``out`` holding another CLIP's embeddings (its embed_info.json) is refused: shards embedded by two
     CLIPs of one width would feed the prior a mix, with an embed_info.json naming only the last."""
-    from train.checkpoint import same_weights
-
     path = out / "embed_info.json"
     if not path.is_file():
         return
@@ -232,7 +230,7 @@ def _check_same_clip(out: Path, clip) -> None:
         raise ValueError(f"{path}: not an embed_info.json written by data.embed ({e})") from e
     now = (str(clip.checkpoint.resolve()), int(clip.global_step))
     # the weights decide where both have a digest (the same CLIP moved or exported embeds on)
-    same = same_weights(info["clip_digest"], clip.digest) if info.get("clip_digest") else before == now
+    same = clip.has_weights(info["clip_digest"]) if info.get("clip_digest") else before == now
     if not same:
         raise ValueError(
             f"out={out} already holds embeddings of {before[0]} (step {before[1]}); this run embeds with "

@@ -33,7 +33,7 @@ from omegaconf import OmegaConf
 
 from data.images import to_uint8, to_unit_range
 from data.progress import Progress
-from train.checkpoint import load_stage, owner_of, same_weights
+from train.checkpoint import load_stage, owner_of
 from train.diffusion import SAMPLERS, GaussianDiffusion
 from train.frozen_clip import FrozenClip
 from train.modules.decoder import DecoderModule
@@ -650,7 +650,7 @@ def _check_clip(module, role: str, clip: FrozenClip) -> None:
     reads = "the decoder reads" if role == "prior" else "reads"
     recorded = getattr(module, "trained_with_clip_weights", None) or {}
     if recorded.get("digest"):
-        if not same_weights(recorded["digest"], clip.digest):
+        if not clip.has_weights(recorded["digest"]):
             remedy = (
                 "Train the prior on this CLIP's embeddings, or take the decoder trained with the prior's CLIP"
                 if role == "prior"

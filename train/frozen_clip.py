@@ -54,6 +54,12 @@ class FrozenClip:
             "digest": self.digest,
         }
 
+    def has_weights(self, digest: str) -> bool:
+        """Whether ``digest`` (recorded by an earlier version too) is of these weights."""
+        from train.checkpoint import same_weights
+
+        return same_weights(self.digest, digest)
+
     @property
     def embed_dim(self) -> int:
         return int(self.net.embed_dim)

@@ -266,7 +266,7 @@ def check_one_clip(out_dir: Path, clip: Path | None, stage_clips: Mapping[str, A
     on since, would otherwise skip the finished stages and sample a cascade of two CLIPs. Where a stage
     recorded the CLIP's weights (their digest) the weights decide, else the CLIP's run directory (one that
     no longer exists, moved, is not judged)."""
-    from train.checkpoint import owner_of, same_weights
+    from train.checkpoint import owner_of
     from train.frozen_clip import FrozenClip
 
     own = owner_of(out_dir / "clip")
@@ -305,7 +305,7 @@ def check_one_clip(out_dir: Path, clip: Path | None, stage_clips: Mapping[str, A
         )
         if weights.get("digest"):
             now = loads(Path(stage_clips[stage]) if stage in given else (clip or out_dir / "clip"))
-            if now is not None and same_weights(now.digest, weights["digest"]):
+            if now is not None and now.has_weights(weights["digest"]):
                 continue  # (the same weights from another path: a copy, an export)
             if now is None and not other_run:  # a CLIP moved away, and this run would train a new one
                 raise SystemExit(

@@ -506,7 +506,7 @@ def record_clip(cfg: DictConfig, module) -> None:
             )
     if frozen is not None:
         for d, info in made:
-            if not same_weights(frozen.digest, info["clip_digest"]):
+            if not frozen.has_weights(info["clip_digest"]):
                 raise ConfigError(_not_the_embedding_clip(cfg, frozen, d, info))
         weights = frozen.weights()
     elif made:
