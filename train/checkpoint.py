@@ -63,11 +63,11 @@ def weights_digest(state: dict[str, torch.Tensor], per_tensor: int = 1024) -> st
         sampled.update(header)
         if t.is_meta:  # (no values: a net placed on the meta device)
             continue
-        flat = t.reshape(-1)
-        sample = flat[:: max(1, flat.numel() // per_tensor)].to("cpu").contiguous()
+        flat = t.reshape(-1).to("cpu").contiguous()  # (one copy from the device, where it is on one)
+        sample = flat[:: max(1, flat.numel() // per_tensor)].contiguous()
         sampled.update(sample.view(torch.uint8).numpy().tobytes())
         whole.update(header)
-        whole.update(flat.to("cpu").contiguous().view(torch.uint8).numpy())
+        whole.update(flat.view(torch.uint8).numpy())
     return f"{sampled.hexdigest()}.{whole.hexdigest()[:16]}"
 
 
