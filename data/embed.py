@@ -86,7 +86,7 @@ def embed_shards(
     names = _output_names(urls)  # every rank checks them all, so that all refuse alike
     clip = FrozenClip(ckpt, map_location=device)
     out = Path(out)
-    _check_same_clip(out, clip)
+    digest = _check_same_clip(out, clip)
     out.mkdir(parents=True, exist_ok=True)
     totals: Counter = Counter()
     sizes: dict[str, int] = {}
@@ -115,7 +115,7 @@ def embed_shards(
         progress.step(detail=f"{urls[index]} -> {out / writer.name}, {n} samples")
     _merge_sizes(out / "sizes.json", sizes)
     if rank == 0:
-        _write_info(out, clip, shards, world)
+        _write_info(out, clip, shards, world, digest)
     result = {"rank": rank, "shards": 0, "samples": 0, **totals, "seconds": round(time.time() - start, 2)}
     log.info("embedding export, rank %d: %s", rank, result)
     return result
@@ -217,12 +217,14 @@ class _ShardWriter:
         return self.n, dict(self.skips)
 
 
-def _check_same_clip(out: Path, clip) -> None:
+def _check_same_clip(out: Path, clip) -> str:
     """``out`` holding another CLIP's embeddings (its embed_info.json) is refused: shards embedded by two
-    CLIPs of one width would feed the prior a mix, with an embed_info.json naming only the last."""
+    CLIPs of one width would feed the prior a mix, with an embed_info.json naming only the last. Returns
+    the digest to record: the CLIP's, or the one recorded there before the whole weights were hashed (its
+    strided values only), which is all the earlier shards were checked by."""
     path = out / "embed_info.json"
     if not path.is_file():
-        return
+        return clip.digest
     try:
         info = json.loads(path.read_text())
         before = (str(info["checkpoint"]), int(info["global_step"]))
@@ -236,15 +238,17 @@ def _check_same_clip(out: Path, clip) -> None:
             f"out={out} already holds embeddings of {before[0]} (step {before[1]}); this run embeds with "
             f"{now[0]} (step {now[1]}): give a new out= directory, or delete {out} to replace them"
         )
+    recorded = str(info.get("clip_digest") or "")
+    return recorded if recorded and "." not in recorded else clip.digest
 
 
-def _write_info(out: Path, clip, shards: str, world: int) -> None:
+def _write_info(out: Path, clip, shards: str, world: int, digest: str) -> None:
     """embed_info.json (what made the embeddings; train/run.py reads the checkpoint from it) and the
     CLIP's tokenizer.json beside the shards."""
     info = {
         "checkpoint": str(clip.checkpoint.resolve()),
         "global_step": clip.global_step,
-        "clip_digest": clip.digest,  # the weights (train.checkpoint.weights_digest): what later stages compare
+        "clip_digest": digest,  # the weights (train.checkpoint.weights_digest): what later stages compare
         "normalize": clip.normalize.kind,
         "image_size": clip.image_size,
         "resized_to": clip.resize_size,

@@ -156,6 +156,8 @@ def test_cli_and_its_errors(clip_run, tmp_path, capsys):
     # strided values alone missed it.
     info_path.write_text(json.dumps({**info, "clip_digest": info["clip_digest"].split(".")[0]}))
     assert main([f"ckpt={run}", f"shards={val}", f"out={tmp_path / 'e'}", "batch=32"]) == 0
+    # and stays what it was: the shards embedded before were checked by the strided values alone
+    assert json.loads(info_path.read_text())["clip_digest"] == info["clip_digest"].split(".")[0]
     info_path.write_text(json.dumps(info))
     shutil.copytree(run, tmp_path / "one_token")
     _, newest = resolve_run(tmp_path / "one_token")
